@@ -1,0 +1,331 @@
+//! The HBONE server: accept TCP, complete mTLS (bounded in time), speak HTTP/2, and hand every
+//! CONNECT stream to the caller's handler as a [`TunnelRequest`] (ztunnel src/proxy/h2/server.rs,
+//! istiod's `connect_terminate` listener, protocol.md 1.3 and 2.2).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::{Ping, RecvStream};
+use http::{HeaderMap, Method, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::drain::DrainWatcher;
+use crate::identity::{Identity, identities_in};
+use crate::stream::H2Stream;
+
+/// HTTP/2 and TLS settings of the HBONE listener. Defaults follow ztunnel and the Envoy
+/// waypoint (protocol.md 1.3, 2.2); each is explained where it is set.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// SETTINGS_MAX_CONCURRENT_STREAMS. Istio's connect_terminate HCM uses 100; ztunnel's
+    /// client pool caps itself at 100 streams per connection and opens another connection
+    /// beyond that, so 100 never starves a well-behaved client. Streams beyond it are refused
+    /// with REFUSED_STREAM while the connection lives on.
+    pub max_concurrent_streams: u32,
+    /// Initial stream window: 4 MiB, as ztunnel (a tunnel can carry ~4 MiB in flight per RTT
+    /// before waiting for WINDOW_UPDATE; bounds per-tunnel receive memory).
+    pub initial_stream_window: u32,
+    /// Initial connection window: 16 MiB, as ztunnel (several busy tunnels share one connection).
+    pub initial_connection_window: u32,
+    /// Max frame size: 1 MiB, as ztunnel (fewer frames for bulk transfers).
+    pub max_frame_size: u32,
+    /// Max header list size: 64 KiB, as ztunnel's server (CONNECT headers are small; this only
+    /// bounds abuse).
+    pub max_header_list_size: u32,
+    /// Per-stream send buffer: 400 KiB, as ztunnel's server.
+    pub max_send_buffer_size: usize,
+    /// Send a PING after this much time, and every interval after (ztunnel and Istio's
+    /// connect_terminate: 10 s).
+    pub keepalive_interval: Duration,
+    /// Drop the connection when a PONG does not arrive within this (ztunnel / Istio: 20 s).
+    pub keepalive_timeout: Duration,
+    /// TLS handshake plus HTTP/2 preface must complete within this (Envoy has no such bound;
+    /// we close stalled handshakes after 10 s so they cannot pin memory).
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            max_concurrent_streams: 100,
+            initial_stream_window: 4 * 1024 * 1024,
+            initial_connection_window: 16 * 1024 * 1024,
+            max_frame_size: 1024 * 1024,
+            max_header_list_size: 64 * 1024,
+            max_send_buffer_size: 400 * 1024,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What we know about the peer of one HBONE connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// TCP source of the HBONE connection: the client pod (ztunnel dials from the pod netns,
+    /// protocol.md 1.6).
+    pub remote: SocketAddr,
+    /// Our local address of the connection.
+    pub local: SocketAddr,
+    /// The SPIFFE identity from the verified client certificate.
+    pub identity: Option<Identity>,
+    /// Our own SPIFFE identity (what the client verified).
+    pub local_identity: Option<Identity>,
+}
+
+/// One CONNECT (or other) request received on an HBONE connection. The handler must either
+/// [`accept`](TunnelRequest::accept) it or [`reject`](TunnelRequest::reject) it.
+pub struct TunnelRequest {
+    pub peer: Arc<PeerInfo>,
+    pub method: Method,
+    /// `:authority` (for CONNECT: the destination `ip:port`).
+    pub authority: Option<String>,
+    /// `:path` of a non-CONNECT request (empty for CONNECT).
+    pub path: String,
+    pub headers: HeaderMap,
+    respond: SendResponse<Bytes>,
+    body: RecvStream,
+}
+
+impl TunnelRequest {
+    /// Answer `200` (exactly: ztunnel treats anything else as failure, protocol.md 8) and
+    /// return the tunnel as a byte stream.
+    pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
+        let resp = Response::builder()
+            .status(StatusCode::OK)
+            .body(())
+            .expect("invariant: static response parts are valid");
+        let send = self.respond.send_response(resp, false)?;
+        Ok(H2Stream::new(send, self.body))
+    }
+
+    /// Answer with an error status and an optional text body, then end the stream.
+    pub fn reject(mut self, status: StatusCode, body: &'static str) {
+        let mut builder = Response::builder().status(status);
+        if !body.is_empty() {
+            builder = builder
+                .header(http::header::CONTENT_TYPE, "text/plain")
+                .header(http::header::CONTENT_LENGTH, body.len());
+        }
+        let builder = builder.header(http::header::SERVER, "istio-envoy");
+        let Ok(resp) = builder.body(()) else { return };
+        match self.respond.send_response(resp, body.is_empty()) {
+            Ok(mut send) if !body.is_empty() => {
+                let _ = send.send_data(Bytes::from_static(body.as_bytes()), true);
+            }
+            Ok(_) => {}
+            Err(e) => debug!(error = %e, "could not send CONNECT rejection"),
+        }
+    }
+}
+
+/// Counters of the HBONE listener, shared with metrics.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub connections_accepted: AtomicU64,
+    pub connections_active: AtomicU64,
+    pub handshake_failures: AtomicU64,
+    pub streams_accepted: AtomicU64,
+}
+
+/// The TLS config for new connections and the identity it presents.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub config: Arc<rustls::ServerConfig>,
+    pub identity: Option<Identity>,
+}
+
+/// Supplies the current TLS config for each new connection (so certificates can rotate
+/// without touching established connections).
+pub type TlsSource = Arc<dyn Fn() -> ServerTls + Send + Sync>;
+
+/// Accept HBONE connections on `listener` until drained. Each connection is served on its
+/// own task; each stream's handler on its own task.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    tls: TlsSource,
+    settings: Arc<ServerSettings>,
+    stats: Arc<ServerStats>,
+    handler: H,
+    mut drain: DrainWatcher,
+) where
+    H: Fn(TunnelRequest) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = drain.signaled() => {
+                info!("HBONE listener draining: no longer accepting connections");
+                return;
+            }
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: log and back off briefly instead of spinning.
+                warn!(error = %e, "accepting an HBONE connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        let conn = Connection {
+            tls: tls(),
+            settings: settings.clone(),
+            stats: stats.clone(),
+            drain: drain.clone(),
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move { conn.serve(tcp, remote, handler).await });
+    }
+}
+
+struct Connection {
+    tls: ServerTls,
+    settings: Arc<ServerSettings>,
+    stats: Arc<ServerStats>,
+    drain: DrainWatcher,
+}
+
+struct ActiveGuard(Arc<ServerStats>);
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.connections_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Connection {
+    async fn serve<H, F>(self, tcp: TcpStream, remote: SocketAddr, handler: H)
+    where
+        H: Fn(TunnelRequest) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.stats.connections_active.fetch_add(1, Ordering::Relaxed);
+        let _active = ActiveGuard(self.stats.clone());
+        let local = tcp.local_addr().unwrap_or(remote);
+        let _ = tcp.set_nodelay(true);
+        let settings = self.settings.clone();
+
+        // TLS handshake and HTTP/2 preface share one deadline: a peer that stalls either is
+        // closed (stalled handshakes must not accumulate).
+        let setup = async {
+            let tls = TlsAcceptor::from(self.tls.config.clone()).accept(tcp).await?;
+            let (_, session) = tls.get_ref();
+            let identity = session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|leaf| identities_in(leaf).into_iter().next());
+            let local_identity = self.tls.identity.clone();
+            let h2 = h2::server::Builder::new()
+                .max_concurrent_streams(settings.max_concurrent_streams)
+                .initial_window_size(settings.initial_stream_window)
+                .initial_connection_window_size(settings.initial_connection_window)
+                .max_frame_size(settings.max_frame_size)
+                .max_header_list_size(settings.max_header_list_size)
+                .max_send_buffer_size(settings.max_send_buffer_size)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>((h2, identity, local_identity))
+        };
+        let (mut conn, identity, local_identity) =
+            match tokio::time::timeout(settings.handshake_timeout, setup).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    self.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                    debug!(%remote, error = %e, "HBONE handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    self.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                    debug!(%remote, timeout = ?settings.handshake_timeout, "HBONE handshake timed out");
+                    return;
+                }
+            };
+        let peer = Arc::new(PeerInfo {
+            remote,
+            local,
+            identity,
+            local_identity,
+        });
+        debug!(%remote, identity = ?peer.identity, "HBONE connection established");
+
+        let mut ping_pong = conn.ping_pong();
+        let keepalive = async {
+            let Some(pp) = ping_pong.as_mut() else {
+                return std::future::pending::<()>().await;
+            };
+            loop {
+                tokio::time::sleep(settings.keepalive_interval).await;
+                match tokio::time::timeout(settings.keepalive_timeout, pp.ping(Ping::opaque())).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => {
+                        debug!(%remote, error = %e, "HBONE keepalive PING failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%remote, "HBONE keepalive: no PONG in time");
+                        return;
+                    }
+                }
+            }
+        };
+        tokio::pin!(keepalive);
+        let mut draining = false;
+        let mut drain = self.drain.clone();
+        loop {
+            tokio::select! {
+                next = conn.accept() => match next {
+                    Some(Ok((req, respond))) => {
+                        self.stats.streams_accepted.fetch_add(1, Ordering::Relaxed);
+                        let (parts, body) = req.into_parts();
+                        let tunnel = TunnelRequest {
+                            peer: peer.clone(),
+                            method: parts.method,
+                            authority: parts.uri.authority().map(|a| a.as_str().to_string()),
+                            path: parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default(),
+                            headers: parts.headers,
+                            respond,
+                            body,
+                        };
+                        // Each stream owns a drain watcher, so shutdown waits for it.
+                        let watcher = self.drain.clone();
+                        let h = handler.clone();
+                        tokio::spawn(async move {
+                            h(tunnel).await;
+                            drop(watcher);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        debug!(%remote, error = %e, "HBONE connection error");
+                        break;
+                    }
+                    None => break,
+                },
+                _ = drain.signaled(), if !draining => {
+                    // GOAWAY: the client stops opening streams here and reconnects elsewhere;
+                    // streams in flight finish (protocol.md 1.3, 5.1).
+                    draining = true;
+                    conn.graceful_shutdown();
+                }
+                _ = &mut keepalive => {
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    // Keep polling so the GOAWAY is written, bounded by the accept loop ending.
+                    while let Some(Ok(_)) = conn.accept().await {}
+                    break;
+                }
+            }
+        }
+        debug!(%remote, "HBONE connection closed");
+    }
+}

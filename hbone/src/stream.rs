@@ -1,0 +1,139 @@
+//! [`H2Stream`]: one HTTP/2 CONNECT stream as a byte stream (`AsyncRead + AsyncWrite`), so the
+//! tunnelled bytes can be served by hyper or copied to a TCP socket (ztunnel src/proxy/h2.rs,
+//! agentgateway `RWStream`).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use h2::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest single DATA write we queue at once; h2 splits it into frames of the peer's
+/// max frame size. Bounding it bounds the per-tunnel send buffer.
+const MAX_WRITE: usize = 256 * 1024;
+
+/// A CONNECT stream's two halves as one duplex byte stream.
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Unread remainder of the last DATA frame.
+    pending: Bytes,
+    /// Bytes received/sent on this stream (tunnel payload only), for logs and metrics.
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    write_closed: bool,
+}
+
+impl H2Stream {
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
+        H2Stream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            bytes_received: 0,
+            bytes_sent: 0,
+            write_closed: false,
+        }
+    }
+
+    /// Abort the stream with RST_STREAM (used when the far side failed mid-stream, so the
+    /// peer sees an error rather than a clean end).
+    pub fn reset(&mut self, reason: h2::Reason) {
+        self.send.send_reset(reason);
+    }
+}
+
+fn h2_to_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"));
+    }
+    let kind = match e.reason() {
+        Some(h2::Reason::NO_ERROR) | Some(h2::Reason::CANCEL) => io::ErrorKind::ConnectionReset,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while this.pending.is_empty() {
+            match ready!(this.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Ok(data)) => {
+                    // Give the flow-control credit back as soon as we own the bytes: memory is
+                    // bounded by the stream window (4 MiB) either way.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    this.bytes_received += data.len() as u64;
+                    this.pending = data;
+                }
+                Some(Err(e)) => {
+                    // A peer that ends the stream with NO_ERROR after its data is a clean EOF.
+                    if e.reason() == Some(h2::Reason::NO_ERROR) {
+                        return Poll::Ready(Ok(()));
+                    }
+                    return Poll::Ready(Err(h2_to_io(e)));
+                }
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let this = &mut *self;
+        if this.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let want = buf.len().min(MAX_WRITE);
+        this.send.reserve_capacity(want);
+        let granted = loop {
+            match ready!(this.send.poll_capacity(cx)) {
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => break n,
+            }
+        };
+        let n = granted.min(want);
+        this.send
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(h2_to_io)?;
+        this.bytes_sent += n as u64;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2 writes queued frames from the connection task; nothing to flush per stream.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.write_closed {
+            this.write_closed = true;
+            // END_STREAM on an empty DATA frame: the half-close of the tunnel.
+            if let Err(e) = this.send.send_data(Bytes::new(), true) {
+                return Poll::Ready(Err(h2_to_io(e)));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
