@@ -62,8 +62,8 @@ pub enum ResponseFlag {
 }
 
 const NAMES: [&str; 26] = [
-    "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC", "URX", "SI", "IH",
-    "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM",
+    "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC",
+    "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM",
 ];
 
 impl ResponseFlag {
@@ -73,7 +73,7 @@ impl ResponseFlag {
 }
 
 /// A set of response flags.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct ResponseFlags(u32);
 
 impl ResponseFlags {
@@ -84,6 +84,11 @@ impl ResponseFlags {
     pub fn with(mut self, f: ResponseFlag) -> Self {
         self.set(f);
         self
+    }
+
+    /// Every flag of `self` and `other`.
+    pub fn union(self, other: ResponseFlags) -> ResponseFlags {
+        ResponseFlags(self.0 | other.0)
     }
 
     pub fn contains(&self, f: ResponseFlag) -> bool {

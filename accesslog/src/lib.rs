@@ -137,7 +137,17 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 pub struct AccessLogger {
     tx: tokio::sync::mpsc::Sender<Box<AccessLogRecord>>,
     dropped: Arc<AtomicU64>,
+    queued: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for AccessLogger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessLogger")
+            .field("written", &self.written())
+            .field("dropped", &self.dropped())
+            .finish()
+    }
 }
 
 impl AccessLogger {
@@ -178,6 +188,7 @@ impl AccessLogger {
         AccessLogger {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
+            queued: Arc::new(AtomicU64::new(0)),
             written,
         }
     }
@@ -189,7 +200,9 @@ impl AccessLogger {
 
     /// Queue a record; never blocks.
     pub fn log(&self, record: AccessLogRecord) {
-        if self.tx.try_send(Box::new(record)).is_err() {
+        if self.tx.try_send(Box::new(record)).is_ok() {
+            self.queued.fetch_add(1, Ordering::Relaxed);
+        } else {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
                 tracing::warn!(dropped = n + 1, "access-log queue full: records dropped");
@@ -200,6 +213,20 @@ impl AccessLogger {
     /// Records dropped because the queue was full.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Wait (bounded by `timeout`) until every queued record has been written; used at exit.
+    pub async fn flushed(&self, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.written.load(Ordering::Relaxed) >= self.queued.load(Ordering::Relaxed) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     /// Records written so far.
@@ -217,7 +244,13 @@ pub struct LineSink {
 impl LineSink {
     pub fn new() -> (LineSink, std::sync::mpsc::Receiver<String>) {
         let (tx, rx) = std::sync::mpsc::channel();
-        (LineSink { tx, partial: Vec::new() }, rx)
+        (
+            LineSink {
+                tx,
+                partial: Vec::new(),
+            },
+            rx,
+        )
     }
 }
 

@@ -63,7 +63,9 @@ impl Connection {
         let setup = async {
             let tcp = TcpStream::connect(addr).await?;
             let _ = tcp.set_nodelay(true);
-            let tls = TlsConnector::from(tls).connect(dummy_server_name(), tcp).await?;
+            let tls = TlsConnector::from(tls)
+                .connect(dummy_server_name(), tcp)
+                .await?;
             let (send, conn) = h2::client::Builder::new()
                 .initial_window_size(settings.initial_stream_window)
                 .initial_connection_window_size(settings.initial_connection_window)
@@ -90,7 +92,11 @@ impl Connection {
 
     /// Send CONNECT for `authority` with extra `headers` and return whatever the server
     /// answered (status, headers and the stream).
-    pub async fn send_connect(&self, authority: &str, headers: HeaderMap) -> Result<ConnectResponse, Error> {
+    pub async fn send_connect(
+        &self,
+        authority: &str,
+        headers: HeaderMap,
+    ) -> Result<ConnectResponse, Error> {
         let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(authority)
@@ -122,7 +128,11 @@ impl Connection {
 
     /// Send an arbitrary (non-CONNECT) request on the HBONE connection, for tests of how the
     /// listener treats requests that are not tunnels. Returns status and body.
-    pub async fn send_plain(&self, method: Method, uri: &str) -> Result<(StatusCode, Bytes), Error> {
+    pub async fn send_plain(
+        &self,
+        method: Method,
+        uri: &str,
+    ) -> Result<(StatusCode, Bytes), Error> {
         let req = Request::builder()
             .method(method)
             .uri(uri)

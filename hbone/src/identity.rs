@@ -97,7 +97,9 @@ mod tests {
 
     #[test]
     fn parses_a_workload_identity() {
-        let id: Identity = "spiffe://cluster.local/ns/default/sa/sleep".parse().unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/default/sa/sleep"
+            .parse()
+            .unwrap();
         assert_eq!(&*id.trust_domain, "cluster.local");
         assert_eq!(&*id.namespace, "default");
         assert_eq!(&*id.service_account, "sleep");

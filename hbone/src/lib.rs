@@ -36,9 +36,15 @@ pub enum Error {
     #[error("certificate files in {dir}: {message}")]
     Certificates { dir: String, message: String },
     #[error("CONNECT to {authority} answered {status} (want exactly 200)")]
-    ConnectStatus { authority: String, status: http::StatusCode },
+    ConnectStatus {
+        authority: String,
+        status: http::StatusCode,
+    },
     #[error("TLS handshake with {peer} did not finish within {timeout:?}")]
-    HandshakeTimeout { peer: std::net::SocketAddr, timeout: std::time::Duration },
+    HandshakeTimeout {
+        peer: std::net::SocketAddr,
+        timeout: std::time::Duration,
+    },
     #[error("{0}")]
     Other(String),
 }

@@ -91,6 +91,9 @@ pub struct TunnelRequest {
     /// `:path` of a non-CONNECT request (empty for CONNECT).
     pub path: String,
     pub headers: HeaderMap,
+    /// Held for as long as the tunnel is served: shutdown waits until every watcher is gone,
+    /// and the tunnel watches it to finish inner requests gracefully.
+    pub drain: DrainWatcher,
     respond: SendResponse<Bytes>,
     body: RecvStream,
 }
@@ -210,7 +213,9 @@ impl Connection {
         H: Fn(TunnelRequest) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
-        self.stats.connections_active.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .connections_active
+            .fetch_add(1, Ordering::Relaxed);
         let _active = ActiveGuard(self.stats.clone());
         let local = tcp.local_addr().unwrap_or(remote);
         let _ = tcp.set_nodelay(true);
@@ -219,7 +224,9 @@ impl Connection {
         // TLS handshake and HTTP/2 preface share one deadline: a peer that stalls either is
         // closed (stalled handshakes must not accumulate).
         let setup = async {
-            let tls = TlsAcceptor::from(self.tls.config.clone()).accept(tcp).await?;
+            let tls = TlsAcceptor::from(self.tls.config.clone())
+                .accept(tcp)
+                .await?;
             let (_, session) = tls.get_ref();
             let identity = session
                 .peer_certificates()
@@ -238,20 +245,28 @@ impl Connection {
                 .map_err(std::io::Error::other)?;
             Ok::<_, std::io::Error>((h2, identity, local_identity))
         };
-        let (mut conn, identity, local_identity) =
-            match tokio::time::timeout(settings.handshake_timeout, setup).await {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => {
-                    self.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
-                    debug!(%remote, error = %e, "HBONE handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    self.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
-                    debug!(%remote, timeout = ?settings.handshake_timeout, "HBONE handshake timed out");
-                    return;
-                }
-            };
+        let (mut conn, identity, local_identity) = match tokio::time::timeout(
+            settings.handshake_timeout,
+            setup,
+        )
+        .await
+        {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                self.stats
+                    .handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%remote, error = %e, "HBONE handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.stats
+                    .handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%remote, timeout = ?settings.handshake_timeout, "HBONE handshake timed out");
+                return;
+            }
+        };
         let peer = Arc::new(PeerInfo {
             remote,
             local,
@@ -267,7 +282,9 @@ impl Connection {
             };
             loop {
                 tokio::time::sleep(settings.keepalive_interval).await;
-                match tokio::time::timeout(settings.keepalive_timeout, pp.ping(Ping::opaque())).await {
+                match tokio::time::timeout(settings.keepalive_timeout, pp.ping(Ping::opaque()))
+                    .await
+                {
                     Ok(Ok(_)) => continue,
                     Ok(Err(e)) => {
                         debug!(%remote, error = %e, "HBONE keepalive PING failed");
@@ -295,16 +312,11 @@ impl Connection {
                             authority: parts.uri.authority().map(|a| a.as_str().to_string()),
                             path: parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default(),
                             headers: parts.headers,
+                            drain: self.drain.clone(),
                             respond,
                             body,
                         };
-                        // Each stream owns a drain watcher, so shutdown waits for it.
-                        let watcher = self.drain.clone();
-                        let h = handler.clone();
-                        tokio::spawn(async move {
-                            h(tunnel).await;
-                            drop(watcher);
-                        });
+                        tokio::spawn(handler.clone()(tunnel));
                     }
                     Some(Err(e)) => {
                         debug!(%remote, error = %e, "HBONE connection error");

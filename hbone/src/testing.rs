@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -31,11 +31,18 @@ impl Pki {
     pub fn new(trust_domain: &str) -> Result<Pki, Error> {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc)?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("Test Mesh Root CA ({trust_domain})"));
+        dn.push(
+            DnType::CommonName,
+            format!("Test Mesh Root CA ({trust_domain})"),
+        );
         dn.push(DnType::OrganizationName, "waypoint-tests");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let ca_key = KeyPair::generate().map_err(rc)?;
         let ca_cert = params.self_signed(&ca_key).map_err(rc)?;
         Ok(Pki {
@@ -61,7 +68,11 @@ impl Pki {
     /// Issue a leaf with an arbitrary URI SAN (for negative tests).
     pub fn issue_uri(&self, uri: &str) -> Result<CertBundle, Error> {
         let (chain_pem, key_pem) = self.issue_pem(uri)?;
-        CertBundle::from_pem(chain_pem.as_bytes(), key_pem.as_bytes(), self.ca_pem.as_bytes())
+        CertBundle::from_pem(
+            chain_pem.as_bytes(),
+            key_pem.as_bytes(),
+            self.ca_pem.as_bytes(),
+        )
     }
 
     /// Issue a leaf and return (cert-chain PEM, key PEM).
@@ -71,8 +82,14 @@ impl Pki {
         dn.push(DnType::OrganizationName, "waypoint-tests");
         params.distinguished_name = dn;
         params.subject_alt_names = vec![SanType::URI(uri.try_into().map_err(rc)?)];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         let key = KeyPair::generate().map_err(rc)?;
         let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
         let cert = params.signed_by(&key, &issuer).map_err(rc)?;
@@ -81,7 +98,12 @@ impl Pki {
 
     /// Write Istio's file-mounted names (`cert-chain.pem`, `key.pem`, `root-cert.pem`) for
     /// `spiffe://<td>/ns/<ns>/sa/<sa>` into `dir`.
-    pub fn write_dir(&self, dir: &Path, namespace: &str, service_account: &str) -> Result<(), Error> {
+    pub fn write_dir(
+        &self,
+        dir: &Path,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<(), Error> {
         let id = Identity::new(&self.trust_domain, namespace, service_account);
         let (chain, key) = self.issue_pem(&id.to_string())?;
         std::fs::create_dir_all(dir)?;
@@ -92,7 +114,13 @@ impl Pki {
     }
 
     /// Write PEM files named `<name>-cert.pem` / `<name>-key.pem` (for external peers such as Envoy).
-    pub fn write_named(&self, dir: &Path, name: &str, namespace: &str, service_account: &str) -> Result<(), Error> {
+    pub fn write_named(
+        &self,
+        dir: &Path,
+        name: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<(), Error> {
         let id = Identity::new(&self.trust_domain, namespace, service_account);
         let (chain, key) = self.issue_pem(&id.to_string())?;
         std::fs::create_dir_all(dir)?;

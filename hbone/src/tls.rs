@@ -60,7 +60,11 @@ impl CertBundle {
     }
 
     /// Parse PEM text for the chain, key and roots.
-    pub fn from_pem(chain_pem: &[u8], key_pem: &[u8], root_pem: &[u8]) -> Result<CertBundle, Error> {
+    pub fn from_pem(
+        chain_pem: &[u8],
+        key_pem: &[u8],
+        root_pem: &[u8],
+    ) -> Result<CertBundle, Error> {
         let other = |m: String| Error::Other(m);
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
             .collect::<Result<_, _>>()
@@ -68,8 +72,8 @@ impl CertBundle {
         if chain.is_empty() {
             return Err(other("cert-chain.pem holds no certificate".into()));
         }
-        let key = PrivateKeyDer::from_pem_slice(key_pem)
-            .map_err(|e| other(format!("key.pem: {e}")))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| other(format!("key.pem: {e}")))?;
         let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(root_pem)
             .collect::<Result<_, _>>()
             .map_err(|e| other(format!("root-cert.pem: {e}")))?;
@@ -77,9 +81,17 @@ impl CertBundle {
             return Err(other("root-cert.pem holds no certificate".into()));
         }
         let identity = identities_in(&chain[0]).into_iter().next().ok_or_else(|| {
-            other("the leaf in cert-chain.pem has no SPIFFE URI SAN (spiffe://<td>/ns/<ns>/sa/<sa>)".into())
+            other(
+                "the leaf in cert-chain.pem has no SPIFFE URI SAN (spiffe://<td>/ns/<ns>/sa/<sa>)"
+                    .into(),
+            )
         })?;
-        Ok(CertBundle { chain, key, roots, identity })
+        Ok(CertBundle {
+            chain,
+            key,
+            roots,
+            identity,
+        })
     }
 
     /// Seconds since the Unix epoch at which our leaf expires.
@@ -105,7 +117,8 @@ pub fn provider() -> Arc<CryptoProvider> {
     p.cipher_suites.retain(|s| {
         matches!(
             s.suite(),
-            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 | rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+                | rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
         )
     });
     Arc::new(p)
@@ -113,11 +126,17 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// Server config for the HBONE listener: TLS 1.3, ALPN h2, client cert required, chained to
 /// our roots, with a SPIFFE URI SAN in `trust_domain` (ztunnel `TrustDomainVerifier`).
-pub fn server_config(bundle: &CertBundle, trust_domain: &str) -> Result<Arc<rustls::ServerConfig>, Error> {
+pub fn server_config(
+    bundle: &CertBundle,
+    trust_domain: &str,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
     let provider = provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(bundle.root_store()?), provider.clone())
-        .build()
-        .map_err(|e| Error::Other(format!("client verifier: {e}")))?;
+    let inner = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(bundle.root_store()?),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| Error::Other(format!("client verifier: {e}")))?;
     let verifier = Arc::new(TrustDomainVerifier {
         inner,
         trust_domain: trust_domain.to_string(),
@@ -147,7 +166,10 @@ pub enum ExpectedServer {
 
 /// Client config for originating HBONE: our cert chain, ALPN h2, no SNI, server verified
 /// against our roots and `expected` (DNS names are never used; protocol.md 1.2).
-pub fn client_config(bundle: &CertBundle, expected: ExpectedServer) -> Result<Arc<rustls::ClientConfig>, Error> {
+pub fn client_config(
+    bundle: &CertBundle,
+    expected: ExpectedServer,
+) -> Result<Arc<rustls::ClientConfig>, Error> {
     let provider = provider();
     let verifier = Arc::new(SpiffeServerVerifier {
         roots: bundle.root_store()?,
@@ -191,7 +213,9 @@ impl ClientCertVerifier for TrustDomainVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         if identities_in(end_entity)
             .iter()
             .any(|id| *id.trust_domain == *self.trust_domain)
@@ -272,7 +296,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -281,10 +310,17 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

@@ -1,1 +1,311 @@
-fn main() {}
+//! The `waypoint` binary: flags and environment -> [`proxy::Config`], signals -> reload/drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tracing::{error, info};
+
+/// A drop-in, Envoy-compatible Istio ambient waypoint.
+#[derive(Parser, Debug)]
+#[command(name = "waypoint", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve HBONE traffic as the waypoint named by --gateway.
+    Run(RunArgs),
+    /// Validate configuration only: print every problem, exit non-zero if any.
+    Check(CheckArgs),
+    /// Self-contained demo: dev certificates, the bundled bookinfo config, local backends and a
+    /// built-in HBONE client; prints the access log and exits.
+    Demo(DemoArgs),
+    /// Write development certificates (a test root CA and SPIFFE workload certs) to a directory.
+    Certs(CertsArgs),
+}
+
+#[derive(Args, Debug)]
+struct ConfigArgs {
+    /// File or directory of Kubernetes manifests (YAML, multi-document, JSON, or a List).
+    /// Repeatable; in the environment, comma-separated.
+    #[arg(
+        long = "config",
+        env = "WAYPOINT_CONFIG",
+        value_delimiter = ',',
+        required = true
+    )]
+    config: Vec<PathBuf>,
+    /// Which Gateway resource this instance is, NAMESPACE/NAME.
+    #[arg(long, env = "WAYPOINT_GATEWAY", default_value = "default/waypoint")]
+    gateway: String,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, env = "WAYPOINT_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Directory with cert-chain.pem, key.pem, root-cert.pem (Istio's file-mounted names).
+    #[arg(long, env = "WAYPOINT_CERTS", default_value = "/etc/certs")]
+    certs: PathBuf,
+    /// HBONE listener (mTLS + HTTP/2 CONNECT).
+    #[arg(long, env = "WAYPOINT_HBONE_ADDR", default_value = "0.0.0.0:15008")]
+    hbone_addr: SocketAddr,
+    /// Readiness listener (GET /healthz/ready).
+    #[arg(long, env = "WAYPOINT_READY_ADDR", default_value = "0.0.0.0:15021")]
+    ready_addr: SocketAddr,
+    /// Prometheus metrics listener (GET /stats/prometheus).
+    #[arg(long, env = "WAYPOINT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Admin listener (/config_dump, /clusters, /ready, /stats); keep it on localhost.
+    #[arg(long, env = "WAYPOINT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// How long requests in flight may take to finish after SIGTERM (e.g. 5s, 500ms).
+    #[arg(long, env = "WAYPOINT_DRAIN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Worker threads (default: one per CPU).
+    #[arg(long, env = "WAYPOINT_WORKERS")]
+    workers: Option<usize>,
+    /// TLS handshake deadline for HBONE connections (e.g. 10s).
+    #[arg(long, env = "WAYPOINT_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
+    /// Upstream TCP connect timeout (Istio's connectTimeout default: 10s).
+    #[arg(long, env = "WAYPOINT_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Requests to send to the reviews Service (split 90/10 between v1 and v2).
+    #[arg(long, default_value_t = 20)]
+    requests: usize,
+}
+
+#[derive(Args, Debug)]
+struct CertsArgs {
+    /// Output directory: the waypoint's cert-chain.pem/key.pem/root-cert.pem, plus
+    /// sleep-cert.pem/sleep-key.pem for a test client.
+    #[arg(long)]
+    out: PathBuf,
+    /// Namespace of the waypoint's identity.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Service account of the waypoint's identity.
+    #[arg(long, default_value = "waypoint")]
+    service_account: String,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+}
+
+fn init_tracing() {
+    // Diagnostics go to stderr; stdout is reserved for access-log lines.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WAYPOINT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn split_gateway(g: &str) -> Result<(String, String), String> {
+    match g.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => Err(format!("--gateway must be NAMESPACE/NAME, got {g:?}")),
+    }
+}
+
+fn base_config(args: &ConfigArgs) -> Result<proxy::Config, String> {
+    let (ns, name) = split_gateway(&args.gateway)?;
+    Ok(proxy::Config {
+        config_paths: args.config.clone(),
+        gateway_namespace: ns,
+        gateway_name: name,
+        trust_domain: args.trust_domain.clone(),
+        ..proxy::Config::default()
+    })
+}
+
+fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n.max(1));
+    }
+    b.enable_all().build()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Check(args) => check(args),
+        Command::Run(args) => run(args),
+        Command::Demo(args) => demo(args),
+        Command::Certs(args) => certs(args),
+    }
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let config = match base_config(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match proxy::app::load_snapshot(&config) {
+        Ok(snapshot) => {
+            for w in &snapshot.warnings {
+                println!("warning: {w}");
+            }
+            let services = snapshot.bound_services();
+            println!(
+                "ok: Gateway {}/{} serves {} Service port(s):",
+                snapshot.gateway.namespace,
+                snapshot.gateway.name,
+                services.len()
+            );
+            for s in services {
+                let routes = s.routes.as_ref().map(|r| r.len()).unwrap_or(0);
+                println!(
+                    "  {}  {}  ({:?}, {} route match(es))",
+                    s.vip, s.cluster.name, s.protocol, routes
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors {
+                println!("error: {e}");
+            }
+            println!("{} problem(s) found", errors.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let mut config = match base_config(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    config.certs_dir = args.certs;
+    config.hbone_addr = args.hbone_addr;
+    config.ready_addr = args.ready_addr;
+    config.metrics_addr = args.metrics_addr;
+    config.admin_addr = args.admin_addr;
+    config.drain_timeout = args.drain_timeout;
+    config.server.handshake_timeout = args.handshake_timeout;
+    config.upstream.connect_timeout = args.connect_timeout;
+    let rt = match runtime(args.workers) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let running = match proxy::start(config, proxy::Inputs::default()).await {
+            Ok(r) => r,
+            Err(e) => {
+                error!("{e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let logger = running.shared.access_log.clone();
+        if let Err(e) = wait_for_signals(&running).await {
+            error!("signal handling failed: {e}");
+        }
+        info!("draining");
+        let clean = running.shutdown().await;
+        if let Some(l) = logger {
+            l.flushed(Duration::from_secs(2)).await;
+        }
+        info!(clean, "stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// SIGHUP reloads; SIGTERM or SIGINT starts the drain.
+async fn wait_for_signals(running: &proxy::Running) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading configuration");
+                let _ = running.reload();
+            }
+        }
+    }
+}
+
+fn demo(args: DemoArgs) -> ExitCode {
+    let rt = match runtime(None) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(proxy::demo::run(proxy::demo::DemoOptions {
+        requests: args.requests,
+        ..Default::default()
+    })) {
+        Ok(report) => {
+            eprintln!("{}", report.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("demo failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn certs(args: CertsArgs) -> ExitCode {
+    let result = (|| -> Result<(), hbone::Error> {
+        let pki = hbone::testing::Pki::new(&args.trust_domain)?;
+        pki.write_dir(&args.out, &args.namespace, &args.service_account)?;
+        pki.write_named(&args.out, "sleep", "default", "sleep")?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            println!(
+                "wrote {}/{{cert-chain.pem,key.pem,root-cert.pem}} for spiffe://{}/ns/{}/sa/{} and sleep-cert.pem/sleep-key.pem for spiffe://{}/ns/default/sa/sleep",
+                args.out.display(),
+                args.trust_domain,
+                args.namespace,
+                args.service_account,
+                args.trust_domain
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,1092 @@
+//! The body of [`crate::compile`]: resources -> [`Snapshot`].
+//!
+//! Order of work: index the resources, find our Gateway, validate every Service and
+//! EndpointSlice, decide which Services are bound to this waypoint (Istio `waypoints.go`
+//! `fetchWaypointForTarget`), compile every HTTPRoute (validated even when it attaches to
+//! nothing, so errors do not depend on labels), then assemble the VIP index. Errors never stop
+//! the walk: every resource is checked and all errors are returned together.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use http::{HeaderName, Method};
+
+use crate::ConfigError;
+use crate::load::LoadedResources;
+use crate::resources::{
+    Gateway, GatewayClass, HttpBackendRef, HttpRoute, HttpRouteMatch, HttpValueMatch, IntOrString,
+    LabelSelector, ObjectMeta, Resource, Service, ServicePortSpec,
+};
+use crate::route::{
+    Backend, BackendRef, HeaderMatch, MatchKind, PathMatch, Precedence, QueryMatch, RouteMatch,
+    RouteRule, RouteTable, WeightedBackends,
+};
+use crate::snapshot::{
+    AppProtocol, Cluster, CompileOptions, Endpoint, EndpointLoad, GatewayInfo, ServicePort,
+    Snapshot, WaypointFor,
+};
+
+const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Set on the Service of every Gateway API gateway; waypoints never get a waypoint.
+const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// Gateway API caps a backendRef weight at 1,000,000 (`shared_types.go`).
+const MAX_WEIGHT: i64 = 1_000_000;
+
+/// Which namespaces the waypoint admits (`allowedRoutes.namespaces` of its `mesh` listener,
+/// Istio `AllowsAttachmentFromNamespace`).
+enum Allowed {
+    Same,
+    All,
+    Selector(LabelSelector),
+}
+
+/// A validated Service.
+struct Svc {
+    vips: Vec<IpAddr>,
+    ports: Vec<SvcPort>,
+    /// `Ok` = bound to this waypoint; `Err` = why not.
+    binding: Result<(), String>,
+}
+
+struct SvcPort {
+    /// Empty when unnamed.
+    name: String,
+    port: u16,
+    /// Numeric `targetPort` (defaults to `port`); `None` for a named target port.
+    target: Option<u16>,
+    protocol: AppProtocol,
+}
+
+/// A validated EndpointSlice.
+struct Slice {
+    /// (port name, empty when unnamed; port number).
+    ports: Vec<(String, Option<u16>)>,
+    /// Addresses of ready endpoints.
+    ready: Vec<IpAddr>,
+}
+
+/// One parsed backendRef: where it points (or why it cannot be used) and its weight.
+struct BackendPlan<'a> {
+    target: Result<(SvcKey<'a>, u16), String>,
+    weight: u32,
+}
+
+/// A compiled rule before its backends are resolved.
+struct RulePlan<'a> {
+    name: Arc<str>,
+    matches: Vec<RouteMatch>,
+    backends: Vec<BackendPlan<'a>>,
+}
+
+type SvcKey<'a> = (&'a str, &'a str);
+type Candidates = Vec<(Precedence, RouteMatch, Arc<RouteRule>)>;
+
+struct Compiler<'a> {
+    opts: &'a CompileOptions,
+    errors: Vec<ConfigError>,
+    warnings: Vec<String>,
+    namespaces: HashMap<&'a str, &'a ObjectMeta>,
+    services: BTreeMap<SvcKey<'a>, Svc>,
+    /// By (namespace, `kubernetes.io/service-name`).
+    slices: HashMap<SvcKey<'a>, Vec<Slice>>,
+    clusters: HashMap<(String, String, u16), Arc<Cluster>>,
+}
+
+fn error(
+    kind: &str,
+    meta: &ObjectMeta,
+    field: impl Into<String>,
+    message: impl Into<String>,
+) -> ConfigError {
+    ConfigError {
+        kind: kind.into(),
+        namespace: meta.namespace.clone(),
+        name: meta.name.clone(),
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn id(meta: &ObjectMeta) -> String {
+    format!("{}/{}", meta.namespace, meta.name)
+}
+
+/// A Kubernetes port number (1..=65535).
+fn port_number(p: i64) -> Option<u16> {
+    u16::try_from(p).ok().filter(|p| *p != 0)
+}
+
+pub(crate) fn compile(
+    resources: &LoadedResources,
+    options: &CompileOptions,
+) -> Result<Snapshot, Vec<ConfigError>> {
+    let mut c = Compiler {
+        opts: options,
+        errors: Vec::new(),
+        warnings: resources.warnings.clone(),
+        namespaces: HashMap::new(),
+        services: BTreeMap::new(),
+        slices: HashMap::new(),
+        clusters: HashMap::new(),
+    };
+
+    // Index, rejecting duplicates (the later definition is the error).
+    let mut seen = HashSet::new();
+    let (mut gateways, mut classes, mut services, mut slices, mut routes) = (
+        Vec::new(),
+        HashMap::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for r in &resources.resources {
+        let Some(meta) = r.metadata() else { continue };
+        if !seen.insert((r.kind(), meta.namespace.as_str(), meta.name.as_str())) {
+            let e = error(r.kind(), meta, "metadata.name", "defined more than once");
+            c.errors.push(e);
+            continue;
+        }
+        match r {
+            Resource::Namespace(n) => {
+                c.namespaces.insert(n.metadata.name.as_str(), &n.metadata);
+            }
+            Resource::Service(s) => services.push(s),
+            Resource::EndpointSlice(s) => slices.push(s),
+            Resource::Gateway(g) => gateways.push(g),
+            Resource::GatewayClass(g) => {
+                classes.insert(g.metadata.name.as_str(), g);
+            }
+            Resource::HttpRoute(h) => routes.push(h),
+            Resource::Unknown { .. } => {}
+        }
+    }
+
+    let ours = gateways.iter().find(|g| {
+        g.metadata.namespace == options.gateway_namespace && g.metadata.name == options.gateway_name
+    });
+    let mut info = GatewayInfo {
+        namespace: options.gateway_namespace.as_str().into(),
+        name: options.gateway_name.as_str().into(),
+        waypoint_for: WaypointFor::None,
+    };
+    let mut allowed = Allowed::Same;
+    match ours {
+        Some(g) => {
+            info.waypoint_for = c.gateway(g, &classes);
+            allowed = c.allowed_routes(g);
+        }
+        None => {
+            let mut known: Vec<_> = gateways.iter().map(|g| id(&g.metadata)).collect();
+            known.sort();
+            let known = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            };
+            c.errors.push(ConfigError {
+                kind: "Gateway".into(),
+                namespace: options.gateway_namespace.clone(),
+                name: options.gateway_name.clone(),
+                field: String::new(),
+                message: format!(
+                    "the Gateway named by --gateway is not in the config (Gateways found: {known})"
+                ),
+            });
+        }
+    }
+
+    // Services, in load order so a duplicate VIP:port is reported on the later Service.
+    let mut vip_owner = HashMap::new();
+    for s in services {
+        let svc = c.service(s, &info, &allowed, ours.is_some(), &mut vip_owner);
+        let key = (s.metadata.namespace.as_str(), s.metadata.name.as_str());
+        c.services.insert(key, svc);
+    }
+    for s in slices {
+        c.slice(s);
+    }
+    let mut tables = HashMap::new();
+    for r in routes {
+        c.route(r, &mut tables);
+    }
+    let (bound, not_bound) = c.vip_index(tables);
+
+    if !c.errors.is_empty() {
+        return Err(c.errors);
+    }
+    let clusters = c.clusters.into_values();
+    Ok(Snapshot {
+        gateway: info,
+        trust_domain: options.trust_domain.as_str().into(),
+        bound,
+        not_bound,
+        clusters: clusters.map(|cl| (cl.name.clone(), cl)).collect(),
+        warnings: c.warnings,
+    })
+}
+
+/// Istio protocol selection (`kube.ConvertProtocol`): a recognised `appProtocol` wins, else the
+/// port name's prefix (`http`, `http-web`, ...), else unknown (sniffed).
+pub(crate) fn port_protocol(p: &ServicePortSpec) -> AppProtocol {
+    if let Some(ap) = &p.app_protocol
+        && let Some(proto) = parse_protocol(&ap.to_ascii_lowercase())
+    {
+        return proto;
+    }
+    let name = p.name.as_deref().unwrap_or("").to_ascii_lowercase();
+    const PREFIXES: [&str; 10] = [
+        "grpc-web", "http2", "http", "grpc", "tcp", "tls", "https", "mongo", "redis", "mysql",
+    ];
+    PREFIXES
+        .iter()
+        .find(|pre| {
+            name == **pre
+                || name
+                    .strip_prefix(**pre)
+                    .is_some_and(|rest| rest.starts_with('-'))
+        })
+        .and_then(|pre| parse_protocol(pre))
+        .unwrap_or(AppProtocol::Unknown)
+}
+
+fn parse_protocol(p: &str) -> Option<AppProtocol> {
+    Some(match p {
+        "http" | "grpc-web" | "kubernetes.io/ws" => AppProtocol::Http,
+        "http2" | "kubernetes.io/h2c" => AppProtocol::Http2,
+        "grpc" => AppProtocol::Grpc,
+        "tcp" | "tls" | "https" | "mongo" | "redis" | "mysql" | "kubernetes.io/wss" => {
+            AppProtocol::Tcp
+        }
+        _ => return None,
+    })
+}
+
+impl<'a> Compiler<'a> {
+    /// Validate our Gateway and resolve `istio.io/waypoint-for`: the Gateway label, else its
+    /// GatewayClass label, else `service` (Istio `gatewayToWaypointTransform`).
+    fn gateway(&mut self, g: &Gateway, classes: &HashMap<&str, &GatewayClass>) -> WaypointFor {
+        let meta = &g.metadata;
+        if g.spec.gateway_class_name != "istio-waypoint" {
+            let class = &g.spec.gateway_class_name;
+            let msg = format!("must be istio-waypoint, got {class:?}");
+            self.errors
+                .push(error("Gateway", meta, "spec.gatewayClassName", msg));
+        }
+        let listeners = &g.spec.listeners;
+        if !(listeners.len() == 1 && listeners[0].port == 15008 && listeners[0].protocol == "HBONE")
+        {
+            // Istio's status message for this (`conversion.go` `unexpectedWaypointListener`).
+            self.warnings.push(format!(
+                "Gateway {}: Expected a single listener on port 15008 with protocol \"HBONE\"; other listeners are ignored",
+                id(meta)
+            ));
+        }
+        let class = classes.get(g.spec.gateway_class_name.as_str());
+        let (kind, meta, value) = match (meta.labels.get(WAYPOINT_FOR), class) {
+            (Some(v), _) => ("Gateway", meta, v),
+            (None, Some(class)) => match class.metadata.labels.get(WAYPOINT_FOR) {
+                Some(v) => ("GatewayClass", &class.metadata, v),
+                None => return WaypointFor::Service,
+            },
+            (None, None) => return WaypointFor::Service,
+        };
+        match value.as_str() {
+            "service" => WaypointFor::Service,
+            "workload" => WaypointFor::Workload,
+            "all" => WaypointFor::All,
+            "none" => WaypointFor::None,
+            other => {
+                let field = format!("metadata.labels[\"{WAYPOINT_FOR}\"]");
+                let msg =
+                    format!("invalid value {other:?} (expected service, workload, all or none)");
+                self.errors.push(error(kind, meta, field, msg));
+                WaypointFor::None
+            }
+        }
+    }
+
+    /// `allowedRoutes.namespaces` of the `mesh` listener (else the first; none = `Same`).
+    fn allowed_routes(&mut self, g: &Gateway) -> Allowed {
+        let listeners = &g.spec.listeners;
+        let Some(i) = listeners
+            .iter()
+            .position(|l| l.name == "mesh")
+            .or((!listeners.is_empty()).then_some(0))
+        else {
+            return Allowed::Same;
+        };
+        let ns = listeners[i]
+            .allowed_routes
+            .as_ref()
+            .and_then(|a| a.namespaces.as_ref());
+        let field = format!("spec.listeners[{i}].allowedRoutes.namespaces");
+        match ns.and_then(|n| n.from.as_deref()) {
+            None | Some("Same") => Allowed::Same,
+            Some("All") => Allowed::All,
+            Some("Selector") => match ns.and_then(|n| n.selector.clone()) {
+                Some(sel) => Allowed::Selector(sel),
+                None => {
+                    let field = format!("{field}.selector");
+                    self.errors.push(error(
+                        "Gateway",
+                        &g.metadata,
+                        field,
+                        "required when from is Selector",
+                    ));
+                    Allowed::Same
+                }
+            },
+            Some(other) => {
+                let msg = format!("invalid value {other:?} (expected Same, All or Selector)");
+                self.errors
+                    .push(error("Gateway", &g.metadata, format!("{field}.from"), msg));
+                Allowed::Same
+            }
+        }
+    }
+
+    /// Bound VIP:ports (with their clusters and sorted route tables) and not-bound ones.
+    fn vip_index(
+        &mut self,
+        mut tables: HashMap<(SvcKey<'a>, u16), Candidates>,
+    ) -> (
+        HashMap<SocketAddr, Arc<ServicePort>>,
+        HashMap<SocketAddr, String>,
+    ) {
+        let mut bound = HashMap::new();
+        let mut not_bound = HashMap::new();
+        let keys: Vec<SvcKey<'a>> = self.services.keys().copied().collect();
+        for key in keys {
+            let Some(svc) = self.services.get(&key) else {
+                continue;
+            };
+            let (vips, binding) = (svc.vips.clone(), svc.binding.clone());
+            let ports: Vec<(u16, AppProtocol)> =
+                svc.ports.iter().map(|p| (p.port, p.protocol)).collect();
+            for (port, protocol) in ports {
+                let reason = match &binding {
+                    Err(reason) => reason,
+                    Ok(()) => {
+                        let Some(cluster) = self.cluster(key, port) else {
+                            continue;
+                        };
+                        let routes = tables
+                            .remove(&(key, port))
+                            .map(|c| Arc::new(RouteTable::build(c)));
+                        for vip in &vips {
+                            let vip = SocketAddr::new(*vip, port);
+                            let (cluster, routes) = (cluster.clone(), routes.clone());
+                            bound.insert(
+                                vip,
+                                Arc::new(ServicePort {
+                                    vip,
+                                    protocol,
+                                    cluster,
+                                    routes,
+                                }),
+                            );
+                        }
+                        continue;
+                    }
+                };
+                for vip in &vips {
+                    not_bound.insert(SocketAddr::new(*vip, port), reason.clone());
+                }
+            }
+        }
+        (bound, not_bound)
+    }
+
+    /// Namespace labels, plus the `kubernetes.io/metadata.name` label the API server adds to
+    /// every Namespace (selectors commonly use it).
+    fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
+        let mut labels = self
+            .namespaces
+            .get(ns)
+            .map(|m| m.labels.clone())
+            .unwrap_or_default();
+        labels.insert("kubernetes.io/metadata.name".into(), ns.into());
+        labels
+    }
+
+    fn service(
+        &mut self,
+        s: &'a Service,
+        gw: &GatewayInfo,
+        allowed: &Allowed,
+        gateway_found: bool,
+        vip_owner: &mut HashMap<SocketAddr, String>,
+    ) -> Svc {
+        let meta = &s.metadata;
+        let mut vips = Vec::new();
+        let ips = s
+            .spec
+            .cluster_ip
+            .iter()
+            .map(|ip| ("spec.clusterIP".to_string(), ip));
+        let ips = ips.chain(
+            s.spec
+                .cluster_ips
+                .iter()
+                .enumerate()
+                .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip)),
+        );
+        for (field, ip) in ips {
+            if ip.is_empty() || ip == "None" {
+                continue;
+            }
+            match ip.parse::<IpAddr>() {
+                Ok(ip) if !vips.contains(&ip) => vips.push(ip),
+                Ok(_) => {}
+                Err(_) => self.errors.push(error(
+                    "Service",
+                    meta,
+                    field,
+                    format!("{ip:?} is not an IP address"),
+                )),
+            }
+        }
+        let mut ports: Vec<SvcPort> = Vec::new();
+        for (i, p) in s.spec.ports.iter().enumerate() {
+            // Only TCP ports carry HTTP or HBONE traffic (protocol.md 2.3: UDP ports skipped).
+            if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+                continue;
+            }
+            let Some(port) = port_number(p.port) else {
+                self.errors.push(error(
+                    "Service",
+                    meta,
+                    format!("spec.ports[{i}].port"),
+                    format!("{} is not a valid port (1-65535)", p.port),
+                ));
+                continue;
+            };
+            let target = match &p.target_port {
+                None => Some(port),
+                Some(IntOrString::Int(t)) => match port_number(*t) {
+                    Some(t) => Some(t),
+                    None => {
+                        self.errors.push(error(
+                            "Service",
+                            meta,
+                            format!("spec.ports[{i}].targetPort"),
+                            format!("{t} is not a valid port (1-65535)"),
+                        ));
+                        continue;
+                    }
+                },
+                Some(IntOrString::String(_)) => None,
+            };
+            if ports.iter().any(|q| q.port == port) {
+                self.errors.push(error(
+                    "Service",
+                    meta,
+                    format!("spec.ports[{i}].port"),
+                    format!("duplicate port {port}"),
+                ));
+                continue;
+            }
+            for vip in &vips {
+                let addr = SocketAddr::new(*vip, port);
+                if let Some(owner) = vip_owner.get(&addr) {
+                    self.errors.push(error(
+                        "Service",
+                        meta,
+                        format!("spec.ports[{i}].port"),
+                        format!("{addr} is already used by Service {owner}"),
+                    ));
+                } else {
+                    vip_owner.insert(addr, id(meta));
+                }
+            }
+            ports.push(SvcPort {
+                name: p.name.clone().unwrap_or_default(),
+                port,
+                target,
+                protocol: port_protocol(p),
+            });
+        }
+        let binding = if gateway_found {
+            self.binding(s, gw, allowed)
+        } else {
+            Err("the waypoint Gateway is not configured".into())
+        };
+        Svc {
+            vips,
+            ports,
+            binding,
+        }
+    }
+
+    /// Istio `fetchWaypointForTarget` for a Service, restricted to "is it bound to us".
+    fn binding(&self, s: &Service, gw: &GatewayInfo, allowed: &Allowed) -> Result<(), String> {
+        let meta = &s.metadata;
+        let svc = format!("Service {}", id(meta));
+        if meta.labels.contains_key(GATEWAY_NAME_LABEL) {
+            return Err(format!(
+                "{svc} belongs to a gateway; waypoints never get a waypoint"
+            ));
+        }
+        let ns = meta.namespace.as_str();
+        let ns_labels = self.namespace_labels(ns);
+        let get = |labels: &'_ BTreeMap<String, String>, key: &str| {
+            labels.get(key).filter(|v| !v.is_empty()).cloned()
+        };
+        // The object that supplied `use-waypoint` also supplies `use-waypoint-namespace`.
+        let (source, waypoint, waypoint_ns) = if let Some(w) = get(&meta.labels, USE_WAYPOINT) {
+            (svc.clone(), w, get(&meta.labels, USE_WAYPOINT_NAMESPACE))
+        } else if let Some(w) = get(&ns_labels, USE_WAYPOINT) {
+            (
+                format!("namespace {ns}"),
+                w,
+                get(&ns_labels, USE_WAYPOINT_NAMESPACE),
+            )
+        } else {
+            return Err(format!(
+                "{svc} has no {USE_WAYPOINT} label (nor does its namespace)"
+            ));
+        };
+        if waypoint == "none" {
+            return Err(format!(
+                "{svc} opted out of waypoints ({USE_WAYPOINT}=none on {source})"
+            ));
+        }
+        let waypoint_ns = waypoint_ns.unwrap_or_else(|| ns.to_string());
+        if waypoint != *gw.name || waypoint_ns != *gw.namespace {
+            return Err(format!(
+                "{svc} is bound to waypoint {waypoint_ns}/{waypoint} (label on {source})"
+            ));
+        }
+        let gw_id = format!("{}/{}", gw.namespace, gw.name);
+        let wf = match gw.waypoint_for {
+            WaypointFor::Service | WaypointFor::All => None,
+            WaypointFor::Workload => Some("workload"),
+            WaypointFor::None => Some("none"),
+        };
+        if let Some(wf) = wf {
+            return Err(format!(
+                "{svc}: waypoint {gw_id} has {WAYPOINT_FOR}={wf}, which does not admit service traffic"
+            ));
+        }
+        let (admitted, from) = match allowed {
+            Allowed::Same => (ns == &*gw.namespace, "Same"),
+            Allowed::All => (true, "All"),
+            Allowed::Selector(sel) => (sel.matches(&ns_labels), "Selector"),
+        };
+        if !admitted {
+            return Err(format!(
+                "{svc}: waypoint {gw_id} does not admit namespace {ns} (allowedRoutes.namespaces.from={from}; missing allowedRoutes?)"
+            ));
+        }
+        Ok(())
+    }
+
+    fn slice(&mut self, s: &'a crate::resources::EndpointSlice) {
+        let meta = &s.metadata;
+        let err = |field: String, msg: String| error("EndpointSlice", meta, field, msg);
+        let Some(service) = meta.labels.get(SERVICE_NAME_LABEL) else {
+            self.warnings.push(format!(
+                "EndpointSlice {}: no {SERVICE_NAME_LABEL} label; ignored",
+                id(meta)
+            ));
+            return;
+        };
+        if s.address_type.as_deref() == Some("FQDN") {
+            self.warnings.push(format!(
+                "EndpointSlice {}: addressType FQDN is not supported; ignored",
+                id(meta)
+            ));
+            return;
+        }
+        let mut slice = Slice {
+            ports: Vec::new(),
+            ready: Vec::new(),
+        };
+        for (i, p) in s.ports.iter().enumerate() {
+            let port = match p.port {
+                None => None,
+                Some(n) => match port_number(n) {
+                    Some(n) => Some(n),
+                    None => {
+                        self.errors.push(err(
+                            format!("ports[{i}].port"),
+                            format!("{n} is not a valid port (1-65535)"),
+                        ));
+                        continue;
+                    }
+                },
+            };
+            slice.ports.push((p.name.clone().unwrap_or_default(), port));
+        }
+        for (i, e) in s.endpoints.iter().enumerate() {
+            // `ready` absent means ready (EndpointConditions API doc).
+            let ready = e.conditions.ready != Some(false);
+            for (j, a) in e.addresses.iter().enumerate() {
+                match a.parse::<IpAddr>() {
+                    Ok(ip) if ready => slice.ready.push(ip),
+                    Ok(_) => {}
+                    Err(_) => self.errors.push(err(
+                        format!("endpoints[{i}].addresses[{j}]"),
+                        format!("{a:?} is not an IP address"),
+                    )),
+                }
+            }
+        }
+        self.slices
+            .entry((meta.namespace.as_str(), service.as_str()))
+            .or_default()
+            .push(slice);
+    }
+
+    /// The cluster of one Service port, built on first use. Services bound to this waypoint
+    /// get istiod's `inbound-vip` name, others an `outbound` name (protocol.md 2.5).
+    fn cluster(&mut self, key: SvcKey<'a>, port: u16) -> Option<Arc<Cluster>> {
+        let ckey = (key.0.to_string(), key.1.to_string(), port);
+        if let Some(c) = self.clusters.get(&ckey) {
+            return Some(c.clone());
+        }
+        let svc = self.services.get(&key)?;
+        let sp = svc.ports.iter().find(|p| p.port == port)?;
+        let hostname = format!("{}.{}.svc.{}", key.1, key.0, self.opts.cluster_domain);
+        let name = match (&svc.binding, sp.protocol) {
+            (Ok(()), AppProtocol::Tcp) => format!("inbound-vip|{port}|tcp|{hostname}"),
+            (Ok(()), _) => format!("inbound-vip|{port}|http|{hostname}"),
+            (Err(_), _) => format!("outbound|{port}||{hostname}"),
+        };
+        let mut addrs = BTreeSet::new();
+        for slice in self.slices.get(&key).map(Vec::as_slice).unwrap_or_default() {
+            // The slice port with the Service port's name, else the numeric targetPort, else
+            // the Service port itself.
+            let target = slice
+                .ports
+                .iter()
+                .find(|(n, _)| *n == sp.name)
+                .and_then(|(_, p)| *p)
+                .or(sp.target)
+                .unwrap_or(sp.port);
+            addrs.extend(slice.ready.iter().map(|ip| SocketAddr::new(*ip, target)));
+        }
+        let cluster = Arc::new(Cluster {
+            name: name.into(),
+            hostname: hostname.into(),
+            service_name: key.1.into(),
+            service_namespace: key.0.into(),
+            port,
+            protocol: sp.protocol,
+            endpoints: addrs
+                .into_iter()
+                .map(|addr| Endpoint {
+                    addr,
+                    load: Arc::new(EndpointLoad::default()),
+                })
+                .collect(),
+        });
+        self.clusters.insert(ckey, cluster.clone());
+        Some(cluster)
+    }
+
+    fn route(&mut self, r: &'a HttpRoute, tables: &mut HashMap<(SvcKey<'a>, u16), Candidates>) {
+        let meta = &r.metadata;
+        let rid = id(meta);
+        let errors_before = self.errors.len();
+        let mut plans = Vec::new();
+        for (i, rule) in r.spec.rules.iter().enumerate() {
+            let field = format!("spec.rules[{i}]");
+            if !rule.filters.is_empty() || rule.backend_refs.iter().any(|b| !b.filters.is_empty()) {
+                self.warnings.push(format!(
+                    "HTTPRoute {rid}: {field}: filters are not implemented yet; ignored"
+                ));
+            }
+            if rule.timeouts.is_some() {
+                self.warnings.push(format!(
+                    "HTTPRoute {rid}: {field}.timeouts: timeouts are not enforced yet; ignored"
+                ));
+            }
+            let matches = if rule.matches.is_empty() {
+                vec![RouteMatch {
+                    path: PathMatch::Prefix("/".into()),
+                    method: None,
+                    headers: Vec::new(),
+                    query: Vec::new(),
+                }]
+            } else {
+                let mut v = Vec::new();
+                for (j, m) in rule.matches.iter().enumerate() {
+                    if let Some(m) = self.route_match(meta, &format!("{field}.matches[{j}]"), m) {
+                        v.push(m);
+                    }
+                }
+                v
+            };
+            let backends = rule
+                .backend_refs
+                .iter()
+                .enumerate()
+                .filter_map(|(k, b)| self.backend(meta, &format!("{field}.backendRefs[{k}]"), b))
+                .collect();
+            let name = rule
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{}.{}.{i}", meta.namespace, meta.name));
+            plans.push(RulePlan {
+                name: name.into(),
+                matches,
+                backends,
+            });
+        }
+        let parents = self.parents(r);
+        if self.errors.len() > errors_before || parents.is_empty() {
+            return;
+        }
+        let created = meta.creation_timestamp.as_deref();
+        for (i, plan) in plans.into_iter().enumerate() {
+            let mut wb = WeightedBackends::default();
+            for b in plan.backends {
+                let backend = match b.target {
+                    Ok(((ns, name), port)) => match self.services.get_key_value(&(ns, name)) {
+                        Some((key, _)) => {
+                            let key = *key;
+                            match self.cluster(key, port) {
+                                Some(cl) => Backend::Cluster(cl),
+                                None => Backend::Invalid {
+                                    reason: format!("Service {ns}/{name} has no port {port}")
+                                        .into(),
+                                },
+                            }
+                        }
+                        None => Backend::Invalid {
+                            reason: format!("Service {ns}/{name} not found").into(),
+                        },
+                    },
+                    Err(reason) => Backend::Invalid {
+                        reason: reason.into(),
+                    },
+                };
+                if let Backend::Invalid { reason } = &backend {
+                    self.warnings.push(format!("HTTPRoute {rid}: spec.rules[{i}]: invalid backendRef: {reason}; its share of requests gets 500"));
+                }
+                wb.total_weight += u64::from(b.weight);
+                wb.backends.push(BackendRef {
+                    backend,
+                    weight: b.weight,
+                });
+            }
+            let rule = Arc::new(RouteRule {
+                name: plan.name,
+                backends: wb,
+            });
+            for &parent in &parents {
+                let list = tables.entry(parent).or_default();
+                for (j, m) in plan.matches.iter().enumerate() {
+                    let key = Precedence::new(m, created, rid.clone(), i, j);
+                    list.push((key, m.clone(), rule.clone()));
+                }
+            }
+        }
+    }
+
+    /// The bound (Service, port) pairs a route attaches to; everything else is a warning.
+    fn parents(&mut self, r: &'a HttpRoute) -> Vec<(SvcKey<'a>, u16)> {
+        let meta = &r.metadata;
+        let rid = id(meta);
+        let mut out = Vec::new();
+        for (j, p) in r.spec.parent_refs.iter().enumerate() {
+            let field = format!("spec.parentRefs[{j}]");
+            let group = p
+                .group
+                .as_deref()
+                .unwrap_or(crate::resources::GATEWAY_GROUP);
+            let kind = p.kind.as_deref().unwrap_or("Gateway");
+            if !(group.is_empty() && kind == "Service") {
+                self.warnings.push(format!(
+                    "HTTPRoute {rid}: {field}: parent {kind} {} (group {group:?}) is not a mesh Service parent (set group: \"\" and kind: Service); skipped",
+                    p.name
+                ));
+                continue;
+            }
+            let port = match p.port {
+                None => None,
+                Some(n) => match port_number(n) {
+                    Some(n) => Some(n),
+                    None => {
+                        self.errors.push(error(
+                            "HTTPRoute",
+                            meta,
+                            format!("{field}.port"),
+                            format!("{n} is not a valid port (1-65535)"),
+                        ));
+                        continue;
+                    }
+                },
+            };
+            let ns = p.namespace.as_deref().unwrap_or(&meta.namespace);
+            if ns != meta.namespace {
+                self.warnings.push(format!(
+                    "HTTPRoute {rid}: {field}: consumer route for Service {ns}/{} is not supported in Istio ambient; skipped",
+                    p.name
+                ));
+                continue;
+            }
+            let Some((key, svc)) = self.services.get_key_value(&(ns, p.name.as_str())) else {
+                self.warnings.push(format!(
+                    "HTTPRoute {rid}: {field}: parent Service {ns}/{} not found; skipped",
+                    p.name
+                ));
+                continue;
+            };
+            if let Err(reason) = &svc.binding {
+                self.warnings.push(format!(
+                    "HTTPRoute {rid}: {field}: {USE_WAYPOINT} label missing from parent and parent namespace; in ambient mode, route will not be respected ({reason})"
+                ));
+                continue;
+            }
+            let explicit = port.is_some() || p.section_name.is_some();
+            let mut matched = false;
+            for sp in &svc.ports {
+                let port_ok = port.is_none_or(|n| n == sp.port);
+                let section_ok = p.section_name.as_deref().is_none_or(|s| s == sp.name);
+                if !(port_ok && section_ok) {
+                    continue;
+                }
+                matched = true;
+                // An HTTPRoute cannot apply to an opaque TCP port; say so only when the
+                // parentRef named that port explicitly.
+                if sp.protocol == AppProtocol::Tcp {
+                    if explicit {
+                        self.warnings.push(format!(
+                            "HTTPRoute {rid}: {field}: Service {ns}/{} port {} is TCP; HTTPRoute ignored there",
+                            p.name, sp.port
+                        ));
+                    }
+                } else if !out.contains(&(*key, sp.port)) {
+                    out.push((*key, sp.port));
+                }
+            }
+            if !matched {
+                self.warnings.push(format!(
+                    "HTTPRoute {rid}: {field}: no port of Service {ns}/{} matches; skipped",
+                    p.name
+                ));
+            }
+        }
+        out
+    }
+
+    fn route_match(
+        &mut self,
+        meta: &ObjectMeta,
+        field: &str,
+        m: &HttpRouteMatch,
+    ) -> Option<RouteMatch> {
+        let before = self.errors.len();
+        let err = |errors: &mut Vec<ConfigError>, f: String, msg: String| {
+            errors.push(error("HTTPRoute", meta, f, msg))
+        };
+        let (kind, value) = m.path.as_ref().map_or(("PathPrefix", "/"), |p| {
+            (
+                p.type_.as_deref().unwrap_or("PathPrefix"),
+                p.value.as_deref().unwrap_or("/"),
+            )
+        });
+        let path = match kind {
+            "Exact" | "PathPrefix" if !value.starts_with('/') => {
+                err(
+                    &mut self.errors,
+                    format!("{field}.path.value"),
+                    format!("{value:?} must start with '/'"),
+                );
+                None
+            }
+            "Exact" => Some(PathMatch::Exact(value.into())),
+            "PathPrefix" => {
+                let trimmed = value.trim_end_matches('/');
+                Some(PathMatch::Prefix(if trimmed.is_empty() {
+                    "/".into()
+                } else {
+                    trimmed.into()
+                }))
+            }
+            "RegularExpression" => match full_regex(value) {
+                Ok(r) => Some(PathMatch::Regex(r)),
+                Err(e) => {
+                    err(&mut self.errors, format!("{field}.path.value"), e);
+                    None
+                }
+            },
+            other => {
+                err(
+                    &mut self.errors,
+                    format!("{field}.path.type"),
+                    format!(
+                        "unknown path match type {other:?} (expected Exact, PathPrefix or RegularExpression)"
+                    ),
+                );
+                None
+            }
+        };
+        let method = match m.method.as_deref() {
+            None => None,
+            Some(s) if is_upper_token(s) => Method::from_bytes(s.as_bytes()).ok(),
+            Some(s) => {
+                err(
+                    &mut self.errors,
+                    format!("{field}.method"),
+                    format!("{s:?} is not an upper-case HTTP method"),
+                );
+                None
+            }
+        };
+        let mut headers: Vec<HeaderMatch> = Vec::new();
+        for (k, h) in m.headers.iter().enumerate() {
+            let f = format!("{field}.headers[{k}]");
+            let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+                err(
+                    &mut self.errors,
+                    format!("{f}.name"),
+                    format!("{:?} is not a valid header name", h.name),
+                );
+                continue;
+            };
+            let value = value_match(h, &f, &mut self.errors, meta);
+            // Gateway API: if a header name repeats, only the first entry counts.
+            if let Some(value) = value
+                && !headers.iter().any(|x| x.name == name)
+            {
+                headers.push(HeaderMatch { name, value });
+            }
+        }
+        let mut query: Vec<QueryMatch> = Vec::new();
+        for (k, q) in m.query_params.iter().enumerate() {
+            let f = format!("{field}.queryParams[{k}]");
+            if q.name.is_empty() {
+                err(
+                    &mut self.errors,
+                    format!("{f}.name"),
+                    "must not be empty".into(),
+                );
+                continue;
+            }
+            if let Some(value) = value_match(q, &f, &mut self.errors, meta)
+                && !query.iter().any(|x| x.name == q.name)
+            {
+                query.push(QueryMatch {
+                    name: q.name.clone(),
+                    value,
+                });
+            }
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(RouteMatch {
+            path: path?,
+            method,
+            headers,
+            query,
+        })
+    }
+
+    fn backend(
+        &mut self,
+        meta: &'a ObjectMeta,
+        field: &str,
+        b: &'a HttpBackendRef,
+    ) -> Option<BackendPlan<'a>> {
+        let weight = b.weight.unwrap_or(1);
+        if !(0..=MAX_WEIGHT).contains(&weight) {
+            self.errors.push(error(
+                "HTTPRoute",
+                meta,
+                format!("{field}.weight"),
+                format!("{weight} is out of range (0-{MAX_WEIGHT})"),
+            ));
+            return None;
+        }
+        let port = match b.port {
+            None => None,
+            Some(n) => match port_number(n) {
+                Some(n) => Some(n),
+                None => {
+                    self.errors.push(error(
+                        "HTTPRoute",
+                        meta,
+                        format!("{field}.port"),
+                        format!("{n} is not a valid port (1-65535)"),
+                    ));
+                    return None;
+                }
+            },
+        };
+        // Zero weights are dropped (Istio conversion.go); they never receive traffic.
+        let weight = u32::try_from(weight).ok().filter(|w| *w > 0)?;
+        let group = b.group.as_deref().unwrap_or("");
+        let kind = b.kind.as_deref().unwrap_or("Service");
+        let ns = b.namespace.as_deref().unwrap_or(&meta.namespace);
+        let target = if !(group.is_empty() && kind == "Service") {
+            Err(format!(
+                "unsupported backendRef kind {kind} (group {group:?})"
+            ))
+        } else if ns != meta.namespace {
+            Err(
+                "cross-namespace backendRef requires a ReferenceGrant (not supported yet)"
+                    .to_string(),
+            )
+        } else if let Some(port) = port {
+            Ok(((ns, b.name.as_str()), port))
+        } else {
+            Err(format!(
+                "backendRef to Service {ns}/{} has no port (port is required for Service backends)",
+                b.name
+            ))
+        };
+        Some(BackendPlan { target, weight })
+    }
+}
+
+/// Header/query value match (`Exact` default, `RegularExpression`).
+fn value_match(
+    v: &HttpValueMatch,
+    field: &str,
+    errors: &mut Vec<ConfigError>,
+    meta: &ObjectMeta,
+) -> Option<MatchKind> {
+    match v.type_.as_deref().unwrap_or("Exact") {
+        "Exact" => Some(MatchKind::Exact(v.value.clone())),
+        "RegularExpression" => match full_regex(&v.value) {
+            Ok(r) => Some(MatchKind::Regex(r)),
+            Err(e) => {
+                errors.push(error("HTTPRoute", meta, format!("{field}.value"), e));
+                None
+            }
+        },
+        other => {
+            errors.push(error(
+                "HTTPRoute",
+                meta,
+                format!("{field}.type"),
+                format!("unknown match type {other:?} (expected Exact or RegularExpression)"),
+            ));
+            None
+        }
+    }
+}
+
+/// An anchored regex: Gateway API / Envoy `safe_regex` match the whole value.
+fn full_regex(v: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(&format!("^(?:{v})$")).map_err(|e| format!("invalid regular expression: {e}"))
+}
+
+/// An RFC 9110 token with no lower-case letters (Gateway API methods are upper case).
+fn is_upper_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_uppercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
+        })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1217 @@
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue, Method};
+use proptest::prelude::*;
+
+use crate::{
+    AppProtocol, Backend, CompileOptions, ConfigError, RouteTable, Snapshot, VipLookup,
+    WaypointFor, compile, parse_manifests,
+};
+
+const NS_LABELLED: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {istio.io/use-waypoint: waypoint}}\n";
+const NS_PLAIN: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: default}\n";
+
+fn gateway(labels: &str, allowed: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: waypoint, namespace: default, labels: {{{labels}}}}}\n\
+         spec:\n  gatewayClassName: istio-waypoint\n  listeners:\n  - {{name: mesh, port: 15008, protocol: HBONE{allowed}}}\n"
+    )
+}
+
+fn service(ns: &str, name: &str, ip: &str, labels: &str, ports: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\nspec: {{clusterIP: {ip}, ports: {ports}}}\n"
+    )
+}
+
+const HTTP_PORT: &str = "[{name: http, port: 9080}]";
+
+fn slice(ns: &str, svc: &str, name: &str, body: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: {ns}, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\n{body}\n"
+    )
+}
+
+fn route(ns: &str, name: &str, meta_extra: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {ns}{meta_extra}}}\nspec: {spec}\n"
+    )
+}
+
+fn docs(parts: &[&str]) -> String {
+    parts.join("---\n")
+}
+
+fn build(yaml: &str) -> Result<Snapshot, Vec<ConfigError>> {
+    let loaded = parse_manifests(yaml, "test.yaml").expect("test YAML parses");
+    compile(&loaded, &CompileOptions::default())
+}
+
+fn ok(yaml: &str) -> Snapshot {
+    build(yaml).unwrap_or_else(|e| panic!("compile failed: {e:#?}"))
+}
+
+fn errs(yaml: &str) -> Vec<ConfigError> {
+    match build(yaml) {
+        Ok(_) => panic!("expected compile errors"),
+        Err(e) => e,
+    }
+}
+
+/// Assert exactly one error with this kind/ns/name/field.
+fn assert_error(errors: &[ConfigError], kind: &str, ns: &str, name: &str, field: &str) {
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.kind == kind && e.namespace == ns && e.name == name && e.field == field),
+        "no error {kind} {ns}/{name} {field} in {errors:#?}"
+    );
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+fn not_bound_reason(snap: &Snapshot, a: &str) -> String {
+    match snap.lookup_vip(addr(a)) {
+        VipLookup::NotBound(r) => r,
+        other => panic!("{a}: expected NotBound, got {other:?}"),
+    }
+}
+
+fn bound(snap: &Snapshot, a: &str) -> Arc<crate::ServicePort> {
+    match snap.lookup_vip(addr(a)) {
+        VipLookup::Bound(sp) => sp,
+        other => panic!("{a}: expected Bound, got {other:?}"),
+    }
+}
+
+/// Base config: labelled namespace, waypoint, Service `reviews` 10.0.0.10:9080.
+fn base(extra: &[&str]) -> String {
+    let gw = gateway("istio.io/waypoint-for: service", "");
+    let svc = service("default", "reviews", "10.0.0.10", "", HTTP_PORT);
+    let mut parts = vec![NS_LABELLED, gw.as_str(), svc.as_str()];
+    parts.extend_from_slice(extra);
+    docs(&parts)
+}
+
+// --- the example -------------------------------------------------------------------------
+
+#[test]
+fn bookinfo_example_compiles_as_documented() {
+    let snap = ok(include_str!("../../tests-data/bookinfo.yaml"));
+    assert_eq!(snap.gateway.waypoint_for, WaypointFor::Service);
+    let reviews = bound(&snap, "10.0.0.10:9080");
+    let table = reviews.routes.as_ref().expect("reviews has a route");
+    assert_eq!(table.len(), 1);
+    let rule = table
+        .select(&Method::GET, "/reviews/1", None, &HeaderMap::new())
+        .expect("rule matches");
+    assert_eq!(&*rule.name, "reviews-split");
+    assert_eq!(rule.backends.total_weight, 100);
+    let names: Vec<_> = rule
+        .backends
+        .backends
+        .iter()
+        .map(|b| match &b.backend {
+            Backend::Cluster(c) => (c.name.to_string(), b.weight, c.endpoints[0].addr),
+            Backend::Invalid { reason } => panic!("invalid backend: {reason}"),
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            (
+                "inbound-vip|9080|http|reviews-v1.default.svc.cluster.local".to_string(),
+                90,
+                addr("127.0.0.11:9080")
+            ),
+            (
+                "inbound-vip|9080|http|reviews-v2.default.svc.cluster.local".to_string(),
+                10,
+                addr("127.0.0.12:9080")
+            ),
+        ]
+    );
+    let ratings = bound(&snap, "10.0.0.11:9080");
+    assert!(ratings.routes.is_none());
+    assert_eq!(
+        &*ratings.cluster.name,
+        "inbound-vip|9080|http|ratings.default.svc.cluster.local"
+    );
+    assert_eq!(ratings.cluster.endpoints[0].addr, addr("127.0.0.13:9080"));
+    assert_eq!(reviews.cluster.endpoints.len(), 2);
+    assert!(matches!(
+        snap.lookup_vip(addr("10.0.0.10:80")),
+        VipLookup::Unknown
+    ));
+    assert_eq!(snap.bound_services().len(), 4);
+}
+
+// --- Gateway ---------------------------------------------------------------------------
+
+#[test]
+fn missing_gateway_is_an_error_listing_the_known_ones() {
+    let other = gateway("", "").replace(
+        "name: waypoint, namespace: default",
+        "name: gw, namespace: other",
+    );
+    let e = errs(&docs(&[NS_LABELLED, &other]));
+    assert_error(&e, "Gateway", "default", "waypoint", "");
+    assert!(
+        e[0].message.contains("--gateway") && e[0].message.contains("other/gw"),
+        "{}",
+        e[0].message
+    );
+}
+
+#[test]
+fn gateway_class_must_be_istio_waypoint() {
+    let gw = gateway("", "").replace("istio-waypoint", "istio");
+    assert_error(
+        &errs(&docs(&[NS_LABELLED, &gw])),
+        "Gateway",
+        "default",
+        "waypoint",
+        "spec.gatewayClassName",
+    );
+}
+
+#[test]
+fn invalid_waypoint_for_label_is_an_error() {
+    let gw = gateway("istio.io/waypoint-for: pods", "");
+    let e = errs(&docs(&[NS_LABELLED, &gw]));
+    assert_error(
+        &e,
+        "Gateway",
+        "default",
+        "waypoint",
+        "metadata.labels[\"istio.io/waypoint-for\"]",
+    );
+}
+
+#[test]
+fn waypoint_for_falls_back_to_gateway_class_label() {
+    let class = "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: istio-waypoint, labels: {istio.io/waypoint-for: workload}}\nspec: {controllerName: istio.io/mesh-controller}\n";
+    let gw = gateway("", "");
+    let svc = service("default", "reviews", "10.0.0.10", "", HTTP_PORT);
+    let snap = ok(&docs(&[NS_LABELLED, &gw, class, &svc]));
+    assert_eq!(snap.gateway.waypoint_for, WaypointFor::Workload);
+    let reason = not_bound_reason(&snap, "10.0.0.10:9080");
+    assert!(
+        reason.contains("waypoint-for=workload")
+            && reason.contains("does not admit service traffic"),
+        "{reason}"
+    );
+    // The Gateway label wins over the class label.
+    let gw = gateway("istio.io/waypoint-for: all", "");
+    let svc = service("default", "reviews", "10.0.0.10", "", HTTP_PORT);
+    let snap = ok(&docs(&[NS_LABELLED, &gw, class, &svc]));
+    assert_eq!(snap.gateway.waypoint_for, WaypointFor::All);
+    bound(&snap, "10.0.0.10:9080");
+}
+
+#[test]
+fn waypoint_for_defaults_to_service() {
+    let gw = gateway("", "");
+    let svc = service("default", "reviews", "10.0.0.10", "", HTTP_PORT);
+    let snap = ok(&docs(&[NS_LABELLED, &gw, &svc]));
+    assert_eq!(snap.gateway.waypoint_for, WaypointFor::Service);
+    bound(&snap, "10.0.0.10:9080");
+}
+
+#[test]
+fn invalid_allowed_routes_from_is_an_error() {
+    let gw = gateway("", ", allowedRoutes: {namespaces: {from: Some}}");
+    let e = errs(&docs(&[NS_LABELLED, &gw]));
+    assert_error(
+        &e,
+        "Gateway",
+        "default",
+        "waypoint",
+        "spec.listeners[0].allowedRoutes.namespaces.from",
+    );
+}
+
+// --- binding ----------------------------------------------------------------------------
+
+fn bind_case(
+    ns_doc: &str,
+    gw_labels: &str,
+    allowed: &str,
+    svc_ns: &str,
+    svc_labels: &str,
+) -> Snapshot {
+    let gw = gateway(gw_labels, allowed);
+    let svc = service(svc_ns, "x", "10.0.1.1", svc_labels, HTTP_PORT);
+    ok(&docs(&[ns_doc, &gw, &svc]))
+}
+
+#[test]
+fn service_label_binds_without_namespace_label() {
+    let snap = bind_case(
+        NS_PLAIN,
+        "",
+        "",
+        "default",
+        "istio.io/use-waypoint: waypoint",
+    );
+    bound(&snap, "10.0.1.1:9080");
+}
+
+#[test]
+fn namespace_label_binds_services_in_it() {
+    let snap = bind_case(NS_LABELLED, "", "", "default", "");
+    bound(&snap, "10.0.1.1:9080");
+}
+
+#[test]
+fn no_label_anywhere_is_not_bound() {
+    let snap = bind_case(NS_PLAIN, "", "", "default", "");
+    assert_eq!(
+        not_bound_reason(&snap, "10.0.1.1:9080"),
+        "Service default/x has no istio.io/use-waypoint label (nor does its namespace)"
+    );
+}
+
+#[test]
+fn service_none_label_opts_out_despite_namespace_label() {
+    let snap = bind_case(
+        NS_LABELLED,
+        "",
+        "",
+        "default",
+        "istio.io/use-waypoint: none",
+    );
+    assert!(not_bound_reason(&snap, "10.0.1.1:9080").contains("opted out"));
+}
+
+#[test]
+fn service_label_naming_other_waypoint_overrides_namespace_label() {
+    let snap = bind_case(
+        NS_LABELLED,
+        "",
+        "",
+        "default",
+        "istio.io/use-waypoint: foo, istio.io/use-waypoint-namespace: other-ns",
+    );
+    let reason = not_bound_reason(&snap, "10.0.1.1:9080");
+    assert!(
+        reason.starts_with("Service default/x is bound to waypoint other-ns/foo"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn waypoint_for_workload_does_not_bind_services() {
+    let snap = bind_case(
+        NS_LABELLED,
+        "istio.io/waypoint-for: workload",
+        "",
+        "default",
+        "",
+    );
+    assert!(not_bound_reason(&snap, "10.0.1.1:9080").contains("does not admit service traffic"));
+}
+
+#[test]
+fn gateway_own_service_never_gets_a_waypoint() {
+    let snap = bind_case(
+        NS_LABELLED,
+        "",
+        "",
+        "default",
+        "gateway.networking.k8s.io/gateway-name: waypoint",
+    );
+    assert!(not_bound_reason(&snap, "10.0.1.1:9080").contains("waypoints never get a waypoint"));
+}
+
+const CROSS_NS_LABELS: &str =
+    "istio.io/use-waypoint: waypoint, istio.io/use-waypoint-namespace: default";
+
+#[test]
+fn cross_namespace_binding_denied_by_default_same() {
+    let snap = bind_case(NS_PLAIN, "", "", "apps", CROSS_NS_LABELS);
+    let reason = not_bound_reason(&snap, "10.0.1.1:9080");
+    assert!(
+        reason.contains("does not admit namespace apps") && reason.contains("from=Same"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn cross_namespace_binding_admitted_by_all() {
+    let snap = bind_case(
+        NS_PLAIN,
+        "",
+        ", allowedRoutes: {namespaces: {from: All}}",
+        "apps",
+        CROSS_NS_LABELS,
+    );
+    bound(&snap, "10.0.1.1:9080");
+}
+
+#[test]
+fn cross_namespace_binding_by_selector_uses_namespace_labels() {
+    let allowed =
+        ", allowedRoutes: {namespaces: {from: Selector, selector: {matchLabels: {mesh: 'yes'}}}}";
+    let apps_yes =
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: apps, labels: {mesh: 'yes'}}\n";
+    let snap = bind_case(apps_yes, "", allowed, "apps", CROSS_NS_LABELS);
+    bound(&snap, "10.0.1.1:9080");
+    let apps_no = "apiVersion: v1\nkind: Namespace\nmetadata: {name: apps, labels: {mesh: 'no'}}\n";
+    let snap = bind_case(apps_no, "", allowed, "apps", CROSS_NS_LABELS);
+    assert!(not_bound_reason(&snap, "10.0.1.1:9080").contains("from=Selector"));
+    // The API server's automatic namespace name label is honoured.
+    let by_name = ", allowedRoutes: {namespaces: {from: Selector, selector: {matchLabels: {kubernetes.io/metadata.name: apps}}}}";
+    bound(
+        &bind_case(NS_PLAIN, "", by_name, "apps", CROSS_NS_LABELS),
+        "10.0.1.1:9080",
+    );
+}
+
+#[test]
+fn use_waypoint_namespace_comes_from_the_object_that_named_the_waypoint() {
+    // Namespace apps names default/waypoint; the Service has no labels of its own.
+    let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: apps, labels: {istio.io/use-waypoint: waypoint, istio.io/use-waypoint-namespace: default}}\n";
+    let snap = bind_case(
+        ns,
+        "",
+        ", allowedRoutes: {namespaces: {from: All}}",
+        "apps",
+        "",
+    );
+    bound(&snap, "10.0.1.1:9080");
+    // A Service label naming the waypoint ignores the namespace's use-waypoint-namespace.
+    let snap = bind_case(
+        ns,
+        "",
+        ", allowedRoutes: {namespaces: {from: All}}",
+        "apps",
+        "istio.io/use-waypoint: waypoint",
+    );
+    assert!(not_bound_reason(&snap, "10.0.1.1:9080").contains("bound to waypoint apps/waypoint"));
+}
+
+#[test]
+fn every_cluster_ip_is_indexed_including_ipv6() {
+    let gw = gateway("", "");
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: dual}\nspec: {clusterIP: 10.0.2.1, clusterIPs: [10.0.2.1, 'fd00::1'], ports: [{name: http, port: 80}]}\n";
+    let snap = ok(&docs(&[NS_LABELLED, &gw, svc]));
+    let v4 = bound(&snap, "10.0.2.1:80");
+    let v6 = bound(&snap, "[fd00::1]:80");
+    assert!(Arc::ptr_eq(&v4.cluster, &v6.cluster));
+    assert_eq!(v6.vip, addr("[fd00::1]:80"));
+}
+
+#[test]
+fn headless_service_has_no_vip() {
+    let svc = service("default", "h", "None", "", HTTP_PORT);
+    let snap = ok(&base(&[&svc]));
+    assert_eq!(snap.bound_services().len(), 1);
+}
+
+// --- protocols and clusters -------------------------------------------------------------
+
+#[test]
+fn port_protocol_follows_app_protocol_then_name_prefix() {
+    use crate::resources::ServicePortSpec;
+    let p = |name: &str, app: Option<&str>| {
+        super::port_protocol(&ServicePortSpec {
+            name: Some(name.into()),
+            app_protocol: app.map(Into::into),
+            ..Default::default()
+        })
+    };
+    let cases = [
+        (p("tcp", Some("http")), AppProtocol::Http),
+        (p("x", Some("kubernetes.io/h2c")), AppProtocol::Http2),
+        (p("x", Some("HTTPS")), AppProtocol::Tcp),
+        (p("http-web", Some("bogus")), AppProtocol::Http),
+        (p("http", None), AppProtocol::Http),
+        (p("http2-x", None), AppProtocol::Http2),
+        (p("grpc", None), AppProtocol::Grpc),
+        (p("grpc-web", None), AppProtocol::Http),
+        (p("redis-main", None), AppProtocol::Tcp),
+        (p("https", None), AppProtocol::Tcp),
+        (p("httpx", None), AppProtocol::Unknown),
+        (p("", None), AppProtocol::Unknown),
+    ];
+    for (i, (got, want)) in cases.into_iter().enumerate() {
+        assert_eq!(got, want, "case {i}");
+    }
+}
+
+#[test]
+fn cluster_names_follow_istiod() {
+    let ports = "[{name: http, port: 80}, {name: tcp-db, port: 5432}, {port: 7000}]";
+    let svc = service("default", "multi", "10.0.3.1", "", ports);
+    let snap = ok(&base(&[&svc]));
+    let name = |a: &str| bound(&snap, a).cluster.name.to_string();
+    assert_eq!(
+        name("10.0.3.1:80"),
+        "inbound-vip|80|http|multi.default.svc.cluster.local"
+    );
+    assert_eq!(
+        name("10.0.3.1:5432"),
+        "inbound-vip|5432|tcp|multi.default.svc.cluster.local"
+    );
+    assert_eq!(
+        name("10.0.3.1:7000"),
+        "inbound-vip|7000|http|multi.default.svc.cluster.local"
+    );
+    assert_eq!(bound(&snap, "10.0.3.1:7000").protocol, AppProtocol::Unknown);
+}
+
+#[test]
+fn backend_to_service_not_bound_here_uses_outbound_cluster() {
+    let other = service(
+        "default",
+        "ext",
+        "10.0.3.2",
+        "istio.io/use-waypoint: none",
+        HTTP_PORT,
+    );
+    let r = route(
+        "default",
+        "r",
+        "",
+        "{parentRefs: [{group: '', kind: Service, name: reviews}], rules: [{backendRefs: [{name: ext, port: 9080}]}]}",
+    );
+    let snap = ok(&base(&[&other, &r]));
+    assert!(
+        snap.cluster("outbound|9080||ext.default.svc.cluster.local")
+            .is_some()
+    );
+    let options = CompileOptions {
+        cluster_domain: "corp.example".into(),
+        ..Default::default()
+    };
+    let loaded = parse_manifests(&base(&[&other, &r]), "t").expect("parses");
+    let snap = compile(&loaded, &options).expect("compiles");
+    assert!(
+        snap.cluster("outbound|9080||ext.default.svc.corp.example")
+            .is_some()
+    );
+    assert!(
+        snap.cluster("inbound-vip|9080|http|reviews.default.svc.corp.example")
+            .is_some()
+    );
+}
+
+// --- endpoints --------------------------------------------------------------------------
+
+fn endpoints(snap: &Snapshot, a: &str) -> Vec<SocketAddr> {
+    bound(snap, a)
+        .cluster
+        .endpoints
+        .iter()
+        .map(|e| e.addr)
+        .collect()
+}
+
+#[test]
+fn endpoint_target_port_comes_from_the_slice_port_with_the_service_port_name() {
+    let s = slice(
+        "default",
+        "reviews",
+        "s1",
+        "endpoints: [{addresses: [10.1.0.2]}]\nports: [{name: other, port: 1}, {name: http, port: 8080}]",
+    );
+    assert_eq!(
+        endpoints(&ok(&base(&[&s])), "10.0.0.10:9080"),
+        [addr("10.1.0.2:8080")]
+    );
+}
+
+#[test]
+fn unnamed_service_port_matches_unnamed_slice_port() {
+    let svc = service("default", "u", "10.0.4.1", "", "[{port: 80}]");
+    let s = slice(
+        "default",
+        "u",
+        "s1",
+        "endpoints: [{addresses: [10.1.0.3]}]\nports: [{name: '', port: 8081}]",
+    );
+    assert_eq!(
+        endpoints(&ok(&base(&[&svc, &s])), "10.0.4.1:80"),
+        [addr("10.1.0.3:8081")]
+    );
+}
+
+#[test]
+fn without_matching_slice_port_use_numeric_target_port_else_service_port() {
+    let svc = service(
+        "default",
+        "t",
+        "10.0.4.2",
+        "",
+        "[{name: http, port: 80, targetPort: 8082}, {name: web, port: 81, targetPort: web}]",
+    );
+    let s = slice(
+        "default",
+        "t",
+        "s1",
+        "endpoints: [{addresses: [10.1.0.4]}]\nports: [{name: grpc, port: 1}]",
+    );
+    let snap = ok(&base(&[&svc, &s]));
+    assert_eq!(endpoints(&snap, "10.0.4.2:80"), [addr("10.1.0.4:8082")]);
+    assert_eq!(endpoints(&snap, "10.0.4.2:81"), [addr("10.1.0.4:81")]);
+}
+
+#[test]
+fn only_ready_endpoints_deduplicated_and_sorted() {
+    let s1 = slice(
+        "default",
+        "reviews",
+        "s1",
+        "endpoints: [{addresses: [10.1.0.9], conditions: {ready: true}}, {addresses: [10.1.0.5], conditions: {ready: false}}, {addresses: [10.1.0.7]}]\nports: [{name: http, port: 9080}]",
+    );
+    let s2 = slice(
+        "default",
+        "reviews",
+        "s2",
+        "endpoints: [{addresses: [10.1.0.9, 10.1.0.1]}]\nports: [{name: http, port: 9080}]",
+    );
+    let elsewhere = slice(
+        "other",
+        "reviews",
+        "s3",
+        "endpoints: [{addresses: [10.9.9.9]}]\nports: [{name: http, port: 9080}]",
+    );
+    let snap = ok(&base(&[&s1, &s2, &elsewhere]));
+    assert_eq!(
+        endpoints(&snap, "10.0.0.10:9080"),
+        [
+            addr("10.1.0.1:9080"),
+            addr("10.1.0.7:9080"),
+            addr("10.1.0.9:9080")
+        ]
+    );
+}
+
+// --- validation errors ------------------------------------------------------------------
+
+#[test]
+fn invalid_service_fields_are_errors_on_the_field() {
+    let a = service("default", "a", "10.0.0.300", "", HTTP_PORT);
+    let b = "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIPs: [10.0.5.1, nope], ports: [{port: 0}, {port: 70000}, {port: 1, targetPort: 99999}]}\n";
+    let e = errs(&base(&[&a, b]));
+    assert_error(&e, "Service", "default", "a", "spec.clusterIP");
+    assert_error(&e, "Service", "default", "b", "spec.clusterIPs[1]");
+    assert_error(&e, "Service", "default", "b", "spec.ports[0].port");
+    assert_error(&e, "Service", "default", "b", "spec.ports[1].port");
+    assert_error(&e, "Service", "default", "b", "spec.ports[2].targetPort");
+    assert_eq!(e.len(), 5, "{e:#?}");
+}
+
+#[test]
+fn duplicate_vip_port_is_an_error_on_the_later_service() {
+    let dup = service("default", "zzz-dup", "10.0.0.10", "", HTTP_PORT);
+    let e = errs(&base(&[&dup]));
+    assert_eq!(e.len(), 1);
+    assert_error(&e, "Service", "default", "zzz-dup", "spec.ports[0].port");
+    assert!(e[0].message.contains("default/reviews"), "{}", e[0].message);
+}
+
+#[test]
+fn duplicate_resource_is_an_error() {
+    let svc = service("default", "reviews", "10.0.0.99", "", HTTP_PORT);
+    assert_error(
+        &errs(&base(&[&svc])),
+        "Service",
+        "default",
+        "reviews",
+        "metadata.name",
+    );
+}
+
+#[test]
+fn endpoint_address_that_is_not_an_ip_is_an_error() {
+    let s = slice(
+        "default",
+        "reviews",
+        "bad",
+        "endpoints: [{addresses: [10.1.0.1]}, {addresses: [10.1.0.2, pod.local]}]\nports: [{name: http, port: 0}]",
+    );
+    let e = errs(&base(&[&s]));
+    assert_error(
+        &e,
+        "EndpointSlice",
+        "default",
+        "bad",
+        "endpoints[1].addresses[1]",
+    );
+    assert_error(&e, "EndpointSlice", "default", "bad", "ports[0].port");
+}
+
+fn route_errors(rule: &str) -> Vec<ConfigError> {
+    let r = route(
+        "default",
+        "r",
+        "",
+        &format!("{{parentRefs: [{{group: '', kind: Service, name: reviews}}], rules: [{rule}]}}"),
+    );
+    errs(&base(&[&r]))
+}
+
+#[test]
+fn route_validation_errors_name_the_field() {
+    let cases = [
+        (
+            "{matches: [{}, {path: {type: Exact, value: foo}}]}",
+            "spec.rules[0].matches[1].path.value",
+        ),
+        (
+            "{matches: [{path: {value: foo}}]}",
+            "spec.rules[0].matches[0].path.value",
+        ),
+        (
+            "{matches: [{path: {type: RegularExpression, value: '(unclosed'}}]}",
+            "spec.rules[0].matches[0].path.value",
+        ),
+        (
+            "{matches: [{path: {type: Glob, value: /x}}]}",
+            "spec.rules[0].matches[0].path.type",
+        ),
+        (
+            "{matches: [{headers: [{name: 'bad name', value: x}]}]}",
+            "spec.rules[0].matches[0].headers[0].name",
+        ),
+        (
+            "{matches: [{headers: [{name: x, type: RegularExpression, value: '['}]}]}",
+            "spec.rules[0].matches[0].headers[0].value",
+        ),
+        (
+            "{matches: [{headers: [{name: x, type: Prefix, value: a}]}]}",
+            "spec.rules[0].matches[0].headers[0].type",
+        ),
+        (
+            "{matches: [{queryParams: [{name: '', value: a}]}]}",
+            "spec.rules[0].matches[0].queryParams[0].name",
+        ),
+        (
+            "{matches: [{queryParams: [{name: q, type: RegularExpression, value: '('}]}]}",
+            "spec.rules[0].matches[0].queryParams[0].value",
+        ),
+        (
+            "{matches: [{method: get}]}",
+            "spec.rules[0].matches[0].method",
+        ),
+        (
+            "{backendRefs: [{name: reviews, port: 9080, weight: 1000001}]}",
+            "spec.rules[0].backendRefs[0].weight",
+        ),
+        (
+            "{backendRefs: [{name: reviews, port: 9080}, {name: reviews, port: 9080, weight: -1}]}",
+            "spec.rules[0].backendRefs[1].weight",
+        ),
+        (
+            "{backendRefs: [{name: reviews, port: 65536}]}",
+            "spec.rules[0].backendRefs[0].port",
+        ),
+    ];
+    for (rule, field) in cases {
+        let e = route_errors(rule);
+        assert_eq!(e.len(), 1, "{rule}: {e:#?}");
+        assert_error(&e, "HTTPRoute", "default", "r", field);
+    }
+}
+
+#[test]
+fn parent_ref_port_out_of_range_is_an_error() {
+    let r = route(
+        "default",
+        "r",
+        "",
+        "{parentRefs: [{group: '', kind: Service, name: reviews, port: 0}]}",
+    );
+    assert_error(
+        &errs(&base(&[&r])),
+        "HTTPRoute",
+        "default",
+        "r",
+        "spec.parentRefs[0].port",
+    );
+}
+
+#[test]
+fn errors_from_all_resources_are_collected() {
+    let a = service("default", "a", "bad-ip", "", HTTP_PORT);
+    let r = route(
+        "other",
+        "r",
+        "",
+        "{rules: [{matches: [{path: {type: Exact, value: x}}]}]}",
+    );
+    let e = errs(&base(&[&a, &r]));
+    assert_eq!(e.len(), 2, "{e:#?}");
+    assert_error(
+        &e,
+        "HTTPRoute",
+        "other",
+        "r",
+        "spec.rules[0].matches[0].path.value",
+    );
+}
+
+// --- route attachment -------------------------------------------------------------------
+
+fn has_warning(snap: &Snapshot, needle: &str) -> bool {
+    snap.warnings.iter().any(|w| w.contains(needle))
+}
+
+const ALL_RULE: &str = "rules: [{name: hit}]";
+
+#[test]
+fn consumer_route_is_skipped_with_a_warning() {
+    let r = route(
+        "apps",
+        "r",
+        "",
+        &format!(
+            "{{parentRefs: [{{group: '', kind: Service, name: reviews, namespace: default}}], {ALL_RULE}}}"
+        ),
+    );
+    let snap = ok(&base(&[&r]));
+    assert!(bound(&snap, "10.0.0.10:9080").routes.is_none());
+    assert!(has_warning(&snap, "consumer route"), "{:?}", snap.warnings);
+}
+
+#[test]
+fn parent_ref_defaults_to_gateway_and_is_skipped() {
+    let r = route(
+        "default",
+        "r",
+        "",
+        &format!(
+            "{{parentRefs: [{{kind: Service, name: reviews}}, {{name: waypoint}}], {ALL_RULE}}}"
+        ),
+    );
+    let snap = ok(&base(&[&r]));
+    assert!(bound(&snap, "10.0.0.10:9080").routes.is_none());
+    assert_eq!(
+        snap.warnings
+            .iter()
+            .filter(|w| w.contains("not a mesh Service parent"))
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn parent_not_bound_or_missing_is_a_warning() {
+    let other = service(
+        "default",
+        "plain",
+        "10.0.6.1",
+        "istio.io/use-waypoint: none",
+        HTTP_PORT,
+    );
+    let r = route(
+        "default",
+        "r",
+        "",
+        &format!(
+            "{{parentRefs: [{{group: '', kind: Service, name: plain}}, {{group: '', kind: Service, name: ghost}}], {ALL_RULE}}}"
+        ),
+    );
+    let snap = ok(&base(&[&other, &r]));
+    assert!(has_warning(
+        &snap,
+        "label missing from parent and parent namespace; in ambient mode, route will not be respected"
+    ));
+    assert!(has_warning(&snap, "parent Service default/ghost not found"));
+}
+
+#[test]
+fn parent_port_and_section_name_select_service_ports() {
+    let svc = service(
+        "default",
+        "p",
+        "10.0.6.2",
+        "",
+        "[{name: http, port: 80}, {name: admin, port: 81}]",
+    );
+    let attach = |parent: &str| {
+        let r = route(
+            "default",
+            "r",
+            "",
+            &format!("{{parentRefs: [{{group: '', kind: Service, name: p{parent}}}], {ALL_RULE}}}"),
+        );
+        let snap = ok(&base(&[&svc, &r]));
+        (
+            bound(&snap, "10.0.6.2:80").routes.is_some(),
+            bound(&snap, "10.0.6.2:81").routes.is_some(),
+        )
+    };
+    assert_eq!(attach(""), (true, true));
+    assert_eq!(attach(", port: 81"), (false, true));
+    assert_eq!(attach(", sectionName: http"), (true, false));
+    assert_eq!(attach(", port: 81, sectionName: admin"), (false, true));
+    assert_eq!(attach(", port: 81, sectionName: http"), (false, false));
+}
+
+// --- backends ---------------------------------------------------------------------------
+
+fn rule_of(extra: &[&str], rule: &str) -> (Snapshot, Arc<crate::RouteRule>) {
+    let r = route(
+        "default",
+        "r",
+        "",
+        &format!("{{parentRefs: [{{group: '', kind: Service, name: reviews}}], rules: [{rule}]}}"),
+    );
+    let mut parts: Vec<&str> = extra.to_vec();
+    parts.push(&r);
+    let snap = ok(&base(&parts));
+    let table = bound(&snap, "10.0.0.10:9080")
+        .routes
+        .clone()
+        .expect("route attached");
+    let rule = table
+        .select(&Method::GET, "/", None, &HeaderMap::new())
+        .expect("matches")
+        .clone();
+    (snap, rule)
+}
+
+fn invalid_reasons(rule: &crate::RouteRule) -> Vec<String> {
+    rule.backends
+        .backends
+        .iter()
+        .filter_map(|b| match &b.backend {
+            Backend::Invalid { reason } => Some(reason.to_string()),
+            Backend::Cluster(_) => None,
+        })
+        .collect()
+}
+
+#[test]
+fn invalid_backends_are_kept_with_a_reason() {
+    let (snap, rule) = rule_of(
+        &[],
+        "{backendRefs: [{name: reviews, namespace: other, port: 9080}, {name: ghost, port: 80}, {name: reviews}, {name: reviews, port: 1234}, {name: x, kind: ServiceImport, group: multicluster.x-k8s.io, port: 80}]}",
+    );
+    assert_eq!(
+        invalid_reasons(&rule),
+        [
+            "cross-namespace backendRef requires a ReferenceGrant (not supported yet)",
+            "Service default/ghost not found",
+            "backendRef to Service default/reviews has no port (port is required for Service backends)",
+            "Service default/reviews has no port 1234",
+            "unsupported backendRef kind ServiceImport (group \"multicluster.x-k8s.io\")",
+        ]
+    );
+    assert!(has_warning(&snap, "ReferenceGrant"));
+}
+
+#[test]
+fn zero_weights_are_dropped_and_all_zero_is_empty() {
+    let (_, rule) = rule_of(
+        &[],
+        "{backendRefs: [{name: reviews, port: 9080, weight: 0}, {name: reviews, port: 9080, weight: 3}]}",
+    );
+    assert_eq!(rule.backends.backends.len(), 1);
+    assert_eq!(rule.backends.total_weight, 3);
+    let (_, rule) = rule_of(
+        &[],
+        "{backendRefs: [{name: reviews, port: 9080, weight: 0}]}",
+    );
+    assert!(rule.backends.backends.is_empty());
+    assert!(rule.backends.pick(7).is_none());
+}
+
+#[test]
+fn rule_name_defaults_to_namespace_route_index() {
+    let (_, rule) = rule_of(&[], "{matches: [{path: {value: /nope}}]}, {}");
+    assert_eq!(&*rule.name, "default.r.1");
+}
+
+#[test]
+fn filters_and_timeouts_are_warnings_not_errors() {
+    let (snap, _) = rule_of(
+        &[],
+        "{filters: [{type: RequestHeaderModifier}], timeouts: {request: 10s}}",
+    );
+    assert!(has_warning(&snap, "filters are not implemented yet"));
+    assert!(has_warning(&snap, "not enforced yet"));
+}
+
+// --- precedence -------------------------------------------------------------------------
+
+/// Compile routes attached to `reviews` and return the table.
+fn table(routes: &[String]) -> Arc<RouteTable> {
+    let parts: Vec<&str> = routes.iter().map(String::as_str).collect();
+    let snap = ok(&base(&parts));
+    bound(&snap, "10.0.0.10:9080")
+        .routes
+        .clone()
+        .expect("routes attached")
+}
+
+fn attached(name: &str, meta_extra: &str, rules: &str) -> String {
+    route(
+        "default",
+        name,
+        meta_extra,
+        &format!("{{parentRefs: [{{group: '', kind: Service, name: reviews}}], rules: {rules}}}"),
+    )
+}
+
+fn winner(
+    t: &RouteTable,
+    method: Method,
+    path: &str,
+    query: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Option<String> {
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        map.append(
+            http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            HeaderValue::from_str(v).expect("value"),
+        );
+    }
+    t.select(&method, path, query, &map)
+        .map(|r| r.name.to_string())
+}
+
+#[test]
+fn precedence_rules_of_gateway_api() {
+    struct Case {
+        what: &'static str,
+        rules: &'static str,
+        method: Method,
+        path: &'static str,
+        query: Option<&'static str>,
+        headers: &'static [(&'static str, &'static str)],
+        want: &'static str,
+    }
+    let cases = [
+        Case {
+            what: "exact beats prefix",
+            rules: "[{name: prefix, matches: [{path: {value: /a/b}}]}, {name: exact, matches: [{path: {type: Exact, value: /a/b}}]}]",
+            method: Method::GET,
+            path: "/a/b",
+            query: None,
+            headers: &[],
+            want: "exact",
+        },
+        Case {
+            what: "longer prefix beats shorter",
+            rules: "[{name: short, matches: [{path: {value: /a}}]}, {name: long, matches: [{path: {value: /a/b}}]}]",
+            method: Method::GET,
+            path: "/a/b/c",
+            query: None,
+            headers: &[],
+            want: "long",
+        },
+        Case {
+            what: "prefix beats regex",
+            rules: "[{name: regex, matches: [{path: {type: RegularExpression, value: '/a/.*'}}]}, {name: prefix, matches: [{path: {value: /}}]}]",
+            method: Method::GET,
+            path: "/a/b",
+            query: None,
+            headers: &[],
+            want: "prefix",
+        },
+        Case {
+            what: "method beats headers at equal path",
+            rules: "[{name: headers, matches: [{headers: [{name: x, value: '1'}, {name: w, value: '2'}]}]}, {name: method, matches: [{method: GET}]}]",
+            method: Method::GET,
+            path: "/",
+            query: None,
+            headers: &[("x", "1"), ("w", "2")],
+            want: "method",
+        },
+        Case {
+            what: "more headers beat fewer",
+            rules: "[{name: one, matches: [{headers: [{name: x, value: '1'}]}]}, {name: two, matches: [{headers: [{name: x, value: '1'}, {name: w, value: '2'}]}]}]",
+            method: Method::GET,
+            path: "/",
+            query: None,
+            headers: &[("x", "1"), ("w", "2")],
+            want: "two",
+        },
+        Case {
+            what: "headers beat query params",
+            rules: "[{name: query, matches: [{queryParams: [{name: q, value: '1'}, {name: r, value: '2'}]}]}, {name: header, matches: [{headers: [{name: x, value: '1'}]}]}]",
+            method: Method::GET,
+            path: "/",
+            query: Some("q=1&r=2"),
+            headers: &[("x", "1")],
+            want: "header",
+        },
+        Case {
+            what: "more query params beat fewer",
+            rules: "[{name: one, matches: [{queryParams: [{name: q, value: '1'}]}]}, {name: two, matches: [{queryParams: [{name: q, value: '1'}, {name: r, value: '2'}]}]}]",
+            method: Method::GET,
+            path: "/",
+            query: Some("q=1&r=2"),
+            headers: &[],
+            want: "two",
+        },
+        Case {
+            what: "path beats everything else",
+            rules: "[{name: rich, matches: [{method: GET, headers: [{name: x, value: '1'}], queryParams: [{name: q, value: '1'}]}]}, {name: path, matches: [{path: {value: /a}}]}]",
+            method: Method::GET,
+            path: "/a",
+            query: Some("q=1"),
+            headers: &[("x", "1")],
+            want: "path",
+        },
+        Case {
+            what: "within a route, first rule wins a tie",
+            rules: "[{name: first, matches: [{path: {value: /a}}]}, {name: second, matches: [{path: {value: /a/}}]}]",
+            method: Method::GET,
+            path: "/a",
+            query: None,
+            headers: &[],
+            want: "first",
+        },
+    ];
+    for c in cases {
+        let t = table(&[attached("r", "", c.rules)]);
+        assert_eq!(
+            winner(&t, c.method, c.path, c.query, c.headers).as_deref(),
+            Some(c.want),
+            "{}",
+            c.what
+        );
+    }
+}
+
+#[test]
+fn cross_route_tie_goes_to_oldest_creation_timestamp() {
+    let rule = |n: &str| format!("[{{name: {n}}}]");
+    let t = table(&[
+        attached(
+            "a",
+            ", creationTimestamp: '2024-02-01T00:00:00Z'",
+            &rule("newer"),
+        ),
+        attached(
+            "b",
+            ", creationTimestamp: '2024-01-01T00:00:00Z'",
+            &rule("older"),
+        ),
+        attached("c", "", &rule("no-timestamp")),
+    ]);
+    assert_eq!(
+        winner(&t, Method::GET, "/", None, &[]).as_deref(),
+        Some("older")
+    );
+    assert_eq!(t.len(), 3);
+}
+
+#[test]
+fn cross_route_tie_without_timestamps_goes_to_namespace_name_order() {
+    let rule = |n: &str| format!("[{{name: {n}}}]");
+    let t = table(&[
+        attached("zeta", "", &rule("zeta")),
+        attached("alpha", "", &rule("alpha")),
+    ]);
+    assert_eq!(
+        winner(&t, Method::GET, "/", None, &[]).as_deref(),
+        Some("alpha")
+    );
+    // An absent timestamp counts as newest.
+    let t = table(&[
+        attached("alpha", "", &rule("alpha")),
+        attached(
+            "zeta",
+            ", creationTimestamp: '2020-01-01T00:00:00Z'",
+            &rule("zeta"),
+        ),
+    ]);
+    assert_eq!(
+        winner(&t, Method::GET, "/", None, &[]).as_deref(),
+        Some("zeta")
+    );
+}
+
+#[test]
+fn no_matching_rule_selects_nothing() {
+    let t = table(&[attached(
+        "r",
+        "",
+        "[{name: a, matches: [{path: {type: Exact, value: /a}}]}]",
+    )]);
+    assert_eq!(winner(&t, Method::GET, "/b", None, &[]), None);
+}
+
+#[test]
+fn multiple_matches_of_one_rule_are_ored() {
+    let t = table(&[attached(
+        "r",
+        "",
+        "[{name: a, matches: [{path: {type: Exact, value: /a}}, {method: POST}]}]",
+    )]);
+    assert_eq!(
+        winner(&t, Method::POST, "/z", None, &[]).as_deref(),
+        Some("a")
+    );
+    assert_eq!(
+        winner(&t, Method::GET, "/a", None, &[]).as_deref(),
+        Some("a")
+    );
+    assert_eq!(winner(&t, Method::GET, "/z", None, &[]), None);
+}
+
+#[test]
+fn repeated_header_name_in_a_match_keeps_only_the_first() {
+    let t = table(&[attached(
+        "r",
+        "",
+        "[{name: a, matches: [{headers: [{name: X, value: '1'}, {name: x, value: '2'}]}]}]",
+    )]);
+    assert_eq!(
+        winner(&t, Method::GET, "/", None, &[("x", "1")]).as_deref(),
+        Some("a")
+    );
+}
+
+// --- property: a rule that cannot match never changes the winner ------------------------
+
+fn arb_rule() -> impl Strategy<Value = String> {
+    let path = prop_oneof![
+        Just(String::new()),
+        "(/[ab]{1,2}){1,2}/?".prop_map(|p| format!("path: {{type: PathPrefix, value: '{p}'}}, ")),
+        "(/[ab]{1,2}){1,2}".prop_map(|p| format!("path: {{type: Exact, value: '{p}'}}, ")),
+    ];
+    let method = prop_oneof![Just(""), Just("method: GET, "), Just("method: POST, ")];
+    let header = prop_oneof![Just(""), Just("headers: [{name: x, value: '1'}], ")];
+    let query = prop_oneof![Just(""), Just("queryParams: [{name: q, value: '1'}], ")];
+    (path, method, header, query).prop_map(|(p, m, h, q)| format!("{{{p}{m}{h}{q}}}"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn adding_an_unmatchable_rule_never_changes_the_winner(
+        rules in proptest::collection::vec(arb_rule(), 1..5),
+        insert_at in 0usize..5,
+        path in "(/[ab]{1,2}){1,3}/?",
+        post in any::<bool>(),
+        header in any::<bool>(),
+        query in any::<bool>(),
+    ) {
+        let named: Vec<String> = rules.iter().enumerate().map(|(i, m)| format!("{{name: r{i}, matches: [{m}]}}")).collect();
+        let before = table(&[attached("r", "", &format!("[{}]", named.join(", ")))]);
+        // Highest possible precedence, but requires a header no request carries.
+        let never = "{name: never, matches: [{path: {type: Exact, value: '/a'}, method: GET, headers: [{name: x-never, value: v}, {name: x, value: '1'}]}]}";
+        let mut with = named.clone();
+        with.insert(insert_at.min(with.len()), never.to_string());
+        let after = table(&[attached("r", "", &format!("[{}]", with.join(", ")))]);
+        let method = if post { Method::POST } else { Method::GET };
+        let headers: &[(&str, &str)] = if header { &[("x", "1")] } else { &[] };
+        let q = query.then_some("q=1");
+        prop_assert_eq!(
+            winner(&before, method.clone(), &path, q, headers),
+            winner(&after, method, &path, q, headers)
+        );
+    }
+}

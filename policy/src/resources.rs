@@ -1,0 +1,565 @@
+//! Serde types mirroring the Kubernetes YAML users already write (unknown fields ignored).
+//!
+//! Only the fields the waypoint needs are modelled; everything else (`status`, `selector`
+//! semantics, managed fields, ...) is accepted and dropped, so real `kubectl get -o yaml`
+//! output loads unchanged. Numbers that Kubernetes bounds (ports, weights) are read as `i64`
+//! so that [`crate::compile`] can report an out-of-range value as a [`ConfigError`] on the
+//! exact field instead of a generic type error.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::ConfigError;
+
+/// Gateway API group (`gateway.networking.k8s.io`).
+pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+
+/// Kubernetes `ObjectMeta`, reduced to what routing and binding use.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ObjectMeta {
+    pub name: String,
+    /// `default` when absent on a namespaced kind (as `kubectl apply` does); empty for
+    /// cluster-scoped kinds (Namespace, GatewayClass).
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// RFC 3339; tie-breaker in HTTPRoute precedence (older wins).
+    pub creation_timestamp: Option<String>,
+}
+
+/// Kubernetes `IntOrString` (Service `targetPort`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(i64),
+    String(String),
+}
+
+/// A label selector (`matchLabels` and `matchExpressions`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LabelSelector {
+    pub match_labels: BTreeMap<String, String>,
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+/// One `matchExpressions` entry (`In`, `NotIn`, `Exists`, `DoesNotExist`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LabelSelectorRequirement {
+    pub key: String,
+    pub operator: String,
+    pub values: Vec<String>,
+}
+
+impl LabelSelector {
+    /// Kubernetes selector semantics: all requirements ANDed; an empty selector matches
+    /// everything. An unknown operator matches nothing (fail closed).
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| {
+                let value = labels.get(&r.key);
+                match r.operator.as_str() {
+                    "In" => value.is_some_and(|v| r.values.contains(v)),
+                    "NotIn" => value.is_none_or(|v| !r.values.contains(v)),
+                    "Exists" => value.is_some(),
+                    "DoesNotExist" => value.is_none(),
+                    _ => false,
+                }
+            })
+    }
+}
+
+/// v1 Namespace: only its labels matter (`istio.io/use-waypoint`, allowedRoutes selectors).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Namespace {
+    pub metadata: ObjectMeta,
+}
+
+/// v1 Service.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Service {
+    pub metadata: ObjectMeta,
+    pub spec: ServiceSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ServiceSpec {
+    /// `None` (the string) = headless: no VIP, so no waypoint chain (protocol.md 2.3).
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs")]
+    pub cluster_ips: Vec<String>,
+    pub ports: Vec<ServicePortSpec>,
+    /// Kept for completeness; endpoints come from EndpointSlices, not from the selector.
+    pub selector: BTreeMap<String, String>,
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ServicePortSpec {
+    pub name: Option<String>,
+    pub port: i64,
+    pub target_port: Option<IntOrString>,
+    /// `TCP` (default), `UDP`, `SCTP`; only TCP ports are served.
+    pub protocol: Option<String>,
+    pub app_protocol: Option<String>,
+}
+
+/// discovery.k8s.io/v1 EndpointSlice.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EndpointSlice {
+    pub metadata: ObjectMeta,
+    /// `IPv4`, `IPv6` or `FQDN` (FQDN slices are skipped with a warning).
+    pub address_type: Option<String>,
+    pub endpoints: Vec<EndpointSpec>,
+    pub ports: Vec<EndpointPortSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EndpointSpec {
+    pub addresses: Vec<String>,
+    pub conditions: EndpointConditions,
+    pub target_ref: Option<ObjectReference>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EndpointConditions {
+    /// Absent = ready (EndpointSlice API: "nil should be interpreted as true").
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ObjectReference {
+    pub kind: Option<String>,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub uid: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EndpointPortSpec {
+    pub name: Option<String>,
+    pub port: Option<i64>,
+    pub protocol: Option<String>,
+    pub app_protocol: Option<String>,
+}
+
+/// gateway.networking.k8s.io Gateway (v1 or v1beta1).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Gateway {
+    pub metadata: ObjectMeta,
+    pub spec: GatewaySpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct GatewaySpec {
+    pub gateway_class_name: String,
+    pub listeners: Vec<Listener>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Listener {
+    pub name: String,
+    pub port: i64,
+    pub protocol: String,
+    pub hostname: Option<String>,
+    pub allowed_routes: Option<AllowedRoutes>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AllowedRoutes {
+    pub namespaces: Option<RouteNamespaces>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RouteNamespaces {
+    /// `Same` (default), `All`, or `Selector`.
+    pub from: Option<String>,
+    pub selector: Option<LabelSelector>,
+}
+
+/// gateway.networking.k8s.io GatewayClass (cluster-scoped).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct GatewayClass {
+    pub metadata: ObjectMeta,
+    pub spec: GatewayClassSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct GatewayClassSpec {
+    pub controller_name: String,
+}
+
+/// gateway.networking.k8s.io HTTPRoute (v1 or v1beta1).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpRoute {
+    pub metadata: ObjectMeta,
+    pub spec: HttpRouteSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpRouteSpec {
+    pub parent_refs: Vec<ParentReference>,
+    /// Ignored for Service parents: the VIP selects the Service, never `Host`
+    /// (conformance `MeshFrontendHostname`).
+    pub hostnames: Vec<String>,
+    pub rules: Vec<HttpRouteRule>,
+}
+
+/// `parentRefs[]`: group defaults to `gateway.networking.k8s.io` and kind to `Gateway`, so a
+/// mesh route must spell `group: ""`, `kind: Service` (Gateway API GAMMA).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ParentReference {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    pub namespace: Option<String>,
+    pub name: String,
+    pub port: Option<i64>,
+    pub section_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpRouteRule {
+    pub name: Option<String>,
+    pub matches: Vec<HttpRouteMatch>,
+    /// Parsed but not applied yet (compile warns).
+    pub filters: Vec<Value>,
+    pub backend_refs: Vec<HttpBackendRef>,
+    /// Kept as strings; not enforced yet (compile warns).
+    pub timeouts: Option<HttpRouteTimeouts>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpRouteMatch {
+    pub path: Option<HttpPathMatch>,
+    pub headers: Vec<HttpValueMatch>,
+    pub query_params: Vec<HttpValueMatch>,
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpPathMatch {
+    /// `Exact`, `PathPrefix` (default), `RegularExpression`.
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    /// Default `/`.
+    pub value: Option<String>,
+}
+
+/// A header or query-parameter match: `type` is `Exact` (default) or `RegularExpression`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpValueMatch {
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpBackendRef {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub port: Option<i64>,
+    /// Default 1; 0 = no traffic; at most 1,000,000.
+    pub weight: Option<i64>,
+    pub filters: Vec<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpRouteTimeouts {
+    pub request: Option<String>,
+    pub backend_request: Option<String>,
+}
+
+/// One Kubernetes object this waypoint understands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resource {
+    Namespace(Namespace),
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    Gateway(Gateway),
+    GatewayClass(GatewayClass),
+    HttpRoute(HttpRoute),
+    /// A kind (or apiVersion) the waypoint does not use; skipped with a warning.
+    Unknown {
+        api_version: String,
+        kind: String,
+        namespace: String,
+        name: String,
+    },
+}
+
+impl Resource {
+    /// The Kubernetes kind, as written in manifests.
+    pub fn kind(&self) -> &str {
+        match self {
+            Resource::Namespace(_) => "Namespace",
+            Resource::Service(_) => "Service",
+            Resource::EndpointSlice(_) => "EndpointSlice",
+            Resource::Gateway(_) => "Gateway",
+            Resource::GatewayClass(_) => "GatewayClass",
+            Resource::HttpRoute(_) => "HTTPRoute",
+            Resource::Unknown { kind, .. } => kind,
+        }
+    }
+
+    /// Metadata of a known kind (`None` for [`Resource::Unknown`]).
+    pub fn metadata(&self) -> Option<&ObjectMeta> {
+        match self {
+            Resource::Namespace(r) => Some(&r.metadata),
+            Resource::Service(r) => Some(&r.metadata),
+            Resource::EndpointSlice(r) => Some(&r.metadata),
+            Resource::Gateway(r) => Some(&r.metadata),
+            Resource::GatewayClass(r) => Some(&r.metadata),
+            Resource::HttpRoute(r) => Some(&r.metadata),
+            Resource::Unknown { .. } => None,
+        }
+    }
+
+    /// Convert one decoded object (`apiVersion`, `kind`, `metadata`, ...) into a resource.
+    /// Dispatches on the API group and kind, so Istio's own `networking.istio.io` Gateway is
+    /// never mistaken for a Gateway API Gateway. A known kind that does not deserialize is a
+    /// [`ConfigError`] naming the resource and the top-level field (`metadata` or `spec`).
+    pub fn from_value(mut value: Value) -> Result<Resource, ConfigError> {
+        strip_nulls(&mut value);
+        let api_version = str_at(&value, &["apiVersion"]).to_string();
+        let kind = str_at(&value, &["kind"]).to_string();
+        let raw_namespace = str_at(&value, &["metadata", "namespace"]).to_string();
+        let raw_name = str_at(&value, &["metadata", "name"]).to_string();
+        let (group, version) = match api_version.rsplit_once('/') {
+            Some((g, v)) => (g, v),
+            None => ("", api_version.as_str()),
+        };
+        let gateway_version = group == GATEWAY_GROUP && matches!(version, "v1" | "v1beta1");
+        let known = match kind.as_str() {
+            "Namespace" | "Service" => group.is_empty() && version == "v1",
+            "EndpointSlice" => group == "discovery.k8s.io" && version == "v1",
+            "Gateway" | "GatewayClass" | "HTTPRoute" => gateway_version,
+            _ => false,
+        };
+        if !known {
+            return Ok(Resource::Unknown {
+                api_version,
+                kind,
+                namespace: raw_namespace,
+                name: raw_name,
+            });
+        }
+        let cluster_scoped = matches!(kind.as_str(), "Namespace" | "GatewayClass");
+        let err = |field: &str, message: String| ConfigError {
+            kind: kind.clone(),
+            namespace: if cluster_scoped || !raw_namespace.is_empty() {
+                raw_namespace.clone()
+            } else {
+                "default".into()
+            },
+            name: raw_name.clone(),
+            field: field.into(),
+            message,
+        };
+        let Value::Object(mut object) = value else {
+            return Err(err("", "expected a mapping".into()));
+        };
+        // Deserialize metadata and spec separately so a type error names the right part.
+        let mut metadata: ObjectMeta = part(object.remove("metadata"), "metadata", &err)?;
+        if metadata.name.is_empty() {
+            return Err(err("metadata.name", "is required".into()));
+        }
+        if cluster_scoped {
+            metadata.namespace.clear();
+        } else if metadata.namespace.is_empty() {
+            metadata.namespace = "default".into();
+        }
+        let spec = object.remove("spec");
+        Ok(match kind.as_str() {
+            "Namespace" => Resource::Namespace(Namespace { metadata }),
+            "Service" => Resource::Service(Service {
+                metadata,
+                spec: part(spec, "spec", &err)?,
+            }),
+            "EndpointSlice" => {
+                let mut slice: EndpointSlice = part(Some(Value::Object(object)), "", &err)?;
+                slice.metadata = metadata;
+                Resource::EndpointSlice(slice)
+            }
+            "Gateway" => Resource::Gateway(Gateway {
+                metadata,
+                spec: part(spec, "spec", &err)?,
+            }),
+            "GatewayClass" => Resource::GatewayClass(GatewayClass {
+                metadata,
+                spec: part(spec, "spec", &err)?,
+            }),
+            _ => Resource::HttpRoute(HttpRoute {
+                metadata,
+                spec: part(spec, "spec", &err)?,
+            }),
+        })
+    }
+}
+
+/// Deserialize one part of an object (absent = default), mapping the serde message to a
+/// [`ConfigError`] on `field`.
+fn part<T: DeserializeOwned + Default>(
+    value: Option<Value>,
+    field: &str,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<T, ConfigError> {
+    match value {
+        None => Ok(T::default()),
+        Some(v) => serde_json::from_value(v).map_err(|e| err(field, e.to_string())),
+    }
+}
+
+/// A string at a path inside a JSON value, or `""`.
+pub(crate) fn str_at<'a>(value: &'a Value, path: &[&str]) -> &'a str {
+    let mut v = value;
+    for key in path {
+        match v.get(key) {
+            Some(next) => v = next,
+            None => return "",
+        }
+    }
+    v.as_str().unwrap_or("")
+}
+
+/// YAML `key:` with no value is `null`; Kubernetes treats it as absent, and so do we.
+fn strip_nulls(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.retain(|_, v| !v.is_null());
+            map.values_mut().for_each(strip_nulls);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn service_parses_camel_case_and_defaults_namespace() {
+        let r = Resource::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "reviews", "labels": null, "extra": 1},
+            "spec": {"clusterIP": "10.0.0.1", "clusterIPs": ["10.0.0.1", "fd00::1"],
+                     "ports": [{"name": "http", "port": 9080, "targetPort": "web", "appProtocol": "http"}]}
+        }))
+        .expect("valid");
+        let Resource::Service(s) = r else {
+            panic!("not a service: {r:?}")
+        };
+        assert_eq!(s.metadata.namespace, "default");
+        assert_eq!(s.spec.cluster_ips.len(), 2);
+        assert_eq!(
+            s.spec.ports[0].target_port,
+            Some(IntOrString::String("web".into()))
+        );
+    }
+
+    #[test]
+    fn istio_gateway_kind_is_unknown_not_gateway_api() {
+        let r = Resource::from_value(json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "Gateway",
+            "metadata": {"name": "gw", "namespace": "x"}
+        }))
+        .expect("ok");
+        assert!(matches!(r, Resource::Unknown { ref kind, .. } if kind == "Gateway"));
+    }
+
+    #[test]
+    fn gateway_api_v1beta1_is_accepted() {
+        let r = Resource::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "HTTPRoute",
+            "metadata": {"name": "r"}, "spec": {"rules": [{}]}
+        }))
+        .expect("ok");
+        assert!(matches!(r, Resource::HttpRoute(ref h) if h.spec.rules.len() == 1));
+    }
+
+    #[test]
+    fn type_error_names_resource_and_part() {
+        let e = Resource::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "x", "namespace": "ns"},
+            "spec": {"ports": [{"port": "eighty"}]}
+        }))
+        .expect_err("bad port");
+        assert_eq!(
+            (e.kind.as_str(), e.namespace.as_str(), e.name.as_str()),
+            ("Service", "ns", "x")
+        );
+        assert_eq!(e.field, "spec");
+        assert!(e.message.contains("invalid type"), "{}", e.message);
+    }
+
+    #[test]
+    fn missing_name_is_an_error() {
+        let e = Resource::from_value(json!({"apiVersion": "v1", "kind": "Namespace"}))
+            .expect_err("no name");
+        assert_eq!(e.field, "metadata.name");
+    }
+
+    #[test]
+    fn label_selector_semantics() {
+        let labels: BTreeMap<String, String> = [("env".to_string(), "prod".to_string())].into();
+        let sel = |v: Value| serde_json::from_value::<LabelSelector>(v).expect("selector");
+        assert!(sel(json!({})).matches(&labels));
+        assert!(sel(json!({"matchLabels": {"env": "prod"}})).matches(&labels));
+        assert!(!sel(json!({"matchLabels": {"env": "dev"}})).matches(&labels));
+        assert!(
+            sel(
+                json!({"matchExpressions": [{"key": "env", "operator": "In", "values": ["prod"]}]})
+            )
+            .matches(&labels)
+        );
+        assert!(
+            !sel(json!({"matchExpressions": [{"key": "env", "operator": "DoesNotExist"}]}))
+                .matches(&labels)
+        );
+        assert!(
+            !sel(json!({"matchExpressions": [{"key": "env", "operator": "Bogus"}]}))
+                .matches(&labels)
+        );
+    }
+}

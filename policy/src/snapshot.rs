@@ -1,0 +1,188 @@
+//! The compiled snapshot: everything the data path needs, validated and indexed.
+//! INTERFACE CONTRACT (the proxy crate is written against exactly these items; extend, do not rename).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::ConfigError;
+use crate::load::LoadedResources;
+use crate::route::RouteTable;
+
+/// Static inputs to [`compile`] that do not come from the manifests.
+#[derive(Debug, Clone)]
+pub struct CompileOptions {
+    /// Namespace of the Gateway this instance is (`--gateway NS/NAME`).
+    pub gateway_namespace: String,
+    /// Name of the Gateway this instance is.
+    pub gateway_name: String,
+    /// SPIFFE trust domain (`cluster.local`).
+    pub trust_domain: String,
+    /// DNS suffix for Service hostnames (`cluster.local` -> `reviews.default.svc.cluster.local`).
+    pub cluster_domain: String,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            gateway_namespace: "default".into(),
+            gateway_name: "waypoint".into(),
+            trust_domain: "cluster.local".into(),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+}
+
+/// `istio.io/waypoint-for` (Gateway label, else GatewayClass label, else `service`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaypointFor {
+    Service,
+    Workload,
+    All,
+    None,
+}
+
+/// The Gateway this instance serves.
+#[derive(Debug, Clone)]
+pub struct GatewayInfo {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub waypoint_for: WaypointFor,
+}
+
+/// Protocol of a Service port, from `appProtocol`, else the port name prefix (Istio's
+/// protocol selection: `http`, `http2`, `grpc`, `tcp`, ... ; `name: http-web` -> Http).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppProtocol {
+    /// HTTP/1.1 (upstream HTTP/1.1).
+    Http,
+    /// HTTP/2 cleartext (upstream h2c).
+    Http2,
+    /// gRPC (upstream h2c).
+    Grpc,
+    /// Opaque TCP: never sniffed.
+    Tcp,
+    /// Undeclared: sniff HTTP/1.1 or h2c prior knowledge, else TCP (protocol.md 2.3).
+    Unknown,
+}
+
+/// Outstanding-request counter of one endpoint, for least-request balancing.
+/// The only interior mutability in a snapshot; it never affects compilation or matching.
+#[derive(Debug, Default)]
+pub struct EndpointLoad(AtomicUsize);
+
+impl EndpointLoad {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One ready endpoint (pod IP + resolved target port).
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub load: Arc<EndpointLoad>,
+}
+
+/// An upstream cluster: one Service port, named the way istiod names it so access logs match
+/// Envoy's: `inbound-vip|9080|http|reviews.default.svc.cluster.local` for Services bound to this
+/// waypoint (`tcp` instead of `http` for TCP ports), `outbound|9080||x.ns.svc.cluster.local` otherwise.
+#[derive(Debug)]
+pub struct Cluster {
+    /// Cluster name as Envoy's `%UPSTREAM_CLUSTER_RAW%` prints it.
+    pub name: Arc<str>,
+    /// Service FQDN, `reviews.default.svc.cluster.local`.
+    pub hostname: Arc<str>,
+    pub service_name: Arc<str>,
+    pub service_namespace: Arc<str>,
+    /// The Service port this cluster serves.
+    pub port: u16,
+    pub protocol: AppProtocol,
+    /// Ready endpoints only (EndpointSlice `conditions.ready` absent or true), in a stable order.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A Service port bound to this waypoint: the unit the CONNECT authority selects.
+#[derive(Debug)]
+pub struct ServicePort {
+    /// The VIP:port this entry was found under (one per clusterIP in `clusterIPs`).
+    pub vip: SocketAddr,
+    pub protocol: AppProtocol,
+    /// The Service's own cluster for this port (used when no HTTPRoute applies, and for TCP).
+    pub cluster: Arc<Cluster>,
+    /// HTTPRoutes attached to this Service port, pre-sorted; `None` = no HTTPRoute, use the
+    /// default route (named `default`) to `cluster`.
+    pub routes: Option<Arc<RouteTable>>,
+}
+
+/// Result of looking up a CONNECT authority.
+#[derive(Debug)]
+pub enum VipLookup {
+    /// A Service port bound to this waypoint.
+    Bound(Arc<ServicePort>),
+    /// A known Service VIP:port that this waypoint does not serve; the reason is for logs.
+    NotBound(String),
+    /// No Service has this address.
+    Unknown,
+}
+
+/// The compiled, immutable configuration. Built only by [`compile`]; swapped whole on reload.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub gateway: GatewayInfo,
+    pub trust_domain: Arc<str>,
+    /// Bound Service ports by VIP:port.
+    pub(crate) bound: HashMap<SocketAddr, Arc<ServicePort>>,
+    /// Known-but-not-bound VIP:ports, with the reason (for logs and `waypoint check`).
+    pub(crate) not_bound: HashMap<SocketAddr, String>,
+    /// Every cluster, by name (for admin dumps and tests).
+    pub(crate) clusters: HashMap<Arc<str>, Arc<Cluster>>,
+    /// Non-fatal findings (unknown kinds skipped, routes whose parent is not bound, ...).
+    pub warnings: Vec<String>,
+}
+
+impl Snapshot {
+    /// Find what a CONNECT `:authority` (already parsed to ip:port) designates.
+    pub fn lookup_vip(&self, addr: SocketAddr) -> VipLookup {
+        if let Some(sp) = self.bound.get(&addr) {
+            return VipLookup::Bound(sp.clone());
+        }
+        if let Some(reason) = self.not_bound.get(&addr) {
+            return VipLookup::NotBound(reason.clone());
+        }
+        VipLookup::Unknown
+    }
+
+    /// Every bound Service port, sorted by VIP:port.
+    pub fn bound_services(&self) -> Vec<Arc<ServicePort>> {
+        let mut v: Vec<_> = self.bound.values().cloned().collect();
+        v.sort_by_key(|s| s.vip);
+        v
+    }
+
+    /// Every cluster, sorted by name.
+    pub fn clusters(&self) -> Vec<Arc<Cluster>> {
+        let mut v: Vec<_> = self.clusters.values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<Arc<Cluster>> {
+        self.clusters.get(name).cloned()
+    }
+}
+
+/// Compile loaded resources into a snapshot, or return every error found.
+pub fn compile(
+    resources: &LoadedResources,
+    options: &CompileOptions,
+) -> Result<Snapshot, Vec<ConfigError>> {
+    crate::compiler::compile(resources, options)
+}

@@ -1,0 +1,199 @@
+//! The three operator-facing listeners, each plain HTTP/1.1:
+//! - readiness (`--ready-addr`, 15021): `GET /healthz/ready`, 200 once serving, 503 while draining;
+//! - metrics (`--metrics-addr`, 15020): `GET /stats/prometheus` (Prometheus text);
+//! - admin (`--admin-addr`, 127.0.0.1:15000): `/ready`, `/config_dump`, `/clusters`, `/stats`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::state::Shared;
+
+/// Which listener this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Ready,
+    Metrics,
+    Admin,
+}
+
+/// Serve one operator listener until the task is aborted.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, role: Role) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(answer(&shared, role, &req)) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await
+            {
+                debug!(error = %e, "admin connection error");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(ctype),
+    );
+    r
+}
+
+fn ready(shared: &Shared) -> Response<Full<Bytes>> {
+    if shared.draining.load(Ordering::Relaxed) {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "draining\n".into(),
+        )
+    } else {
+        text(StatusCode::OK, "text/plain", "ready\n".into())
+    }
+}
+
+fn answer(shared: &Shared, role: Role, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    match (role, path) {
+        (Role::Ready, "/healthz/ready") | (Role::Admin, "/ready") => ready(shared),
+        (Role::Metrics, "/stats/prometheus")
+        | (Role::Metrics, "/metrics")
+        | (Role::Admin, "/stats/prometheus")
+        | (Role::Admin, "/stats") => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            prometheus(shared),
+        ),
+        (Role::Admin, "/config_dump") => {
+            text(StatusCode::OK, "application/json", config_dump(shared))
+        }
+        (Role::Admin, "/clusters") => text(StatusCode::OK, "text/plain", clusters(shared)),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no such endpoint: {path}\n"),
+        ),
+    }
+}
+
+fn prometheus(shared: &Shared) -> String {
+    let s = &shared.hbone_stats;
+    let extra = [
+        (
+            "waypoint_hbone_connections_active",
+            "HBONE connections currently open.",
+            s.connections_active.load(Ordering::Relaxed),
+        ),
+        (
+            "waypoint_hbone_connections_total",
+            "HBONE connections accepted.",
+            s.connections_accepted.load(Ordering::Relaxed),
+        ),
+        (
+            "waypoint_hbone_handshake_failures_total",
+            "HBONE TLS/HTTP2 handshakes that failed or timed out.",
+            s.handshake_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "waypoint_tunnels_total",
+            "CONNECT streams received.",
+            s.streams_accepted.load(Ordering::Relaxed),
+        ),
+        (
+            "waypoint_upstream_connections_total",
+            "Upstream connections opened.",
+            shared.upstreams.connections_opened.load(Ordering::Relaxed),
+        ),
+        (
+            "waypoint_config_reloads_ok_total",
+            "Successful configuration reloads.",
+            shared.reloads_ok.load(Ordering::Relaxed),
+        ),
+        (
+            "waypoint_config_reloads_failed_total",
+            "Rejected configuration reloads (the last good configuration stayed).",
+            shared.reloads_failed.load(Ordering::Relaxed),
+        ),
+        (
+            "waypoint_access_log_dropped_total",
+            "Access-log records dropped because the writer could not keep up.",
+            shared.access_log.as_ref().map(|l| l.dropped()).unwrap_or(0),
+        ),
+    ];
+    shared.metrics.render(&extra)
+}
+
+fn config_dump(shared: &Shared) -> String {
+    let snap = shared.snapshot.load();
+    let services: Vec<_> = snap
+        .bound_services()
+        .iter()
+        .map(|s| {
+            json!({
+                "vip": s.vip.to_string(),
+                "protocol": format!("{:?}", s.protocol),
+                "cluster": &*s.cluster.name,
+                "routes": s.routes.as_ref().map(|r| r.len()).unwrap_or(0),
+            })
+        })
+        .collect();
+    let clusters: Vec<_> = snap
+        .clusters()
+        .iter()
+        .map(|c| {
+            json!({
+                "name": &*c.name,
+                "service": &*c.hostname,
+                "port": c.port,
+                "endpoints": c.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let last_error = shared.last_reload_error.lock().ok().and_then(|e| e.clone());
+    let dump = json!({
+        "gateway": format!("{}/{}", snap.gateway.namespace, snap.gateway.name),
+        "trust_domain": &*snap.trust_domain,
+        "services": services,
+        "clusters": clusters,
+        "warnings": snap.warnings,
+        "reloads_ok": shared.reloads_ok.load(Ordering::Relaxed),
+        "reloads_failed": shared.reloads_failed.load(Ordering::Relaxed),
+        "last_reload_error": last_error,
+    });
+    serde_json::to_string_pretty(&dump).unwrap_or_default()
+}
+
+/// Envoy `/clusters` style: `<cluster>::<endpoint>::rq_active::<n>`.
+fn clusters(shared: &Shared) -> String {
+    let snap = shared.snapshot.load();
+    let mut out = String::new();
+    for c in snap.clusters() {
+        for e in &c.endpoints {
+            out.push_str(&format!(
+                "{}::{}::rq_active::{}\n",
+                c.name,
+                e.addr,
+                e.load.get()
+            ));
+        }
+    }
+    out
+}

@@ -1,0 +1,247 @@
+//! Every failure on the request path is a [`ProxyError`], and this is the one place where a
+//! failure becomes what the client and the access log see: status, body, Envoy response
+//! flags and `response_code_details` (protocol.md 3.5-3.7, 8).
+
+use std::borrow::Cow;
+
+use accesslog::{ResponseFlag, ResponseFlags};
+use http::StatusCode;
+
+/// Which side failed (pingora `ErrorSource`): decides the flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Downstream,
+    Upstream,
+    Internal,
+}
+
+/// Why an upstream attempt failed before a response started.
+#[derive(Debug, Clone)]
+pub enum UpstreamFailure {
+    /// TCP connect refused/unreachable/timed out: Envoy reset reason `remote connection failure`
+    /// (or `connection timeout`), with the transport failure detail
+    /// (`delayed connect error: Connection refused`).
+    Connect { timeout: bool, detail: String },
+    /// The connection closed or reset before response headers: `connection termination`.
+    Termination,
+    /// HTTP/2 stream refused by the upstream: `remote refused stream reset`.
+    RefusedStream,
+    /// The upstream spoke something that is not HTTP: `protocol error` (502).
+    Protocol,
+}
+
+impl UpstreamFailure {
+    /// Envoy `resetReasonToString` (source/common/http/utility.cc).
+    fn reason(&self) -> &'static str {
+        match self {
+            UpstreamFailure::Connect { timeout: false, .. } => "remote connection failure",
+            UpstreamFailure::Connect { timeout: true, .. } => "connection timeout",
+            UpstreamFailure::Termination => "connection termination",
+            UpstreamFailure::RefusedStream => "remote refused stream reset",
+            UpstreamFailure::Protocol => "protocol error",
+        }
+    }
+
+    fn transport_detail(&self) -> Option<&str> {
+        match self {
+            UpstreamFailure::Connect { detail, .. } if !detail.is_empty() => Some(detail),
+            _ => None,
+        }
+    }
+
+    /// Istio's default retry policy retries these (`connect-failure`, `refused-stream`;
+    /// protocol.md 2.6). A termination after the request was sent is not retried.
+    pub fn retriable(&self) -> bool {
+        matches!(
+            self,
+            UpstreamFailure::Connect { .. } | UpstreamFailure::RefusedStream
+        )
+    }
+}
+
+/// A request-path failure.
+#[derive(Debug, Clone)]
+pub enum ProxyError {
+    /// No HTTPRoute rule matched (Envoy `route_not_found`, 404 NR, empty body).
+    RouteNotFound,
+    /// A non-CONNECT request on the HBONE listener: Istio's connect_terminate route only
+    /// matches CONNECT, so Envoy answers 404 NR (protocol.md 2.2).
+    NotConnect,
+    /// Every backendRef of the matched rule has weight 0: Istio emits a direct response 500
+    /// (policy.md 3.5).
+    NoBackendWeight,
+    /// The drawn backendRef does not resolve (missing Service, unsupported kind, ...):
+    /// 500 NC `cluster_not_found` (Gateway API routes set cluster_not_found_response_code 500).
+    ClusterNotFound,
+    /// The cluster has no ready endpoint: 503 UH `no healthy upstream`.
+    NoHealthyUpstream,
+    /// The upstream failed before response headers; `retried` = at least one retry happened
+    /// and the retry budget ran out (adds URX and Envoy's "retried and the latest" wording).
+    Upstream {
+        failure: UpstreamFailure,
+        retried: bool,
+    },
+    /// HTTP/1.0 request: Envoy (Istio default, no PILOT_HTTP10) answers 426 `low_version`.
+    Http10,
+    /// The request path cannot be normalized: 400 `path_normalization_failed`.
+    BadPath,
+}
+
+/// What a local reply looks like.
+pub struct LocalReply {
+    pub status: StatusCode,
+    pub body: Cow<'static, str>,
+    pub flags: ResponseFlags,
+    pub details: Cow<'static, str>,
+    pub transport_failure_reason: Option<String>,
+    pub side: Side,
+}
+
+impl ProxyError {
+    /// The one mapping from failure to response (status, body, flags, details).
+    pub fn local_reply(&self) -> LocalReply {
+        let reply =
+            |status, body: &'static str, flags: ResponseFlags, details: &'static str, side| {
+                LocalReply {
+                    status,
+                    body: Cow::Borrowed(body),
+                    flags,
+                    details: Cow::Borrowed(details),
+                    transport_failure_reason: None,
+                    side,
+                }
+            };
+        match self {
+            ProxyError::RouteNotFound | ProxyError::NotConnect => reply(
+                StatusCode::NOT_FOUND,
+                "",
+                ResponseFlag::NR.into(),
+                "route_not_found",
+                Side::Internal,
+            ),
+            ProxyError::NoBackendWeight => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "",
+                ResponseFlags::default(),
+                "direct_response",
+                Side::Internal,
+            ),
+            ProxyError::ClusterNotFound => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "",
+                ResponseFlag::NC.into(),
+                "cluster_not_found",
+                Side::Internal,
+            ),
+            ProxyError::NoHealthyUpstream => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream",
+                ResponseFlag::UH.into(),
+                "no_healthy_upstream",
+                Side::Upstream,
+            ),
+            ProxyError::Http10 => reply(
+                StatusCode::UPGRADE_REQUIRED,
+                "",
+                ResponseFlags::default(),
+                "low_version",
+                Side::Downstream,
+            ),
+            ProxyError::BadPath => reply(
+                StatusCode::BAD_REQUEST,
+                "Bad Request",
+                ResponseFlags::default(),
+                "path_normalization_failed",
+                Side::Downstream,
+            ),
+            ProxyError::Upstream { failure, retried } => {
+                // router.cc onUpstreamReset: body, flags and details.
+                let reason = failure.reason();
+                let detail = failure.transport_detail();
+                let mut body =
+                    String::from("upstream connect error or disconnect/reset before headers. ");
+                if *retried {
+                    body.push_str("retried and the latest ");
+                }
+                body.push_str("reset reason: ");
+                body.push_str(reason);
+                if let Some(d) = detail {
+                    body.push_str(", transport failure reason: ");
+                    body.push_str(d);
+                }
+                let mut flags = ResponseFlags::default();
+                flags.set(match failure {
+                    UpstreamFailure::Connect { .. } => ResponseFlag::UF,
+                    UpstreamFailure::Termination => ResponseFlag::UC,
+                    UpstreamFailure::RefusedStream => ResponseFlag::UR,
+                    UpstreamFailure::Protocol => ResponseFlag::UPE,
+                });
+                if *retried {
+                    flags.set(ResponseFlag::URX);
+                }
+                // `upstream_reset_before_response_started{<reason>[|<detail>]}`, spaces as `_`.
+                let mut details = String::from("upstream_reset_before_response_started{");
+                details.push_str(&reason.replace(' ', "_"));
+                if let Some(d) = detail {
+                    details.push('|');
+                    details.push_str(&d.replace(' ', "_"));
+                }
+                details.push('}');
+                let status = if matches!(failure, UpstreamFailure::Protocol) {
+                    StatusCode::BAD_GATEWAY
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                LocalReply {
+                    status,
+                    body: Cow::Owned(body),
+                    flags,
+                    details: Cow::Owned(details),
+                    transport_failure_reason: detail.map(str::to_string),
+                    side: Side::Upstream,
+                }
+            }
+        }
+    }
+}
+
+/// Body Envoy sends when a CONNECT names an address this waypoint has no filter chain for
+/// (observed on Envoy 1.40, protocol.md 8).
+pub const UNKNOWN_AUTHORITY_BODY: &str = "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_failure_after_retries_reads_like_envoy() {
+        let r = ProxyError::Upstream {
+            failure: UpstreamFailure::Connect {
+                timeout: false,
+                detail: "delayed connect error: Connection refused".into(),
+            },
+            retried: true,
+        }
+        .local_reply();
+        assert_eq!(r.status, 503);
+        assert_eq!(
+            r.body,
+            "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: \
+             remote connection failure, transport failure reason: delayed connect error: Connection refused"
+        );
+        assert_eq!(r.flags.to_string(), "UF,URX");
+        assert_eq!(
+            r.details,
+            "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}"
+        );
+    }
+
+    #[test]
+    fn no_healthy_upstream_is_503_uh() {
+        let r = ProxyError::NoHealthyUpstream.local_reply();
+        assert_eq!(
+            (r.status.as_u16(), &*r.body, r.flags.to_string()),
+            (503, "no healthy upstream", "UH".into())
+        );
+    }
+}

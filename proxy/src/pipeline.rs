@@ -1,0 +1,416 @@
+//! The HTTP request path inside a tunnel: a short list of named phases over one
+//! [`RequestCtx`]. Ordering rules live here and only here:
+//!
+//! 1. **accept** (`RequestCtx::new`): the access-log record starts, `x-request-id` is
+//!    generated when absent (Envoy's UUID request-id extension; an incoming one is kept).
+//! 2. **validate**: HTTP/1.0 is refused with 426 (Istio's default, protocol.md 2.6); the path
+//!    is normalized as Istio's default `BASE` mode does before routing.
+//! 3. **route**: the Service comes from the tunnel's CONNECT authority (never from `Host`,
+//!    protocol.md 2.6); its HTTPRoutes pick a rule, or the implicit `default` route applies.
+//!    No rule matches: 404 `NR`.
+//! 4. **authz**: AuthorizationPolicy (not implemented yet; requests are allowed).
+//! 5. **backend**: a weighted backendRef is drawn; unresolvable: 500 `NC`; all weights zero:
+//!    500; no ready endpoint: 503 `UH`.
+//! 6. **upstream**: least-request endpoint, pooled connection, request headers rewritten as
+//!    Envoy does; connect failures are retried on other hosts by Istio's default policy
+//!    (2 retries), then 503 `UF[,URX]`.
+//! 7. **respond**: `server: istio-envoy`, `x-envoy-upstream-service-time`; the body streams
+//!    through and the log record is emitted when it ends (or the client leaves: `DC`).
+//!
+//! Any phase may short-circuit with a [`ProxyError`]; [`RequestCtx::local_reply`] is the one
+//! place that turns it into a response.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::SystemTime;
+
+use accesslog::AccessLogRecord;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use policy::{Backend, Cluster, ServicePort, VipLookup};
+use tokio::time::Instant;
+
+use crate::body::{LoadGuard, ResponseBody};
+use crate::error::ProxyError;
+use crate::logguard::PendingLog;
+use crate::state::Shared;
+use crate::tunnel::TunnelCtx;
+use crate::upstream::{RequestBody, UpstreamProtocol, pick_endpoint};
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-service-time");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static ISTIO_ENVOY: HeaderValue = HeaderValue::from_static("istio-envoy");
+
+/// Istio's default retry policy: 2 retries (protocol.md 2.6).
+const MAX_ATTEMPTS: usize = 3;
+
+/// Per-request state carried through the phases.
+pub struct RequestCtx {
+    shared: Arc<Shared>,
+    log: PendingLog,
+}
+
+/// The route decision.
+struct Routed {
+    cluster: Arc<Cluster>,
+}
+
+fn header_string(h: &HeaderMap, name: &HeaderName) -> Option<String> {
+    h.get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+impl RequestCtx {
+    /// Phase 1, accept: start the record from what the request says.
+    fn new(t: &TunnelCtx, req: &mut Request<Incoming>, received: Arc<AtomicU64>) -> RequestCtx {
+        let started = Instant::now();
+        let headers = req.headers_mut();
+        if !headers.contains_key(&X_REQUEST_ID) {
+            let id = uuid::Uuid::new_v4();
+            let mut buf = uuid::Uuid::encode_buffer();
+            if let Ok(v) = HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf)) {
+                headers.insert(X_REQUEST_ID.clone(), v);
+            }
+        }
+        let mut r = AccessLogRecord::new(SystemTime::now());
+        r.method = Some(match req.method().as_str() {
+            "GET" => "GET".into(),
+            "POST" => "POST".into(),
+            other => other.to_string().into(),
+        });
+        r.path = req.uri().path_and_query().map(|p| p.as_str().to_string());
+        r.protocol = Some(match req.version() {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        });
+        let headers = req.headers();
+        r.authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| header_string(headers, &header::HOST));
+        r.user_agent = header_string(headers, &header::USER_AGENT);
+        r.x_forwarded_for = header_string(headers, &X_FORWARDED_FOR);
+        r.request_id = header_string(headers, &X_REQUEST_ID);
+        r.downstream_local_address = Some(t.vip_str.clone());
+        r.downstream_remote_address = Some(t.remote_str.clone());
+        RequestCtx {
+            log: PendingLog::new(r, started, received, t.shared.clone()),
+            shared: t.shared.clone(),
+        }
+    }
+
+    fn record(&mut self) -> &mut AccessLogRecord {
+        self.log
+            .record()
+            .expect("invariant: the record is only taken when the ctx is consumed")
+    }
+
+    /// The one place a [`ProxyError`] becomes a response (status, body, flags, details).
+    fn local_reply(mut self, err: ProxyError) -> Response<ResponseBody> {
+        let reply = err.local_reply();
+        let r = self.record();
+        r.response_code = reply.status.as_u16();
+        r.response_flags = r.response_flags.union(reply.flags);
+        r.response_code_details = Some(reply.details);
+        r.upstream_transport_failure_reason = reply.transport_failure_reason;
+        let body = Bytes::from(reply.body.into_owned());
+        let mut resp = Response::new(ResponseBody::local(body.clone(), self.log));
+        *resp.status_mut() = reply.status;
+        let h = resp.headers_mut();
+        if !body.is_empty() {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        h.insert(header::SERVER, ISTIO_ENVOY.clone());
+        resp
+    }
+}
+
+/// hyper service entry point for one request inside a tunnel.
+pub async fn handle(
+    t: Arc<TunnelCtx>,
+    mut req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let received = Arc::new(AtomicU64::new(0));
+    let ctx = RequestCtx::new(&t, &mut req, received.clone());
+    match run_phases(&t, ctx, req, received).await {
+        Ok(resp) => Ok(resp),
+        Err((ctx, err)) => Ok(ctx.local_reply(err)),
+    }
+}
+
+/// A phase either produces the response or hands the ctx back with the error.
+type PhaseResult = Result<Response<ResponseBody>, (RequestCtx, ProxyError)>;
+
+async fn run_phases(
+    t: &TunnelCtx,
+    mut ctx: RequestCtx,
+    req: Request<Incoming>,
+    received: Arc<AtomicU64>,
+) -> PhaseResult {
+    // Phase 2: validate.
+    if req.version() == Version::HTTP_10 {
+        return Err((ctx, ProxyError::Http10));
+    }
+    let path = req.uri().path();
+    let normalized = match policy::normalize_path(path) {
+        Ok(p) => p.into_owned(),
+        Err(()) => return Err((ctx, ProxyError::BadPath)),
+    };
+
+    // Phase 3: route. One snapshot per request; the Service comes from the tunnel.
+    let snapshot = ctx.shared.snapshot.load_full();
+    let service: Arc<ServicePort> = match snapshot.lookup_vip(t.vip) {
+        VipLookup::Bound(sp) => sp,
+        // Unbound by a reload while the tunnel is open: finish on the config it was opened
+        // with, as Envoy drains a removed filter chain.
+        _ => t.service.clone(),
+    };
+    let routed = match route(&service, &req, &normalized) {
+        Ok((name, backend)) => {
+            ctx.record().route_name = Some(name);
+            match backend {
+                Some(Backend::Cluster(c)) => Routed { cluster: c },
+                Some(Backend::Invalid { .. }) => return Err((ctx, ProxyError::ClusterNotFound)),
+                None => return Err((ctx, ProxyError::NoBackendWeight)),
+            }
+        }
+        Err(e) => return Err((ctx, e)),
+    };
+    ctx.record().upstream_cluster = Some(routed.cluster.name.clone());
+
+    // Phase 4: authz (AuthorizationPolicy) comes here.
+
+    // Phase 5: backend.
+    if routed.cluster.endpoints.is_empty() {
+        return Err((ctx, ProxyError::NoHealthyUpstream));
+    }
+
+    // Phase 6: upstream.
+    let proto = match routed.cluster.protocol {
+        policy::AppProtocol::Http2 | policy::AppProtocol::Grpc => UpstreamProtocol::Http2,
+        policy::AppProtocol::Unknown if req.version() == Version::HTTP_2 => UpstreamProtocol::Http2,
+        _ => UpstreamProtocol::Http1,
+    };
+    let (parts, body) = req.into_parts();
+    let mut upstream_req = Request::from_parts(parts, RequestBody::new(body, received));
+    prepare_request(&mut upstream_req, proto);
+
+    let mut tried: Vec<SocketAddr> = Vec::with_capacity(MAX_ATTEMPTS);
+    let mut attempts = 0;
+    let mut stale_retries = 0;
+    let upstream_started = Instant::now();
+    loop {
+        let Some(endpoint) =
+            pick_endpoint(&routed.cluster.endpoints, &tried, rand::random::<u64>())
+        else {
+            return Err((ctx, ProxyError::NoHealthyUpstream));
+        };
+        let addr = endpoint.addr;
+        if stale_retries == 0 {
+            attempts += 1;
+        }
+        ctx.record().upstream_host = Some(addr.to_string());
+        let checkout = match ctx.shared.upstreams.checkout(addr, proto).await {
+            Ok(c) => c,
+            Err(failure) => {
+                tried.push(addr);
+                if failure.retriable() && attempts < MAX_ATTEMPTS {
+                    continue;
+                }
+                let retried = attempts > 1;
+                return Err((ctx, ProxyError::Upstream { failure, retried }));
+            }
+        };
+        ctx.record().upstream_local_address = Some(checkout.local_addr.to_string());
+        endpoint.load.inc();
+        let load = LoadGuard(endpoint.load.clone());
+        match checkout.send(upstream_req).await {
+            Ok((resp, pool)) => {
+                let service_time = upstream_started.elapsed().as_millis() as u64;
+                return Ok(respond(ctx, resp, pool, load, service_time));
+            }
+            Err(e) => {
+                drop(load);
+                match e.request {
+                    // Not sent (e.g. a pooled connection the upstream had just closed): try
+                    // again on a fresh connection, without spending a retry.
+                    Some(r) if stale_retries < 2 => {
+                        upstream_req = r;
+                        stale_retries += 1;
+                        continue;
+                    }
+                    Some(r) if e.failure.retriable() && attempts < MAX_ATTEMPTS => {
+                        upstream_req = r;
+                        tried.push(addr);
+                        stale_retries = 0;
+                        continue;
+                    }
+                    _ => {
+                        let retried = attempts > 1;
+                        return Err((
+                            ctx,
+                            ProxyError::Upstream {
+                                failure: e.failure,
+                                retried,
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Phase 3: pick the rule (or the implicit default route) and draw a backend.
+/// Returns the route name and the backend (`None` = every weight is zero).
+fn route(
+    service: &ServicePort,
+    req: &Request<Incoming>,
+    normalized_path: &str,
+) -> Result<(Arc<str>, Option<Backend>), ProxyError> {
+    let Some(table) = &service.routes else {
+        // No HTTPRoute: istiod's implicit route `default` to the Service's own cluster.
+        return Ok((
+            default_route_name(),
+            Some(Backend::Cluster(service.cluster.clone())),
+        ));
+    };
+    let rule = table
+        .select(
+            req.method(),
+            normalized_path,
+            req.uri().query(),
+            req.headers(),
+        )
+        .ok_or(ProxyError::RouteNotFound)?;
+    let backend = rule
+        .backends
+        .pick(rand::random::<u64>())
+        .map(|b| b.backend.clone());
+    Ok((rule.name.clone(), backend))
+}
+
+fn default_route_name() -> Arc<str> {
+    static DEFAULT: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    DEFAULT.get_or_init(|| Arc::from("default")).clone()
+}
+
+/// Request headers as Envoy's waypoint forwards them (protocol.md 2.8, 8): hop-by-hop headers
+/// removed, `x-forwarded-proto: http` when absent, `x-forwarded-client-cert` stripped
+/// (SANITIZE), `x-forwarded-for` neither appended to nor stripped (use_remote_address false).
+fn prepare_request(req: &mut Request<RequestBody>, proto: UpstreamProtocol) {
+    let authority = req.uri().authority().map(|a| a.as_str().to_string());
+    let h = req.headers_mut();
+    strip_hop_by_hop(h);
+    h.remove(&X_FORWARDED_CLIENT_CERT);
+    if !h.contains_key(&X_FORWARDED_PROTO) {
+        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+    match proto {
+        UpstreamProtocol::Http1 => {
+            // An h2c downstream carries the authority in the URI; HTTP/1.1 needs `Host`.
+            if !h.contains_key(header::HOST)
+                && let Some(a) = authority
+                    .as_deref()
+                    .and_then(|a| HeaderValue::from_str(a).ok())
+            {
+                h.insert(header::HOST, a);
+            }
+            let pq = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            *req.uri_mut() = http::Uri::from(pq);
+            *req.version_mut() = Version::HTTP_11;
+        }
+        UpstreamProtocol::Http2 => {
+            let host = authority
+                .or_else(|| {
+                    h.get(header::HOST)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| "localhost".to_string());
+            h.remove(header::HOST);
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .to_string();
+            if let Ok(uri) = http::Uri::builder()
+                .scheme("http")
+                .authority(host)
+                .path_and_query(pq)
+                .build()
+            {
+                *req.uri_mut() = uri;
+            }
+            *req.version_mut() = Version::HTTP_2;
+        }
+    }
+}
+
+/// RFC 9110 7.6.1 connection-specific headers, plus those named in `Connection`.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if let Some(conn) = h.get(header::CONNECTION).cloned()
+        && let Ok(list) = conn.to_str()
+    {
+        for name in list.split(',') {
+            let name = name.trim();
+            if !name.is_empty()
+                && !name.eq_ignore_ascii_case("close")
+                && !name.eq_ignore_ascii_case("keep-alive")
+            {
+                h.remove(name);
+            }
+        }
+    }
+    h.remove(header::CONNECTION);
+    h.remove(&KEEP_ALIVE);
+    h.remove(&PROXY_CONNECTION);
+    h.remove(header::TRANSFER_ENCODING);
+    h.remove(header::UPGRADE);
+    if let Some(te) = h.get(header::TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        h.remove(header::TE);
+    }
+}
+
+/// Phase 7: respond with the upstream's response.
+fn respond(
+    mut ctx: RequestCtx,
+    resp: Response<Incoming>,
+    pool: Option<crate::upstream::PoolReturn>,
+    load: LoadGuard,
+    service_time_ms: u64,
+) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(header::SERVER, ISTIO_ENVOY.clone());
+    parts.headers.insert(
+        X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
+        HeaderValue::from(service_time_ms),
+    );
+    parts.version = Version::default();
+    let r = ctx.record();
+    r.response_code = parts.status.as_u16();
+    r.response_code_details = Some("via_upstream".into());
+    r.upstream_service_time = Some(service_time_ms.to_string());
+    Response::from_parts(parts, ResponseBody::upstream(body, ctx.log, pool, load))
+}

@@ -1,0 +1,49 @@
+//! State shared by every connection and request: the current config snapshot (swapped whole
+//! on reload), upstream pools, the access logger, metrics, limits and the drain signal.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use accesslog::AccessLogger;
+use arc_swap::ArcSwap;
+use hbone::server::ServerStats;
+use policy::Snapshot;
+
+use crate::metrics::Metrics;
+use crate::upstream::Upstreams;
+
+/// Request-path limits, defaults as Envoy's (documented in the README).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Request header block limit: Envoy `max_request_headers_kb` default 60 KiB -> 431.
+    pub max_request_headers: usize,
+    /// How long to wait for the first bytes of a tunnel on a port of unknown protocol before
+    /// treating it as TCP (Envoy listener-filter timeout, 15 s; protocol.md 2.3).
+    pub sniff_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_headers: 60 * 1024,
+            sniff_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// See the module docs.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub upstreams: Upstreams,
+    pub access_log: Option<AccessLogger>,
+    pub metrics: Metrics,
+    pub limits: Limits,
+    /// Set once draining started (readiness answers 503).
+    pub draining: std::sync::atomic::AtomicBool,
+    pub hbone_stats: Arc<ServerStats>,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+    pub last_reload_error: Mutex<Option<String>>,
+}

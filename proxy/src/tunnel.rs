@@ -1,0 +1,417 @@
+//! What happens to one HBONE CONNECT stream (Istio's `connect_terminate` + `main_internal`,
+//! protocol.md 2.2, 2.3, 2.11):
+//!
+//! - a non-CONNECT request gets 404 `NR` (connect_terminate's only route matches CONNECT);
+//! - the `:authority` must be an `ip:port` that is a Service VIP:port bound to this waypoint;
+//!   anything else is refused exactly as Envoy refuses it: 503 with
+//!   `upstream connect error or disconnect/reset before headers. reset reason: remote connection failure`,
+//!   logged as an `NR` line (`filter_chain_not_found`) plus the failed CONNECT line;
+//! - otherwise 200, and the inner bytes are served as HTTP (declared http/http2/grpc ports, or
+//!   sniffed HTTP/1.1 or h2c prior knowledge on undeclared ports) or proxied as TCP.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use accesslog::{AccessLogRecord, ResponseFlag};
+use bytes::{Buf, Bytes};
+use hbone::H2Stream;
+use hbone::server::{PeerInfo, TunnelRequest};
+use http::{Method, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use policy::{AppProtocol, ServicePort, VipLookup};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::error::UNKNOWN_AUTHORITY_BODY;
+use crate::state::Shared;
+use crate::upstream::pick_endpoint;
+
+/// Everything a request inside one tunnel needs to know about the tunnel.
+pub struct TunnelCtx {
+    pub shared: Arc<Shared>,
+    /// The CONNECT authority: the Service VIP:port the client dialed.
+    pub vip: SocketAddr,
+    pub vip_str: String,
+    /// The HBONE connection's peer (client pod ip:port).
+    pub remote_str: String,
+    pub peer: Arc<PeerInfo>,
+    /// The Service port as bound when the tunnel was opened.
+    pub service: Arc<ServicePort>,
+}
+
+/// Handle one stream received on the HBONE listener.
+pub async fn handle_tunnel(shared: Arc<Shared>, req: TunnelRequest) {
+    let started = Instant::now();
+    let start_time = SystemTime::now();
+    if req.method != Method::CONNECT {
+        let mut r = AccessLogRecord::new(start_time);
+        r.method = Some(req.method.to_string().into());
+        r.path = Some(req.path.clone());
+        r.protocol = Some("HTTP/2");
+        r.authority = req.authority.clone();
+        r.response_code = 404;
+        r.response_flags.set(ResponseFlag::NR);
+        r.response_code_details = Some("route_not_found".into());
+        r.downstream_remote_address = Some(req.peer.remote.to_string());
+        r.downstream_local_address = Some(req.peer.local.to_string());
+        r.duration = started.elapsed().as_millis() as u64;
+        emit(&shared, r);
+        req.reject(StatusCode::NOT_FOUND, "");
+        return;
+    }
+    let authority = req.authority.clone().unwrap_or_default();
+    let snapshot = shared.snapshot.load_full();
+    let bound = match parse_authority(&authority) {
+        Some(addr) => match snapshot.lookup_vip(addr) {
+            VipLookup::Bound(sp) => Some((addr, sp)),
+            VipLookup::NotBound(reason) => {
+                debug!(%authority, %reason, "CONNECT to a Service not bound to this waypoint");
+                None
+            }
+            VipLookup::Unknown => {
+                debug!(%authority, "CONNECT to an address that is not a known Service VIP:port");
+                None
+            }
+        },
+        None => None,
+    };
+    let Some((vip, service)) = bound else {
+        refuse_unknown_authority(&shared, &req, &authority, start_time, started);
+        req.reject(StatusCode::SERVICE_UNAVAILABLE, UNKNOWN_AUTHORITY_BODY);
+        return;
+    };
+    let peer = req.peer.clone();
+    let drain = req.drain.clone();
+    let stream = match req.accept() {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(error = %e, "client went away before the CONNECT was answered");
+            return;
+        }
+    };
+    let t = Arc::new(TunnelCtx {
+        shared: shared.clone(),
+        vip,
+        vip_str: vip.to_string(),
+        remote_str: peer.remote.to_string(),
+        peer,
+        service: service.clone(),
+    });
+    match service.protocol {
+        AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc => {
+            serve_http(t, Rewind::new(stream), drain).await
+        }
+        AppProtocol::Tcp => proxy_tcp(t, Rewind::new(stream), start_time, started).await,
+        AppProtocol::Unknown => {
+            let mut stream = Rewind::new(stream);
+            match sniff(&mut stream, &shared).await {
+                Sniffed::Http => serve_http(t, stream, drain).await,
+                Sniffed::Tcp => proxy_tcp(t, stream, start_time, started).await,
+                Sniffed::Closed => {}
+            }
+        }
+    }
+}
+
+/// `ip:port` or `[v6]:port`; nothing else is a valid HBONE target here.
+pub fn parse_authority(authority: &str) -> Option<SocketAddr> {
+    authority.parse::<SocketAddr>().ok()
+}
+
+fn emit(shared: &Shared, r: AccessLogRecord) {
+    shared.metrics.record_request(&r);
+    if let Some(l) = &shared.access_log {
+        l.log(r);
+    }
+}
+
+/// The two lines Envoy writes for a CONNECT it has no filter chain for (protocol.md 8):
+/// the inner listener's `NR` line and the connect_terminate line for the failed CONNECT.
+fn refuse_unknown_authority(
+    shared: &Shared,
+    req: &TunnelRequest,
+    authority: &str,
+    start: SystemTime,
+    started: Instant,
+) {
+    let mut nr = AccessLogRecord::new(start);
+    nr.response_flags.set(ResponseFlag::NR);
+    nr.response_code_details = Some("filter_chain_not_found".into());
+    nr.downstream_local_address = Some(authority.to_string());
+    nr.downstream_remote_address = Some(req.peer.remote.to_string());
+    emit(shared, nr);
+
+    let mut r = AccessLogRecord::new(start);
+    r.method = Some("CONNECT".into());
+    r.protocol = Some("HTTP/2");
+    r.authority = Some(authority.to_string());
+    r.response_code = 503;
+    r.response_flags.set(ResponseFlag::UF);
+    r.response_code_details =
+        Some("upstream_reset_before_response_started{remote_connection_failure}".into());
+    r.upstream_cluster = Some("main_internal".into());
+    r.bytes_sent = UNKNOWN_AUTHORITY_BODY.len() as u64;
+    r.downstream_local_address = Some(req.peer.local.to_string());
+    r.downstream_remote_address = Some(req.peer.remote.to_string());
+    r.duration = started.elapsed().as_millis() as u64;
+    emit(shared, r);
+}
+
+/// Serve the tunnel as HTTP/1.1 or h2c (Envoy codec AUTO), until the client closes it or
+/// the drain asks inner connections to finish their current request.
+async fn serve_http(t: Arc<TunnelCtx>, stream: Rewind, mut drain: hbone::drain::DrainWatcher) {
+    let shared = t.shared.clone();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(shared.limits.max_request_headers.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(shared.limits.max_request_headers as u32)
+        .max_concurrent_streams(Some(100));
+    let service = hyper::service::service_fn(move |req| crate::pipeline::handle(t.clone(), req));
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(error = %e, "inner HTTP connection ended with an error");
+            }
+        }
+        _ = drain.signaled() => {
+            // Drain: HTTP/1.1 answers its current request with `Connection: close`,
+            // h2c sends GOAWAY; both then finish.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+enum Sniffed {
+    Http,
+    Tcp,
+    Closed,
+}
+
+/// Protocol detection on an undeclared port, like Envoy's http_inspector: HTTP/1.x request
+/// line or the h2c prior-knowledge preface means HTTP, anything else TCP.
+async fn sniff(stream: &mut Rewind, shared: &Shared) -> Sniffed {
+    let mut buf = vec![0u8; 64];
+    let mut have = 0;
+    let deadline = Instant::now() + shared.limits.sniff_timeout;
+    loop {
+        match looks_like_http(&buf[..have]) {
+            Some(true) => break,
+            Some(false) => {
+                stream.rewind(Bytes::copy_from_slice(&buf[..have]));
+                return Sniffed::Tcp;
+            }
+            None => {}
+        }
+        if have == buf.len() {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, stream.inner.read(&mut buf[have..])).await {
+            Ok(Ok(0)) if have == 0 => return Sniffed::Closed,
+            Ok(Ok(0)) => {
+                stream.rewind(Bytes::copy_from_slice(&buf[..have]));
+                return Sniffed::Tcp;
+            }
+            Ok(Ok(n)) => have += n,
+            Ok(Err(_)) => return Sniffed::Closed,
+            Err(_) => {
+                // Nothing (or too little) arrived: a server-first protocol; treat as TCP.
+                stream.rewind(Bytes::copy_from_slice(&buf[..have]));
+                return Sniffed::Tcp;
+            }
+        }
+    }
+    stream.rewind(Bytes::copy_from_slice(&buf[..have]));
+    Sniffed::Http
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"TRACE ",
+    b"CONNECT ",
+];
+
+/// `Some(true)` HTTP, `Some(false)` not HTTP, `None` need more bytes.
+fn looks_like_http(b: &[u8]) -> Option<bool> {
+    if b.is_empty() {
+        return None;
+    }
+    let n = b.len().min(H2_PREFACE.len());
+    if b[..n] == H2_PREFACE[..n] {
+        return if b.len() >= H2_PREFACE.len() {
+            Some(true)
+        } else {
+            None
+        };
+    }
+    let mut undecided = false;
+    for m in METHODS {
+        let n = b.len().min(m.len());
+        if b[..n] == m[..n] {
+            if b.len() >= m.len() {
+                return Some(true);
+            }
+            undecided = true;
+        }
+    }
+    if undecided { None } else { Some(false) }
+}
+
+/// Opaque TCP through the tunnel to one endpoint of the Service's own cluster (Envoy
+/// tcp_proxy; one access-log line per connection at its end).
+async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, started: Instant) {
+    let shared = &t.shared;
+    let cluster = t.service.cluster.clone();
+    let mut r = AccessLogRecord::new(start);
+    // A sniffed-TCP tunnel on an undeclared port uses istiod's `tcp` cluster name.
+    r.upstream_cluster = Some(if t.service.protocol == AppProtocol::Unknown {
+        cluster.name.replacen("|http|", "|tcp|", 1).into()
+    } else {
+        cluster.name.clone()
+    });
+    r.downstream_local_address = Some(t.vip_str.clone());
+    r.downstream_remote_address = Some(t.remote_str.clone());
+    let Some(endpoint) = pick_endpoint(&cluster.endpoints, &[], rand::random::<u64>()) else {
+        r.response_flags.set(ResponseFlag::UH);
+        r.duration = started.elapsed().as_millis() as u64;
+        emit(shared, r);
+        stream.inner.reset(h2::Reason::CONNECT_ERROR);
+        return;
+    };
+    r.upstream_host = Some(endpoint.addr.to_string());
+    let mut upstream = match tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        TcpStream::connect(endpoint.addr),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        _ => {
+            r.response_flags.set(ResponseFlag::UF);
+            r.duration = started.elapsed().as_millis() as u64;
+            emit(shared, r);
+            stream.inner.reset(h2::Reason::CONNECT_ERROR);
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    r.upstream_local_address = upstream.local_addr().ok().map(|a| a.to_string());
+    endpoint.load.inc();
+    let result = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+    endpoint.load.dec();
+    match result {
+        Ok((from_client, from_upstream)) => {
+            r.bytes_received = from_client;
+            r.bytes_sent = from_upstream;
+        }
+        Err(e) => {
+            debug!(error = %e, "TCP proxy ended with an error");
+            r.bytes_received = stream.inner.bytes_received;
+            r.bytes_sent = stream.inner.bytes_sent;
+            r.connection_termination_details = Some(e.to_string().into());
+        }
+    }
+    r.duration = started.elapsed().as_millis() as u64;
+    emit(shared, r);
+}
+
+/// An [`H2Stream`] with bytes already read (while sniffing) put back in front.
+pub struct Rewind {
+    prefix: Bytes,
+    pub inner: H2Stream,
+}
+
+impl Rewind {
+    fn new(inner: H2Stream) -> Rewind {
+        Rewind {
+            prefix: Bytes::new(),
+            inner,
+        }
+    }
+
+    fn rewind(&mut self, prefix: Bytes) {
+        self.prefix = prefix;
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffing_tells_http_from_tcp() {
+        assert_eq!(looks_like_http(b"GET / HTTP/1.1\r\n"), Some(true));
+        assert_eq!(looks_like_http(b"GE"), None);
+        assert_eq!(
+            looks_like_http(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Some(true)
+        );
+        assert_eq!(looks_like_http(b"PRI * HTTP/2"), None);
+        assert_eq!(looks_like_http(b"\x16\x03\x01\x02\x00"), Some(false));
+        assert_eq!(looks_like_http(b"SSH-2.0-OpenSSH"), Some(false));
+    }
+
+    #[test]
+    fn authority_must_be_ip_and_port() {
+        assert!(parse_authority("10.0.0.10:9080").is_some());
+        assert!(parse_authority("[fd00::1]:9080").is_some());
+        assert!(parse_authority("reviews:9080").is_none());
+        assert!(parse_authority("10.0.0.10").is_none());
+        assert!(parse_authority("").is_none());
+    }
+}

@@ -1,0 +1,460 @@
+//! Upstream connections: per-endpoint pools of plaintext HTTP/1.1 keep-alive connections and
+//! shared HTTP/2 (h2c) connections, and least-request endpoint choice (Envoy's default
+//! LEAST_REQUEST with two choices, protocol.md 2.7).
+//!
+//! We own the pool instead of using a generic client so that a *connect* failure is known
+//! before the request is handed over: the request is then still ours and Istio's default
+//! retry policy (`connect-failure`, previous hosts avoided) can try another endpoint without
+//! buffering the body.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use policy::Endpoint;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::error::UpstreamFailure;
+
+/// Wire protocol towards one endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+}
+
+/// Idle HTTP/1.1 connections kept per endpoint; more are closed when returned.
+const MAX_IDLE_PER_ENDPOINT: usize = 1024;
+
+/// The downstream request body, counted for `%BYTES_RECEIVED%`.
+pub struct RequestBody {
+    inner: Incoming,
+    received: Arc<AtomicU64>,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, received: Arc<AtomicU64>) -> RequestBody {
+        RequestBody { inner, received }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &r
+            && let Some(d) = frame.data_ref()
+        {
+            this.received.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Settings for upstream connections.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// Istio MeshConfig `connectTimeout` default: 10 s (protocol.md 2.4).
+    pub connect_timeout: Duration,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        UpstreamSettings {
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+enum Sender {
+    H1(http1::SendRequest<RequestBody>),
+    H2(http2::SendRequest<RequestBody>),
+}
+
+struct EndpointPool {
+    addr: SocketAddr,
+    idle: Mutex<Vec<(http1::SendRequest<RequestBody>, SocketAddr)>>,
+    h2: Mutex<Option<(http2::SendRequest<RequestBody>, SocketAddr)>>,
+}
+
+/// All upstream pools. Shared by every request.
+pub struct Upstreams {
+    pools: RwLock<HashMap<SocketAddr, Arc<EndpointPool>>>,
+    settings: UpstreamSettings,
+    pub connections_opened: AtomicU64,
+}
+
+/// A connection checked out for one request.
+pub struct Checkout {
+    sender: Sender,
+    pool: Arc<EndpointPool>,
+    /// Our side of the upstream TCP connection (`%UPSTREAM_LOCAL_ADDRESS%`).
+    pub local_addr: SocketAddr,
+}
+
+/// Gives an HTTP/1.1 connection back to its pool once the response body has been read to
+/// the end; dropped early (client gone, error) it closes the connection instead.
+pub struct PoolReturn {
+    sender: http1::SendRequest<RequestBody>,
+    local_addr: SocketAddr,
+    pool: Arc<EndpointPool>,
+}
+
+impl PoolReturn {
+    pub fn release(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.pool.idle.lock()
+            && idle.len() < MAX_IDLE_PER_ENDPOINT
+        {
+            idle.push((self.sender, self.local_addr));
+        }
+    }
+}
+
+/// Why `send` failed, and whether the request came back unsent (safe to retry).
+pub struct SendError {
+    pub failure: UpstreamFailure,
+    pub request: Option<Request<RequestBody>>,
+}
+
+fn connect_detail(e: &io::Error) -> String {
+    // Envoy: "delayed connect error: Connection refused" (strerror text, no errno suffix).
+    let text = match e.raw_os_error() {
+        Some(code) => {
+            let s = io::Error::from_raw_os_error(code).to_string();
+            match s.find(" (os error") {
+                Some(i) => s[..i].to_string(),
+                None => s,
+            }
+        }
+        None => e.to_string(),
+    };
+    format!("delayed connect error: {text}")
+}
+
+impl Upstreams {
+    pub fn new(settings: UpstreamSettings) -> Upstreams {
+        Upstreams {
+            pools: RwLock::new(HashMap::new()),
+            settings,
+            connections_opened: AtomicU64::new(0),
+        }
+    }
+
+    fn pool(&self, addr: SocketAddr) -> Arc<EndpointPool> {
+        if let Ok(pools) = self.pools.read()
+            && let Some(p) = pools.get(&addr)
+        {
+            return p.clone();
+        }
+        let mut pools = match self.pools.write() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        pools
+            .entry(addr)
+            .or_insert_with(|| {
+                Arc::new(EndpointPool {
+                    addr,
+                    idle: Mutex::new(Vec::new()),
+                    h2: Mutex::new(None),
+                })
+            })
+            .clone()
+    }
+
+    /// A ready connection to `addr`: a pooled one if possible, else a new one.
+    pub async fn checkout(
+        &self,
+        addr: SocketAddr,
+        proto: UpstreamProtocol,
+    ) -> Result<Checkout, UpstreamFailure> {
+        let pool = self.pool(addr);
+        match proto {
+            UpstreamProtocol::Http1 => {
+                loop {
+                    let candidate = pool.idle.lock().ok().and_then(|mut idle| idle.pop());
+                    let Some((mut sender, local_addr)) = candidate else {
+                        break;
+                    };
+                    if sender.is_closed() {
+                        continue;
+                    }
+                    if sender.ready().await.is_ok() {
+                        return Ok(Checkout {
+                            sender: Sender::H1(sender),
+                            pool,
+                            local_addr,
+                        });
+                    }
+                }
+                let (tcp, local_addr) = self.connect(addr).await?;
+                let (sender, conn) = http1::Builder::new()
+                    .handshake::<_, RequestBody>(TokioIo::new(tcp))
+                    .await
+                    .map_err(|_| UpstreamFailure::Termination)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        debug!(upstream = %addr, error = %e, "upstream HTTP/1.1 connection ended");
+                    }
+                });
+                Ok(Checkout {
+                    sender: Sender::H1(sender),
+                    pool,
+                    local_addr,
+                })
+            }
+            UpstreamProtocol::Http2 => {
+                let existing = pool.h2.lock().ok().and_then(|g| g.clone());
+                if let Some((sender, local_addr)) = existing
+                    && !sender.is_closed()
+                    && sender.is_ready()
+                {
+                    return Ok(Checkout {
+                        sender: Sender::H2(sender),
+                        pool,
+                        local_addr,
+                    });
+                }
+                let (tcp, local_addr) = self.connect(addr).await?;
+                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                    .initial_stream_window_size(4 * 1024 * 1024)
+                    .initial_connection_window_size(16 * 1024 * 1024)
+                    .handshake::<_, RequestBody>(TokioIo::new(tcp))
+                    .await
+                    .map_err(|_| UpstreamFailure::Protocol)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(upstream = %addr, error = %e, "upstream HTTP/2 connection ended");
+                    }
+                });
+                if let Ok(mut g) = pool.h2.lock() {
+                    *g = Some((sender.clone(), local_addr));
+                }
+                Ok(Checkout {
+                    sender: Sender::H2(sender),
+                    pool,
+                    local_addr,
+                })
+            }
+        }
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<(TcpStream, SocketAddr), UpstreamFailure> {
+        let tcp =
+            match tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
+                .await
+            {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(e)) => {
+                    return Err(UpstreamFailure::Connect {
+                        timeout: false,
+                        detail: connect_detail(&e),
+                    });
+                }
+                Err(_) => {
+                    return Err(UpstreamFailure::Connect {
+                        timeout: true,
+                        detail: String::new(),
+                    });
+                }
+            };
+        let _ = tcp.set_nodelay(true);
+        self.connections_opened.fetch_add(1, Ordering::Relaxed);
+        let local = tcp.local_addr().unwrap_or(addr);
+        Ok((tcp, local))
+    }
+}
+
+impl Checkout {
+    /// Send the request. On failure, says whether the request came back unsent.
+    pub async fn send(
+        self,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<PoolReturn>), SendError> {
+        match self.sender {
+            Sender::H1(mut sender) => match sender.try_send_request(req).await {
+                Ok(resp) => Ok((
+                    resp,
+                    Some(PoolReturn {
+                        sender,
+                        local_addr: self.local_addr,
+                        pool: self.pool,
+                    }),
+                )),
+                Err(mut e) => {
+                    let failure = classify(e.error());
+                    Err(SendError {
+                        failure,
+                        request: e.take_message(),
+                    })
+                }
+            },
+            Sender::H2(mut sender) => match sender.try_send_request(req).await {
+                Ok(resp) => Ok((resp, None)),
+                Err(mut e) => {
+                    let failure = classify(e.error());
+                    if let Ok(mut g) = self.pool.h2.lock()
+                        && g.as_ref().is_some_and(|(s, _)| s.is_closed())
+                    {
+                        *g = None;
+                    }
+                    Err(SendError {
+                        failure,
+                        request: e.take_message(),
+                    })
+                }
+            },
+        }
+    }
+
+    pub fn endpoint(&self) -> SocketAddr {
+        self.pool.addr
+    }
+}
+
+fn classify(e: &hyper::Error) -> UpstreamFailure {
+    if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
+        return UpstreamFailure::Protocol;
+    }
+    // h2 REFUSED_STREAM surfaces as a user-visible h2 error in the source chain.
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>()
+            && h2e.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
+            return UpstreamFailure::RefusedStream;
+        }
+        src = s.source();
+    }
+    UpstreamFailure::Termination
+}
+
+/// Least-request choice among `endpoints` (power of two random choices, Envoy's default
+/// `choice_count: 2`), avoiding `tried` endpoints when another exists (Istio's
+/// `previous_hosts` retry predicate).
+pub fn pick_endpoint<'a>(
+    endpoints: &'a [Endpoint],
+    tried: &[SocketAddr],
+    r: u64,
+) -> Option<&'a Endpoint> {
+    match endpoints.len() {
+        0 => None,
+        1 => endpoints.first(),
+        n => {
+            let fresh = |e: &&Endpoint| !tried.contains(&e.addr);
+            let untried = endpoints.iter().filter(fresh).count();
+            if untried == 0 {
+                // Every host was tried: any host is allowed again.
+                return pick_two(endpoints, n, r, |_| true);
+            }
+            pick_two(endpoints, n, r, |e| !tried.contains(&e.addr))
+        }
+    }
+}
+
+fn pick_two<'a>(
+    endpoints: &'a [Endpoint],
+    n: usize,
+    r: u64,
+    allowed: impl Fn(&Endpoint) -> bool,
+) -> Option<&'a Endpoint> {
+    let allowed_idx: Vec<usize> = (0..n).filter(|&i| allowed(&endpoints[i])).collect();
+    let m = allowed_idx.len();
+    if m == 0 {
+        return None;
+    }
+    if m == 1 {
+        return endpoints.get(allowed_idx[0]);
+    }
+    let a = (r % m as u64) as usize;
+    let mut b = ((r >> 32) % (m as u64 - 1)) as usize;
+    if b >= a {
+        b += 1;
+    }
+    let (ea, eb) = (&endpoints[allowed_idx[a]], &endpoints[allowed_idx[b]]);
+    if eb.load.get() < ea.load.get() {
+        Some(eb)
+    } else {
+        Some(ea)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use policy::EndpointLoad;
+
+    fn eps(n: usize) -> Vec<Endpoint> {
+        (0..n)
+            .map(|i| Endpoint {
+                addr: format!("127.0.0.{}:80", i + 1).parse().unwrap(),
+                load: Arc::new(EndpointLoad::default()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn least_request_prefers_the_less_loaded_of_two() {
+        let e = eps(2);
+        for _ in 0..5 {
+            e[0].load.inc();
+        }
+        for r in 0..64u64 {
+            assert_eq!(
+                pick_endpoint(&e, &[], r.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                    .unwrap()
+                    .addr,
+                e[1].addr
+            );
+        }
+    }
+
+    #[test]
+    fn retries_avoid_previous_hosts_while_others_exist() {
+        let e = eps(3);
+        let tried = [e[0].addr, e[1].addr];
+        for r in 0..64u64 {
+            assert_eq!(pick_endpoint(&e, &tried, r * 7919).unwrap().addr, e[2].addr);
+        }
+        let all = [e[0].addr, e[1].addr, e[2].addr];
+        assert!(pick_endpoint(&e, &all, 3).is_some());
+    }
+
+    #[test]
+    fn connect_detail_matches_envoy_wording() {
+        let e = io::Error::from_raw_os_error(111);
+        assert_eq!(
+            connect_detail(&e),
+            "delayed connect error: Connection refused"
+        );
+    }
+}
