@@ -1,0 +1,387 @@
+//! The upstream leg and what the client sees: Envoy's local replies (UH, UF), retries on
+//! connect failure, forwarded headers, access-log fields, limits, h2c, TCP and sniffing.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use waypoint_tests::*;
+
+fn req(method: &str, path: &str, host: &str) -> http::request::Builder {
+    http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+}
+
+#[tokio::test]
+async fn service_without_ready_endpoints_gets_503_uh() {
+    let mut m = Manifests::new();
+    m.service("empty", "10.0.0.40", 80, "http", &[]);
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.40:80")
+        .await
+        .expect("tunnel");
+    let r = http.get("empty", "/").await.unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.text(), "no healthy upstream");
+    assert_eq!(r.header("content-type"), Some("text/plain"));
+    let log = &wp.next_logs(1)[0];
+    assert_eq!(log["response_flags"], "UH");
+    assert_eq!(log["response_code_details"], "no_healthy_upstream");
+    assert_eq!(
+        log["upstream_cluster"],
+        "inbound-vip|80|http|empty.default.svc.cluster.local"
+    );
+    assert_eq!(log["bytes_sent"], 19);
+}
+
+#[tokio::test]
+async fn refused_upstream_gets_503_uf_after_istios_default_retries() {
+    let dead = closed_port().await;
+    let mut m = Manifests::new();
+    m.service("dead", "10.0.0.41", 80, "http", &[dead]);
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.41:80")
+        .await
+        .expect("tunnel");
+    let r = http.get("dead", "/").await.unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        r.text(),
+        "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: \
+         remote connection failure, transport failure reason: delayed connect error: Connection refused"
+    );
+    let log = &wp.next_logs(1)[0];
+    assert_eq!(log["response_flags"], "UF,URX");
+    assert_eq!(
+        log["response_code_details"],
+        "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}"
+    );
+    assert_eq!(
+        log["upstream_transport_failure_reason"],
+        "delayed connect error: Connection refused"
+    );
+    assert_eq!(log["upstream_host"], dead.to_string());
+}
+
+#[tokio::test]
+async fn connect_failures_are_retried_on_another_endpoint() {
+    let dead = closed_port().await;
+    let live = Backend::echo("live").await;
+    // Same target port for both endpoints: the live backend's; the dead one on another IP.
+    let dead_same_port: std::net::SocketAddr =
+        format!("127.0.0.2:{}", live.addr.port()).parse().unwrap();
+    let _ = dead;
+    let mut m = Manifests::new();
+    m.service(
+        "mixed",
+        "10.0.0.42",
+        80,
+        "http",
+        &[dead_same_port, live.addr],
+    );
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.42:80")
+        .await
+        .expect("tunnel");
+    for _ in 0..20 {
+        let r = http.get("mixed", "/").await.unwrap();
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "live\n"));
+    }
+    for l in wp.next_logs(20) {
+        assert_eq!(l["response_flags"], "-");
+        assert_eq!(l["upstream_host"], live.addr.to_string());
+    }
+}
+
+#[tokio::test]
+async fn headers_and_access_log_match_envoys_waypoint() {
+    let b = Backend::echo("reviews").await;
+    let mut m = Manifests::new();
+    m.service("reviews", "10.0.0.10", 9080, "http", &[b.addr]);
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080")
+        .await
+        .expect("tunnel");
+    let r = http
+        .send(
+            req("GET", "/debug/headers?x=1", "reviews:9080")
+                .header("user-agent", "waypoint-test/1")
+                .header("x-forwarded-for", "1.2.3.4")
+                .header("x-forwarded-client-cert", "By=spoofed")
+                .header("x-request-id", "keep-me-1")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("server"), Some("istio-envoy"));
+    let ust: u64 = r
+        .header("x-envoy-upstream-service-time")
+        .expect("service time")
+        .parse()
+        .expect("ms");
+    let seen: Value = serde_json::from_slice(&r.body).expect("echo json");
+    let h = &seen["headers"];
+    assert_eq!(
+        h["x-request-id"], "keep-me-1",
+        "an incoming x-request-id is kept"
+    );
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(
+        h["x-forwarded-for"], "1.2.3.4",
+        "XFF neither appended to nor stripped"
+    );
+    assert_eq!(
+        h["x-forwarded-client-cert"],
+        Value::Null,
+        "XFCC is sanitized"
+    );
+    assert_eq!(h["host"], "reviews:9080");
+
+    // Without x-request-id, one is generated (UUID) and forwarded.
+    let r2 = http.get("reviews:9080", "/debug/headers").await.unwrap();
+    let seen2: Value = serde_json::from_slice(&r2.body).unwrap();
+    let rid = seen2["headers"]["x-request-id"]
+        .as_str()
+        .expect("generated id")
+        .to_string();
+    assert_eq!(rid.len(), 36);
+
+    let logs = wp.next_logs(2);
+    let l = logs[0].as_object().expect("object");
+    assert_eq!(l.len(), 24, "exactly Istio's 24 keys: {l:?}");
+    let expect = serde_json::json!({
+        "route_name": "default",
+        "method": "GET",
+        "path": "/debug/headers?x=1",
+        "protocol": "HTTP/1.1",
+        "response_code": 200,
+        "response_flags": "-",
+        "response_code_details": "via_upstream",
+        "connection_termination_details": null,
+        "upstream_transport_failure_reason": null,
+        "bytes_received": 0,
+        "bytes_sent": r.body.len(),
+        "upstream_service_time": ust.to_string(),
+        "x_forwarded_for": "1.2.3.4",
+        "user_agent": "waypoint-test/1",
+        "request_id": "keep-me-1",
+        "authority": "reviews:9080",
+        "upstream_host": b.addr.to_string(),
+        "upstream_cluster": "inbound-vip|9080|http|reviews.default.svc.cluster.local",
+        "downstream_local_address": "10.0.0.10:9080",
+        "requested_server_name": null,
+    });
+    for (k, v) in expect.as_object().unwrap() {
+        assert_eq!(&l[k], v, "key {k}");
+    }
+    let st = l["start_time"].as_str().expect("start_time");
+    assert!(
+        st.len() == 24 && st.ends_with('Z') && st.as_bytes()[10] == b'T',
+        "RFC 3339 millis: {st}"
+    );
+    assert!(l["duration"].is_u64());
+    let ula: std::net::SocketAddr = l["upstream_local_address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .expect("ip:port");
+    assert!(ula.ip().is_loopback());
+    let dra: std::net::SocketAddr = l["downstream_remote_address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .expect("ip:port");
+    assert!(dra.ip().is_loopback());
+    assert_eq!(logs[1]["request_id"], rid.as_str());
+}
+
+#[tokio::test]
+async fn request_body_is_streamed_and_counted() {
+    let b = Backend::echo("echo").await;
+    let mut m = Manifests::new();
+    m.service("echo", "10.0.0.43", 80, "http", &[b.addr]);
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.43:80")
+        .await
+        .expect("tunnel");
+    let payload = vec![b'x'; 256 * 1024];
+    let r = http
+        .send(
+            req("POST", "/echo", "echo")
+                .body(Full::new(Bytes::from(payload.clone())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), payload.len());
+    let log = &wp.next_logs(1)[0];
+    assert_eq!(log["bytes_received"], 256 * 1024);
+    assert_eq!(log["bytes_sent"], 256 * 1024);
+}
+
+#[tokio::test]
+async fn oversized_request_headers_get_431() {
+    let b = Backend::echo("echo").await;
+    let mut m = Manifests::new();
+    m.service("echo", "10.0.0.43", 80, "http", &[b.addr]);
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut stream = conn
+        .open("10.0.0.43:80", http::HeaderMap::new())
+        .await
+        .expect("tunnel");
+    let big = "a".repeat(70 * 1024);
+    stream
+        .write_all(format!("GET / HTTP/1.1\r\nhost: echo\r\nx-big: {big}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut out),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 431"), "got: {text}");
+}
+
+#[tokio::test]
+async fn http10_requests_get_426() {
+    let b = Backend::echo("echo").await;
+    let mut m = Manifests::new();
+    m.service("echo", "10.0.0.43", 80, "http", &[b.addr]);
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut stream = conn
+        .open("10.0.0.43:80", http::HeaderMap::new())
+        .await
+        .expect("tunnel");
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nhost: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut out),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.0 426") || text.starts_with("HTTP/1.1 426"),
+        "got: {text}"
+    );
+    let log = &wp.next_logs(1)[0];
+    assert_eq!(log["response_code"], 426);
+    assert_eq!(log["response_code_details"], "low_version");
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_inside_the_tunnel_is_served() {
+    let b = Backend::echo("grpcish").await;
+    let mut m = Manifests::new();
+    m.service("h2svc", "10.0.0.44", 80, "http2", &[b.addr]);
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let stream = conn
+        .open("10.0.0.44:80", http::HeaderMap::new())
+        .await
+        .expect("tunnel");
+    let (mut sender, driver) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(driver);
+    let resp = sender
+        .send_request(
+            http::Request::builder()
+                .uri("http://h2svc/x")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .expect("h2c response");
+    assert_eq!(resp.status(), 200);
+    let log = &wp.next_logs(1)[0];
+    assert_eq!(log["protocol"], "HTTP/2");
+    assert_eq!(log["authority"], "h2svc");
+}
+
+#[tokio::test]
+async fn tcp_ports_are_proxied_as_bytes_and_logged_once() {
+    let echo = Backend::tcp_echo().await;
+    let mut m = Manifests::new();
+    m.service("db", "10.0.0.45", 5432, "tcp", &[echo.addr]);
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut stream = conn
+        .open("10.0.0.45:5432", http::HeaderMap::new())
+        .await
+        .expect("tunnel");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\n\r\n not http at all")
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await.unwrap();
+    assert_eq!(
+        out, b"GET / HTTP/1.1\r\n\r\n not http at all",
+        "a tcp port is never parsed as HTTP"
+    );
+    let log = &wp.next_logs(1)[0];
+    assert_eq!(log["method"], Value::Null);
+    assert_eq!(
+        log["upstream_cluster"],
+        "inbound-vip|5432|tcp|db.default.svc.cluster.local"
+    );
+    assert_eq!(log["bytes_received"], 34);
+    assert_eq!(log["bytes_sent"], 34);
+}
+
+#[tokio::test]
+async fn undeclared_ports_are_sniffed_http_or_tcp() {
+    let http_b = Backend::echo("sniffed-http").await;
+    let tcp_b = Backend::tcp_echo().await;
+    let mut m = Manifests::new();
+    m.service("web", "10.0.0.46", 8000, "", &[http_b.addr]);
+    m.service("raw", "10.0.0.47", 7000, "", &[tcp_b.addr]);
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.46:8000")
+        .await
+        .expect("tunnel");
+    assert_eq!(http.get("web", "/").await.unwrap().text(), "sniffed-http\n");
+    let log = &wp.next_logs(1)[0];
+    assert_eq!(
+        log["upstream_cluster"],
+        "inbound-vip|8000|http|web.default.svc.cluster.local"
+    );
+
+    let mut stream = conn
+        .open("10.0.0.47:7000", http::HeaderMap::new())
+        .await
+        .expect("tunnel");
+    stream.write_all(b"\x16\x03\x01binary").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await.unwrap();
+    assert_eq!(out, b"\x16\x03\x01binary");
+    let log = &wp.next_logs(1)[0];
+    assert_eq!(
+        log["upstream_cluster"],
+        "inbound-vip|7000|tcp|raw.default.svc.cluster.local"
+    );
+}
