@@ -1,5 +1,7 @@
-//! Envoy response flags (`%RESPONSE_FLAGS%`, protocol.md 3.5), printed in Envoy's enum order
-//! and joined with `,` (so a failed connect after retries prints `UF,URX`), `-` when none.
+//! Envoy response flags (`%RESPONSE_FLAGS%`, protocol.md 3.5), joined with `,`, `-` when none.
+//! Envoy 1.40 prints them in the order they were set (observed: the waypoint's router logs a
+//! failed connect after retries as `URX,UF`, Envoy's tcp_proxy as `UF,URX`;
+//! docs/envoy-observed.md case 2), so the set remembers insertion order.
 
 use serde::{Serialize, Serializer};
 
@@ -66,19 +68,40 @@ const NAMES: [&str; 26] = [
     "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM",
 ];
 
+const FLAGS: [ResponseFlag; 26] = {
+    use ResponseFlag::*;
+    [
+        LH, UH, UT, LR, UR, UF, UC, UO, NR, DI, FI, RL, UAEX, RLSE, DC, URX, SI, IH, DPE, UMSDR,
+        RFCF, NFCF, DT, UPE, NC, OM,
+    ]
+};
+
 impl ResponseFlag {
     pub fn as_str(self) -> &'static str {
         NAMES[self as usize]
     }
 }
 
-/// A set of response flags.
+/// A set of response flags in the order they were set.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct ResponseFlags(u32);
+pub struct ResponseFlags {
+    bits: u32,
+    order: [u8; 6],
+    len: u8,
+}
 
 impl ResponseFlags {
+    /// Add `f` (no effect if already present).
     pub fn set(&mut self, f: ResponseFlag) {
-        self.0 |= 1 << (f as u32);
+        let bit = 1u32 << (f as u32);
+        if self.bits & bit != 0 {
+            return;
+        }
+        self.bits |= bit;
+        if (self.len as usize) < self.order.len() {
+            self.order[self.len as usize] = f as u8;
+            self.len += 1;
+        }
     }
 
     pub fn with(mut self, f: ResponseFlag) -> Self {
@@ -86,31 +109,32 @@ impl ResponseFlags {
         self
     }
 
-    /// Every flag of `self` and `other`.
-    pub fn union(self, other: ResponseFlags) -> ResponseFlags {
-        ResponseFlags(self.0 | other.0)
+    /// Every flag of `self`, then those of `other` not yet present.
+    pub fn union(mut self, other: ResponseFlags) -> ResponseFlags {
+        for &i in &other.order[..other.len as usize] {
+            self.set(FLAGS[i as usize]);
+        }
+        self
     }
 
     pub fn contains(&self, f: ResponseFlag) -> bool {
-        self.0 & (1 << (f as u32)) != 0
+        self.bits & (1 << (f as u32)) != 0
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0 == 0
+        self.bits == 0
     }
 
     fn write(&self, out: &mut String) {
-        if self.0 == 0 {
+        if self.bits == 0 {
             out.push('-');
             return;
         }
-        for (i, name) in NAMES.iter().enumerate() {
-            if self.0 & (1 << i) != 0 {
-                if !out.is_empty() {
-                    out.push(',');
-                }
-                out.push_str(name);
+        for (n, &i) in self.order[..self.len as usize].iter().enumerate() {
+            if n > 0 {
+                out.push(',');
             }
+            out.push_str(NAMES[i as usize]);
         }
     }
 }
@@ -142,10 +166,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn flags_print_in_envoy_order() {
+    fn flags_print_in_the_order_they_were_set() {
         assert_eq!(ResponseFlags::default().to_string(), "-");
         let f = ResponseFlags::from(ResponseFlag::URX).with(ResponseFlag::UF);
-        assert_eq!(f.to_string(), "UF,URX");
+        assert_eq!(f.to_string(), "URX,UF");
+        assert_eq!(
+            ResponseFlags::from(ResponseFlag::UF)
+                .with(ResponseFlag::URX)
+                .to_string(),
+            "UF,URX"
+        );
+        assert_eq!(f.with(ResponseFlag::UF).to_string(), "URX,UF");
+        assert!(f.contains(ResponseFlag::UF) && !f.contains(ResponseFlag::NR));
         assert_eq!(ResponseFlags::from(ResponseFlag::NC).to_string(), "NC");
     }
 }

@@ -118,7 +118,10 @@ impl TunnelRequest {
                 .header(http::header::CONTENT_TYPE, "text/plain")
                 .header(http::header::CONTENT_LENGTH, body.len());
         }
-        let builder = builder.header(http::header::SERVER, "istio-envoy");
+        // Envoy's local replies carry `date` and `server: istio-envoy` (envoy-observed.md 9).
+        let builder = builder
+            .header(http::header::DATE, http_date(std::time::SystemTime::now()))
+            .header(http::header::SERVER, "istio-envoy");
         let Ok(resp) = builder.body(()) else { return };
         match self.respond.send_response(resp, body.is_empty()) {
             Ok(mut send) if !body.is_empty() => {
@@ -128,6 +131,40 @@ impl TunnelRequest {
             Err(e) => debug!(error = %e, "could not send CONNECT rejection"),
         }
     }
+}
+
+/// IMF-fixdate (RFC 9110 5.6.7), e.g. `Sun, 22 Nov 2026 05:02:35 GMT`.
+pub fn http_date(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    let (h, m, s) = ((secs % 86_400) / 3600, (secs % 3600) / 60, secs % 60);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const WD: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MON: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
+        WD[(days.rem_euclid(7)) as usize],
+        day,
+        MON[(month - 1) as usize],
+        year,
+        h,
+        m,
+        s
+    )
 }
 
 /// Counters of the HBONE listener, shared with metrics.
@@ -339,5 +376,20 @@ impl Connection {
             }
         }
         debug!(%remote, "HBONE connection closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_date_is_imf_fixdate() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_324_955);
+        assert_eq!(http_date(t), "Sun, 22 Nov 2026 05:22:35 GMT");
+        assert_eq!(
+            http_date(std::time::UNIX_EPOCH),
+            "Thu, 01 Jan 1970 00:00:00 GMT"
+        );
     }
 }

@@ -81,8 +81,12 @@ pub enum ProxyError {
         failure: UpstreamFailure,
         retried: bool,
     },
-    /// HTTP/1.0 request: Envoy (Istio default, no PILOT_HTTP10) answers 426 `low_version`.
+    /// HTTP/1.0 request: Envoy (Istio default, no PILOT_HTTP10) answers 426
+    /// `Upgrade Required`, flag `DPE`, details `low_version` (envoy-observed.md case 6).
     Http10,
+    /// Request head over Envoy's 60 KiB `max_request_headers_kb`: 431, `DPE`,
+    /// `http1.headers_too_large` (envoy-observed.md case 7).
+    HeadersTooLarge,
     /// The request path cannot be normalized: 400 `path_normalization_failed`.
     BadPath,
 }
@@ -142,9 +146,16 @@ impl ProxyError {
             ),
             ProxyError::Http10 => reply(
                 StatusCode::UPGRADE_REQUIRED,
-                "",
-                ResponseFlags::default(),
+                "Upgrade Required",
+                ResponseFlag::DPE.into(),
                 "low_version",
+                Side::Downstream,
+            ),
+            ProxyError::HeadersTooLarge => reply(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "Request Header Fields Too Large",
+                ResponseFlag::DPE.into(),
+                "http1.headers_too_large",
                 Side::Downstream,
             ),
             ProxyError::BadPath => reply(
@@ -155,7 +166,10 @@ impl ProxyError {
                 Side::Downstream,
             ),
             ProxyError::Upstream { failure, retried } => {
-                // router.cc onUpstreamReset: body, flags and details.
+                // router.cc onUpstreamReset, as Envoy 1.40 prints it (envoy-observed.md 2, 8):
+                // the body names the reset reason only; the transport failure detail goes to
+                // the details and `upstream_transport_failure_reason` (spaces as `_`); the
+                // retry-limit flag is set before the failure flag (`URX,UF`).
                 let reason = failure.reason();
                 let detail = failure.transport_detail();
                 let mut body =
@@ -165,20 +179,16 @@ impl ProxyError {
                 }
                 body.push_str("reset reason: ");
                 body.push_str(reason);
-                if let Some(d) = detail {
-                    body.push_str(", transport failure reason: ");
-                    body.push_str(d);
-                }
                 let mut flags = ResponseFlags::default();
+                if *retried {
+                    flags.set(ResponseFlag::URX);
+                }
                 flags.set(match failure {
                     UpstreamFailure::Connect { .. } => ResponseFlag::UF,
                     UpstreamFailure::Termination => ResponseFlag::UC,
                     UpstreamFailure::RefusedStream => ResponseFlag::UR,
                     UpstreamFailure::Protocol => ResponseFlag::UPE,
                 });
-                if *retried {
-                    flags.set(ResponseFlag::URX);
-                }
                 // `upstream_reset_before_response_started{<reason>[|<detail>]}`, spaces as `_`.
                 let mut details = String::from("upstream_reset_before_response_started{");
                 details.push_str(&reason.replace(' ', "_"));
@@ -197,7 +207,7 @@ impl ProxyError {
                     body: Cow::Owned(body),
                     flags,
                     details: Cow::Owned(details),
-                    transport_failure_reason: detail.map(str::to_string),
+                    transport_failure_reason: detail.map(|d| d.replace(' ', "_")),
                     side: Side::Upstream,
                 }
             }
@@ -227,9 +237,13 @@ mod tests {
         assert_eq!(
             r.body,
             "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: \
-             remote connection failure, transport failure reason: delayed connect error: Connection refused"
+             remote connection failure"
         );
-        assert_eq!(r.flags.to_string(), "UF,URX");
+        assert_eq!(r.flags.to_string(), "URX,UF");
+        assert_eq!(
+            r.transport_failure_reason.as_deref(),
+            Some("delayed_connect_error:_Connection_refused")
+        );
         assert_eq!(
             r.details,
             "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}"

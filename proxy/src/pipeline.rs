@@ -60,6 +60,32 @@ pub struct RequestCtx {
     log: PendingLog,
 }
 
+/// The rightmost `x-forwarded-for` entry as `ip:0`, if it is an IP.
+fn xff_client(xff: &str) -> Option<String> {
+    let last = xff.rsplit(',').next()?.trim();
+    let ip: std::net::IpAddr = last.parse().ok()?;
+    Some(SocketAddr::new(ip, 0).to_string())
+}
+
+/// Size of the request head as Envoy's HTTP/1 codec counts it against
+/// `max_request_headers_kb`: request line, every `name: value\r\n`, and the final CRLF.
+fn head_size(req: &Request<Incoming>) -> usize {
+    let line = req.method().as_str().len()
+        + 1
+        + req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().len())
+            .unwrap_or(1)
+        + 11;
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + 2 + v.len() + 2)
+        .sum();
+    line + headers + 2
+}
+
 /// The route decision.
 struct Routed {
     cluster: Arc<Cluster>,
@@ -104,7 +130,14 @@ impl RequestCtx {
         r.x_forwarded_for = header_string(headers, &X_FORWARDED_FOR);
         r.request_id = header_string(headers, &X_REQUEST_ID);
         r.downstream_local_address = Some(t.vip_str.clone());
-        r.downstream_remote_address = Some(t.remote_str.clone());
+        // use_remote_address is false on waypoints, so Envoy takes the rightmost
+        // x-forwarded-for entry as the downstream address, with port 0 (envoy-observed.md 1).
+        r.downstream_remote_address = Some(
+            r.x_forwarded_for
+                .as_deref()
+                .and_then(xff_client)
+                .unwrap_or_else(|| t.remote_str.clone()),
+        );
         RequestCtx {
             log: PendingLog::new(r, started, received, t.shared.clone()),
             shared: t.shared.clone(),
@@ -134,6 +167,10 @@ impl RequestCtx {
         }
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         h.insert(header::SERVER, ISTIO_ENVOY.clone());
+        if reply.flags.contains(accesslog::ResponseFlag::DPE) {
+            // Envoy closes the downstream connection after a codec-level error reply.
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         resp
     }
 }
@@ -163,6 +200,9 @@ async fn run_phases(
     // Phase 2: validate.
     if req.version() == Version::HTTP_10 {
         return Err((ctx, ProxyError::Http10));
+    }
+    if head_size(&req) > ctx.shared.limits.max_request_headers {
+        return Err((ctx, ProxyError::HeadersTooLarge));
     }
     let path = req.uri().path();
     let normalized = match policy::normalize_path(path) {
@@ -245,9 +285,10 @@ async fn run_phases(
             Err(e) => {
                 drop(load);
                 match e.request {
-                    // Not sent (e.g. a pooled connection the upstream had just closed): try
-                    // again on a fresh connection, without spending a retry.
-                    Some(r) if stale_retries < 2 => {
+                    // Not sent on a *reused* connection the upstream had just closed: try
+                    // again on a fresh connection, without spending a retry. (A fresh
+                    // connection that fails is a real failure: Envoy does not retry it.)
+                    Some(r) if e.reused && stale_retries < 2 => {
                         upstream_req = r;
                         stale_retries += 1;
                         continue;

@@ -171,12 +171,14 @@ async fn serve_http(t: Arc<TunnelCtx>, stream: Rewind, mut drain: hbone::drain::
     builder
         .http1()
         .timer(TokioTimer::new())
-        .max_buf_size(shared.limits.max_request_headers.max(8192))
+        // Room above the 60 KiB limit so the pipeline sees oversized heads and answers them
+        // as Envoy does (431 with body, flags and a log line); beyond this hyper answers 431.
+        .max_buf_size(shared.limits.max_request_headers + 32 * 1024)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(shared.limits.max_request_headers as u32)
+        .max_header_list_size((shared.limits.max_request_headers + 32 * 1024) as u32)
         .max_concurrent_streams(Some(100));
     let service = hyper::service::service_fn(move |req| crate::pipeline::handle(t.clone(), req));
     let conn = builder.serve_connection(TokioIo::new(stream), service);

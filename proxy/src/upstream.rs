@@ -116,6 +116,8 @@ pub struct Checkout {
     pool: Arc<EndpointPool>,
     /// Our side of the upstream TCP connection (`%UPSTREAM_LOCAL_ADDRESS%`).
     pub local_addr: SocketAddr,
+    /// Taken from the pool rather than freshly connected.
+    pub reused: bool,
 }
 
 /// Gives an HTTP/1.1 connection back to its pool once the response body has been read to
@@ -143,6 +145,8 @@ impl PoolReturn {
 pub struct SendError {
     pub failure: UpstreamFailure,
     pub request: Option<Request<RequestBody>>,
+    /// The connection came from the pool (it may have been closed by the upstream meanwhile).
+    pub reused: bool,
 }
 
 fn connect_detail(e: &io::Error) -> String {
@@ -213,6 +217,7 @@ impl Upstreams {
                             sender: Sender::H1(sender),
                             pool,
                             local_addr,
+                            reused: true,
                         });
                     }
                 }
@@ -230,6 +235,7 @@ impl Upstreams {
                     sender: Sender::H1(sender),
                     pool,
                     local_addr,
+                    reused: false,
                 })
             }
             UpstreamProtocol::Http2 => {
@@ -242,6 +248,7 @@ impl Upstreams {
                         sender: Sender::H2(sender),
                         pool,
                         local_addr,
+                        reused: true,
                     });
                 }
                 let (tcp, local_addr) = self.connect(addr).await?;
@@ -263,6 +270,7 @@ impl Upstreams {
                     sender: Sender::H2(sender),
                     pool,
                     local_addr,
+                    reused: false,
                 })
             }
         }
@@ -300,6 +308,7 @@ impl Checkout {
         self,
         req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<PoolReturn>), SendError> {
+        let reused = self.reused;
         match self.sender {
             Sender::H1(mut sender) => match sender.try_send_request(req).await {
                 Ok(resp) => Ok((
@@ -315,6 +324,7 @@ impl Checkout {
                     Err(SendError {
                         failure,
                         request: e.take_message(),
+                        reused,
                     })
                 }
             },
@@ -330,6 +340,7 @@ impl Checkout {
                     Err(SendError {
                         failure,
                         request: e.take_message(),
+                        reused,
                     })
                 }
             },

@@ -49,20 +49,21 @@ async fn refused_upstream_gets_503_uf_after_istios_default_retries() {
         .expect("tunnel");
     let r = http.get("dead", "/").await.unwrap();
     assert_eq!(r.status, 503);
+    // Envoy 1.40 (envoy-observed.md case 2a): no transport detail in the body, URX first.
     assert_eq!(
         r.text(),
         "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: \
-         remote connection failure, transport failure reason: delayed connect error: Connection refused"
+         remote connection failure"
     );
     let log = &wp.next_logs(1)[0];
-    assert_eq!(log["response_flags"], "UF,URX");
+    assert_eq!(log["response_flags"], "URX,UF");
     assert_eq!(
         log["response_code_details"],
         "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}"
     );
     assert_eq!(
         log["upstream_transport_failure_reason"],
-        "delayed connect error: Connection refused"
+        "delayed_connect_error:_Connection_refused"
     );
     assert_eq!(log["upstream_host"], dead.to_string());
 }
@@ -194,7 +195,10 @@ async fn headers_and_access_log_match_envoys_waypoint() {
         .parse()
         .expect("ip:port");
     assert!(ula.ip().is_loopback());
-    let dra: std::net::SocketAddr = l["downstream_remote_address"]
+    // With x-forwarded-for present, Envoy (use_remote_address: false) logs its rightmost
+    // entry with port 0 (envoy-observed.md case 1); without it, the HBONE peer address.
+    assert_eq!(l["downstream_remote_address"], "1.2.3.4:0");
+    let dra: std::net::SocketAddr = logs[1]["downstream_remote_address"]
         .as_str()
         .unwrap()
         .parse()
@@ -281,8 +285,10 @@ async fn http10_requests_get_426() {
         text.starts_with("HTTP/1.0 426") || text.starts_with("HTTP/1.1 426"),
         "got: {text}"
     );
+    assert!(text.ends_with("Upgrade Required"), "{text}");
     let log = &wp.next_logs(1)[0];
     assert_eq!(log["response_code"], 426);
+    assert_eq!(log["response_flags"], "DPE");
     assert_eq!(log["response_code_details"], "low_version");
 }
 
