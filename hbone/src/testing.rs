@@ -77,6 +77,15 @@ impl Pki {
 
     /// Issue a leaf and return (cert-chain PEM, key PEM).
     pub fn issue_pem(&self, uri: &str) -> Result<(String, String), Error> {
+        self.issue_pem_valid(uri, None)
+    }
+
+    /// Like [`Pki::issue_pem`], valid only between the two dates (year, month, day) if given.
+    pub fn issue_pem_valid(
+        &self,
+        uri: &str,
+        validity: Option<((i32, u8, u8), (i32, u8, u8))>,
+    ) -> Result<(String, String), Error> {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "waypoint-tests");
@@ -90,6 +99,10 @@ impl Pki {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        if let Some(((y1, m1, d1), (y2, m2, d2))) = validity {
+            params.not_before = rcgen::date_time_ymd(y1, m1, d1);
+            params.not_after = rcgen::date_time_ymd(y2, m2, d2);
+        }
         let key = KeyPair::generate().map_err(rc)?;
         let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
         let cert = params.signed_by(&key, &issuer).map_err(rc)?;

@@ -12,13 +12,19 @@
 //!   `protocol.md` 2.3-2.6): a waypoint serves the Service VIPs bound to it with
 //!   `istio.io/use-waypoint`, picks the Service by the CONNECT authority (never by `Host`),
 //!   and routes with Gateway API HTTPRoute precedence.
+//! - Enforces Istio AuthorizationPolicy the way the waypoint's Envoy RBAC filters do
+//!   (`policy.md` section 1, `protocol.md` 2.9): see [`authz`].
 
+pub mod authz;
 mod compiler;
 pub mod load;
 pub mod resources;
 pub mod route;
 pub mod snapshot;
 
+pub use authz::{
+    Action, AuthzPolicy, AuthzRequest, AuthzSet, CustomMatch, Decision, DryRun, HttpAttrs, evaluate,
+};
 pub use load::{LoadedResources, load_paths, parse_manifests};
 pub use route::{
     Backend, BackendRef, HeaderMatch, MatchKind, PathMatch, QueryMatch, RouteMatch, RouteRule,

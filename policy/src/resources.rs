@@ -308,6 +308,118 @@ pub struct HttpRouteTimeouts {
     pub backend_request: Option<String>,
 }
 
+/// Istio security API group (`security.istio.io`).
+pub const SECURITY_GROUP: &str = "security.istio.io";
+
+/// security.istio.io AuthorizationPolicy (v1 or v1beta1).
+///
+/// Lists that Istio's validation treats differently when absent and when empty (`rules`,
+/// `from`, `to`, `when`) are `Option`s, so [`crate::compile`] can apply the same rules
+/// (`rules` absent on DENY is an error; `from: []` is an error; `rules: [{}]` matches all).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuthorizationPolicy {
+    pub metadata: ObjectMeta,
+    pub spec: AuthorizationPolicySpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuthorizationPolicySpec {
+    /// A workload selector (`matchLabels`). Kept only to warn: "Waypoint proxies are required
+    /// to use `targetRefs` for policies to apply; `selector` policies will be ignored".
+    pub selector: Option<Value>,
+    /// Deprecated single form of `targetRefs`.
+    pub target_ref: Option<PolicyTargetReference>,
+    pub target_refs: Vec<PolicyTargetReference>,
+    /// `ALLOW` (default), `DENY`, `AUDIT` or `CUSTOM`.
+    pub action: Option<String>,
+    /// The extension provider of a `CUSTOM` policy.
+    pub provider: Option<AuthzProvider>,
+    pub rules: Option<Vec<AuthzRule>>,
+}
+
+/// `targetRef`/`targetRefs[]` (`istio.type.v1beta1.PolicyTargetReference`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PolicyTargetReference {
+    /// `""` (core) for Service, `gateway.networking.k8s.io` for Gateway and GatewayClass.
+    pub group: Option<String>,
+    pub kind: String,
+    pub name: String,
+    /// Must be empty or the policy's own namespace (cross-namespace references are invalid).
+    pub namespace: Option<String>,
+}
+
+/// `provider` of a CUSTOM policy.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuthzProvider {
+    pub name: String,
+}
+
+/// One `rules[]` entry: `from` entries ORed, `to` entries ORed, `when` conditions ANDed.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuthzRule {
+    pub from: Option<Vec<AuthzFrom>>,
+    pub to: Option<Vec<AuthzTo>>,
+    pub when: Option<Vec<AuthzCondition>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuthzFrom {
+    pub source: Option<AuthzSource>,
+}
+
+/// `from[].source`: fields ANDed, values within a field ORed.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuthzSource {
+    pub principals: Vec<String>,
+    pub not_principals: Vec<String>,
+    pub request_principals: Vec<String>,
+    pub not_request_principals: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub not_namespaces: Vec<String>,
+    pub service_accounts: Vec<String>,
+    pub not_service_accounts: Vec<String>,
+    pub ip_blocks: Vec<String>,
+    pub not_ip_blocks: Vec<String>,
+    pub remote_ip_blocks: Vec<String>,
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuthzTo {
+    pub operation: Option<AuthzOperation>,
+}
+
+/// `to[].operation`: fields ANDed, values within a field ORed. Ports are strings in the API.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuthzOperation {
+    pub hosts: Vec<String>,
+    pub not_hosts: Vec<String>,
+    pub ports: Vec<String>,
+    pub not_ports: Vec<String>,
+    pub methods: Vec<String>,
+    pub not_methods: Vec<String>,
+    pub paths: Vec<String>,
+    pub not_paths: Vec<String>,
+}
+
+/// `when[]`: `key` with `values` (ORed) and/or `notValues` (none may match).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AuthzCondition {
+    pub key: String,
+    pub values: Vec<String>,
+    pub not_values: Vec<String>,
+}
+
 /// One Kubernetes object this waypoint understands.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resource {
@@ -317,6 +429,7 @@ pub enum Resource {
     Gateway(Gateway),
     GatewayClass(GatewayClass),
     HttpRoute(HttpRoute),
+    AuthorizationPolicy(AuthorizationPolicy),
     /// A kind (or apiVersion) the waypoint does not use; skipped with a warning.
     Unknown {
         api_version: String,
@@ -336,6 +449,7 @@ impl Resource {
             Resource::Gateway(_) => "Gateway",
             Resource::GatewayClass(_) => "GatewayClass",
             Resource::HttpRoute(_) => "HTTPRoute",
+            Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Resource::Unknown { kind, .. } => kind,
         }
     }
@@ -349,6 +463,7 @@ impl Resource {
             Resource::Gateway(r) => Some(&r.metadata),
             Resource::GatewayClass(r) => Some(&r.metadata),
             Resource::HttpRoute(r) => Some(&r.metadata),
+            Resource::AuthorizationPolicy(r) => Some(&r.metadata),
             Resource::Unknown { .. } => None,
         }
     }
@@ -372,6 +487,7 @@ impl Resource {
             "Namespace" | "Service" => group.is_empty() && version == "v1",
             "EndpointSlice" => group == "discovery.k8s.io" && version == "v1",
             "Gateway" | "GatewayClass" | "HTTPRoute" => gateway_version,
+            "AuthorizationPolicy" => group == SECURITY_GROUP && matches!(version, "v1" | "v1beta1"),
             _ => false,
         };
         if !known {
@@ -424,6 +540,10 @@ impl Resource {
                 spec: part(spec, "spec", &err)?,
             }),
             "GatewayClass" => Resource::GatewayClass(GatewayClass {
+                metadata,
+                spec: part(spec, "spec", &err)?,
+            }),
+            "AuthorizationPolicy" => Resource::AuthorizationPolicy(AuthorizationPolicy {
                 metadata,
                 spec: part(spec, "spec", &err)?,
             }),

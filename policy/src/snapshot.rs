@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::ConfigError;
+use crate::authz::{AuthzIndex, AuthzPolicy, AuthzSet};
 use crate::load::LoadedResources;
 use crate::route::RouteTable;
 
@@ -21,6 +22,12 @@ pub struct CompileOptions {
     pub trust_domain: String,
     /// DNS suffix for Service hostnames (`cluster.local` -> `reviews.default.svc.cluster.local`).
     pub cluster_domain: String,
+    /// Istio's root namespace (MeshConfig `rootNamespace`): AuthorizationPolicies here may
+    /// target GatewayClass `istio-waypoint` to apply to every waypoint.
+    pub root_namespace: String,
+    /// MeshConfig `trustDomainAliases`: policy principals in the local trust domain (or
+    /// `cluster.local`) also match these trust domains.
+    pub trust_domain_aliases: Vec<String>,
 }
 
 impl Default for CompileOptions {
@@ -30,6 +37,8 @@ impl Default for CompileOptions {
             gateway_name: "waypoint".into(),
             trust_domain: "cluster.local".into(),
             cluster_domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            trust_domain_aliases: Vec::new(),
         }
     }
 }
@@ -120,6 +129,10 @@ pub struct ServicePort {
     /// HTTPRoutes attached to this Service port, pre-sorted; `None` = no HTTPRoute, use the
     /// default route (named `default`) to `cluster`.
     pub routes: Option<Arc<RouteTable>>,
+    /// The AuthorizationPolicies for this Service's traffic (waypoint-wide ones plus those
+    /// attached to the Service); pass to [`crate::evaluate`]. Same as
+    /// [`Snapshot::authz_for`] with the cluster's Service.
+    pub authz: AuthzSet,
 }
 
 /// Result of looking up a CONNECT authority.
@@ -144,6 +157,8 @@ pub struct Snapshot {
     pub(crate) not_bound: HashMap<SocketAddr, String>,
     /// Every cluster, by name (for admin dumps and tests).
     pub(crate) clusters: HashMap<Arc<str>, Arc<Cluster>>,
+    /// AuthorizationPolicies attached to this waypoint.
+    pub(crate) authz: AuthzIndex,
     /// Non-fatal findings (unknown kinds skipped, routes whose parent is not bound, ...).
     pub warnings: Vec<String>,
 }
@@ -176,6 +191,21 @@ impl Snapshot {
 
     pub fn cluster(&self, name: &str) -> Option<Arc<Cluster>> {
         self.clusters.get(name).cloned()
+    }
+
+    /// The AuthorizationPolicies that apply to traffic for Service `namespace/name` through
+    /// this waypoint: those attached to the waypoint's Gateway (or GatewayClass
+    /// `istio-waypoint` from the root namespace) plus those attached to the Service. Cheap (one
+    /// map lookup, an `Arc` clone); cost of [`crate::evaluate`] depends only on these policies.
+    pub fn authz_for(&self, service_namespace: &str, service_name: &str) -> AuthzSet {
+        self.authz.for_service(service_namespace, service_name)
+    }
+
+    /// Every AuthorizationPolicy attached to this waypoint (its Gateway, or GatewayClass
+    /// `istio-waypoint` from the root namespace) or to a Service, sorted by namespace and name
+    /// (for admin dumps and `waypoint check`).
+    pub fn authz_policies(&self) -> &[Arc<AuthzPolicy>] {
+        &self.authz.policies
     }
 }
 

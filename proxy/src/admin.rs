@@ -65,6 +65,12 @@ fn ready(shared: &Shared) -> Response<Full<Bytes>> {
             "text/plain",
             "draining\n".into(),
         )
+    } else if crate::app::cert_seconds_left(shared) <= 0 {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "certificate expired\n".into(),
+        )
     } else {
         text(StatusCode::OK, "text/plain", "ready\n".into())
     }
@@ -86,6 +92,7 @@ fn answer(shared: &Shared, role: Role, req: &Request<Incoming>) -> Response<Full
             text(StatusCode::OK, "application/json", config_dump(shared))
         }
         (Role::Admin, "/clusters") => text(StatusCode::OK, "text/plain", clusters(shared)),
+        (Role::Admin, "/logging") => logging(req),
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -131,6 +138,16 @@ fn prometheus(shared: &Shared) -> String {
             "waypoint_config_reloads_failed_total",
             "Rejected configuration reloads (the last good configuration stayed).",
             shared.reloads_failed.load(Ordering::Relaxed),
+        ),
+        (
+            "waypoint_certificate_expiry_seconds",
+            "Seconds until the workload certificate expires.",
+            crate::app::cert_seconds_left(shared).max(0) as u64,
+        ),
+        (
+            "waypoint_certificate_reloads_total",
+            "Certificate rotations picked up.",
+            shared.cert_reloads.load(Ordering::Relaxed),
         ),
         (
             "waypoint_access_log_dropped_total",
@@ -179,6 +196,43 @@ fn config_dump(shared: &Shared) -> String {
         "last_reload_error": last_error,
     });
     serde_json::to_string_pretty(&dump).unwrap_or_default()
+}
+
+/// `GET /logging`: the current filter; `POST /logging?level=debug` (or `?filter=proxy=debug`):
+/// change it at runtime.
+fn logging(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let query = req.uri().query().unwrap_or("");
+    let wanted = query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == "level" || k == "filter").then(|| v.replace("%3D", "=").replace("%2C", ","))
+    });
+    match (req.method(), wanted) {
+        (&http::Method::POST, Some(directive)) => match crate::logging::set(&directive) {
+            Ok(()) => text(
+                StatusCode::OK,
+                "text/plain",
+                format!("active filter: {directive}\n"),
+            ),
+            Err(e) => text(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+        },
+        (&http::Method::POST, None) => text(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "usage: POST /logging?level=<info|debug|...> or ?filter=<tracing filter>\n".into(),
+        ),
+        _ => match crate::logging::current() {
+            Some(f) => text(
+                StatusCode::OK,
+                "text/plain",
+                format!("active filter: {f}\n"),
+            ),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "log level control is not available in this process\n".into(),
+            ),
+        },
+    }
 }
 
 /// Envoy `/clusters` style: `<cluster>::<endpoint>::rq_active::<n>`.

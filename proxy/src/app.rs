@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use accesslog::AccessLogger;
@@ -45,6 +45,8 @@ pub struct Config {
     pub server: ServerSettings,
     pub limits: Limits,
     pub upstream: UpstreamSettings,
+    /// How often config and certificate files are checked for changes (`None`: only SIGHUP).
+    pub watch_interval: Option<Duration>,
 }
 
 impl Default for Config {
@@ -63,6 +65,7 @@ impl Default for Config {
             server: ServerSettings::default(),
             limits: Limits::default(),
             upstream: UpstreamSettings::default(),
+            watch_interval: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -74,6 +77,7 @@ impl Config {
             gateway_name: self.gateway_name.clone(),
             trust_domain: self.trust_domain.clone(),
             cluster_domain: "cluster.local".into(),
+            ..CompileOptions::default()
         }
     }
 }
@@ -124,6 +128,10 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 
 /// Start a waypoint: everything is bound and serving when this returns.
 pub async fn start(config: Config, inputs: Inputs) -> anyhow::Result<Running> {
+    // Fingerprints first: a change made while we load is then seen as a change.
+    let config_fp = crate::watch::fingerprint(&config.config_paths);
+    let cert_fp = crate::watch::fingerprint(&crate::watch::cert_files(&config.certs_dir));
+    let certs_from_dir = inputs.certs.is_none();
     let certs = match inputs.certs {
         Some(c) => c,
         None => {
@@ -137,6 +145,7 @@ pub async fn start(config: Config, inputs: Inputs) -> anyhow::Result<Running> {
             "our certificate's trust domain differs from --trust-domain; clients will be checked against --trust-domain"
         );
     }
+    let snapshot_from_files = inputs.snapshot.is_none();
     let snapshot = match inputs.snapshot {
         Some(s) => s,
         None => load_snapshot(&config).map_err(|errs| {
@@ -150,10 +159,10 @@ pub async fn start(config: Config, inputs: Inputs) -> anyhow::Result<Running> {
     for w in &snapshot.warnings {
         warn!("config: {w}");
     }
-    let server_tls = ServerTls {
+    let server_tls = Arc::new(ArcSwap::from_pointee(ServerTls {
         config: hbone::tls::server_config(&certs, &config.trust_domain)?,
         identity: Some(certs.identity.clone()),
-    };
+    }));
     let (trigger, watcher) = drain::channel();
     let hbone_stats = Arc::new(ServerStats::default());
     let shared = Arc::new(Shared {
@@ -167,6 +176,8 @@ pub async fn start(config: Config, inputs: Inputs) -> anyhow::Result<Running> {
         reloads_ok: AtomicU64::new(0),
         reloads_failed: AtomicU64::new(0),
         last_reload_error: Mutex::new(None),
+        cert_not_after: AtomicI64::new(certs.leaf_not_after().unwrap_or(i64::MAX)),
+        cert_reloads: AtomicU64::new(0),
     });
 
     let hbone_listener = bind(config.hbone_addr, "HBONE").await?;
@@ -180,7 +191,9 @@ pub async fn start(config: Config, inputs: Inputs) -> anyhow::Result<Running> {
 
     let mut tasks = Vec::new();
     let handler_shared = shared.clone();
-    let tls_source: hbone::server::TlsSource = Arc::new(move || server_tls.clone());
+    let tls_for_listener = server_tls.clone();
+    let tls_source: hbone::server::TlsSource =
+        Arc::new(move || (**tls_for_listener.load()).clone());
     tasks.push(tokio::spawn(hbone::server::serve(
         hbone_listener,
         tls_source,
@@ -204,6 +217,16 @@ pub async fn start(config: Config, inputs: Inputs) -> anyhow::Result<Running> {
         shared.clone(),
         admin::Role::Admin,
     )));
+    if let Some(interval) = config.watch_interval {
+        tasks.push(tokio::spawn(watch_files(
+            shared.clone(),
+            config.clone(),
+            server_tls,
+            interval,
+            snapshot_from_files.then_some(config_fp),
+            certs_from_dir.then_some(cert_fp),
+        )));
+    }
     info!(%hbone_addr, %ready_addr, %metrics_addr, %admin_addr, identity = %certs.identity, "waypoint serving");
     Ok(Running {
         hbone_addr,
@@ -221,29 +244,7 @@ impl Running {
     /// Re-read every config path and swap in the new snapshot; on any error keep the current
     /// one, count the failure and remember the error for `/config_dump`.
     pub fn reload(&self) -> Result<(), Vec<ConfigError>> {
-        match load_snapshot(&self.config) {
-            Ok(s) => {
-                for w in &s.warnings {
-                    warn!("config: {w}");
-                }
-                self.shared.snapshot.store(Arc::new(s));
-                self.shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                if let Ok(mut e) = self.shared.last_reload_error.lock() {
-                    *e = None;
-                }
-                info!("configuration reloaded");
-                Ok(())
-            }
-            Err(errs) => {
-                self.shared.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                let text = format_errors(&errs);
-                warn!("configuration reload failed; keeping the last good configuration:\n{text}");
-                if let Ok(mut e) = self.shared.last_reload_error.lock() {
-                    *e = Some(text);
-                }
-                Err(errs)
-            }
-        }
+        reload_config(&self.shared, &self.config)
     }
 
     /// Drain: stop accepting, GOAWAY every HBONE connection, let requests in flight finish
@@ -269,5 +270,112 @@ impl Running {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+}
+
+/// Load, compile and swap the configuration, or keep the last good one.
+pub fn reload_config(shared: &Shared, config: &Config) -> Result<(), Vec<ConfigError>> {
+    match load_snapshot(config) {
+        Ok(s) => {
+            for w in &s.warnings {
+                warn!("config: {w}");
+            }
+            shared.snapshot.store(Arc::new(s));
+            shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut e) = shared.last_reload_error.lock() {
+                *e = None;
+            }
+            info!("configuration reloaded");
+            Ok(())
+        }
+        Err(errs) => {
+            shared.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            let text = format_errors(&errs);
+            warn!("configuration reload failed; keeping the last good configuration:\n{text}");
+            if let Ok(mut e) = shared.last_reload_error.lock() {
+                *e = Some(text);
+            }
+            Err(errs)
+        }
+    }
+}
+
+/// Reload certificates from `certs_dir`; new connections use them, established ones keep
+/// theirs. On failure the current certificate stays.
+fn reload_certs(shared: &Shared, config: &Config, tls: &ArcSwap<ServerTls>) {
+    let loaded = CertBundle::load_dir(&config.certs_dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|c| Ok((hbone::tls::server_config(&c, &config.trust_domain)?, c)));
+    match loaded {
+        Ok((server_config, certs)) => {
+            tls.store(Arc::new(ServerTls {
+                config: server_config,
+                identity: Some(certs.identity.clone()),
+            }));
+            shared.cert_not_after.store(
+                certs.leaf_not_after().unwrap_or(i64::MAX),
+                Ordering::Relaxed,
+            );
+            shared.cert_reloads.fetch_add(1, Ordering::Relaxed);
+            info!(identity = %certs.identity, "certificates reloaded");
+        }
+        Err(e) => warn!("certificate reload failed; keeping the current certificate: {e:#}"),
+    }
+}
+
+/// Seconds until our certificate expires (negative once expired).
+pub fn cert_seconds_left(shared: &Shared) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    shared
+        .cert_not_after
+        .load(Ordering::Relaxed)
+        .saturating_sub(now)
+}
+
+/// Poll config and certificate files; reload whatever changed. Warns once a day-ish ahead of
+/// certificate expiry (at less than 24 h left).
+async fn watch_files(
+    shared: Arc<Shared>,
+    config: Config,
+    tls: Arc<ArcSwap<ServerTls>>,
+    interval: Duration,
+    config_fp: Option<u64>,
+    cert_fp: Option<u64>,
+) {
+    let cert_paths = crate::watch::cert_files(&config.certs_dir);
+    let (watch_config, mut config_fp) = (config_fp.is_some(), config_fp.unwrap_or(0));
+    let (watch_certs, mut cert_fp) = (cert_fp.is_some(), cert_fp.unwrap_or(0));
+    let mut warned_expiry = false;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if watch_config {
+            let fp = crate::watch::fingerprint(&config.config_paths);
+            if fp != config_fp {
+                config_fp = fp;
+                info!("configuration files changed; reloading");
+                let _ = reload_config(&shared, &config);
+            }
+        }
+        if watch_certs {
+            let fp = crate::watch::fingerprint(&cert_paths);
+            if fp != cert_fp {
+                cert_fp = fp;
+                reload_certs(&shared, &config, &tls);
+                warned_expiry = false;
+            }
+        }
+        let left = cert_seconds_left(&shared);
+        if left < 24 * 3600 && !warned_expiry {
+            warned_expiry = true;
+            warn!(
+                seconds_left = left,
+                "the workload certificate expires soon (or has expired); rotate cert-chain.pem/key.pem"
+            );
+        }
     }
 }

@@ -17,11 +17,13 @@ pub mod body;
 pub mod client;
 pub mod demo;
 pub mod error;
+pub mod logging;
 pub mod logguard;
 pub mod metrics;
 pub mod pipeline;
 pub mod state;
 pub mod tunnel;
 pub mod upstream;
+pub mod watch;
 
 pub use app::{Config, Inputs, Running, start};

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use accesslog::{AccessLogRecord, ResponseFlag};
 use tokio::time::Instant;
 
+use crate::metrics::SourceId;
 use crate::state::Shared;
+use policy::Cluster;
 
 /// A record being filled in across the request's phases.
 pub struct PendingLog {
@@ -20,6 +22,9 @@ struct Inner {
     started: Instant,
     received: Arc<AtomicU64>,
     shared: Arc<Shared>,
+    source: SourceId,
+    cluster: Option<Arc<Cluster>>,
+    grpc: bool,
 }
 
 impl PendingLog {
@@ -28,6 +33,8 @@ impl PendingLog {
         started: Instant,
         received: Arc<AtomicU64>,
         shared: Arc<Shared>,
+        source: SourceId,
+        grpc: bool,
     ) -> PendingLog {
         PendingLog {
             inner: Some(Inner {
@@ -35,7 +42,18 @@ impl PendingLog {
                 started,
                 received,
                 shared,
+                source,
+                cluster: None,
+                grpc,
             }),
+        }
+    }
+
+    /// The upstream cluster chosen by routing (destination labels of the metrics).
+    pub fn set_cluster(&mut self, cluster: Arc<Cluster>) {
+        if let Some(i) = self.inner.as_mut() {
+            i.record.upstream_cluster = Some(cluster.name.clone());
+            i.cluster = Some(cluster);
         }
     }
 
@@ -64,7 +82,10 @@ impl PendingLog {
         r.duration = inner.started.elapsed().as_millis() as u64;
         r.bytes_received = inner.received.load(Ordering::Relaxed);
         r.bytes_sent = bytes_sent;
-        inner.shared.metrics.record_request(r);
+        inner
+            .shared
+            .metrics
+            .record_http(inner.source, inner.cluster.as_ref(), r, inner.grpc);
         if let Some(logger) = &inner.shared.access_log {
             logger.log(inner.record);
         }

@@ -111,14 +111,13 @@ struct CertsArgs {
 }
 
 fn init_tracing() {
-    // Diagnostics go to stderr; stdout is reserved for access-log lines.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WAYPOINT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    // Diagnostics go to stderr; stdout is reserved for access-log lines. The filter can be
+    // changed at runtime through the admin `/logging` endpoint.
+    let initial = std::env::var("WAYPOINT_LOG").unwrap_or_else(|_| "info".into());
+    proxy::logging::init(
+        &initial,
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    );
 }
 
 fn split_gateway(g: &str) -> Result<(String, String), String> {

@@ -138,8 +138,11 @@ impl RequestCtx {
                 .and_then(xff_client)
                 .unwrap_or_else(|| t.remote_str.clone()),
         );
+        let grpc = headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         RequestCtx {
-            log: PendingLog::new(r, started, received, t.shared.clone()),
+            log: PendingLog::new(r, started, received, t.shared.clone(), t.source, grpc),
             shared: t.shared.clone(),
         }
     }
@@ -229,7 +232,7 @@ async fn run_phases(
         }
         Err(e) => return Err((ctx, e)),
     };
-    ctx.record().upstream_cluster = Some(routed.cluster.name.clone());
+    ctx.log.set_cluster(routed.cluster.clone());
 
     // Phase 4: authz (AuthorizationPolicy) comes here.
 
@@ -449,6 +452,17 @@ fn respond(
         HeaderValue::from(service_time_ms),
     );
     parts.version = Version::default();
+    if ctx
+        .shared
+        .draining
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        // Drain: the client learns on this response that the connection ends after it
+        // (HTTP/1.1; hyper drops the header for h2c, which gets GOAWAY instead).
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let r = ctx.record();
     r.response_code = parts.status.as_u16();
     r.response_code_details = Some("via_upstream".into());

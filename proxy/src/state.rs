@@ -46,4 +46,7 @@ pub struct Shared {
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
     pub last_reload_error: Mutex<Option<String>>,
+    /// Unix time at which our certificate expires (readiness fails after it).
+    pub cert_not_after: std::sync::atomic::AtomicI64,
+    pub cert_reloads: AtomicU64,
 }

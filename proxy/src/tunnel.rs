@@ -43,6 +43,8 @@ pub struct TunnelCtx {
     pub peer: Arc<PeerInfo>,
     /// The Service port as bound when the tunnel was opened.
     pub service: Arc<ServicePort>,
+    /// Interned source labels of the metrics (from the peer identity and `baggage`).
+    pub source: crate::metrics::SourceId,
 }
 
 /// Handle one stream received on the HBONE listener.
@@ -88,6 +90,12 @@ pub async fn handle_tunnel(shared: Arc<Shared>, req: TunnelRequest) {
     };
     let peer = req.peer.clone();
     let drain = req.drain.clone();
+    let source = shared
+        .metrics
+        .source(crate::metrics::SourceLabels::from_tunnel(
+            peer.identity.as_ref(),
+            req.headers.get("baggage").and_then(|v| v.to_str().ok()),
+        ));
     let stream = match req.accept() {
         Ok(s) => s,
         Err(e) => {
@@ -102,6 +110,7 @@ pub async fn handle_tunnel(shared: Arc<Shared>, req: TunnelRequest) {
         remote_str: peer.remote.to_string(),
         peer,
         service: service.clone(),
+        source,
     });
     match service.protocol {
         AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc => {
@@ -124,8 +133,9 @@ pub fn parse_authority(authority: &str) -> Option<SocketAddr> {
     authority.parse::<SocketAddr>().ok()
 }
 
+/// Log a line that is not an HTTP request through a chain (listener NR, failed CONNECT, TCP):
+/// Envoy's istio stats filter does not count those as requests.
 fn emit(shared: &Shared, r: AccessLogRecord) {
-    shared.metrics.record_request(&r);
     if let Some(l) = &shared.access_log {
         l.log(r);
     }
@@ -163,6 +173,9 @@ fn refuse_unknown_authority(
     emit(shared, r);
 }
 
+/// How long a draining inner connection may stay idle before it is closed.
+const DRAIN_IDLE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serve the tunnel as HTTP/1.1 or h2c (Envoy codec AUTO), until the client closes it or
 /// the drain asks inner connections to finish their current request.
 async fn serve_http(t: Arc<TunnelCtx>, stream: Rewind, mut drain: hbone::drain::DrainWatcher) {
@@ -190,10 +203,19 @@ async fn serve_http(t: Arc<TunnelCtx>, stream: Rewind, mut drain: hbone::drain::
             }
         }
         _ = drain.signaled() => {
-            // Drain: HTTP/1.1 answers its current request with `Connection: close`,
-            // h2c sends GOAWAY; both then finish.
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+            // Drain: responses now carry `Connection: close`, so a busy HTTP/1.1 connection
+            // ends after its current response without racing the client's next request.
+            // A connection still open after a short grace is idle (or h2c): shut it down
+            // gracefully (h2c: GOAWAY, in-flight streams finish).
+            let grace = tokio::time::sleep(DRAIN_IDLE_GRACE);
+            tokio::pin!(grace);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = &mut grace => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
         }
     }
 }
@@ -319,6 +341,7 @@ async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, sta
     };
     let _ = upstream.set_nodelay(true);
     r.upstream_local_address = upstream.local_addr().ok().map(|a| a.to_string());
+    shared.metrics.tcp_opened(t.source, Some(&cluster));
     endpoint.load.inc();
     let result = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
     endpoint.load.dec();
@@ -335,6 +358,7 @@ async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, sta
         }
     }
     r.duration = started.elapsed().as_millis() as u64;
+    shared.metrics.tcp_closed(t.source, Some(&cluster), &r);
     emit(shared, r);
 }
 

@@ -241,12 +241,31 @@ impl TestWaypoint {
     }
 
     pub async fn start_with(yaml: &str, tweak: impl FnOnce(&mut Config)) -> TestWaypoint {
+        Self::start_full(yaml, tweak, false).await
+    }
+
+    /// Start with certificates read from `<dir>/certs` (Istio's file names), so rotation by
+    /// rewriting the files can be tested.
+    pub async fn start_with_cert_dir(yaml: &str) -> TestWaypoint {
+        Self::start_full(yaml, |_| {}, true).await
+    }
+
+    async fn start_full(
+        yaml: &str,
+        tweak: impl FnOnce(&mut Config),
+        cert_dir: bool,
+    ) -> TestWaypoint {
         init_tracing();
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("config.yaml"), yaml).expect("write config");
         let pki = Arc::new(Pki::new(TD).expect("pki"));
         let certs = pki.issue("default", "waypoint").expect("waypoint cert");
         let identity = certs.identity.clone();
+        let certs_dir = dir.path().join("certs");
+        if cert_dir {
+            pki.write_dir(&certs_dir, "default", "waypoint")
+                .expect("cert files");
+        }
         let (sink, logs) = LineSink::new();
         let mut config = Config {
             config_paths: vec![dir.path().to_path_buf()],
@@ -255,13 +274,15 @@ impl TestWaypoint {
             metrics_addr: ([127, 0, 0, 1], 0).into(),
             admin_addr: ([127, 0, 0, 1], 0).into(),
             drain_timeout: Duration::from_secs(5),
+            certs_dir,
+            watch_interval: Some(Duration::from_millis(100)),
             ..Config::default()
         };
         tweak(&mut config);
         let running = proxy::start(
             config,
             Inputs {
-                certs: Some(certs),
+                certs: if cert_dir { None } else { Some(certs) },
                 snapshot: None,
                 access_log: Some(AccessLogger::spawn(Box::new(sink))),
             },

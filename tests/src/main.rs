@@ -4,5 +4,6 @@
 mod binary;
 mod envoy_interop;
 mod hbone_listener;
+mod operations;
 mod routing;
 mod upstream;

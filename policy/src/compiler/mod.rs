@@ -13,6 +13,7 @@ use std::sync::Arc;
 use http::{HeaderName, Method};
 
 use crate::ConfigError;
+use crate::authz::AuthzIndex;
 use crate::load::LoadedResources;
 use crate::resources::{
     Gateway, GatewayClass, HttpBackendRef, HttpRoute, HttpRouteMatch, HttpValueMatch, IntOrString,
@@ -136,9 +137,10 @@ pub(crate) fn compile(
 
     // Index, rejecting duplicates (the later definition is the error).
     let mut seen = HashSet::new();
-    let (mut gateways, mut classes, mut services, mut slices, mut routes) = (
+    let (mut gateways, mut classes, mut services, mut slices, mut routes, mut policies) = (
         Vec::new(),
         HashMap::new(),
+        Vec::new(),
         Vec::new(),
         Vec::new(),
         Vec::new(),
@@ -161,6 +163,7 @@ pub(crate) fn compile(
                 classes.insert(g.metadata.name.as_str(), g);
             }
             Resource::HttpRoute(h) => routes.push(h),
+            Resource::AuthorizationPolicy(p) => policies.push(p),
             Resource::Unknown { .. } => {}
         }
     }
@@ -213,7 +216,12 @@ pub(crate) fn compile(
     for r in routes {
         c.route(r, &mut tables);
     }
-    let (bound, not_bound) = c.vip_index(tables);
+    let authz = {
+        let services = &c.services;
+        let exists = |ns: &str, name: &str| services.contains_key(&(ns, name));
+        crate::authz::compile_policies(&policies, options, &exists, &mut c.errors, &mut c.warnings)
+    };
+    let (bound, not_bound) = c.vip_index(tables, &authz);
 
     if !c.errors.is_empty() {
         return Err(c.errors);
@@ -225,6 +233,7 @@ pub(crate) fn compile(
         bound,
         not_bound,
         clusters: clusters.map(|cl| (cl.name.clone(), cl)).collect(),
+        authz,
         warnings: c.warnings,
     })
 }
@@ -353,6 +362,7 @@ impl<'a> Compiler<'a> {
     fn vip_index(
         &mut self,
         mut tables: HashMap<(SvcKey<'a>, u16), Candidates>,
+        authz: &AuthzIndex,
     ) -> (
         HashMap<SocketAddr, Arc<ServicePort>>,
         HashMap<SocketAddr, String>,
@@ -377,6 +387,7 @@ impl<'a> Compiler<'a> {
                         let routes = tables
                             .remove(&(key, port))
                             .map(|c| Arc::new(RouteTable::build(c)));
+                        let authz = authz.for_service(key.0, key.1);
                         for vip in &vips {
                             let vip = SocketAddr::new(*vip, port);
                             let (cluster, routes) = (cluster.clone(), routes.clone());
@@ -387,6 +398,7 @@ impl<'a> Compiler<'a> {
                                     protocol,
                                     cluster,
                                     routes,
+                                    authz: authz.clone(),
                                 }),
                             );
                         }
