@@ -89,6 +89,9 @@ pub enum ProxyError {
     HeadersTooLarge,
     /// The request path cannot be normalized: 400 `path_normalization_failed`.
     BadPath,
+    /// AuthorizationPolicy denied the request: 403 `RBAC: access denied` (19 bytes), no
+    /// response flag, details `rbac_access_denied_matched_policy[<id>|none]` (protocol.md 3.4, 3.7).
+    RbacDenied { details: String },
 }
 
 /// What a local reply looks like.
@@ -165,6 +168,14 @@ impl ProxyError {
                 "path_normalization_failed",
                 Side::Downstream,
             ),
+            ProxyError::RbacDenied { details } => LocalReply {
+                status: StatusCode::FORBIDDEN,
+                body: Cow::Borrowed("RBAC: access denied"),
+                flags: ResponseFlags::default(),
+                details: Cow::Owned(details.clone()),
+                transport_failure_reason: None,
+                side: Side::Downstream,
+            },
             ProxyError::Upstream { failure, retried } => {
                 // router.cc onUpstreamReset, as Envoy 1.40 prints it (envoy-observed.md 2, 8):
                 // the body names the reset reason only; the transport failure detail goes to

@@ -8,7 +8,10 @@
 //! 3. **route**: the Service comes from the tunnel's CONNECT authority (never from `Host`,
 //!    protocol.md 2.6); its HTTPRoutes pick a rule, or the implicit `default` route applies.
 //!    No rule matches: 404 `NR`.
-//! 4. **authz**: AuthorizationPolicy (not implemented yet; requests are allowed).
+//! 4. **authz**: the AuthorizationPolicies attached to this waypoint or Service, evaluated in
+//!    Istio's order (CUSTOM, DENY, ALLOW; `policy::authz`) on the tunnel's peer identity;
+//!    denial: 403 `RBAC: access denied`. Runs before "no route" is answered, as Envoy's RBAC
+//!    filter runs before its router.
 //! 5. **backend**: a weighted backendRef is drawn; unresolvable: 500 `NC`; all weights zero:
 //!    500; no ready endpoint: 503 `UH`.
 //! 6. **upstream**: least-request endpoint, pooled connection, request headers rewritten as
@@ -221,20 +224,63 @@ async fn run_phases(
         // with, as Envoy drains a removed filter chain.
         _ => t.service.clone(),
     };
-    let routed = match route(&service, &req, &normalized) {
-        Ok((name, backend)) => {
-            ctx.record().route_name = Some(name);
-            match backend {
-                Some(Backend::Cluster(c)) => Routed { cluster: c },
-                Some(Backend::Invalid { .. }) => return Err((ctx, ProxyError::ClusterNotFound)),
-                None => return Err((ctx, ProxyError::NoBackendWeight)),
-            }
+    // The route is resolved before authorization so a denied request is still logged with
+    // its route and cluster, as Envoy's RBAC filter logs the cached route (protocol.md 3.4).
+    let routed = route(&service, &req, &normalized);
+    if let Ok((name, backend)) = &routed {
+        ctx.record().route_name = Some(name.clone());
+        if let Some(Backend::Cluster(c)) = backend {
+            ctx.log.set_cluster(c.clone());
         }
+    }
+
+    // Phase 4: authz. RBAC runs before the router in Envoy's filter chain, so a denial wins
+    // over "no route".
+    if !service.authz.is_empty() {
+        let host = ctx.record().authority.clone().unwrap_or_default();
+        let remote_ip = ctx
+            .record()
+            .downstream_remote_address
+            .as_deref()
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .map(|a| a.ip());
+        let decision = policy::evaluate(
+            &service.authz,
+            &policy::AuthzRequest {
+                source_principal: t.principal.as_deref(),
+                source_ip: Some(t.peer.remote.ip()),
+                remote_ip,
+                dest_ip: Some(t.vip.ip()),
+                dest_port: t.vip.port(),
+                http: Some(policy::HttpAttrs {
+                    method: req.method().as_str(),
+                    path: &normalized,
+                    host: &host,
+                    headers: req.headers(),
+                    request_principal: None,
+                    request_auth: None,
+                }),
+            },
+        );
+        if let Some(dry) = &decision.dry_run {
+            tracing::debug!(allowed = dry.allowed, policy = ?dry.matched_policy, "dry-run authorization result");
+        }
+        if !decision.allowed {
+            return Err((
+                ctx,
+                ProxyError::RbacDenied {
+                    details: decision.details,
+                },
+            ));
+        }
+    }
+
+    let routed = match routed {
+        Ok((_, Some(Backend::Cluster(c)))) => Routed { cluster: c },
+        Ok((_, Some(Backend::Invalid { .. }))) => return Err((ctx, ProxyError::ClusterNotFound)),
+        Ok((_, None)) => return Err((ctx, ProxyError::NoBackendWeight)),
         Err(e) => return Err((ctx, e)),
     };
-    ctx.log.set_cluster(routed.cluster.clone());
-
-    // Phase 4: authz (AuthorizationPolicy) comes here.
 
     // Phase 5: backend.
     if routed.cluster.endpoints.is_empty() {

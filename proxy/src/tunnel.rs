@@ -45,6 +45,9 @@ pub struct TunnelCtx {
     pub service: Arc<ServicePort>,
     /// Interned source labels of the metrics (from the peer identity and `baggage`).
     pub source: crate::metrics::SourceId,
+    /// The peer's SPIFFE URI, Istio's `io.istio.peer_principal`: the only source of
+    /// principals and namespaces for authorization (never anything inside the tunnel).
+    pub principal: Option<String>,
 }
 
 /// Handle one stream received on the HBONE listener.
@@ -103,6 +106,7 @@ pub async fn handle_tunnel(shared: Arc<Shared>, req: TunnelRequest) {
             return;
         }
     };
+    let principal = peer.identity.as_ref().map(|i| i.to_string());
     let t = Arc::new(TunnelCtx {
         shared: shared.clone(),
         vip,
@@ -111,6 +115,7 @@ pub async fn handle_tunnel(shared: Arc<Shared>, req: TunnelRequest) {
         peer,
         service: service.clone(),
         source,
+        principal,
     });
     match service.protocol {
         AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc => {
@@ -316,6 +321,31 @@ async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, sta
     });
     r.downstream_local_address = Some(t.vip_str.clone());
     r.downstream_remote_address = Some(t.remote_str.clone());
+    // Network RBAC (policy.md 1.7): HTTP-only fields never match ALLOW rules and are ignored
+    // by DENY rules on TCP. A denial closes the connection and is logged.
+    let snapshot = shared.snapshot.load_full();
+    let service = match snapshot.lookup_vip(t.vip) {
+        VipLookup::Bound(sp) => sp,
+        _ => t.service.clone(),
+    };
+    if !service.authz.is_empty() {
+        let req = policy::AuthzRequest {
+            source_principal: t.principal.as_deref(),
+            source_ip: Some(t.peer.remote.ip()),
+            remote_ip: Some(t.peer.remote.ip()),
+            dest_ip: Some(t.vip.ip()),
+            dest_port: t.vip.port(),
+            http: None,
+        };
+        let decision = policy::evaluate(&service.authz, &req);
+        if !decision.allowed {
+            r.connection_termination_details = Some(decision.details.into());
+            r.duration = started.elapsed().as_millis() as u64;
+            emit(shared, r);
+            stream.inner.reset(h2::Reason::CONNECT_ERROR);
+            return;
+        }
+    }
     let Some(endpoint) = pick_endpoint(&cluster.endpoints, &[], rand::random::<u64>()) else {
         r.response_flags.set(ResponseFlag::UH);
         r.duration = started.elapsed().as_millis() as u64;

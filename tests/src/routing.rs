@@ -180,3 +180,70 @@ async fn zero_weights_and_missing_backends_answer_500() {
     assert_eq!(logs[1]["response_flags"], "NC");
     assert_eq!(logs[1]["response_code_details"], "cluster_not_found");
 }
+
+/// AuthorizationPolicy through real HBONE, with three identities: same namespace, another
+/// namespace, and a client certificate from an untrusted CA (rejected before any policy).
+#[tokio::test]
+async fn authorization_policy_uses_the_tunnel_identity() {
+    let b = Backend::echo("reviews").await;
+    let mut m = Manifests::new();
+    m.service("reviews", "10.0.0.10", 9080, "http", &[b.addr]);
+    m.push(include_str!("../../examples/envoy-reference-authz.yaml"));
+    let wp = TestWaypoint::start(&m.yaml()).await;
+
+    let sleep = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&sleep, "10.0.0.10:9080").await.unwrap();
+    assert_eq!(http.get("reviews:9080", "/").await.unwrap().status, 200);
+    let post = http
+        .send(
+            http::Request::builder()
+                .method("POST")
+                .uri("/")
+                .header("host", "reviews:9080")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"x=1")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(post.status, 403);
+    assert_eq!(post.text(), "RBAC: access denied");
+
+    // Same namespace, other service account: allowed by `namespaces: [default]`.
+    let other_sa = wp.connect_as("default", "productpage").await;
+    let mut http2 = TunnelHttp::open(&other_sa, "10.0.0.10:9080").await.unwrap();
+    assert_eq!(http2.get("reviews:9080", "/").await.unwrap().status, 200);
+
+    // Another namespace: denied; identity comes from the certificate, not from headers.
+    let attacker = wp.connect_as("other", "attacker").await;
+    let mut http3 = TunnelHttp::open(&attacker, "10.0.0.10:9080").await.unwrap();
+    let r = http3
+        .send(
+            http::Request::builder()
+                .uri("/")
+                .header("host", "reviews:9080")
+                .header(
+                    "x-forwarded-client-cert",
+                    "URI=spiffe://cluster.local/ns/default/sa/sleep",
+                )
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+
+    let logs = wp.next_logs(4);
+    assert_eq!(logs[1]["response_code"], 403);
+    assert_eq!(logs[1]["response_flags"], "-");
+    assert_eq!(
+        logs[1]["response_code_details"],
+        "rbac_access_denied_matched_policy[none]"
+    );
+    assert_eq!(logs[1]["bytes_sent"], 19);
+    assert_eq!(
+        logs[1]["upstream_cluster"],
+        "inbound-vip|9080|http|reviews.default.svc.cluster.local"
+    );
+    assert_eq!(logs[1]["upstream_host"], serde_json::Value::Null);
+    assert_eq!(logs[3]["response_code"], 403);
+}
