@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod drain;
+pub mod guard;
 pub mod identity;
 pub mod server;
 pub mod stream;

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -49,6 +49,13 @@ pub struct ServerSettings {
     /// TLS handshake plus HTTP/2 preface must complete within this (Envoy has no such bound;
     /// we close stalled handshakes after 10 s so they cannot pin memory).
     pub handshake_timeout: Duration,
+    /// Rapid-reset defence (CVE-2023-44487): a connection whose peer resets more than this
+    /// many streams within one second gets GOAWAY `ENHANCE_YOUR_CALM` and is closed; other
+    /// connections are unaffected. (h2 separately caps resets of not-yet-accepted streams
+    /// at 20.) Envoy with istiod's config cuts such a client without a GOAWAY.
+    pub max_resets_per_second: u32,
+    /// PING / SETTINGS flood budgets ([`crate::guard`]).
+    pub flood: crate::guard::FloodLimits,
 }
 
 impl Default for ServerSettings {
@@ -63,6 +70,8 @@ impl Default for ServerSettings {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
             handshake_timeout: Duration::from_secs(10),
+            max_resets_per_second: 200,
+            flood: crate::guard::FloodLimits::default(),
         }
     }
 }
@@ -96,6 +105,7 @@ pub struct TunnelRequest {
     pub drain: DrainWatcher,
     respond: SendResponse<Bytes>,
     body: RecvStream,
+    peer_resets: Arc<AtomicU32>,
 }
 
 impl TunnelRequest {
@@ -107,7 +117,7 @@ impl TunnelRequest {
             .body(())
             .expect("invariant: static response parts are valid");
         let send = self.respond.send_response(resp, false)?;
-        Ok(H2Stream::new(send, self.body))
+        Ok(H2Stream::new(send, self.body).count_resets_in(self.peer_resets))
     }
 
     /// Answer with an error status and an optional text body, then end the stream.
@@ -174,6 +184,8 @@ pub struct ServerStats {
     pub connections_active: AtomicU64,
     pub handshake_failures: AtomicU64,
     pub streams_accepted: AtomicU64,
+    /// Connections closed with GOAWAY ENHANCE_YOUR_CALM for exceeding the reset budget.
+    pub reset_floods: AtomicU64,
 }
 
 /// The TLS config for new connections and the identity it presents.
@@ -277,7 +289,7 @@ impl Connection {
                 .max_frame_size(settings.max_frame_size)
                 .max_header_list_size(settings.max_header_list_size)
                 .max_send_buffer_size(settings.max_send_buffer_size)
-                .handshake::<_, Bytes>(tls)
+                .handshake::<_, Bytes>(crate::guard::FrameGuard::new(tls, settings.flood))
                 .await
                 .map_err(std::io::Error::other)?;
             Ok::<_, std::io::Error>((h2, identity, local_identity))
@@ -336,12 +348,29 @@ impl Connection {
         };
         tokio::pin!(keepalive);
         let mut draining = false;
+        let peer_resets = Arc::new(AtomicU32::new(0));
+        let mut window_start = tokio::time::Instant::now();
+        let mut resets_at_window_start = 0u32;
         let mut drain = self.drain.clone();
         loop {
             tokio::select! {
                 next = conn.accept() => match next {
                     Some(Ok((req, respond))) => {
                         self.stats.streams_accepted.fetch_add(1, Ordering::Relaxed);
+                        // Reset budget, checked as streams arrive (an attacker must open
+                        // streams to reset them).
+                        let now = tokio::time::Instant::now();
+                        let resets = peer_resets.load(Ordering::Relaxed);
+                        if now.duration_since(window_start) >= Duration::from_secs(1) {
+                            window_start = now;
+                            resets_at_window_start = resets;
+                        } else if resets.wrapping_sub(resets_at_window_start) > settings.max_resets_per_second {
+                            self.stats.reset_floods.fetch_add(1, Ordering::Relaxed);
+                            warn!(%remote, identity = ?peer.identity, "HBONE peer exceeded the stream reset budget; closing with GOAWAY ENHANCE_YOUR_CALM");
+                            conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                            while let Some(Ok(_)) = conn.accept().await {}
+                            break;
+                        }
                         let (parts, body) = req.into_parts();
                         let tunnel = TunnelRequest {
                             peer: peer.clone(),
@@ -352,6 +381,7 @@ impl Connection {
                             drain: self.drain.clone(),
                             respond,
                             body,
+                            peer_resets: peer_resets.clone(),
                         };
                         tokio::spawn(handler.clone()(tunnel));
                     }

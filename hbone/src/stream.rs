@@ -4,6 +4,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
@@ -24,6 +26,8 @@ pub struct H2Stream {
     pub bytes_received: u64,
     pub bytes_sent: u64,
     write_closed: bool,
+    /// The connection's count of streams the peer reset (rapid-reset budget).
+    peer_resets: Option<Arc<AtomicU32>>,
 }
 
 impl H2Stream {
@@ -35,7 +39,14 @@ impl H2Stream {
             bytes_received: 0,
             bytes_sent: 0,
             write_closed: false,
+            peer_resets: None,
         }
+    }
+
+    /// Count peer resets of this stream in `counter` (shared by the connection).
+    pub fn count_resets_in(mut self, counter: Arc<AtomicU32>) -> H2Stream {
+        self.peer_resets = Some(counter);
+        self
     }
 
     /// Abort the stream with RST_STREAM (used when the far side failed mid-stream, so the
@@ -79,6 +90,12 @@ impl AsyncRead for H2Stream {
                     // A peer that ends the stream with NO_ERROR after its data is a clean EOF.
                     if e.reason() == Some(h2::Reason::NO_ERROR) {
                         return Poll::Ready(Ok(()));
+                    }
+                    if e.is_reset()
+                        && e.is_remote()
+                        && let Some(c) = &this.peer_resets
+                    {
+                        c.fetch_add(1, Ordering::Relaxed);
                     }
                     return Poll::Ready(Err(h2_to_io(e)));
                 }

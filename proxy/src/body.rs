@@ -4,6 +4,9 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::tunnel::InnerCounters;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -35,6 +38,8 @@ pub struct ResponseBody {
     pool: Option<PoolReturn>,
     load: Option<LoadGuard>,
     sent: u64,
+    /// Counts finished exchanges of the inner connection (request-head deadline bookkeeping).
+    done: Option<Arc<InnerCounters>>,
 }
 
 impl ResponseBody {
@@ -50,6 +55,7 @@ impl ResponseBody {
             pool,
             load: Some(load),
             sent: 0,
+            done: None,
         }
     }
 
@@ -60,7 +66,14 @@ impl ResponseBody {
             pool: None,
             load: None,
             sent: 0,
+            done: None,
         }
+    }
+
+    /// Count the end of this exchange (body finished or dropped) in `counter`.
+    pub fn with_done(mut self, counter: Arc<InnerCounters>) -> ResponseBody {
+        self.done = Some(counter);
+        self
     }
 
     fn complete(&mut self) {
@@ -153,6 +166,9 @@ impl Body for ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        if let Some(d) = self.done.take() {
+            d.done.fetch_add(1, Ordering::Relaxed);
+        }
         if self.log.is_none() {
             return;
         }

@@ -22,6 +22,12 @@ pub struct Limits {
     /// How long to wait for the first bytes of a tunnel on a port of unknown protocol before
     /// treating it as TCP (Envoy listener-filter timeout, 15 s; protocol.md 2.3).
     pub sniff_timeout: Duration,
+    /// An HTTP/1.1 request head must arrive within this once its first byte did: 408 and
+    /// close otherwise (slowloris). Envoy's waypoint has no such bound.
+    pub request_header_timeout: Duration,
+    /// An inner HTTP connection with no request in flight and no bytes for this long is
+    /// closed (Envoy HCM `idle_timeout` default: 1 h).
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -29,6 +35,8 @@ impl Default for Limits {
         Limits {
             max_request_headers: 60 * 1024,
             sniff_timeout: Duration::from_secs(15),
+            request_header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(3600),
         }
     }
 }

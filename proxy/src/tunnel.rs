@@ -9,6 +9,7 @@
 //! - otherwise 200, and the inner bytes are served as HTTP (declared http/http2/grpc ports, or
 //!   sniffed HTTP/1.1 or h2c prior knowledge on undeclared ports) or proxied as TCP.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -198,8 +199,19 @@ async fn serve_http(t: Arc<TunnelCtx>, stream: Rewind, mut drain: hbone::drain::
         .timer(TokioTimer::new())
         .max_header_list_size((shared.limits.max_request_headers + 32 * 1024) as u32)
         .max_concurrent_streams(Some(100));
-    let service = hyper::service::service_fn(move |req| crate::pipeline::handle(t.clone(), req));
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let counters = Arc::new(InnerCounters::default());
+    let io = InnerIo::new(stream, t.clone(), counters.clone());
+    let service = hyper::service::service_fn(move |req| {
+        counters
+            .heads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (t, counters) = (t.clone(), counters.clone());
+        async move {
+            let resp = crate::pipeline::handle(t, req).await;
+            resp.map(|r| r.map(|b| b.with_done(counters)))
+        }
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
@@ -469,5 +481,145 @@ mod tests {
         assert!(parse_authority("reviews:9080").is_none());
         assert!(parse_authority("10.0.0.10").is_none());
         assert!(parse_authority("").is_none());
+    }
+}
+
+/// Exchanges on one inner HTTP connection: request heads received (the service was called)
+/// and responses finished. `heads > done` means a request is in flight.
+#[derive(Debug, Default)]
+pub struct InnerCounters {
+    pub heads: std::sync::atomic::AtomicU64,
+    pub done: std::sync::atomic::AtomicU64,
+}
+
+const TIMEOUT_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 15\r\ncontent-type: text/plain\r\nserver: istio-envoy\r\nconnection: close\r\n\r\nrequest timeout";
+
+/// The inner connection's I/O with two deadlines hyper does not give us in the shape we need:
+/// - request head: from the first byte of a request (none in flight) until its head is
+///   complete; on expiry the client gets `408` and the connection closes (HTTP/1.1 only;
+///   an h2c connection, recognised by its preface, has HTTP/2's own framing);
+/// - idle: no request in flight and no bytes either way; the connection is closed.
+pub struct InnerIo {
+    inner: Rewind,
+    t: Arc<TunnelCtx>,
+    counters: Arc<InnerCounters>,
+    head_timeout: std::time::Duration,
+    idle_timeout: std::time::Duration,
+    head: Option<(Pin<Box<tokio::time::Sleep>>, u64)>,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    h2c: Option<bool>,
+    timed_out: bool,
+}
+
+impl InnerIo {
+    pub fn new(inner: Rewind, t: Arc<TunnelCtx>, counters: Arc<InnerCounters>) -> InnerIo {
+        let limits = &t.shared.limits;
+        let (head_timeout, idle_timeout) = (limits.request_header_timeout, limits.idle_timeout);
+        InnerIo {
+            inner,
+            counters,
+            head_timeout,
+            idle_timeout,
+            head: None,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            h2c: None,
+            timed_out: false,
+            t,
+        }
+    }
+
+    fn in_flight(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.counters.heads.load(Relaxed) > self.counters.done.load(Relaxed)
+    }
+
+    fn log_408(&self) {
+        let mut r = AccessLogRecord::new(SystemTime::now() - self.head_timeout);
+        r.response_code = 408;
+        r.response_code_details = Some("request_header_timeout".into());
+        r.bytes_sent = 15;
+        r.duration = self.head_timeout.as_millis() as u64;
+        r.downstream_local_address = Some(self.t.vip_str.clone());
+        r.downstream_remote_address = Some(self.t.remote_str.clone());
+        emit(&self.t.shared, r);
+    }
+}
+
+impl AsyncRead for InnerIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.timed_out {
+            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+        }
+        let heads = this
+            .counters
+            .heads
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if let Some((_, at)) = &this.head
+            && heads > *at
+        {
+            this.head = None;
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let got = &buf.filled()[before..];
+                if !got.is_empty() {
+                    if this.h2c.is_none() {
+                        this.h2c = Some(got.starts_with(b"PRI "));
+                    }
+                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                    if this.head.is_none() && this.h2c == Some(false) && !this.in_flight() {
+                        this.head = Some((Box::pin(tokio::time::sleep(this.head_timeout)), heads));
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if let Some((sleep, _)) = &mut this.head
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    this.timed_out = true;
+                    this.head = None;
+                    // Nothing is being written by hyper (no request in flight), so the 408
+                    // can go out directly; best effort, then the connection closes.
+                    let _ = Pin::new(&mut this.inner).poll_write(cx, TIMEOUT_408);
+                    let _ = Pin::new(&mut this.inner).poll_shutdown(cx);
+                    this.log_408();
+                    return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+                }
+                if !this.in_flight() && this.idle.as_mut().poll(cx).is_ready() {
+                    debug!("inner connection idle timeout");
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl AsyncWrite for InnerIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let deadline = tokio::time::Instant::now() + self.idle_timeout;
+        self.idle.as_mut().reset(deadline);
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

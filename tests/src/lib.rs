@@ -4,6 +4,7 @@
 //! Everything binds 127.0.0.1 port 0; nothing is mocked on the data path.
 
 pub mod envoy;
+pub mod rawh2;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

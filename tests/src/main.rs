@@ -1,7 +1,7 @@
 //! The one integration-test binary (one link on 2 cores): every module is a group of tests
 //! against real sockets, real TLS and real HTTP/2 CONNECT.
 
-mod binary;
+mod abuse;
 mod envoy_interop;
 mod hbone_listener;
 mod operations;

@@ -1,0 +1,289 @@
+//! Abuse and faults, driven with raw TLS and raw HTTP/2 frames at the real listener, with the
+//! limits configured small so the tests run fast.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use waypoint_tests::rawh2::*;
+use waypoint_tests::*;
+
+async fn waypoint(tweak: impl FnOnce(&mut proxy::Config)) -> (TestWaypoint, Backend) {
+    let b = Backend::echo("reviews").await;
+    let mut m = Manifests::new();
+    m.service("reviews", "10.0.0.10", 9080, "http", &[b.addr]);
+    (TestWaypoint::start_with(&m.yaml(), tweak).await, b)
+}
+
+fn sleep_tls(wp: &TestWaypoint) -> std::sync::Arc<rustls::ClientConfig> {
+    let (chain, key) = wp
+        .pki
+        .issue_pem("spiffe://cluster.local/ns/default/sa/sleep")
+        .unwrap();
+    raw_client_tls(Some((&chain, &key)))
+}
+
+/// Read until EOF/error; true if the peer closed within `within`.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn stalled_tls_handshakes_are_closed_and_do_not_slow_other_clients() {
+    let (wp, _b) = waypoint(|c| c.server.handshake_timeout = Duration::from_millis(500)).await;
+    let mut stalled = Vec::new();
+    for _ in 0..200 {
+        stalled.push(tokio::net::TcpStream::connect(wp.addr).await.unwrap());
+    }
+    // A real client is served promptly while 200 handshakes hang.
+    let t0 = Instant::now();
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    assert_eq!(http.get("reviews:9080", "/").await.unwrap().status, 200);
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "served in {:?}",
+        t0.elapsed()
+    );
+    // Every stalled handshake is closed by the deadline.
+    for s in stalled.iter_mut() {
+        assert!(
+            closed_within(s, Duration::from_secs(5)).await,
+            "a stalled handshake stayed open"
+        );
+    }
+    assert!(
+        wp.running()
+            .shared
+            .hbone_stats
+            .handshake_failures
+            .load(Ordering::Relaxed)
+            >= 200
+    );
+}
+
+#[tokio::test]
+async fn garbage_instead_of_tls_is_closed_at_once() {
+    let (wp, _b) = waypoint(|_| {}).await;
+    let mut s = tokio::net::TcpStream::connect(wp.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Default handshake deadline is 10 s: "at once" means far below it.
+    assert!(closed_within(&mut s, Duration::from_secs(1)).await);
+}
+
+#[tokio::test]
+async fn garbage_instead_of_the_http2_preface_is_closed_at_once() {
+    let (wp, _b) = waypoint(|_| {}).await;
+    let tcp = tokio::net::TcpStream::connect(wp.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(sleep_tls(&wp))
+        .connect(hbone::tls::dummy_server_name(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"this is not an HTTP/2 connection preface at all\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let r = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "connection must close right away");
+}
+
+#[tokio::test]
+async fn streams_beyond_the_limit_are_refused_and_the_connection_lives_on() {
+    let (wp, _b) = waypoint(|c| c.server.max_concurrent_streams = 10).await;
+    let mut h = RawH2::connect(wp.addr, sleep_tls(&wp)).await.unwrap();
+    // Learn the server's SETTINGS first, then ignore its stream limit on purpose.
+    h.until(Duration::from_secs(5), |f| {
+        f.kind == SETTINGS && f.flags & ACK == 0
+    })
+    .await
+    .unwrap();
+    let block = connect_block("10.0.0.10:9080", &[]);
+    for i in 0..11u32 {
+        h.frame(HEADERS, END_HEADERS, 1 + 2 * i, &block)
+            .await
+            .unwrap();
+    }
+    let refused = h
+        .until(Duration::from_secs(5), |f| {
+            f.kind == RST_STREAM && f.error_code() == Some(REFUSED_STREAM)
+        })
+        .await
+        .expect("the 11th stream is refused");
+    assert_eq!(refused.stream, 21);
+    // Close one tunnel, then a new stream on the same connection is served.
+    h.frame(RST_STREAM, 0, 1, &CANCEL.to_be_bytes())
+        .await
+        .unwrap();
+    h.frame(HEADERS, END_HEADERS, 23, &block).await.unwrap();
+    let ok = h
+        .until(Duration::from_secs(5), |f| {
+            f.kind == HEADERS && f.stream == 23
+        })
+        .await;
+    assert!(ok.is_some(), "the connection and its other streams live on");
+}
+
+#[tokio::test]
+async fn rapid_reset_attacker_gets_goaway_and_others_are_unaffected() {
+    let (wp, _b) = waypoint(|c| c.server.max_resets_per_second = 50).await;
+    let mut h = RawH2::connect(wp.addr, sleep_tls(&wp)).await.unwrap();
+    let block = connect_block("10.0.0.10:9080", &[]);
+    let mut goaway = None;
+    // Bounded: at most 5,000 HEADERS+RST pairs, sent in batches.
+    'attack: for batch in 0..50u32 {
+        let mut out = Vec::new();
+        for i in 0..100u32 {
+            let id = 1 + 2 * (batch * 100 + i);
+            RawH2::encode(HEADERS, END_HEADERS, id, &block, &mut out);
+            RawH2::encode(RST_STREAM, 0, id, &CANCEL.to_be_bytes(), &mut out);
+        }
+        if h.io.write_all(&out).await.is_err() {
+            break;
+        }
+        while let Some(f) = h.next(Duration::from_millis(20)).await {
+            if f.kind == GOAWAY {
+                goaway = Some(f);
+                break 'attack;
+            }
+        }
+    }
+    if goaway.is_none() {
+        goaway = h.until(Duration::from_secs(5), |f| f.kind == GOAWAY).await;
+    }
+    let g = goaway.expect("the attacker is cut with a GOAWAY");
+    assert_eq!(g.error_code(), Some(ENHANCE_YOUR_CALM));
+    // Another client is unaffected.
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    assert_eq!(http.get("reviews:9080", "/").await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn ping_and_settings_floods_close_the_offending_connection() {
+    let (wp, _b) = waypoint(|_| {}).await;
+    for (kind, payload) in [(PING, vec![0u8; 8]), (SETTINGS, vec![])] {
+        let mut h = RawH2::connect(wp.addr, sleep_tls(&wp)).await.unwrap();
+        let mut out = Vec::new();
+        for _ in 0..5_000 {
+            RawH2::encode(kind, 0, 0, &payload, &mut out);
+        }
+        let t0 = Instant::now();
+        let _ = h.io.write_all(&out).await;
+        // Drain what the server sends until it closes (bounded).
+        while h.next(Duration::from_secs(3)).await.is_some() {}
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "flood of frame type {kind} not cut in time"
+        );
+    }
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    assert_eq!(http.get("reviews:9080", "/").await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn oversized_connect_headers_are_rejected_without_harming_other_streams() {
+    let (wp, _b) = waypoint(|_| {}).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut keep = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    let mut big = http::HeaderMap::new();
+    big.insert(
+        "x-big",
+        http::HeaderValue::from_str(&"a".repeat(100 * 1024)).unwrap(),
+    );
+    let r = conn.send_connect("10.0.0.10:9080", big).await;
+    assert!(
+        r.is_err() || r.as_ref().is_ok_and(|r| r.status != 200),
+        "a 100 KiB header list must not open a tunnel"
+    );
+    assert_eq!(keep.get("reviews:9080", "/").await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn slow_request_head_gets_408_and_other_tunnels_keep_working() {
+    let (wp, _b) = waypoint(|c| c.limits.request_header_timeout = Duration::from_millis(300)).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut slow = conn
+        .open("10.0.0.10:9080", http::HeaderMap::new())
+        .await
+        .unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: reviews\r\nx-partial: ")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "got: {text:?}");
+    let mut ok = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    assert_eq!(ok.get("reviews:9080", "/").await.unwrap().status, 200);
+    let logs = wp.next_logs(2);
+    assert!(logs.iter().any(
+        |l| l["response_code"] == 408 && l["response_code_details"] == "request_header_timeout"
+    ));
+}
+
+#[tokio::test]
+async fn a_slow_request_body_is_not_a_slow_head() {
+    let (wp, _b) = waypoint(|c| c.limits.request_header_timeout = Duration::from_millis(300)).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut s = conn
+        .open("10.0.0.10:9080", http::HeaderMap::new())
+        .await
+        .unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nhost: reviews\r\ncontent-length: 4\r\n\r\nab")
+        .await
+        .unwrap();
+    // The rest of the body arrives after the head deadline would have passed.
+    let mut chunk = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(600), s.read(&mut chunk)).await;
+    assert!(
+        early.is_err(),
+        "nothing may be answered while the body is incomplete"
+    );
+    s.write_all(b"cd").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
+#[tokio::test]
+async fn idle_inner_connections_time_out() {
+    let (wp, _b) = waypoint(|c| c.limits.idle_timeout = Duration::from_millis(300)).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut s = conn
+        .open("10.0.0.10:9080", http::HeaderMap::new())
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: reviews\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    assert!(
+        r.is_ok(),
+        "the idle connection is closed after its response"
+    );
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+}
