@@ -51,6 +51,7 @@ pub struct ConnectResponse {
 pub struct Connection {
     send: h2::client::SendRequest<Bytes>,
     pub peer: SocketAddr,
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Connection {
@@ -82,12 +83,19 @@ impl Connection {
                 peer: addr,
                 timeout: settings.connect_timeout,
             })??;
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = closed.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(peer = %addr, error = %e, "HBONE client connection ended");
             }
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
         });
-        Ok(Connection { send, peer: addr })
+        Ok(Connection {
+            send,
+            peer: addr,
+            closed,
+        })
     }
 
     /// Send CONNECT for `authority` with extra `headers` and return whatever the server
@@ -150,6 +158,11 @@ impl Connection {
             out.extend_from_slice(&chunk);
         }
         Ok((status, out.freeze()))
+    }
+
+    /// The connection is closed or received GOAWAY (it takes no new streams).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// True once the connection can take no more streams (GOAWAY received or closed).

@@ -15,6 +15,7 @@ pub mod client;
 pub mod drain;
 pub mod guard;
 pub mod identity;
+pub mod pool;
 pub mod server;
 pub mod stream;
 pub mod tls;

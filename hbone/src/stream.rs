@@ -28,6 +28,16 @@ pub struct H2Stream {
     write_closed: bool,
     /// The connection's count of streams the peer reset (rapid-reset budget).
     peer_resets: Option<Arc<AtomicU32>>,
+    /// A pooled connection's stream count, released when this stream is dropped.
+    pool_slot: Option<Arc<std::sync::atomic::AtomicUsize>>,
+}
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        if let Some(slot) = self.pool_slot.take() {
+            slot.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl H2Stream {
@@ -40,7 +50,14 @@ impl H2Stream {
             bytes_sent: 0,
             write_closed: false,
             peer_resets: None,
+            pool_slot: None,
         }
+    }
+
+    /// Decrement `slot` when this stream is dropped (pool accounting).
+    pub fn release_on_drop(mut self, slot: Arc<std::sync::atomic::AtomicUsize>) -> H2Stream {
+        self.pool_slot = Some(slot);
+        self
     }
 
     /// Count peer resets of this stream in `counter` (shared by the connection).

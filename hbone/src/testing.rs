@@ -14,6 +14,9 @@ use crate::Error;
 use crate::identity::Identity;
 use crate::tls::CertBundle;
 
+/// A calendar date (year, month, day) for certificate validity.
+pub type Ymd = (i32, u8, u8);
+
 /// A mesh root CA for one trust domain.
 pub struct Pki {
     pub trust_domain: String,
@@ -84,7 +87,7 @@ impl Pki {
     pub fn issue_pem_valid(
         &self,
         uri: &str,
-        validity: Option<((i32, u8, u8), (i32, u8, u8))>,
+        validity: Option<(Ymd, Ymd)>,
     ) -> Result<(String, String), Error> {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc)?;
         let mut dn = DistinguishedName::new();

@@ -1,6 +1,8 @@
 //! The real `waypoint` binary, driven as users and Kubernetes drive it: `check`, `certs`,
 //! `run` (readiness, a request over HBONE, SIGHUP reload, SIGTERM drain) and `demo`.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;

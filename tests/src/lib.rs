@@ -3,6 +3,8 @@
 //! identities, access-log capture, bounded waits, and real Envoy (fetched from PyPI).
 //! Everything binds 127.0.0.1 port 0; nothing is mocked on the data path.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 pub mod envoy;
 pub mod rawh2;
 

@@ -1,6 +1,8 @@
 //! The one integration-test binary (one link on 2 cores): every module is a group of tests
 //! against real sockets, real TLS and real HTTP/2 CONNECT.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 mod abuse;
 mod envoy_interop;
 mod hbone_listener;
