@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run ../shared/envoy-reference/smoke.sh against THIS waypoint: the reference PKI, nginx
 # backends and Envoy HBONE client, with our binary in the waypoint's place, configured by
-# examples/envoy-reference.yaml (+ examples/envoy-reference-authz.yaml when present).
+# the directory examples/envoy-reference/ (services, routes and the AuthorizationPolicy).
 # Everything on 127.0.0.1; stops only what it started, by PID.
 #   WAYPOINT_BIN   binary to test (default: target/release/waypoint, built if missing)
 #   REF            path of the reference folder (default: ../shared/envoy-reference)
@@ -21,8 +21,7 @@ ln -sf "$PKI/waypoint-key.pem" "$RUN_DIR/wp-certs/key.pem"
 ln -sf "$PKI/root-cert.pem" "$RUN_DIR/wp-certs/root-cert.pem"
 "$REF/backends.sh" start >/dev/null
 
-CONFIGS=(--config "$ROOT/examples/envoy-reference.yaml")
-[[ -f "$ROOT/examples/envoy-reference-authz.yaml" ]] && CONFIGS+=(--config "$ROOT/examples/envoy-reference-authz.yaml")
+CONFIGS=(--config "$ROOT/examples/envoy-reference")
 LOG="$RUN_DIR/logs/our-waypoint-access.log"
 : >"$LOG"
 "$BIN" run "${CONFIGS[@]}" --certs "$RUN_DIR/wp-certs" \

@@ -14,7 +14,10 @@
 //!   and routes with Gateway API HTTPRoute precedence.
 //! - Enforces Istio AuthorizationPolicy the way the waypoint's Envoy RBAC filters do
 //!   (`policy.md` section 1, `protocol.md` 2.9): see [`authz`].
+//! - Verifies JWTs for Istio RequestAuthentication the way Envoy's `jwt_authn` filter does
+//!   (`policy.md` section 2): see [`authn`]. The caller passes the time and fetched key sets.
 
+pub mod authn;
 pub mod authz;
 mod compiler;
 pub mod load;
@@ -22,8 +25,13 @@ pub mod resources;
 pub mod route;
 pub mod snapshot;
 
+pub use authn::{
+    Authenticated, Authn, AuthnSet, CLOCK_SKEW_SECS, Jwks, JwksRef, JwksSource, JwtProvider,
+    JwtStatus, authenticate,
+};
 pub use authz::{
-    Action, AuthzPolicy, AuthzRequest, AuthzSet, CustomMatch, Decision, DryRun, HttpAttrs, evaluate,
+    Action, AuthzPolicy, AuthzRequest, AuthzSet, CustomMatch, Decision, DryRun, HttpAttrs,
+    custom_match, evaluate, evaluate_rbac,
 };
 pub use load::{LoadedResources, load_paths, parse_manifests};
 pub use route::{

@@ -420,6 +420,65 @@ pub struct AuthzCondition {
     pub not_values: Vec<String>,
 }
 
+/// security.istio.io RequestAuthentication (v1 or v1beta1): which JWTs a request may carry
+/// (`request_authentication.proto`). Attached exactly like an [`AuthorizationPolicy`]:
+/// waypoints use `targetRefs` only.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RequestAuthentication {
+    pub metadata: ObjectMeta,
+    pub spec: RequestAuthenticationSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RequestAuthenticationSpec {
+    /// Kept only to warn: waypoints ignore selector-based policies.
+    pub selector: Option<Value>,
+    /// Deprecated single form of `targetRefs`.
+    pub target_ref: Option<PolicyTargetReference>,
+    pub target_refs: Vec<PolicyTargetReference>,
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+/// One `jwtRules[]` entry: a JWT issuer and how to find and verify its tokens.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct JwtRule {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    /// URL of the JSON Web Key Set (fetched, cached, refreshed).
+    pub jwks_uri: String,
+    /// The JSON Web Key Set inline, as a JSON string.
+    pub jwks: String,
+    pub from_headers: Vec<JwtHeader>,
+    pub from_params: Vec<String>,
+    pub from_cookies: Vec<String>,
+    pub output_payload_to_header: String,
+    pub forward_original_token: bool,
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+    /// JWKS fetch timeout (`5s` default in Istio).
+    pub timeout: Option<String>,
+    /// Claims split on spaces for matching, in addition to `scope` and `permission`.
+    pub space_delimited_claims: Vec<String>,
+}
+
+/// `fromHeaders[]`: a header that carries the token, with an optional value prefix.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct JwtHeader {
+    pub name: String,
+    pub prefix: String,
+}
+
+/// `outputClaimToHeaders[]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ClaimToHeader {
+    pub header: String,
+    pub claim: String,
+}
+
 /// One Kubernetes object this waypoint understands.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resource {
@@ -430,6 +489,7 @@ pub enum Resource {
     GatewayClass(GatewayClass),
     HttpRoute(HttpRoute),
     AuthorizationPolicy(AuthorizationPolicy),
+    RequestAuthentication(RequestAuthentication),
     /// A kind (or apiVersion) the waypoint does not use; skipped with a warning.
     Unknown {
         api_version: String,
@@ -450,6 +510,7 @@ impl Resource {
             Resource::GatewayClass(_) => "GatewayClass",
             Resource::HttpRoute(_) => "HTTPRoute",
             Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Resource::RequestAuthentication(_) => "RequestAuthentication",
             Resource::Unknown { kind, .. } => kind,
         }
     }
@@ -464,6 +525,7 @@ impl Resource {
             Resource::GatewayClass(r) => Some(&r.metadata),
             Resource::HttpRoute(r) => Some(&r.metadata),
             Resource::AuthorizationPolicy(r) => Some(&r.metadata),
+            Resource::RequestAuthentication(r) => Some(&r.metadata),
             Resource::Unknown { .. } => None,
         }
     }
@@ -487,7 +549,9 @@ impl Resource {
             "Namespace" | "Service" => group.is_empty() && version == "v1",
             "EndpointSlice" => group == "discovery.k8s.io" && version == "v1",
             "Gateway" | "GatewayClass" | "HTTPRoute" => gateway_version,
-            "AuthorizationPolicy" => group == SECURITY_GROUP && matches!(version, "v1" | "v1beta1"),
+            "AuthorizationPolicy" | "RequestAuthentication" => {
+                group == SECURITY_GROUP && matches!(version, "v1" | "v1beta1")
+            }
             _ => false,
         };
         if !known {
@@ -544,6 +608,10 @@ impl Resource {
                 spec: part(spec, "spec", &err)?,
             }),
             "AuthorizationPolicy" => Resource::AuthorizationPolicy(AuthorizationPolicy {
+                metadata,
+                spec: part(spec, "spec", &err)?,
+            }),
+            "RequestAuthentication" => Resource::RequestAuthentication(RequestAuthentication {
                 metadata,
                 spec: part(spec, "spec", &err)?,
             }),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::ConfigError;
+use crate::authn::{AuthnIndex, AuthnSet, JwksRef};
 use crate::authz::{AuthzIndex, AuthzPolicy, AuthzSet};
 use crate::load::LoadedResources;
 use crate::route::RouteTable;
@@ -28,6 +29,10 @@ pub struct CompileOptions {
     /// MeshConfig `trustDomainAliases`: policy principals in the local trust domain (or
     /// `cluster.local`) also match these trust domains.
     pub trust_domain_aliases: Vec<String>,
+    /// MeshConfig extension providers' `service` (as written, `[<ns>/]<hostname>`) and
+    /// `port`: each gets an `outbound|<port>||<host>` cluster, found with
+    /// [`Snapshot::extension_cluster`].
+    pub extension_services: Vec<(String, u16)>,
 }
 
 impl Default for CompileOptions {
@@ -39,6 +44,7 @@ impl Default for CompileOptions {
             cluster_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             trust_domain_aliases: Vec::new(),
+            extension_services: Vec::new(),
         }
     }
 }
@@ -133,6 +139,9 @@ pub struct ServicePort {
     /// attached to the Service); pass to [`crate::evaluate`]. Same as
     /// [`Snapshot::authz_for`] with the cluster's Service.
     pub authz: AuthzSet,
+    /// The RequestAuthentication JWT rules for this Service's traffic (waypoint-wide plus
+    /// Service-attached); pass to [`crate::authenticate`].
+    pub authn: AuthnSet,
 }
 
 /// Result of looking up a CONNECT authority.
@@ -159,6 +168,10 @@ pub struct Snapshot {
     pub(crate) clusters: HashMap<Arc<str>, Arc<Cluster>>,
     /// AuthorizationPolicies attached to this waypoint.
     pub(crate) authz: AuthzIndex,
+    /// RequestAuthentications attached to this waypoint.
+    pub(crate) authn: AuthnIndex,
+    /// Clusters of the MeshConfig extension providers, by (service as written, port).
+    pub(crate) extension_clusters: HashMap<(String, u16), Arc<Cluster>>,
     /// Non-fatal findings (unknown kinds skipped, routes whose parent is not bound, ...).
     pub warnings: Vec<String>,
 }
@@ -206,6 +219,31 @@ impl Snapshot {
     /// (for admin dumps and `waypoint check`).
     pub fn authz_policies(&self) -> &[Arc<AuthzPolicy>] {
         &self.authz.policies
+    }
+
+    /// The RequestAuthentication JWT rules for traffic to Service `namespace/name` (attached
+    /// to the waypoint or to the Service), like [`Snapshot::authz_for`].
+    pub fn authn_for(&self, service_namespace: &str, service_name: &str) -> AuthnSet {
+        self.authn.for_service(service_namespace, service_name)
+    }
+
+    /// `<namespace>/<name>` of every RequestAuthentication attached here, sorted.
+    pub fn request_authentications(&self) -> &[Arc<str>] {
+        &self.authn.policies
+    }
+
+    /// Every remote key set (`jwksUri`, or OpenID discovery) an attached rule needs: what the
+    /// proxy keeps fetched.
+    pub fn remote_jwks(&self) -> &[JwksRef] {
+        &self.authn.remote_jwks
+    }
+
+    /// The cluster of an extension provider's `service` and `port` (as given in
+    /// [`CompileOptions::extension_services`]); `None` when it names no known Service port.
+    pub fn extension_cluster(&self, service: &str, port: u16) -> Option<Arc<Cluster>> {
+        self.extension_clusters
+            .get(&(service.to_string(), port))
+            .cloned()
     }
 }
 

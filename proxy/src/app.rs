@@ -21,6 +21,8 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::admin;
+use crate::authn::{JwksCache, JwksSettings};
+use crate::meshconfig::MeshConfig;
 use crate::metrics::Metrics;
 use crate::state::{Limits, Shared};
 use crate::upstream::{UpstreamSettings, Upstreams};
@@ -47,6 +49,12 @@ pub struct Config {
     pub upstream: UpstreamSettings,
     /// How often config and certificate files are checked for changes (`None`: only SIGHUP).
     pub watch_interval: Option<Duration>,
+    /// Istio MeshConfig file (`--mesh-config`): read by [`start`] into `mesh`.
+    pub mesh_config: Option<PathBuf>,
+    /// The MeshConfig in use (extension providers, root namespace, trust domain aliases).
+    pub mesh: MeshConfig,
+    /// Remote JWKS fetch timing.
+    pub jwks: JwksSettings,
 }
 
 impl Default for Config {
@@ -66,19 +74,37 @@ impl Default for Config {
             limits: Limits::default(),
             upstream: UpstreamSettings::default(),
             watch_interval: Some(Duration::from_secs(1)),
+            mesh_config: None,
+            mesh: MeshConfig::default(),
+            jwks: JwksSettings::default(),
         }
     }
 }
 
 impl Config {
     pub fn compile_options(&self) -> CompileOptions {
+        let defaults = CompileOptions::default();
         CompileOptions {
             gateway_namespace: self.gateway_namespace.clone(),
             gateway_name: self.gateway_name.clone(),
             trust_domain: self.trust_domain.clone(),
             cluster_domain: "cluster.local".into(),
-            ..CompileOptions::default()
+            root_namespace: self
+                .mesh
+                .root_namespace
+                .clone()
+                .unwrap_or(defaults.root_namespace),
+            trust_domain_aliases: self.mesh.trust_domain_aliases.clone(),
+            extension_services: self.mesh.extension_services(),
         }
+    }
+
+    /// Read `mesh_config` (when set) into `mesh`.
+    pub fn load_mesh_config(&mut self) -> anyhow::Result<()> {
+        if let Some(path) = &self.mesh_config {
+            self.mesh = MeshConfig::load(path)?;
+        }
+        Ok(())
     }
 }
 
@@ -127,7 +153,8 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 /// Start a waypoint: everything is bound and serving when this returns.
-pub async fn start(config: Config, inputs: Inputs) -> anyhow::Result<Running> {
+pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running> {
+    config.load_mesh_config()?;
     // Fingerprints first: a change made while we load is then seen as a change.
     let config_fp = crate::watch::fingerprint(&config.config_paths);
     let cert_fp = crate::watch::fingerprint(&crate::watch::cert_files(&config.certs_dir));
@@ -178,7 +205,11 @@ pub async fn start(config: Config, inputs: Inputs) -> anyhow::Result<Running> {
         last_reload_error: Mutex::new(None),
         cert_not_after: AtomicI64::new(certs.leaf_not_after().unwrap_or(i64::MAX)),
         cert_reloads: AtomicU64::new(0),
+        jwks: JwksCache::new(config.jwks.clone()),
+        mesh: config.mesh.clone(),
+        ext_authz: Default::default(),
     });
+    shared.jwks.sync(shared.snapshot.load().remote_jwks());
 
     let hbone_listener = bind(config.hbone_addr, "HBONE").await?;
     let ready_listener = bind(config.ready_addr, "readiness").await?;
@@ -280,6 +311,7 @@ pub fn reload_config(shared: &Shared, config: &Config) -> Result<(), Vec<ConfigE
             for w in &s.warnings {
                 warn!("config: {w}");
             }
+            shared.jwks.sync(s.remote_jwks());
             shared.snapshot.store(Arc::new(s));
             shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut e) = shared.last_reload_error.lock() {

@@ -5,7 +5,8 @@
 use std::borrow::Cow;
 
 use accesslog::{ResponseFlag, ResponseFlags};
-use http::StatusCode;
+use http::{HeaderName, HeaderValue, StatusCode};
+use policy::JwtStatus;
 
 /// Which side failed (pingora `ErrorSource`): decides the flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +93,28 @@ pub enum ProxyError {
     /// AuthorizationPolicy denied the request: 403 `RBAC: access denied` (19 bytes), no
     /// response flag, details `rbac_access_denied_matched_policy[<id>|none]` (protocol.md 3.4, 3.7).
     RbacDenied { details: String },
+    /// RequestAuthentication: a token was found and did not verify. Envoy's `jwt_authn`
+    /// (`filter.cc` `onComplete`): 401 (403 for a disallowed audience), the status string as
+    /// the body, `www-authenticate: Bearer realm="<x-forwarded-proto>://<host><path>"` plus
+    /// `, error="invalid_token"`, no response flag, details
+    /// `jwt_authn_access_denied{<status string, spaces as _>}`.
+    JwtDenied {
+        status: JwtStatus,
+        /// `realm`: Envoy `buildOriginalUri` (path with query, at most 256 bytes).
+        realm: String,
+    },
+    /// The CUSTOM authorizer (ext_authz HTTP) answered neither 200 nor 5xx: Envoy's ext_authz
+    /// filter replies with the authorizer's status and body and the response headers allowed
+    /// by `headersToDownstreamOnDeny`; flag UAEX, details `ext_authz_denied`.
+    ExtAuthzDenied {
+        status: StatusCode,
+        body: String,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    },
+    /// The CUSTOM authorizer could not be asked (connect failure, timeout, 5xx) and the
+    /// provider does not `failOpen`: `statusOnError` (403 by default), empty body, flag UAEX,
+    /// details `ext_authz_error`.
+    ExtAuthzError { status: StatusCode },
 }
 
 /// What a local reply looks like.
@@ -102,6 +125,9 @@ pub struct LocalReply {
     pub details: Cow<'static, str>,
     pub transport_failure_reason: Option<String>,
     pub side: Side,
+    /// Headers the reply carries besides `content-type`/`content-length`/`server` (set,
+    /// replacing any of the same name). A `content-type` here wins over `text/plain`.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl ProxyError {
@@ -116,6 +142,7 @@ impl ProxyError {
                     details: Cow::Borrowed(details),
                     transport_failure_reason: None,
                     side,
+                    headers: Vec::new(),
                 }
             };
         match self {
@@ -175,6 +202,50 @@ impl ProxyError {
                 details: Cow::Owned(details.clone()),
                 transport_failure_reason: None,
                 side: Side::Downstream,
+                headers: Vec::new(),
+            },
+            ProxyError::JwtDenied { status, realm } => {
+                let mut challenge = format!("Bearer realm=\"{realm}\"");
+                if *status != JwtStatus::JwtMissed {
+                    challenge.push_str(", error=\"invalid_token\"");
+                }
+                LocalReply {
+                    status: StatusCode::from_u16(status.http_status())
+                        .unwrap_or(StatusCode::UNAUTHORIZED),
+                    body: Cow::Borrowed(status.message()),
+                    flags: ResponseFlags::default(),
+                    details: Cow::Owned(format!(
+                        "jwt_authn_access_denied{{{}}}",
+                        status.message().replace(' ', "_")
+                    )),
+                    transport_failure_reason: None,
+                    side: Side::Downstream,
+                    headers: HeaderValue::from_str(&challenge)
+                        .map(|v| vec![(http::header::WWW_AUTHENTICATE, v)])
+                        .unwrap_or_default(),
+                }
+            }
+            ProxyError::ExtAuthzDenied {
+                status,
+                body,
+                headers,
+            } => LocalReply {
+                status: *status,
+                body: Cow::Owned(body.clone()),
+                flags: ResponseFlag::UAEX.into(),
+                details: Cow::Borrowed("ext_authz_denied"),
+                transport_failure_reason: None,
+                side: Side::Downstream,
+                headers: headers.clone(),
+            },
+            ProxyError::ExtAuthzError { status } => LocalReply {
+                status: *status,
+                body: Cow::Borrowed(""),
+                flags: ResponseFlag::UAEX.into(),
+                details: Cow::Borrowed("ext_authz_error"),
+                transport_failure_reason: None,
+                side: Side::Internal,
+                headers: Vec::new(),
             },
             ProxyError::Upstream { failure, retried } => {
                 // router.cc onUpstreamReset, as Envoy 1.40 prints it (envoy-observed.md 2, 8):
@@ -220,6 +291,7 @@ impl ProxyError {
                     details: Cow::Owned(details),
                     transport_failure_reason: detail.map(|d| d.replace(' ', "_")),
                     side: Side::Upstream,
+                    headers: Vec::new(),
                 }
             }
         }
@@ -258,6 +330,55 @@ mod tests {
         assert_eq!(
             r.details,
             "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}"
+        );
+    }
+
+    #[test]
+    fn jwt_failures_read_like_envoy_jwt_authn() {
+        let r = ProxyError::JwtDenied {
+            status: JwtStatus::JwtExpired,
+            realm: "http://reviews:9080/api?x=1".into(),
+        }
+        .local_reply();
+        assert_eq!((r.status.as_u16(), &*r.body), (401, "Jwt is expired"));
+        assert_eq!(r.details, "jwt_authn_access_denied{Jwt_is_expired}");
+        assert_eq!(r.flags.to_string(), "-");
+        assert_eq!(
+            r.headers[0].1,
+            "Bearer realm=\"http://reviews:9080/api?x=1\", error=\"invalid_token\""
+        );
+        let aud = ProxyError::JwtDenied {
+            status: JwtStatus::JwtAudienceNotAllowed,
+            realm: String::new(),
+        }
+        .local_reply();
+        assert_eq!(aud.status, 403);
+    }
+
+    #[test]
+    fn ext_authz_replies_carry_uaex() {
+        let d = ProxyError::ExtAuthzDenied {
+            status: StatusCode::UNAUTHORIZED,
+            body: "nope".into(),
+            headers: Vec::new(),
+        }
+        .local_reply();
+        assert_eq!(
+            (
+                d.status.as_u16(),
+                &*d.body,
+                &*d.details,
+                d.flags.to_string()
+            ),
+            (401, "nope", "ext_authz_denied", "UAEX".to_string())
+        );
+        let e = ProxyError::ExtAuthzError {
+            status: StatusCode::FORBIDDEN,
+        }
+        .local_reply();
+        assert_eq!(
+            (e.status.as_u16(), &*e.body, &*e.details),
+            (403, "", "ext_authz_error")
         );
     }
 

@@ -13,12 +13,15 @@
 
 pub mod admin;
 pub mod app;
+pub mod authn;
 pub mod body;
 pub mod client;
 pub mod demo;
 pub mod error;
+pub mod extauthz;
 pub mod logging;
 pub mod logguard;
+pub mod meshconfig;
 pub mod metrics;
 pub mod pipeline;
 pub mod state;

@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve HBONE traffic as the waypoint named by --gateway.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate configuration only: print every problem, exit non-zero if any.
     Check(CheckArgs),
     /// Self-contained demo: dev certificates, the bundled bookinfo config, local backends and a
@@ -46,6 +46,10 @@ struct ConfigArgs {
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "WAYPOINT_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
+    /// Istio MeshConfig YAML (or the `istio` ConfigMap): extensionProviders for CUSTOM
+    /// AuthorizationPolicies, rootNamespace, trustDomainAliases. Read at start.
+    #[arg(long, env = "WAYPOINT_MESH_CONFIG")]
+    mesh_config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -131,13 +135,16 @@ fn split_gateway(g: &str) -> Result<(String, String), String> {
 
 fn base_config(args: &ConfigArgs) -> Result<proxy::Config, String> {
     let (ns, name) = split_gateway(&args.gateway)?;
-    Ok(proxy::Config {
+    let mut config = proxy::Config {
         config_paths: args.config.clone(),
         gateway_namespace: ns,
         gateway_name: name,
         trust_domain: args.trust_domain.clone(),
+        mesh_config: args.mesh_config.clone(),
         ..proxy::Config::default()
-    })
+    };
+    config.load_mesh_config().map_err(|e| format!("{e:#}"))?;
+    Ok(config)
 }
 
 fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
@@ -153,7 +160,7 @@ fn main() -> ExitCode {
     init_tracing();
     match cli.command {
         Command::Check(args) => check(args),
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Demo(args) => demo(args),
         Command::Certs(args) => certs(args),
     }

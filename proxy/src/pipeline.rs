@@ -8,10 +8,18 @@
 //! 3. **route**: the Service comes from the tunnel's CONNECT authority (never from `Host`,
 //!    protocol.md 2.6); its HTTPRoutes pick a rule, or the implicit `default` route applies.
 //!    No rule matches: 404 `NR`.
-//! 4. **authz**: the AuthorizationPolicies attached to this waypoint or Service, evaluated in
-//!    Istio's order (CUSTOM, DENY, ALLOW; `policy::authz`) on the tunnel's peer identity;
-//!    denial: 403 `RBAC: access denied`. Runs before "no route" is answered, as Envoy's RBAC
-//!    filter runs before its router.
+//! 4. **authz**: the waypoint's security filters in istiod's order (protocol.md 2.8), each
+//!    on the policies attached to this waypoint or Service, all before "no route" is
+//!    answered (Envoy's HTTP filters run before its router):
+//!    - 4a **ext_authz**: a matching CUSTOM AuthorizationPolicy calls its MeshConfig
+//!      `envoyExtAuthzHttp` provider ([`crate::extauthz`]); denied: the authorizer's status
+//!      and body, `UAEX`; unreachable: 403 `UAEX` unless `failOpen`; a provider that cannot
+//!      be used: 403 `RBAC: access denied` as Istio's bad-CUSTOM deny rules.
+//!    - 4b **jwt_authn**: RequestAuthentication (`policy::authn`, keys from
+//!      [`crate::authn`]); no token passes, a bad one gets 401 (403 for the audience) with
+//!      Envoy's body and `www-authenticate`.
+//!    - 4c **RBAC**: AUDIT, DENY, ALLOW on the tunnel's peer identity and the verified JWT
+//!      (`request.auth.*`, `requestPrincipals`); denial: 403 `RBAC: access denied`.
 //! 5. **backend**: a weighted backendRef is drawn; unresolvable: 500 `NC`; all weights zero:
 //!    500; no ready endpoint: 503 `UH`.
 //! 6. **upstream**: least-request endpoint, pooled connection, request headers rewritten as
@@ -27,7 +35,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use accesslog::AccessLogRecord;
 use bytes::Bytes;
@@ -39,7 +47,9 @@ use tokio::time::Instant;
 
 use crate::body::{LoadGuard, ResponseBody};
 use crate::error::ProxyError;
+use crate::extauthz::{CheckRequest, CheckResult};
 use crate::logguard::PendingLog;
+use crate::meshconfig::ProviderKind;
 use crate::state::Shared;
 use crate::tunnel::TunnelCtx;
 use crate::upstream::{RequestBody, UpstreamProtocol, pick_endpoint};
@@ -61,10 +71,13 @@ const MAX_ATTEMPTS: usize = 3;
 pub struct RequestCtx {
     shared: Arc<Shared>,
     log: PendingLog,
+    /// Headers added to whatever response goes back (ext_authz
+    /// `headersToDownstreamOnAllow`).
+    response_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// The rightmost `x-forwarded-for` entry as `ip:0`, if it is an IP.
-fn xff_client(xff: &str) -> Option<String> {
+pub fn xff_client(xff: &str) -> Option<String> {
     let last = xff.rsplit(',').next()?.trim();
     let ip: std::net::IpAddr = last.parse().ok()?;
     Some(SocketAddr::new(ip, 0).to_string())
@@ -147,6 +160,7 @@ impl RequestCtx {
         RequestCtx {
             log: PendingLog::new(r, started, received, t.shared.clone(), t.source, grpc),
             shared: t.shared.clone(),
+            response_headers: Vec::new(),
         }
     }
 
@@ -168,8 +182,14 @@ impl RequestCtx {
         let mut resp = Response::new(ResponseBody::local(body.clone(), self.log));
         *resp.status_mut() = reply.status;
         let h = resp.headers_mut();
-        if !body.is_empty() {
+        for (name, value) in reply.headers {
+            h.insert(name, value);
+        }
+        if !body.is_empty() && !h.contains_key(header::CONTENT_TYPE) {
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        for (name, value) in self.response_headers.drain(..) {
+            h.append(name, value);
         }
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         h.insert(header::SERVER, ISTIO_ENVOY.clone());
@@ -234,9 +254,9 @@ async fn run_phases(
         }
     }
 
-    // Phase 4: authz. RBAC runs before the router in Envoy's filter chain, so a denial wins
-    // over "no route".
-    if !service.authz.is_empty() {
+    // Phase 4: authz: ext_authz (CUSTOM), jwt_authn, RBAC, in istiod's filter order.
+    let mut req = req;
+    if !service.authz.is_empty() || !service.authn.is_empty() {
         let host = ctx.record().authority.clone().unwrap_or_default();
         let remote_ip = ctx
             .record()
@@ -244,34 +264,135 @@ async fn run_phases(
             .as_deref()
             .and_then(|a| a.parse::<SocketAddr>().ok())
             .map(|a| a.ip());
-        let decision = policy::evaluate(
-            &service.authz,
-            &policy::AuthzRequest {
-                source_principal: t.principal.as_deref(),
-                source_ip: Some(t.peer.remote.ip()),
-                remote_ip,
-                dest_ip: Some(t.vip.ip()),
-                dest_port: t.vip.port(),
-                http: Some(policy::HttpAttrs {
-                    method: req.method().as_str(),
-                    path: &normalized,
-                    host: &host,
-                    headers: req.headers(),
-                    request_principal: None,
-                    request_auth: None,
-                }),
-            },
-        );
-        if let Some(dry) = &decision.dry_run {
-            tracing::debug!(allowed = dry.allowed, policy = ?dry.matched_policy, "dry-run authorization result");
+        let shared = ctx.shared.clone();
+        // 4a: ext_authz. Only a matching CUSTOM rule calls the provider (Istio enables the
+        // ext_authz filter from its shadow RBAC rules).
+        if !service.authz.is_empty()
+            && let Some(m) = policy::custom_match(
+                &service.authz,
+                &authz_request(t, remote_ip, &req, &normalized, &host, None),
+            )
+        {
+            let provider = shared.mesh.provider(&m.provider).map(|p| &p.kind);
+            let http_provider = match provider {
+                Some(ProviderKind::ExtAuthzHttp(h)) if !m.conflicting_providers => h,
+                _ => {
+                    tracing::warn!(provider = %m.provider, policy = %m.policy, "CUSTOM policy names no usable extension provider; denying as Istio does");
+                    let d = m.bad_provider_denial();
+                    return Err((ctx, ProxyError::RbacDenied { details: d.details }));
+                }
+            };
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .to_string();
+            let cluster = snapshot.extension_cluster(&http_provider.service, http_provider.port);
+            let result = shared
+                .ext_authz
+                .check(
+                    http_provider,
+                    cluster.as_ref(),
+                    &CheckRequest {
+                        method: req.method(),
+                        path_and_query: &pq,
+                        authority: &host,
+                        headers: req.headers(),
+                    },
+                )
+                .await;
+            match result {
+                CheckResult::Allowed {
+                    upstream_set,
+                    upstream_remove,
+                    downstream_add,
+                } => {
+                    let h = req.headers_mut();
+                    for (name, value) in upstream_set {
+                        h.insert(name, value);
+                    }
+                    for name in upstream_remove {
+                        h.remove(name);
+                    }
+                    ctx.response_headers.extend(downstream_add);
+                }
+                CheckResult::Denied {
+                    status,
+                    body,
+                    headers,
+                } => {
+                    return Err((
+                        ctx,
+                        ProxyError::ExtAuthzDenied {
+                            status,
+                            body,
+                            headers,
+                        },
+                    ));
+                }
+                CheckResult::Error(reason) if http_provider.fail_open => {
+                    tracing::warn!(provider = %m.provider, "ext_authz failed, failOpen lets the request through: {reason}");
+                }
+                CheckResult::Error(reason) => {
+                    tracing::warn!(provider = %m.provider, "ext_authz failed: {reason}");
+                    return Err((
+                        ctx,
+                        ProxyError::ExtAuthzError {
+                            status: http_provider.status_on_error,
+                        },
+                    ));
+                }
+            }
         }
-        if !decision.allowed {
-            return Err((
-                ctx,
-                ProxyError::RbacDenied {
-                    details: decision.details,
-                },
-            ));
+
+        // 4b: jwt_authn. Requests without a token pass with no request principal.
+        let mut verified = None;
+        if !service.authn.is_empty() {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .to_string();
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let lookup = |r: &policy::JwksRef| shared.jwks.get(r);
+            match policy::authenticate(&service.authn, req.headers_mut(), &pq, now, &lookup) {
+                Ok(a) => {
+                    if let Some(new_pq) = a.path
+                        && let Ok(uri) = replace_path_and_query(req.uri(), &new_pq)
+                    {
+                        *req.uri_mut() = uri;
+                    }
+                    verified = a.verified;
+                }
+                Err(status) => {
+                    let realm = jwt_realm(req.headers(), &host, &pq);
+                    return Err((ctx, ProxyError::JwtDenied { status, realm }));
+                }
+            }
+        }
+
+        // 4c: RBAC.
+        if !service.authz.is_empty() {
+            let decision = policy::evaluate_rbac(
+                &service.authz,
+                &authz_request(t, remote_ip, &req, &normalized, &host, verified.as_ref()),
+            );
+            if let Some(dry) = &decision.dry_run {
+                tracing::debug!(allowed = dry.allowed, policy = ?dry.matched_policy, "dry-run authorization result");
+            }
+            if !decision.allowed {
+                return Err((
+                    ctx,
+                    ProxyError::RbacDenied {
+                        details: decision.details,
+                    },
+                ));
+            }
         }
     }
 
@@ -362,6 +483,55 @@ async fn run_phases(
             }
         }
     }
+}
+
+/// What AuthorizationPolicy sees of a request: the tunnel's peer identity and addresses, the
+/// HTTP attributes, and the verified JWT (Envoy `jwt_authn` metadata) if any.
+fn authz_request<'a>(
+    t: &'a TunnelCtx,
+    remote_ip: Option<std::net::IpAddr>,
+    req: &'a Request<Incoming>,
+    normalized_path: &'a str,
+    host: &'a str,
+    verified: Option<&'a policy::Authenticated>,
+) -> policy::AuthzRequest<'a> {
+    policy::AuthzRequest {
+        source_principal: t.principal.as_deref(),
+        source_ip: Some(t.peer.remote.ip()),
+        remote_ip,
+        dest_ip: Some(t.vip.ip()),
+        dest_port: t.vip.port(),
+        http: Some(policy::HttpAttrs {
+            method: req.method().as_str(),
+            path: normalized_path,
+            host,
+            headers: req.headers(),
+            request_principal: verified.map(|v| v.principal.as_str()),
+            request_auth: verified.map(|v| &v.claims),
+        }),
+    }
+}
+
+/// Envoy `buildOriginalUri` for the `www-authenticate` realm of a JWT failure:
+/// `<x-forwarded-proto>://<host><path>`, the path with its query, cut at 256 bytes. The HCM
+/// sets `x-forwarded-proto: http` before the filters when the client sent none.
+fn jwt_realm(headers: &HeaderMap, host: &str, path_and_query: &str) -> String {
+    let proto = headers
+        .get(&X_FORWARDED_PROTO)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("http");
+    let mut end = path_and_query.len().min(256);
+    while !path_and_query.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{proto}://{host}{}", &path_and_query[..end])
+}
+
+/// The URI with a new `path?query` (after jwt_authn removed a token parameter).
+fn replace_path_and_query(uri: &http::Uri, pq: &str) -> Result<http::Uri, http::Error> {
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq.parse()?);
+    Ok(http::Uri::from_parts(parts)?)
 }
 
 /// Phase 3: pick the rule (or the implicit default route) and draw a backend.
@@ -508,6 +678,9 @@ fn respond(
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    for (name, value) in ctx.response_headers.drain(..) {
+        parts.headers.append(name, value);
     }
     let r = ctx.record();
     r.response_code = parts.status.as_u16();

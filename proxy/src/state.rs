@@ -1,5 +1,6 @@
 //! State shared by every connection and request: the current config snapshot (swapped whole
-//! on reload), upstream pools, the access logger, metrics, limits and the drain signal.
+//! on reload), upstream pools, the access logger, metrics, limits, the drain signal, fetched
+//! JWKS, the MeshConfig and the ext_authz client.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -11,6 +12,9 @@ use arc_swap::ArcSwap;
 use hbone::server::ServerStats;
 use policy::Snapshot;
 
+use crate::authn::JwksCache;
+use crate::extauthz::ExtAuthzClient;
+use crate::meshconfig::MeshConfig;
 use crate::metrics::Metrics;
 use crate::upstream::Upstreams;
 
@@ -57,4 +61,10 @@ pub struct Shared {
     /// Unix time at which our certificate expires (readiness fails after it).
     pub cert_not_after: std::sync::atomic::AtomicI64,
     pub cert_reloads: AtomicU64,
+    /// Remote JWKS for RequestAuthentication `jwksUri`, kept in step with the snapshot.
+    pub jwks: JwksCache,
+    /// The MeshConfig read at start (`--mesh-config`): extension providers for CUSTOM.
+    pub mesh: MeshConfig,
+    /// Client for CUSTOM (ext_authz HTTP) authorizers.
+    pub ext_authz: ExtAuthzClient,
 }

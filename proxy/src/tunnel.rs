@@ -246,7 +246,7 @@ enum Sniffed {
 /// Protocol detection on an undeclared port, like Envoy's http_inspector: HTTP/1.x request
 /// line or the h2c prior-knowledge preface means HTTP, anything else TCP.
 async fn sniff(stream: &mut Rewind, shared: &Shared) -> Sniffed {
-    let mut buf = vec![0u8; 64];
+    let mut buf = [0u8; 64];
     let mut have = 0;
     let deadline = Instant::now() + shared.limits.sniff_timeout;
     loop {
@@ -294,7 +294,7 @@ const METHODS: [&[u8]; 9] = [
 ];
 
 /// `Some(true)` HTTP, `Some(false)` not HTTP, `None` need more bytes.
-fn looks_like_http(b: &[u8]) -> Option<bool> {
+pub fn looks_like_http(b: &[u8]) -> Option<bool> {
     if b.is_empty() {
         return None;
     }

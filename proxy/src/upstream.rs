@@ -392,12 +392,12 @@ pub fn pick_endpoint<'a>(
     }
 }
 
-fn pick_two<'a>(
-    endpoints: &'a [Endpoint],
+fn pick_two(
+    endpoints: &[Endpoint],
     n: usize,
     r: u64,
     allowed: impl Fn(&Endpoint) -> bool,
-) -> Option<&'a Endpoint> {
+) -> Option<&Endpoint> {
     let allowed_idx: Vec<usize> = (0..n).filter(|&i| allowed(&endpoints[i])).collect();
     let m = allowed_idx.len();
     if m == 0 {

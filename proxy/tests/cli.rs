@@ -17,9 +17,10 @@ fn examples_dir() -> std::path::PathBuf {
 
 #[test]
 fn check_accepts_every_bundled_example() {
+    // Each file or directory under examples/ is one complete configuration.
     for entry in std::fs::read_dir(examples_dir()).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "yaml") {
+        if path.is_dir() || path.extension().is_some_and(|e| e == "yaml") {
             let out = Command::new(BIN)
                 .arg("check")
                 .arg("--config")
@@ -118,6 +119,7 @@ fn field(line: &str, key: &str) -> Option<SocketAddr> {
     line[start..].split_whitespace().next()?.parse().ok()
 }
 
+#[allow(clippy::zombie_processes)] // the child is killed and waited in `Waypoint::drop`
 fn start_run(config: &Path, certs: &Path) -> Waypoint {
     let mut child = Command::new(BIN)
         .arg("run")

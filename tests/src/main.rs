@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod abuse;
+mod authn;
 mod envoy_interop;
 mod hbone_listener;
 mod operations;

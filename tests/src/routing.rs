@@ -188,7 +188,7 @@ async fn authorization_policy_uses_the_tunnel_identity() {
     let b = Backend::echo("reviews").await;
     let mut m = Manifests::new();
     m.service("reviews", "10.0.0.10", 9080, "http", &[b.addr]);
-    m.push(include_str!("../../examples/envoy-reference-authz.yaml"));
+    m.push(include_str!("../../examples/envoy-reference/authz.yaml"));
     let wp = TestWaypoint::start(&m.yaml()).await;
 
     let sleep = wp.connect_as("default", "sleep").await;

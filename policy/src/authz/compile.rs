@@ -34,7 +34,7 @@ const BAD_CUSTOM_SUFFIX: &str = "-deny-due-to-bad-CUSTOM-action";
 const CLUSTER_LOCAL: &str = "cluster.local";
 
 /// The outcome of reading a policy's `selector`/`targetRefs`.
-enum Attached {
+pub(crate) enum Attached {
     /// No targetRefs: not a waypoint policy (warned about).
     Ignored,
     /// Invalid targetRefs (errors recorded).
@@ -44,11 +44,44 @@ enum Attached {
 
 /// Where a policy's `targetRefs` attach it.
 #[derive(Default)]
-struct Attachment {
+pub(crate) struct Attachment {
     /// This waypoint's Gateway, or GatewayClass `istio-waypoint` from the root namespace.
-    waypoint: bool,
+    pub(crate) waypoint: bool,
     /// Services (in the policy's namespace).
-    services: Vec<String>,
+    pub(crate) services: Vec<String>,
+}
+
+/// The attachment fields every Istio security policy shares (AuthorizationPolicy,
+/// RequestAuthentication): `selector`, `targetRef`, `targetRefs`.
+pub(crate) struct Targets<'a> {
+    pub(crate) selector: bool,
+    pub(crate) target_ref: Option<&'a PolicyTargetReference>,
+    pub(crate) target_refs: &'a [PolicyTargetReference],
+}
+
+/// Read a policy's `targetRefs` the way Istio attaches policies to a waypoint (`policy.md`
+/// 1.11); shared by AuthorizationPolicy and RequestAuthentication. Errors and warnings name
+/// the policy as `kind namespace/name`.
+pub(crate) fn attach(
+    kind: &'static str,
+    meta: &ObjectMeta,
+    targets: &Targets<'_>,
+    opts: &CompileOptions,
+    service_exists: &dyn Fn(&str, &str) -> bool,
+    errors: &mut Vec<ConfigError>,
+    warnings: &mut Vec<String>,
+) -> Attached {
+    let mut c = PolicyCompiler {
+        kind,
+        meta,
+        opts,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let attached = c.attachment(targets, service_exists);
+    errors.append(&mut c.errors);
+    warnings.append(&mut c.warnings);
+    attached
 }
 
 /// Validate and compile every policy; attach those whose `targetRefs` reach this waypoint.
@@ -64,6 +97,7 @@ pub(crate) fn compile_policies(
     let mut by_service: BTreeMap<(String, String), Vec<Arc<AuthzPolicy>>> = BTreeMap::new();
     for p in policies {
         let mut c = PolicyCompiler {
+            kind: KIND,
             meta: &p.metadata,
             opts,
             errors: Vec::new(),
@@ -72,7 +106,12 @@ pub(crate) fn compile_policies(
         // Policies without targetRefs are for ztunnel and sidecars: only warned about, not
         // validated against waypoint-only restrictions. Others are validated in full, even
         // when they target another waypoint, so errors do not depend on where they attach.
-        let attachment = c.attachment(p, service_exists);
+        let targets = Targets {
+            selector: p.spec.selector.is_some(),
+            target_ref: p.spec.target_ref.as_ref(),
+            target_refs: &p.spec.target_refs,
+        };
+        let attachment = c.attachment(&targets, service_exists);
         let compiled = match attachment {
             Attached::Ignored => None,
             Attached::Invalid | Attached::To(_) => c.policy(p),
@@ -118,6 +157,7 @@ pub(crate) fn compile_policies(
 }
 
 struct PolicyCompiler<'a> {
+    kind: &'static str,
     meta: &'a ObjectMeta,
     opts: &'a CompileOptions,
     errors: Vec<ConfigError>,
@@ -134,7 +174,7 @@ impl PolicyCompiler<'_> {
 
     fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.errors.push(ConfigError {
-            kind: KIND.into(),
+            kind: self.kind.into(),
             namespace: self.meta.namespace.clone(),
             name: self.meta.name.clone(),
             field: field.into(),
@@ -145,20 +185,20 @@ impl PolicyCompiler<'_> {
     fn warn(&mut self, message: impl AsRef<str>) {
         let id = self.id();
         self.warnings
-            .push(format!("{KIND} {id}: {}", message.as_ref()));
+            .push(format!("{} {id}: {}", self.kind, message.as_ref()));
     }
 
     /// Where `targetRef`/`targetRefs` attach the policy.
     fn attachment(
         &mut self,
-        p: &AuthorizationPolicy,
+        spec: &Targets<'_>,
         service_exists: &dyn Fn(&str, &str) -> bool,
     ) -> Attached {
-        let spec = &p.spec;
+        let kind = self.kind;
         let refs: Vec<(String, &PolicyTargetReference)> = spec
             .target_ref
             .iter()
-            .map(|r| ("spec.targetRef".to_string(), r))
+            .map(|r| ("spec.targetRef".to_string(), *r))
             .chain(
                 spec.target_refs
                     .iter()
@@ -168,19 +208,19 @@ impl PolicyCompiler<'_> {
             .collect();
         if refs.is_empty() {
             let id = self.id();
-            self.warnings.push(if spec.selector.is_some() {
+            self.warnings.push(if spec.selector {
                 format!(
-                    "{KIND} {id} uses a selector; waypoints ignore selector-based policies (attach it with targetRefs to the Gateway or Service)"
+                    "{kind} {id} uses a selector; waypoints ignore selector-based policies (attach it with targetRefs to the Gateway or Service)"
                 )
             } else {
                 format!(
-                    "{KIND} {id} has no targetRefs; waypoints ignore namespace-wide and mesh-wide policies (attach it with targetRefs to the Gateway or Service)"
+                    "{kind} {id} has no targetRefs; waypoints ignore namespace-wide and mesh-wide policies (attach it with targetRefs to the Gateway or Service)"
                 )
             });
             return Attached::Ignored;
         }
         let errors_before = self.errors.len();
-        if spec.selector.is_some() {
+        if spec.selector {
             self.error(
                 "spec.selector",
                 "only one of targetRefs or selector can be set",

@@ -32,7 +32,7 @@ use serde_json::Value;
 
 use matcher::Clause;
 
-pub(crate) use compile::compile_policies;
+pub(crate) use compile::{Attached, Targets, attach, compile_policies};
 
 /// Annotation that turns a policy into a dry run (Envoy shadow rules; never enforced).
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
@@ -173,8 +173,8 @@ pub struct Decision {
     /// What the dry-run policies would have decided (for logs), when any applies and was
     /// reached.
     pub dry_run: Option<DryRun>,
-    /// A CUSTOM rule matched. No extension provider is configured in this waypoint, so the
-    /// request is denied, as Istio denies when a policy's provider cannot be resolved.
+    /// A CUSTOM rule matched and its provider could not be used, so the request is denied,
+    /// as Istio denies when a policy's provider cannot be resolved (see [`evaluate`]).
     pub custom: Option<CustomMatch>,
 }
 
@@ -195,6 +195,24 @@ pub struct CustomMatch {
     pub provider: Arc<str>,
     /// The rule id (`istio-ext-authz-<provider>-ns[..]-policy[..]-rule[..]`).
     pub policy: Arc<str>,
+    /// The id Istio gives this rule when it has to deny instead of calling the provider:
+    /// `<policy>-deny-due-to-bad-CUSTOM-action` (Istio `getBadCustomDenyRules`).
+    pub deny_id: Arc<str>,
+    /// The CUSTOM policies for this traffic name more than one provider. Istio then builds
+    /// deny rules for all of them ("only 1 provider can be used per workload", `builder.go`,
+    /// unless `PILOT_ENABLE_MULTIPLE_CUSTOM_AUTHZ_PROVIDERS`).
+    pub conflicting_providers: bool,
+}
+
+impl CustomMatch {
+    /// The RBAC denial Istio configures when the provider cannot be used (unknown provider,
+    /// wrong provider type, several providers): `403 RBAC: access denied`, details
+    /// `rbac_access_denied_matched_policy[<id>-deny-due-to-bad-CUSTOM-action]`.
+    pub fn bad_provider_denial(&self) -> Decision {
+        let mut d = Decision::deny(Some(self.deny_id.clone()));
+        d.custom = Some(self.clone());
+        d
+    }
 }
 
 impl Decision {
@@ -225,6 +243,18 @@ impl Decision {
     }
 }
 
+impl PolicySet {
+    fn policies_custom_providers<'p>(
+        &self,
+        policies: &'p [Arc<AuthzPolicy>],
+    ) -> impl Iterator<Item = &'p Arc<str>> {
+        policies
+            .iter()
+            .filter(|p| p.action == Action::Custom)
+            .filter_map(|p| p.provider.as_ref())
+    }
+}
+
 /// The policies that apply to one Service's traffic, split by action, each list sorted by rule
 /// id. Envoy keeps an RBAC filter's policies in a `std::map` and reports the first that matches,
 /// so the lowest id wins when several match.
@@ -241,6 +271,8 @@ struct PolicySet {
     has_dry_deny: bool,
     dry_allow: Vec<Arc<Rule>>,
     has_dry_allow: bool,
+    /// More than one distinct provider among the CUSTOM policies.
+    conflicting_providers: bool,
 }
 
 /// The authorization policies that apply to one Service behind this waypoint. Cheap to clone.
@@ -279,6 +311,10 @@ impl AuthzSet {
         ] {
             list.sort_by(|a, b| a.id.cmp(&b.id));
         }
+        let mut providers: Vec<&Arc<str>> = set.policies_custom_providers(&policies).collect();
+        providers.sort();
+        providers.dedup();
+        set.conflicting_providers = providers.len() > 1;
         set.policies = policies;
         AuthzSet(Arc::new(set))
     }
@@ -321,26 +357,43 @@ fn first_match<'r>(rules: &'r [Arc<Rule>], req: &AuthzRequest<'_>) -> Option<&'r
 }
 
 /// Decide a request the way the waypoint's Envoy filter chain does: CUSTOM (RBAC + ext_authz),
-/// then RBAC LOG (AUDIT), DENY and ALLOW filters, each stopping the chain when it denies.
+/// then RBAC with action LOG (AUDIT), DENY and ALLOW filters, each stopping the chain when it
+/// denies. This is the decision for traffic where no extension provider can be called (TCP,
+/// or no usable provider): a matching CUSTOM rule denies with
+/// `<id>-deny-due-to-bad-CUSTOM-action` and [`Decision::custom`] names it. HTTP requests with
+/// a usable provider use [`custom_match`], then the provider, then [`evaluate_rbac`].
 ///
 /// - CUSTOM: "CUSTOM cannot override ALLOW/DENY: a request passes only if every action lets it
-///   pass". A matching CUSTOM rule needs its provider; none is configured here, so the request
-///   is denied with `<id>-deny-due-to-bad-CUSTOM-action` and [`Decision::custom`] names it.
+///   pass".
 /// - AUDIT "marks a request for auditing; it does not affect allow/deny".
 /// - DENY: "if any DENY policy matches, deny".
 /// - ALLOW: "if the workload has no ALLOW policy, allow; if any ALLOW policy matches, allow;
 ///   otherwise deny" (details `rbac_access_denied_matched_policy[none]`).
 /// - Dry-run policies only fill [`Decision::dry_run`].
 pub fn evaluate(set: &AuthzSet, req: &AuthzRequest<'_>) -> Decision {
-    let s = &*set.0;
-    if let Some(rule) = first_match(&s.custom, req) {
-        let mut d = Decision::deny(Some(rule.deny_id.clone()));
-        d.custom = Some(CustomMatch {
-            provider: rule.provider.clone().unwrap_or_else(|| "".into()),
-            policy: rule.id.clone(),
-        });
-        return d;
+    match custom_match(set, req) {
+        Some(m) => m.bad_provider_denial(),
+        None => evaluate_rbac(set, req),
     }
+}
+
+/// The CUSTOM stage alone: the first CUSTOM rule (by id) that matches, whose provider Envoy's
+/// ext_authz filter would call (Istio enables ext_authz only when its shadow RBAC rules match).
+pub fn custom_match(set: &AuthzSet, req: &AuthzRequest<'_>) -> Option<CustomMatch> {
+    let s = &*set.0;
+    let rule = first_match(&s.custom, req)?;
+    Some(CustomMatch {
+        provider: rule.provider.clone().unwrap_or_else(|| "".into()),
+        policy: rule.id.clone(),
+        deny_id: rule.deny_id.clone(),
+        conflicting_providers: s.conflicting_providers,
+    })
+}
+
+/// The RBAC stages without CUSTOM: AUDIT, DENY, ALLOW (and the dry-run shadows), as the RBAC
+/// filters after `ext_authz` and `jwt_authn` decide.
+pub fn evaluate_rbac(set: &AuthzSet, req: &AuthzRequest<'_>) -> Decision {
+    let s = &*set.0;
     let audit = first_match(&s.audit, req).map(|r| r.id.clone());
     let dry_deny = s
         .has_dry_deny

@@ -190,7 +190,7 @@ impl Req {
     }
 }
 
-fn eval(set: &AuthzSet, r: &Req) -> Decision {
+fn with_req<R>(r: &Req, f: impl FnOnce(&AuthzRequest<'_>) -> R) -> R {
     let http = r.http.then(|| HttpAttrs {
         method: &r.method,
         path: &r.path,
@@ -199,17 +199,18 @@ fn eval(set: &AuthzSet, r: &Req) -> Decision {
         request_principal: r.request_principal.as_deref(),
         request_auth: r.claims.as_ref(),
     });
-    evaluate(
-        set,
-        &AuthzRequest {
-            source_principal: r.principal.as_deref(),
-            source_ip: r.source_ip,
-            remote_ip: r.remote_ip,
-            dest_ip: r.dest_ip,
-            dest_port: r.dest_port,
-            http,
-        },
-    )
+    f(&AuthzRequest {
+        source_principal: r.principal.as_deref(),
+        source_ip: r.source_ip,
+        remote_ip: r.remote_ip,
+        dest_ip: r.dest_ip,
+        dest_port: r.dest_port,
+        http,
+    })
+}
+
+fn eval(set: &AuthzSet, r: &Req) -> Decision {
+    with_req(r, |q| evaluate(set, q))
 }
 
 fn allowed(set: &AuthzSet, r: &Req) -> bool {
@@ -462,13 +463,14 @@ fn custom_is_evaluated_first_and_denies_without_a_provider() {
         d.matched_policy.as_deref(),
         Some("istio-ext-authz-opa-ns[default]-policy[ext]-rule[0]-deny-due-to-bad-CUSTOM-action")
     );
-    assert_eq!(
-        d.custom,
-        Some(CustomMatch {
-            provider: "opa".into(),
-            policy: custom_id.into()
-        })
-    );
+    let custom = d.custom.clone().expect("custom match");
+    assert_eq!(&*custom.provider, "opa");
+    assert_eq!(&*custom.policy, custom_id);
+    assert!(!custom.conflicting_providers);
+    // The CUSTOM stage alone names the provider to call; RBAC alone ignores CUSTOM.
+    let m = with_req(&Req::get("/admin/x"), |q| custom_match(&s, q)).expect("custom");
+    assert_eq!(&*m.provider, "opa");
+    assert!(!with_req(&Req::get("/admin/x"), |q| evaluate_rbac(&s, q)).allowed);
     assert!(d.details.contains("deny-due-to-bad-CUSTOM-action"));
     // CUSTOM rules that do not match change nothing.
     let d = eval(&s, &Req::get("/public"));

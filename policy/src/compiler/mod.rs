@@ -13,6 +13,7 @@ use std::sync::Arc;
 use http::{HeaderName, Method};
 
 use crate::ConfigError;
+use crate::authn::AuthnIndex;
 use crate::authz::AuthzIndex;
 use crate::load::LoadedResources;
 use crate::resources::{
@@ -145,6 +146,7 @@ pub(crate) fn compile(
         Vec::new(),
         Vec::new(),
     );
+    let mut request_authns = Vec::new();
     for r in &resources.resources {
         let Some(meta) = r.metadata() else { continue };
         if !seen.insert((r.kind(), meta.namespace.as_str(), meta.name.as_str())) {
@@ -164,6 +166,7 @@ pub(crate) fn compile(
             }
             Resource::HttpRoute(h) => routes.push(h),
             Resource::AuthorizationPolicy(p) => policies.push(p),
+            Resource::RequestAuthentication(p) => request_authns.push(p),
             Resource::Unknown { .. } => {}
         }
     }
@@ -221,7 +224,19 @@ pub(crate) fn compile(
         let exists = |ns: &str, name: &str| services.contains_key(&(ns, name));
         crate::authz::compile_policies(&policies, options, &exists, &mut c.errors, &mut c.warnings)
     };
-    let (bound, not_bound) = c.vip_index(tables, &authz);
+    let authn = {
+        let services = &c.services;
+        let exists = |ns: &str, name: &str| services.contains_key(&(ns, name));
+        crate::authn::compile_request_authentications(
+            &request_authns,
+            options,
+            &exists,
+            &mut c.errors,
+            &mut c.warnings,
+        )
+    };
+    let (bound, not_bound) = c.vip_index(tables, &authz, &authn);
+    let extension_clusters = c.extension_clusters();
 
     if !c.errors.is_empty() {
         return Err(c.errors);
@@ -234,6 +249,8 @@ pub(crate) fn compile(
         not_bound,
         clusters: clusters.map(|cl| (cl.name.clone(), cl)).collect(),
         authz,
+        authn,
+        extension_clusters,
         warnings: c.warnings,
     })
 }
@@ -363,6 +380,7 @@ impl<'a> Compiler<'a> {
         &mut self,
         mut tables: HashMap<(SvcKey<'a>, u16), Candidates>,
         authz: &AuthzIndex,
+        authn: &AuthnIndex,
     ) -> (
         HashMap<SocketAddr, Arc<ServicePort>>,
         HashMap<SocketAddr, String>,
@@ -388,6 +406,7 @@ impl<'a> Compiler<'a> {
                             .remove(&(key, port))
                             .map(|c| Arc::new(RouteTable::build(c)));
                         let authz = authz.for_service(key.0, key.1);
+                        let authn = authn.for_service(key.0, key.1);
                         for vip in &vips {
                             let vip = SocketAddr::new(*vip, port);
                             let (cluster, routes) = (cluster.clone(), routes.clone());
@@ -399,6 +418,7 @@ impl<'a> Compiler<'a> {
                                     cluster,
                                     routes,
                                     authz: authz.clone(),
+                                    authn: authn.clone(),
                                 }),
                             );
                         }
@@ -669,6 +689,48 @@ impl<'a> Compiler<'a> {
             (Ok(()), _) => format!("inbound-vip|{port}|http|{hostname}"),
             (Err(_), _) => format!("outbound|{port}||{hostname}"),
         };
+        let cluster = Arc::new(self.build_cluster(key, port, name)?);
+        self.clusters.insert(ckey, cluster.clone());
+        Some(cluster)
+    }
+
+    /// The `outbound|<port>||<host>` clusters istiod builds for the MeshConfig extension
+    /// providers (`CompileOptions::extension_services`), by (service as written, port).
+    /// A provider naming an unknown Service or port is warned about and gets no cluster.
+    fn extension_clusters(&mut self) -> HashMap<(String, u16), Arc<Cluster>> {
+        let mut out = HashMap::new();
+        let wanted = self.opts.extension_services.clone();
+        let suffix = format!(".svc.{}", self.opts.cluster_domain);
+        let keys: Vec<SvcKey<'a>> = self.services.keys().copied().collect();
+        for (service, port) in wanted {
+            // `[<Namespace>/]<Hostname>`; the hostname of a Kubernetes Service is
+            // `<name>.<namespace>.svc.<cluster domain>`.
+            let host = service.rsplit('/').next().unwrap_or(&service);
+            let short = host.strip_suffix(&suffix).unwrap_or(host);
+            let key = short
+                .split_once('.')
+                .and_then(|(name, ns)| keys.iter().find(|k| k.0 == ns && k.1 == name).copied());
+            let cluster = key.and_then(|key| {
+                let hostname = format!("{}.{}{suffix}", key.1, key.0);
+                self.build_cluster(key, port, format!("outbound|{port}||{hostname}"))
+            });
+            match cluster {
+                Some(c) => {
+                    out.insert((service.clone(), port), Arc::new(c));
+                }
+                None => self.warnings.push(format!(
+                    "mesh config: extension provider service {service:?} port {port} is not a known Service port; requests that need it are handled as the provider's failure"
+                )),
+            }
+        }
+        out
+    }
+
+    /// A cluster for one Service port with the given name; `None` for an unknown port.
+    fn build_cluster(&self, key: SvcKey<'a>, port: u16, name: String) -> Option<Cluster> {
+        let svc = self.services.get(&key)?;
+        let sp = svc.ports.iter().find(|p| p.port == port)?;
+        let hostname = format!("{}.{}.svc.{}", key.1, key.0, self.opts.cluster_domain);
         let mut addrs = BTreeSet::new();
         for slice in self.slices.get(&key).map(Vec::as_slice).unwrap_or_default() {
             // The slice port with the Service port's name, else the numeric targetPort, else
@@ -682,7 +744,7 @@ impl<'a> Compiler<'a> {
                 .unwrap_or(sp.port);
             addrs.extend(slice.ready.iter().map(|ip| SocketAddr::new(*ip, target)));
         }
-        let cluster = Arc::new(Cluster {
+        Some(Cluster {
             name: name.into(),
             hostname: hostname.into(),
             service_name: key.1.into(),
@@ -696,9 +758,7 @@ impl<'a> Compiler<'a> {
                     load: Arc::new(EndpointLoad::default()),
                 })
                 .collect(),
-        });
-        self.clusters.insert(ckey, cluster.clone());
-        Some(cluster)
+        })
     }
 
     fn route(&mut self, r: &'a HttpRoute, tables: &mut HashMap<(SvcKey<'a>, u16), Candidates>) {

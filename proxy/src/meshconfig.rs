@@ -1,0 +1,322 @@
+//! Istio MeshConfig (`--mesh-config`): the parts a waypoint uses. `rootNamespace`,
+//! `trustDomainAliases`, and `extensionProviders` for CUSTOM AuthorizationPolicies
+//! (`istio/api` `mesh/v1alpha1/config.proto`, `policy.md` 1.14). The file is the MeshConfig
+//! YAML istiod reads (`/etc/istio/config/mesh`), or the `istio` ConfigMap holding it under
+//! `data.mesh`. Unknown fields are ignored, as istiod ignores them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use http::{HeaderName, HeaderValue, StatusCode};
+use serde::Deserialize;
+
+/// Istio's `EnvoyExternalAuthorizationHttpProvider.timeout` default.
+const DEFAULT_EXT_AUTHZ_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The MeshConfig fields this waypoint reads.
+#[derive(Debug, Clone, Default)]
+pub struct MeshConfig {
+    pub root_namespace: Option<String>,
+    pub trust_domain_aliases: Vec<String>,
+    /// By name, in file order.
+    pub extension_providers: Vec<ExtensionProvider>,
+}
+
+/// One `extensionProviders[]` entry.
+#[derive(Debug, Clone)]
+pub struct ExtensionProvider {
+    pub name: String,
+    pub kind: ProviderKind,
+}
+
+/// What an extension provider is.
+#[derive(Debug, Clone)]
+pub enum ProviderKind {
+    /// `envoyExtAuthzHttp`: called by CUSTOM policies on HTTP traffic.
+    ExtAuthzHttp(ExtAuthzHttp),
+    /// Another type (`envoyExtAuthzGrpc`, tracing, logging, ...). CUSTOM policies naming it
+    /// are denied as Istio denies a provider it cannot use (gRPC ext_authz is not
+    /// implemented by this waypoint).
+    Other(String),
+}
+
+/// A header name pattern of the provider lists, as istiod's `generateHeaders` builds Envoy
+/// string matchers: `*x` suffix, `x*` prefix, else exact; case-insensitive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderPattern {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+}
+
+impl HeaderPattern {
+    fn new(p: &str) -> HeaderPattern {
+        let p = p.to_ascii_lowercase();
+        if let Some(rest) = p.strip_prefix('*') {
+            HeaderPattern::Suffix(rest.to_string())
+        } else if let Some(rest) = p.strip_suffix('*') {
+            HeaderPattern::Prefix(rest.to_string())
+        } else {
+            HeaderPattern::Exact(p)
+        }
+    }
+
+    /// `name` is a lower-case header name (as `http::HeaderName` keeps them).
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            HeaderPattern::Exact(v) => name == v,
+            HeaderPattern::Prefix(v) => name.starts_with(v.as_str()),
+            HeaderPattern::Suffix(v) => name.ends_with(v.as_str()),
+        }
+    }
+}
+
+/// Whether any pattern matches.
+pub fn any_matches(patterns: &[HeaderPattern], name: &str) -> bool {
+    patterns.iter().any(|p| p.matches(name))
+}
+
+/// `envoyExtAuthzHttp` (`EnvoyExternalAuthorizationHttpProvider`).
+#[derive(Debug, Clone)]
+pub struct ExtAuthzHttp {
+    /// `[<Namespace>/]<Hostname>` of the authorizer's Service.
+    pub service: String,
+    pub port: u16,
+    pub timeout: Duration,
+    /// Prepended to the original path in the check request.
+    pub path_prefix: String,
+    /// On error (unreachable, timeout, 5xx): let the request through instead of
+    /// `status_on_error`.
+    pub fail_open: bool,
+    /// Status of the reply on error when not failing open (`statusOnError`, default 403).
+    pub status_on_error: StatusCode,
+    /// Request headers copied into the check request, besides the ones Envoy always sends
+    /// (`:method`, `:path`, `:authority`/Host, `authorization`).
+    pub include_request_headers_in_check: Vec<HeaderPattern>,
+    /// Headers set on the check request.
+    pub include_additional_headers_in_check: Vec<(HeaderName, HeaderValue)>,
+    /// Authorizer response headers set on the upstream request when allowed.
+    pub headers_to_upstream_on_allow: Vec<HeaderPattern>,
+    /// Authorizer response headers sent to the client when denied (empty: all of them).
+    pub headers_to_downstream_on_deny: Vec<HeaderPattern>,
+    /// Authorizer response headers added to the client response when allowed.
+    pub headers_to_downstream_on_allow: Vec<HeaderPattern>,
+}
+
+// === serde mirror of the YAML ===
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawMesh {
+    root_namespace: Option<String>,
+    trust_domain_aliases: Vec<String>,
+    extension_providers: Vec<RawProvider>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawProvider {
+    name: String,
+    envoy_ext_authz_http: Option<RawExtAuthzHttp>,
+    #[serde(flatten)]
+    other: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawExtAuthzHttp {
+    service: String,
+    port: i64,
+    timeout: Option<String>,
+    path_prefix: String,
+    fail_open: bool,
+    status_on_error: Option<serde_json::Value>,
+    include_request_headers_in_check: Vec<String>,
+    /// Older name of `includeRequestHeadersInCheck`.
+    include_headers_in_check: Vec<String>,
+    include_additional_headers_in_check: BTreeMap<String, String>,
+    headers_to_upstream_on_allow: Vec<String>,
+    headers_to_downstream_on_deny: Vec<String>,
+    headers_to_downstream_on_allow: Vec<String>,
+    include_request_body_in_check: Option<serde_json::Value>,
+}
+
+impl MeshConfig {
+    /// Read a MeshConfig file (or the `istio` ConfigMap with it under `data.mesh`).
+    pub fn load(path: &Path) -> anyhow::Result<MeshConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the mesh config {}", path.display()))?;
+        MeshConfig::parse(&text).with_context(|| format!("mesh config {}", path.display()))
+    }
+
+    /// Parse MeshConfig YAML; every problem is an error naming the provider and field.
+    pub fn parse(text: &str) -> anyhow::Result<MeshConfig> {
+        let value: serde_json::Value = if text.trim().is_empty() {
+            serde_json::Value::Object(Default::default())
+        } else {
+            serde_saphyr::from_str(text).context("not valid YAML")?
+        };
+        // The `istio` ConfigMap form: the MeshConfig is a YAML string under `data.mesh`.
+        if let Some(mesh) = value
+            .get("data")
+            .and_then(|d| d.get("mesh"))
+            .and_then(|m| m.as_str())
+        {
+            return MeshConfig::parse(mesh);
+        }
+        let raw: RawMesh = serde_json::from_value(value).context("unexpected field type")?;
+        let mut out = MeshConfig {
+            root_namespace: raw.root_namespace.filter(|s| !s.is_empty()),
+            trust_domain_aliases: raw.trust_domain_aliases,
+            extension_providers: Vec::new(),
+        };
+        for (i, p) in raw.extension_providers.into_iter().enumerate() {
+            let at = format!("extensionProviders[{i}] ({:?})", p.name);
+            if p.name.is_empty() {
+                anyhow::bail!("{at}: name is required");
+            }
+            if out.extension_providers.iter().any(|e| e.name == p.name) {
+                anyhow::bail!("{at}: duplicate provider name");
+            }
+            let kind = match p.envoy_ext_authz_http {
+                Some(h) => ProviderKind::ExtAuthzHttp(ext_authz_http(h).context(at)?),
+                None => ProviderKind::Other(p.other.keys().next().cloned().unwrap_or_default()),
+            };
+            out.extension_providers
+                .push(ExtensionProvider { name: p.name, kind });
+        }
+        Ok(out)
+    }
+
+    pub fn provider(&self, name: &str) -> Option<&ExtensionProvider> {
+        self.extension_providers.iter().find(|p| p.name == name)
+    }
+
+    /// The `(service, port)` of every HTTP ext_authz provider (they need clusters).
+    pub fn extension_services(&self) -> Vec<(String, u16)> {
+        self.extension_providers
+            .iter()
+            .filter_map(|p| match &p.kind {
+                ProviderKind::ExtAuthzHttp(h) => Some((h.service.clone(), h.port)),
+                ProviderKind::Other(_) => None,
+            })
+            .collect()
+    }
+}
+
+fn ext_authz_http(h: RawExtAuthzHttp) -> anyhow::Result<ExtAuthzHttp> {
+    if h.service.is_empty() {
+        anyhow::bail!("envoyExtAuthzHttp.service is required");
+    }
+    let port = u16::try_from(h.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .with_context(|| format!("envoyExtAuthzHttp.port: {} is not a port", h.port))?;
+    let timeout = match h.timeout.as_deref() {
+        None | Some("") => DEFAULT_EXT_AUTHZ_TIMEOUT,
+        Some(t) => parse_duration(t)
+            .with_context(|| format!("envoyExtAuthzHttp.timeout: invalid duration {t:?}"))?,
+    };
+    if !h.path_prefix.is_empty() && !h.path_prefix.starts_with('/') {
+        anyhow::bail!("envoyExtAuthzHttp.pathPrefix must start with '/'");
+    }
+    // `statusOnError` is a string in the API ("403"); accept a number too.
+    let status_on_error = match &h.status_on_error {
+        None => StatusCode::FORBIDDEN,
+        Some(v) => {
+            let s = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            if s.is_empty() {
+                StatusCode::FORBIDDEN
+            } else {
+                s.parse::<u16>()
+                    .ok()
+                    .and_then(|c| StatusCode::from_u16(c).ok())
+                    .with_context(|| {
+                        format!("envoyExtAuthzHttp.statusOnError: {s:?} is not a status code")
+                    })?
+            }
+        }
+    };
+    if h.include_request_body_in_check.is_some() {
+        tracing::warn!(
+            "mesh config: envoyExtAuthzHttp.includeRequestBodyInCheck is not supported; the check request carries no body"
+        );
+    }
+    let patterns = |v: &[String]| v.iter().map(|p| HeaderPattern::new(p)).collect::<Vec<_>>();
+    let mut additional = Vec::new();
+    for (k, v) in &h.include_additional_headers_in_check {
+        let name = HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes())
+            .with_context(|| format!("includeAdditionalHeadersInCheck: bad header name {k:?}"))?;
+        let value = HeaderValue::from_str(v)
+            .with_context(|| format!("includeAdditionalHeadersInCheck: bad value for {k:?}"))?;
+        additional.push((name, value));
+    }
+    let mut include = patterns(&h.include_request_headers_in_check);
+    include.extend(patterns(&h.include_headers_in_check));
+    Ok(ExtAuthzHttp {
+        service: h.service,
+        port,
+        timeout,
+        path_prefix: h.path_prefix,
+        fail_open: h.fail_open,
+        status_on_error,
+        include_request_headers_in_check: include,
+        include_additional_headers_in_check: additional,
+        headers_to_upstream_on_allow: patterns(&h.headers_to_upstream_on_allow),
+        headers_to_downstream_on_deny: patterns(&h.headers_to_downstream_on_deny),
+        headers_to_downstream_on_allow: patterns(&h.headers_to_downstream_on_allow),
+    })
+}
+
+/// A protobuf `Duration` as written in YAML (`1s`, `0.5s`) or a humantime one (`500ms`).
+fn parse_duration(s: &str) -> Option<Duration> {
+    if let Some(secs) = s.strip_suffix('s')
+        && let Ok(f) = secs.parse::<f64>()
+    {
+        return (f.is_finite() && f >= 0.0).then(|| Duration::from_secs_f64(f));
+    }
+    humantime::parse_duration(s).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_http_providers_with_istio_defaults() {
+        let m = MeshConfig::parse(
+            "rootNamespace: istio-system\nextensionProviders:\n- name: ext\n  envoyExtAuthzHttp:\n    service: ext-authz.foo.svc.cluster.local\n    port: 8000\n    timeout: 0.5s\n    headersToDownstreamOnDeny: [x-reason, \"x-ext-*\"]\n- name: grpc\n  envoyExtAuthzGrpc: {service: g, port: 9000}\n",
+        )
+        .expect("parses");
+        let ProviderKind::ExtAuthzHttp(h) = &m.provider("ext").expect("ext").kind else {
+            panic!("http provider")
+        };
+        assert_eq!(h.timeout, Duration::from_millis(500));
+        assert_eq!(h.status_on_error, StatusCode::FORBIDDEN);
+        assert!(!h.fail_open);
+        assert!(any_matches(&h.headers_to_downstream_on_deny, "x-ext-code"));
+        assert!(!any_matches(&h.headers_to_downstream_on_deny, "x-other"));
+        assert!(
+            matches!(m.provider("grpc").expect("grpc").kind, ProviderKind::Other(ref k) if k == "envoyExtAuthzGrpc")
+        );
+        assert_eq!(
+            m.extension_services(),
+            vec![("ext-authz.foo.svc.cluster.local".to_string(), 8000)]
+        );
+        // The ConfigMap form.
+        let cm = MeshConfig::parse(
+            "apiVersion: v1\nkind: ConfigMap\ndata:\n  mesh: |\n    rootNamespace: other\n",
+        )
+        .expect("cm");
+        assert_eq!(cm.root_namespace.as_deref(), Some("other"));
+        assert!(
+            MeshConfig::parse("extensionProviders: [{name: x, envoyExtAuthzHttp: {service: s}}]")
+                .is_err()
+        );
+    }
+}
