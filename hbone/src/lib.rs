@@ -47,6 +47,24 @@ pub enum Error {
         peer: std::net::SocketAddr,
         timeout: std::time::Duration,
     },
+    /// A recent handshake to this destination failed; the pool fails fast for a while.
+    #[error("recent handshake failure, backing off: {last}")]
+    Backoff { last: String, tls: bool },
     #[error("{0}")]
     Other(String),
+}
+
+impl Error {
+    /// The failure happened in TLS (handshake or certificate verification).
+    pub fn is_tls(&self) -> bool {
+        match self {
+            Error::Tls(_) => true,
+            Error::Backoff { tls, .. } => *tls,
+            Error::Io(io) => {
+                io.get_ref().is_some_and(|i| i.is::<rustls::Error>())
+                    || io.kind() == std::io::ErrorKind::InvalidData
+            }
+            _ => false,
+        }
+    }
 }

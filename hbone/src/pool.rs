@@ -51,7 +51,7 @@ struct Pooled {
 #[derive(Default)]
 struct Entry {
     conns: Vec<Pooled>,
-    failed: Option<(Instant, String)>,
+    failed: Option<(Instant, String, bool)>,
 }
 
 /// See the module docs. `key` is the expected identity (one TLS config per identity).
@@ -80,11 +80,12 @@ impl Pool {
             .lock()
             .map_err(|_| Error::Other("pool lock poisoned".into()))?;
         let e = entries.entry(key.clone()).or_default();
-        if let Some((at, why)) = &e.failed {
+        if let Some((at, why, tls)) = &e.failed {
             if at.elapsed() < self.settings.failure_backoff {
-                return Err(Error::Other(format!(
-                    "recent handshake failure, backing off: {why}"
-                )));
+                return Err(Error::Backoff {
+                    last: why.clone(),
+                    tls: *tls,
+                });
             }
             e.failed = None;
         }
@@ -134,7 +135,7 @@ impl Pool {
                 Err(e) => {
                     if let Ok(mut entries) = self.entries.lock() {
                         entries.entry(key.clone()).or_default().failed =
-                            Some((Instant::now(), e.to_string()));
+                            Some((Instant::now(), e.to_string(), e.is_tls()));
                     }
                     return Err(e);
                 }

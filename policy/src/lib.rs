@@ -40,7 +40,7 @@ pub use route::{
 };
 pub use snapshot::{
     AppProtocol, Cluster, CompileOptions, Endpoint, EndpointLoad, GatewayInfo, ServicePort,
-    Snapshot, VipLookup, WaypointFor, compile,
+    Snapshot, VipLookup, WaypointFor, Workload, compile,
 };
 
 use std::fmt;

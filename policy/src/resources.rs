@@ -83,6 +83,39 @@ pub struct Namespace {
     pub metadata: ObjectMeta,
 }
 
+/// v1 Pod: labels (`istio.io/dataplane-mode`, `istio.io/use-waypoint`), its service account
+/// (the SPIFFE identity its ztunnel presents) and its IPs. Matched to EndpointSlice endpoints
+/// through `targetRef` (or by IP).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Pod {
+    pub metadata: ObjectMeta,
+    pub spec: PodSpec,
+    pub status: PodStatus,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PodSpec {
+    /// Defaults to `default`.
+    pub service_account_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PodStatus {
+    #[serde(rename = "podIP")]
+    pub pod_ip: Option<String>,
+    #[serde(rename = "podIPs")]
+    pub pod_ips: Vec<PodIp>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PodIp {
+    pub ip: String,
+}
+
 /// v1 Service.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", default)]
@@ -484,6 +517,7 @@ pub struct ClaimToHeader {
 pub enum Resource {
     Namespace(Namespace),
     Service(Service),
+    Pod(Pod),
     EndpointSlice(EndpointSlice),
     Gateway(Gateway),
     GatewayClass(GatewayClass),
@@ -505,6 +539,7 @@ impl Resource {
         match self {
             Resource::Namespace(_) => "Namespace",
             Resource::Service(_) => "Service",
+            Resource::Pod(_) => "Pod",
             Resource::EndpointSlice(_) => "EndpointSlice",
             Resource::Gateway(_) => "Gateway",
             Resource::GatewayClass(_) => "GatewayClass",
@@ -520,6 +555,7 @@ impl Resource {
         match self {
             Resource::Namespace(r) => Some(&r.metadata),
             Resource::Service(r) => Some(&r.metadata),
+            Resource::Pod(r) => Some(&r.metadata),
             Resource::EndpointSlice(r) => Some(&r.metadata),
             Resource::Gateway(r) => Some(&r.metadata),
             Resource::GatewayClass(r) => Some(&r.metadata),
@@ -546,7 +582,7 @@ impl Resource {
         };
         let gateway_version = group == GATEWAY_GROUP && matches!(version, "v1" | "v1beta1");
         let known = match kind.as_str() {
-            "Namespace" | "Service" => group.is_empty() && version == "v1",
+            "Namespace" | "Service" | "Pod" => group.is_empty() && version == "v1",
             "EndpointSlice" => group == "discovery.k8s.io" && version == "v1",
             "Gateway" | "GatewayClass" | "HTTPRoute" => gateway_version,
             "AuthorizationPolicy" | "RequestAuthentication" => {
@@ -594,6 +630,15 @@ impl Resource {
                 metadata,
                 spec: part(spec, "spec", &err)?,
             }),
+            "Pod" => {
+                // `spec` was taken out above; a Pod is read whole (spec and status).
+                if let Some(spec) = spec {
+                    object.insert("spec".into(), spec);
+                }
+                let mut pod: Pod = part(Some(Value::Object(object)), "", &err)?;
+                pod.metadata = metadata;
+                Resource::Pod(pod)
+            }
             "EndpointSlice" => {
                 let mut slice: EndpointSlice = part(Some(Value::Object(object)), "", &err)?;
                 slice.metadata = metadata;

@@ -104,6 +104,23 @@ impl EndpointLoad {
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub load: Arc<EndpointLoad>,
+    /// `Some(spiffe identity)` when the endpoint is a pod in the ambient data plane: the
+    /// waypoint reaches it over HBONE (mTLS to `ip:15008`, CONNECT `ip:targetPort`) and the
+    /// pod's ztunnel presents this identity (protocol.md 1.8, 2.4). `None`: plaintext.
+    pub tunnel: Option<Arc<str>>,
+}
+
+/// A pod this waypoint serves workload-addressed traffic for (`istio.io/waypoint-for`
+/// `workload` or `all`; protocol.md 2.10): a CONNECT to its IP is proxied to the same
+/// ip:port, over the `direct-http`/`direct-tcp` chains of Istio's waypoint.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    /// SPIFFE identity of the pod (its service account).
+    pub identity: Arc<str>,
+    /// Reached over HBONE (the pod is in the ambient data plane).
+    pub ambient: bool,
 }
 
 /// An upstream cluster: one Service port, named the way istiod names it so access logs match
@@ -170,6 +187,8 @@ pub struct Snapshot {
     pub(crate) authz: AuthzIndex,
     /// RequestAuthentications attached to this waypoint.
     pub(crate) authn: AuthnIndex,
+    /// Pods bound to this waypoint for workload traffic, by IP.
+    pub(crate) workloads: HashMap<std::net::IpAddr, Arc<Workload>>,
     /// Clusters of the MeshConfig extension providers, by (service as written, port).
     pub(crate) extension_clusters: HashMap<(String, u16), Arc<Cluster>>,
     /// Non-fatal findings (unknown kinds skipped, routes whose parent is not bound, ...).
@@ -185,7 +204,47 @@ impl Snapshot {
         if let Some(reason) = self.not_bound.get(&addr) {
             return VipLookup::NotBound(reason.clone());
         }
+        if let Some(w) = self.workloads.get(&addr.ip()) {
+            return VipLookup::Bound(self.direct_port(addr, w));
+        }
         VipLookup::Unknown
+    }
+
+    /// Workload-addressed traffic: a one-endpoint target for the pod itself, on the port the
+    /// client dialed, named like Istio's `encap` cluster; protocol sniffed; only waypoint-wide
+    /// policies apply (Service-attached ones concern Service traffic).
+    fn direct_port(&self, addr: SocketAddr, w: &Workload) -> Arc<ServicePort> {
+        Arc::new(ServicePort {
+            vip: addr,
+            protocol: AppProtocol::Unknown,
+            cluster: Arc::new(Cluster {
+                name: "encap".into(),
+                hostname: "unknown".into(),
+                service_name: "unknown".into(),
+                service_namespace: w.namespace.clone(),
+                port: addr.port(),
+                protocol: AppProtocol::Unknown,
+                endpoints: vec![Endpoint {
+                    addr,
+                    load: Arc::new(EndpointLoad::default()),
+                    tunnel: w.ambient.then(|| w.identity.clone()),
+                }],
+            }),
+            routes: None,
+            authz: self.authz.for_service("", ""),
+            authn: self.authn.for_service("", ""),
+        })
+    }
+
+    /// Pods served for workload traffic, sorted by IP.
+    pub fn workloads(&self) -> Vec<(std::net::IpAddr, Arc<Workload>)> {
+        let mut v: Vec<_> = self
+            .workloads
+            .iter()
+            .map(|(ip, w)| (*ip, w.clone()))
+            .collect();
+        v.sort_by_key(|(ip, _)| *ip);
+        v
     }
 
     /// Every bound Service port, sorted by VIP:port.

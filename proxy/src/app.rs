@@ -194,7 +194,14 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
     let hbone_stats = Arc::new(ServerStats::default());
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
-        upstreams: Upstreams::new(config.upstream.clone()),
+        upstreams: {
+            let mut u = Upstreams::new(config.upstream.clone());
+            u.hbone = Some(crate::upstream::HboneUpstream {
+                pool: hbone::pool::Pool::new(hbone::pool::PoolSettings::default()),
+                tls: ArcSwap::new(upstream_tls(&certs, &config)?),
+            });
+            u
+        },
         access_log: Some(inputs.access_log.unwrap_or_else(AccessLogger::stdout)),
         metrics: Metrics::default(),
         limits: config.limits.clone(),
@@ -340,6 +347,12 @@ fn reload_certs(shared: &Shared, config: &Config, tls: &ArcSwap<ServerTls>) {
         .and_then(|c| Ok((hbone::tls::server_config(&c, &config.trust_domain)?, c)));
     match loaded {
         Ok((server_config, certs)) => {
+            if let Some(h) = &shared.upstreams.hbone {
+                match upstream_tls(&certs, config) {
+                    Ok(c) => h.tls.store(c),
+                    Err(e) => warn!("rotated certificate unusable for HBONE origination: {e:#}"),
+                }
+            }
             tls.store(Arc::new(ServerTls {
                 config: server_config,
                 identity: Some(certs.identity.clone()),
@@ -353,6 +366,15 @@ fn reload_certs(shared: &Shared, config: &Config, tls: &ArcSwap<ServerTls>) {
         }
         Err(e) => warn!("certificate reload failed; keeping the current certificate: {e:#}"),
     }
+}
+
+/// Client TLS for HBONE to ambient pods: our certificate; the destination must chain to our
+/// roots with an identity in our trust domain (Envoy's connect_originate, protocol.md 2.4).
+fn upstream_tls(certs: &CertBundle, config: &Config) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    Ok(hbone::tls::client_config(
+        certs,
+        hbone::tls::ExpectedServer::TrustDomain(config.trust_domain.clone()),
+    )?)
 }
 
 /// Seconds until our certificate expires (negative once expired).

@@ -80,6 +80,9 @@ struct RunArgs {
     /// TLS handshake deadline for HBONE connections (e.g. 10s).
     #[arg(long, env = "WAYPOINT_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     handshake_timeout: Duration,
+    /// Port of the destination ztunnels' HBONE listener (ambient pods are reached over HBONE).
+    #[arg(long, env = "WAYPOINT_HBONE_UPSTREAM_PORT", default_value_t = 15008)]
+    hbone_upstream_port: u16,
     /// Upstream TCP connect timeout (Istio's connectTimeout default: 10s).
     #[arg(long, env = "WAYPOINT_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
@@ -221,6 +224,7 @@ fn run(args: RunArgs) -> ExitCode {
     config.drain_timeout = args.drain_timeout;
     config.server.handshake_timeout = args.handshake_timeout;
     config.upstream.connect_timeout = args.connect_timeout;
+    config.upstream.hbone_port = args.hbone_upstream_port;
     let rt = match runtime(args.workers) {
         Ok(rt) => rt,
         Err(e) => {

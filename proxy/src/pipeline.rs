@@ -432,8 +432,13 @@ async fn run_phases(
         if stale_retries == 0 {
             attempts += 1;
         }
-        ctx.record().upstream_host = Some(addr.to_string());
-        let checkout = match ctx.shared.upstreams.checkout(addr, proto).await {
+        // Istio renders HBONE endpoints as `envoy://connect_originate/<ip>:<port>`.
+        ctx.record().upstream_host = Some(if endpoint.tunnel.is_some() {
+            format!("envoy://connect_originate/{addr}")
+        } else {
+            addr.to_string()
+        });
+        let checkout = match ctx.shared.upstreams.checkout(endpoint, proto).await {
             Ok(c) => c,
             Err(failure) => {
                 tried.push(addr);
@@ -444,7 +449,10 @@ async fn run_phases(
                 return Err((ctx, ProxyError::Upstream { failure, retried }));
             }
         };
-        ctx.record().upstream_local_address = Some(checkout.local_addr.to_string());
+        ctx.record().upstream_local_address = Some(match checkout.local_addr {
+            Some(a) => a.to_string(),
+            None => "envoy://internal_client_address/".to_string(),
+        });
         endpoint.load.inc();
         let load = LoadGuard(endpoint.load.clone());
         match checkout.send(upstream_req).await {

@@ -25,7 +25,6 @@ use http::{Method, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use policy::{AppProtocol, ServicePort, VipLookup};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -365,24 +364,30 @@ async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, sta
         stream.inner.reset(h2::Reason::CONNECT_ERROR);
         return;
     };
-    r.upstream_host = Some(endpoint.addr.to_string());
-    let mut upstream = match tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        TcpStream::connect(endpoint.addr),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        _ => {
+    r.upstream_host = Some(if endpoint.tunnel.is_some() {
+        format!("envoy://connect_originate/{}", endpoint.addr)
+    } else {
+        endpoint.addr.to_string()
+    });
+    let (mut upstream, local) = match shared.upstreams.connect(endpoint).await {
+        Ok(c) => c,
+        Err(failure) => {
             r.response_flags.set(ResponseFlag::UF);
+            if let crate::error::UpstreamFailure::Connect { detail, .. } = &failure
+                && !detail.is_empty()
+            {
+                r.upstream_transport_failure_reason = Some(detail.replace(' ', "_"));
+            }
             r.duration = started.elapsed().as_millis() as u64;
             emit(shared, r);
             stream.inner.reset(h2::Reason::CONNECT_ERROR);
             return;
         }
     };
-    let _ = upstream.set_nodelay(true);
-    r.upstream_local_address = upstream.local_addr().ok().map(|a| a.to_string());
+    r.upstream_local_address = Some(match local {
+        Some(a) => a.to_string(),
+        None => "envoy://internal_client_address/".to_string(),
+    });
     shared.metrics.tcp_opened(t.source, Some(&cluster));
     endpoint.load.inc();
     let result = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;

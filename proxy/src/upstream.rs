@@ -82,15 +82,34 @@ impl Body for RequestBody {
 pub struct UpstreamSettings {
     /// Istio MeshConfig `connectTimeout` default: 10 s (protocol.md 2.4).
     pub connect_timeout: Duration,
+    /// Port of the destination ztunnel's HBONE listener (15008; overridable for tests).
+    pub hbone_port: u16,
 }
 
 impl Default for UpstreamSettings {
     fn default() -> Self {
         UpstreamSettings {
             connect_timeout: Duration::from_secs(10),
+            hbone_port: 15008,
         }
     }
 }
+
+/// Everything needed to originate HBONE to ambient pods (Istio's `connect_originate`):
+/// our workload certificate, the trust domain the destination must be in, and the pool.
+pub struct HboneUpstream {
+    pub pool: hbone::pool::Pool,
+    /// Client TLS (our cert; server checked to be in our trust domain, as Envoy's
+    /// connect_originate SAN matcher does, protocol.md 2.4). Swapped on certificate rotation.
+    pub tls: arc_swap::ArcSwap<rustls::ClientConfig>,
+}
+
+/// The byte stream of one upstream connection: plain TCP or an HBONE tunnel.
+pub trait UpstreamIo:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static
+{
+}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> UpstreamIo for T {}
 
 enum Sender {
     H1(http1::SendRequest<RequestBody>),
@@ -99,8 +118,8 @@ enum Sender {
 
 struct EndpointPool {
     addr: SocketAddr,
-    idle: Mutex<Vec<(http1::SendRequest<RequestBody>, SocketAddr)>>,
-    h2: Mutex<Option<(http2::SendRequest<RequestBody>, SocketAddr)>>,
+    idle: Mutex<Vec<(http1::SendRequest<RequestBody>, Option<SocketAddr>)>>,
+    h2: Mutex<Option<(http2::SendRequest<RequestBody>, Option<SocketAddr>)>>,
 }
 
 /// All upstream pools. Shared by every request.
@@ -108,14 +127,17 @@ pub struct Upstreams {
     pools: RwLock<HashMap<SocketAddr, Arc<EndpointPool>>>,
     settings: UpstreamSettings,
     pub connections_opened: AtomicU64,
+    /// `None` until certificates are known (then every ambient endpoint fails with UF).
+    pub hbone: Option<HboneUpstream>,
 }
 
 /// A connection checked out for one request.
 pub struct Checkout {
     sender: Sender,
     pool: Arc<EndpointPool>,
-    /// Our side of the upstream TCP connection (`%UPSTREAM_LOCAL_ADDRESS%`).
-    pub local_addr: SocketAddr,
+    /// Our side of the upstream TCP connection (`%UPSTREAM_LOCAL_ADDRESS%`); `None` for an
+    /// HBONE tunnel (Envoy logs `envoy://internal_client_address/` there).
+    pub local_addr: Option<SocketAddr>,
     /// Taken from the pool rather than freshly connected.
     pub reused: bool,
 }
@@ -124,7 +146,7 @@ pub struct Checkout {
 /// the end; dropped early (client gone, error) it closes the connection instead.
 pub struct PoolReturn {
     sender: http1::SendRequest<RequestBody>,
-    local_addr: SocketAddr,
+    local_addr: Option<SocketAddr>,
     pool: Arc<EndpointPool>,
 }
 
@@ -170,6 +192,7 @@ impl Upstreams {
             pools: RwLock::new(HashMap::new()),
             settings,
             connections_opened: AtomicU64::new(0),
+            hbone: None,
         }
     }
 
@@ -198,9 +221,10 @@ impl Upstreams {
     /// A ready connection to `addr`: a pooled one if possible, else a new one.
     pub async fn checkout(
         &self,
-        addr: SocketAddr,
+        endpoint: &Endpoint,
         proto: UpstreamProtocol,
     ) -> Result<Checkout, UpstreamFailure> {
+        let addr = endpoint.addr;
         let pool = self.pool(addr);
         match proto {
             UpstreamProtocol::Http1 => {
@@ -221,9 +245,9 @@ impl Upstreams {
                         });
                     }
                 }
-                let (tcp, local_addr) = self.connect(addr).await?;
+                let (io, local_addr) = self.connect(endpoint).await?;
                 let (sender, conn) = http1::Builder::new()
-                    .handshake::<_, RequestBody>(TokioIo::new(tcp))
+                    .handshake::<_, RequestBody>(TokioIo::new(io))
                     .await
                     .map_err(|_| UpstreamFailure::Termination)?;
                 tokio::spawn(async move {
@@ -251,11 +275,11 @@ impl Upstreams {
                         reused: true,
                     });
                 }
-                let (tcp, local_addr) = self.connect(addr).await?;
+                let (io, local_addr) = self.connect(endpoint).await?;
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .initial_stream_window_size(4 * 1024 * 1024)
                     .initial_connection_window_size(16 * 1024 * 1024)
-                    .handshake::<_, RequestBody>(TokioIo::new(tcp))
+                    .handshake::<_, RequestBody>(TokioIo::new(io))
                     .await
                     .map_err(|_| UpstreamFailure::Protocol)?;
                 tokio::spawn(async move {
@@ -276,7 +300,65 @@ impl Upstreams {
         }
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<(TcpStream, SocketAddr), UpstreamFailure> {
+    /// A new byte stream to the endpoint: plain TCP, or an HBONE tunnel for ambient pods
+    /// (mTLS to `ip:15008`, CONNECT `ip:targetPort`, protocol.md 1.8).
+    pub async fn connect(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Result<(Box<dyn UpstreamIo>, Option<SocketAddr>), UpstreamFailure> {
+        if let Some(identity) = &endpoint.tunnel {
+            return self
+                .connect_hbone(endpoint.addr, identity)
+                .await
+                .map(|s| (s, None));
+        }
+        let (tcp, local) = self.connect_tcp(endpoint.addr).await?;
+        Ok((Box::new(tcp), Some(local)))
+    }
+
+    async fn connect_hbone(
+        &self,
+        addr: SocketAddr,
+        identity: &Arc<str>,
+    ) -> Result<Box<dyn UpstreamIo>, UpstreamFailure> {
+        let Some(h) = &self.hbone else {
+            return Err(UpstreamFailure::Connect {
+                timeout: false,
+                detail: "no workload certificate for HBONE".into(),
+            });
+        };
+        let dest = SocketAddr::new(addr.ip(), self.settings.hbone_port);
+        let opened = tokio::time::timeout(
+            self.settings.connect_timeout,
+            h.pool.open(
+                dest,
+                identity.clone(),
+                h.tls.load_full(),
+                &addr.to_string(),
+                http::HeaderMap::new(),
+            ),
+        )
+        .await;
+        match opened {
+            Ok(Ok(stream)) => {
+                self.connections_opened.fetch_add(1, Ordering::Relaxed);
+                Ok(Box::new(stream))
+            }
+            Ok(Err(e)) => Err(UpstreamFailure::Connect {
+                timeout: false,
+                detail: hbone_failure_detail(&e),
+            }),
+            Err(_) => Err(UpstreamFailure::Connect {
+                timeout: true,
+                detail: String::new(),
+            }),
+        }
+    }
+
+    async fn connect_tcp(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(TcpStream, SocketAddr), UpstreamFailure> {
         let tcp =
             match tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
                 .await
@@ -299,6 +381,21 @@ impl Upstreams {
         self.connections_opened.fetch_add(1, Ordering::Relaxed);
         let local = tcp.local_addr().unwrap_or(addr);
         Ok((tcp, local))
+    }
+}
+
+/// `%UPSTREAM_TRANSPORT_FAILURE_REASON%` for a failed HBONE origination, in Envoy's shapes:
+/// `TLS_error:...` for handshake/verification failures, `delayed connect error: ...` for TCP,
+/// `tunnel_response:<status>` when the CONNECT is refused.
+fn hbone_failure_detail(e: &hbone::Error) -> String {
+    match e {
+        hbone::Error::ConnectStatus { status, .. } => {
+            format!("tunnel_response:{}", status.as_u16())
+        }
+        hbone::Error::Backoff { last, tls: true } => format!("TLS_error:{last}"),
+        e if e.is_tls() => format!("TLS_error:{e}"),
+        hbone::Error::Io(io) => connect_detail(io),
+        other => other.to_string(),
     }
 }
 
@@ -429,6 +526,7 @@ mod tests {
             .map(|i| Endpoint {
                 addr: format!("127.0.0.{}:80", i + 1).parse().unwrap(),
                 load: Arc::new(EndpointLoad::default()),
+                tunnel: None,
             })
             .collect()
     }

@@ -276,3 +276,73 @@ pub fn hbone_client_config(
     }
     out
 }
+
+/// Envoy bootstrap terminating HBONE like a destination ztunnel: mTLS on `ip:0` (client
+/// certificate required, chained to `root`, SPIFFE URI in `cluster.local`), HTTP/2 CONNECT
+/// terminated and the bytes proxied to `127.0.0.1:backend_port`.
+pub fn hbone_server_config(
+    ip: &str,
+    cert: &Path,
+    key: &Path,
+    root: &Path,
+    backend_port: u16,
+) -> String {
+    format!(
+        r#"admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+static_resources:
+  listeners:
+  - name: hbone_inbound
+    address: {{socket_address: {{address: "{ip}", port_value: 0}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
+            alpn_protocols: [h2]
+            tls_certificates:
+            - certificate_chain: {{filename: "{cert}"}}
+              private_key: {{filename: "{key}"}}
+            validation_context:
+              trusted_ca: {{filename: "{root}"}}
+              match_typed_subject_alt_names:
+              - san_type: URI
+                matcher: {{prefix: "spiffe://cluster.local/"}}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: hbone_inbound
+          codec_type: HTTP2
+          http2_protocol_options: {{allow_connect: true}}
+          upgrade_configs: [{{upgrade_type: CONNECT}}]
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{connect_matcher: {{}}}}
+                route:
+                  cluster: pod
+                  upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: pod
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment:
+      cluster_name: pod
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {backend_port}}}}}}}
+"#,
+        cert = cert.display(),
+        key = key.display(),
+        root = root.display(),
+    )
+}

@@ -244,24 +244,34 @@ impl TestWaypoint {
     }
 
     pub async fn start_with(yaml: &str, tweak: impl FnOnce(&mut Config)) -> TestWaypoint {
-        Self::start_full(yaml, tweak, false).await
+        Self::start_full(yaml, tweak, false, None).await
+    }
+
+    /// Start with a PKI made beforehand (so peers can be given certificates first).
+    pub async fn start_with_pki(
+        yaml: &str,
+        pki: Arc<Pki>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestWaypoint {
+        Self::start_full(yaml, tweak, false, Some(pki)).await
     }
 
     /// Start with certificates read from `<dir>/certs` (Istio's file names), so rotation by
     /// rewriting the files can be tested.
     pub async fn start_with_cert_dir(yaml: &str) -> TestWaypoint {
-        Self::start_full(yaml, |_| {}, true).await
+        Self::start_full(yaml, |_| {}, true, None).await
     }
 
     async fn start_full(
         yaml: &str,
         tweak: impl FnOnce(&mut Config),
         cert_dir: bool,
+        pki: Option<Arc<Pki>>,
     ) -> TestWaypoint {
         init_tracing();
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("config.yaml"), yaml).expect("write config");
-        let pki = Arc::new(Pki::new(TD).expect("pki"));
+        let pki = pki.unwrap_or_else(|| Arc::new(Pki::new(TD).expect("pki")));
         let certs = pki.issue("default", "waypoint").expect("waypoint cert");
         let identity = certs.identity.clone();
         let certs_dir = dir.path().join("certs");
@@ -477,4 +487,82 @@ pub async fn try_tunnel(
     let conn = Connection::connect(addr, tls, &ClientSettings::default()).await?;
     let resp = conn.send_connect(authority, http::HeaderMap::new()).await?;
     Ok(resp.status)
+}
+
+/// (peer SPIFFE identity, CONNECT authority) of one tunnel a [`Ztunnel`] received.
+pub type TunnelSeen = (Option<String>, String);
+
+/// A stand-in for the destination pod's ztunnel, built from this project's HBONE server:
+/// terminates HBONE (mTLS, CONNECT) on `ip:0`, records who connected and what they asked for,
+/// and forwards each tunnel to `127.0.0.1:<port of the authority>` (the "pod").
+pub struct Ztunnel {
+    pub addr: SocketAddr,
+    /// (peer SPIFFE identity, CONNECT authority) of every tunnel.
+    pub seen: Arc<std::sync::Mutex<Vec<TunnelSeen>>>,
+    pub stats: Arc<hbone::server::ServerStats>,
+    _drain: hbone::drain::DrainTrigger,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Ztunnel {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Ztunnel {
+    pub async fn start(ip: &str, certs: &CertBundle) -> Ztunnel {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind ztunnel");
+        let addr = listener.local_addr().expect("addr");
+        let tls = hbone::server::ServerTls {
+            config: hbone::tls::server_config(certs, TD).expect("server tls"),
+            identity: Some(certs.identity.clone()),
+        };
+        let seen: Arc<std::sync::Mutex<Vec<TunnelSeen>>> = Arc::default();
+        let stats = Arc::new(hbone::server::ServerStats::default());
+        let (trigger, watcher) = hbone::drain::channel();
+        let record = seen.clone();
+        let task = tokio::spawn(hbone::server::serve(
+            listener,
+            Arc::new(move || tls.clone()),
+            Arc::new(hbone::server::ServerSettings::default()),
+            stats.clone(),
+            move |req: hbone::server::TunnelRequest| {
+                let record = record.clone();
+                async move {
+                    let authority = req.authority.clone().unwrap_or_default();
+                    let identity = req.peer.identity.as_ref().map(|i| i.to_string());
+                    if let Ok(mut s) = record.lock() {
+                        s.push((identity, authority.clone()));
+                    }
+                    let port = authority
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse::<u16>().ok())
+                        .unwrap_or(0);
+                    // ztunnel answers 200 only after the upstream connect succeeded.
+                    match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                        Ok(mut pod) => {
+                            if let Ok(mut tunnel) = req.accept() {
+                                let _ = tokio::io::copy_bidirectional(&mut tunnel, &mut pod).await;
+                            }
+                        }
+                        Err(_) => req.reject(StatusCode::SERVICE_UNAVAILABLE, ""),
+                    }
+                }
+            },
+            watcher,
+        ));
+        Ztunnel {
+            addr,
+            seen,
+            stats,
+            _drain: trigger,
+            task,
+        }
+    }
+
+    pub fn seen(&self) -> Vec<(Option<String>, String)> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
 }

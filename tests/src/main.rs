@@ -7,6 +7,7 @@ mod abuse;
 mod authn;
 mod envoy_interop;
 mod hbone_listener;
+mod mesh;
 mod operations;
 mod routing;
 mod upstream;

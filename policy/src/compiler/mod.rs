@@ -24,6 +24,7 @@ use crate::route::{
     Backend, BackendRef, HeaderMatch, MatchKind, PathMatch, Precedence, QueryMatch, RouteMatch,
     RouteRule, RouteTable, WeightedBackends,
 };
+use crate::snapshot::Workload;
 use crate::snapshot::{
     AppProtocol, Cluster, CompileOptions, Endpoint, EndpointLoad, GatewayInfo, ServicePort,
     Snapshot, WaypointFor,
@@ -35,6 +36,8 @@ const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Set on the Service of every Gateway API gateway; waypoints never get a waypoint.
 const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// `ambient` puts a pod (or every pod of a namespace) in the ambient data plane.
+const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 /// Gateway API caps a backendRef weight at 1,000,000 (`shared_types.go`).
 const MAX_WEIGHT: i64 = 1_000_000;
 
@@ -67,8 +70,15 @@ struct SvcPort {
 struct Slice {
     /// (port name, empty when unnamed; port number).
     ports: Vec<(String, Option<u16>)>,
-    /// Addresses of ready endpoints.
-    ready: Vec<IpAddr>,
+    /// Addresses of ready endpoints, with the Pod their `targetRef` names.
+    ready: Vec<(IpAddr, Option<(String, String)>)>,
+}
+
+/// A Pod, as far as the data plane cares.
+struct PodInfo<'a> {
+    meta: &'a ObjectMeta,
+    ips: Vec<IpAddr>,
+    service_account: String,
 }
 
 /// One parsed backendRef: where it points (or why it cannot be used) and its weight.
@@ -96,6 +106,8 @@ struct Compiler<'a> {
     /// By (namespace, `kubernetes.io/service-name`).
     slices: HashMap<SvcKey<'a>, Vec<Slice>>,
     clusters: HashMap<(String, String, u16), Arc<Cluster>>,
+    pods: HashMap<SvcKey<'a>, PodInfo<'a>>,
+    pods_by_ip: HashMap<IpAddr, SvcKey<'a>>,
 }
 
 fn error(
@@ -134,6 +146,8 @@ pub(crate) fn compile(
         services: BTreeMap::new(),
         slices: HashMap::new(),
         clusters: HashMap::new(),
+        pods: HashMap::new(),
+        pods_by_ip: HashMap::new(),
     };
 
     // Index, rejecting duplicates (the later definition is the error).
@@ -159,6 +173,7 @@ pub(crate) fn compile(
                 c.namespaces.insert(n.metadata.name.as_str(), &n.metadata);
             }
             Resource::Service(s) => services.push(s),
+            Resource::Pod(p) => c.pod(p),
             Resource::EndpointSlice(s) => slices.push(s),
             Resource::Gateway(g) => gateways.push(g),
             Resource::GatewayClass(g) => {
@@ -236,6 +251,7 @@ pub(crate) fn compile(
         )
     };
     let (bound, not_bound) = c.vip_index(tables, &authz, &authn);
+    let workloads = c.workloads(&info, &allowed);
     let extension_clusters = c.extension_clusters();
 
     if !c.errors.is_empty() {
@@ -250,6 +266,7 @@ pub(crate) fn compile(
         clusters: clusters.map(|cl| (cl.name.clone(), cl)).collect(),
         authz,
         authn,
+        workloads,
         extension_clusters,
         warnings: c.warnings,
     })
@@ -617,6 +634,139 @@ impl<'a> Compiler<'a> {
         Ok(())
     }
 
+    fn pod(&mut self, p: &'a crate::resources::Pod) {
+        let meta = &p.metadata;
+        let mut ips = Vec::new();
+        let listed = p
+            .status
+            .pod_ip
+            .iter()
+            .chain(p.status.pod_ips.iter().map(|i| &i.ip));
+        for (i, ip) in listed.enumerate() {
+            match ip.parse::<IpAddr>() {
+                Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+                Ok(_) => {}
+                Err(_) => self.errors.push(error(
+                    "Pod",
+                    meta,
+                    if i == 0 && p.status.pod_ip.is_some() {
+                        "status.podIP".to_string()
+                    } else {
+                        "status.podIPs".to_string()
+                    },
+                    format!("{ip:?} is not an IP address"),
+                )),
+            }
+        }
+        let key = (meta.namespace.as_str(), meta.name.as_str());
+        for ip in &ips {
+            self.pods_by_ip.insert(*ip, key);
+        }
+        self.pods.insert(
+            key,
+            PodInfo {
+                meta,
+                ips,
+                service_account: p
+                    .spec
+                    .service_account_name
+                    .clone()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "default".into()),
+            },
+        );
+    }
+
+    /// Is the pod in the ambient data plane? The Pod's `istio.io/dataplane-mode` label wins
+    /// (`none` opts out), else its namespace's (`ambient` opts in).
+    fn pod_is_ambient(&self, pod: &PodInfo<'_>) -> bool {
+        match pod.meta.labels.get(DATAPLANE_MODE).map(String::as_str) {
+            Some("ambient") => true,
+            Some(_) => false,
+            None => self
+                .namespace_labels(&pod.meta.namespace)
+                .get(DATAPLANE_MODE)
+                .is_some_and(|m| m == "ambient"),
+        }
+    }
+
+    fn pod_identity(&self, pod: &PodInfo<'_>) -> Arc<str> {
+        format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            self.opts.trust_domain, pod.meta.namespace, pod.service_account
+        )
+        .into()
+    }
+
+    /// The SPIFFE identity to expect when the endpoint is an ambient pod (then reached over
+    /// HBONE), found by the endpoint's `targetRef`, else by IP.
+    fn ambient_identity(&self, ip: IpAddr, pod: Option<&(String, String)>) -> Option<Arc<str>> {
+        let key = match pod {
+            Some((ns, name)) => self.pods.keys().find(|k| k.0 == ns && k.1 == name).copied(),
+            None => self.pods_by_ip.get(&ip).copied(),
+        }?;
+        let info = self.pods.get(&key)?;
+        self.pod_is_ambient(info).then(|| self.pod_identity(info))
+    }
+
+    /// Pods whose workload traffic this waypoint serves (protocol.md 2.10): the Gateway's
+    /// `waypoint-for` is `workload` or `all`; the Pod's own `istio.io/use-waypoint`, else its
+    /// namespace's, names this Gateway (`none` opts out; a Service label never applies to
+    /// workload traffic); the namespace is admitted by allowedRoutes; the pod is ambient
+    /// (ztunnel only redirects captured pods).
+    fn workloads(&mut self, gw: &GatewayInfo, allowed: &Allowed) -> HashMap<IpAddr, Arc<Workload>> {
+        let mut out = HashMap::new();
+        if !matches!(gw.waypoint_for, WaypointFor::Workload | WaypointFor::All) {
+            return out;
+        }
+        for info in self.pods.values() {
+            let meta = info.meta;
+            let ns = meta.namespace.as_str();
+            let ns_labels = self.namespace_labels(ns);
+            let get = |labels: &BTreeMap<String, String>, key: &str| {
+                labels.get(key).filter(|v| !v.is_empty()).cloned()
+            };
+            let (waypoint, waypoint_ns) = if let Some(w) = get(&meta.labels, USE_WAYPOINT) {
+                (w, get(&meta.labels, USE_WAYPOINT_NAMESPACE))
+            } else if let Some(w) = get(&ns_labels, USE_WAYPOINT) {
+                (w, get(&ns_labels, USE_WAYPOINT_NAMESPACE))
+            } else {
+                continue;
+            };
+            let waypoint_ns = waypoint_ns.unwrap_or_else(|| ns.to_string());
+            if waypoint == "none" || waypoint != *gw.name || waypoint_ns != *gw.namespace {
+                continue;
+            }
+            if meta.labels.contains_key(GATEWAY_NAME_LABEL) || !self.pod_is_ambient(info) {
+                continue;
+            }
+            let admitted = match allowed {
+                Allowed::Same => ns == &*gw.namespace,
+                Allowed::All => true,
+                Allowed::Selector(sel) => sel.matches(&ns_labels),
+            };
+            if !admitted {
+                self.warnings.push(format!(
+                    "Pod {}: waypoint {}/{} does not admit namespace {ns} (missing allowedRoutes?)",
+                    id(meta),
+                    gw.namespace,
+                    gw.name
+                ));
+                continue;
+            }
+            let w = Arc::new(Workload {
+                namespace: meta.namespace.as_str().into(),
+                name: meta.name.as_str().into(),
+                identity: self.pod_identity(info),
+                ambient: true,
+            });
+            for ip in &info.ips {
+                out.insert(*ip, w.clone());
+            }
+        }
+        out
+    }
+
     fn slice(&mut self, s: &'a crate::resources::EndpointSlice) {
         let meta = &s.metadata;
         let err = |field: String, msg: String| error("EndpointSlice", meta, field, msg);
@@ -657,9 +807,19 @@ impl<'a> Compiler<'a> {
         for (i, e) in s.endpoints.iter().enumerate() {
             // `ready` absent means ready (EndpointConditions API doc).
             let ready = e.conditions.ready != Some(false);
+            let pod = e.target_ref.as_ref().and_then(|r| {
+                (r.kind.as_deref().unwrap_or("Pod") == "Pod").then(|| {
+                    (
+                        r.namespace
+                            .clone()
+                            .unwrap_or_else(|| meta.namespace.clone()),
+                        r.name.clone().unwrap_or_default(),
+                    )
+                })
+            });
             for (j, a) in e.addresses.iter().enumerate() {
                 match a.parse::<IpAddr>() {
-                    Ok(ip) if ready => slice.ready.push(ip),
+                    Ok(ip) if ready => slice.ready.push((ip, pod.clone())),
                     Ok(_) => {}
                     Err(_) => self.errors.push(err(
                         format!("endpoints[{i}].addresses[{j}]"),
@@ -742,7 +902,10 @@ impl<'a> Compiler<'a> {
                 .and_then(|(_, p)| *p)
                 .or(sp.target)
                 .unwrap_or(sp.port);
-            addrs.extend(slice.ready.iter().map(|ip| SocketAddr::new(*ip, target)));
+            for (ip, pod) in &slice.ready {
+                let tunnel = self.ambient_identity(*ip, pod.as_ref());
+                addrs.insert((SocketAddr::new(*ip, target), tunnel));
+            }
         }
         Some(Cluster {
             name: name.into(),
@@ -753,9 +916,10 @@ impl<'a> Compiler<'a> {
             protocol: sp.protocol,
             endpoints: addrs
                 .into_iter()
-                .map(|addr| Endpoint {
+                .map(|(addr, tunnel)| Endpoint {
                     addr,
                     load: Arc::new(EndpointLoad::default()),
+                    tunnel,
                 })
                 .collect(),
         })

@@ -1215,3 +1215,133 @@ proptest! {
         );
     }
 }
+
+// ---- workloads: Pods, the ambient data plane, workload binding (protocol.md 2.10) ----
+
+fn pod(name: &str, ip: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{{labels}}}}}\nspec: {{serviceAccountName: sa-{name}}}\nstatus: {{podIP: \"{ip}\"}}\n"
+    )
+}
+
+fn ns(labels: &str) -> String {
+    format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{{labels}}}}}\n")
+}
+
+fn is_workload(snap: &Snapshot, ip: &str) -> bool {
+    matches!(
+        snap.lookup_vip(addr(&format!("{ip}:8080"))),
+        VipLookup::Bound(_)
+    )
+}
+
+#[test]
+fn workload_binding_follows_istio_precedence() {
+    // (namespace labels, pod labels, waypoint-for, served?)
+    let cases = [
+        (
+            "istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint",
+            "",
+            "workload",
+            true,
+        ),
+        (
+            "istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint",
+            "",
+            "all",
+            true,
+        ),
+        // A service-only waypoint silently ignores workloads that inherit it.
+        (
+            "istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint",
+            "",
+            "service",
+            false,
+        ),
+        // The pod's own label wins over its namespace's; `none` opts out.
+        (
+            "istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint",
+            "istio.io/use-waypoint: none",
+            "workload",
+            false,
+        ),
+        (
+            "istio.io/dataplane-mode: ambient, istio.io/use-waypoint: other",
+            "istio.io/use-waypoint: waypoint",
+            "workload",
+            true,
+        ),
+        (
+            "istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint",
+            "istio.io/use-waypoint: other",
+            "workload",
+            false,
+        ),
+        // Only pods in the ambient data plane have their traffic sent to a waypoint.
+        ("istio.io/use-waypoint: waypoint", "", "workload", false),
+        (
+            "istio.io/use-waypoint: waypoint",
+            "istio.io/dataplane-mode: ambient",
+            "workload",
+            true,
+        ),
+        (
+            "istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint",
+            "istio.io/dataplane-mode: none",
+            "workload",
+            false,
+        ),
+        // No label anywhere: no waypoint.
+        ("istio.io/dataplane-mode: ambient", "", "all", false),
+    ];
+    for (ns_labels, pod_labels, waypoint_for, served) in cases {
+        let snap = ok(&docs(&[
+            &ns(ns_labels),
+            &gateway(&format!("istio.io/waypoint-for: {waypoint_for}"), ""),
+            &pod("p", "10.1.0.5", pod_labels),
+        ]));
+        assert_eq!(
+            is_workload(&snap, "10.1.0.5"),
+            served,
+            "ns {{{ns_labels}}} pod {{{pod_labels}}} waypoint-for {waypoint_for}"
+        );
+    }
+}
+
+#[test]
+fn ambient_endpoints_carry_the_pod_identity_and_others_stay_plaintext() {
+    let snap = ok(&docs(&[
+        &ns("istio.io/use-waypoint: waypoint"),
+        &gateway("", ""),
+        &service("default", "web", "10.0.0.50", "", HTTP_PORT),
+        &pod("amb", "10.1.0.1", "istio.io/dataplane-mode: ambient"),
+        &pod("plain", "10.1.0.2", ""),
+        &slice(
+            "default",
+            "web",
+            "web-1",
+            "endpoints:\n- addresses: [\"10.1.0.1\"]\n  targetRef: {kind: Pod, name: amb, namespace: default}\n- addresses: [\"10.1.0.2\"]\nports: [{name: http, port: 8080}]\n",
+        ),
+    ]));
+    let sp = bound(&snap, "10.0.0.50:9080");
+    let eps = &sp.cluster.endpoints;
+    assert_eq!(eps.len(), 2);
+    assert_eq!(
+        eps[0].tunnel.as_deref(),
+        Some("spiffe://cluster.local/ns/default/sa/sa-amb")
+    );
+    assert_eq!(
+        eps[1].tunnel, None,
+        "a pod outside the ambient data plane is reached in plaintext"
+    );
+}
+
+#[test]
+fn pod_ip_must_be_an_ip() {
+    let e = errs(&docs(&[
+        &ns(""),
+        &gateway("", ""),
+        &pod("bad", "not-an-ip", ""),
+    ]));
+    assert_error(&e, "Pod", "default", "bad", "status.podIP");
+}
