@@ -24,6 +24,10 @@ pub struct ClientSettings {
     pub max_frame_size: u32,
     pub max_header_list_size: u32,
     pub connect_timeout: Duration,
+    /// PING after this much time and every interval after; the connection is dropped when a
+    /// PONG does not come back within `keepalive_timeout` (ztunnel: 10 s / 20 s, both sides).
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for ClientSettings {
@@ -34,6 +38,8 @@ impl Default for ClientSettings {
             max_frame_size: 1024 * 1024,
             max_header_list_size: 16 * 1024,
             connect_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -77,7 +83,7 @@ impl Connection {
                 .await?;
             Ok::<_, Error>((send, conn))
         };
-        let (send, conn) = tokio::time::timeout(settings.connect_timeout, setup)
+        let (send, mut conn) = tokio::time::timeout(settings.connect_timeout, setup)
             .await
             .map_err(|_| Error::HandshakeTimeout {
                 peer: addr,
@@ -85,9 +91,28 @@ impl Connection {
             })??;
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = closed.clone();
+        let (interval, timeout) = (settings.keepalive_interval, settings.keepalive_timeout);
+        let mut ping_pong = conn.ping_pong();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(peer = %addr, error = %e, "HBONE client connection ended");
+            let keepalive = async {
+                let Some(pp) = ping_pong.as_mut() else {
+                    return std::future::pending::<()>().await;
+                };
+                loop {
+                    tokio::time::sleep(interval).await;
+                    match tokio::time::timeout(timeout, pp.ping(h2::Ping::opaque())).await {
+                        Ok(Ok(_)) => continue,
+                        _ => return,
+                    }
+                }
+            };
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(e) = r {
+                        debug!(peer = %addr, error = %e, "HBONE client connection ended");
+                    }
+                }
+                _ = keepalive => debug!(peer = %addr, "HBONE client connection: no PONG in time; dropping it"),
             }
             flag.store(true, std::sync::atomic::Ordering::Relaxed);
         });

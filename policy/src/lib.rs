@@ -35,8 +35,8 @@ pub use authz::{
 };
 pub use load::{LoadedResources, load_paths, parse_manifests};
 pub use route::{
-    Backend, BackendRef, HeaderMatch, MatchKind, PathMatch, QueryMatch, RouteMatch, RouteRule,
-    RouteTable, WeightedBackends, normalize_path,
+    Backend, BackendRef, HeaderMatch, MatchKind, PathMatch, PathNormalization, QueryMatch,
+    RouteMatch, RouteRule, RouteTable, WeightedBackends, normalize_path, normalize_path_with,
 };
 pub use snapshot::{
     AppProtocol, Cluster, CompileOptions, Endpoint, EndpointLoad, GatewayInfo, ServicePort,

@@ -340,6 +340,93 @@ fn hex_pair(bytes: &[u8], i: usize) -> Option<u8> {
 ///
 /// Also rejected: `%00` (Istio's normalization page: 400). A `%` not followed by two hex
 /// digits is re-encoded as `%25`, so decoding can never create a new escape on a second pass.
+/// Istio MeshConfig `pathNormalization.normalization` (policy.md 1.8): how request paths are
+/// normalized before routing and authorization; the normalized path is also what the
+/// backend receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PathNormalization {
+    /// Envoy `normalize_path: false`: the path is used as received.
+    None,
+    /// Istio's default (`DEFAULT` = `BASE`): see [`normalize_path`].
+    #[default]
+    Base,
+    /// `BASE` plus `merge_slashes` (`//` -> `/`).
+    MergeSlashes,
+    /// `%2F`/`%5C` decoded first (UNESCAPE_AND_FORWARD), then `MERGE_SLASHES`.
+    DecodeAndMergeSlashes,
+}
+
+impl PathNormalization {
+    /// From the MeshConfig enum name (`NONE`, `BASE`, `DEFAULT`, `MERGE_SLASHES`,
+    /// `DECODE_AND_MERGE_SLASHES`).
+    pub fn parse(s: &str) -> Option<PathNormalization> {
+        Some(match s {
+            "NONE" => PathNormalization::None,
+            "BASE" | "DEFAULT" | "" => PathNormalization::Base,
+            "MERGE_SLASHES" => PathNormalization::MergeSlashes,
+            "DECODE_AND_MERGE_SLASHES" => PathNormalization::DecodeAndMergeSlashes,
+            _ => return None,
+        })
+    }
+}
+
+/// Normalize `path` with `mode` (Envoy's order: unescape slashes, RFC 3986 normalization,
+/// then slash merging). `Err(())`: the request is rejected with 400.
+#[allow(clippy::result_unit_err)]
+pub fn normalize_path_with(path: &str, mode: PathNormalization) -> Result<Cow<'_, str>, ()> {
+    match mode {
+        PathNormalization::None => Ok(Cow::Borrowed(path)),
+        PathNormalization::Base => normalize_path(path),
+        PathNormalization::MergeSlashes => Ok(merge_slashes(normalize_path(path)?)),
+        PathNormalization::DecodeAndMergeSlashes => {
+            let unescaped = unescape_slashes(path);
+            let normalized = normalize_path(&unescaped)?.into_owned();
+            Ok(Cow::Owned(
+                merge_slashes(Cow::Owned(normalized)).into_owned(),
+            ))
+        }
+    }
+}
+
+fn merge_slashes(p: Cow<'_, str>) -> Cow<'_, str> {
+    if !p.contains("//") {
+        return p;
+    }
+    let mut out = String::with_capacity(p.len());
+    for c in p.chars() {
+        if c == '/' && out.ends_with('/') {
+            continue;
+        }
+        out.push(c);
+    }
+    Cow::Owned(out)
+}
+
+/// `%2F`/`%2f` -> `/`, `%5C`/`%5c` -> `\` (which normalization then turns into `/`).
+fn unescape_slashes(p: &str) -> Cow<'_, str> {
+    if !p.contains('%') {
+        return Cow::Borrowed(p);
+    }
+    let mut out = String::with_capacity(p.len());
+    let mut rest = p;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let esc = rest.get(i..i + 3).unwrap_or("");
+        match esc {
+            "%2F" | "%2f" => out.push('/'),
+            "%5C" | "%5c" => out.push('\\'),
+            _ => {
+                out.push('%');
+                rest = &rest[i + 1..];
+                continue;
+            }
+        }
+        rest = &rest[i + 3..];
+    }
+    out.push_str(rest);
+    Cow::Owned(out)
+}
+
 #[allow(clippy::result_unit_err)]
 pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, ()> {
     if !path.starts_with('/') {
@@ -642,5 +729,33 @@ mod tests {
                 prop_assert!(matches!(normalize_path(&once), Ok(Cow::Borrowed(_))));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod normalization_modes {
+    use super::*;
+
+    #[test]
+    fn each_mesh_path_normalization_mode_behaves_as_istio_documents() {
+        use PathNormalization::*;
+        let cases = [
+            ("/a//b/../c", None, "/a//b/../c"),
+            ("/a//b/../c", Base, "/a//c"),
+            ("/a//b/../c", MergeSlashes, "/a/c"),
+            ("/a%2Fb/./c", Base, "/a%2Fb/c"),
+            ("/a%2Fb//c", DecodeAndMergeSlashes, "/a/b/c"),
+            ("/a%5cb", DecodeAndMergeSlashes, "/a/b"),
+            ("/%61dmin", Base, "/admin"),
+        ];
+        for (input, mode, want) in cases {
+            assert_eq!(
+                normalize_path_with(input, mode).unwrap(),
+                want,
+                "{input} {mode:?}"
+            );
+        }
+        assert_eq!(PathNormalization::parse("DEFAULT"), Some(Base));
+        assert_eq!(PathNormalization::parse("bogus"), Option::None);
     }
 }

@@ -22,6 +22,8 @@ pub struct MeshConfig {
     pub trust_domain_aliases: Vec<String>,
     /// By name, in file order.
     pub extension_providers: Vec<ExtensionProvider>,
+    /// `pathNormalization.normalization` (default BASE).
+    pub path_normalization: policy::PathNormalization,
 }
 
 /// One `extensionProviders[]` entry.
@@ -113,6 +115,13 @@ struct RawMesh {
     root_namespace: Option<String>,
     trust_domain_aliases: Vec<String>,
     extension_providers: Vec<RawProvider>,
+    path_normalization: Option<RawPathNormalization>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawPathNormalization {
+    normalization: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -171,6 +180,14 @@ impl MeshConfig {
             root_namespace: raw.root_namespace.filter(|s| !s.is_empty()),
             trust_domain_aliases: raw.trust_domain_aliases,
             extension_providers: Vec::new(),
+            path_normalization: match raw.path_normalization.and_then(|p| p.normalization) {
+                None => policy::PathNormalization::Base,
+                Some(n) => policy::PathNormalization::parse(&n).with_context(|| {
+                    format!(
+                        "pathNormalization.normalization: {n:?} is not one of NONE, BASE, DEFAULT, MERGE_SLASHES, DECODE_AND_MERGE_SLASHES"
+                    )
+                })?,
+            },
         };
         for (i, p) in raw.extension_providers.into_iter().enumerate() {
             let at = format!("extensionProviders[{i}] ({:?})", p.name);

@@ -220,7 +220,7 @@ type PhaseResult = Result<Response<ResponseBody>, (RequestCtx, ProxyError)>;
 async fn run_phases(
     t: &TunnelCtx,
     mut ctx: RequestCtx,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     received: Arc<AtomicU64>,
 ) -> PhaseResult {
     // Phase 2: validate.
@@ -230,11 +230,28 @@ async fn run_phases(
     if head_size(&req) > ctx.shared.limits.max_request_headers {
         return Err((ctx, ProxyError::HeadersTooLarge));
     }
-    let path = req.uri().path();
-    let normalized = match policy::normalize_path(path) {
-        Ok(p) => p.into_owned(),
-        Err(()) => return Err((ctx, ProxyError::BadPath)),
-    };
+    // MeshConfig pathNormalization (default BASE): the normalized path is used for routing
+    // and authorization and is what the backend receives (policy.md 1.8).
+    let normalized =
+        match policy::normalize_path_with(req.uri().path(), ctx.shared.mesh.path_normalization) {
+            Ok(p) => p.into_owned(),
+            Err(()) => return Err((ctx, ProxyError::BadPath)),
+        };
+    if normalized != req.uri().path() {
+        let pq = match req.uri().query() {
+            Some(q) => format!("{normalized}?{q}"),
+            None => normalized.clone(),
+        };
+        let mut parts = req.uri().clone().into_parts();
+        if let Ok(pq) = http::uri::PathAndQuery::try_from(pq) {
+            // Envoy normalizes `:path` in place, so its log shows the normalized path.
+            ctx.record().path = Some(pq.as_str().to_string());
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
 
     // Phase 3: route. One snapshot per request; the Service comes from the tunnel.
     let snapshot = ctx.shared.snapshot.load_full();

@@ -77,6 +77,7 @@ impl Backend {
                             let name = name.clone();
                             async move {
                                 let path = req.uri().path().to_string();
+                                let uri = req.uri().to_string();
                                 let mut headers: HashMap<String, String> = HashMap::new();
                                 for (k, v) in req.headers() {
                                     let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
@@ -96,7 +97,7 @@ impl Backend {
                                     .map(|b| b.to_bytes())
                                     .unwrap_or_default();
                                 let text = if path == "/debug/headers" {
-                                    serde_json::json!({"headers": headers, "method": method, "body_len": body.len()}).to_string()
+                                    serde_json::json!({"headers": headers, "method": method, "body_len": body.len(), "uri": uri}).to_string()
                                 } else if path == "/echo" {
                                     String::from_utf8_lossy(&body).into_owned()
                                 } else {

@@ -391,3 +391,36 @@ async fn undeclared_ports_are_sniffed_http_or_tcp() {
         "inbound-vip|7000|tcp|raw.default.svc.cluster.local"
     );
 }
+
+#[tokio::test]
+async fn the_backend_receives_the_normalized_path_and_mesh_config_picks_the_mode() {
+    let b = Backend::echo("echo").await;
+    let mut m = Manifests::new();
+    m.service("echo", "10.0.0.43", 80, "http", &[b.addr]);
+    for (mode, sent, want) in [
+        (None, "/x/../debug/./headers?q=%2e", "/debug/headers?q=%2e"),
+        (Some("MERGE_SLASHES"), "//debug//headers", "/debug/headers"),
+        (Some("NONE"), "/debug/headers/.", "/debug/headers/."),
+    ] {
+        let wp = TestWaypoint::start_with(&m.yaml(), |c| {
+            if let Some(mode) = mode {
+                c.mesh = proxy::meshconfig::MeshConfig::parse(&format!(
+                    "pathNormalization:\n  normalization: {mode}\n"
+                ))
+                .unwrap();
+            }
+        })
+        .await;
+        let conn = wp.connect_as("default", "sleep").await;
+        let mut http = TunnelHttp::open(&conn, "10.0.0.43:80").await.unwrap();
+        let r = http.get("echo", sent).await.unwrap();
+        if mode == Some("NONE") {
+            // Not normalized: the literal path reaches the backend (which answers its name).
+            assert_eq!(r.text(), "echo\n");
+            continue;
+        }
+        let seen: Value = serde_json::from_slice(&r.body).expect("headers json");
+        assert_eq!(seen["uri"], want, "mode {mode:?}");
+        assert_eq!(wp.next_logs(1)[0]["path"], want);
+    }
+}
