@@ -150,6 +150,16 @@ fn prometheus(shared: &Shared) -> String {
             shared.cert_reloads.load(Ordering::Relaxed),
         ),
         (
+            "waypoint_requests_in_flight",
+            "Requests currently in flight.",
+            shared.in_flight.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "waypoint_overload_shed_total",
+            "Requests and tunnels shed for overload (503 OM).",
+            shared.shed.load(Ordering::Relaxed),
+        ),
+        (
             "waypoint_access_log_dropped_total",
             "Access-log records dropped because the writer could not keep up.",
             shared.access_log.as_ref().map(|l| l.dropped()).unwrap_or(0),

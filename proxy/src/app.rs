@@ -215,6 +215,9 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         jwks: JwksCache::new(config.jwks.clone()),
         mesh: config.mesh.clone(),
         ext_authz: Default::default(),
+        in_flight: std::sync::atomic::AtomicUsize::new(0),
+        memory_pressure: AtomicBool::new(false),
+        shed: AtomicU64::new(0),
     });
     shared.jwks.sync(shared.snapshot.load().remote_jwks());
 
@@ -423,6 +426,16 @@ async fn watch_files(
                 warned_expiry = false;
             }
         }
+        if let Some(ceiling) = shared.limits.max_memory {
+            let rss = resident_bytes().unwrap_or(0);
+            let over = rss > ceiling;
+            if over != shared.memory_pressure.swap(over, Ordering::Relaxed) {
+                warn!(
+                    rss,
+                    ceiling, over, "memory ceiling crossed; shedding new work while over it"
+                );
+            }
+        }
         let left = cert_seconds_left(&shared);
         if left < 24 * 3600 && !warned_expiry {
             warned_expiry = true;
@@ -432,4 +445,11 @@ async fn watch_files(
             );
         }
     }
+}
+
+/// Resident set size of this process (Linux `/proc/self/statm`).
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }

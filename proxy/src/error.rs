@@ -90,6 +90,12 @@ pub enum ProxyError {
     HeadersTooLarge,
     /// The request path cannot be normalized: 400 `path_normalization_failed`.
     BadPath,
+    /// The upstream did not answer within the response timeout: 504
+    /// `upstream request timeout`, flag `UT`, details `response_timeout` (router.cc).
+    UpstreamTimeout,
+    /// More work than the configured limits allow: shed as Envoy's overload manager does,
+    /// 503 `envoy overloaded`, flag `OM`, details `overload`.
+    Overloaded,
     /// AuthorizationPolicy denied the request: 403 `RBAC: access denied` (19 bytes), no
     /// response flag, details `rbac_access_denied_matched_policy[<id>|none]` (protocol.md 3.4, 3.7).
     RbacDenied { details: String },
@@ -247,6 +253,20 @@ impl ProxyError {
                 side: Side::Internal,
                 headers: Vec::new(),
             },
+            ProxyError::UpstreamTimeout => reply(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream request timeout",
+                ResponseFlag::UT.into(),
+                "response_timeout",
+                Side::Upstream,
+            ),
+            ProxyError::Overloaded => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "envoy overloaded",
+                ResponseFlag::OM.into(),
+                "overload",
+                Side::Internal,
+            ),
             ProxyError::Upstream { failure, retried } => {
                 // router.cc onUpstreamReset, as Envoy 1.40 prints it (envoy-observed.md 2, 8):
                 // the body names the reset reason only; the transport failure detail goes to

@@ -25,6 +25,8 @@ struct Inner {
     source: SourceId,
     cluster: Option<Arc<Cluster>>,
     grpc: bool,
+    /// Held until the record is emitted: the request counts as in flight until then.
+    _in_flight: Option<crate::state::InFlight>,
 }
 
 impl PendingLog {
@@ -45,7 +47,15 @@ impl PendingLog {
                 source,
                 cluster: None,
                 grpc,
+                _in_flight: None,
             }),
+        }
+    }
+
+    /// Keep `guard` (the request's in-flight slot) until the record is emitted.
+    pub fn hold(&mut self, guard: crate::state::InFlight) {
+        if let Some(i) = self.inner.as_mut() {
+            i._in_flight = Some(guard);
         }
     }
 

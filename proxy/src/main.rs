@@ -80,6 +80,21 @@ struct RunArgs {
     /// TLS handshake deadline for HBONE connections (e.g. 10s).
     #[arg(long, env = "WAYPOINT_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     handshake_timeout: Duration,
+    /// A backend must start its response within this ("0s": wait forever, Istio's default).
+    #[arg(long, env = "WAYPOINT_UPSTREAM_RESPONSE_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
+    upstream_response_timeout: Duration,
+    /// An HTTP/1.1 request head must arrive within this once it started (408 otherwise).
+    #[arg(long, env = "WAYPOINT_REQUEST_HEADER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    request_header_timeout: Duration,
+    /// Idle inner HTTP connections are closed after this.
+    #[arg(long, env = "WAYPOINT_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Requests in flight before new ones are shed with 503 (flag OM).
+    #[arg(long, env = "WAYPOINT_MAX_REQUESTS", default_value_t = 100_000)]
+    max_requests: usize,
+    /// Resident memory ceiling in MiB; above it new work is shed with 503 (0: none).
+    #[arg(long, env = "WAYPOINT_MAX_MEMORY_MIB", default_value_t = 0)]
+    max_memory_mib: u64,
     /// Port of the destination ztunnels' HBONE listener (ambient pods are reached over HBONE).
     #[arg(long, env = "WAYPOINT_HBONE_UPSTREAM_PORT", default_value_t = 15008)]
     hbone_upstream_port: u16,
@@ -225,6 +240,13 @@ fn run(args: RunArgs) -> ExitCode {
     config.server.handshake_timeout = args.handshake_timeout;
     config.upstream.connect_timeout = args.connect_timeout;
     config.upstream.hbone_port = args.hbone_upstream_port;
+    config.limits.upstream_response_timeout =
+        (!args.upstream_response_timeout.is_zero()).then_some(args.upstream_response_timeout);
+    config.limits.request_header_timeout = args.request_header_timeout;
+    config.limits.idle_timeout = args.idle_timeout;
+    config.limits.max_requests = args.max_requests;
+    config.limits.max_memory =
+        (args.max_memory_mib > 0).then_some(args.max_memory_mib * 1024 * 1024);
     let rt = match runtime(args.workers) {
         Ok(rt) => rt,
         Err(e) => {

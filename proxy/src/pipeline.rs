@@ -223,6 +223,24 @@ async fn run_phases(
     mut req: Request<Incoming>,
     received: Arc<AtomicU64>,
 ) -> PhaseResult {
+    // Overload (Envoy's overload manager): shed instead of queueing without bound when too
+    // many requests are in flight or resident memory is above the ceiling.
+    let shared = ctx.shared.clone();
+    let n = shared
+        .in_flight
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ctx.log.hold(crate::state::InFlight(shared.clone()));
+    if n >= shared.limits.max_requests
+        || shared
+            .memory_pressure
+            .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        shared
+            .shed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Err((ctx, ProxyError::Overloaded));
+    }
+
     // Phase 2: validate.
     if req.version() == Version::HTTP_10 {
         return Err((ctx, ProxyError::Http10));
@@ -472,7 +490,16 @@ async fn run_phases(
         });
         endpoint.load.inc();
         let load = LoadGuard(endpoint.load.clone());
-        match checkout.send(upstream_req).await {
+        // The upstream must start answering within the response timeout (default 300 s;
+        // Istio's default is none): a backend that never answers is released with 504 UT.
+        let sent = match ctx.shared.limits.upstream_response_timeout {
+            Some(limit) => match tokio::time::timeout(limit, checkout.send(upstream_req)).await {
+                Ok(r) => r,
+                Err(_) => return Err((ctx, ProxyError::UpstreamTimeout)),
+            },
+            None => checkout.send(upstream_req).await,
+        };
+        match sent {
             Ok((resp, pool)) => {
                 let service_time = upstream_started.elapsed().as_millis() as u64;
                 return Ok(respond(ctx, resp, pool, load, service_time));

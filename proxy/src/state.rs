@@ -32,6 +32,15 @@ pub struct Limits {
     /// An inner HTTP connection with no request in flight and no bytes for this long is
     /// closed (Envoy HCM `idle_timeout` default: 1 h).
     pub idle_timeout: Duration,
+    /// The upstream must start its response within this (`None`: wait forever, as Istio's
+    /// default route timeout 0s). HTTPRoute timeouts override it per route.
+    pub upstream_response_timeout: Option<Duration>,
+    /// Requests in flight at once across the process; beyond it requests are shed with
+    /// 503 `OM` instead of queueing without bound.
+    pub max_requests: usize,
+    /// Resident memory ceiling in bytes (`None`: none): above it new requests and tunnels
+    /// are shed until memory falls back.
+    pub max_memory: Option<u64>,
 }
 
 impl Default for Limits {
@@ -41,6 +50,9 @@ impl Default for Limits {
             sniff_timeout: Duration::from_secs(15),
             request_header_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(3600),
+            upstream_response_timeout: Some(Duration::from_secs(300)),
+            max_requests: 100_000,
+            max_memory: None,
         }
     }
 }
@@ -67,4 +79,21 @@ pub struct Shared {
     pub mesh: MeshConfig,
     /// Client for CUSTOM (ext_authz HTTP) authorizers.
     pub ext_authz: ExtAuthzClient,
+    /// Requests in flight (overload shedding).
+    pub in_flight: std::sync::atomic::AtomicUsize,
+    /// Set while resident memory is above `Limits::max_memory`.
+    pub memory_pressure: std::sync::atomic::AtomicBool,
+    /// Requests and tunnels shed for overload.
+    pub shed: AtomicU64,
+}
+
+/// Counts one request in flight for its whole life (overload shedding).
+pub struct InFlight(pub std::sync::Arc<Shared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }

@@ -86,6 +86,17 @@ pub async fn handle_tunnel(shared: Arc<Shared>, req: TunnelRequest) {
         },
         None => None,
     };
+    // Under memory pressure new tunnels are refused (503, like an overloaded Envoy).
+    if shared
+        .memory_pressure
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        shared
+            .shed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        req.reject(StatusCode::SERVICE_UNAVAILABLE, "envoy overloaded");
+        return;
+    }
     let Some((vip, service)) = bound else {
         refuse_unknown_authority(&shared, &req, &authority, start_time, started);
         req.reject(StatusCode::SERVICE_UNAVAILABLE, UNKNOWN_AUTHORITY_BODY);

@@ -287,3 +287,219 @@ async fn idle_inner_connections_time_out() {
     );
     assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
 }
+
+/// A raw TCP "backend" running `behave` on every accepted connection; `closed` counts
+/// connections the waypoint closed on it.
+async fn raw_backend<F, Fut>(
+    behave: F,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)
+where
+    F: Fn(tokio::net::TcpStream, std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Fut
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = closed.clone();
+    let behave = std::sync::Arc::new(behave);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(behave(s, c.clone()));
+        }
+    });
+    (addr, closed)
+}
+
+async fn read_request_head(s: &mut tokio::net::TcpStream) {
+    let mut buf = Vec::new();
+    let mut b = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut b).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&b[..n]),
+        }
+    }
+}
+
+async fn one_backend_waypoint(
+    addr: std::net::SocketAddr,
+    tweak: impl FnOnce(&mut proxy::Config),
+) -> TestWaypoint {
+    let mut m = Manifests::new();
+    m.service("svc", "10.0.0.60", 80, "http", &[addr]);
+    TestWaypoint::start_with(&m.yaml(), tweak).await
+}
+
+#[tokio::test]
+async fn a_backend_that_never_answers_is_timed_out_and_released() {
+    let (addr, closed) = raw_backend(|mut s, closed| async move {
+        read_request_head(&mut s).await;
+        // Never answer; notice when the waypoint lets go.
+        let mut b = [0u8; 64];
+        while let Ok(n) = s.read(&mut b).await {
+            if n == 0 {
+                break;
+            }
+        }
+        closed.fetch_add(1, Ordering::Relaxed);
+    })
+    .await;
+    let wp = one_backend_waypoint(addr, |c| {
+        c.limits.upstream_response_timeout = Some(Duration::from_millis(300))
+    })
+    .await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.60:80").await.unwrap();
+    let r = http.get("svc", "/").await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (504, "upstream request timeout")
+    );
+    let log = &wp.next_logs(1)[0];
+    assert_eq!(log["response_flags"], "UT");
+    let released = eventually(Duration::from_secs(5), || async {
+        (closed.load(Ordering::Relaxed) >= 1).then_some(())
+    })
+    .await;
+    assert!(released.is_some(), "the upstream connection is released");
+}
+
+#[tokio::test]
+async fn a_backend_that_closes_before_answering_gets_503_uc() {
+    let (addr, _) = raw_backend(|mut s, _| async move {
+        read_request_head(&mut s).await;
+        drop(s);
+    })
+    .await;
+    let wp = one_backend_waypoint(addr, |_| {}).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.60:80").await.unwrap();
+    let r = http.get("svc", "/").await.unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        r.text(),
+        "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+    );
+    let log = &wp.next_logs(1)[0];
+    assert_eq!(log["response_flags"], "UC");
+    assert_eq!(
+        log["response_code_details"],
+        "upstream_reset_before_response_started{connection_termination}"
+    );
+}
+
+#[tokio::test]
+async fn a_backend_that_resets_mid_response_gives_a_clean_failure_and_a_log_line() {
+    let (addr, _) = raw_backend(|mut s, _| async move {
+        read_request_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\npartial")
+            .await;
+        drop(s);
+    })
+    .await;
+    let wp = one_backend_waypoint(addr, |_| {}).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.60:80").await.unwrap();
+    let r = http.get("svc", "/").await;
+    assert!(
+        r.is_err(),
+        "an incomplete body must not look complete: {r:?}"
+    );
+    let log = &wp.next_logs(1)[0];
+    assert_eq!(log["response_code"], 200);
+    assert_eq!(log["response_flags"], "UC");
+    assert_eq!(
+        log["response_code_details"],
+        "upstream_reset_after_response_started{connection_termination}"
+    );
+    // The HBONE connection itself is unharmed.
+    let again = TunnelHttp::open(&conn, "10.0.0.60:80").await;
+    assert!(again.is_ok());
+}
+
+#[tokio::test]
+async fn an_endless_body_is_back_pressured_and_released_when_the_client_leaves() {
+    let (addr, closed) = raw_backend(|mut s, closed| async move {
+        read_request_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await;
+        let chunk = format!("{:x}\r\n{}\r\n", 16384, "x".repeat(16384));
+        // Bounded: at most ~1.6 GB, far more than any window; stops when the waypoint lets go.
+        for _ in 0..100_000 {
+            if s.write_all(chunk.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+        closed.fetch_add(1, Ordering::Relaxed);
+    })
+    .await;
+    let wp = one_backend_waypoint(addr, |_| {}).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut stream = conn
+        .open("10.0.0.60:80", http::HeaderMap::new())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 65536];
+    while got < 256 * 1024 {
+        got += stream.read(&mut buf).await.unwrap();
+    }
+    // The client stops reading, then goes away.
+    drop(stream);
+    let released = eventually(Duration::from_secs(10), || async {
+        (closed.load(Ordering::Relaxed) >= 1).then_some(())
+    })
+    .await;
+    assert!(
+        released.is_some(),
+        "the upstream connection is released when the client leaves"
+    );
+    let log = &wp.next_logs(1)[0];
+    assert!(
+        log["response_flags"].as_str().unwrap_or("").contains("DC"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn overload_sheds_with_503_om_instead_of_queueing() {
+    let (addr, _) = raw_backend(|mut s, _| async move {
+        read_request_head(&mut s).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+    })
+    .await;
+    let wp = one_backend_waypoint(addr, |c| c.limits.max_requests = 1).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut slow = TunnelHttp::open(&conn, "10.0.0.60:80").await.unwrap();
+    let mut fast = TunnelHttp::open(&conn, "10.0.0.60:80").await.unwrap();
+    let first = tokio::spawn(async move { slow.get("svc", "/").await.map(|r| r.status.as_u16()) });
+    // Wait (bounded) until the first request is in flight.
+    let inflight = eventually(Duration::from_secs(5), || async {
+        (wp.running().shared.in_flight.load(Ordering::Relaxed) >= 1).then_some(())
+    })
+    .await;
+    assert!(inflight.is_some());
+    let r = fast.get("svc", "/").await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (503, "envoy overloaded")
+    );
+    assert_eq!(first.await.unwrap().unwrap(), 200);
+    let logs = wp.next_logs(2);
+    assert!(logs.iter().any(|l| l["response_flags"] == "OM"));
+}

@@ -1,0 +1,135 @@
+//! `bench-backend`: a fast local HTTP/1.1 backend for the benchmarks. One listener per
+//! `--listen [NAME=]ADDR`; every request is read to the end and answered `200` with body
+//! `<name>\n`, header `x-backend: <name>` and `x-request-body-bytes: <n>` (the request body size
+//! it received). Keep-alive, no logging, loopback only unless --allow-remote.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use clap::Parser;
+use http::{HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench-backend",
+    about = "Fast HTTP/1.1 backend for the waypoint benchmarks"
+)]
+struct Args {
+    /// `ADDR` or `NAME=ADDR`; repeatable (one listener each).
+    #[arg(long, required = true)]
+    listen: Vec<String>,
+    /// Runtime worker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long)]
+    allow_remote: bool,
+}
+
+struct Backend {
+    name: HeaderValue,
+    body: Bytes,
+}
+
+async fn handle(
+    b: Arc<Backend>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let mut body = req.into_body();
+    let mut n = 0usize;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Ok(d) = f.into_data() {
+                    n += d.len();
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let mut resp = Response::new(Full::new(b.body.clone()));
+    let h = resp.headers_mut();
+    h.insert("x-backend", b.name.clone());
+    h.insert("x-request-body-bytes", HeaderValue::from(n));
+    Ok(resp)
+}
+
+async fn serve(listener: TcpListener, backend: Arc<Backend>) {
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                eprintln!("bench-backend: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(backend.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut specs = Vec::new();
+    for l in &args.listen {
+        let (name, addr) = match l.split_once('=') {
+            Some((n, a)) => (n.to_string(), a),
+            None => (String::new(), l.as_str()),
+        };
+        let addr: SocketAddr = addr.parse().with_context(|| format!("--listen {l:?}"))?;
+        if !addr.ip().is_loopback() && !args.allow_remote {
+            bail!("--listen {addr}: not a loopback address (pass --allow-remote if you mean it)");
+        }
+        let name = if name.is_empty() {
+            format!("backend-{}", addr.port())
+        } else {
+            name
+        };
+        specs.push((name, addr));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut tasks = Vec::new();
+        for (name, addr) in specs {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?;
+            eprintln!("bench-backend: {name} on {}", listener.local_addr()?);
+            let backend = Arc::new(Backend {
+                name: HeaderValue::from_str(&name)?,
+                body: Bytes::from(format!("{name}\n")),
+            });
+            tasks.push(tokio::spawn(serve(listener, backend)));
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                term.recv().await;
+                Ok::<_, std::io::Error>(())
+            } => {}
+        }
+        for t in tasks {
+            t.abort();
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+}
