@@ -112,6 +112,19 @@ impl Pki {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
+    /// Issue a plain TLS server certificate for an IP address (IP SAN), e.g. for an HTTPS
+    /// JWKS endpoint on 127.0.0.1 in tests. Returns (cert-chain PEM, key PEM).
+    pub fn issue_server_pem_for_ip(&self, ip: std::net::IpAddr) -> Result<(String, String), Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc)?;
+        params.subject_alt_names = vec![SanType::IpAddress(ip)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().map_err(rc)?;
+        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
+        let cert = params.signed_by(&key, &issuer).map_err(rc)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     /// Write Istio's file-mounted names (`cert-chain.pem`, `key.pem`, `root-cert.pem`) for
     /// `spiffe://<td>/ns/<ns>/sa/<sa>` into `dir`.
     pub fn write_dir(

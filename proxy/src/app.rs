@@ -212,7 +212,7 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         last_reload_error: Mutex::new(None),
         cert_not_after: AtomicI64::new(certs.leaf_not_after().unwrap_or(i64::MAX)),
         cert_reloads: AtomicU64::new(0),
-        jwks: JwksCache::new(config.jwks.clone()),
+        jwks: JwksCache::new(config.jwks.clone(), &certs.roots),
         mesh: config.mesh.clone(),
         ext_authz: Default::default(),
         in_flight: std::sync::atomic::AtomicUsize::new(0),

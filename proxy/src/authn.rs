@@ -6,8 +6,9 @@
 //! remote fetch fails; a request without a token never needs the keys. Such a request also
 //! wakes the fetcher for an early retry (at most once a second).
 //!
-//! Plain `http://` URIs are fetched with a pooled hyper client; `https://` is not supported
-//! yet (the fetch fails and is logged, tokens of that issuer get 401).
+//! `http://` and `https://` URIs are fetched with a pooled hyper client; HTTPS servers are
+//! verified against the operating system's roots (as istiod fetches public issuers' keys) plus
+//! the mesh root from `root-cert.pem` (for issuers inside the mesh).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,8 @@ use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 use hyper_util::rt::TokioExecutor;
 use policy::{Jwks, JwksRef};
 use tokio::sync::Notify;
@@ -68,15 +71,19 @@ impl Drop for Entry {
 /// The cache of remote key sets, one background task per source.
 pub struct JwksCache {
     entries: Mutex<HashMap<JwksRef, Entry>>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
     settings: JwksSettings,
 }
 
 impl JwksCache {
-    pub fn new(settings: JwksSettings) -> JwksCache {
+    /// `extra_roots`: trust anchors beyond the operating system's (the mesh root).
+    pub fn new(
+        settings: JwksSettings,
+        extra_roots: &[rustls_pki_types::CertificateDer<'static>],
+    ) -> JwksCache {
         JwksCache {
             entries: Mutex::new(HashMap::new()),
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(https_connector(extra_roots)),
             settings,
         }
     }
@@ -117,8 +124,44 @@ impl JwksCache {
     }
 }
 
+/// HTTPS (or plain HTTP) connector on the aws-lc-rs provider with OS roots plus `extra_roots`.
+fn https_connector(extra_roots: &[rustls_pki_types::CertificateDer<'static>]) -> Connector {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        warn!("loading the system's CA certificates: {e}");
+    }
+    let (added, _) = roots.add_parsable_certificates(native.certs);
+    for r in extra_roots {
+        let _ = roots.add(r.clone());
+    }
+    tracing::debug!(
+        system_roots = added,
+        mesh_roots = extra_roots.len(),
+        "JWKS fetch trust anchors"
+    );
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+        .unwrap_or_else(|_| {
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("invariant: TLS 1.3 is supported by aws-lc-rs")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+        });
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build()
+}
+
 async fn fetch_loop(
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
     settings: JwksSettings,
     r: JwksRef,
     keys: Arc<Mutex<Option<Arc<Jwks>>>>,
@@ -153,7 +196,7 @@ async fn fetch_loop(
 }
 
 /// Fetch and parse one key set (through the discovery document when `r.discovery`).
-async fn fetch(client: &Client<HttpConnector, Full<Bytes>>, r: &JwksRef) -> anyhow::Result<Jwks> {
+async fn fetch(client: &Client<Connector, Full<Bytes>>, r: &JwksRef) -> anyhow::Result<Jwks> {
     let uri: String = if r.discovery {
         let doc = get(client, &r.uri, r.timeout).await?;
         let doc: serde_json::Value = serde_json::from_slice(&doc)
@@ -172,13 +215,13 @@ async fn fetch(client: &Client<HttpConnector, Full<Bytes>>, r: &JwksRef) -> anyh
 }
 
 async fn get(
-    client: &Client<HttpConnector, Full<Bytes>>,
+    client: &Client<Connector, Full<Bytes>>,
     uri: &str,
     timeout: Duration,
 ) -> anyhow::Result<Bytes> {
     let parsed: Uri = uri.parse()?;
-    if parsed.scheme_str() != Some("http") {
-        anyhow::bail!("{uri}: only http:// JWKS URIs are supported by this waypoint");
+    if !matches!(parsed.scheme_str(), Some("http" | "https")) {
+        anyhow::bail!("{uri}: JWKS URIs must be http:// or https://");
     }
     let req = Request::get(parsed).body(Full::new(Bytes::new()))?;
     let fut = async {

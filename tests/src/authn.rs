@@ -452,3 +452,83 @@ async fn custom_policy_with_an_unknown_provider_is_denied_like_istio() {
         "rbac_access_denied_matched_policy[istio-ext-authz-nobody-ns[default]-policy[ext]-rule[0]-deny-due-to-bad-CUSTOM-action]"
     );
 }
+
+/// The JWKS over HTTPS, with a server certificate from the mesh CA (the waypoint trusts the
+/// operating system's roots plus its mesh root for JWKS fetches).
+#[tokio::test]
+async fn jwks_is_fetched_over_https() {
+    let pki = Arc::new(hbone::testing::Pki::new(TD).unwrap());
+    let (chain, key) = pki
+        .issue_server_pem_for_ip("127.0.0.1".parse().unwrap())
+        .unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(hbone::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![hbone::testing::cert_from_pem(&chain).unwrap()],
+            hbone::testing::key_from_pem(&key).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let rsa = TestKey::generate(TestAlg::RS256, "r1");
+    let body = jwks(&[&rsa]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, body) = (acceptor.clone(), body.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc =
+                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        let body = body.clone();
+                        async move {
+                            Ok::<_, Infallible>(response(
+                                200,
+                                &body,
+                                &[("content-type", "application/json")],
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    let backend = Backend::echo("reviews").await;
+    let yaml = jwt_manifests(
+        backend.addr,
+        &format!("https://127.0.0.1:{}/jwks", addr.port()),
+    );
+    let wp = TestWaypoint::start_with_pki(&yaml, pki, |_| {}).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let http = Mutex::new(TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap());
+    let good = rsa.sign(&claims("alice", &["ops"]));
+    let ok = eventually(Duration::from_secs(10), || async {
+        let r = http
+            .lock()
+            .await
+            .send(get("/secure", &bearer(&good)))
+            .await
+            .ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await;
+    assert!(
+        ok.is_some(),
+        "a token verified with keys fetched over HTTPS is accepted"
+    );
+    let forged = TestKey::generate(TestAlg::RS256, "r1").sign(&claims("mallory", &["ops"]));
+    let r = http
+        .lock()
+        .await
+        .send(get("/secure", &bearer(&forged)))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 401);
+    server.abort();
+}
