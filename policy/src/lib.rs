@@ -35,8 +35,9 @@ pub use authz::{
 };
 pub use load::{LoadedResources, load_paths, parse_manifests};
 pub use route::{
-    Backend, BackendRef, HeaderMatch, MatchKind, PathMatch, QueryMatch, RouteMatch, RouteRule,
-    RouteTable, WeightedBackends, normalize_path,
+    Backend, BackendRef, Filters, HeaderMatch, HeaderModifier, MatchKind, Mirror, PathMatch,
+    PathModifier, QueryMatch, Redirect, RetryPolicy, Rewrite, RouteMatch, RouteRule, RouteTable,
+    TcpRouteRule, WeightedBackends, normalize_path,
 };
 pub use snapshot::{
     AppProtocol, Cluster, CompileOptions, Endpoint, EndpointLoad, GatewayInfo, ServicePort,

@@ -10,7 +10,7 @@ use crate::ConfigError;
 use crate::authn::{AuthnIndex, AuthnSet, JwksRef};
 use crate::authz::{AuthzIndex, AuthzPolicy, AuthzSet};
 use crate::load::LoadedResources;
-use crate::route::RouteTable;
+use crate::route::{RouteTable, TcpRouteRule};
 
 /// Static inputs to [`compile`] that do not come from the manifests.
 #[derive(Debug, Clone)]
@@ -135,6 +135,9 @@ pub struct ServicePort {
     /// HTTPRoutes attached to this Service port, pre-sorted; `None` = no HTTPRoute, use the
     /// default route (named `default`) to `cluster`.
     pub routes: Option<Arc<RouteTable>>,
+    /// The TCPRoute for this (TCP or undeclared) port, if any; `None` = the Service's own
+    /// cluster.
+    pub tcp_route: Option<Arc<TcpRouteRule>>,
     /// The AuthorizationPolicies for this Service's traffic (waypoint-wide ones plus those
     /// attached to the Service); pass to [`crate::evaluate`]. Same as
     /// [`Snapshot::authz_for`] with the cluster's Service.
