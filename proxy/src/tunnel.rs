@@ -323,10 +323,31 @@ pub fn looks_like_http(b: &[u8]) -> Option<bool> {
 /// tcp_proxy; one access-log line per connection at its end).
 async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, started: Instant) {
     let shared = &t.shared;
-    let cluster = t.service.cluster.clone();
     let mut r = AccessLogRecord::new(start);
+    // TCPRoute: a weighted draw among its backends (Istio `convertTCPRoute`). An invalid
+    // backend, or all weights zero (Istio's dummy `internal.cluster.local` destination),
+    // rejects the connection in proportion, as Envoy's tcp_proxy does for a cluster it does
+    // not have (`NC`).
+    let cluster = match &t.service.tcp_route {
+        None => t.service.cluster.clone(),
+        Some(route) => match route.backends.pick(rand::random::<u64>()) {
+            Some(policy::BackendRef {
+                backend: policy::Backend::Cluster(c),
+                ..
+            }) => c.clone(),
+            _ => {
+                r.response_flags.set(ResponseFlag::NC);
+                r.downstream_local_address = Some(t.vip_str.clone());
+                r.downstream_remote_address = Some(t.remote_str.clone());
+                r.duration = started.elapsed().as_millis() as u64;
+                emit(shared, r);
+                stream.inner.reset(h2::Reason::CONNECT_ERROR);
+                return;
+            }
+        },
+    };
     // A sniffed-TCP tunnel on an undeclared port uses istiod's `tcp` cluster name.
-    r.upstream_cluster = Some(if t.service.protocol == AppProtocol::Unknown {
+    r.upstream_cluster = Some(if cluster.protocol == AppProtocol::Unknown {
         cluster.name.replacen("|http|", "|tcp|", 1).into()
     } else {
         cluster.name.clone()
