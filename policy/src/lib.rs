@@ -37,7 +37,7 @@ pub use load::{LoadedResources, load_paths, parse_manifests};
 pub use route::{
     Backend, BackendRef, Filters, HeaderMatch, HeaderModifier, MatchKind, Mirror, PathMatch,
     PathModifier, QueryMatch, Redirect, RetryPolicy, Rewrite, RouteMatch, RouteRule, RouteTable,
-    TcpRouteRule, WeightedBackends, normalize_path,
+    TcpRouteRule, TlsRoutes, WeightedBackends, normalize_path,
 };
 pub use snapshot::{
     AppProtocol, Cluster, CompileOptions, Endpoint, EndpointLoad, GatewayInfo, ServicePort,

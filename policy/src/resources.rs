@@ -416,6 +416,24 @@ pub struct TcpRouteRule {
     pub backend_refs: Vec<HttpBackendRef>,
 }
 
+/// gateway.networking.k8s.io TLSRoute (v1alpha2, v1alpha3, v1): TLS passthrough routed by
+/// the ClientHello SNI.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TlsRoute {
+    pub metadata: ObjectMeta,
+    pub spec: TlsRouteSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TlsRouteSpec {
+    pub parent_refs: Vec<ParentReference>,
+    /// SNI host names: exact, or `*.` + suffix; empty = every SNI (Istio: `sniHosts: ["*"]`).
+    pub hostnames: Vec<String>,
+    pub rules: Vec<TcpRouteRule>,
+}
+
 /// gateway.networking.k8s.io ReferenceGrant (v1beta1): lets routes in `from` namespaces
 /// reference Services in this grant's namespace.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -680,6 +698,7 @@ pub enum Resource {
     /// A GRPCRoute, converted to an HTTPRoute with `grpc: true` (see [`GrpcRouteSpec`]).
     GrpcRoute(HttpRoute),
     TcpRoute(TcpRoute),
+    TlsRoute(TlsRoute),
     ReferenceGrant(ReferenceGrant),
     AuthorizationPolicy(AuthorizationPolicy),
     RequestAuthentication(RequestAuthentication),
@@ -704,6 +723,7 @@ impl Resource {
             Resource::HttpRoute(_) => "HTTPRoute",
             Resource::GrpcRoute(_) => "GRPCRoute",
             Resource::TcpRoute(_) => "TCPRoute",
+            Resource::TlsRoute(_) => "TLSRoute",
             Resource::ReferenceGrant(_) => "ReferenceGrant",
             Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Resource::RequestAuthentication(_) => "RequestAuthentication",
@@ -721,6 +741,7 @@ impl Resource {
             Resource::GatewayClass(r) => Some(&r.metadata),
             Resource::HttpRoute(r) | Resource::GrpcRoute(r) => Some(&r.metadata),
             Resource::TcpRoute(r) => Some(&r.metadata),
+            Resource::TlsRoute(r) => Some(&r.metadata),
             Resource::ReferenceGrant(r) => Some(&r.metadata),
             Resource::AuthorizationPolicy(r) => Some(&r.metadata),
             Resource::RequestAuthentication(r) => Some(&r.metadata),
@@ -749,6 +770,9 @@ impl Resource {
             "Gateway" | "GatewayClass" | "HTTPRoute" => gateway_version,
             "GRPCRoute" => group == GATEWAY_GROUP && matches!(version, "v1" | "v1alpha2"),
             "TCPRoute" => group == GATEWAY_GROUP && matches!(version, "v1alpha2" | "v1alpha3"),
+            "TLSRoute" => {
+                group == GATEWAY_GROUP && matches!(version, "v1" | "v1alpha2" | "v1alpha3")
+            }
             "ReferenceGrant" => group == GATEWAY_GROUP && matches!(version, "v1beta1" | "v1alpha2"),
             "AuthorizationPolicy" | "RequestAuthentication" => {
                 group == SECURITY_GROUP && matches!(version, "v1" | "v1beta1")
@@ -825,6 +849,10 @@ impl Resource {
                 })
             }
             "TCPRoute" => Resource::TcpRoute(TcpRoute {
+                metadata,
+                spec: part(spec, "spec", &err)?,
+            }),
+            "TLSRoute" => Resource::TlsRoute(TlsRoute {
                 metadata,
                 spec: part(spec, "spec", &err)?,
             }),

@@ -287,6 +287,53 @@ pub struct TcpRouteRule {
     pub backends: WeightedBackends,
 }
 
+/// TLSRoutes on one TCP Service port, matched on the ClientHello SNI as Envoy matches
+/// filter-chain `server_names` (Istio maps TLSRoute `hostnames` to `sniHosts`): an exact name
+/// first, then the longest `*.` wildcard suffix, then a route without hostnames; ties go to
+/// the oldest route, then `namespace/name`.
+#[derive(Debug, Clone, Default)]
+pub struct TlsRoutes {
+    /// (lower-case host names, `*.x` kept as written; empty = any SNI, rule), in route order.
+    pub(crate) routes: Vec<(Vec<String>, Arc<TcpRouteRule>)>,
+}
+
+impl TlsRoutes {
+    /// The route for this SNI (`None` when the client sent none), if any.
+    pub fn select(&self, sni: Option<&str>) -> Option<&Arc<TcpRouteRule>> {
+        let sni = sni.map(str::to_ascii_lowercase);
+        // (rank: 2 exact, 1 wildcard, 0 catch-all; wildcard suffix length).
+        let mut best: Option<((u8, usize), &Arc<TcpRouteRule>)> = None;
+        for (hosts, rule) in &self.routes {
+            let score = if hosts.is_empty() {
+                Some((0, 0))
+            } else {
+                sni.as_deref().and_then(|sni| {
+                    hosts
+                        .iter()
+                        .filter_map(|h| match h.strip_prefix('*') {
+                            // `*.example.com` matches `a.example.com` (and deeper), never
+                            // `example.com` itself.
+                            Some(suffix) => (sni.len() > suffix.len() && sni.ends_with(suffix))
+                                .then_some((1, suffix.len())),
+                            None => (h == sni).then_some((2, 0)),
+                        })
+                        .max()
+                })
+            };
+            if let Some(score) = score
+                && best.as_ref().is_none_or(|(b, _)| score > *b)
+            {
+                best = Some((score, rule));
+            }
+        }
+        best.map(|(_, r)| r)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
 /// All rules attached to one Service port, pre-sorted by Gateway API precedence, with an
 /// index so a request only tests the entries whose path can match.
 #[derive(Debug, Default)]

@@ -10,7 +10,7 @@ use crate::ConfigError;
 use crate::authn::{AuthnIndex, AuthnSet, JwksRef};
 use crate::authz::{AuthzIndex, AuthzPolicy, AuthzSet};
 use crate::load::LoadedResources;
-use crate::route::{RouteTable, TcpRouteRule};
+use crate::route::{RouteTable, TcpRouteRule, TlsRoutes};
 
 /// Static inputs to [`compile`] that do not come from the manifests.
 #[derive(Debug, Clone)]
@@ -138,6 +138,9 @@ pub struct ServicePort {
     /// The TCPRoute for this (TCP or undeclared) port, if any; `None` = the Service's own
     /// cluster.
     pub tcp_route: Option<Arc<TcpRouteRule>>,
+    /// TLSRoutes for this (TCP or undeclared) port: the proxy reads the ClientHello SNI and
+    /// picks one; no match closes the connection (Envoy: no filter chain, `NR`).
+    pub tls_routes: Option<Arc<TlsRoutes>>,
     /// The AuthorizationPolicies for this Service's traffic (waypoint-wide ones plus those
     /// attached to the Service); pass to [`crate::evaluate`]. Same as
     /// [`Snapshot::authz_for`] with the cluster's Service.

@@ -1085,3 +1085,74 @@ async fn tcp_route_to_a_missing_backend_rejects_the_connection() {
     }
     assert_eq!(wp.next_logs(1)[0]["response_flags"], "NC");
 }
+
+// --- TLSRoute -----------------------------------------------------------------------------
+
+/// TLS passthrough routed by the ClientHello SNI: exact names, `*.` wildcards, and no match
+/// -> the tunnel is reset and logged `NR` `filter_chain_not_found` (Envoy's missing filter
+/// chain). The ClientHello reaches the chosen backend unchanged.
+#[tokio::test]
+async fn tls_route_routes_passthrough_by_sni() {
+    let (a, _ta) = tcp_named("tls-a").await;
+    let (b, _tb) = tcp_named("tls-b").await;
+    let mut m = Manifests::new();
+    m.service("web", "10.0.0.90", 443, "tls", &[a])
+        .service("web-a", "10.0.0.91", 443, "tls", &[a])
+        .service("web-b", "10.0.0.92", 443, "tls", &[b]);
+    for (name, hosts, backend) in [
+        ("a", "[a.example.com]", "web-a"),
+        ("b", "['*.example.org']", "web-b"),
+    ] {
+        m.push(&format!("apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: web, port: 443}}]\n  hostnames: {hosts}\n  rules:\n  - backendRefs: [{{name: {backend}, port: 443}}]\n"));
+    }
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    for (sni, want) in [
+        (Some("a.example.com"), Some("tls-a\n")),
+        (Some("x.example.org"), Some("tls-b\n")),
+        (Some("other.net"), None),
+        (None, None),
+    ] {
+        let hello = proxy::tunnel::client_hello(sni);
+        let Ok(mut s) = conn.open("10.0.0.90:443", http::HeaderMap::new()).await else {
+            assert!(want.is_none());
+            continue;
+        };
+        let _ = s.write_all(&hello).await;
+        let mut buf = vec![0u8; 6 + hello.len()];
+        match want {
+            Some(name) => {
+                s.read_exact(&mut buf).await.unwrap();
+                assert_eq!(&buf[..6], name.as_bytes(), "{sni:?}");
+                assert_eq!(&buf[6..], &hello[..], "ClientHello passed through");
+            }
+            None => assert!(s.read_exact(&mut buf).await.is_err(), "{sni:?}"),
+        }
+        drop(s);
+    }
+    let logs = wp.next_logs(4);
+    let nr: Vec<_> = logs
+        .iter()
+        .filter(|l| l["response_flags"] == "NR")
+        .collect();
+    assert_eq!(nr.len(), 2, "{logs:?}");
+    assert_eq!(nr[0]["response_code_details"], "filter_chain_not_found");
+    let ok: Vec<_> = logs.iter().filter(|l| l["response_flags"] == "-").collect();
+    assert!(
+        ok.iter()
+            .any(|l| l["requested_server_name"] == "a.example.com"),
+        "{logs:?}"
+    );
+}
+
+/// Istio's default `retry_on` includes gRPC `unavailable`: a trailers-only
+/// `grpc-status: 14` answer is retried (on another endpoint when there is one).
+#[tokio::test]
+async fn grpc_unavailable_is_retried_by_default() {
+    let (wp, v1, _b, _c) = grpc_mesh("  - backendRefs: [{name: grpc-v1, port: 9000}]\n").await;
+    let mut s = h2c(&wp, "10.0.0.20:9000").await;
+    let r = grpc_call(&mut s, "/grpc.Echo/Echo", &[("grpc-status", "14")]).await;
+    assert_eq!(r.header("grpc-status"), Some("14"));
+    assert_eq!(v1.seen().len(), 3, "1 + 2 retries");
+    assert_eq!(wp.next_logs(1)[0]["response_flags"], "URX");
+}

@@ -22,12 +22,12 @@ use crate::resources::{
     Gateway, GatewayClass, HeaderModifierSpec, HttpBackendRef, HttpRoute, HttpRouteFilter,
     HttpRouteMatch, HttpRouteRule, HttpValueMatch, IntOrString, LabelSelector, MirrorSpec,
     ObjectMeta, ParentReference, PathModifierSpec, RedirectSpec, ReferenceGrant, Resource, Service,
-    ServicePortSpec, TcpRoute,
+    ServicePortSpec, TcpRoute, TlsRoute,
 };
 use crate::route::{
     Backend, BackendRef, Filters, HeaderMatch, HeaderModifier, MatchKind, Mirror, PathMatch,
     PathModifier, Precedence, QueryMatch, Redirect, RetryPolicy, Rewrite, RouteMatch, RouteRule,
-    RouteTable, TcpRouteRule, WeightedBackends,
+    RouteTable, TcpRouteRule, TlsRoutes, WeightedBackends,
 };
 use crate::snapshot::{
     AppProtocol, Cluster, CompileOptions, Endpoint, EndpointLoad, GatewayInfo, ServicePort,
@@ -110,6 +110,8 @@ type SvcKey<'a> = (&'a str, &'a str);
 type Candidates = Vec<(Precedence, RouteMatch, Arc<RouteRule>)>;
 /// ((absent timestamp, timestamp, namespace/name), rule) of TCPRoutes on one port.
 type TcpCandidates = Vec<((bool, String, String), Arc<TcpRouteRule>)>;
+/// TLSRoutes on one port: (order key, host names, rule).
+type TlsCandidates = Vec<((bool, String, String), Vec<String>, Arc<TcpRouteRule>)>;
 
 struct Compiler<'a> {
     opts: &'a CompileOptions,
@@ -178,6 +180,7 @@ pub(crate) fn compile(
     );
     let mut request_authns = Vec::new();
     let mut tcp_routes = Vec::new();
+    let mut tls_routes = Vec::new();
     for r in &resources.resources {
         let Some(meta) = r.metadata() else { continue };
         if !seen.insert((r.kind(), meta.namespace.as_str(), meta.name.as_str())) {
@@ -197,6 +200,7 @@ pub(crate) fn compile(
             }
             Resource::HttpRoute(h) | Resource::GrpcRoute(h) => routes.push(h),
             Resource::TcpRoute(t) => tcp_routes.push(t),
+            Resource::TlsRoute(t) => tls_routes.push(t),
             Resource::ReferenceGrant(g) => c.grants.push(g),
             Resource::AuthorizationPolicy(p) => policies.push(p),
             Resource::RequestAuthentication(p) => request_authns.push(p),
@@ -256,6 +260,10 @@ pub(crate) fn compile(
     for r in tcp_routes {
         c.tcp_route(r, &mut tcp_tables);
     }
+    let mut tls_tables = HashMap::new();
+    for r in tls_routes {
+        c.tls_route(r, &mut tls_tables);
+    }
     let authz = {
         let services = &c.services;
         let exists = |ns: &str, name: &str| services.contains_key(&(ns, name));
@@ -272,7 +280,7 @@ pub(crate) fn compile(
             &mut c.warnings,
         )
     };
-    let (bound, not_bound) = c.vip_index(tables, tcp_tables, &authz, &authn);
+    let (bound, not_bound) = c.vip_index(tables, tcp_tables, tls_tables, &authz, &authn);
     let extension_clusters = c.extension_clusters();
 
     if !c.errors.is_empty() {
@@ -417,6 +425,7 @@ impl<'a> Compiler<'a> {
         &mut self,
         mut tables: HashMap<(SvcKey<'a>, u16), Candidates>,
         mut tcp_tables: HashMap<(SvcKey<'a>, u16), TcpCandidates>,
+        mut tls_tables: HashMap<(SvcKey<'a>, u16), TlsCandidates>,
         authz: &AuthzIndex,
         authn: &AuthnIndex,
     ) -> (
@@ -449,6 +458,12 @@ impl<'a> Compiler<'a> {
                             c.sort_by(|a, b| a.0.cmp(&b.0));
                             c.into_iter().next().map(|(_, r)| r)
                         });
+                        let tls_routes = tls_tables.remove(&(key, port)).map(|mut c| {
+                            c.sort_by(|a, b| a.0.cmp(&b.0));
+                            Arc::new(TlsRoutes {
+                                routes: c.into_iter().map(|(_, hosts, r)| (hosts, r)).collect(),
+                            })
+                        });
                         let authz = authz.for_service(key.0, key.1);
                         let authn = authn.for_service(key.0, key.1);
                         for vip in &vips {
@@ -462,6 +477,7 @@ impl<'a> Compiler<'a> {
                                     cluster,
                                     routes,
                                     tcp_route: tcp_route.clone(),
+                                    tls_routes: tls_routes.clone(),
                                     authz: authz.clone(),
                                     authn: authn.clone(),
                                 }),
@@ -815,16 +831,79 @@ impl<'a> Compiler<'a> {
         tables: &mut HashMap<(SvcKey<'a>, u16), TcpCandidates>,
     ) {
         self.route_kind = "TCPRoute";
+        let Some((key, rule, parents)) =
+            self.l4_route(&r.metadata, &r.spec.parent_refs, &r.spec.rules)
+        else {
+            return;
+        };
+        for parent in parents {
+            tables
+                .entry(parent)
+                .or_default()
+                .push((key.clone(), rule.clone()));
+        }
+    }
+
+    /// A TLSRoute: like a TCPRoute, selected by SNI (`hostnames`, Istio `buildTLSMatch`).
+    fn tls_route(
+        &mut self,
+        r: &'a TlsRoute,
+        tables: &mut HashMap<(SvcKey<'a>, u16), TlsCandidates>,
+    ) {
+        self.route_kind = "TLSRoute";
         let meta = &r.metadata;
+        let mut hosts = Vec::new();
+        for (i, h) in r.spec.hostnames.iter().enumerate() {
+            let valid = !h.is_empty()
+                && h.parse::<IpAddr>().is_err()
+                && h.strip_prefix("*.").unwrap_or(h).split('.').all(|l| {
+                    !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if valid {
+                hosts.push(h.to_ascii_lowercase());
+            } else {
+                self.errors.push(error(
+                    "TLSRoute",
+                    meta,
+                    format!("spec.hostnames[{i}]"),
+                    format!("{h:?} is not a host name (exact, or *. followed by a suffix; no IPs)"),
+                ));
+            }
+        }
+        let Some((key, rule, parents)) = self.l4_route(meta, &r.spec.parent_refs, &r.spec.rules)
+        else {
+            return;
+        };
+        for parent in parents {
+            tables
+                .entry(parent)
+                .or_default()
+                .push((key.clone(), hosts.clone(), rule.clone()));
+        }
+    }
+
+    /// The shared part of TCPRoute and TLSRoute: backends of the first rule and parents.
+    #[allow(clippy::type_complexity)]
+    fn l4_route(
+        &mut self,
+        meta: &'a ObjectMeta,
+        parent_refs: &'a [ParentReference],
+        rules: &'a [crate::resources::TcpRouteRule],
+    ) -> Option<(
+        (bool, String, String),
+        Arc<TcpRouteRule>,
+        Vec<(SvcKey<'a>, u16)>,
+    )> {
+        let kind = self.route_kind;
         let rid = id(meta);
         let errors_before = self.errors.len();
-        if r.spec.rules.len() > 1 {
+        if rules.len() > 1 {
             self.warnings.push(format!(
-                "TCPRoute {rid}: spec.rules: only the first rule is used"
+                "{kind} {rid}: spec.rules: only the first rule is used"
             ));
         }
         let mut plans = Vec::new();
-        if let Some(rule) = r.spec.rules.first() {
+        if let Some(rule) = rules.first() {
             for (k, b) in rule.backend_refs.iter().enumerate() {
                 if let Some(plan) =
                     self.backend(meta, &format!("spec.rules[0].backendRefs[{k}]"), b)
@@ -833,15 +912,15 @@ impl<'a> Compiler<'a> {
                 }
             }
         }
-        let parents = self.parents(meta, &r.spec.parent_refs, true);
+        let parents = self.parents(meta, parent_refs, true);
         if self.errors.len() > errors_before || parents.is_empty() {
-            return;
+            return None;
         }
         let mut wb = WeightedBackends::default();
         for b in plans {
             let backend = self.resolve(b.target);
             if let Backend::Invalid { reason } = &backend {
-                self.warnings.push(format!("TCPRoute {rid}: spec.rules[0]: invalid backendRef: {reason}; its share of connections is rejected"));
+                self.warnings.push(format!("{kind} {rid}: spec.rules[0]: invalid backendRef: {reason}; its share of connections is rejected"));
             }
             wb.total_weight += u64::from(b.weight);
             wb.backends.push(BackendRef {
@@ -850,9 +929,7 @@ impl<'a> Compiler<'a> {
                 filters: Arc::default(),
             });
         }
-        let name = r
-            .spec
-            .rules
+        let name = rules
             .first()
             .and_then(|rule| rule.name.clone())
             .unwrap_or_else(|| format!("{}.{}.0", meta.namespace, meta.name));
@@ -862,12 +939,7 @@ impl<'a> Compiler<'a> {
         });
         let created = meta.creation_timestamp.clone();
         let key = (created.is_none(), created.unwrap_or_default(), rid);
-        for parent in parents {
-            tables
-                .entry(parent)
-                .or_default()
-                .push((key.clone(), rule.clone()));
-        }
+        Some((key, rule, parents))
     }
 
     fn route(&mut self, r: &'a HttpRoute, tables: &mut HashMap<(SvcKey<'a>, u16), Candidates>) {

@@ -1553,12 +1553,87 @@ proptest! {
         let mut with = named.clone();
         with.insert(insert_at.min(with.len()), never.to_string());
         let after = table(&[attached("r", "", &format!("[{}]", with.join(", ")))]);
+        // The same rule in an older route of its own (cross-route tie-breaks favour it).
+        let other = attached(
+            "aaa-never",
+            ", creationTimestamp: '2000-01-01T00:00:00Z'",
+            &format!("[{never}]"),
+        );
+        let cross = table(&[attached("r", "", &format!("[{}]", named.join(", "))), other]);
         let method = if post { Method::POST } else { Method::GET };
         let headers: &[(&str, &str)] = if header { &[("x", "1")] } else { &[] };
         let q = query.then_some("q=1");
-        prop_assert_eq!(
-            winner(&before, method.clone(), &path, q, headers),
-            winner(&after, method, &path, q, headers)
+        let want = winner(&before, method.clone(), &path, q, headers);
+        prop_assert_eq!(&want, &winner(&after, method.clone(), &path, q, headers));
+        prop_assert_eq!(&want, &winner(&cross, method, &path, q, headers));
+    }
+}
+
+#[test]
+fn tls_routes_select_by_sni_like_envoy_server_names() {
+    let svc = service(
+        "default",
+        "tls",
+        "10.0.0.70",
+        "",
+        "[{name: tls, port: 443}]",
+    );
+    let route = |name: &str, hosts: &str, created: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\nmetadata: {{name: {name}, namespace: default{created}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: tls}}]\n  hostnames: {hosts}\n  rules: [{{name: {name}, backendRefs: [{{name: tls, port: 443}}]}}]\n"
+        )
+    };
+    let snap = ok(&base(&[
+        &svc,
+        &route("exact", "[db.example.com]", ""),
+        &route("wild", "['*.example.com']", ""),
+        &route("deeper", "['*.eu.example.com']", ""),
+        &route(
+            "any-old",
+            "[]",
+            ", creationTimestamp: '2020-01-01T00:00:00Z'",
+        ),
+        &route("any-new", "[]", ""),
+    ]));
+    let tls = bound(&snap, "10.0.0.70:443")
+        .tls_routes
+        .clone()
+        .expect("tls routes");
+    let pick = |sni: Option<&str>| tls.select(sni).map(|r| r.name.to_string());
+    assert_eq!(pick(Some("db.example.com")).as_deref(), Some("exact"));
+    assert_eq!(pick(Some("DB.example.com")).as_deref(), Some("exact"));
+    assert_eq!(pick(Some("x.example.com")).as_deref(), Some("wild"));
+    assert_eq!(pick(Some("a.eu.example.com")).as_deref(), Some("deeper"));
+    assert_eq!(pick(Some("example.com")).as_deref(), Some("any-old"));
+    assert_eq!(pick(None).as_deref(), Some("any-old"));
+    let e = errs(&base(&[&svc, &route("bad", "['10.0.0.1']", "")]));
+    assert_error(&e, "TLSRoute", "default", "bad", "spec.hostnames[0]");
+}
+
+#[test]
+fn several_parent_refs_attach_the_same_rules_to_each() {
+    let other = service(
+        "default",
+        "details",
+        "10.0.0.80",
+        "",
+        "[{name: http, port: 9080}]",
+    );
+    let r = route(
+        "default",
+        "two-parents",
+        "",
+        "{parentRefs: [{group: '', kind: Service, name: reviews}, {group: '', kind: Service, name: details, port: 9080}], rules: [{name: shared}]}",
+    );
+    let snap = ok(&base(&[&other, &r]));
+    for vip in ["10.0.0.10:9080", "10.0.0.80:9080"] {
+        let t = bound(&snap, vip).routes.clone().expect("routes");
+        assert_eq!(
+            t.select(&Method::GET, "/", None, &HeaderMap::new())
+                .map(|r| r.name.to_string())
+                .as_deref(),
+            Some("shared"),
+            "{vip}"
         );
     }
 }
