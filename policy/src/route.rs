@@ -347,6 +347,9 @@ pub struct RouteTable {
     prefix: HashMap<Box<str>, Vec<u32>>,
     /// Entry indices (ascending) of RegularExpression paths.
     regex: Vec<u32>,
+    /// The same regexes as one set, so a request runs one automaton instead of one per
+    /// rule (`None` if the set would exceed the regex size limits: test them one by one).
+    regex_set: Option<regex::RegexSet>,
 }
 
 impl RouteTable {
@@ -419,12 +422,19 @@ impl RouteTable {
             }
         }
         if found.is_none() && !self.regex.is_empty() {
-            let regex = &self.regex;
-            found = regex.iter().map(|&i| i as usize).find(|&i| {
-                self.entries.get(i).is_some_and(|(m, _)| {
-                    m.path.matches(path) && m.matches_rest(method, query, headers, &mut params)
-                })
-            });
+            let hits = self.regex_set.as_ref().map(|set| set.matches(path));
+            found = self
+                .regex
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| hits.as_ref().is_none_or(|h| h.matched(*k)))
+                .map(|(_, &i)| i as usize)
+                .find(|&i| {
+                    self.entries.get(i).is_some_and(|(m, _)| {
+                        (hits.is_some() || m.path.matches(path))
+                            && m.matches_rest(method, query, headers, &mut params)
+                    })
+                });
         }
         let (m, rule) = self.entries.get(found?)?;
         Some((m, self.rules.get(*rule)?))
@@ -480,6 +490,7 @@ impl RouteTable {
         self.exact.clear();
         self.prefix.clear();
         self.regex.clear();
+        self.regex_set = None;
         for (i, (m, _)) in self.entries.iter().enumerate() {
             let Ok(i) = u32::try_from(i) else { break };
             match &m.path {
@@ -488,6 +499,18 @@ impl RouteTable {
                 PathMatch::Regex(_) => self.regex.push(i),
             }
         }
+        let patterns =
+            self.regex
+                .iter()
+                .filter_map(|&i| match &self.entries.get(i as usize)?.0.path {
+                    PathMatch::Regex(r) => Some(r.as_str().to_string()),
+                    _ => None,
+                });
+        self.regex_set = if self.regex.len() > 1 {
+            regex::RegexSet::new(patterns).ok()
+        } else {
+            None
+        };
     }
 }
 

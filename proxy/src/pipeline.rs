@@ -91,6 +91,11 @@ pub struct RequestCtx {
     response_headers: Vec<(HeaderName, HeaderValue)>,
     /// `content-type: application/grpc*`: local replies go out as gRPC status.
     grpc: bool,
+    /// Set once the router phase owns the request: the ResponseHeaderModifiers (backendRef,
+    /// then rule) that Envoy's router also applies to its own local replies (redirects, 5xx,
+    /// timeouts) through `finalizeResponseHeaders`. Replies of earlier filters (RBAC, JWT,
+    /// 404) never get them.
+    route_response: Vec<policy::HeaderModifier>,
 }
 
 /// The rightmost `x-forwarded-for` entry as `ip:0`, if it is an IP.
@@ -186,6 +191,7 @@ impl RequestCtx {
             shared: t.shared.clone(),
             response_headers: Vec::new(),
             grpc,
+            route_response: Vec::new(),
         }
     }
 
@@ -215,6 +221,9 @@ impl RequestCtx {
         }
         if !body.is_empty() && !h.contains_key(header::CONTENT_TYPE) {
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        for m in &self.route_response {
+            m.apply(h);
         }
         for (name, value) in self.response_headers.drain(..) {
             h.append(name, value);
@@ -258,6 +267,9 @@ impl RequestCtx {
             && let Ok(v) = HeaderValue::from_str(&crate::error::grpc_message(&reply.body))
         {
             h.insert(GRPC_MESSAGE.clone(), v);
+        }
+        for m in &self.route_response {
+            m.apply(h);
         }
         for (name, value) in self.response_headers.drain(..) {
             h.append(name, value);
@@ -468,6 +480,17 @@ async fn run_phases(
         Err(e) => return Err((ctx, e)),
     };
     let rule = sel.rule.clone();
+    ctx.route_response = sel
+        .backend
+        .as_ref()
+        .and_then(|(_, f)| f.as_ref())
+        .and_then(|f| f.response_headers.clone())
+        .into_iter()
+        .chain(
+            rule.as_ref()
+                .and_then(|r| r.filters.response_headers.clone()),
+        )
+        .collect();
     if let Some(redirect) = rule.as_ref().and_then(|r| r.filters.redirect.as_ref()) {
         let location = redirect_location(
             redirect,

@@ -832,7 +832,7 @@ async fn request_timeout_answers_504_ut() {
         "slow",
         "echo",
         Some(80),
-        "  - timeouts: {request: 200ms}\n    backendRefs: [{name: echo-v1, port: 80}]\n",
+        "  - timeouts: {request: 200ms}\n    filters:\n    - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-route, value: slow}]}}\n    backendRefs: [{name: echo-v1, port: 80}]\n",
     );
     let (wp, _v1, _v2) = echo_mesh(&[&route]).await;
     let mut c = client(&wp, "10.0.0.10:80").await;
@@ -843,6 +843,8 @@ async fn request_timeout_answers_504_ut() {
         (r.status.as_u16(), r.text().as_str()),
         (504, "upstream request timeout")
     );
+    // Envoy's router applies the route's response headers to its own local replies too.
+    assert_eq!(r.header("x-route"), Some("slow"));
     // A fast request on the same rule is fine.
     assert_eq!(c.get("echo", "/sleep/1").await.unwrap().status, 200);
     let log = &wp.next_logs(1)[0];
