@@ -816,7 +816,7 @@ fn set_authority(parts: &mut http::request::Parts, host: &str) {
 /// (`conversion.go` `createRedirectFilter`): scheme from the filter, else the request's
 /// (`x-forwarded-proto`, else `http`); host from the filter, else the request's; port the
 /// filter's, else the scheme's default when the scheme is set (`FROM_PROTOCOL_DEFAULT`), else
-/// the request's (`FROM_REQUEST_PORT`: the `Host` port, else the Service port dialed); the
+/// the request's (`FROM_REQUEST_PORT`: Istio sets the route's port, the Service port); the
 /// port is left out when it is the scheme's default (http:80, https:443). Path from the
 /// path modifier, else the request's (normalized); the query string is kept.
 fn redirect_location(
@@ -832,13 +832,16 @@ fn redirect_location(
         .map(|a| a.as_str().to_string())
         .or_else(|| header_string(req.headers(), &header::HOST))
         .unwrap_or_default();
-    let (req_host, req_port) = match host_header.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || host_header.starts_with('[') => match p.parse::<u16>()
+    // The request's host without its port (`[v6]:port` keeps the brackets).
+    let req_host = match host_header.rsplit_once(':') {
+        Some((h, p))
+            if !h.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (!h.contains(':') || h.ends_with(']')) =>
         {
-            Ok(p) => (h.to_string(), Some(p)),
-            Err(_) => (host_header.clone(), None),
-        },
-        _ => (host_header.clone(), None),
+            h.to_string()
+        }
+        _ => host_header.clone(),
     };
     let scheme = r.scheme.clone().unwrap_or_else(|| {
         req.headers()
@@ -851,7 +854,9 @@ fn redirect_location(
     let port = match (r.port, &r.scheme) {
         (Some(p), _) => p,
         (None, Some(_)) => default_port,
-        (None, None) => req_port.unwrap_or(vip_port),
+        // Istio `FROM_REQUEST_PORT` sets Envoy's `port_redirect` to the route's port, which
+        // on a waypoint is the Service port dialed (not whatever `Host` says).
+        (None, None) => vip_port,
     };
     let host = r.hostname.clone().unwrap_or(req_host);
     let mut path = match &r.path {

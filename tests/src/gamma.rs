@@ -614,11 +614,12 @@ async fn mesh_http_route_redirect_path() {
 async fn mesh_http_route_redirect_port() {
     let (s, l, _) = redirected("{port: 8083}", "/port").await;
     assert_eq!((s, l.as_deref()), (302, Some("http://echo:8083/port")));
-    // Without a port or scheme: the request's port.
+    // Without a port or scheme: the Service port dialed (Istio FROM_REQUEST_PORT = the
+    // route's port), whatever Host says; 80 is http's default, so it is left out.
     let (wp, _v1, _v2) = echo_mesh(&[&redirect_route("{hostname: example.org}")]).await;
     let mut c = client(&wp, "10.0.0.10:80").await;
     let r = c.get("echo:8080", "/x").await.unwrap();
-    assert_eq!(r.header("location"), Some("http://example.org:8080/x"));
+    assert_eq!(r.header("location"), Some("http://example.org/x"));
 }
 
 #[tokio::test]
