@@ -703,7 +703,8 @@ async fn run_phases(
                 }
                 let service_time = upstream_started.elapsed().as_millis() as u64;
                 let resp_filters = (backend_filters, rule);
-                return Ok(respond(ctx, resp, pool, load, service_time, resp_filters));
+                let resp = respond(ctx, resp, pool, load, service_time, resp_filters);
+                return Ok(resp.map(|b| b.with_deadline(deadline)));
             }
             Err(e) => {
                 drop(load);

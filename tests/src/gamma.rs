@@ -1159,3 +1159,59 @@ async fn grpc_unavailable_is_retried_by_default() {
     assert_eq!(v1.seen().len(), 3, "1 + 2 retries");
     assert_eq!(wp.next_logs(1)[0]["response_flags"], "URX");
 }
+
+/// A backend that sends the response headers and a first chunk at once, and the end of the
+/// body only after 3 s.
+async fn slow_body_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = tcp
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let _ = tcp.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// `timeouts.request` covers the whole response, as Envoy's route timeout: expiring while the
+/// body streams resets the stream, logged `UT` with the status already sent.
+#[tokio::test]
+async fn request_timeout_during_the_body_resets_the_stream() {
+    let (slow, _task) = slow_body_backend().await;
+    let mut m = Manifests::new();
+    m.service("slow", "10.0.0.95", 80, "http", &[slow]);
+    m.push(&http_route(
+        "slow",
+        "slow",
+        Some(80),
+        "  - timeouts: {request: 300ms}\n    backendRefs: [{name: slow, port: 80}]\n",
+    ));
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let mut c = client(&wp, "10.0.0.95:80").await;
+    let started = std::time::Instant::now();
+    assert!(c.get("slow", "/").await.is_err(), "body must not complete");
+    assert!(started.elapsed() < Duration::from_millis(2500));
+    let log = &wp.next_logs(1)[0];
+    assert_eq!(log["response_code"], 200);
+    assert_eq!(log["response_flags"], "UT");
+    assert_eq!(log["response_code_details"], "response_timeout");
+}
