@@ -4,7 +4,8 @@
 //! - `route_select/*`: HTTPRoute selection on a Service with 1,000 rules
 //!   (`policy::RouteTable::select` on a compiled snapshot);
 //! - `access_log/write_line`: encoding one Istio JSON access-log line;
-//! - `authz/*`: AuthorizationPolicy evaluation (`policy::evaluate`) with 100 ALLOW policies;
+//! - `authz/*`: AuthorizationPolicy evaluation (`policy::evaluate`) with 100 ALLOW policies,
+//!   and with 1,000 policies in the config of which 999 target other Services;
 //! - `snapshot/*`: parsing and compiling a 1,000-Service configuration.
 
 use std::hint::black_box;
@@ -144,6 +145,58 @@ fn authz(c: &mut Criterion) {
         b.iter(|| black_box(policy::evaluate(black_box(&set), black_box(&stranger))))
     });
     g.finish();
+    authz_1000_in_config(c);
+}
+
+/// 1,000 AuthorizationPolicies in the config: one on the waypoint, 999 attached to 999 other
+/// Services. Policies are indexed by target at compile time, so a request to reviews
+/// evaluates only the waypoint-wide one: its cost must not grow with the others.
+fn authz_1000_in_config(c: &mut Criterion) {
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {istio.io/use-waypoint: waypoint}}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: default}\n\
+         spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: default}\nspec: {clusterIP: 10.0.0.10, ports: [{name: http, port: 9080}]}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: waypoint-wide, namespace: default}\n\
+         spec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]\n  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}], to: [{operation: {methods: [GET]}}]}]\n",
+    );
+    for i in 0..999 {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: default}}\nspec: {{clusterIP: 10.1.{}.{}, ports: [{{name: http, port: 80}}]}}\n\
+             ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p-{i}, namespace: default}}\n\
+             spec:\n  targetRefs: [{{kind: Service, group: \"\", name: svc-{i}}}]\n  rules: [{{from: [{{source: {{principals: [cluster.local/ns/x{i}/sa/y]}}}}], to: [{{operation: {{paths: [/p{i}/*]}}}}]}}]\n",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    let loaded = policy::parse_manifests(&yaml, "bench-1000-policies.yaml").expect("parses");
+    let snapshot = policy::compile(&loaded, &CompileOptions::default()).expect("compiles");
+    let set: AuthzSet = reviews(&snapshot).authz.clone();
+    assert_eq!(
+        set.policies().len(),
+        1,
+        "only the waypoint-wide policy applies to reviews"
+    );
+    let headers = HeaderMap::new();
+    let req = AuthzRequest {
+        source_principal: Some("spiffe://cluster.local/ns/default/sa/sleep"),
+        source_ip: Some([10, 244, 2, 5].into()),
+        remote_ip: Some([10, 244, 2, 5].into()),
+        dest_ip: Some([10, 0, 0, 10].into()),
+        dest_port: 9080,
+        http: Some(HttpAttrs {
+            method: "GET",
+            path: "/reviews/0",
+            host: "reviews:9080",
+            headers: &headers,
+            request_principal: None,
+            request_auth: None,
+        }),
+    };
+    assert!(policy::evaluate(&set, &req).allowed);
+    c.bench_function("authz/1000_policies_in_config_per_request", |b| {
+        b.iter(|| black_box(policy::evaluate(black_box(&set), black_box(&req))))
+    });
 }
 
 fn snapshot(c: &mut Criterion) {

@@ -35,8 +35,10 @@ pub use authz::{
 };
 pub use load::{LoadedResources, load_paths, parse_manifests};
 pub use route::{
-    Backend, BackendRef, HeaderMatch, MatchKind, PathMatch, PathNormalization, QueryMatch,
-    RouteMatch, RouteRule, RouteTable, WeightedBackends, normalize_path, normalize_path_with,
+    Backend, BackendRef, Filters, HeaderMatch, HeaderModifier, MatchKind, Mirror, PathMatch,
+    PathModifier, PathNormalization, QueryMatch, Redirect, RetryPolicy, Rewrite, RouteMatch,
+    RouteRule, RouteTable, TcpRouteRule, TlsRoutes, WeightedBackends, normalize_path,
+    normalize_path_with,
 };
 pub use snapshot::{
     AppProtocol, Cluster, CompileOptions, Endpoint, EndpointLoad, GatewayInfo, ServicePort,

@@ -255,6 +255,9 @@ pub struct GatewayClassSpec {
 pub struct HttpRoute {
     pub metadata: ObjectMeta,
     pub spec: HttpRouteSpec,
+    /// Converted from a GRPCRoute (see [`Resource::GrpcRoute`]); not part of the YAML.
+    #[serde(skip)]
+    pub grpc: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -285,11 +288,215 @@ pub struct ParentReference {
 pub struct HttpRouteRule {
     pub name: Option<String>,
     pub matches: Vec<HttpRouteMatch>,
-    /// Parsed but not applied yet (compile warns).
-    pub filters: Vec<Value>,
+    pub filters: Vec<HttpRouteFilter>,
     pub backend_refs: Vec<HttpBackendRef>,
-    /// Kept as strings; not enforced yet (compile warns).
+    /// Gateway API durations (`1s`, `500ms`, `1m30s`).
     pub timeouts: Option<HttpRouteTimeouts>,
+    /// GEP-1731 `retry` (experimental channel).
+    pub retry: Option<HttpRouteRetry>,
+}
+
+/// `retry`: `codes` (retriable status codes), `attempts` (retries; 0 disables), `backoff`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpRouteRetry {
+    pub codes: Vec<i64>,
+    pub attempts: Option<i64>,
+    pub backoff: Option<String>,
+}
+
+/// One `filters[]` entry; `type` says which member is used.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpRouteFilter {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub request_header_modifier: Option<HeaderModifierSpec>,
+    pub response_header_modifier: Option<HeaderModifierSpec>,
+    pub request_redirect: Option<RedirectSpec>,
+    #[serde(rename = "urlRewrite")]
+    pub url_rewrite: Option<UrlRewriteSpec>,
+    pub request_mirror: Option<MirrorSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HeaderModifierSpec {
+    pub set: Vec<HttpHeader>,
+    pub add: Vec<HttpHeader>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpHeader {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RedirectSpec {
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    pub path: Option<PathModifierSpec>,
+    pub port: Option<i64>,
+    pub status_code: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PathModifierSpec {
+    /// `ReplaceFullPath` or `ReplacePrefixMatch`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub replace_full_path: Option<String>,
+    pub replace_prefix_match: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct UrlRewriteSpec {
+    pub hostname: Option<String>,
+    pub path: Option<PathModifierSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MirrorSpec {
+    pub backend_ref: HttpBackendRefSpec,
+    pub percent: Option<i64>,
+    pub fraction: Option<FractionSpec>,
+}
+
+/// A `BackendObjectReference` (no weight, no filters).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpBackendRefSpec {
+    pub group: Option<String>,
+    pub kind: Option<String>,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub port: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FractionSpec {
+    pub numerator: i64,
+    /// Default 100.
+    pub denominator: Option<i64>,
+}
+
+/// gateway.networking.k8s.io GRPCRoute (v1). Loaded as an [`HttpRoute`] with `grpc: true`:
+/// method matches become path matches exactly as Istio converts them (`conversion.go`
+/// `createGRPCURIMatch`): service+method Exact -> Exact `/<service>/<method>`; service only
+/// -> PathPrefix `/<service>/`; method only -> regex `/[^/]+/<method>`; RegularExpression ->
+/// regex `/<service or [^/]+>/<method or [^/]+>`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct GrpcRouteSpec {
+    pub parent_refs: Vec<ParentReference>,
+    pub hostnames: Vec<String>,
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct GrpcRouteRule {
+    pub name: Option<String>,
+    pub matches: Vec<GrpcRouteMatch>,
+    pub filters: Vec<HttpRouteFilter>,
+    pub backend_refs: Vec<HttpBackendRef>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct GrpcRouteMatch {
+    pub method: Option<GrpcMethodMatch>,
+    pub headers: Vec<HttpValueMatch>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct GrpcMethodMatch {
+    /// `Exact` (default) or `RegularExpression`.
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    pub service: Option<String>,
+    pub method: Option<String>,
+}
+
+/// gateway.networking.k8s.io TCPRoute (v1alpha2): weighted TCP backends.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TcpRoute {
+    pub metadata: ObjectMeta,
+    pub spec: TcpRouteSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TcpRouteSpec {
+    pub parent_refs: Vec<ParentReference>,
+    pub rules: Vec<TcpRouteRule>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TcpRouteRule {
+    pub name: Option<String>,
+    pub backend_refs: Vec<HttpBackendRef>,
+}
+
+/// gateway.networking.k8s.io TLSRoute (v1alpha2, v1alpha3, v1): TLS passthrough routed by
+/// the ClientHello SNI.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TlsRoute {
+    pub metadata: ObjectMeta,
+    pub spec: TlsRouteSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TlsRouteSpec {
+    pub parent_refs: Vec<ParentReference>,
+    /// SNI host names: exact, or `*.` + suffix; empty = every SNI (Istio: `sniHosts: ["*"]`).
+    pub hostnames: Vec<String>,
+    pub rules: Vec<TcpRouteRule>,
+}
+
+/// gateway.networking.k8s.io ReferenceGrant (v1beta1): lets routes in `from` namespaces
+/// reference Services in this grant's namespace.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ReferenceGrant {
+    pub metadata: ObjectMeta,
+    pub spec: ReferenceGrantSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ReferenceGrantSpec {
+    pub from: Vec<ReferenceGrantFrom>,
+    pub to: Vec<ReferenceGrantTo>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ReferenceGrantFrom {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ReferenceGrantTo {
+    pub group: String,
+    pub kind: String,
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -331,7 +538,7 @@ pub struct HttpBackendRef {
     pub port: Option<i64>,
     /// Default 1; 0 = no traffic; at most 1,000,000.
     pub weight: Option<i64>,
-    pub filters: Vec<Value>,
+    pub filters: Vec<HttpRouteFilter>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -522,6 +729,11 @@ pub enum Resource {
     Gateway(Gateway),
     GatewayClass(GatewayClass),
     HttpRoute(HttpRoute),
+    /// A GRPCRoute, converted to an HTTPRoute with `grpc: true` (see [`GrpcRouteSpec`]).
+    GrpcRoute(HttpRoute),
+    TcpRoute(TcpRoute),
+    TlsRoute(TlsRoute),
+    ReferenceGrant(ReferenceGrant),
     AuthorizationPolicy(AuthorizationPolicy),
     RequestAuthentication(RequestAuthentication),
     /// A kind (or apiVersion) the waypoint does not use; skipped with a warning.
@@ -544,6 +756,10 @@ impl Resource {
             Resource::Gateway(_) => "Gateway",
             Resource::GatewayClass(_) => "GatewayClass",
             Resource::HttpRoute(_) => "HTTPRoute",
+            Resource::GrpcRoute(_) => "GRPCRoute",
+            Resource::TcpRoute(_) => "TCPRoute",
+            Resource::TlsRoute(_) => "TLSRoute",
+            Resource::ReferenceGrant(_) => "ReferenceGrant",
             Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Resource::RequestAuthentication(_) => "RequestAuthentication",
             Resource::Unknown { kind, .. } => kind,
@@ -559,7 +775,10 @@ impl Resource {
             Resource::EndpointSlice(r) => Some(&r.metadata),
             Resource::Gateway(r) => Some(&r.metadata),
             Resource::GatewayClass(r) => Some(&r.metadata),
-            Resource::HttpRoute(r) => Some(&r.metadata),
+            Resource::HttpRoute(r) | Resource::GrpcRoute(r) => Some(&r.metadata),
+            Resource::TcpRoute(r) => Some(&r.metadata),
+            Resource::TlsRoute(r) => Some(&r.metadata),
+            Resource::ReferenceGrant(r) => Some(&r.metadata),
             Resource::AuthorizationPolicy(r) => Some(&r.metadata),
             Resource::RequestAuthentication(r) => Some(&r.metadata),
             Resource::Unknown { .. } => None,
@@ -585,6 +804,12 @@ impl Resource {
             "Namespace" | "Service" | "Pod" => group.is_empty() && version == "v1",
             "EndpointSlice" => group == "discovery.k8s.io" && version == "v1",
             "Gateway" | "GatewayClass" | "HTTPRoute" => gateway_version,
+            "GRPCRoute" => group == GATEWAY_GROUP && matches!(version, "v1" | "v1alpha2"),
+            "TCPRoute" => group == GATEWAY_GROUP && matches!(version, "v1alpha2" | "v1alpha3"),
+            "TLSRoute" => {
+                group == GATEWAY_GROUP && matches!(version, "v1" | "v1alpha2" | "v1alpha3")
+            }
+            "ReferenceGrant" => group == GATEWAY_GROUP && matches!(version, "v1beta1" | "v1alpha2"),
             "AuthorizationPolicy" | "RequestAuthentication" => {
                 group == SECURITY_GROUP && matches!(version, "v1" | "v1beta1")
             }
@@ -660,12 +885,129 @@ impl Resource {
                 metadata,
                 spec: part(spec, "spec", &err)?,
             }),
-            _ => Resource::HttpRoute(HttpRoute {
+            "GRPCRoute" => {
+                let g: GrpcRouteSpec = part(spec, "spec", &err)?;
+                Resource::GrpcRoute(HttpRoute {
+                    metadata,
+                    spec: grpc_to_http(g, &err)?,
+                    grpc: true,
+                })
+            }
+            "TCPRoute" => Resource::TcpRoute(TcpRoute {
                 metadata,
                 spec: part(spec, "spec", &err)?,
             }),
+            "TLSRoute" => Resource::TlsRoute(TlsRoute {
+                metadata,
+                spec: part(spec, "spec", &err)?,
+            }),
+            "ReferenceGrant" => Resource::ReferenceGrant(ReferenceGrant {
+                metadata,
+                spec: part(spec, "spec", &err)?,
+            }),
+            _ => Resource::HttpRoute(HttpRoute {
+                metadata,
+                spec: part(spec, "spec", &err)?,
+                grpc: false,
+            }),
         })
     }
+}
+
+/// GRPCRoute -> HTTPRoute the way Istio converts it (`conversion.go` `convertGRPCRoute`,
+/// `createGRPCURIMatch`). A method match naming neither service nor method, or an Exact
+/// value containing `/`, is an error on the field.
+fn grpc_to_http(
+    g: GrpcRouteSpec,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<HttpRouteSpec, ConfigError> {
+    let mut rules = Vec::with_capacity(g.rules.len());
+    for (i, r) in g.rules.into_iter().enumerate() {
+        let mut matches = Vec::with_capacity(r.matches.len());
+        for (j, m) in r.matches.into_iter().enumerate() {
+            let field = format!("spec.rules[{i}].matches[{j}].method");
+            let path = match m.method {
+                None => None,
+                Some(mm) => {
+                    let regex = match mm.type_.as_deref().unwrap_or("Exact") {
+                        "Exact" => false,
+                        "RegularExpression" => true,
+                        other => {
+                            return Err(err(
+                                &format!("{field}.type"),
+                                format!(
+                                    "unknown method match type {other:?} (expected Exact or RegularExpression)"
+                                ),
+                            ));
+                        }
+                    };
+                    let svc = mm.service.filter(|s| !s.is_empty());
+                    let method = mm.method.filter(|s| !s.is_empty());
+                    if !regex
+                        && (svc.as_deref().is_some_and(|s| s.contains('/'))
+                            || method.as_deref().is_some_and(|s| s.contains('/')))
+                    {
+                        return Err(err(
+                            &field,
+                            "Exact service and method must not contain '/'".into(),
+                        ));
+                    }
+                    let (type_, value) = match (regex, svc, method) {
+                        (_, None, None) => {
+                            return Err(err(&field, "one of service or method must be set".into()));
+                        }
+                        (false, Some(s), Some(m)) => ("Exact", format!("/{s}/{m}")),
+                        (false, Some(s), None) => ("PathPrefix", format!("/{s}/")),
+                        (false, None, Some(m)) => {
+                            ("RegularExpression", format!("/[^/]+/{}", regex_escape(&m)))
+                        }
+                        (true, s, m) => (
+                            "RegularExpression",
+                            format!(
+                                "/{}/{}",
+                                s.as_deref().unwrap_or("[^/]+"),
+                                m.as_deref().unwrap_or("[^/]+")
+                            ),
+                        ),
+                    };
+                    Some(HttpPathMatch {
+                        type_: Some(type_.into()),
+                        value: Some(value),
+                    })
+                }
+            };
+            matches.push(HttpRouteMatch {
+                path,
+                headers: m.headers,
+                query_params: Vec::new(),
+                method: None,
+            });
+        }
+        rules.push(HttpRouteRule {
+            name: r.name,
+            matches,
+            filters: r.filters,
+            backend_refs: r.backend_refs,
+            timeouts: None,
+            retry: None,
+        });
+    }
+    Ok(HttpRouteSpec {
+        parent_refs: g.parent_refs,
+        hostnames: g.hostnames,
+        rules,
+    })
+}
+
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Deserialize one part of an object (absent = default), mapping the serde message to a

@@ -3,7 +3,9 @@
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderMap, Method};
 
@@ -67,6 +69,162 @@ pub enum Backend {
 pub struct BackendRef {
     pub backend: Backend,
     pub weight: u32,
+    /// backendRef-level filters (Istio supports the header modifiers and RequestMirror here,
+    /// as Envoy weighted-cluster `request_headers_to_add`/`response_headers_to_add`).
+    pub filters: Arc<Filters>,
+}
+
+/// `RequestHeaderModifier` / `ResponseHeaderModifier`: `set` overwrites, `add` appends
+/// (Envoy `append_action: APPEND_IF_EXISTS_OR_ADD`, i.e. a second header line), `remove`
+/// deletes. Applied in the order set, add, remove as Envoy's header mutation does.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderModifier {
+    pub set: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub add: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub remove: Vec<http::HeaderName>,
+}
+
+impl HeaderModifier {
+    /// Apply to a header map.
+    pub fn apply(&self, h: &mut HeaderMap) {
+        for (n, v) in &self.set {
+            h.insert(n.clone(), v.clone());
+        }
+        for (n, v) in &self.add {
+            h.append(n.clone(), v.clone());
+        }
+        for n in &self.remove {
+            h.remove(n);
+        }
+    }
+}
+
+/// How a path is rewritten (`URLRewrite.path` or `RequestRedirect.path`).
+#[derive(Debug, Clone)]
+pub enum PathModifier {
+    /// `ReplaceFullPath`: the whole path (the query string is kept, as Envoy's
+    /// `regex_rewrite` of `/.*` keeps it).
+    Full(String),
+    /// `ReplacePrefixMatch`: the matched PathPrefix is replaced element-wise. Stored
+    /// without a trailing `/` (Istio `createRewriteFilter`); empty = strip the prefix.
+    Prefix(String),
+}
+
+impl PathModifier {
+    /// The new path for `path` (no query), given the PathPrefix that matched (`None` when
+    /// the match was not a prefix, which compile rejects for `Prefix`).
+    pub fn apply(&self, path: &str, matched_prefix: Option<&str>) -> String {
+        match self {
+            PathModifier::Full(p) => p.clone(),
+            PathModifier::Prefix(replacement) => {
+                let prefix = matched_prefix.unwrap_or("/");
+                // `/` as the matched prefix: everything is the remainder.
+                let rest = if prefix == "/" {
+                    path
+                } else {
+                    path.strip_prefix(prefix).unwrap_or(path)
+                };
+                // Gateway API table: `/foo/bar` with `/foo` -> `/xyz` gives `/xyz/bar`,
+                // `/foo` gives `/xyz`, `/foo/` gives `/xyz/`; an empty replacement strips
+                // (`/foo/bar` -> `/bar`, `/foo` -> `/`).
+                let mut out = String::with_capacity(replacement.len() + rest.len() + 1);
+                out.push_str(replacement);
+                if rest.is_empty() {
+                    if out.is_empty() {
+                        out.push('/');
+                    }
+                } else if rest.starts_with('/') {
+                    out.push_str(rest);
+                } else {
+                    out.push('/');
+                    out.push_str(rest);
+                }
+                out
+            }
+        }
+    }
+}
+
+/// `RequestRedirect`: answered by the waypoint itself (Envoy route `redirect`).
+#[derive(Debug, Clone)]
+pub struct Redirect {
+    /// `http` or `https`; `None` keeps the request's scheme.
+    pub scheme: Option<String>,
+    pub hostname: Option<String>,
+    /// Explicit port; else the scheme's well-known port when a scheme is set (Istio
+    /// `FROM_PROTOCOL_DEFAULT`), else the request's port (`FROM_REQUEST_PORT`).
+    pub port: Option<u16>,
+    pub path: Option<PathModifier>,
+    /// 301 or 302 (default), 303, 307, 308.
+    pub status: u16,
+}
+
+/// `URLRewrite`.
+#[derive(Debug, Clone, Default)]
+pub struct Rewrite {
+    /// New `Host`/`:authority` (Envoy `host_rewrite_literal`).
+    pub hostname: Option<String>,
+    pub path: Option<PathModifier>,
+}
+
+/// `RequestMirror`: a copy of the request goes to `cluster`; its response is discarded.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    pub cluster: Arc<Cluster>,
+    /// Share of requests mirrored, as numerator/denominator (`percent` p = p/100;
+    /// `fraction`; default 100%).
+    pub numerator: u32,
+    pub denominator: u32,
+}
+
+impl Mirror {
+    /// Whether this request is mirrored, given a uniformly random `r`.
+    pub fn sampled(&self, r: u64) -> bool {
+        self.denominator > 0 && r % u64::from(self.denominator) < u64::from(self.numerator)
+    }
+}
+
+/// The filters of a rule (or of a backendRef).
+#[derive(Debug, Clone, Default)]
+pub struct Filters {
+    pub request_headers: Option<HeaderModifier>,
+    pub response_headers: Option<HeaderModifier>,
+    pub redirect: Option<Redirect>,
+    pub rewrite: Option<Rewrite>,
+    pub mirrors: Vec<Mirror>,
+}
+
+impl Filters {
+    pub fn is_empty(&self) -> bool {
+        self.request_headers.is_none()
+            && self.response_headers.is_none()
+            && self.redirect.is_none()
+            && self.rewrite.is_none()
+            && self.mirrors.is_empty()
+    }
+}
+
+/// Retry policy of a route (protocol.md 2.6, policy.md 3.7). Istio's waypoint default when the
+/// route has no `retry`: 2 retries on `connect-failure,refused-stream,unavailable,cancelled,
+/// retriable-status-codes` with no status codes, other hosts preferred.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (Envoy `num_retries`).
+    pub retries: u32,
+    /// `retriable_status_codes` (Gateway API `retry.codes`).
+    pub codes: Vec<u16>,
+    /// Base back-off (Envoy default 25 ms; Gateway API `retry.backoff`).
+    pub backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            retries: 2,
+            codes: Vec::new(),
+            backoff: Duration::from_millis(25),
+        }
+    }
 }
 
 /// The weighted backend set of a rule.
@@ -99,20 +257,99 @@ impl WeightedBackends {
 }
 
 /// One HTTPRoute rule as the data path needs it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RouteRule {
     /// `route_name` in the access log: the rule's `name`, else `<ns>.<route>.<ruleIndex>`
     /// (Istio conversion.go), as Envoy's `%ROUTE_NAME%` prints it.
     pub name: Arc<str>,
     pub backends: WeightedBackends,
+    /// Rule-level filters.
+    pub filters: Filters,
+    /// `timeouts.request`: whole-request deadline (Envoy route `timeout`); `None` = none,
+    /// Istio's default (`timeout: 0s`).
+    pub request_timeout: Option<Duration>,
+    /// `timeouts.backendRequest` as a per-try timeout (Istio: only when the rule has a
+    /// `retry` stanza; otherwise it became `request_timeout` at compile time).
+    pub per_try_timeout: Option<Duration>,
+    /// `None` = retries disabled (Gateway API `retry.attempts: 0`: Istio emits no policy).
+    pub retry: Option<RetryPolicy>,
+    /// gRPC route (GRPCRoute): local replies are sent as gRPC status.
+    pub grpc: bool,
 }
 
-/// All rules attached to one Service port, pre-sorted by Gateway API precedence.
+/// The TCPRoute that applies to a TCP Service port: weighted TCP backends. An invalid
+/// backend (or all weights zero) rejects the connection, as Istio's dummy
+/// `internal.cluster.local` destination does (policy.md 3.8).
+#[derive(Debug, Clone, Default)]
+pub struct TcpRouteRule {
+    /// Rule `name`, else `<ns>.<route>.0`.
+    pub name: Arc<str>,
+    pub backends: WeightedBackends,
+}
+
+/// TLSRoutes on one TCP Service port, matched on the ClientHello SNI as Envoy matches
+/// filter-chain `server_names` (Istio maps TLSRoute `hostnames` to `sniHosts`): an exact name
+/// first, then the longest `*.` wildcard suffix, then a route without hostnames; ties go to
+/// the oldest route, then `namespace/name`.
+#[derive(Debug, Clone, Default)]
+pub struct TlsRoutes {
+    /// (lower-case host names, `*.x` kept as written; empty = any SNI, rule), in route order.
+    pub(crate) routes: Vec<(Vec<String>, Arc<TcpRouteRule>)>,
+}
+
+impl TlsRoutes {
+    /// The route for this SNI (`None` when the client sent none), if any.
+    pub fn select(&self, sni: Option<&str>) -> Option<&Arc<TcpRouteRule>> {
+        let sni = sni.map(str::to_ascii_lowercase);
+        // (rank: 2 exact, 1 wildcard, 0 catch-all; wildcard suffix length).
+        let mut best: Option<((u8, usize), &Arc<TcpRouteRule>)> = None;
+        for (hosts, rule) in &self.routes {
+            let score = if hosts.is_empty() {
+                Some((0, 0))
+            } else {
+                sni.as_deref().and_then(|sni| {
+                    hosts
+                        .iter()
+                        .filter_map(|h| match h.strip_prefix('*') {
+                            // `*.example.com` matches `a.example.com` (and deeper), never
+                            // `example.com` itself.
+                            Some(suffix) => (sni.len() > suffix.len() && sni.ends_with(suffix))
+                                .then_some((1, suffix.len())),
+                            None => (h == sni).then_some((2, 0)),
+                        })
+                        .max()
+                })
+            };
+            if let Some(score) = score
+                && best.as_ref().is_none_or(|(b, _)| score > *b)
+            {
+                best = Some((score, rule));
+            }
+        }
+        best.map(|(_, r)| r)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+/// All rules attached to one Service port, pre-sorted by Gateway API precedence, with an
+/// index so a request only tests the entries whose path can match.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     /// (match, index into `rules`), sorted so the first matching entry wins.
     pub(crate) entries: Vec<(RouteMatch, usize)>,
     pub(crate) rules: Vec<Arc<RouteRule>>,
+    /// Entry indices (ascending) by Exact path.
+    exact: HashMap<Box<str>, Vec<u32>>,
+    /// Entry indices (ascending) by PathPrefix value (no trailing `/`, except `/`).
+    prefix: HashMap<Box<str>, Vec<u32>>,
+    /// Entry indices (ascending) of RegularExpression paths.
+    regex: Vec<u32>,
+    /// The same regexes as one set, so a request runs one automaton instead of one per
+    /// rule (`None` if the set would exceed the regex size limits: test them one by one).
+    regex_set: Option<regex::RegexSet>,
 }
 
 impl RouteTable {
@@ -120,6 +357,92 @@ impl RouteTable {
     /// `path` is the request path without the query; `query` the raw query string, if any.
     /// The path must already be normalized with [`normalize_path`].
     pub fn select(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Option<&Arc<RouteRule>> {
+        self.select_match(method, path, query, headers)
+            .map(|(_, rule)| rule)
+    }
+
+    /// Like [`RouteTable::select`], also returning the match that won (URLRewrite
+    /// `ReplacePrefixMatch` needs the matched prefix).
+    ///
+    /// Uses the index: entries are sorted so that every Exact path precedes every prefix,
+    /// longer prefixes precede shorter ones and regexes come last (see [`Precedence`]). So
+    /// the candidates, visited as "Exact entries for this path, then the prefix entries
+    /// for each ancestor of the path from the longest to `/`, then the regexes", each
+    /// bucket ascending, are visited in global precedence order: the first that matches
+    /// is the same winner as [`RouteTable::select_linear`] finds.
+    pub fn select_match(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Option<(&RouteMatch, &Arc<RouteRule>)> {
+        let mut params: Option<Vec<(String, String)>> = None;
+        let mut test = |bucket: &[u32]| -> Option<usize> {
+            bucket.iter().map(|&i| i as usize).find(|&i| {
+                self.entries
+                    .get(i)
+                    .is_some_and(|(m, _)| m.matches_rest(method, query, headers, &mut params))
+            })
+        };
+        let mut found = None;
+        if let Some(b) = self.exact.get(path) {
+            found = test(b);
+        }
+        if found.is_none() && !self.prefix.is_empty() {
+            // Ancestors of the path on `/` boundaries, longest first: the path itself
+            // (prefix `/a/b` matches `/a/b`), then the part before each `/` from the right.
+            let bytes = path.as_bytes();
+            let mut end = path.len();
+            loop {
+                let candidate = &path[..end];
+                if !candidate.is_empty()
+                    && candidate != "/"
+                    && let Some(b) = self.prefix.get(candidate)
+                    && let Some(i) = test(b)
+                {
+                    found = Some(i);
+                    break;
+                }
+                match bytes[..end].iter().rposition(|&c| c == b'/') {
+                    Some(p) if p > 0 => end = p,
+                    _ => break,
+                }
+            }
+            if found.is_none()
+                && let Some(b) = self.prefix.get("/")
+            {
+                found = test(b);
+            }
+        }
+        if found.is_none() && !self.regex.is_empty() {
+            let hits = self.regex_set.as_ref().map(|set| set.matches(path));
+            found = self
+                .regex
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| hits.as_ref().is_none_or(|h| h.matched(*k)))
+                .map(|(_, &i)| i as usize)
+                .find(|&i| {
+                    self.entries.get(i).is_some_and(|(m, _)| {
+                        (hits.is_some() || m.path.matches(path))
+                            && m.matches_rest(method, query, headers, &mut params)
+                    })
+                });
+        }
+        let (m, rule) = self.entries.get(found?)?;
+        Some((m, self.rules.get(*rule)?))
+    }
+
+    /// The reference implementation: test every entry in precedence order. Same answer as
+    /// [`RouteTable::select`] (proved by a property test); kept for tests and benches.
+    pub fn select_linear(
         &self,
         method: &Method,
         path: &str,
@@ -158,7 +481,36 @@ impl RouteTable {
             };
             table.entries.push((m, index));
         }
+        table.index();
         table
+    }
+
+    /// Build the path index over `entries` (already sorted).
+    fn index(&mut self) {
+        self.exact.clear();
+        self.prefix.clear();
+        self.regex.clear();
+        self.regex_set = None;
+        for (i, (m, _)) in self.entries.iter().enumerate() {
+            let Ok(i) = u32::try_from(i) else { break };
+            match &m.path {
+                PathMatch::Exact(p) => self.exact.entry(p.as_str().into()).or_default().push(i),
+                PathMatch::Prefix(p) => self.prefix.entry(p.as_str().into()).or_default().push(i),
+                PathMatch::Regex(_) => self.regex.push(i),
+            }
+        }
+        let patterns =
+            self.regex
+                .iter()
+                .filter_map(|&i| match &self.entries.get(i as usize)?.0.path {
+                    PathMatch::Regex(r) => Some(r.as_str().to_string()),
+                    _ => None,
+                });
+        self.regex_set = if self.regex.len() > 1 {
+            regex::RegexSet::new(patterns).ok()
+        } else {
+            None
+        };
     }
 }
 
@@ -248,9 +600,17 @@ impl RouteMatch {
         headers: &HeaderMap,
         params: &mut Option<Vec<(String, String)>>,
     ) -> bool {
-        if !self.path.matches(path) {
-            return false;
-        }
+        self.path.matches(path) && self.matches_rest(method, query, headers, params)
+    }
+
+    /// Everything but the path.
+    fn matches_rest(
+        &self,
+        method: &Method,
+        query: Option<&str>,
+        headers: &HeaderMap,
+        params: &mut Option<Vec<(String, String)>>,
+    ) -> bool {
         if self.method.as_ref().is_some_and(|m| m != method) {
             return false;
         }
@@ -534,12 +894,15 @@ mod tests {
     fn one_rule(m: RouteMatch) -> RouteTable {
         let rule = Arc::new(RouteRule {
             name: "r".into(),
-            backends: WeightedBackends::default(),
+            ..RouteRule::default()
         });
-        RouteTable {
+        let mut t = RouteTable {
             entries: vec![(m, 0)],
             rules: vec![rule],
-        }
+            ..RouteTable::default()
+        };
+        t.index();
+        t
     }
 
     fn hits(t: &RouteTable, path: &str, query: Option<&str>, headers: &[(&str, &str)]) -> bool {
@@ -654,6 +1017,7 @@ mod tests {
                         reason: format!("w{w}").into(),
                     },
                     weight: *w,
+                    filters: Arc::default(),
                 })
                 .collect(),
             total_weight: weights.iter().map(|w| u64::from(*w)).sum(),
@@ -718,6 +1082,108 @@ mod tests {
         }
         assert!(matches!(normalize_path("/a/b.c"), Ok(Cow::Borrowed(_))));
         assert!(matches!(normalize_path("/a/%2F"), Ok(Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn replace_prefix_match_follows_the_gateway_api_table() {
+        let xyz = PathModifier::Prefix("/xyz".into());
+        let strip = PathModifier::Prefix(String::new());
+        for (m, path, prefix, want) in [
+            (&xyz, "/foo/bar", "/foo", "/xyz/bar"),
+            (&xyz, "/foo", "/foo", "/xyz"),
+            (&xyz, "/foo/", "/foo", "/xyz/"),
+            (&xyz, "/anything", "/", "/xyz/anything"),
+            (&strip, "/foo/bar", "/foo", "/bar"),
+            (&strip, "/foo", "/foo", "/"),
+            (&strip, "/foo/", "/foo", "/"),
+        ] {
+            assert_eq!(m.apply(path, Some(prefix)), want, "{path} - {prefix}");
+        }
+        assert_eq!(
+            PathModifier::Full("/one".into()).apply("/x/y", None),
+            "/one"
+        );
+    }
+
+    /// A random match over a small alphabet so that paths collide often.
+    fn arb_match() -> impl Strategy<Value = RouteMatch> {
+        let path = prop_oneof![
+            "(/[ab]{1,2}){0,3}"
+                .prop_map(|p| { PathMatch::Prefix(if p.is_empty() { "/".into() } else { p }) }),
+            "(/[ab]{1,2}){1,3}/?".prop_map(PathMatch::Exact),
+            Just(PathMatch::Regex(regex("/a.*"))),
+            Just(PathMatch::Regex(regex("/[ab]+/b"))),
+        ];
+        let method = prop_oneof![
+            Just(None),
+            Just(Some(Method::GET)),
+            Just(Some(Method::POST))
+        ];
+        let header = prop_oneof![
+            Just(Vec::new()),
+            Just(vec![HeaderMatch {
+                name: http::HeaderName::from_static("x"),
+                value: MatchKind::Exact("1".into()),
+            }]),
+        ];
+        let query = prop_oneof![
+            Just(Vec::new()),
+            Just(vec![QueryMatch {
+                name: "q".into(),
+                value: MatchKind::Exact("1".into()),
+            }]),
+        ];
+        (path, method, header, query).prop_map(|(path, method, headers, query)| RouteMatch {
+            path,
+            method,
+            headers,
+            query,
+        })
+    }
+
+    /// Build a table from (route index, rule index, match) as the compiler does.
+    fn table_of(matches: &[(usize, Vec<RouteMatch>)]) -> RouteTable {
+        let mut candidates = Vec::new();
+        for (i, (route, ms)) in matches.iter().enumerate() {
+            let rule = Arc::new(RouteRule {
+                name: format!("rule{i}").into(),
+                ..RouteRule::default()
+            });
+            // Two routes: `a` older than `b` in half the cases.
+            let created = (route % 2 == 0).then_some("2024-01-01T00:00:00Z");
+            for (j, m) in ms.iter().enumerate() {
+                let key = Precedence::new(m, created, format!("default/r{route}"), i, j);
+                candidates.push((key, m.clone(), rule.clone()));
+            }
+        }
+        RouteTable::build(candidates)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// The index never changes the answer: same winner as testing every entry in order.
+        #[test]
+        fn indexed_select_equals_linear_scan(
+            rules in proptest::collection::vec(
+                (0usize..3, proptest::collection::vec(arb_match(), 1..3)), 1..12),
+            path in "(/[ab]{1,2}){0,4}/?",
+            post in any::<bool>(),
+            header in any::<bool>(),
+            query in any::<bool>(),
+        ) {
+            let t = table_of(&rules);
+            let path = if path.is_empty() { "/".to_string() } else { path };
+            let method = if post { Method::POST } else { Method::GET };
+            let mut h = HeaderMap::new();
+            if header {
+                h.insert("x", http::HeaderValue::from_static("1"));
+            }
+            let q = query.then_some("q=1");
+            let fast = t.select(&method, &path, q, &h).map(|r| r.name.clone());
+            let slow = t.select_linear(&method, &path, q, &h).map(|r| r.name.clone());
+            prop_assert_eq!(fast, slow);
+        }
     }
 
     proptest! {

@@ -10,7 +10,7 @@ use crate::ConfigError;
 use crate::authn::{AuthnIndex, AuthnSet, JwksRef};
 use crate::authz::{AuthzIndex, AuthzPolicy, AuthzSet};
 use crate::load::LoadedResources;
-use crate::route::RouteTable;
+use crate::route::{RouteTable, TcpRouteRule, TlsRoutes};
 
 /// Static inputs to [`compile`] that do not come from the manifests.
 #[derive(Debug, Clone)]
@@ -152,6 +152,12 @@ pub struct ServicePort {
     /// HTTPRoutes attached to this Service port, pre-sorted; `None` = no HTTPRoute, use the
     /// default route (named `default`) to `cluster`.
     pub routes: Option<Arc<RouteTable>>,
+    /// The TCPRoute for this (TCP or undeclared) port, if any; `None` = the Service's own
+    /// cluster.
+    pub tcp_route: Option<Arc<TcpRouteRule>>,
+    /// TLSRoutes for this (TCP or undeclared) port: the proxy reads the ClientHello SNI and
+    /// picks one; no match closes the connection (Envoy: no filter chain, `NR`).
+    pub tls_routes: Option<Arc<TlsRoutes>>,
     /// The AuthorizationPolicies for this Service's traffic (waypoint-wide ones plus those
     /// attached to the Service); pass to [`crate::evaluate`]. Same as
     /// [`Snapshot::authz_for`] with the cluster's Service.
@@ -231,6 +237,8 @@ impl Snapshot {
                 }],
             }),
             routes: None,
+            tcp_route: None,
+            tls_routes: None,
             authz: self.authz.for_service("", ""),
             authn: self.authn.for_service("", ""),
         })

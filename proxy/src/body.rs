@@ -2,6 +2,7 @@
 //! or a local reply. It counts bytes sent, returns the upstream connection to its pool at the
 //! end, and emits the access-log record exactly once.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -31,9 +32,27 @@ enum Kind {
     Local(Option<Bytes>),
 }
 
+/// The route timeout expired while the response body was streaming.
+#[derive(Debug)]
+pub struct BodyTimeout;
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("upstream request timeout")
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
+/// Error of a response body: the upstream's, or our route timeout.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// See the module docs.
 pub struct ResponseBody {
     kind: Kind,
+    /// Route timeout (`timeouts.request`) still running: Envoy's covers the whole response,
+    /// and when it expires after the headers were sent the stream is reset (flag `UT`).
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     log: Option<PendingLog>,
     pool: Option<PoolReturn>,
     load: Option<LoadGuard>,
@@ -51,6 +70,7 @@ impl ResponseBody {
     ) -> ResponseBody {
         ResponseBody {
             kind: Kind::Upstream(inner),
+            deadline: None,
             log: Some(log),
             pool,
             load: Some(load),
@@ -62,12 +82,19 @@ impl ResponseBody {
     pub fn local(body: Bytes, log: PendingLog) -> ResponseBody {
         ResponseBody {
             kind: Kind::Local(if body.is_empty() { None } else { Some(body) }),
+            deadline: None,
             log: Some(log),
             pool: None,
             load: None,
             sent: 0,
             done: None,
         }
+    }
+
+    /// Reset the stream if the body has not ended by `deadline`.
+    pub fn with_deadline(mut self, deadline: Option<tokio::time::Instant>) -> ResponseBody {
+        self.deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));
+        self
     }
 
     /// Count the end of this exchange (body finished or dropped) in `counter`.
@@ -96,13 +123,32 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        let ended = this.at_end();
+        if let Some(d) = &mut this.deadline
+            && !ended
+            && d.as_mut().poll(cx).is_ready()
+        {
+            // Envoy `onResponseTimeout` after the headers: the stream is reset, logged `UT`
+            // with the status already sent.
+            this.deadline = None;
+            this.pool.take();
+            this.load.take();
+            if let Some(mut log) = this.log.take() {
+                if let Some(r) = log.record() {
+                    r.response_flags.set(accesslog::ResponseFlag::UT);
+                    r.response_code_details = Some("response_timeout".into());
+                }
+                log.finish(this.sent);
+            }
+            return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+        }
         match &mut this.kind {
             Kind::Local(b) => match b.take() {
                 Some(bytes) => {
@@ -145,7 +191,7 @@ impl Body for ResponseBody {
                         }
                         log.finish(this.sent);
                     }
-                    Poll::Ready(Some(Err(e)))
+                    Poll::Ready(Some(Err(e.into())))
                 }
             },
         }

@@ -76,11 +76,25 @@ pub enum ProxyError {
     ClusterNotFound,
     /// The cluster has no ready endpoint: 503 UH `no healthy upstream`.
     NoHealthyUpstream,
-    /// The upstream failed before response headers; `retried` = at least one retry happened
-    /// and the retry budget ran out (adds URX and Envoy's "retried and the latest" wording).
+    /// The upstream failed before response headers. `retried` = at least one retry happened
+    /// (Envoy's "retried and the latest" wording); `retry_limit` = the failure was retriable
+    /// under the route's retry policy and the budget ran out (flag `URX`; Envoy sets it even
+    /// with `num_retries: 0`, but not without a retry policy: envoy-observed.md 2b, 2c).
     Upstream {
         failure: UpstreamFailure,
         retried: bool,
+        retry_limit: bool,
+    },
+    /// The route timeout (`timeouts.request`) or the per-try timeout (`backendRequest` with a
+    /// retry stanza) expired before response headers: 504 `upstream request timeout`, `UT`,
+    /// details `response_timeout` / `upstream_per_try_timeout` (router.cc `onResponseTimeout`,
+    /// `onPerTryTimeout`).
+    Timeout { per_try: bool },
+    /// HTTPRoute `RequestRedirect`: Envoy's route redirect, answered locally with the status,
+    /// `location` and an empty body; no flag, details `direct_response`.
+    Redirect {
+        status: StatusCode,
+        location: String,
     },
     /// HTTP/1.0 request: Envoy (Istio default, no PILOT_HTTP10) answers 426
     /// `Upgrade Required`, flag `DPE`, details `low_version` (envoy-observed.md case 6).
@@ -90,9 +104,6 @@ pub enum ProxyError {
     HeadersTooLarge,
     /// The request path cannot be normalized: 400 `path_normalization_failed`.
     BadPath,
-    /// The upstream did not answer within the response timeout: 504
-    /// `upstream request timeout`, flag `UT`, details `response_timeout` (router.cc).
-    UpstreamTimeout,
     /// More work than the configured limits allow: shed as Envoy's overload manager does,
     /// 503 `envoy overloaded`, flag `OM`, details `overload`.
     Overloaded,
@@ -253,13 +264,6 @@ impl ProxyError {
                 side: Side::Internal,
                 headers: Vec::new(),
             },
-            ProxyError::UpstreamTimeout => reply(
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream request timeout",
-                ResponseFlag::UT.into(),
-                "response_timeout",
-                Side::Upstream,
-            ),
             ProxyError::Overloaded => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "envoy overloaded",
@@ -267,7 +271,33 @@ impl ProxyError {
                 "overload",
                 Side::Internal,
             ),
-            ProxyError::Upstream { failure, retried } => {
+            ProxyError::Timeout { per_try } => reply(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream request timeout",
+                ResponseFlag::UT.into(),
+                if *per_try {
+                    "upstream_per_try_timeout"
+                } else {
+                    "response_timeout"
+                },
+                Side::Upstream,
+            ),
+            ProxyError::Redirect { status, location } => LocalReply {
+                status: *status,
+                body: Cow::Borrowed(""),
+                flags: ResponseFlags::default(),
+                details: Cow::Borrowed("direct_response"),
+                transport_failure_reason: None,
+                side: Side::Internal,
+                headers: HeaderValue::from_str(location)
+                    .map(|v| vec![(http::header::LOCATION, v)])
+                    .unwrap_or_default(),
+            },
+            ProxyError::Upstream {
+                failure,
+                retried,
+                retry_limit,
+            } => {
                 // router.cc onUpstreamReset, as Envoy 1.40 prints it (envoy-observed.md 2, 8):
                 // the body names the reset reason only; the transport failure detail goes to
                 // the details and `upstream_transport_failure_reason` (spaces as `_`); the
@@ -282,7 +312,7 @@ impl ProxyError {
                 body.push_str("reset reason: ");
                 body.push_str(reason);
                 let mut flags = ResponseFlags::default();
-                if *retried {
+                if *retry_limit {
                     flags.set(ResponseFlag::URX);
                 }
                 flags.set(match failure {
@@ -318,6 +348,33 @@ impl ProxyError {
     }
 }
 
+/// Envoy `Grpc::Utility::httpToGrpcStatus`: the gRPC status a local reply carries when the
+/// request is gRPC (`content-type: application/grpc*`).
+pub fn grpc_status_for(status: StatusCode) -> u8 {
+    match status.as_u16() {
+        400 => 13,             // INTERNAL
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 => 12,             // UNIMPLEMENTED
+        429 | 502..=504 => 14, // UNAVAILABLE
+        _ => 2,                // UNKNOWN
+    }
+}
+
+/// `grpc-message` value: percent-encoding of bytes outside printable ASCII and `%`
+/// (gRPC HTTP/2 protocol spec), as Envoy's `Grpc::Utility::PercentEncoding` does.
+pub fn grpc_message(body: &str) -> String {
+    let mut out = String::with_capacity(body.len());
+    for b in body.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Body Envoy sends when a CONNECT names an address this waypoint has no filter chain for
 /// (observed on Envoy 1.40, protocol.md 8).
 pub const UNKNOWN_AUTHORITY_BODY: &str = "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure";
@@ -334,6 +391,7 @@ mod tests {
                 detail: "delayed connect error: Connection refused".into(),
             },
             retried: true,
+            retry_limit: true,
         }
         .local_reply();
         assert_eq!(r.status, 503);

@@ -20,12 +20,16 @@
 //!      Envoy's body and `www-authenticate`.
 //!    - 4c **RBAC**: AUDIT, DENY, ALLOW on the tunnel's peer identity and the verified JWT
 //!      (`request.auth.*`, `requestPrincipals`); denial: 403 `RBAC: access denied`.
-//! 5. **backend**: a weighted backendRef is drawn; unresolvable: 500 `NC`; all weights zero:
-//!    500; no ready endpoint: 503 `UH`.
-//! 6. **upstream**: least-request endpoint, pooled connection, request headers rewritten as
-//!    Envoy does; connect failures are retried on other hosts by Istio's default policy
-//!    (2 retries), then 503 `UF[,URX]`.
-//! 7. **respond**: `server: istio-envoy`, `x-envoy-upstream-service-time`; the body streams
+//! 5. **backend**: a `RequestRedirect` rule answers here (Envoy route redirect); else a
+//!    weighted backendRef is drawn; unresolvable: 500 `NC`; all weights zero: 500; no ready
+//!    endpoint: 503 `UH`.
+//! 6. **upstream**: filters (backendRef then rule header modifiers, `URLRewrite`), mirrors
+//!    (fire and forget), least-request endpoint, pooled connection, request headers rewritten
+//!    as Envoy does; the route's retry policy (Istio's default: 2 retries on connect failure,
+//!    refused stream, gRPC unavailable/cancelled, listed codes; other hosts preferred; bodies
+//!    replayed only from the 64 KiB buffer), route and per-try timeouts (504 `UT`).
+//! 7. **respond**: `ResponseHeaderModifier`s, `server: istio-envoy`,
+//!    `x-envoy-upstream-service-time`; the body streams
 //!    through and the log record is emitted when it ends (or the client leaves: `DC`).
 //!
 //! Any phase may short-circuit with a [`ProxyError`]; [`RequestCtx::local_reply`] is the one
@@ -42,7 +46,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
-use policy::{Backend, Cluster, ServicePort, VipLookup};
+use policy::{
+    Backend, Cluster, Filters, PathMatch, Redirect, RetryPolicy, RouteRule, ServicePort, VipLookup,
+};
 use tokio::time::Instant;
 
 use crate::body::{LoadGuard, ResponseBody};
@@ -52,7 +58,7 @@ use crate::logguard::PendingLog;
 use crate::meshconfig::ProviderKind;
 use crate::state::Shared;
 use crate::tunnel::TunnelCtx;
-use crate::upstream::{RequestBody, UpstreamProtocol, pick_endpoint};
+use crate::upstream::{RequestBody, RetryBuffer, UpstreamProtocol, pick_endpoint};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -64,8 +70,17 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static ISTIO_ENVOY: HeaderValue = HeaderValue::from_static("istio-envoy");
 
-/// Istio's default retry policy: 2 retries (protocol.md 2.6).
-const MAX_ATTEMPTS: usize = 3;
+static X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
+/// How much of a request body is kept for retries (and mirrors). Envoy keeps what it sent
+/// upstream for retries up to its buffer limit and stops retrying beyond it; ours is 64 KiB.
+/// A body that was streamed upstream and did not fit is never replayed.
+pub const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
+
+/// Envoy's retry back-off ceiling: 10 x the base interval.
+const BACKOFF_MAX_FACTOR: u32 = 10;
 
 /// Per-request state carried through the phases.
 pub struct RequestCtx {
@@ -74,6 +89,13 @@ pub struct RequestCtx {
     /// Headers added to whatever response goes back (ext_authz
     /// `headersToDownstreamOnAllow`).
     response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// `content-type: application/grpc*`: local replies go out as gRPC status.
+    grpc: bool,
+    /// Set once the router phase owns the request: the ResponseHeaderModifiers (backendRef,
+    /// then rule) that Envoy's router also applies to its own local replies (redirects, 5xx,
+    /// timeouts) through `finalizeResponseHeaders`. Replies of earlier filters (RBAC, JWT,
+    /// 404) never get them.
+    route_response: Vec<policy::HeaderModifier>,
 }
 
 /// The rightmost `x-forwarded-for` entry as `ip:0`, if it is an IP.
@@ -102,9 +124,16 @@ fn head_size(req: &Request<Incoming>) -> usize {
     line + headers + 2
 }
 
-/// The route decision.
-struct Routed {
-    cluster: Arc<Cluster>,
+/// The route decision (phase 3).
+struct Selected {
+    name: Arc<str>,
+    /// `None` = istiod's implicit `default` route.
+    rule: Option<Arc<RouteRule>>,
+    /// The PathPrefix value of the winning match (URLRewrite/RequestRedirect
+    /// `ReplacePrefixMatch` replace exactly this).
+    prefix: Option<String>,
+    /// The drawn backend and its backendRef-level filters; `None` = every weight is zero.
+    backend: Option<(Backend, Option<Arc<Filters>>)>,
 }
 
 fn header_string(h: &HeaderMap, name: &HeaderName) -> Option<String> {
@@ -161,6 +190,8 @@ impl RequestCtx {
             log: PendingLog::new(r, started, received, t.shared.clone(), t.source, grpc),
             shared: t.shared.clone(),
             response_headers: Vec::new(),
+            grpc,
+            route_response: Vec::new(),
         }
     }
 
@@ -173,6 +204,9 @@ impl RequestCtx {
     /// The one place a [`ProxyError`] becomes a response (status, body, flags, details).
     fn local_reply(mut self, err: ProxyError) -> Response<ResponseBody> {
         let reply = err.local_reply();
+        if self.grpc {
+            return self.grpc_local_reply(reply);
+        }
         let r = self.record();
         r.response_code = reply.status.as_u16();
         r.response_flags = r.response_flags.union(reply.flags);
@@ -188,6 +222,9 @@ impl RequestCtx {
         if !body.is_empty() && !h.contains_key(header::CONTENT_TYPE) {
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         }
+        for m in &self.route_response {
+            m.apply(h);
+        }
         for (name, value) in self.response_headers.drain(..) {
             h.append(name, value);
         }
@@ -197,6 +234,47 @@ impl RequestCtx {
             // Envoy closes the downstream connection after a codec-level error reply.
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        resp
+    }
+}
+
+impl RequestCtx {
+    /// A local reply to a gRPC request, as Envoy's `sendLocalReply` sends it when
+    /// `is_grpc_request`: a trailers-only response (`:status 200`, `content-type:
+    /// application/grpc`, `grpc-status` from `httpToGrpcStatus`, the body as `grpc-message`),
+    /// no body. Logged with the status on the wire (200); details and flags as for HTTP.
+    fn grpc_local_reply(mut self, reply: crate::error::LocalReply) -> Response<ResponseBody> {
+        let grpc_status = crate::error::grpc_status_for(reply.status);
+        let r = self.record();
+        r.response_code = 200;
+        r.response_flags = r.response_flags.union(reply.flags);
+        r.response_code_details = Some(reply.details);
+        r.upstream_transport_failure_reason = reply.transport_failure_reason;
+        let mut resp = Response::new(ResponseBody::local(Bytes::new(), self.log));
+        let h = resp.headers_mut();
+        for (name, value) in reply.headers {
+            h.insert(name, value);
+        }
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert(
+            GRPC_STATUS.clone(),
+            HeaderValue::from(u16::from(grpc_status)),
+        );
+        if !reply.body.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&crate::error::grpc_message(&reply.body))
+        {
+            h.insert(GRPC_MESSAGE.clone(), v);
+        }
+        for m in &self.route_response {
+            m.apply(h);
+        }
+        for (name, value) in self.response_headers.drain(..) {
+            h.append(name, value);
+        }
+        h.insert(header::SERVER, ISTIO_ENVOY.clone());
         resp
     }
 }
@@ -282,9 +360,9 @@ async fn run_phases(
     // The route is resolved before authorization so a denied request is still logged with
     // its route and cluster, as Envoy's RBAC filter logs the cached route (protocol.md 3.4).
     let routed = route(&service, &req, &normalized);
-    if let Ok((name, backend)) = &routed {
-        ctx.record().route_name = Some(name.clone());
-        if let Some(Backend::Cluster(c)) = backend {
+    if let Ok(sel) = &routed {
+        ctx.record().route_name = Some(sel.name.clone());
+        if let Some((Backend::Cluster(c), _)) = &sel.backend {
             ctx.log.set_cluster(c.clone());
         }
     }
@@ -431,35 +509,156 @@ async fn run_phases(
         }
     }
 
-    let routed = match routed {
-        Ok((_, Some(Backend::Cluster(c)))) => Routed { cluster: c },
-        Ok((_, Some(Backend::Invalid { .. }))) => return Err((ctx, ProxyError::ClusterNotFound)),
-        Ok((_, None)) => return Err((ctx, ProxyError::NoBackendWeight)),
+    // Phase 5: backend (Envoy's router: redirect, then the weighted cluster).
+    let sel = match routed {
+        Ok(sel) => sel,
         Err(e) => return Err((ctx, e)),
     };
-
-    // Phase 5: backend.
-    if routed.cluster.endpoints.is_empty() {
+    let rule = sel.rule.clone();
+    ctx.route_response = sel
+        .backend
+        .as_ref()
+        .and_then(|(_, f)| f.as_ref())
+        .and_then(|f| f.response_headers.clone())
+        .into_iter()
+        .chain(
+            rule.as_ref()
+                .and_then(|r| r.filters.response_headers.clone()),
+        )
+        .collect();
+    if let Some(redirect) = rule.as_ref().and_then(|r| r.filters.redirect.as_ref()) {
+        let location = redirect_location(
+            redirect,
+            &req,
+            &normalized,
+            t.vip.port(),
+            sel.prefix.as_deref(),
+        );
+        let status = http::StatusCode::from_u16(redirect.status).unwrap_or(http::StatusCode::FOUND);
+        return Err((ctx, ProxyError::Redirect { status, location }));
+    }
+    let (cluster, backend_filters) = match sel.backend {
+        Some((Backend::Cluster(c), f)) => (c, f),
+        Some((Backend::Invalid { .. }, _)) => return Err((ctx, ProxyError::ClusterNotFound)),
+        None => return Err((ctx, ProxyError::NoBackendWeight)),
+    };
+    if cluster.endpoints.is_empty() {
         return Err((ctx, ProxyError::NoHealthyUpstream));
     }
 
-    // Phase 6: upstream.
-    let proto = match routed.cluster.protocol {
+    // Phase 6: upstream. Filters first, in Envoy's order: backendRef (weighted cluster)
+    // header mutations, then the rule's (a rule-level `set` wins over a backend-level one, as
+    // with Envoy's default `most_specific_header_mutations_wins: false`); URLRewrite.
+    let proto = match cluster.protocol {
         policy::AppProtocol::Http2 | policy::AppProtocol::Grpc => UpstreamProtocol::Http2,
         policy::AppProtocol::Unknown if req.version() == Version::HTTP_2 => UpstreamProtocol::Http2,
         _ => UpstreamProtocol::Http1,
     };
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    if let Some(m) = backend_filters
+        .as_ref()
+        .and_then(|f| f.request_headers.as_ref())
+    {
+        m.apply(&mut parts.headers);
+    }
+    if let Some(rule) = &rule {
+        if let Some(m) = &rule.filters.request_headers {
+            m.apply(&mut parts.headers);
+        }
+        if let Some(rw) = &rule.filters.rewrite {
+            if let Some(host) = &rw.hostname {
+                set_authority(&mut parts, host);
+            }
+            if let Some(pm) = &rw.path {
+                let original = parts.uri.path_and_query().map(|p| p.as_str().to_string());
+                let mut pq = pm.apply(&normalized, sel.prefix.as_deref());
+                if let Some(q) = parts.uri.query() {
+                    pq.push('?');
+                    pq.push_str(q);
+                }
+                if let Ok(uri) = replace_path_and_query(&parts.uri, &pq) {
+                    parts.uri = uri;
+                    // Envoy records the pre-rewrite path (router `finalizePathHeader`,
+                    // Envoy headers not suppressed in Istio).
+                    if let Some(v) = original.and_then(|o| HeaderValue::from_str(&o).ok()) {
+                        parts.headers.insert(X_ENVOY_ORIGINAL_PATH.clone(), v);
+                    }
+                }
+            }
+        }
+    }
+    let mirrors: Vec<policy::Mirror> = rule
+        .iter()
+        .flat_map(|r| r.filters.mirrors.iter())
+        .chain(backend_filters.iter().flat_map(|f| f.mirrors.iter()))
+        .filter(|m| m.sampled(rand::random::<u64>()))
+        .cloned()
+        .collect();
+    let mirror_head = (!mirrors.is_empty()).then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        )
+    });
+    // The implicit default route carries Istio's default retry policy.
+    let policy: Option<RetryPolicy> = match &rule {
+        Some(r) => r.retry.clone(),
+        None => Some(RetryPolicy::default()),
+    };
+    let max_attempts = policy.as_ref().map_or(1, |p| p.retries.saturating_add(1));
     let mut upstream_req = Request::from_parts(parts, RequestBody::new(body, received));
     prepare_request(&mut upstream_req, proto);
+    let buffered = max_attempts > 1 || mirror_head.is_some();
+    let retry_buf = if buffered {
+        let (parts, body) = upstream_req.into_parts();
+        let (body, buf) = body.with_retry_buffer(RETRY_BUFFER_LIMIT);
+        upstream_req = Request::from_parts(parts, body);
+        Some(buf)
+    } else {
+        None
+    };
+    let _mirror = mirror_head.map(|(method, uri, headers)| MirrorJob {
+        shared: ctx.shared.clone(),
+        mirrors,
+        method,
+        uri,
+        headers,
+        body: retry_buf.clone(),
+    });
+    let head = (max_attempts > 1).then(|| clone_head(&upstream_req));
+    let retry_codes: &[u16] = policy.as_ref().map_or(&[], |p| &p.codes);
 
-    let mut tried: Vec<SocketAddr> = Vec::with_capacity(MAX_ATTEMPTS);
-    let mut attempts = 0;
-    let mut stale_retries = 0;
     let upstream_started = Instant::now();
+    // The route's request timeout (HTTPRoute `timeouts.request`), else this waypoint's
+    // default response timeout (300 s; Istio's default is none): a backend that never
+    // answers is released with 504 UT.
+    let deadline = rule
+        .as_ref()
+        .and_then(|r| r.request_timeout)
+        .or(ctx.shared.limits.upstream_response_timeout)
+        .map(|d| upstream_started + d);
+    let per_try = rule.as_ref().and_then(|r| r.per_try_timeout);
+    let mut tried: Vec<SocketAddr> = Vec::with_capacity(max_attempts as usize);
+    let mut attempts: u32 = 0;
+    let mut stale_retries = 0;
+    // Ask for a retry: a fresh request (the unsent one, else the head with the buffered
+    // body) after Envoy's jittered exponential back-off; `None` = cannot retry.
+    let backoff = |n: u32| {
+        let base = policy
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, |p| p.backoff);
+        let cap = base * BACKOFF_MAX_FACTOR;
+        let window = (base * 2u32.saturating_pow(n.saturating_sub(1))).min(cap);
+        let ms = window.as_millis() as u64;
+        std::time::Duration::from_millis(if ms == 0 {
+            0
+        } else {
+            rand::random::<u64>() % ms
+        })
+    };
     loop {
-        let Some(endpoint) =
-            pick_endpoint(&routed.cluster.endpoints, &tried, rand::random::<u64>())
+        let Some(endpoint) = pick_endpoint(&cluster.endpoints, &tried, rand::random::<u64>())
         else {
             return Err((ctx, ProxyError::NoHealthyUpstream));
         };
@@ -473,15 +672,30 @@ async fn run_phases(
         } else {
             addr.to_string()
         });
-        let checkout = match ctx.shared.upstreams.checkout(endpoint, proto).await {
-            Ok(c) => c,
-            Err(failure) => {
+        let checkout = match until(deadline, ctx.shared.upstreams.checkout(endpoint, proto)).await {
+            None => return Err((ctx, ProxyError::Timeout { per_try: false })),
+            Some(Ok(c)) => c,
+            Some(Err(failure)) => {
                 tried.push(addr);
-                if failure.retriable() && attempts < MAX_ATTEMPTS {
+                if failure.retriable() && policy.is_some() && attempts < max_attempts {
+                    if until(deadline, tokio::time::sleep(backoff(attempts)))
+                        .await
+                        .is_none()
+                    {
+                        return Err((ctx, ProxyError::Timeout { per_try: false }));
+                    }
                     continue;
                 }
+                let retry_limit = failure.retriable() && policy.is_some();
                 let retried = attempts > 1;
-                return Err((ctx, ProxyError::Upstream { failure, retried }));
+                return Err((
+                    ctx,
+                    ProxyError::Upstream {
+                        failure,
+                        retried,
+                        retry_limit,
+                    },
+                ));
             }
         };
         ctx.record().upstream_local_address = Some(match checkout.local_addr {
@@ -490,22 +704,59 @@ async fn run_phases(
         });
         endpoint.load.inc();
         let load = LoadGuard(endpoint.load.clone());
-        // The upstream must start answering within the response timeout (default 300 s;
-        // Istio's default is none): a backend that never answers is released with 504 UT.
-        let sent = match ctx.shared.limits.upstream_response_timeout {
-            Some(limit) => match tokio::time::timeout(limit, checkout.send(upstream_req)).await {
-                Ok(r) => r,
-                Err(_) => return Err((ctx, ProxyError::UpstreamTimeout)),
-            },
-            None => checkout.send(upstream_req).await,
+        let try_deadline = per_try.map(|d| Instant::now() + d);
+        let (limit, per_try_first) = match (deadline, try_deadline) {
+            (Some(a), Some(b)) if b < a => (Some(b), true),
+            (None, Some(b)) => (Some(b), true),
+            (a, _) => (a, false),
+        };
+        let sent = match until(limit, checkout.send(upstream_req)).await {
+            Some(r) => r,
+            None => {
+                return Err((
+                    ctx,
+                    ProxyError::Timeout {
+                        per_try: per_try_first,
+                    },
+                ));
+            }
         };
         match sent {
             Ok((resp, pool)) => {
+                let retriable = retriable_response(&resp, retry_codes) && policy.is_some();
+                if retriable
+                    && attempts < max_attempts
+                    && let (Some(head), Some(body)) =
+                        (&head, retry_buf.as_ref().and_then(RetryBuffer::replay))
+                {
+                    // Envoy retries a retriable response and throws it away.
+                    drop((resp, pool, load));
+                    tried.push(addr);
+                    stale_retries = 0;
+                    upstream_req = rebuild(head, body);
+                    if until(deadline, tokio::time::sleep(backoff(attempts)))
+                        .await
+                        .is_none()
+                    {
+                        return Err((ctx, ProxyError::Timeout { per_try: false }));
+                    }
+                    continue;
+                }
+                if retriable {
+                    // The last response is forwarded, flagged as the retry limit (envoy-observed 2d).
+                    ctx.record()
+                        .response_flags
+                        .set(accesslog::ResponseFlag::URX);
+                }
                 let service_time = upstream_started.elapsed().as_millis() as u64;
-                return Ok(respond(ctx, resp, pool, load, service_time));
+                let resp_filters = (backend_filters, rule);
+                let resp = respond(ctx, resp, pool, load, service_time, resp_filters);
+                return Ok(resp.map(|b| b.with_deadline(deadline)));
             }
             Err(e) => {
                 drop(load);
+                let can_retry =
+                    e.failure.retriable() && policy.is_some() && attempts < max_attempts;
                 match e.request {
                     // Not sent on a *reused* connection the upstream had just closed: try
                     // again on a fresh connection, without spending a retry. (A fresh
@@ -515,24 +766,241 @@ async fn run_phases(
                         stale_retries += 1;
                         continue;
                     }
-                    Some(r) if e.failure.retriable() && attempts < MAX_ATTEMPTS => {
+                    Some(r) if can_retry => {
                         upstream_req = r;
-                        tried.push(addr);
-                        stale_retries = 0;
-                        continue;
+                    }
+                    // The request went out: only a body we still hold whole can go again.
+                    None if can_retry
+                        && let (Some(head), Some(body)) =
+                            (&head, retry_buf.as_ref().and_then(RetryBuffer::replay)) =>
+                    {
+                        upstream_req = rebuild(head, body);
                     }
                     _ => {
+                        let retry_limit = e.failure.retriable() && policy.is_some();
                         let retried = attempts > 1;
                         return Err((
                             ctx,
                             ProxyError::Upstream {
                                 failure: e.failure,
                                 retried,
+                                retry_limit,
                             },
                         ));
                     }
                 }
+                tried.push(addr);
+                stale_retries = 0;
+                if until(deadline, tokio::time::sleep(backoff(attempts)))
+                    .await
+                    .is_none()
+                {
+                    return Err((ctx, ProxyError::Timeout { per_try: false }));
+                }
             }
+        }
+    }
+}
+
+/// Run `f` until `deadline` (if any); `None` when the deadline passed first.
+async fn until<F: std::future::Future>(deadline: Option<Instant>, f: F) -> Option<F::Output> {
+    match deadline {
+        None => Some(f.await),
+        Some(d) => tokio::time::timeout_at(d, f).await.ok(),
+    }
+}
+
+/// Istio's `retry_on` on a response: `retriable-status-codes` (the route's `codes`; none by
+/// default since Istio 1.24) and, for gRPC, `unavailable` (14) and `cancelled` (1) in a
+/// trailers-only response's headers.
+fn retriable_response(resp: &Response<Incoming>, codes: &[u16]) -> bool {
+    if codes.contains(&resp.status().as_u16()) {
+        return true;
+    }
+    matches!(
+        resp.headers().get(&GRPC_STATUS).map(|v| v.as_bytes()),
+        Some(b"14") | Some(b"1")
+    )
+}
+
+/// The request head, kept to rebuild a retry.
+fn clone_head(req: &Request<RequestBody>) -> Request<()> {
+    let mut r = Request::new(());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    r
+}
+
+fn rebuild(head: &Request<()>, body: RequestBody) -> Request<RequestBody> {
+    let mut r = Request::new(body);
+    *r.method_mut() = head.method().clone();
+    *r.uri_mut() = head.uri().clone();
+    *r.version_mut() = head.version();
+    *r.headers_mut() = head.headers().clone();
+    r
+}
+
+/// `Host` (and the URI authority, for h2c) rewritten (URLRewrite `hostname`, Envoy
+/// `host_rewrite_literal`).
+fn set_authority(parts: &mut http::request::Parts, host: &str) {
+    let Ok(v) = HeaderValue::from_str(host) else {
+        return;
+    };
+    parts.headers.insert(header::HOST, v);
+    if parts.uri.authority().is_some() {
+        let mut p = parts.uri.clone().into_parts();
+        if let Ok(a) = host.parse() {
+            p.authority = Some(a);
+            if let Ok(uri) = http::Uri::from_parts(p) {
+                parts.uri = uri;
+            }
+        }
+    }
+}
+
+/// The `location` of a RequestRedirect, as Istio configures Envoy's route redirect
+/// (`conversion.go` `createRedirectFilter`): scheme from the filter, else the request's
+/// (`x-forwarded-proto`, else `http`); host from the filter, else the request's; port the
+/// filter's, else the scheme's default when the scheme is set (`FROM_PROTOCOL_DEFAULT`), else
+/// the request's (`FROM_REQUEST_PORT`: Istio sets the route's port, the Service port); the
+/// port is left out when it is the scheme's default (http:80, https:443). Path from the
+/// path modifier, else the request's (normalized); the query string is kept.
+fn redirect_location(
+    r: &Redirect,
+    req: &Request<Incoming>,
+    normalized: &str,
+    vip_port: u16,
+    prefix: Option<&str>,
+) -> String {
+    let host_header = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| header_string(req.headers(), &header::HOST))
+        .unwrap_or_default();
+    // The request's host without its port (`[v6]:port` keeps the brackets).
+    let req_host = match host_header.rsplit_once(':') {
+        Some((h, p))
+            if !h.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (!h.contains(':') || h.ends_with(']')) =>
+        {
+            h.to_string()
+        }
+        _ => host_header.clone(),
+    };
+    let scheme = r.scheme.clone().unwrap_or_else(|| {
+        req.headers()
+            .get(&X_FORWARDED_PROTO)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("http")
+            .to_string()
+    });
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let port = match (r.port, &r.scheme) {
+        (Some(p), _) => p,
+        (None, Some(_)) => default_port,
+        // Istio `FROM_REQUEST_PORT` sets Envoy's `port_redirect` to the route's port, which
+        // on a waypoint is the Service port dialed (not whatever `Host` says).
+        (None, None) => vip_port,
+    };
+    let host = r.hostname.clone().unwrap_or(req_host);
+    let mut path = match &r.path {
+        Some(pm) => pm.apply(normalized, prefix),
+        None => normalized.to_string(),
+    };
+    if let Some(q) = req.uri().query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    if port == default_port {
+        format!("{scheme}://{host}{path}")
+    } else {
+        format!("{scheme}://{host}:{port}{path}")
+    }
+}
+
+/// Copies of the request for `RequestMirror` filters, sent when the request's upstream phase
+/// ends (dropped): fire and forget, responses read and discarded. As with Envoy's shadows,
+/// mirrored requests get `-shadow` appended to the host, are not written to the access log
+/// (the waypoint's only access log is the HCM's, for downstream requests) and never affect
+/// the client's response. The body is the one the client sent when it fit in the retry
+/// buffer ([`RETRY_BUFFER_LIMIT`]); a larger or unfinished body is not mirrored.
+struct MirrorJob {
+    shared: Arc<crate::state::Shared>,
+    mirrors: Vec<policy::Mirror>,
+    method: http::Method,
+    uri: http::Uri,
+    headers: HeaderMap,
+    body: Option<RetryBuffer>,
+}
+
+impl Drop for MirrorJob {
+    fn drop(&mut self) {
+        let body = match &self.body {
+            Some(b) => match b.complete_bytes() {
+                Some(bytes) => bytes,
+                None => {
+                    tracing::debug!("request body not buffered whole; not mirrored");
+                    return;
+                }
+            },
+            None => Bytes::new(),
+        };
+        for m in self.mirrors.drain(..) {
+            let Ok(mut req) = Request::builder()
+                .method(self.method.clone())
+                .uri(self.uri.clone())
+                .body(RequestBody::full(body.clone()))
+            else {
+                continue;
+            };
+            *req.headers_mut() = self.headers.clone();
+            let shared = self.shared.clone();
+            tokio::spawn(send_mirror(shared, m.cluster, req));
+        }
+    }
+}
+
+async fn send_mirror(
+    shared: Arc<crate::state::Shared>,
+    cluster: Arc<Cluster>,
+    mut req: Request<RequestBody>,
+) {
+    let Some(endpoint) = pick_endpoint(&cluster.endpoints, &[], rand::random::<u64>()) else {
+        return;
+    };
+    let proto = match cluster.protocol {
+        policy::AppProtocol::Http2 | policy::AppProtocol::Grpc => UpstreamProtocol::Http2,
+        _ => UpstreamProtocol::Http1,
+    };
+    // Envoy appends `-shadow` to the host (before any port).
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| header_string(req.headers(), &header::HOST));
+    if let Some(host) = host {
+        let shadow = match host.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => format!("{h}-shadow:{p}"),
+            _ => format!("{host}-shadow"),
+        };
+        let (mut parts, body) = req.into_parts();
+        set_authority(&mut parts, &shadow);
+        req = Request::from_parts(parts, body);
+    }
+    prepare_request(&mut req, proto);
+    let Ok(checkout) = shared.upstreams.checkout(endpoint, proto).await else {
+        return;
+    };
+    if let Ok((resp, pool)) = checkout.send(req).await {
+        use http_body_util::BodyExt;
+        if resp.into_body().collect().await.is_ok()
+            && let Some(pool) = pool
+        {
+            pool.release();
         }
     }
 }
@@ -587,32 +1055,44 @@ fn replace_path_and_query(uri: &http::Uri, pq: &str) -> Result<http::Uri, http::
 }
 
 /// Phase 3: pick the rule (or the implicit default route) and draw a backend.
-/// Returns the route name and the backend (`None` = every weight is zero).
 fn route(
     service: &ServicePort,
     req: &Request<Incoming>,
     normalized_path: &str,
-) -> Result<(Arc<str>, Option<Backend>), ProxyError> {
+) -> Result<Selected, ProxyError> {
     let Some(table) = &service.routes else {
         // No HTTPRoute: istiod's implicit route `default` to the Service's own cluster.
-        return Ok((
-            default_route_name(),
-            Some(Backend::Cluster(service.cluster.clone())),
-        ));
+        return Ok(Selected {
+            name: default_route_name(),
+            rule: None,
+            prefix: None,
+            backend: Some((Backend::Cluster(service.cluster.clone()), None)),
+        });
     };
-    let rule = table
-        .select(
+    let (m, rule) = table
+        .select_match(
             req.method(),
             normalized_path,
             req.uri().query(),
             req.headers(),
         )
         .ok_or(ProxyError::RouteNotFound)?;
-    let backend = rule
-        .backends
-        .pick(rand::random::<u64>())
-        .map(|b| b.backend.clone());
-    Ok((rule.name.clone(), backend))
+    let prefix = match &m.path {
+        PathMatch::Prefix(p) => Some(p.clone()),
+        _ => None,
+    };
+    let backend = rule.backends.pick(rand::random::<u64>()).map(|b| {
+        (
+            b.backend.clone(),
+            Some(b.filters.clone()).filter(|f| !f.is_empty()),
+        )
+    });
+    Ok(Selected {
+        name: rule.name.clone(),
+        rule: Some(rule.clone()),
+        prefix,
+        backend,
+    })
 }
 
 fn default_route_name() -> Arc<str> {
@@ -711,9 +1191,21 @@ fn respond(
     pool: Option<crate::upstream::PoolReturn>,
     load: LoadGuard,
     service_time_ms: u64,
+    filters: (Option<Arc<Filters>>, Option<Arc<RouteRule>>),
 ) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // ResponseHeaderModifier: backendRef level, then rule level (Envoy's order).
+    if let Some(m) = filters.0.as_ref().and_then(|f| f.response_headers.as_ref()) {
+        m.apply(&mut parts.headers);
+    }
+    if let Some(m) = filters
+        .1
+        .as_ref()
+        .and_then(|r| r.filters.response_headers.as_ref())
+    {
+        m.apply(&mut parts.headers);
+    }
     parts.headers.insert(header::SERVER, ISTIO_ENVOY.clone());
     parts.headers.insert(
         X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),

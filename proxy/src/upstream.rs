@@ -38,15 +38,105 @@ pub enum UpstreamProtocol {
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when returned.
 const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 
-/// The downstream request body, counted for `%BYTES_RECEIVED%`.
+/// The downstream request body, counted for `%BYTES_RECEIVED%`, optionally copied into a
+/// bounded retry buffer as it streams upstream (Envoy's router keeps the body it sent for
+/// retries and shadows and gives up retrying once it exceeds its buffer limit). A replayed
+/// body ([`RetryBuffer::replay`]) is served from that copy.
 pub struct RequestBody {
-    inner: Incoming,
-    received: Arc<AtomicU64>,
+    inner: Source,
+    received: Option<Arc<AtomicU64>>,
+    tee: Option<Arc<Mutex<Tee>>>,
+}
+
+enum Source {
+    Incoming(Incoming),
+    Replay(std::collections::VecDeque<Bytes>, Option<http::HeaderMap>),
+}
+
+/// What the retry buffer holds.
+#[derive(Default)]
+struct Tee {
+    data: Vec<Bytes>,
+    size: usize,
+    limit: usize,
+    /// The body went over `limit`: it can no longer be replayed.
+    overflow: bool,
+    /// The whole body has been seen.
+    ended: bool,
+    trailers: Option<http::HeaderMap>,
+}
+
+/// A handle on a request body's retry copy.
+#[derive(Clone)]
+pub struct RetryBuffer(Arc<Mutex<Tee>>);
+
+impl RetryBuffer {
+    /// A fresh body with the same bytes, if the whole body was seen and fit in the limit.
+    /// A body that was streamed only partly (or beyond the limit) is never replayed.
+    pub fn replay(&self) -> Option<RequestBody> {
+        let tee = self.0.lock().ok()?;
+        if tee.overflow || !tee.ended {
+            return None;
+        }
+        Some(RequestBody {
+            inner: Source::Replay(tee.data.iter().cloned().collect(), tee.trailers.clone()),
+            received: None,
+            tee: None,
+        })
+    }
+
+    /// The buffered body, when complete (for mirrors).
+    pub fn complete_bytes(&self) -> Option<Bytes> {
+        let tee = self.0.lock().ok()?;
+        if tee.overflow || !tee.ended {
+            return None;
+        }
+        let mut out = Vec::with_capacity(tee.size);
+        for d in &tee.data {
+            out.extend_from_slice(d);
+        }
+        Some(Bytes::from(out))
+    }
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, received: Arc<AtomicU64>) -> RequestBody {
-        RequestBody { inner, received }
+        RequestBody {
+            inner: Source::Incoming(inner),
+            received: Some(received),
+            tee: None,
+        }
+    }
+
+    /// An empty body (mirrored requests whose body cannot be copied are not sent; this is
+    /// for bodiless ones).
+    pub fn empty() -> RequestBody {
+        RequestBody {
+            inner: Source::Replay(Default::default(), None),
+            received: None,
+            tee: None,
+        }
+    }
+
+    /// A body with these bytes.
+    pub fn full(b: Bytes) -> RequestBody {
+        RequestBody {
+            inner: Source::Replay(std::iter::once(b).filter(|b| !b.is_empty()).collect(), None),
+            received: None,
+            tee: None,
+        }
+    }
+
+    /// Keep a copy of up to `limit` bytes while streaming, for retries.
+    pub fn with_retry_buffer(mut self, limit: usize) -> (RequestBody, RetryBuffer) {
+        let tee = Tee {
+            limit,
+            ended: self.is_end_stream(),
+            ..Tee::default()
+        };
+        let tee = Arc::new(Mutex::new(tee));
+        self.tee = Some(tee.clone());
+        (self, RetryBuffer(tee))
     }
 }
 
@@ -59,21 +149,61 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &r
-            && let Some(d) = frame.data_ref()
-        {
-            this.received.fetch_add(d.len() as u64, Ordering::Relaxed);
+        match &mut this.inner {
+            Source::Replay(data, trailers) => Poll::Ready(match data.pop_front() {
+                Some(d) => Some(Ok(Frame::data(d))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            }),
+            Source::Incoming(inner) => {
+                let r = Pin::new(&mut *inner).poll_frame(cx);
+                let at_end = inner.is_end_stream();
+                if let Poll::Ready(frame) = &r {
+                    if let Some(Ok(frame)) = frame
+                        && let Some(d) = frame.data_ref()
+                        && let Some(received) = &this.received
+                    {
+                        received.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    }
+                    if let Some(tee) = &this.tee
+                        && let Ok(mut tee) = tee.lock()
+                    {
+                        match frame {
+                            Some(Ok(frame)) => {
+                                if let Some(d) = frame.data_ref() {
+                                    tee.size += d.len();
+                                    if tee.size > tee.limit {
+                                        tee.overflow = true;
+                                        tee.data.clear();
+                                    } else if !tee.overflow {
+                                        tee.data.push(d.clone());
+                                    }
+                                } else if let Some(t) = frame.trailers_ref() {
+                                    tee.trailers = Some(t.clone());
+                                }
+                                tee.ended = at_end;
+                            }
+                            None => tee.ended = true,
+                            Some(Err(_)) => tee.overflow = true,
+                        }
+                    }
+                }
+                r
+            }
         }
-        r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Source::Incoming(i) => i.is_end_stream(),
+            Source::Replay(d, t) => d.is_empty() && t.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Source::Incoming(i) => i.size_hint(),
+            Source::Replay(d, _) => SizeHint::with_exact(d.iter().map(|b| b.len() as u64).sum()),
+        }
     }
 }
 

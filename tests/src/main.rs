@@ -6,6 +6,7 @@
 mod abuse;
 mod authn;
 mod envoy_interop;
+mod gamma;
 mod hbone_listener;
 mod mesh;
 mod operations;

@@ -10,19 +10,24 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use http::{HeaderName, Method};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
 
 use crate::ConfigError;
 use crate::authn::AuthnIndex;
 use crate::authz::AuthzIndex;
 use crate::load::LoadedResources;
 use crate::resources::{
-    Gateway, GatewayClass, HttpBackendRef, HttpRoute, HttpRouteMatch, HttpValueMatch, IntOrString,
-    LabelSelector, ObjectMeta, Resource, Service, ServicePortSpec,
+    Gateway, GatewayClass, HeaderModifierSpec, HttpBackendRef, HttpRoute, HttpRouteFilter,
+    HttpRouteMatch, HttpRouteRule, HttpValueMatch, IntOrString, LabelSelector, MirrorSpec,
+    ObjectMeta, ParentReference, PathModifierSpec, RedirectSpec, ReferenceGrant, Resource, Service,
+    ServicePortSpec, TcpRoute, TlsRoute,
 };
 use crate::route::{
-    Backend, BackendRef, HeaderMatch, MatchKind, PathMatch, Precedence, QueryMatch, RouteMatch,
-    RouteRule, RouteTable, WeightedBackends,
+    Backend, BackendRef, Filters, HeaderMatch, HeaderModifier, MatchKind, Mirror, PathMatch,
+    PathModifier, Precedence, QueryMatch, Redirect, RetryPolicy, Rewrite, RouteMatch, RouteRule,
+    RouteTable, TcpRouteRule, TlsRoutes, WeightedBackends,
 };
 use crate::snapshot::Workload;
 use crate::snapshot::{
@@ -85,6 +90,17 @@ struct PodInfo<'a> {
 struct BackendPlan<'a> {
     target: Result<(SvcKey<'a>, u16), String>,
     weight: u32,
+    filters: FilterPlan<'a>,
+}
+
+/// A mirror target before resolution: (target, numerator, denominator).
+type MirrorPlan<'a> = (Result<(SvcKey<'a>, u16), String>, u32, u32);
+
+/// Parsed filters; mirrors are resolved to clusters once the route's parents are known.
+#[derive(Default)]
+struct FilterPlan<'a> {
+    filters: Filters,
+    mirrors: Vec<MirrorPlan<'a>>,
 }
 
 /// A compiled rule before its backends are resolved.
@@ -92,10 +108,20 @@ struct RulePlan<'a> {
     name: Arc<str>,
     matches: Vec<RouteMatch>,
     backends: Vec<BackendPlan<'a>>,
+    filters: FilterPlan<'a>,
+    /// A filter we cannot apply: every request of the rule gets 500.
+    invalid_filter: bool,
+    request_timeout: Option<Duration>,
+    per_try_timeout: Option<Duration>,
+    retry: Option<RetryPolicy>,
 }
 
 type SvcKey<'a> = (&'a str, &'a str);
 type Candidates = Vec<(Precedence, RouteMatch, Arc<RouteRule>)>;
+/// ((absent timestamp, timestamp, namespace/name), rule) of TCPRoutes on one port.
+type TcpCandidates = Vec<((bool, String, String), Arc<TcpRouteRule>)>;
+/// TLSRoutes on one port: (order key, host names, rule).
+type TlsCandidates = Vec<((bool, String, String), Vec<String>, Arc<TcpRouteRule>)>;
 
 struct Compiler<'a> {
     opts: &'a CompileOptions,
@@ -108,6 +134,10 @@ struct Compiler<'a> {
     clusters: HashMap<(String, String, u16), Arc<Cluster>>,
     pods: HashMap<SvcKey<'a>, PodInfo<'a>>,
     pods_by_ip: HashMap<IpAddr, SvcKey<'a>>,
+    /// Every ReferenceGrant (cross-namespace backendRefs).
+    grants: Vec<&'a ReferenceGrant>,
+    /// Kind of the route being compiled (`HTTPRoute`, `GRPCRoute`, `TCPRoute`), for errors.
+    route_kind: &'static str,
 }
 
 fn error(
@@ -148,6 +178,8 @@ pub(crate) fn compile(
         clusters: HashMap::new(),
         pods: HashMap::new(),
         pods_by_ip: HashMap::new(),
+        grants: Vec::new(),
+        route_kind: "HTTPRoute",
     };
 
     // Index, rejecting duplicates (the later definition is the error).
@@ -161,6 +193,8 @@ pub(crate) fn compile(
         Vec::new(),
     );
     let mut request_authns = Vec::new();
+    let mut tcp_routes = Vec::new();
+    let mut tls_routes = Vec::new();
     for r in &resources.resources {
         let Some(meta) = r.metadata() else { continue };
         if !seen.insert((r.kind(), meta.namespace.as_str(), meta.name.as_str())) {
@@ -179,7 +213,10 @@ pub(crate) fn compile(
             Resource::GatewayClass(g) => {
                 classes.insert(g.metadata.name.as_str(), g);
             }
-            Resource::HttpRoute(h) => routes.push(h),
+            Resource::HttpRoute(h) | Resource::GrpcRoute(h) => routes.push(h),
+            Resource::TcpRoute(t) => tcp_routes.push(t),
+            Resource::TlsRoute(t) => tls_routes.push(t),
+            Resource::ReferenceGrant(g) => c.grants.push(g),
             Resource::AuthorizationPolicy(p) => policies.push(p),
             Resource::RequestAuthentication(p) => request_authns.push(p),
             Resource::Unknown { .. } => {}
@@ -234,6 +271,14 @@ pub(crate) fn compile(
     for r in routes {
         c.route(r, &mut tables);
     }
+    let mut tcp_tables = HashMap::new();
+    for r in tcp_routes {
+        c.tcp_route(r, &mut tcp_tables);
+    }
+    let mut tls_tables = HashMap::new();
+    for r in tls_routes {
+        c.tls_route(r, &mut tls_tables);
+    }
     let authz = {
         let services = &c.services;
         let exists = |ns: &str, name: &str| services.contains_key(&(ns, name));
@@ -250,7 +295,7 @@ pub(crate) fn compile(
             &mut c.warnings,
         )
     };
-    let (bound, not_bound) = c.vip_index(tables, &authz, &authn);
+    let (bound, not_bound) = c.vip_index(tables, tcp_tables, tls_tables, &authz, &authn);
     let workloads = c.workloads(&info, &allowed);
     let extension_clusters = c.extension_clusters();
 
@@ -396,6 +441,8 @@ impl<'a> Compiler<'a> {
     fn vip_index(
         &mut self,
         mut tables: HashMap<(SvcKey<'a>, u16), Candidates>,
+        mut tcp_tables: HashMap<(SvcKey<'a>, u16), TcpCandidates>,
+        mut tls_tables: HashMap<(SvcKey<'a>, u16), TlsCandidates>,
         authz: &AuthzIndex,
         authn: &AuthnIndex,
     ) -> (
@@ -422,6 +469,18 @@ impl<'a> Compiler<'a> {
                         let routes = tables
                             .remove(&(key, port))
                             .map(|c| Arc::new(RouteTable::build(c)));
+                        let tcp_route = tcp_tables.remove(&(key, port)).and_then(|mut c| {
+                            // Several TCPRoutes on one port: the oldest (then namespace/name)
+                            // wins, as Istio orders routes; its first rule carries the backends.
+                            c.sort_by(|a, b| a.0.cmp(&b.0));
+                            c.into_iter().next().map(|(_, r)| r)
+                        });
+                        let tls_routes = tls_tables.remove(&(key, port)).map(|mut c| {
+                            c.sort_by(|a, b| a.0.cmp(&b.0));
+                            Arc::new(TlsRoutes {
+                                routes: c.into_iter().map(|(_, hosts, r)| (hosts, r)).collect(),
+                            })
+                        });
                         let authz = authz.for_service(key.0, key.1);
                         let authn = authn.for_service(key.0, key.1);
                         for vip in &vips {
@@ -434,6 +493,8 @@ impl<'a> Compiler<'a> {
                                     protocol,
                                     cluster,
                                     routes,
+                                    tcp_route: tcp_route.clone(),
+                                    tls_routes: tls_routes.clone(),
                                     authz: authz.clone(),
                                     authn: authn.clone(),
                                 }),
@@ -925,23 +986,135 @@ impl<'a> Compiler<'a> {
         })
     }
 
+    /// A TCPRoute: weighted TCP backends for the TCP ports it attaches to (Istio
+    /// `convertTCPRoute`). Only the first rule is used (Gateway API allows one rule per
+    /// TCPRoute on a mesh parent; more are warned about).
+    fn tcp_route(
+        &mut self,
+        r: &'a TcpRoute,
+        tables: &mut HashMap<(SvcKey<'a>, u16), TcpCandidates>,
+    ) {
+        self.route_kind = "TCPRoute";
+        let Some((key, rule, parents)) =
+            self.l4_route(&r.metadata, &r.spec.parent_refs, &r.spec.rules)
+        else {
+            return;
+        };
+        for parent in parents {
+            tables
+                .entry(parent)
+                .or_default()
+                .push((key.clone(), rule.clone()));
+        }
+    }
+
+    /// A TLSRoute: like a TCPRoute, selected by SNI (`hostnames`, Istio `buildTLSMatch`).
+    fn tls_route(
+        &mut self,
+        r: &'a TlsRoute,
+        tables: &mut HashMap<(SvcKey<'a>, u16), TlsCandidates>,
+    ) {
+        self.route_kind = "TLSRoute";
+        let meta = &r.metadata;
+        let mut hosts = Vec::new();
+        for (i, h) in r.spec.hostnames.iter().enumerate() {
+            let valid = !h.is_empty()
+                && h.parse::<IpAddr>().is_err()
+                && h.strip_prefix("*.").unwrap_or(h).split('.').all(|l| {
+                    !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if valid {
+                hosts.push(h.to_ascii_lowercase());
+            } else {
+                self.errors.push(error(
+                    "TLSRoute",
+                    meta,
+                    format!("spec.hostnames[{i}]"),
+                    format!("{h:?} is not a host name (exact, or *. followed by a suffix; no IPs)"),
+                ));
+            }
+        }
+        let Some((key, rule, parents)) = self.l4_route(meta, &r.spec.parent_refs, &r.spec.rules)
+        else {
+            return;
+        };
+        for parent in parents {
+            tables
+                .entry(parent)
+                .or_default()
+                .push((key.clone(), hosts.clone(), rule.clone()));
+        }
+    }
+
+    /// The shared part of TCPRoute and TLSRoute: backends of the first rule and parents.
+    #[allow(clippy::type_complexity)]
+    fn l4_route(
+        &mut self,
+        meta: &'a ObjectMeta,
+        parent_refs: &'a [ParentReference],
+        rules: &'a [crate::resources::TcpRouteRule],
+    ) -> Option<(
+        (bool, String, String),
+        Arc<TcpRouteRule>,
+        Vec<(SvcKey<'a>, u16)>,
+    )> {
+        let kind = self.route_kind;
+        let rid = id(meta);
+        let errors_before = self.errors.len();
+        if rules.len() > 1 {
+            self.warnings.push(format!(
+                "{kind} {rid}: spec.rules: only the first rule is used"
+            ));
+        }
+        let mut plans = Vec::new();
+        if let Some(rule) = rules.first() {
+            for (k, b) in rule.backend_refs.iter().enumerate() {
+                if let Some(plan) =
+                    self.backend(meta, &format!("spec.rules[0].backendRefs[{k}]"), b)
+                {
+                    plans.push(plan);
+                }
+            }
+        }
+        let parents = self.parents(meta, parent_refs, true);
+        if self.errors.len() > errors_before || parents.is_empty() {
+            return None;
+        }
+        let mut wb = WeightedBackends::default();
+        for b in plans {
+            let backend = self.resolve(b.target);
+            if let Backend::Invalid { reason } = &backend {
+                self.warnings.push(format!("{kind} {rid}: spec.rules[0]: invalid backendRef: {reason}; its share of connections is rejected"));
+            }
+            wb.total_weight += u64::from(b.weight);
+            wb.backends.push(BackendRef {
+                backend,
+                weight: b.weight,
+                filters: Arc::default(),
+            });
+        }
+        let name = rules
+            .first()
+            .and_then(|rule| rule.name.clone())
+            .unwrap_or_else(|| format!("{}.{}.0", meta.namespace, meta.name));
+        let rule = Arc::new(TcpRouteRule {
+            name: name.into(),
+            backends: wb,
+        });
+        let created = meta.creation_timestamp.clone();
+        let key = (created.is_none(), created.unwrap_or_default(), rid);
+        Some((key, rule, parents))
+    }
+
     fn route(&mut self, r: &'a HttpRoute, tables: &mut HashMap<(SvcKey<'a>, u16), Candidates>) {
         let meta = &r.metadata;
+        let kind = if r.grpc { "GRPCRoute" } else { "HTTPRoute" };
+        self.route_kind = kind;
         let rid = id(meta);
         let errors_before = self.errors.len();
         let mut plans = Vec::new();
         for (i, rule) in r.spec.rules.iter().enumerate() {
             let field = format!("spec.rules[{i}]");
-            if !rule.filters.is_empty() || rule.backend_refs.iter().any(|b| !b.filters.is_empty()) {
-                self.warnings.push(format!(
-                    "HTTPRoute {rid}: {field}: filters are not implemented yet; ignored"
-                ));
-            }
-            if rule.timeouts.is_some() {
-                self.warnings.push(format!(
-                    "HTTPRoute {rid}: {field}.timeouts: timeouts are not enforced yet; ignored"
-                ));
-            }
             let matches = if rule.matches.is_empty() {
                 vec![RouteMatch {
                     path: PathMatch::Prefix("/".into()),
@@ -958,12 +1131,25 @@ impl<'a> Compiler<'a> {
                 }
                 v
             };
-            let backends = rule
-                .backend_refs
-                .iter()
-                .enumerate()
-                .filter_map(|(k, b)| self.backend(meta, &format!("{field}.backendRefs[{k}]"), b))
-                .collect();
+            let filters = self.filters(meta, &field, &rule.filters, false, r.grpc);
+            if let Some(f) = &filters {
+                self.check_rule_filters(meta, &field, f, rule, &matches);
+            }
+            let mut backends = Vec::new();
+            let mut invalid_filter = filters.is_none();
+            for (k, b) in rule.backend_refs.iter().enumerate() {
+                let bfield = format!("{field}.backendRefs[{k}]");
+                let Some(mut plan) = self.backend(meta, &bfield, b) else {
+                    continue;
+                };
+                match self.filters(meta, &bfield, &b.filters, true, r.grpc) {
+                    Some(f) => plan.filters = f,
+                    None => invalid_filter = true,
+                }
+                backends.push(plan);
+            }
+            let (request_timeout, per_try_timeout) = self.timeouts(meta, &field, rule);
+            let retry = self.retry(meta, &field, rule);
             let name = rule
                 .name
                 .clone()
@@ -972,48 +1158,50 @@ impl<'a> Compiler<'a> {
                 name: name.into(),
                 matches,
                 backends,
+                filters: filters.unwrap_or_default(),
+                invalid_filter,
+                request_timeout,
+                per_try_timeout,
+                retry,
             });
         }
-        let parents = self.parents(r);
+        let parents = self.parents(meta, &r.spec.parent_refs, false);
         if self.errors.len() > errors_before || parents.is_empty() {
             return;
         }
         let created = meta.creation_timestamp.as_deref();
         for (i, plan) in plans.into_iter().enumerate() {
             let mut wb = WeightedBackends::default();
+            if plan.invalid_filter {
+                // Gateway API: a filter that cannot be applied must not be skipped; the
+                // requests it would have processed get an error (500, as an all-zero rule).
+                self.warnings.push(format!("{kind} {rid}: spec.rules[{i}]: unsupported filter; requests matching this rule get 500"));
+            }
             for b in plan.backends {
-                let backend = match b.target {
-                    Ok(((ns, name), port)) => match self.services.get_key_value(&(ns, name)) {
-                        Some((key, _)) => {
-                            let key = *key;
-                            match self.cluster(key, port) {
-                                Some(cl) => Backend::Cluster(cl),
-                                None => Backend::Invalid {
-                                    reason: format!("Service {ns}/{name} has no port {port}")
-                                        .into(),
-                                },
-                            }
-                        }
-                        None => Backend::Invalid {
-                            reason: format!("Service {ns}/{name} not found").into(),
-                        },
-                    },
-                    Err(reason) => Backend::Invalid {
-                        reason: reason.into(),
-                    },
-                };
-                if let Backend::Invalid { reason } = &backend {
-                    self.warnings.push(format!("HTTPRoute {rid}: spec.rules[{i}]: invalid backendRef: {reason}; its share of requests gets 500"));
+                if plan.invalid_filter {
+                    break;
                 }
+                let backend = self.resolve(b.target);
+                if let Backend::Invalid { reason } = &backend {
+                    self.warnings.push(format!("{kind} {rid}: spec.rules[{i}]: invalid backendRef: {reason}; its share of requests gets 500"));
+                }
+                let filters = self.resolve_filters(kind, &rid, i, b.filters);
                 wb.total_weight += u64::from(b.weight);
                 wb.backends.push(BackendRef {
                     backend,
                     weight: b.weight,
+                    filters: Arc::new(filters),
                 });
             }
+            let filters = self.resolve_filters(kind, &rid, i, plan.filters);
             let rule = Arc::new(RouteRule {
                 name: plan.name,
                 backends: wb,
+                filters,
+                request_timeout: plan.request_timeout,
+                per_try_timeout: plan.per_try_timeout,
+                retry: plan.retry,
+                grpc: r.grpc,
             });
             for &parent in &parents {
                 let list = tables.entry(parent).or_default();
@@ -1025,12 +1213,545 @@ impl<'a> Compiler<'a> {
         }
     }
 
+    /// A backend target as the data path uses it.
+    fn resolve(&mut self, target: Result<(SvcKey<'a>, u16), String>) -> Backend {
+        match target {
+            Ok(((ns, name), port)) => match self.services.get_key_value(&(ns, name)) {
+                Some((key, _)) => {
+                    let key = *key;
+                    match self.cluster(key, port) {
+                        Some(cl) => Backend::Cluster(cl),
+                        None => Backend::Invalid {
+                            reason: format!("Service {ns}/{name} has no port {port}").into(),
+                        },
+                    }
+                }
+                None => Backend::Invalid {
+                    reason: format!("Service {ns}/{name} not found").into(),
+                },
+            },
+            Err(reason) => Backend::Invalid {
+                reason: reason.into(),
+            },
+        }
+    }
+
+    /// Resolve mirror targets; an unusable mirror is dropped with a warning (Envoy would
+    /// shadow to a cluster that does not exist, which only fails the shadow).
+    fn resolve_filters(
+        &mut self,
+        kind: &str,
+        rid: &str,
+        i: usize,
+        plan: FilterPlan<'a>,
+    ) -> Filters {
+        let mut filters = plan.filters;
+        for (target, numerator, denominator) in plan.mirrors {
+            match self.resolve(target) {
+                Backend::Cluster(cluster) => filters.mirrors.push(Mirror {
+                    cluster,
+                    numerator,
+                    denominator,
+                }),
+                Backend::Invalid { reason } => self.warnings.push(format!(
+                    "{kind} {rid}: spec.rules[{i}]: RequestMirror target unusable ({reason}); not mirrored"
+                )),
+            }
+        }
+        filters
+    }
+
+    /// `timeouts` as Istio converts them (policy.md 3.6): `request` is the route timeout;
+    /// `backendRequest` is the per-try timeout when the rule has a `retry` stanza, else it
+    /// becomes the route timeout. `0s` disables.
+    fn timeouts(
+        &mut self,
+        meta: &ObjectMeta,
+        field: &str,
+        rule: &HttpRouteRule,
+    ) -> (Option<Duration>, Option<Duration>) {
+        let Some(t) = &rule.timeouts else {
+            return (None, None);
+        };
+        let mut parse = |name: &str, v: &Option<String>| -> Option<Duration> {
+            let v = v.as_deref()?;
+            match parse_duration(v) {
+                Some(d) => Some(d).filter(|d| !d.is_zero()),
+                None => {
+                    self.errors.push(error(
+                        self.route_kind,
+                        meta,
+                        format!("{field}.timeouts.{name}"),
+                        format!("{v:?} is not a Gateway API duration (like 1h, 10s, 500ms)"),
+                    ));
+                    None
+                }
+            }
+        };
+        let request = parse("request", &t.request);
+        let backend = parse("backendRequest", &t.backend_request);
+        if let (Some(r), Some(b)) = (request, backend)
+            && b > r
+        {
+            self.errors.push(error(
+                self.route_kind,
+                meta,
+                format!("{field}.timeouts.backendRequest"),
+                "must not be greater than timeouts.request",
+            ));
+        }
+        match (rule.retry.is_some(), backend) {
+            (true, b) => (request, b),
+            (false, Some(b)) => (Some(b), None),
+            (false, None) => (request, None),
+        }
+    }
+
+    /// `retry` (GEP-1731) as Istio converts it; absent = Istio's waypoint default policy.
+    fn retry(
+        &mut self,
+        meta: &ObjectMeta,
+        field: &str,
+        rule: &HttpRouteRule,
+    ) -> Option<RetryPolicy> {
+        let Some(r) = &rule.retry else {
+            return Some(RetryPolicy::default());
+        };
+        let mut policy = RetryPolicy::default();
+        if let Some(a) = r.attempts {
+            match u32::try_from(a) {
+                Ok(0) => return None,
+                Ok(a) => policy.retries = a,
+                Err(_) => {
+                    self.errors.push(error(
+                        self.route_kind,
+                        meta,
+                        format!("{field}.retry.attempts"),
+                        format!("{a} must not be negative"),
+                    ));
+                }
+            }
+        }
+        for (k, c) in r.codes.iter().enumerate() {
+            match u16::try_from(*c).ok().filter(|c| (400..=599).contains(c)) {
+                Some(c) => policy.codes.push(c),
+                None => self.errors.push(error(
+                    self.route_kind,
+                    meta,
+                    format!("{field}.retry.codes[{k}]"),
+                    format!("{c} is not a 4xx or 5xx status code"),
+                )),
+            }
+        }
+        if let Some(b) = &r.backoff {
+            match parse_duration(b) {
+                Some(d) => policy.backoff = d,
+                None => self.errors.push(error(
+                    self.route_kind,
+                    meta,
+                    format!("{field}.retry.backoff"),
+                    format!("{b:?} is not a Gateway API duration"),
+                )),
+            }
+        }
+        Some(policy)
+    }
+
+    /// Parse `filters` of a rule (or of a backendRef). `None` = a filter we cannot apply
+    /// (ExtensionRef, ExternalAuth, unknown types): the rule must answer 500.
+    fn filters(
+        &mut self,
+        meta: &'a ObjectMeta,
+        field: &str,
+        list: &'a [HttpRouteFilter],
+        backend_level: bool,
+        grpc: bool,
+    ) -> Option<FilterPlan<'a>> {
+        let kind = self.route_kind;
+        let mut plan = FilterPlan::default();
+        let mut ok = true;
+        let mut seen: Vec<&str> = Vec::new();
+        for (k, f) in list.iter().enumerate() {
+            let ff = format!("{field}.filters[{k}]");
+            let t = f.type_.as_str();
+            if t != "RequestMirror" {
+                if seen.contains(&t) {
+                    self.errors.push(error(
+                        kind,
+                        meta,
+                        format!("{ff}.type"),
+                        format!("{t} may appear at most once"),
+                    ));
+                    continue;
+                }
+                seen.push(t);
+            }
+            // Istio supports only the header modifiers and RequestMirror on backendRefs and
+            // on GRPCRoutes (conversion.go); the rest is reported like Istio's InvalidFilter.
+            let limited = matches!(t, "RequestRedirect" | "URLRewrite" | "CORS");
+            if limited && (backend_level || grpc) {
+                let msg = if grpc {
+                    "not supported on GRPCRoute"
+                } else {
+                    "not supported on a backendRef (Istio applies only header modifiers and RequestMirror there)"
+                };
+                self.errors.push(error(
+                    kind,
+                    meta,
+                    format!("{ff}.type"),
+                    format!("{t} is {msg}"),
+                ));
+                continue;
+            }
+            let missing = |s: &mut Self, member: &str| {
+                s.errors.push(error(
+                    kind,
+                    meta,
+                    format!("{ff}.{member}"),
+                    format!("required when type is {t}"),
+                ));
+            };
+            match t {
+                "RequestHeaderModifier" => match &f.request_header_modifier {
+                    Some(m) => {
+                        plan.filters.request_headers = Some(self.header_modifier(
+                            meta,
+                            &format!("{ff}.requestHeaderModifier"),
+                            m,
+                        ))
+                    }
+                    None => missing(self, "requestHeaderModifier"),
+                },
+                "ResponseHeaderModifier" => match &f.response_header_modifier {
+                    Some(m) => {
+                        plan.filters.response_headers = Some(self.header_modifier(
+                            meta,
+                            &format!("{ff}.responseHeaderModifier"),
+                            m,
+                        ))
+                    }
+                    None => missing(self, "responseHeaderModifier"),
+                },
+                "RequestRedirect" => match &f.request_redirect {
+                    Some(r) => {
+                        plan.filters.redirect =
+                            self.redirect(meta, &format!("{ff}.requestRedirect"), r)
+                    }
+                    None => missing(self, "requestRedirect"),
+                },
+                "URLRewrite" => match &f.url_rewrite {
+                    Some(r) => {
+                        let path = r.path.as_ref().and_then(|p| {
+                            self.path_modifier(meta, &format!("{ff}.urlRewrite.path"), p)
+                        });
+                        plan.filters.rewrite = Some(Rewrite {
+                            hostname: r.hostname.clone().filter(|h| !h.is_empty()),
+                            path,
+                        });
+                    }
+                    None => missing(self, "urlRewrite"),
+                },
+                "RequestMirror" => match &f.request_mirror {
+                    Some(m) => {
+                        if let Some(mirror) = self.mirror(meta, &format!("{ff}.requestMirror"), m) {
+                            plan.mirrors.push(mirror);
+                        }
+                    }
+                    None => missing(self, "requestMirror"),
+                },
+                "CORS" => self.warnings.push(format!(
+                    "{kind} {}: {ff}: CORS is not implemented; ignored",
+                    id(meta)
+                )),
+                other => {
+                    self.warnings.push(format!("{kind} {}: {ff}: filter type {other:?} is not supported (Istio: InvalidFilter)", id(meta)));
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(plan)
+    }
+
+    /// Rule-wide filter constraints (Gateway API CEL rules, policy.md 3.4).
+    fn check_rule_filters(
+        &mut self,
+        meta: &ObjectMeta,
+        field: &str,
+        f: &FilterPlan<'a>,
+        rule: &HttpRouteRule,
+        matches: &[RouteMatch],
+    ) {
+        let kind = self.route_kind;
+        if f.filters.redirect.is_some() && f.filters.rewrite.is_some() {
+            self.errors.push(error(
+                kind,
+                meta,
+                format!("{field}.filters"),
+                "RequestRedirect and URLRewrite cannot both be set",
+            ));
+        }
+        if f.filters.redirect.is_some() && !rule.backend_refs.is_empty() {
+            self.errors.push(error(
+                kind,
+                meta,
+                format!("{field}.backendRefs"),
+                "must be empty when a RequestRedirect filter is set",
+            ));
+        }
+        let prefix_modifier = |p: &Option<PathModifier>| matches!(p, Some(PathModifier::Prefix(_)));
+        let uses_prefix = f
+            .filters
+            .rewrite
+            .as_ref()
+            .is_some_and(|r| prefix_modifier(&r.path))
+            || f.filters
+                .redirect
+                .as_ref()
+                .is_some_and(|r| prefix_modifier(&r.path));
+        if uses_prefix
+            && matches
+                .iter()
+                .any(|m| !matches!(m.path, PathMatch::Prefix(_)))
+        {
+            self.errors.push(error(
+                kind,
+                meta,
+                format!("{field}.filters"),
+                "ReplacePrefixMatch requires every match to be a PathPrefix match",
+            ));
+        }
+    }
+
+    fn header_modifier(
+        &mut self,
+        meta: &ObjectMeta,
+        field: &str,
+        m: &HeaderModifierSpec,
+    ) -> HeaderModifier {
+        let kind = self.route_kind;
+        let mut out = HeaderModifier::default();
+        for (list, name, dst) in [(&m.set, "set", 0), (&m.add, "add", 1)] {
+            for (k, h) in list.iter().enumerate() {
+                let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(h.name.as_bytes()),
+                    HeaderValue::from_str(&h.value),
+                ) else {
+                    self.errors.push(error(
+                        kind,
+                        meta,
+                        format!("{field}.{name}[{k}]"),
+                        format!("invalid header {:?}: {:?}", h.name, h.value),
+                    ));
+                    continue;
+                };
+                if dst == 0 {
+                    out.set.push((n, v))
+                } else {
+                    out.add.push((n, v))
+                }
+            }
+        }
+        for (k, r) in m.remove.iter().enumerate() {
+            match HeaderName::from_bytes(r.as_bytes()) {
+                Ok(n) => out.remove.push(n),
+                Err(_) => self.errors.push(error(
+                    kind,
+                    meta,
+                    format!("{field}.remove[{k}]"),
+                    format!("{r:?} is not a valid header name"),
+                )),
+            }
+        }
+        out
+    }
+
+    fn path_modifier(
+        &mut self,
+        meta: &ObjectMeta,
+        field: &str,
+        p: &PathModifierSpec,
+    ) -> Option<PathModifier> {
+        let kind = self.route_kind;
+        match p.type_.as_str() {
+            "ReplaceFullPath" => match p.replace_full_path.as_deref() {
+                Some(v) if v.starts_with('/') => Some(PathModifier::Full(v.into())),
+                Some(v) => {
+                    self.errors.push(error(
+                        kind,
+                        meta,
+                        format!("{field}.replaceFullPath"),
+                        format!("{v:?} must start with '/'"),
+                    ));
+                    None
+                }
+                None => {
+                    self.errors.push(error(
+                        kind,
+                        meta,
+                        format!("{field}.replaceFullPath"),
+                        "required when type is ReplaceFullPath",
+                    ));
+                    None
+                }
+            },
+            "ReplacePrefixMatch" => match p.replace_prefix_match.as_deref() {
+                // Istio trims the trailing `/` and treats empty as `/` (strip the prefix).
+                Some(v) if v.is_empty() || v.starts_with('/') => {
+                    Some(PathModifier::Prefix(v.trim_end_matches('/').into()))
+                }
+                Some(v) => {
+                    self.errors.push(error(
+                        kind,
+                        meta,
+                        format!("{field}.replacePrefixMatch"),
+                        format!("{v:?} must start with '/'"),
+                    ));
+                    None
+                }
+                None => {
+                    self.errors.push(error(
+                        kind,
+                        meta,
+                        format!("{field}.replacePrefixMatch"),
+                        "required when type is ReplacePrefixMatch",
+                    ));
+                    None
+                }
+            },
+            other => {
+                self.errors.push(error(kind, meta, format!("{field}.type"), format!("unknown path modifier {other:?} (expected ReplaceFullPath or ReplacePrefixMatch)")));
+                None
+            }
+        }
+    }
+
+    fn redirect(&mut self, meta: &ObjectMeta, field: &str, r: &RedirectSpec) -> Option<Redirect> {
+        let kind = self.route_kind;
+        let before = self.errors.len();
+        let scheme = r.scheme.clone().filter(|s| !s.is_empty());
+        if let Some(s) = &scheme
+            && s != "http"
+            && s != "https"
+        {
+            self.errors.push(error(
+                kind,
+                meta,
+                format!("{field}.scheme"),
+                format!("{s:?} must be http or https"),
+            ));
+        }
+        let port = match r.port {
+            None => None,
+            Some(p) => match port_number(p) {
+                Some(p) => Some(p),
+                None => {
+                    self.errors.push(error(
+                        kind,
+                        meta,
+                        format!("{field}.port"),
+                        format!("{p} is not a valid port (1-65535)"),
+                    ));
+                    None
+                }
+            },
+        };
+        let status = match r.status_code.unwrap_or(302) {
+            c @ (301 | 302 | 303 | 307 | 308) => c as u16,
+            c => {
+                self.errors.push(error(
+                    kind,
+                    meta,
+                    format!("{field}.statusCode"),
+                    format!("{c} is not a redirect code (301, 302, 303, 307, 308)"),
+                ));
+                302
+            }
+        };
+        let path = r
+            .path
+            .as_ref()
+            .and_then(|p| self.path_modifier(meta, &format!("{field}.path"), p));
+        (self.errors.len() == before).then(|| Redirect {
+            scheme,
+            hostname: r.hostname.clone().filter(|h| !h.is_empty()),
+            port,
+            path,
+            status,
+        })
+    }
+
+    fn mirror(
+        &mut self,
+        meta: &'a ObjectMeta,
+        field: &str,
+        m: &'a MirrorSpec,
+    ) -> Option<MirrorPlan<'a>> {
+        let kind = self.route_kind;
+        let (num, den) = match (&m.percent, &m.fraction) {
+            (Some(_), Some(_)) => {
+                self.errors.push(error(
+                    kind,
+                    meta,
+                    field.to_string(),
+                    "percent and fraction cannot both be set",
+                ));
+                return None;
+            }
+            (Some(p), None) if (0..=100).contains(p) => (*p, 100),
+            (None, Some(f)) => {
+                let den = f.denominator.unwrap_or(100);
+                if den <= 0 || f.numerator < 0 || f.numerator > den {
+                    self.errors.push(error(
+                        kind,
+                        meta,
+                        format!("{field}.fraction"),
+                        "need 0 <= numerator <= denominator and denominator > 0",
+                    ));
+                    return None;
+                }
+                (f.numerator, den)
+            }
+            (None, None) => (100, 100),
+            (Some(p), None) => {
+                self.errors.push(error(
+                    kind,
+                    meta,
+                    format!("{field}.percent"),
+                    format!("{p} is out of range (0-100)"),
+                ));
+                return None;
+            }
+        };
+        let b = &m.backend_ref;
+        let target = self.backend_target(
+            meta,
+            &format!("{field}.backendRef"),
+            b.group.as_deref(),
+            b.kind.as_deref(),
+            &b.name,
+            b.namespace.as_deref(),
+            b.port,
+        )?;
+        Some((
+            target,
+            u32::try_from(num).unwrap_or(0),
+            u32::try_from(den).unwrap_or(100),
+        ))
+    }
+
     /// The bound (Service, port) pairs a route attaches to; everything else is a warning.
-    fn parents(&mut self, r: &'a HttpRoute) -> Vec<(SvcKey<'a>, u16)> {
-        let meta = &r.metadata;
+    /// `tcp`: a TCPRoute, which attaches to TCP (and undeclared) ports only, where an
+    /// HTTPRoute/GRPCRoute attaches to every other port.
+    fn parents(
+        &mut self,
+        meta: &'a ObjectMeta,
+        refs: &'a [ParentReference],
+        tcp: bool,
+    ) -> Vec<(SvcKey<'a>, u16)> {
+        let rk = self.route_kind;
         let rid = id(meta);
         let mut out = Vec::new();
-        for (j, p) in r.spec.parent_refs.iter().enumerate() {
+        for (j, p) in refs.iter().enumerate() {
             let field = format!("spec.parentRefs[{j}]");
             let group = p
                 .group
@@ -1039,7 +1760,7 @@ impl<'a> Compiler<'a> {
             let kind = p.kind.as_deref().unwrap_or("Gateway");
             if !(group.is_empty() && kind == "Service") {
                 self.warnings.push(format!(
-                    "HTTPRoute {rid}: {field}: parent {kind} {} (group {group:?}) is not a mesh Service parent (set group: \"\" and kind: Service); skipped",
+                    "{rk} {rid}: {field}: parent {kind} {} (group {group:?}) is not a mesh Service parent (set group: \"\" and kind: Service); skipped",
                     p.name
                 ));
                 continue;
@@ -1050,7 +1771,7 @@ impl<'a> Compiler<'a> {
                     Some(n) => Some(n),
                     None => {
                         self.errors.push(error(
-                            "HTTPRoute",
+                            rk,
                             meta,
                             format!("{field}.port"),
                             format!("{n} is not a valid port (1-65535)"),
@@ -1062,21 +1783,21 @@ impl<'a> Compiler<'a> {
             let ns = p.namespace.as_deref().unwrap_or(&meta.namespace);
             if ns != meta.namespace {
                 self.warnings.push(format!(
-                    "HTTPRoute {rid}: {field}: consumer route for Service {ns}/{} is not supported in Istio ambient; skipped",
+                    "{rk} {rid}: {field}: consumer route for Service {ns}/{} is not supported in Istio ambient; skipped",
                     p.name
                 ));
                 continue;
             }
             let Some((key, svc)) = self.services.get_key_value(&(ns, p.name.as_str())) else {
                 self.warnings.push(format!(
-                    "HTTPRoute {rid}: {field}: parent Service {ns}/{} not found; skipped",
+                    "{rk} {rid}: {field}: parent Service {ns}/{} not found; skipped",
                     p.name
                 ));
                 continue;
             };
             if let Err(reason) = &svc.binding {
                 self.warnings.push(format!(
-                    "HTTPRoute {rid}: {field}: {USE_WAYPOINT} label missing from parent and parent namespace; in ambient mode, route will not be respected ({reason})"
+                    "{rk} {rid}: {field}: {USE_WAYPOINT} label missing from parent and parent namespace; in ambient mode, route will not be respected ({reason})"
                 ));
                 continue;
             }
@@ -1091,11 +1812,18 @@ impl<'a> Compiler<'a> {
                 matched = true;
                 // An HTTPRoute cannot apply to an opaque TCP port; say so only when the
                 // parentRef named that port explicitly.
-                if sp.protocol == AppProtocol::Tcp {
+                let fits = match sp.protocol {
+                    AppProtocol::Tcp => tcp,
+                    AppProtocol::Unknown => true,
+                    _ => !tcp,
+                };
+                if !fits {
                     if explicit {
                         self.warnings.push(format!(
-                            "HTTPRoute {rid}: {field}: Service {ns}/{} port {} is TCP; HTTPRoute ignored there",
-                            p.name, sp.port
+                            "{rk} {rid}: {field}: Service {ns}/{} port {} is {}; {rk} ignored there",
+                            p.name,
+                            sp.port,
+                            if tcp { "HTTP" } else { "TCP" }
                         ));
                     }
                 } else if !out.contains(&(*key, sp.port)) {
@@ -1104,7 +1832,7 @@ impl<'a> Compiler<'a> {
             }
             if !matched {
                 self.warnings.push(format!(
-                    "HTTPRoute {rid}: {field}: no port of Service {ns}/{} matches; skipped",
+                    "{rk} {rid}: {field}: no port of Service {ns}/{} matches; skipped",
                     p.name
                 ));
             }
@@ -1119,8 +1847,9 @@ impl<'a> Compiler<'a> {
         m: &HttpRouteMatch,
     ) -> Option<RouteMatch> {
         let before = self.errors.len();
+        let rkind = self.route_kind;
         let err = |errors: &mut Vec<ConfigError>, f: String, msg: String| {
-            errors.push(error("HTTPRoute", meta, f, msg))
+            errors.push(error(rkind, meta, f, msg))
         };
         let (kind, value) = m.path.as_ref().map_or(("PathPrefix", "/"), |p| {
             (
@@ -1187,7 +1916,7 @@ impl<'a> Compiler<'a> {
                 );
                 continue;
             };
-            let value = value_match(h, &f, &mut self.errors, meta);
+            let value = value_match(h, &f, &mut self.errors, meta, rkind);
             // Gateway API: if a header name repeats, only the first entry counts.
             if let Some(value) = value
                 && !headers.iter().any(|x| x.name == name)
@@ -1206,7 +1935,7 @@ impl<'a> Compiler<'a> {
                 );
                 continue;
             }
-            if let Some(value) = value_match(q, &f, &mut self.errors, meta)
+            if let Some(value) = value_match(q, &f, &mut self.errors, meta, rkind)
                 && !query.iter().any(|x| x.name == q.name)
             {
                 query.push(QueryMatch {
@@ -1235,20 +1964,52 @@ impl<'a> Compiler<'a> {
         let weight = b.weight.unwrap_or(1);
         if !(0..=MAX_WEIGHT).contains(&weight) {
             self.errors.push(error(
-                "HTTPRoute",
+                self.route_kind,
                 meta,
                 format!("{field}.weight"),
                 format!("{weight} is out of range (0-{MAX_WEIGHT})"),
             ));
             return None;
         }
-        let port = match b.port {
+        let target = self.backend_target(
+            meta,
+            field,
+            b.group.as_deref(),
+            b.kind.as_deref(),
+            &b.name,
+            b.namespace.as_deref(),
+            b.port,
+        )?;
+        // Zero weights are dropped (Istio conversion.go); they never receive traffic.
+        let weight = u32::try_from(weight).ok().filter(|w| *w > 0)?;
+        Some(BackendPlan {
+            target,
+            weight,
+            filters: FilterPlan::default(),
+        })
+    }
+
+    /// Where a backendRef (or mirror backendRef) points, or why it cannot be used. `None`
+    /// only for a field error (reported). Cross-namespace references need a ReferenceGrant
+    /// in the target namespace, as Istio requires (`RefNotPermitted` otherwise).
+    #[allow(clippy::too_many_arguments)]
+    fn backend_target(
+        &mut self,
+        meta: &'a ObjectMeta,
+        field: &str,
+        group: Option<&str>,
+        kind: Option<&str>,
+        name: &'a str,
+        namespace: Option<&'a str>,
+        port: Option<i64>,
+    ) -> Option<Result<(SvcKey<'a>, u16), String>> {
+        let port = match port {
             None => None,
             Some(n) => match port_number(n) {
                 Some(n) => Some(n),
                 None => {
                     self.errors.push(error(
-                        "HTTPRoute",
+                        self.route_kind,
                         meta,
                         format!("{field}.port"),
                         format!("{n} is not a valid port (1-65535)"),
@@ -1257,29 +2018,44 @@ impl<'a> Compiler<'a> {
                 }
             },
         };
-        // Zero weights are dropped (Istio conversion.go); they never receive traffic.
-        let weight = u32::try_from(weight).ok().filter(|w| *w > 0)?;
-        let group = b.group.as_deref().unwrap_or("");
-        let kind = b.kind.as_deref().unwrap_or("Service");
-        let ns = b.namespace.as_deref().unwrap_or(&meta.namespace);
-        let target = if !(group.is_empty() && kind == "Service") {
+        let group = group.unwrap_or("");
+        let kind = kind.unwrap_or("Service");
+        let ns = namespace.unwrap_or(&meta.namespace);
+        Some(if !(group.is_empty() && kind == "Service") {
             Err(format!(
                 "unsupported backendRef kind {kind} (group {group:?})"
             ))
-        } else if ns != meta.namespace {
-            Err(
-                "cross-namespace backendRef requires a ReferenceGrant (not supported yet)"
-                    .to_string(),
-            )
+        } else if ns != meta.namespace && !self.granted(&meta.namespace, ns, name) {
+            Err(format!(
+                "backendRef to Service {ns}/{name} from namespace {} is not permitted by a ReferenceGrant (RefNotPermitted)",
+                meta.namespace
+            ))
         } else if let Some(port) = port {
-            Ok(((ns, b.name.as_str()), port))
+            Ok(((ns, name), port))
         } else {
             Err(format!(
-                "backendRef to Service {ns}/{} has no port (port is required for Service backends)",
-                b.name
+                "backendRef to Service {ns}/{name} has no port (port is required for Service backends)"
             ))
-        };
-        Some(BackendPlan { target, weight })
+        })
+    }
+
+    /// Whether a ReferenceGrant in `to_ns` lets routes of the current kind in `from_ns`
+    /// reference Service `name`.
+    fn granted(&self, from_ns: &str, to_ns: &str, name: &str) -> bool {
+        let kind = self.route_kind;
+        self.grants.iter().any(|g| {
+            g.metadata.namespace == to_ns
+                && g.spec.from.iter().any(|f| {
+                    f.group == crate::resources::GATEWAY_GROUP
+                        && f.kind == kind
+                        && f.namespace == from_ns
+                })
+                && g.spec.to.iter().any(|t| {
+                    t.group.is_empty()
+                        && t.kind == "Service"
+                        && t.name.as_deref().is_none_or(|n| n.is_empty() || n == name)
+                })
+        })
     }
 }
 
@@ -1289,19 +2065,20 @@ fn value_match(
     field: &str,
     errors: &mut Vec<ConfigError>,
     meta: &ObjectMeta,
+    kind: &str,
 ) -> Option<MatchKind> {
     match v.type_.as_deref().unwrap_or("Exact") {
         "Exact" => Some(MatchKind::Exact(v.value.clone())),
         "RegularExpression" => match full_regex(&v.value) {
             Ok(r) => Some(MatchKind::Regex(r)),
             Err(e) => {
-                errors.push(error("HTTPRoute", meta, format!("{field}.value"), e));
+                errors.push(error(kind, meta, format!("{field}.value"), e));
                 None
             }
         },
         other => {
             errors.push(error(
-                "HTTPRoute",
+                kind,
                 meta,
                 format!("{field}.type"),
                 format!("unknown match type {other:?} (expected Exact or RegularExpression)"),
@@ -1309,6 +2086,39 @@ fn value_match(
             None
         }
     }
+}
+
+/// A Gateway API `Duration` (GEP-2257): `^([0-9]{1,5}(h|m|s|ms)){1,4}$`.
+pub(crate) fn parse_duration(v: &str) -> Option<Duration> {
+    let b = v.as_bytes();
+    let (mut i, mut parts, mut total) = (0, 0, Duration::ZERO);
+    while i < b.len() {
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        let digits = i - start;
+        if digits == 0 || digits > 5 {
+            return None;
+        }
+        let n: u64 = v[start..i].parse().ok()?;
+        let unit = if v[i..].starts_with("ms") {
+            i += 2;
+            Duration::from_millis(n)
+        } else {
+            let d = match b.get(i)? {
+                b'h' => Duration::from_secs(n * 3600),
+                b'm' => Duration::from_secs(n * 60),
+                b's' => Duration::from_secs(n),
+                _ => return None,
+            };
+            i += 1;
+            d
+        };
+        total += unit;
+        parts += 1;
+    }
+    (parts > 0 && parts <= 4).then_some(total)
 }
 
 /// An anchored regex: Gateway API / Envoy `safe_regex` match the whole value.

@@ -897,7 +897,7 @@ fn invalid_backends_are_kept_with_a_reason() {
     assert_eq!(
         invalid_reasons(&rule),
         [
-            "cross-namespace backendRef requires a ReferenceGrant (not supported yet)",
+            "backendRef to Service other/reviews from namespace default is not permitted by a ReferenceGrant (RefNotPermitted)",
             "Service default/ghost not found",
             "backendRef to Service default/reviews has no port (port is required for Service backends)",
             "Service default/reviews has no port 1234",
@@ -930,13 +930,245 @@ fn rule_name_defaults_to_namespace_route_index() {
 }
 
 #[test]
-fn filters_and_timeouts_are_warnings_not_errors() {
-    let (snap, _) = rule_of(
+fn filters_compile_to_the_rule_and_backend() {
+    let (_, rule) = rule_of(
         &[],
-        "{filters: [{type: RequestHeaderModifier}], timeouts: {request: 10s}}",
+        "{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: X-A, value: '1'}], add: [{name: x-b, value: '2'}], remove: [x-c]}}, {type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-r, value: v}]}}, {type: URLRewrite, urlRewrite: {hostname: elsewhere, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new/}}}, {type: RequestMirror, requestMirror: {backendRef: {name: reviews, port: 9080}, percent: 25}}], backendRefs: [{name: reviews, port: 9080, filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-backend-filter, value: 'yes'}]}}]}]}",
     );
-    assert!(has_warning(&snap, "filters are not implemented yet"));
-    assert!(has_warning(&snap, "not enforced yet"));
+    let f = &rule.filters;
+    let req = f.request_headers.as_ref().expect("request modifier");
+    assert_eq!(req.set[0].0, "x-a");
+    assert_eq!(req.add[0].1, "2");
+    assert_eq!(req.remove[0], "x-c");
+    assert!(f.response_headers.is_some());
+    let rw = f.rewrite.as_ref().expect("rewrite");
+    assert_eq!(rw.hostname.as_deref(), Some("elsewhere"));
+    assert!(matches!(&rw.path, Some(crate::PathModifier::Prefix(p)) if p == "/new"));
+    assert_eq!(f.mirrors.len(), 1);
+    assert_eq!(
+        (f.mirrors[0].numerator, f.mirrors[0].denominator),
+        (25, 100)
+    );
+    let bf = &rule.backends.backends[0].filters;
+    assert_eq!(
+        bf.request_headers.as_ref().expect("backend filter").set[0].0,
+        "x-backend-filter"
+    );
+}
+
+#[test]
+fn redirect_compiles_with_defaults() {
+    let (_, rule) = rule_of(
+        &[],
+        "{filters: [{type: RequestRedirect, requestRedirect: {scheme: https, hostname: example.com}}]}",
+    );
+    let r = rule.filters.redirect.as_ref().expect("redirect");
+    assert_eq!(r.status, 302);
+    assert_eq!(r.scheme.as_deref(), Some("https"));
+    assert_eq!(r.port, None);
+}
+
+#[test]
+fn filter_errors_name_the_field() {
+    let cases = [
+        (
+            "{filters: [{type: RequestHeaderModifier}]}",
+            "spec.rules[0].filters[0].requestHeaderModifier",
+        ),
+        (
+            "{filters: [{type: RequestRedirect, requestRedirect: {statusCode: 305}}]}",
+            "spec.rules[0].filters[0].requestRedirect.statusCode",
+        ),
+        (
+            "{filters: [{type: RequestRedirect, requestRedirect: {scheme: ftp}}]}",
+            "spec.rules[0].filters[0].requestRedirect.scheme",
+        ),
+        (
+            "{filters: [{type: RequestRedirect, requestRedirect: {}}, {type: URLRewrite, urlRewrite: {}}]}",
+            "spec.rules[0].filters",
+        ),
+        (
+            "{filters: [{type: RequestRedirect, requestRedirect: {}}], backendRefs: [{name: reviews, port: 9080}]}",
+            "spec.rules[0].backendRefs",
+        ),
+        (
+            "{matches: [{path: {type: Exact, value: /a}}], filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}}]}",
+            "spec.rules[0].filters",
+        ),
+        (
+            "{filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath}}}]}",
+            "spec.rules[0].filters[0].urlRewrite.path.replaceFullPath",
+        ),
+        (
+            "{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {}}, {type: RequestHeaderModifier, requestHeaderModifier: {}}]}",
+            "spec.rules[0].filters[1].type",
+        ),
+        (
+            "{backendRefs: [{name: reviews, port: 9080, filters: [{type: URLRewrite, urlRewrite: {}}]}]}",
+            "spec.rules[0].backendRefs[0].filters[0].type",
+        ),
+        (
+            "{filters: [{type: RequestMirror, requestMirror: {backendRef: {name: reviews, port: 9080}, percent: 101}}]}",
+            "spec.rules[0].filters[0].requestMirror.percent",
+        ),
+        (
+            "{timeouts: {request: 10x}}",
+            "spec.rules[0].timeouts.request",
+        ),
+        (
+            "{timeouts: {request: 1s, backendRequest: 2s}}",
+            "spec.rules[0].timeouts.backendRequest",
+        ),
+        ("{retry: {codes: [200]}}", "spec.rules[0].retry.codes[0]"),
+    ];
+    for (rule, field) in cases {
+        let e = route_errors(rule);
+        assert_eq!(e.len(), 1, "{rule}: {e:#?}");
+        assert_error(&e, "HTTPRoute", "default", "r", field);
+    }
+}
+
+#[test]
+fn unsupported_filter_makes_the_rule_answer_500() {
+    let (snap, rule) = rule_of(
+        &[],
+        "{filters: [{type: ExtensionRef}], backendRefs: [{name: reviews, port: 9080}]}",
+    );
+    assert!(rule.backends.pick(0).is_none());
+    assert!(has_warning(&snap, "InvalidFilter"));
+}
+
+#[test]
+fn timeouts_and_retries_follow_istio_conversion() {
+    use std::time::Duration;
+    let (_, rule) = rule_of(&[], "{}");
+    assert_eq!(rule.request_timeout, None);
+    assert_eq!(rule.retry, Some(crate::RetryPolicy::default()));
+    assert_eq!(rule.retry.as_ref().map(|r| r.retries), Some(2));
+    let (_, rule) = rule_of(&[], "{timeouts: {request: 1m30s, backendRequest: 500ms}}");
+    // No retry stanza: backendRequest becomes the route timeout.
+    assert_eq!(rule.request_timeout, Some(Duration::from_millis(500)));
+    assert_eq!(rule.per_try_timeout, None);
+    let (_, rule) = rule_of(
+        &[],
+        "{timeouts: {request: 2s, backendRequest: 1s}, retry: {attempts: 3, codes: [503], backoff: 10ms}}",
+    );
+    assert_eq!(rule.request_timeout, Some(Duration::from_secs(2)));
+    assert_eq!(rule.per_try_timeout, Some(Duration::from_secs(1)));
+    let retry = rule.retry.clone().expect("retry");
+    assert_eq!(
+        (retry.retries, retry.codes, retry.backoff),
+        (3, vec![503], Duration::from_millis(10))
+    );
+    let (_, rule) = rule_of(&[], "{timeouts: {request: 0s}, retry: {attempts: 0}}");
+    assert_eq!(rule.request_timeout, None);
+    assert_eq!(rule.retry, None);
+}
+
+#[test]
+fn gateway_api_durations() {
+    use std::time::Duration;
+    for (v, want) in [
+        ("1s", Some(Duration::from_secs(1))),
+        ("500ms", Some(Duration::from_millis(500))),
+        ("1h30m", Some(Duration::from_secs(5400))),
+        ("1m1s1ms", Some(Duration::from_millis(61_001))),
+        ("0s", Some(Duration::ZERO)),
+        ("", None),
+        ("1", None),
+        ("1.5s", None),
+        ("123456s", None),
+        ("1s1s1s1s1s", None),
+        ("1d", None),
+    ] {
+        assert_eq!(super::parse_duration(v), want, "{v}");
+    }
+}
+
+#[test]
+fn cross_namespace_backend_needs_a_reference_grant() {
+    let other = service(
+        "other",
+        "ratings",
+        "10.0.0.50",
+        "",
+        "[{name: http, port: 9080}]",
+    );
+    let grant = "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: g, namespace: other}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: default}]\n  to: [{group: '', kind: Service}]\n";
+    let rule = "{backendRefs: [{name: ratings, namespace: other, port: 9080}]}";
+    let (_, r) = rule_of(&[&other], rule);
+    assert_eq!(invalid_reasons(&r).len(), 1);
+    let (_, r) = rule_of(&[&other, grant], rule);
+    assert!(invalid_reasons(&r).is_empty());
+    assert!(
+        matches!(&r.backends.backends[0].backend, Backend::Cluster(c) if &*c.name == "outbound|9080||ratings.other.svc.cluster.local")
+    );
+    // A grant for another kind does not count.
+    let (_, r) = rule_of(
+        &[&other, &grant.replace("kind: HTTPRoute", "kind: GRPCRoute")],
+        rule,
+    );
+    assert_eq!(invalid_reasons(&r).len(), 1);
+}
+
+#[test]
+fn grpc_route_methods_become_paths_as_istio_converts_them() {
+    let g = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: default}\nspec:\n  parentRefs: [{group: '', kind: Service, name: reviews}]\n  rules:\n  - name: exact\n    matches: [{method: {service: pkg.Svc, method: Get}}]\n  - name: service\n    matches: [{method: {service: pkg.Other}}]\n  - name: method\n    matches: [{method: {method: List}}]\n  - name: regex\n    matches: [{method: {type: RegularExpression, service: 'pkg\\.R.*', method: 'Wat.*'}}]\n";
+    let t = table(&[g.to_string()]);
+    for (path, want) in [
+        ("/pkg.Svc/Get", Some("exact")),
+        ("/pkg.Svc/Put", None),
+        ("/pkg.Other/Anything", Some("service")),
+        ("/x.Y/List", Some("method")),
+        ("/pkg.Rx/Watch", Some("regex")),
+    ] {
+        assert_eq!(
+            winner(&t, Method::POST, path, None, &[]).as_deref(),
+            want,
+            "{path}"
+        );
+    }
+    let r = t
+        .select(&Method::POST, "/pkg.Svc/Get", None, &HeaderMap::new())
+        .expect("rule");
+    assert!(r.grpc);
+    let bad = g.replace("service: pkg.Svc, method: Get", "service: a/b, method: Get");
+    let e = parse_manifests(&base(&[&bad]), "test.yaml").expect_err("bad method");
+    assert_error(
+        &e,
+        "GRPCRoute",
+        "default",
+        "g",
+        "spec.rules[0].matches[0].method",
+    );
+}
+
+#[test]
+fn tcp_route_attaches_to_tcp_ports_with_weights() {
+    let svc = service(
+        "default",
+        "db",
+        "10.0.0.60",
+        "",
+        "[{name: tcp, port: 5432}, {name: http, port: 80}]",
+    );
+    let v2 = service(
+        "default",
+        "db-v2",
+        "10.0.0.61",
+        "",
+        "[{name: tcp, port: 5432}]",
+    );
+    let r = "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: t, namespace: default}\nspec:\n  parentRefs: [{group: '', kind: Service, name: db}]\n  rules:\n  - backendRefs: [{name: db, port: 5432, weight: 1}, {name: db-v2, port: 5432, weight: 3}]\n";
+    let snap = ok(&base(&[&svc, &v2, r]));
+    let tcp = bound(&snap, "10.0.0.60:5432")
+        .tcp_route
+        .clone()
+        .expect("tcp route");
+    assert_eq!(tcp.backends.total_weight, 4);
+    assert_eq!(&*tcp.name, "default.t.0");
+    assert!(bound(&snap, "10.0.0.60:80").tcp_route.is_none());
+    assert!(bound(&snap, "10.0.0.60:80").routes.is_none());
 }
 
 // --- precedence -------------------------------------------------------------------------
@@ -1132,6 +1364,121 @@ fn cross_route_tie_without_timestamps_goes_to_namespace_name_order() {
     );
 }
 
+/// Precedence across routes: the match-level criteria are compared first across all routes;
+/// creation time and namespace/name only break complete ties.
+#[test]
+fn cross_route_precedence_table() {
+    let old = ", creationTimestamp: '2020-01-01T00:00:00Z'";
+    let new = ", creationTimestamp: '2024-01-01T00:00:00Z'";
+    #[allow(clippy::type_complexity)]
+    let cases: [(&str, [(&str, &str, &str); 2], &str, &[(&str, &str)], &str); 5] = [
+        (
+            "newer route's exact path beats older route's prefix",
+            [
+                (
+                    "a",
+                    old,
+                    "[{name: old-prefix, matches: [{path: {value: /a}}]}]",
+                ),
+                (
+                    "b",
+                    new,
+                    "[{name: new-exact, matches: [{path: {type: Exact, value: /a}}]}]",
+                ),
+            ],
+            "/a",
+            &[],
+            "new-exact",
+        ),
+        (
+            "newer route's longer prefix beats older route's shorter one",
+            [
+                (
+                    "a",
+                    old,
+                    "[{name: old-short, matches: [{path: {value: /a}}]}]",
+                ),
+                (
+                    "b",
+                    new,
+                    "[{name: new-long, matches: [{path: {value: /a/b}}]}]",
+                ),
+            ],
+            "/a/b/c",
+            &[],
+            "new-long",
+        ),
+        (
+            "more headers in the newer route win",
+            [
+                (
+                    "a",
+                    old,
+                    "[{name: old-one, matches: [{headers: [{name: x, value: '1'}]}]}]",
+                ),
+                (
+                    "b",
+                    new,
+                    "[{name: new-two, matches: [{headers: [{name: x, value: '1'}, {name: w, value: '2'}]}]}]",
+                ),
+            ],
+            "/",
+            &[("x", "1"), ("w", "2")],
+            "new-two",
+        ),
+        (
+            "complete tie: older route wins even if its rule index is later",
+            [
+                (
+                    "a",
+                    new,
+                    "[{name: new-first, matches: [{path: {value: /a}}]}]",
+                ),
+                (
+                    "b",
+                    old,
+                    "[{name: filler, matches: [{path: {type: Exact, value: /zzz}}]}, {name: old-second, matches: [{path: {value: /a}}]}]",
+                ),
+            ],
+            "/a",
+            &[],
+            "old-second",
+        ),
+        (
+            "complete tie, same timestamp: namespace/name order",
+            [
+                ("zz", old, "[{name: zz, matches: [{method: GET}]}]"),
+                ("aa", old, "[{name: aa, matches: [{method: GET}]}]"),
+            ],
+            "/",
+            &[],
+            "aa",
+        ),
+    ];
+    for (what, routes, path, headers, want) in cases {
+        let t = table(&routes.map(|(n, meta, rules)| attached(n, meta, rules)));
+        assert_eq!(
+            winner(&t, Method::GET, path, None, headers).as_deref(),
+            Some(want),
+            "{what}"
+        );
+        // The index and the linear scan agree.
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        assert_eq!(
+            t.select_linear(&Method::GET, path, None, &map)
+                .map(|r| r.name.to_string())
+                .as_deref(),
+            Some(want)
+        );
+    }
+}
+
 #[test]
 fn no_matching_rule_selects_nothing() {
     let t = table(&[attached(
@@ -1206,12 +1553,87 @@ proptest! {
         let mut with = named.clone();
         with.insert(insert_at.min(with.len()), never.to_string());
         let after = table(&[attached("r", "", &format!("[{}]", with.join(", ")))]);
+        // The same rule in an older route of its own (cross-route tie-breaks favour it).
+        let other = attached(
+            "aaa-never",
+            ", creationTimestamp: '2000-01-01T00:00:00Z'",
+            &format!("[{never}]"),
+        );
+        let cross = table(&[attached("r", "", &format!("[{}]", named.join(", "))), other]);
         let method = if post { Method::POST } else { Method::GET };
         let headers: &[(&str, &str)] = if header { &[("x", "1")] } else { &[] };
         let q = query.then_some("q=1");
-        prop_assert_eq!(
-            winner(&before, method.clone(), &path, q, headers),
-            winner(&after, method, &path, q, headers)
+        let want = winner(&before, method.clone(), &path, q, headers);
+        prop_assert_eq!(&want, &winner(&after, method.clone(), &path, q, headers));
+        prop_assert_eq!(&want, &winner(&cross, method, &path, q, headers));
+    }
+}
+
+#[test]
+fn tls_routes_select_by_sni_like_envoy_server_names() {
+    let svc = service(
+        "default",
+        "tls",
+        "10.0.0.70",
+        "",
+        "[{name: tls, port: 443}]",
+    );
+    let route = |name: &str, hosts: &str, created: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\nmetadata: {{name: {name}, namespace: default{created}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: tls}}]\n  hostnames: {hosts}\n  rules: [{{name: {name}, backendRefs: [{{name: tls, port: 443}}]}}]\n"
+        )
+    };
+    let snap = ok(&base(&[
+        &svc,
+        &route("exact", "[db.example.com]", ""),
+        &route("wild", "['*.example.com']", ""),
+        &route("deeper", "['*.eu.example.com']", ""),
+        &route(
+            "any-old",
+            "[]",
+            ", creationTimestamp: '2020-01-01T00:00:00Z'",
+        ),
+        &route("any-new", "[]", ""),
+    ]));
+    let tls = bound(&snap, "10.0.0.70:443")
+        .tls_routes
+        .clone()
+        .expect("tls routes");
+    let pick = |sni: Option<&str>| tls.select(sni).map(|r| r.name.to_string());
+    assert_eq!(pick(Some("db.example.com")).as_deref(), Some("exact"));
+    assert_eq!(pick(Some("DB.example.com")).as_deref(), Some("exact"));
+    assert_eq!(pick(Some("x.example.com")).as_deref(), Some("wild"));
+    assert_eq!(pick(Some("a.eu.example.com")).as_deref(), Some("deeper"));
+    assert_eq!(pick(Some("example.com")).as_deref(), Some("any-old"));
+    assert_eq!(pick(None).as_deref(), Some("any-old"));
+    let e = errs(&base(&[&svc, &route("bad", "['10.0.0.1']", "")]));
+    assert_error(&e, "TLSRoute", "default", "bad", "spec.hostnames[0]");
+}
+
+#[test]
+fn several_parent_refs_attach_the_same_rules_to_each() {
+    let other = service(
+        "default",
+        "details",
+        "10.0.0.80",
+        "",
+        "[{name: http, port: 9080}]",
+    );
+    let r = route(
+        "default",
+        "two-parents",
+        "",
+        "{parentRefs: [{group: '', kind: Service, name: reviews}, {group: '', kind: Service, name: details, port: 9080}], rules: [{name: shared}]}",
+    );
+    let snap = ok(&base(&[&other, &r]));
+    for vip in ["10.0.0.10:9080", "10.0.0.80:9080"] {
+        let t = bound(&snap, vip).routes.clone().expect("routes");
+        assert_eq!(
+            t.select(&Method::GET, "/", None, &HeaderMap::new())
+                .map(|r| r.name.to_string())
+                .as_deref(),
+            Some("shared"),
+            "{vip}"
         );
     }
 }
