@@ -125,6 +125,12 @@ impl ResponseFlags {
         self.bits == 0
     }
 
+    /// Envoy's `response.flags` CEL attribute: the `CoreResponseFlag` bitmask (`LH` = 0x1,
+    /// `UH` = 0x2, ... `NR` = 0x100, ...); [`ResponseFlag`] is declared in Envoy's bit order.
+    pub fn bits(&self) -> u64 {
+        u64::from(self.bits)
+    }
+
     fn write(&self, out: &mut String) {
         if self.bits == 0 {
             out.push('-');

@@ -16,6 +16,8 @@
 //!   (`policy.md` section 1, `protocol.md` 2.9): see [`authz`].
 //! - Verifies JWTs for Istio RequestAuthentication the way Envoy's `jwt_authn` filter does
 //!   (`policy.md` section 2): see [`authn`]. The caller passes the time and fetched key sets.
+//! - Decides access logging per request from Istio Telemetry `accessLogging` (CEL filters
+//!   compiled here): see [`telemetry`].
 
 pub mod authn;
 pub mod authz;
@@ -24,6 +26,7 @@ pub mod load;
 pub mod resources;
 pub mod route;
 pub mod snapshot;
+pub mod telemetry;
 
 pub use authn::{
     Authenticated, Authn, AuthnSet, CLOCK_SKEW_SECS, Jwks, JwksRef, JwksSource, JwtProvider,
@@ -31,19 +34,21 @@ pub use authn::{
 };
 pub use authz::{
     Action, AuthzPolicy, AuthzRequest, AuthzSet, CustomMatch, Decision, DryRun, HttpAttrs,
-    custom_match, evaluate, evaluate_rbac,
+    PolicyOutcome, RuleOutcome, custom_match, evaluate, evaluate_rbac, explain as explain_authz,
 };
 pub use load::{LoadedResources, load_paths, parse_manifests};
 pub use route::{
-    Backend, BackendRef, Filters, HeaderMatch, HeaderModifier, MatchKind, Mirror, PathMatch,
-    PathModifier, PathNormalization, QueryMatch, Redirect, RetryPolicy, Rewrite, RouteMatch,
-    RouteRule, RouteTable, TcpRouteRule, TlsRoutes, WeightedBackends, normalize_path,
+    Backend, BackendRef, Filters, HeaderMatch, HeaderModifier, MatchKind, MatchTrace, Mirror,
+    PathMatch, PathModifier, PathNormalization, QueryMatch, Redirect, RetryPolicy, Rewrite,
+    RouteMatch, RouteRule, RouteTable, TcpRouteRule, TlsRoutes, WeightedBackends, normalize_path,
     normalize_path_with,
 };
 pub use snapshot::{
-    AppProtocol, Cluster, CompileOptions, Endpoint, EndpointLoad, GatewayInfo, ServicePort,
-    Snapshot, VipLookup, WaypointFor, Workload, compile,
+    AppProtocol, BindingInfo, BindingSource, BindingState, Cluster, CompileOptions, Endpoint,
+    EndpointLoad, GatewayInfo, ServiceInfo, ServicePort, ServicePortInfo, Snapshot, VipLookup,
+    WaypointFor, Workload, compile,
 };
+pub use telemetry::{AccessLogPolicy, LogAttributes, RequestAttributes};
 
 use std::fmt;
 

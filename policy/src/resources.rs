@@ -579,6 +579,59 @@ pub struct AuthorizationPolicySpec {
     pub rules: Option<Vec<AuthzRule>>,
 }
 
+/// Istio telemetry API group (`telemetry.istio.io`).
+pub const TELEMETRY_GROUP: &str = "telemetry.istio.io";
+
+/// telemetry.istio.io Telemetry (v1 or v1alpha1). Only `accessLogging` is used by the
+/// waypoint; `metrics` and `tracing` are accepted and ignored.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Telemetry {
+    pub metadata: ObjectMeta,
+    pub spec: TelemetrySpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TelemetrySpec {
+    /// A workload selector; "waypoints ignore `selector`" (telemetry.proto): warned about.
+    pub selector: Option<Value>,
+    /// Deprecated single form of `targetRefs`.
+    pub target_ref: Option<PolicyTargetReference>,
+    pub target_refs: Vec<PolicyTargetReference>,
+    /// `None` when absent (inherited from a less specific Telemetry, as Istio merges).
+    pub access_logging: Option<Vec<AccessLogging>>,
+    pub metrics: Option<Value>,
+    pub tracing: Option<Value>,
+}
+
+/// One `accessLogging[]` entry (`istio.telemetry.v1.AccessLogging`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AccessLogging {
+    /// Provider names from MeshConfig `extensionProviders`; empty = the default providers.
+    pub providers: Vec<TelemetryProvider>,
+    /// `true` turns access logging off for the selected providers.
+    pub disabled: Option<bool>,
+    pub filter: Option<AccessLogFilter>,
+    /// `match: {mode: CLIENT | SERVER | CLIENT_AND_SERVER}`.
+    #[serde(rename = "match")]
+    pub match_: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TelemetryProvider {
+    pub name: String,
+}
+
+/// `filter: {expression: <CEL>}`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct AccessLogFilter {
+    pub expression: String,
+}
+
 /// `targetRef`/`targetRefs[]` (`istio.type.v1beta1.PolicyTargetReference`).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", default)]
@@ -736,6 +789,7 @@ pub enum Resource {
     ReferenceGrant(ReferenceGrant),
     AuthorizationPolicy(AuthorizationPolicy),
     RequestAuthentication(RequestAuthentication),
+    Telemetry(Telemetry),
     /// A kind (or apiVersion) the waypoint does not use; skipped with a warning.
     Unknown {
         api_version: String,
@@ -762,6 +816,7 @@ impl Resource {
             Resource::ReferenceGrant(_) => "ReferenceGrant",
             Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Resource::RequestAuthentication(_) => "RequestAuthentication",
+            Resource::Telemetry(_) => "Telemetry",
             Resource::Unknown { kind, .. } => kind,
         }
     }
@@ -781,6 +836,7 @@ impl Resource {
             Resource::ReferenceGrant(r) => Some(&r.metadata),
             Resource::AuthorizationPolicy(r) => Some(&r.metadata),
             Resource::RequestAuthentication(r) => Some(&r.metadata),
+            Resource::Telemetry(r) => Some(&r.metadata),
             Resource::Unknown { .. } => None,
         }
     }
@@ -813,6 +869,7 @@ impl Resource {
             "AuthorizationPolicy" | "RequestAuthentication" => {
                 group == SECURITY_GROUP && matches!(version, "v1" | "v1beta1")
             }
+            "Telemetry" => group == TELEMETRY_GROUP && matches!(version, "v1" | "v1alpha1"),
             _ => false,
         };
         if !known {
@@ -882,6 +939,10 @@ impl Resource {
                 spec: part(spec, "spec", &err)?,
             }),
             "RequestAuthentication" => Resource::RequestAuthentication(RequestAuthentication {
+                metadata,
+                spec: part(spec, "spec", &err)?,
+            }),
+            "Telemetry" => Resource::Telemetry(Telemetry {
                 metadata,
                 spec: part(spec, "spec", &err)?,
             }),

@@ -457,6 +457,30 @@ impl RouteTable {
             .and_then(|(_, i)| self.rules.get(*i))
     }
 
+    /// Every (match, rule) entry in precedence order, with whether it matches the request and,
+    /// when not, the first condition that failed (`waypoint explain`). The first entry whose
+    /// result is `Ok` is the one [`RouteTable::select`] picks.
+    pub fn explain(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Vec<MatchTrace> {
+        let mut params: Option<Vec<(String, String)>> = None;
+        self.entries
+            .iter()
+            .filter_map(|(m, i)| {
+                let rule = self.rules.get(*i)?;
+                Some(MatchTrace {
+                    rule: rule.clone(),
+                    description: m.describe(),
+                    result: m.why_not(method, path, query, headers, &mut params),
+                })
+            })
+            .collect()
+    }
+
     /// Number of (match, rule) entries, for diagnostics.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -512,6 +536,16 @@ impl RouteTable {
             None
         };
     }
+}
+
+/// One entry of [`RouteTable::explain`].
+#[derive(Debug, Clone)]
+pub struct MatchTrace {
+    pub rule: Arc<RouteRule>,
+    /// The match as written: `PathPrefix /reviews, method GET, header x-env=canary`.
+    pub description: String,
+    /// `Err(condition that failed)`.
+    pub result: Result<(), String>,
 }
 
 /// Sort key implementing Gateway API HTTPRoute precedence (`httproute_types.go`,
@@ -591,7 +625,95 @@ impl PathMatch {
     }
 }
 
+impl MatchKind {
+    fn describe(&self) -> String {
+        match self {
+            MatchKind::Exact(v) => format!("={v}"),
+            MatchKind::Regex(r) => format!("~{}", unanchor(r.as_str())),
+        }
+    }
+}
+
+/// The regex as written (compiled ones are wrapped in `^(?:...)$`).
+fn unanchor(r: &str) -> &str {
+    r.strip_prefix("^(?:")
+        .and_then(|r| r.strip_suffix(")$"))
+        .unwrap_or(r)
+}
+
 impl RouteMatch {
+    /// The match as Gateway API spells it.
+    pub fn describe(&self) -> String {
+        let mut parts = vec![match &self.path {
+            PathMatch::Exact(p) => format!("Exact {p}"),
+            PathMatch::Prefix(p) => format!("PathPrefix {p}"),
+            PathMatch::Regex(r) => format!("RegularExpression {}", unanchor(r.as_str())),
+        }];
+        if let Some(m) = &self.method {
+            parts.push(format!("method {m}"));
+        }
+        for h in &self.headers {
+            parts.push(format!("header {}{}", h.name, h.value.describe()));
+        }
+        for q in &self.query {
+            parts.push(format!("query {}{}", q.name, q.value.describe()));
+        }
+        parts.join(", ")
+    }
+
+    /// `Ok` when the request matches, else the first condition that failed.
+    fn why_not(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+        params: &mut Option<Vec<(String, String)>>,
+    ) -> Result<(), String> {
+        if !self.path.matches(path) {
+            let kind = match &self.path {
+                PathMatch::Exact(_) => "Exact",
+                PathMatch::Prefix(_) => "PathPrefix",
+                PathMatch::Regex(_) => "RegularExpression",
+            };
+            return Err(format!("path {path} does not match {kind}"));
+        }
+        if let Some(m) = self.method.as_ref().filter(|m| *m != method) {
+            return Err(format!("method {method} is not {m}"));
+        }
+        for h in &self.headers {
+            if !header_matches(h, headers) {
+                return Err(match headers.get(&h.name) {
+                    None => format!("header {} is absent", h.name),
+                    Some(v) => format!(
+                        "header {}: {:?} does not match {}",
+                        h.name,
+                        String::from_utf8_lossy(v.as_bytes()),
+                        h.value.describe()
+                    ),
+                });
+            }
+        }
+        if self.query.is_empty() {
+            return Ok(());
+        }
+        let params = params.get_or_insert_with(|| parse_query(query.unwrap_or("")));
+        for q in &self.query {
+            match params.iter().find(|(name, _)| *name == q.name) {
+                None => return Err(format!("query parameter {} is absent", q.name)),
+                Some((_, v)) if !q.value.matches(v) => {
+                    return Err(format!(
+                        "query parameter {}: {v:?} does not match {}",
+                        q.name,
+                        q.value.describe()
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
     fn matches(
         &self,
         method: &Method,

@@ -11,6 +11,7 @@ use crate::authn::{AuthnIndex, AuthnSet, JwksRef};
 use crate::authz::{AuthzIndex, AuthzPolicy, AuthzSet};
 use crate::load::LoadedResources;
 use crate::route::{RouteTable, TcpRouteRule, TlsRoutes};
+use crate::telemetry::{AccessLogPolicy, TelemetryIndex};
 
 /// Static inputs to [`compile`] that do not come from the manifests.
 #[derive(Debug, Clone)]
@@ -80,6 +81,108 @@ pub enum AppProtocol {
     Tcp,
     /// Undeclared: sniff HTTP/1.1 or h2c prior knowledge, else TCP (protocol.md 2.3).
     Unknown,
+}
+
+impl AppProtocol {
+    /// Lower-case name as Istio prints protocols (`http`, `http2`, `grpc`, `tcp`; `unknown`
+    /// for sniffed ports).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppProtocol::Http => "http",
+            AppProtocol::Http2 => "http2",
+            AppProtocol::Grpc => "grpc",
+            AppProtocol::Tcp => "tcp",
+            AppProtocol::Unknown => "unknown",
+        }
+    }
+}
+
+/// Which object's `istio.io/use-waypoint` label decided a Service's waypoint: "service/pod
+/// label overrides namespace label" (`policy.md` 4, Istio `waypoints.go`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindingSource {
+    ServiceLabel,
+    NamespaceLabel,
+    /// Neither the Service nor its namespace has the label.
+    None,
+}
+
+impl BindingSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BindingSource::ServiceLabel => "service label",
+            BindingSource::NamespaceLabel => "namespace label",
+            BindingSource::None => "none",
+        }
+    }
+}
+
+/// The outcome of Istio's `fetchWaypointForTarget` for one Service, seen from this waypoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindingState {
+    /// Served by this waypoint.
+    Bound,
+    /// No `istio.io/use-waypoint` label on the Service or its namespace.
+    NoWaypoint,
+    /// `istio.io/use-waypoint: none`.
+    OptedOut,
+    /// Labelled for another waypoint.
+    OtherWaypoint,
+    /// This waypoint's `istio.io/waypoint-for` does not admit service traffic.
+    WaypointForRejects,
+    /// This waypoint's `allowedRoutes` does not admit the Service's namespace.
+    NamespaceNotAllowed,
+    /// The Service of a gateway (label `gateway.networking.k8s.io/gateway-name`).
+    GatewayService,
+    /// The Gateway named by `--gateway` is not in the configuration.
+    NoGateway,
+}
+
+impl BindingState {
+    /// Short text for tables (`waypoint services`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BindingState::Bound => "bound here",
+            BindingState::NoWaypoint => "no waypoint",
+            BindingState::OptedOut => "opted out",
+            BindingState::OtherWaypoint => "bound to another waypoint",
+            BindingState::WaypointForRejects => "waypoint-for does not admit",
+            BindingState::NamespaceNotAllowed => "namespace not allowed",
+            BindingState::GatewayService => "gateway service",
+            BindingState::NoGateway => "no gateway",
+        }
+    }
+}
+
+/// How a Service's waypoint was decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingInfo {
+    pub state: BindingState,
+    /// Which label decided (the label's object), or `None`.
+    pub source: BindingSource,
+    /// `namespace/name` of the waypoint the labels name (`None` without label or for `none`).
+    pub waypoint: Option<String>,
+    /// One sentence saying why, as `waypoint check` and the debug logs print it.
+    pub reason: String,
+}
+
+/// One port of a [`ServiceInfo`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePortInfo {
+    pub port: u16,
+    /// Empty when unnamed.
+    pub name: String,
+    pub protocol: AppProtocol,
+}
+
+/// A Service as `waypoint services` lists it (like `istioctl x ztunnel-config service`).
+#[derive(Debug, Clone)]
+pub struct ServiceInfo {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub vips: Vec<std::net::IpAddr>,
+    pub ports: Vec<ServicePortInfo>,
+    pub binding: BindingInfo,
 }
 
 /// Outstanding-request counter of one endpoint, for least-request balancing.
@@ -165,6 +268,8 @@ pub struct ServicePort {
     /// The RequestAuthentication JWT rules for this Service's traffic (waypoint-wide plus
     /// Service-attached); pass to [`crate::authenticate`].
     pub authn: AuthnSet,
+    /// Telemetry `accessLogging` for this Service's traffic; the default logs everything.
+    pub access_log: AccessLogPolicy,
 }
 
 /// Result of looking up a CONNECT authority.
@@ -195,6 +300,10 @@ pub struct Snapshot {
     pub(crate) authn: AuthnIndex,
     /// Pods bound to this waypoint for workload traffic, by IP.
     pub(crate) workloads: HashMap<std::net::IpAddr, Arc<Workload>>,
+    /// Telemetry (access logging) attached to this waypoint.
+    pub(crate) telemetry: TelemetryIndex,
+    /// Every Service, with how its waypoint binding was decided (for `waypoint services`).
+    pub(crate) services: Vec<Arc<ServiceInfo>>,
     /// Clusters of the MeshConfig extension providers, by (service as written, port).
     pub(crate) extension_clusters: HashMap<(String, u16), Arc<Cluster>>,
     /// Non-fatal findings (unknown kinds skipped, routes whose parent is not bound, ...).
@@ -241,6 +350,7 @@ impl Snapshot {
             tls_routes: None,
             authz: self.authz.for_service("", ""),
             authn: self.authn.for_service("", ""),
+            access_log: self.telemetry.for_service("", ""),
         })
     }
 
@@ -260,6 +370,30 @@ impl Snapshot {
         let mut v: Vec<_> = self.bound.values().cloned().collect();
         v.sort_by_key(|s| s.vip);
         v
+    }
+
+    /// Every Service in the configuration, sorted by namespace and name, with how its
+    /// waypoint binding was decided.
+    pub fn services(&self) -> &[Arc<ServiceInfo>] {
+        &self.services
+    }
+
+    /// The Service that owns a VIP:port (bound here or not).
+    pub fn service_at(&self, addr: SocketAddr) -> Option<Arc<ServiceInfo>> {
+        self.services
+            .iter()
+            .find(|s| s.vips.contains(&addr.ip()) && s.ports.iter().any(|p| p.port == addr.port()))
+            .cloned()
+    }
+
+    /// The access-log policy (Telemetry) for Service `namespace/name`'s traffic.
+    pub fn access_log_for(&self, service_namespace: &str, service_name: &str) -> AccessLogPolicy {
+        self.telemetry.for_service(service_namespace, service_name)
+    }
+
+    /// `Telemetry ns/name` of every Telemetry that applies to this waypoint, sorted.
+    pub fn telemetries(&self) -> &[String] {
+        &self.telemetry.applied
     }
 
     /// Every cluster, sorted by name.

@@ -1,7 +1,8 @@
 //! The three operator-facing listeners, each plain HTTP/1.1:
 //! - readiness (`--ready-addr`, 15021): `GET /healthz/ready`, 200 once serving, 503 while draining;
 //! - metrics (`--metrics-addr`, 15020): `GET /stats/prometheus` (Prometheus text);
-//! - admin (`--admin-addr`, 127.0.0.1:15000): `/ready`, `/config_dump`, `/clusters`, `/stats`.
+//! - admin (`--admin-addr`, 127.0.0.1:15000): `/ready`, `/config_dump`, `/clusters`, `/stats`,
+//!   `/logging`, `/services` (the `waypoint services` table for the running snapshot).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -93,6 +94,11 @@ fn answer(shared: &Shared, role: Role, req: &Request<Incoming>) -> Response<Full
         }
         (Role::Admin, "/clusters") => text(StatusCode::OK, "text/plain", clusters(shared)),
         (Role::Admin, "/logging") => logging(req),
+        (Role::Admin, "/services") => text(
+            StatusCode::OK,
+            "text/plain",
+            crate::inspect::services_table(&shared.snapshot.load()),
+        ),
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -19,6 +19,7 @@ pub mod client;
 pub mod demo;
 pub mod error;
 pub mod extauthz;
+pub mod inspect;
 pub mod logging;
 pub mod logguard;
 pub mod meshconfig;

@@ -1,6 +1,10 @@
 //! The access-log record of one request, emitted exactly once: when the response body ends,
 //! or when everything holding it is dropped (client went away: flag `DC`), like agentgateway's
 //! `DropOnLog`. Also feeds the request metrics from the same record, so logs and metrics agree.
+//!
+//! Telemetry `accessLogging` decides whether the line is written (never whether metrics
+//! count): with no Telemetry for the Service nothing extra is kept or evaluated; otherwise
+//! the CEL filters see the finished record ([`log_allowed`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +14,8 @@ use tokio::time::Instant;
 
 use crate::metrics::SourceId;
 use crate::state::Shared;
-use policy::Cluster;
+use http::HeaderMap;
+use policy::{AccessLogPolicy, Cluster, LogAttributes, RequestAttributes};
 
 /// A record being filled in across the request's phases.
 pub struct PendingLog {
@@ -27,6 +32,66 @@ struct Inner {
     grpc: bool,
     /// Held until the record is emitted: the request counts as in flight until then.
     _in_flight: Option<crate::state::InFlight>,
+    /// `None` (no Telemetry applies): every request is logged, nothing evaluated.
+    filter: Option<Box<LogFilter>>,
+}
+
+/// What a Telemetry access-log decision needs beyond the record.
+struct LogFilter {
+    policy: AccessLogPolicy,
+    headers: Option<HeaderMap>,
+    principal: Option<String>,
+}
+
+/// Whether a finished record gets written under `policy` (Telemetry `accessLogging`):
+/// the default policy always logs, `disabled` never does, CEL filters see Envoy's attributes
+/// built from the record. `headers` are the request headers (when the filter reads them).
+pub fn log_allowed(
+    policy: &AccessLogPolicy,
+    r: &AccessLogRecord,
+    headers: Option<&HeaderMap>,
+    principal: Option<&str>,
+) -> bool {
+    if policy.is_default() {
+        return true;
+    }
+    if policy.is_disabled() {
+        return false;
+    }
+    let port = |a: Option<&str>| {
+        a.and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map_or(0, |a| a.port())
+    };
+    let request = r.method.as_deref().map(|method| RequestAttributes {
+        method,
+        path: r.path.as_deref().unwrap_or(""),
+        host: r.authority.as_deref().unwrap_or(""),
+        protocol: r.protocol.unwrap_or(""),
+        id: r.request_id.as_deref().unwrap_or(""),
+        user_agent: r.user_agent.as_deref().unwrap_or(""),
+        headers,
+        size: r.bytes_received,
+        duration_ms: r.duration,
+    });
+    let attrs = LogAttributes {
+        request,
+        response_code: r.response_code,
+        response_code_details: r.response_code_details.as_deref().unwrap_or(""),
+        response_flags: r.response_flags.bits(),
+        response_size: r.bytes_sent,
+        source_address: r.downstream_remote_address.as_deref().unwrap_or(""),
+        source_port: port(r.downstream_remote_address.as_deref()),
+        source_principal: principal.unwrap_or(""),
+        destination_address: r.downstream_local_address.as_deref().unwrap_or(""),
+        destination_port: port(r.downstream_local_address.as_deref()),
+        // Everything reaches the waypoint over HBONE: mutual TLS.
+        mtls: true,
+        upstream_address: r.upstream_host.as_deref().unwrap_or(""),
+        cluster_name: r.upstream_cluster.as_deref().unwrap_or(""),
+        route_name: r.route_name.as_deref().unwrap_or(""),
+        connection_termination_details: r.connection_termination_details.as_deref().unwrap_or(""),
+    };
+    policy.should_log(&attrs)
 }
 
 impl PendingLog {
@@ -48,6 +113,7 @@ impl PendingLog {
                 cluster: None,
                 grpc,
                 _in_flight: None,
+                filter: None,
             }),
         }
     }
@@ -65,6 +131,35 @@ impl PendingLog {
             i.record.upstream_cluster = Some(cluster.name.clone());
             i.cluster = Some(cluster);
         }
+    }
+
+    /// The Telemetry access-log policy of the Service (from the current snapshot). The
+    /// default policy clears any filter (fast path); `headers` is called only when a filter
+    /// reads request headers and none were kept yet.
+    pub fn set_access_log(
+        &mut self,
+        policy: &AccessLogPolicy,
+        principal: Option<&str>,
+        headers: impl FnOnce() -> HeaderMap,
+    ) {
+        let Some(i) = self.inner.as_mut() else {
+            return;
+        };
+        if policy.is_default() {
+            i.filter = None;
+            return;
+        }
+        let kept = i.filter.take().and_then(|f| f.headers);
+        let headers = match kept {
+            Some(h) => Some(h),
+            None if policy.needs_request_headers() => Some(headers()),
+            None => None,
+        };
+        i.filter = Some(Box::new(LogFilter {
+            policy: policy.clone(),
+            headers,
+            principal: principal.map(str::to_string),
+        }));
     }
 
     /// The record, for phases to fill in. `None` only after it was emitted.
@@ -97,7 +192,17 @@ impl PendingLog {
             .metrics
             .record_http(inner.source, inner.cluster.as_ref(), r, inner.grpc);
         if let Some(logger) = &inner.shared.access_log {
-            logger.log(inner.record);
+            let write = inner.filter.as_ref().is_none_or(|f| {
+                log_allowed(
+                    &f.policy,
+                    &inner.record,
+                    f.headers.as_ref(),
+                    f.principal.as_deref(),
+                )
+            });
+            if write {
+                logger.log(inner.record);
+            }
         }
     }
 

@@ -25,6 +25,11 @@ enum Command {
     /// Self-contained demo: dev certificates, the bundled bookinfo config, local backends and a
     /// built-in HBONE client; prints the access log and exits.
     Demo(DemoArgs),
+    /// Explain, offline, what the waypoint would do with one request: binding, route, backends,
+    /// AuthorizationPolicies, and the reply.
+    Explain(ExplainArgs),
+    /// List every Service: VIPs, ports, the waypoint it uses and which label decided it.
+    Services(CheckArgs),
     /// Write development certificates (a test root CA and SPIFFE workload certs) to a directory.
     Certs(CertsArgs),
 }
@@ -110,6 +115,27 @@ struct CheckArgs {
 }
 
 #[derive(Args, Debug)]
+struct ExplainArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The client's SPIFFE identity (spiffe://<td>/ns/<ns>/sa/<sa>).
+    #[arg(long)]
+    from: Option<String>,
+    /// The address the client dials: Service VIP:port (the HBONE CONNECT authority).
+    #[arg(long)]
+    to: SocketAddr,
+    /// Request method.
+    #[arg(short = 'X', long = "request", default_value = "GET")]
+    method: String,
+    /// Request header `name:value` (repeatable). `host:` sets the authority.
+    #[arg(short = 'H', long = "header")]
+    headers: Vec<String>,
+    /// Request path, with optional query.
+    #[arg(default_value = "/")]
+    path: String,
+}
+
+#[derive(Args, Debug)]
 struct DemoArgs {
     /// Requests to send to the reviews Service (split 90/10 between v1 and v2).
     #[arg(long, default_value_t = 20)]
@@ -181,6 +207,81 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Demo(args) => demo(args),
         Command::Certs(args) => certs(args),
+        Command::Explain(args) => explain(args),
+        Command::Services(args) => services(args),
+    }
+}
+
+/// Load the configuration for an offline command; errors printed, exit code on failure.
+fn offline_snapshot(args: &ConfigArgs) -> Result<(proxy::Config, policy::Snapshot), ExitCode> {
+    let config = base_config(args).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })?;
+    match proxy::app::load_snapshot(&config) {
+        Ok(s) => Ok((config, s)),
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("error: {e}");
+            }
+            eprintln!("{} problem(s) found", errors.len());
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn explain(args: ExplainArgs) -> ExitCode {
+    let mut headers = http::HeaderMap::new();
+    for h in &args.headers {
+        let parsed = h.split_once(':').and_then(|(n, v)| {
+            Some((
+                http::HeaderName::from_bytes(n.trim().to_ascii_lowercase().as_bytes()).ok()?,
+                http::HeaderValue::from_str(v.trim()).ok()?,
+            ))
+        });
+        match parsed {
+            Some((n, v)) => {
+                headers.append(n, v);
+            }
+            None => {
+                eprintln!("error: -H {h:?}: expected name:value");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let method = match http::Method::from_bytes(args.method.as_bytes()) {
+        Ok(m) => m,
+        Err(_) => {
+            eprintln!("error: -X {:?} is not an HTTP method", args.method);
+            return ExitCode::from(2);
+        }
+    };
+    if !args.path.starts_with('/') {
+        eprintln!("error: the path must start with '/', got {:?}", args.path);
+        return ExitCode::from(2);
+    }
+    let (config, snapshot) = match offline_snapshot(&args.config) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    let req = proxy::inspect::ExplainRequest {
+        from: args.from,
+        to: args.to,
+        method,
+        headers,
+        path: args.path,
+    };
+    print!("{}", proxy::inspect::explain(&snapshot, &config.mesh, &req));
+    ExitCode::SUCCESS
+}
+
+fn services(args: CheckArgs) -> ExitCode {
+    match offline_snapshot(&args.config) {
+        Ok((_, snapshot)) => {
+            print!("{}", proxy::inspect::services_table(&snapshot));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
     }
 }
 

@@ -186,8 +186,15 @@ impl RequestCtx {
         let grpc = headers
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let mut log = PendingLog::new(r, started, received, t.shared.clone(), t.source, grpc);
+        // Telemetry of the Service as the tunnel was opened (replies before routing); phase 3
+        // replaces it with the current snapshot's.
+        let access_log = &t.service.access_log;
+        if !access_log.is_default() {
+            log.set_access_log(access_log, t.principal.as_deref(), || headers.clone());
+        }
         RequestCtx {
-            log: PendingLog::new(r, started, received, t.shared.clone(), t.source, grpc),
+            log,
             shared: t.shared.clone(),
             response_headers: Vec::new(),
             grpc,
@@ -357,6 +364,12 @@ async fn run_phases(
         // with, as Envoy drains a removed filter chain.
         _ => t.service.clone(),
     };
+    if !service.access_log.is_default() || !t.service.access_log.is_default() {
+        ctx.log
+            .set_access_log(&service.access_log, t.principal.as_deref(), || {
+                req.headers().clone()
+            });
+    }
     // The route is resolved before authorization so a denied request is still logged with
     // its route and cluster, as Envoy's RBAC filter logs the cached route (protocol.md 3.4).
     let routed = route(&service, &req, &normalized);

@@ -333,6 +333,17 @@ pub fn looks_like_http(b: &[u8]) -> Option<bool> {
 /// tcp_proxy; one access-log line per connection at its end).
 async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, started: Instant) {
     let shared = &t.shared;
+    // Telemetry `accessLogging` applies to TCP connections too (no `request.*` attributes).
+    let emit = |shared: &Shared, r: AccessLogRecord| {
+        let snapshot = shared.snapshot.load();
+        let policy = match snapshot.lookup_vip(t.vip) {
+            VipLookup::Bound(sp) => sp.access_log.clone(),
+            _ => t.service.access_log.clone(),
+        };
+        if crate::logguard::log_allowed(&policy, &r, None, t.principal.as_deref()) {
+            emit(shared, r);
+        }
+    };
     let mut r = AccessLogRecord::new(start);
     // TCPRoute: a weighted draw among its backends (Istio `convertTCPRoute`). An invalid
     // backend, or all weights zero (Istio's dummy `internal.cluster.local` destination),

@@ -345,3 +345,333 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or(0);
     (status, out)
 }
+
+/// A mesh for the operator commands: reviews (bound, with a route and an ALLOW policy),
+/// ratings (bound, no endpoints), legacy (opted out), elsewhere (bound to another waypoint),
+/// plain (no label in an unlabelled namespace).
+const OPS_MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {istio.io/use-waypoint: waypoint}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: other}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: default, labels: {istio.io/waypoint-for: service}}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec: {clusterIP: 10.0.0.10, ports: [{name: http, port: 9080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: reviews-1, namespace: default, labels: {kubernetes.io/service-name: reviews}}
+addressType: IPv4
+endpoints: [{addresses: ["10.1.0.1"]}]
+ports: [{name: http, port: 9080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: default}
+spec: {clusterIP: 10.0.0.11, ports: [{name: http, port: 9080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy, namespace: default, labels: {istio.io/use-waypoint: none}}
+spec: {clusterIP: 10.0.0.20, ports: [{name: tcp-db, port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: elsewhere, namespace: default, labels: {istio.io/use-waypoint: east}}
+spec: {clusterIP: 10.0.0.21, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: other}
+spec: {clusterIP: 10.0.0.22, ports: [{port: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - name: canary
+    matches: [{path: {type: PathPrefix, value: /reviews}, headers: [{name: x-env, value: canary}]}]
+    backendRefs: [{name: reviews, port: 9080}]
+  - name: posts
+    matches: [{path: {type: PathPrefix, value: /reviews}, method: POST}]
+    backendRefs: [{name: reviews, port: 9080}]
+  - name: main
+    matches: [{path: {type: PathPrefix, value: /reviews}}]
+    backendRefs: [{name: reviews, port: 9080, weight: 3}, {name: ratings, port: 9080, weight: 1}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-sleep, namespace: default}
+spec:
+  targetRefs: [{kind: Service, group: "", name: reviews}]
+  action: ALLOW
+  rules: [{from: [{source: {principals: ["cluster.local/ns/default/sa/sleep"]}}]}]
+"#;
+
+fn ops_dir(extra: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        format!("{OPS_MESH}---\n{extra}"),
+    )
+    .unwrap();
+    dir
+}
+
+fn run_cmd(args: &[&str], dir: &Path) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(&args[..1])
+        .arg("--config")
+        .arg(dir)
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const SLEEP: &str = "spiffe://cluster.local/ns/default/sa/sleep";
+
+#[test]
+fn explain_shows_the_chosen_rule_and_why_the_others_failed() {
+    let dir = ops_dir("");
+    let (ok, out, err) = run_cmd(
+        &[
+            "explain",
+            "--from",
+            SLEEP,
+            "--to",
+            "10.0.0.10:9080",
+            "/reviews/1",
+        ],
+        dir.path(),
+    );
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("binding: bound here (decided by: namespace label)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "rule canary (PathPrefix /reviews, header x-env=canary): no: header x-env is absent"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("rule posts (PathPrefix /reviews, method POST): no: method GET is not POST"),
+        "{out}"
+    );
+    assert!(
+        out.contains("rule main (PathPrefix /reviews): MATCHED (chosen)"),
+        "{out}"
+    );
+    assert!(out.contains("weight 3 (75.0%): inbound-vip|9080|http|reviews.default.svc.cluster.local endpoints [10.1.0.1:9080]"), "{out}");
+    assert!(out.contains("ALLOW default/allow-sleep:"), "{out}");
+    assert!(
+        out.contains("ns[default]-policy[allow-sleep]-rule[0]: matched"),
+        "{out}"
+    );
+    assert!(out.contains("75.0%: proxied to inbound-vip|9080|http|reviews.default.svc.cluster.local endpoints [10.1.0.1:9080]"), "{out}");
+    assert!(
+        out.contains("25.0%: 503 UH \"no healthy upstream\""),
+        "{out}"
+    );
+
+    // The header makes the canary rule win; the others would match but lose on precedence.
+    let (ok, out, _) = run_cmd(
+        &[
+            "explain",
+            "--from",
+            SLEEP,
+            "--to",
+            "10.0.0.10:9080",
+            "-H",
+            "X-Env: canary",
+            "/reviews",
+        ],
+        dir.path(),
+    );
+    assert!(ok);
+    assert!(
+        out.contains("rule canary (PathPrefix /reviews, header x-env=canary): MATCHED (chosen)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "rule main (PathPrefix /reviews): would match, but a higher-precedence entry won"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
+fn explain_gives_403_for_a_denied_principal_and_404_without_a_rule() {
+    let dir = ops_dir("");
+    let other = "spiffe://cluster.local/ns/default/sa/other";
+    let (ok, out, _) = run_cmd(
+        &[
+            "explain",
+            "--from",
+            other,
+            "--to",
+            "10.0.0.10:9080",
+            "/reviews",
+        ],
+        dir.path(),
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(
+            "ns[default]-policy[allow-sleep]-rule[0]: not matched: no `from` source matches"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("decision: denied (no ALLOW policy matched)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "result: 403 \"RBAC: access denied\" (details rbac_access_denied_matched_policy[none])"
+        ),
+        "{out}"
+    );
+
+    let (ok, out, _) = run_cmd(
+        &[
+            "explain",
+            "--from",
+            SLEEP,
+            "--to",
+            "10.0.0.10:9080",
+            "-X",
+            "DELETE",
+            "/other",
+        ],
+        dir.path(),
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("no rule matches"), "{out}");
+    assert!(
+        out.contains("result: 404 NR (details route_not_found)"),
+        "{out}"
+    );
+
+    // Not bound: the CONNECT itself is refused, and the reason names the label.
+    let (ok, out, _) = run_cmd(
+        &["explain", "--from", SLEEP, "--to", "10.0.0.20:5432", "/"],
+        dir.path(),
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("binding: opted out (decided by: service label)"),
+        "{out}"
+    );
+    assert!(out.contains("result: 503"), "{out}");
+}
+
+#[test]
+fn services_lists_every_service_with_its_binding_and_the_label_that_decided() {
+    let dir = ops_dir("");
+    let (ok, out, err) = run_cmd(&["services"], dir.path());
+    assert!(ok, "{out}{err}");
+    let row = |name: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| panic!("no row for {name}: {out}"))
+    };
+    assert!(out.starts_with("NAMESPACE"), "{out}");
+    assert_eq!(
+        row("reviews"),
+        "default reviews 10.0.0.10 9080/http default/waypoint namespace label bound here"
+    );
+    assert_eq!(
+        row("legacy"),
+        "default legacy 10.0.0.20 5432/tcp none service label opted out"
+    );
+    assert_eq!(
+        row("elsewhere"),
+        "default elsewhere 10.0.0.21 80/http default/east service label bound to another waypoint"
+    );
+    assert_eq!(
+        row("plain"),
+        "other plain 10.0.0.22 8080/unknown - none no waypoint"
+    );
+}
+
+#[test]
+fn telemetry_with_invalid_cel_is_a_config_error_and_selector_telemetry_is_warned() {
+    let bad = r#"apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: broken, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]
+  accessLogging: [{filter: {expression: "response.code >= "}}]
+"#;
+    let dir = ops_dir(bad);
+    let (ok, out, _) = run_cmd(&["check"], dir.path());
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("error: Telemetry default/broken: spec.accessLogging[0].filter.expression: invalid CEL expression"),
+        "{out}"
+    );
+
+    let selector = r#"apiVersion: telemetry.istio.io/v1alpha1
+kind: Telemetry
+metadata: {name: by-selector, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  accessLogging: [{disabled: true}]
+"#;
+    let dir = ops_dir(selector);
+    let (ok, out, _) = run_cmd(&["check"], dir.path());
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: Telemetry default/by-selector uses a selector; waypoints ignore selector-based policies"),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_deployment_manifest_drains_within_its_grace_period_and_has_hpa_pdb_and_requests() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/waypoint.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let number_after = |key: &str| -> u64 {
+        let at = text.find(key).unwrap_or_else(|| panic!("{key} missing")) + key.len();
+        text[at..]
+            .trim_start_matches([' ', ':', '"', ','])
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    };
+    let grace = number_after("terminationGracePeriodSeconds:");
+    let drain = number_after("\"--drain-timeout\"");
+    assert!(
+        grace > drain,
+        "grace {grace}s must exceed the drain deadline {drain}s"
+    );
+    assert!(text.contains("kind: HorizontalPodAutoscaler"));
+    assert!(text.contains("kind: PodDisruptionBudget"));
+    assert!(text.contains("requests: {cpu: 100m, memory: 128Mi}"));
+    assert!(
+        text.contains("scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: waypoint}")
+    );
+}

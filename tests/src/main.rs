@@ -11,4 +11,5 @@ mod hbone_listener;
 mod mesh;
 mod operations;
 mod routing;
+mod telemetry;
 mod upstream;

@@ -258,3 +258,32 @@ async fn drain_under_load_loses_no_request_and_accepts_no_new_one() {
     let logs = wp.drain_logs(Duration::from_millis(300));
     assert_eq!(logs.len(), completed.load(Ordering::Relaxed));
 }
+
+#[tokio::test]
+async fn the_admin_port_serves_the_services_table() {
+    let b = Backend::echo("reviews").await;
+    let mut m = base(b.addr);
+    m.push("apiVersion: v1\nkind: Service\nmetadata: {name: legacy, namespace: default, labels: {istio.io/use-waypoint: none}}\nspec: {clusterIP: 10.0.0.20, ports: [{name: tcp, port: 5432}]}\n");
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let table = http_get(wp.running().admin_addr, "/services")
+        .await
+        .unwrap()
+        .text();
+    let rows: Vec<String> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert!(
+        rows.contains(
+            &"default reviews 10.0.0.10 9080/http default/waypoint namespace label bound here"
+                .to_string()
+        ),
+        "{table}"
+    );
+    assert!(
+        rows.contains(
+            &"default legacy 10.0.0.20 5432/tcp none service label opted out".to_string()
+        ),
+        "{table}"
+    );
+}

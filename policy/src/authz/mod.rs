@@ -420,6 +420,76 @@ pub fn evaluate_rbac(set: &AuthzSet, req: &AuthzRequest<'_>) -> Decision {
     decision
 }
 
+/// One rule's outcome in [`explain`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleOutcome {
+    /// `ns[<ns>]-policy[<name>]-rule[<i>]`.
+    pub id: Arc<str>,
+    pub matched: bool,
+    /// Why it did not match (the first part that failed); empty when it matched.
+    pub why_not: String,
+}
+
+/// One policy's outcome in [`explain`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyOutcome {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub action: Action,
+    pub dry_run: bool,
+    pub provider: Option<Arc<str>>,
+    /// In `spec.rules` order; empty for `spec: {}` (matches nothing).
+    pub rules: Vec<RuleOutcome>,
+}
+
+/// Every policy of `set` with each rule's outcome for `req`, and the decision [`evaluate`]
+/// makes (`waypoint explain`). Same matching as the data path; nothing is cached.
+pub fn explain(set: &AuthzSet, req: &AuthzRequest<'_>) -> (Vec<PolicyOutcome>, Decision) {
+    let outcomes = set
+        .policies()
+        .iter()
+        .map(|p| PolicyOutcome {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            action: p.action,
+            dry_run: p.dry_run,
+            provider: p.provider.clone(),
+            rules: p
+                .rules
+                .iter()
+                .map(|r| {
+                    let why_not = r.why_not(req);
+                    RuleOutcome {
+                        id: r.id.clone(),
+                        matched: why_not.is_none(),
+                        why_not: why_not.unwrap_or_default(),
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    (outcomes, evaluate(set, req))
+}
+
+impl Rule {
+    /// `None` when [`Rule::matches`], else which part failed.
+    fn why_not(&self, req: &AuthzRequest<'_>) -> Option<String> {
+        if req.http.is_none() && self.uses_http && self.action == Action::Allow {
+            return Some("uses HTTP-only fields on TCP traffic (ALLOW rule dropped)".into());
+        }
+        if !(self.from.is_empty() || self.from.iter().any(|c| c.matches(req))) {
+            return Some("no `from` source matches".into());
+        }
+        if !(self.to.is_empty() || self.to.iter().any(|c| c.matches(req))) {
+            return Some("no `to` operation matches".into());
+        }
+        if !self.when.matches(req) {
+            return Some("a `when` condition fails".into());
+        }
+        None
+    }
+}
+
 /// Combine the shadow results: a matching dry-run DENY rule would deny; else dry-run ALLOW
 /// policies would allow only with a matching rule; else (dry-run DENY policies that did not
 /// match) allowed.

@@ -31,8 +31,8 @@ use crate::route::{
 };
 use crate::snapshot::Workload;
 use crate::snapshot::{
-    AppProtocol, Cluster, CompileOptions, Endpoint, EndpointLoad, GatewayInfo, ServicePort,
-    Snapshot, WaypointFor,
+    AppProtocol, BindingInfo, BindingSource, BindingState, Cluster, CompileOptions, Endpoint,
+    EndpointLoad, GatewayInfo, ServiceInfo, ServicePort, ServicePortInfo, Snapshot, WaypointFor,
 };
 
 const USE_WAYPOINT: &str = "istio.io/use-waypoint";
@@ -60,6 +60,8 @@ struct Svc {
     ports: Vec<SvcPort>,
     /// `Ok` = bound to this waypoint; `Err` = why not.
     binding: Result<(), String>,
+    /// The same decision with the label that made it (for `waypoint services`).
+    info: BindingInfo,
 }
 
 struct SvcPort {
@@ -195,6 +197,7 @@ pub(crate) fn compile(
     let mut request_authns = Vec::new();
     let mut tcp_routes = Vec::new();
     let mut tls_routes = Vec::new();
+    let mut telemetries = Vec::new();
     for r in &resources.resources {
         let Some(meta) = r.metadata() else { continue };
         if !seen.insert((r.kind(), meta.namespace.as_str(), meta.name.as_str())) {
@@ -219,6 +222,7 @@ pub(crate) fn compile(
             Resource::ReferenceGrant(g) => c.grants.push(g),
             Resource::AuthorizationPolicy(p) => policies.push(p),
             Resource::RequestAuthentication(p) => request_authns.push(p),
+            Resource::Telemetry(t) => telemetries.push(t),
             Resource::Unknown { .. } => {}
         }
     }
@@ -295,7 +299,40 @@ pub(crate) fn compile(
             &mut c.warnings,
         )
     };
-    let (bound, not_bound) = c.vip_index(tables, tcp_tables, tls_tables, &authz, &authn);
+    let telemetry = {
+        let services = &c.services;
+        let exists = |ns: &str, name: &str| services.contains_key(&(ns, name));
+        crate::telemetry::compile_telemetry(
+            &telemetries,
+            options,
+            &exists,
+            &mut c.errors,
+            &mut c.warnings,
+        )
+    };
+    let (bound, not_bound) =
+        c.vip_index(tables, tcp_tables, tls_tables, &authz, &authn, &telemetry);
+    let services = c
+        .services
+        .iter()
+        .map(|((ns, name), svc)| {
+            Arc::new(ServiceInfo {
+                namespace: (*ns).into(),
+                name: (*name).into(),
+                vips: svc.vips.clone(),
+                ports: svc
+                    .ports
+                    .iter()
+                    .map(|p| ServicePortInfo {
+                        port: p.port,
+                        name: p.name.clone(),
+                        protocol: p.protocol,
+                    })
+                    .collect(),
+                binding: svc.info.clone(),
+            })
+        })
+        .collect();
     let workloads = c.workloads(&info, &allowed);
     let extension_clusters = c.extension_clusters();
 
@@ -311,6 +348,8 @@ pub(crate) fn compile(
         clusters: clusters.map(|cl| (cl.name.clone(), cl)).collect(),
         authz,
         authn,
+        telemetry,
+        services,
         workloads,
         extension_clusters,
         warnings: c.warnings,
@@ -445,6 +484,7 @@ impl<'a> Compiler<'a> {
         mut tls_tables: HashMap<(SvcKey<'a>, u16), TlsCandidates>,
         authz: &AuthzIndex,
         authn: &AuthnIndex,
+        telemetry: &crate::telemetry::TelemetryIndex,
     ) -> (
         HashMap<SocketAddr, Arc<ServicePort>>,
         HashMap<SocketAddr, String>,
@@ -483,6 +523,7 @@ impl<'a> Compiler<'a> {
                         });
                         let authz = authz.for_service(key.0, key.1);
                         let authn = authn.for_service(key.0, key.1);
+                        let access_log = telemetry.for_service(key.0, key.1);
                         for vip in &vips {
                             let vip = SocketAddr::new(*vip, port);
                             let (cluster, routes) = (cluster.clone(), routes.clone());
@@ -497,6 +538,7 @@ impl<'a> Compiler<'a> {
                                     tls_routes: tls_routes.clone(),
                                     authz: authz.clone(),
                                     authn: authn.clone(),
+                                    access_log: access_log.clone(),
                                 }),
                             );
                         }
@@ -620,26 +662,46 @@ impl<'a> Compiler<'a> {
                 protocol: port_protocol(p),
             });
         }
-        let binding = if gateway_found {
+        let info = if gateway_found {
             self.binding(s, gw, allowed)
         } else {
-            Err("the waypoint Gateway is not configured".into())
+            BindingInfo {
+                state: BindingState::NoGateway,
+                source: BindingSource::None,
+                waypoint: None,
+                reason: "the waypoint Gateway is not configured".into(),
+            }
+        };
+        let binding = match info.state {
+            BindingState::Bound => Ok(()),
+            _ => Err(info.reason.clone()),
         };
         Svc {
             vips,
             ports,
             binding,
+            info,
         }
     }
 
-    /// Istio `fetchWaypointForTarget` for a Service, restricted to "is it bound to us".
-    fn binding(&self, s: &Service, gw: &GatewayInfo, allowed: &Allowed) -> Result<(), String> {
+    /// Istio `fetchWaypointForTarget` for a Service, seen from this waypoint: bound here, or
+    /// why not, and which label decided.
+    fn binding(&self, s: &Service, gw: &GatewayInfo, allowed: &Allowed) -> BindingInfo {
         let meta = &s.metadata;
         let svc = format!("Service {}", id(meta));
+        let info = |state, source, waypoint: Option<String>, reason: String| BindingInfo {
+            state,
+            source,
+            waypoint,
+            reason,
+        };
         if meta.labels.contains_key(GATEWAY_NAME_LABEL) {
-            return Err(format!(
-                "{svc} belongs to a gateway; waypoints never get a waypoint"
-            ));
+            return info(
+                BindingState::GatewayService,
+                BindingSource::None,
+                None,
+                format!("{svc} belongs to a gateway; waypoints never get a waypoint"),
+            );
         }
         let ns = meta.namespace.as_str();
         let ns_labels = self.namespace_labels(ns);
@@ -647,29 +709,46 @@ impl<'a> Compiler<'a> {
             labels.get(key).filter(|v| !v.is_empty()).cloned()
         };
         // The object that supplied `use-waypoint` also supplies `use-waypoint-namespace`.
-        let (source, waypoint, waypoint_ns) = if let Some(w) = get(&meta.labels, USE_WAYPOINT) {
-            (svc.clone(), w, get(&meta.labels, USE_WAYPOINT_NAMESPACE))
+        let (kind, source, waypoint, waypoint_ns) = if let Some(w) = get(&meta.labels, USE_WAYPOINT)
+        {
+            (
+                BindingSource::ServiceLabel,
+                svc.clone(),
+                w,
+                get(&meta.labels, USE_WAYPOINT_NAMESPACE),
+            )
         } else if let Some(w) = get(&ns_labels, USE_WAYPOINT) {
             (
+                BindingSource::NamespaceLabel,
                 format!("namespace {ns}"),
                 w,
                 get(&ns_labels, USE_WAYPOINT_NAMESPACE),
             )
         } else {
-            return Err(format!(
-                "{svc} has no {USE_WAYPOINT} label (nor does its namespace)"
-            ));
+            return info(
+                BindingState::NoWaypoint,
+                BindingSource::None,
+                None,
+                format!("{svc} has no {USE_WAYPOINT} label (nor does its namespace)"),
+            );
         };
         if waypoint == "none" {
-            return Err(format!(
-                "{svc} opted out of waypoints ({USE_WAYPOINT}=none on {source})"
-            ));
+            return info(
+                BindingState::OptedOut,
+                kind,
+                None,
+                format!("{svc} opted out of waypoints ({USE_WAYPOINT}=none on {source})"),
+            );
         }
         let waypoint_ns = waypoint_ns.unwrap_or_else(|| ns.to_string());
+        let named = Some(format!("{waypoint_ns}/{waypoint}"));
         if waypoint != *gw.name || waypoint_ns != *gw.namespace {
-            return Err(format!(
-                "{svc} is bound to waypoint {waypoint_ns}/{waypoint} (label on {source})"
-            ));
+            return info(
+                BindingState::OtherWaypoint,
+                kind,
+                named,
+                format!("{svc} is bound to waypoint {waypoint_ns}/{waypoint} (label on {source})"),
+            );
         }
         let gw_id = format!("{}/{}", gw.namespace, gw.name);
         let wf = match gw.waypoint_for {
@@ -678,9 +757,14 @@ impl<'a> Compiler<'a> {
             WaypointFor::None => Some("none"),
         };
         if let Some(wf) = wf {
-            return Err(format!(
-                "{svc}: waypoint {gw_id} has {WAYPOINT_FOR}={wf}, which does not admit service traffic"
-            ));
+            return info(
+                BindingState::WaypointForRejects,
+                kind,
+                named,
+                format!(
+                    "{svc}: waypoint {gw_id} has {WAYPOINT_FOR}={wf}, which does not admit service traffic"
+                ),
+            );
         }
         let (admitted, from) = match allowed {
             Allowed::Same => (ns == &*gw.namespace, "Same"),
@@ -688,11 +772,21 @@ impl<'a> Compiler<'a> {
             Allowed::Selector(sel) => (sel.matches(&ns_labels), "Selector"),
         };
         if !admitted {
-            return Err(format!(
-                "{svc}: waypoint {gw_id} does not admit namespace {ns} (allowedRoutes.namespaces.from={from}; missing allowedRoutes?)"
-            ));
+            return info(
+                BindingState::NamespaceNotAllowed,
+                kind,
+                named,
+                format!(
+                    "{svc}: waypoint {gw_id} does not admit namespace {ns} (allowedRoutes.namespaces.from={from}; missing allowedRoutes?)"
+                ),
+            );
         }
-        Ok(())
+        info(
+            BindingState::Bound,
+            kind,
+            named,
+            format!("{svc} uses waypoint {gw_id} ({USE_WAYPOINT} label on {source})"),
+        )
     }
 
     fn pod(&mut self, p: &'a crate::resources::Pod) {

@@ -1,0 +1,424 @@
+//! Offline answers for operators, from a compiled snapshot only (no sockets):
+//! - [`services_table`]: every Service, its VIPs, ports and protocols, the waypoint it uses and
+//!   which label decided it (`waypoint services`, admin `/services`; like
+//!   `istioctl x ztunnel-config service`);
+//! - [`explain`]: what the waypoint would do with one request (`waypoint explain`): binding,
+//!   route rule chosen and why the others failed, backends, every AuthorizationPolicy with
+//!   its result, and the reply a real request would get. The decisions come from the same
+//!   `policy` functions the data path calls, and the replies from [`ProxyError::local_reply`].
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+
+use http::{HeaderMap, Method};
+use policy::{Backend, BindingState, Snapshot, VipLookup};
+
+use crate::error::{ProxyError, UNKNOWN_AUTHORITY_BODY};
+use crate::meshconfig::{MeshConfig, ProviderKind};
+
+/// The `waypoint services` table: one line per Service, sorted by namespace and name.
+pub fn services_table(snapshot: &Snapshot) -> String {
+    let header = [
+        "NAMESPACE",
+        "NAME",
+        "VIPS",
+        "PORTS",
+        "WAYPOINT",
+        "DECIDED BY",
+        "STATUS",
+    ];
+    let mut rows: Vec<[String; 7]> = vec![header.map(str::to_string)];
+    for s in snapshot.services() {
+        let vips: Vec<String> = s.vips.iter().map(|v| v.to_string()).collect();
+        let ports: Vec<String> = s
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}", p.port, p.protocol.as_str()))
+            .collect();
+        let b = &s.binding;
+        let waypoint = match b.state {
+            BindingState::OptedOut => "none".to_string(),
+            _ => b.waypoint.clone().unwrap_or_else(|| "-".into()),
+        };
+        rows.push([
+            s.namespace.to_string(),
+            s.name.to_string(),
+            if vips.is_empty() {
+                "None".into()
+            } else {
+                vips.join(",")
+            },
+            if ports.is_empty() {
+                "-".into()
+            } else {
+                ports.join(",")
+            },
+            waypoint,
+            b.source.as_str().to_string(),
+            b.state.as_str().to_string(),
+        ]);
+    }
+    let mut widths = [0usize; 7];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row.iter()) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}  ", width = widths[i]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// One request to explain.
+#[derive(Debug, Clone)]
+pub struct ExplainRequest {
+    /// The client's SPIFFE identity (the HBONE peer certificate).
+    pub from: Option<String>,
+    /// The CONNECT authority: the Service VIP:port (or pod ip:port) dialled.
+    pub to: SocketAddr,
+    pub method: Method,
+    /// Lower-case names.
+    pub headers: HeaderMap,
+    /// Path with optional query.
+    pub path: String,
+}
+
+/// The reply a real request would get, one line.
+fn reply_line(e: &ProxyError) -> String {
+    let r = e.local_reply();
+    let mut line = format!("{}", r.status.as_u16());
+    if !r.flags.is_empty() {
+        let _ = write!(line, " {}", r.flags);
+    }
+    if !r.body.is_empty() {
+        let _ = write!(line, " {:?}", r.body.trim_end());
+    }
+    let _ = write!(line, " (details {})", r.details);
+    line
+}
+
+/// What the waypoint would do with `req`, as text. Never fails: every outcome is described.
+pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> String {
+    let mut out = String::new();
+    let o = &mut out;
+    let (path, query) = match req.path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (req.path.as_str(), None),
+    };
+    let _ = writeln!(
+        o,
+        "request: {} {} from {} to {} through waypoint {}/{}",
+        req.method,
+        req.path,
+        req.from.as_deref().unwrap_or("(no identity)"),
+        req.to,
+        snapshot.gateway.namespace,
+        snapshot.gateway.name
+    );
+
+    // 1. Binding.
+    let info = snapshot.service_at(req.to);
+    let _ = writeln!(o, "\nservice:");
+    match &info {
+        Some(s) => {
+            let port = s.ports.iter().find(|p| p.port == req.to.port());
+            let _ = writeln!(
+                o,
+                "  Service {}/{} port {} ({})",
+                s.namespace,
+                s.name,
+                req.to.port(),
+                port.map_or("unknown", |p| p.protocol.as_str())
+            );
+            let _ = writeln!(
+                o,
+                "  binding: {} (decided by: {})",
+                s.binding.state.as_str(),
+                s.binding.source.as_str()
+            );
+            let _ = writeln!(o, "  why: {}", s.binding.reason);
+        }
+        None => {
+            let _ = writeln!(o, "  no Service has VIP:port {}", req.to);
+        }
+    }
+    let service = match snapshot.lookup_vip(req.to) {
+        VipLookup::Bound(sp) => sp,
+        VipLookup::NotBound(_) | VipLookup::Unknown => {
+            let _ = writeln!(
+                o,
+                "\nresult: 503 {UNKNOWN_AUTHORITY_BODY:?} (CONNECT refused: no filter chain for {}, logged NR filter_chain_not_found)",
+                req.to
+            );
+            return out;
+        }
+    };
+    if info.is_none() {
+        let _ = writeln!(
+            o,
+            "  workload address: served for workload traffic (cluster {})",
+            service.cluster.name
+        );
+    }
+    if service.protocol == policy::AppProtocol::Tcp {
+        let _ = writeln!(
+            o,
+            "  port is TCP: no HTTP routing; the connection is proxied to {}",
+            service.cluster.name
+        );
+    }
+
+    let normalized = match policy::normalize_path(path) {
+        Ok(p) => p.into_owned(),
+        Err(()) => {
+            let _ = writeln!(
+                o,
+                "\nresult: {} (path cannot be normalized)",
+                reply_line(&ProxyError::BadPath)
+            );
+            return out;
+        }
+    };
+    if normalized != path {
+        let _ = writeln!(o, "  path normalized to {normalized}");
+    }
+
+    // 2. Route.
+    let _ = writeln!(o, "\nroute:");
+    let mut chosen: Option<(String, policy::WeightedBackends)> = None;
+    match &service.routes {
+        None => {
+            let _ = writeln!(
+                o,
+                "  no HTTPRoute attached: the implicit route \"default\" to {}",
+                service.cluster.name
+            );
+            chosen = Some((
+                "default".into(),
+                policy::WeightedBackends {
+                    backends: vec![policy::BackendRef {
+                        backend: Backend::Cluster(service.cluster.clone()),
+                        weight: 1,
+                        filters: Default::default(),
+                    }],
+                    total_weight: 1,
+                },
+            ));
+        }
+        Some(table) => {
+            let traces = table.explain(&req.method, &normalized, query, &req.headers);
+            let _ = writeln!(
+                o,
+                "  {} match entr{} in Gateway API precedence order:",
+                traces.len(),
+                if traces.len() == 1 { "y" } else { "ies" }
+            );
+            for (i, t) in traces.iter().enumerate() {
+                let verdict = match (&t.result, &chosen) {
+                    (Ok(()), None) => {
+                        chosen = Some((t.rule.name.to_string(), t.rule.backends.clone()));
+                        "MATCHED (chosen)".to_string()
+                    }
+                    (Ok(()), Some(_)) => {
+                        "would match, but a higher-precedence entry won".to_string()
+                    }
+                    (Err(why), _) => format!("no: {why}"),
+                };
+                let _ = writeln!(
+                    o,
+                    "  [{}] rule {} ({}): {verdict}",
+                    i + 1,
+                    t.rule.name,
+                    t.description
+                );
+            }
+            if chosen.is_none() {
+                let _ = writeln!(o, "  no rule matches");
+            }
+        }
+    }
+    if let Some((name, backends)) = &chosen {
+        let _ = writeln!(o, "\nbackends of rule {name}:");
+        if backends.backends.is_empty() {
+            let _ = writeln!(o, "  none with a non-zero weight");
+        }
+        for b in &backends.backends {
+            let share = 100.0 * f64::from(b.weight) / backends.total_weight.max(1) as f64;
+            match &b.backend {
+                Backend::Cluster(c) => {
+                    let eps: Vec<String> = c.endpoints.iter().map(|e| e.addr.to_string()).collect();
+                    let _ = writeln!(
+                        o,
+                        "  weight {} ({share:.1}%): {} endpoints [{}]",
+                        b.weight,
+                        c.name,
+                        eps.join(", ")
+                    );
+                }
+                Backend::Invalid { reason } => {
+                    let _ = writeln!(o, "  weight {} ({share:.1}%): invalid: {reason}", b.weight);
+                }
+            }
+        }
+    }
+
+    // 3. Authorization.
+    let host = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(|| req.to.to_string(), str::to_string);
+    let areq = policy::AuthzRequest {
+        source_principal: req.from.as_deref(),
+        source_ip: None,
+        remote_ip: None,
+        dest_ip: Some(req.to.ip()),
+        dest_port: req.to.port(),
+        http: (service.protocol != policy::AppProtocol::Tcp).then_some(policy::HttpAttrs {
+            method: req.method.as_str(),
+            path: &normalized,
+            host: &host,
+            headers: &req.headers,
+            request_principal: None,
+            request_auth: None,
+        }),
+    };
+    let _ = writeln!(o, "\nauthorization:");
+    if !service.authn.is_empty() {
+        let _ = writeln!(
+            o,
+            "  RequestAuthentication applies: a request with an invalid JWT gets 401; explain verifies no token (evaluated as a request without one)"
+        );
+    }
+    let (outcomes, mut decision) = policy::explain_authz(&service.authz, &areq);
+    if outcomes.is_empty() {
+        let _ = writeln!(o, "  no AuthorizationPolicy applies: allowed");
+    }
+    for p in &outcomes {
+        let dry = if p.dry_run { " (dry-run)" } else { "" };
+        let provider = p
+            .provider
+            .as_deref()
+            .map(|p| format!(" provider {p}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "  {} {}/{}{provider}{dry}:",
+            p.action, p.namespace, p.name
+        );
+        if p.rules.is_empty() {
+            let _ = writeln!(o, "    no rules (matches nothing)");
+        }
+        for r in &p.rules {
+            if r.matched {
+                let _ = writeln!(o, "    {}: matched", r.id);
+            } else {
+                let _ = writeln!(o, "    {}: not matched: {}", r.id, r.why_not);
+            }
+        }
+    }
+    if let Some(m) = policy::custom_match(&service.authz, &areq) {
+        let usable = matches!(
+            mesh.provider(&m.provider).map(|p| &p.kind),
+            Some(ProviderKind::ExtAuthzHttp(_))
+        ) && !m.conflicting_providers
+            && areq.http.is_some();
+        if usable {
+            let _ = writeln!(
+                o,
+                "  CUSTOM {} matched: ext_authz provider {} decides first (explain assumes it allows)",
+                m.policy, m.provider
+            );
+            decision = policy::evaluate_rbac(&service.authz, &areq);
+        } else {
+            let _ = writeln!(
+                o,
+                "  CUSTOM {} matched but provider {:?} cannot be used: denied as Istio does",
+                m.policy, m.provider
+            );
+        }
+    }
+    if !outcomes.is_empty() {
+        let _ = writeln!(
+            o,
+            "  decision: {}{}",
+            if decision.allowed {
+                "allowed"
+            } else {
+                "denied"
+            },
+            decision
+                .matched_policy
+                .as_deref()
+                .map(|p| format!(" by {p}"))
+                .unwrap_or_else(|| if decision.allowed {
+                    String::new()
+                } else {
+                    " (no ALLOW policy matched)".into()
+                })
+        );
+    }
+
+    // 4. Telemetry.
+    let log = &service.access_log;
+    if let Some(source) = log.source() {
+        let exprs = log.expressions();
+        let what = if log.is_disabled() {
+            "access logging disabled".to_string()
+        } else if exprs.is_empty() {
+            "every request logged".to_string()
+        } else {
+            format!("logged when {}", exprs.join(" or "))
+        };
+        let _ = writeln!(o, "\naccess log: {source}: {what}");
+    }
+
+    // 5. The reply.
+    let _ = write!(o, "\nresult: ");
+    if !decision.allowed {
+        let e = ProxyError::RbacDenied {
+            details: decision.details.clone(),
+        };
+        let _ = writeln!(o, "{}", reply_line(&e));
+        return out;
+    }
+    let Some((_, backends)) = chosen else {
+        let _ = writeln!(o, "{}", reply_line(&ProxyError::RouteNotFound));
+        return out;
+    };
+    if backends.total_weight == 0 {
+        let _ = writeln!(o, "{}", reply_line(&ProxyError::NoBackendWeight));
+        return out;
+    }
+    let several = backends.backends.len() > 1;
+    for b in &backends.backends {
+        if several {
+            let share = 100.0 * f64::from(b.weight) / backends.total_weight as f64;
+            let _ = write!(o, "\n  {share:.1}%: ");
+        }
+        let line = match &b.backend {
+            Backend::Invalid { .. } => reply_line(&ProxyError::ClusterNotFound),
+            Backend::Cluster(c) if c.endpoints.is_empty() => {
+                reply_line(&ProxyError::NoHealthyUpstream)
+            }
+            Backend::Cluster(c) => {
+                let eps: Vec<String> = c.endpoints.iter().map(|e| e.addr.to_string()).collect();
+                format!("proxied to {} endpoints [{}]", c.name, eps.join(", "))
+            }
+        };
+        let _ = write!(o, "{line}");
+    }
+    o.push('\n');
+    out
+}

@@ -1,0 +1,141 @@
+//! Telemetry `accessLogging` on the waypoint: logging disabled (no lines, metrics still
+//! count), CEL filters on the response code and request headers, Service-targeted Telemetry
+//! overriding the waypoint-wide one, and a reload that adds a Telemetry to open tunnels.
+
+use std::time::Duration;
+
+use waypoint_tests::*;
+
+fn telemetry(name: &str, target: &str, access_logging: &str) -> String {
+    format!(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  targetRefs: [{target}]\n  accessLogging: {access_logging}\n"
+    )
+}
+
+const GATEWAY: &str = "{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}";
+
+fn mesh(backend: std::net::SocketAddr, extra: &[String]) -> String {
+    let mut m = Manifests::new();
+    m.service("reviews", "10.0.0.10", 9080, "http", &[backend]);
+    m.service("ratings", "10.0.0.11", 9080, "http", &[backend]);
+    m.route(
+        "reviews",
+        "reviews",
+        9080,
+        "  - matches: [{path: {type: PathPrefix, value: /ok}}]\n    backendRefs: [{name: reviews, port: 9080}]\n",
+    );
+    for doc in extra {
+        m.push(doc);
+    }
+    m.yaml()
+}
+
+/// Sum of `istio_requests_total` over every label set.
+async fn requests_total(wp: &TestWaypoint) -> u64 {
+    let text = http_get(wp.running().metrics_addr, "/stats/prometheus")
+        .await
+        .unwrap()
+        .text();
+    text.lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+async fn get_with(http: &mut TunnelHttp, path: &str, headers: &[(&str, &str)]) -> u16 {
+    let mut req = http::Request::builder()
+        .uri(path)
+        .header("host", "reviews:9080");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    http.send(req).await.unwrap().status.as_u16()
+}
+
+#[tokio::test]
+async fn disabled_access_logging_writes_no_lines_while_metrics_still_count() {
+    let b = Backend::echo("reviews").await;
+    let t = telemetry("quiet", GATEWAY, "[{disabled: true}]");
+    let wp = TestWaypoint::start(&mesh(b.addr, &[t])).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    assert_eq!(get_with(&mut http, "/ok", &[]).await, 200);
+    assert_eq!(get_with(&mut http, "/missing", &[]).await, 404);
+    let lines = wp.drain_logs(Duration::from_millis(500));
+    assert!(lines.is_empty(), "no access-log lines: {lines:?}");
+    let counted = eventually(Duration::from_secs(5), || async {
+        (requests_total(&wp).await == 2).then_some(())
+    })
+    .await;
+    assert!(counted.is_some(), "both requests are still counted");
+}
+
+#[tokio::test]
+async fn a_response_code_filter_logs_only_errors_and_a_header_filter_only_marked_requests() {
+    let b = Backend::echo("reviews").await;
+    let errors = telemetry(
+        "errors",
+        GATEWAY,
+        "[{providers: [{name: envoy}], filter: {expression: \"response.code >= 400\"}}]",
+    );
+    // Service-targeted Telemetry overrides the waypoint-wide one for ratings.
+    let debug = telemetry(
+        "debug",
+        "{group: \"\", kind: Service, name: ratings}",
+        "[{filter: {expression: \"request.headers['x-debug'] == 'true'\"}}]",
+    );
+    let wp = TestWaypoint::start(&mesh(b.addr, &[errors, debug])).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut reviews = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    assert_eq!(get_with(&mut reviews, "/ok/1", &[]).await, 200);
+    assert_eq!(get_with(&mut reviews, "/missing", &[]).await, 404);
+    assert_eq!(get_with(&mut reviews, "/ok/2", &[]).await, 200);
+    let lines = wp.next_logs(1);
+    assert_eq!(lines[0]["response_code"], 404, "{lines:?}");
+    assert_eq!(lines[0]["response_flags"], "NR");
+    assert!(wp.drain_logs(Duration::from_millis(400)).is_empty());
+
+    let mut ratings = TunnelHttp::open(&conn, "10.0.0.11:9080").await.unwrap();
+    assert_eq!(get_with(&mut ratings, "/a", &[]).await, 200);
+    assert_eq!(
+        get_with(&mut ratings, "/b", &[("x-debug", "true")]).await,
+        200
+    );
+    assert_eq!(
+        get_with(&mut ratings, "/c", &[("x-debug", "no")]).await,
+        200
+    );
+    let lines = wp.next_logs(1);
+    assert_eq!(lines[0]["path"], "/b", "{lines:?}");
+    assert!(wp.drain_logs(Duration::from_millis(400)).is_empty());
+    let counted = eventually(Duration::from_secs(5), || async {
+        (requests_total(&wp).await == 6).then_some(())
+    })
+    .await;
+    assert!(counted.is_some(), "metrics count every request");
+}
+
+#[tokio::test]
+async fn a_telemetry_added_by_reload_applies_to_tunnels_already_open() {
+    let b = Backend::echo("reviews").await;
+    let wp = TestWaypoint::start(&mesh(b.addr, &[])).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    assert_eq!(get_with(&mut http, "/ok", &[]).await, 200);
+    assert_eq!(wp.next_logs(1)[0]["response_code"], 200);
+
+    let t = telemetry("quiet", GATEWAY, "[{disabled: true}]");
+    std::fs::write(wp.dir.path().join("config.yaml"), mesh(b.addr, &[t])).unwrap();
+    let reloaded = eventually(Duration::from_secs(10), || async {
+        let snap = wp.running().shared.snapshot.load_full();
+        (!snap.telemetries().is_empty()).then_some(())
+    })
+    .await;
+    assert!(reloaded.is_some(), "the Telemetry is loaded");
+    assert_eq!(get_with(&mut http, "/ok", &[]).await, 200);
+    let lines = wp.drain_logs(Duration::from_millis(500));
+    assert!(lines.is_empty(), "{lines:?}");
+}
