@@ -7,7 +7,7 @@
 # Environment (all optional):
 #   DURATION=10        measured seconds per run (1..60)       WARMUP=2     unmeasured seconds before (0..10)
 #   REPEAT=1           runs per scenario and target (1..5), target order rotated each repeat
-#   SCENARIOS="c1 c16 c64 newtunnel body1k body64k routes100 authz100 open idle services"
+#   SCENARIOS="c1 c16 c64 newtunnel body1k body64k routes100 authz100 hbone2 open idle services"
 #   TARGETS="direct waypoint envoy"
 #   PIN=1              proxies on CPU $PROXY_CPU (1), loadgen + backend on CPU $CLIENT_CPU (0); PIN=0: no taskset
 #   WORKERS=1          worker threads of both proxies (waypoint --workers, envoy --concurrency)
@@ -23,7 +23,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$TARGET_DIR/release"
-DEFAULT_SCENARIOS="c1 c16 c64 newtunnel body1k body64k routes100 authz100 open idle services"
+DEFAULT_SCENARIOS="c1 c16 c64 newtunnel body1k body64k routes100 authz100 hbone2 open idle services"
 
 clamp() { local v="$1" lo="$2" hi="$3"; [[ "$v" =~ ^[0-9]+$ ]] || v="$lo"; ((v < lo)) && v=$lo; ((v > hi)) && v=$hi; echo "$v"; }
 DURATION="$(clamp "${DURATION:-10}" 1 60)"
@@ -107,7 +107,7 @@ if [[ "$BUILD" == 1 ]]; then
   (cd "$ROOT" && cargo build --release --quiet -p proxy --bin waypoint -p waypoint-benches --bins) \
     || die "cargo build failed"
 fi
-for b in waypoint loadgen bench-backend benchtool; do
+for b in waypoint loadgen bench-backend bench-ztunnel benchtool; do
   [[ -x "$BIN/$b" ]] || die "$BIN/$b missing (run with BUILD=1)"
 done
 
@@ -175,6 +175,7 @@ wait_http "http://127.0.0.1:$P_V1/" 10 || die "bench-backend did not start (see 
 WP_PID=""
 EN_PID=""
 CUR_VARIANT=""
+WP_EXTRA=()
 start_waypoint() { # VARIANT
   local p
   for p in "$WP_HBONE" "$WP_READY" "$WP_METRICS" "$WP_ADMIN"; do
@@ -184,7 +185,7 @@ start_waypoint() { # VARIANT
   "${PROXY_PIN[@]}" "$BIN/waypoint" run --config "$RUN/config/waypoint-$1.yaml" --certs "$PKI" \
     --hbone-addr "127.0.0.1:$WP_HBONE" --ready-addr "127.0.0.1:$WP_READY" \
     --metrics-addr "127.0.0.1:$WP_METRICS" --admin-addr "127.0.0.1:$WP_ADMIN" \
-    --workers "$WORKERS" >>"$WP_ACCESS_LOG" 2>>"$RUN/logs/waypoint.log" </dev/null &
+    --workers "$WORKERS" "${WP_EXTRA[@]}" >>"$WP_ACCESS_LOG" 2>>"$RUN/logs/waypoint.log" </dev/null &
   WP_PID=$!
   STARTED+=("$WP_PID")
   wait_http "http://127.0.0.1:$WP_READY/healthz/ready" 30 \
@@ -296,6 +297,34 @@ for scen in $SCENARIOS; do
           log "  idle run failed: $(tail -n 3 "$RUN/logs/loadgen-idle-$target.log")"; rm -f "$out"
         fi
       done
+      ;;
+    hbone2)
+      # Two tunnels: client -> waypoint -> HBONE -> ztunnel stand-in -> backend, i.e. the
+      # waypoint's upstream leg over HBONE as in a real ambient mesh (Istio's
+      # connect_originate). Waypoint only: the Envoy config here has no connect_originate leg.
+      [[ " $TARGETS " == *" waypoint "* ]] || continue
+      stop_proxies
+      gen_config base
+      python3 - "$RUN/config/waypoint-base.yaml" "$RUN/config/waypoint-hbone2.yaml" <<'PY'
+import sys
+s = open(sys.argv[1]).read()
+s = s.replace("    istio.io/use-waypoint: waypoint\n", "    istio.io/use-waypoint: waypoint\n    istio.io/dataplane-mode: ambient\n", 1)
+s += "---\napiVersion: v1\nkind: Pod\nmetadata: {name: backends-0, namespace: default}\nspec: {serviceAccountName: sleep}\nstatus: {podIP: 127.0.0.1}\n"
+open(sys.argv[2], "w").write(s)
+PY
+      ZT_PORT="${ZT_PORT:-25150}"
+      port_free "$ZT_PORT" || die "127.0.0.1:$ZT_PORT is in use (override ZT_PORT)"
+      "${CLIENT_PIN[@]}" "$BIN/bench-ztunnel" --listen "127.0.0.1:$ZT_PORT" --cert "$PKI/sleep-cert.pem" \
+        --key "$PKI/sleep-key.pem" --root "$PKI/root-cert.pem" 2>"$RUN/logs/ztunnel.log" &
+      ZT_PID=$!; STARTED+=("$ZT_PID")
+      WP_EXTRA=(--hbone-upstream-port "$ZT_PORT")
+      start_waypoint hbone2
+      WP_EXTRA=()
+      for rep in $(seq 1 "$REPEAT"); do
+        run_load hbone2 waypoint "$rep" --concurrency 16
+      done
+      stop_proxies
+      stop_pid "$ZT_PID"
       ;;
     services)
       stop_proxies
