@@ -36,7 +36,7 @@ pub use authz::{
     Action, AuthzPolicy, AuthzRequest, AuthzSet, CustomMatch, Decision, DryRun, HttpAttrs,
     PolicyOutcome, RuleOutcome, custom_match, evaluate, evaluate_rbac, explain as explain_authz,
 };
-pub use load::{LoadedResources, load_paths, parse_manifests};
+pub use load::{LoadedResources, ResourceSource, load_paths, parse_manifests};
 pub use route::{
     Backend, BackendRef, Filters, HeaderMatch, HeaderModifier, MatchKind, MatchTrace, Mirror,
     PathMatch, PathModifier, PathNormalization, QueryMatch, Redirect, RetryPolicy, Rewrite,

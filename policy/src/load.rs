@@ -18,6 +18,16 @@ pub struct LoadedResources {
     pub resources: Vec<Resource>,
     /// Human-readable warnings, each naming the file and the resource.
     pub warnings: Vec<String>,
+    /// Where each resource came from, parallel to `resources`: file and document
+    /// (`config/mesh.yaml (document 3)`), and its `metadata.resourceVersion` when present.
+    pub sources: Vec<ResourceSource>,
+}
+
+/// Where one loaded resource came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResourceSource {
+    pub origin: String,
+    pub resource_version: Option<String>,
 }
 
 /// Load every manifest from files and directories (directories: every `*.yaml`, `*.yml`,
@@ -41,6 +51,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<LoadedResources, Vec<ConfigError>
                 Ok(text) => match parse_manifests(&text, &origin) {
                     Ok(loaded) => {
                         out.resources.extend(loaded.resources);
+                        out.sources.extend(loaded.sources);
                         out.warnings.extend(loaded.warnings);
                     }
                     Err(e) => errors.extend(e),
@@ -235,6 +246,11 @@ fn add_object(
         ));
         return;
     }
+    let resource_version = value
+        .get("metadata")
+        .and_then(|m| m.get("resourceVersion"))
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
     match Resource::from_value(value) {
         Ok(Resource::Unknown {
             api_version,
@@ -251,7 +267,13 @@ fn add_object(
                 "{origin}: skipping {kind} {id} ({api_version}): kind or apiVersion not used by the waypoint"
             ));
         }
-        Ok(resource) => out.resources.push(resource),
+        Ok(resource) => {
+            out.resources.push(resource);
+            out.sources.push(ResourceSource {
+                origin: name.to_string(),
+                resource_version,
+            });
+        }
         Err(e) => errors.push(e),
     }
 }

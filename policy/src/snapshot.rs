@@ -308,6 +308,8 @@ pub struct Snapshot {
     pub(crate) extension_clusters: HashMap<(String, u16), Arc<Cluster>>,
     /// Non-fatal findings (unknown kinds skipped, routes whose parent is not bound, ...).
     pub warnings: Vec<String>,
+    /// Every resource compiled in: (kind, namespace/name, where it came from), for dumps.
+    pub resources: Vec<(String, String, crate::load::ResourceSource)>,
 }
 
 impl Snapshot {

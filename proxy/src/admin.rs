@@ -210,6 +210,13 @@ fn config_dump(shared: &Shared) -> String {
         "reloads_ok": shared.reloads_ok.load(Ordering::Relaxed),
         "reloads_failed": shared.reloads_failed.load(Ordering::Relaxed),
         "last_reload_error": last_error,
+        "version": shared.config_version.load(Ordering::Relaxed),
+        "resources": snap.resources.iter().map(|(kind, id, src)| json!({
+            "kind": kind,
+            "name": id,
+            "source": src.origin,
+            "resource_version": src.resource_version,
+        })).collect::<Vec<_>>(),
     });
     serde_json::to_string_pretty(&dump).unwrap_or_default()
 }

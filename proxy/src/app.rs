@@ -215,6 +215,7 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         jwks: JwksCache::new(config.jwks.clone(), &certs.roots),
         mesh: config.mesh.clone(),
         ext_authz: Default::default(),
+        config_version: AtomicU64::new(1),
         in_flight: std::sync::atomic::AtomicUsize::new(0),
         memory_pressure: AtomicBool::new(false),
         shed: AtomicU64::new(0),
@@ -324,6 +325,7 @@ pub fn reload_config(shared: &Shared, config: &Config) -> Result<(), Vec<ConfigE
             shared.jwks.sync(s.remote_jwks());
             shared.snapshot.store(Arc::new(s));
             shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
+            shared.config_version.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut e) = shared.last_reload_error.lock() {
                 *e = None;
             }

@@ -79,6 +79,8 @@ pub struct Shared {
     pub mesh: MeshConfig,
     /// Client for CUSTOM (ext_authz HTTP) authorizers.
     pub ext_authz: ExtAuthzClient,
+    /// Generation of the configuration in force: 1 at start, +1 on every accepted reload.
+    pub config_version: AtomicU64,
     /// Requests in flight (overload shedding).
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// Set while resident memory is above `Limits::max_memory`.

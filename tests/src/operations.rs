@@ -64,6 +64,25 @@ async fn an_invalid_config_keeps_the_last_good_one_and_says_why() {
         .unwrap();
     let text = dump.text();
     assert!(text.contains("Service default/broken"), "{text}");
+    // The dump says which configuration is in force and where each resource came from.
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        v["version"], 1,
+        "the rejected reload did not change the version"
+    );
+    let svc = v["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "Service" && r["name"] == "default/reviews")
+        .expect("reviews is listed");
+    assert!(
+        svc["source"]
+            .as_str()
+            .unwrap()
+            .contains("config.yaml (document"),
+        "{svc}"
+    );
     // Still serving the last good configuration.
     let conn = wp.connect_as("default", "sleep").await;
     let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();

@@ -351,6 +351,24 @@ pub(crate) fn compile(
         telemetry,
         services,
         workloads,
+        resources: resources
+            .resources
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                let meta = r.metadata()?;
+                let id = if meta.namespace.is_empty() {
+                    meta.name.clone()
+                } else {
+                    format!("{}/{}", meta.namespace, meta.name)
+                };
+                Some((
+                    r.kind().to_string(),
+                    id,
+                    resources.sources.get(i).cloned().unwrap_or_default(),
+                ))
+            })
+            .collect(),
         extension_clusters,
         warnings: c.warnings,
     })
