@@ -216,10 +216,12 @@ async fn serve_http(t: Arc<TunnelCtx>, stream: Rewind, mut drain: hbone::drain::
             .heads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (t, counters) = (t.clone(), counters.clone());
-        async move {
+        // Boxed: hyper keeps the service future inline in every connection, and the request
+        // phases make a large future; an idle tunnel then costs a pointer, not the whole future.
+        Box::pin(async move {
             let resp = crate::pipeline::handle(t, req).await;
             resp.map(|r| r.map(|b| b.with_done(counters)))
-        }
+        })
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
