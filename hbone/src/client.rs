@@ -185,13 +185,8 @@ impl Connection {
         Ok((status, out.freeze()))
     }
 
-    /// The connection is closed or received GOAWAY (it takes no new streams).
+    /// The connection has ended (closed, keepalive failed, or finished after a GOAWAY).
     pub fn is_closed(&self) -> bool {
         self.closed.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// True once the connection can take no more streams (GOAWAY received or closed).
-    pub async fn is_usable(&self) -> bool {
-        self.send.clone().ready().await.is_ok()
     }
 }

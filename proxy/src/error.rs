@@ -8,14 +8,6 @@ use accesslog::{ResponseFlag, ResponseFlags};
 use http::{HeaderName, HeaderValue, StatusCode};
 use policy::JwtStatus;
 
-/// Which side failed (pingora `ErrorSource`): decides the flags.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Downstream,
-    Upstream,
-    Internal,
-}
-
 /// Why an upstream attempt failed before a response started.
 #[derive(Debug, Clone)]
 pub enum UpstreamFailure {
@@ -141,7 +133,6 @@ pub struct LocalReply {
     pub flags: ResponseFlags,
     pub details: Cow<'static, str>,
     pub transport_failure_reason: Option<String>,
-    pub side: Side,
     /// Headers the reply carries besides `content-type`/`content-length`/`server` (set,
     /// replacing any of the same name). A `content-type` here wins over `text/plain`.
     pub headers: Vec<(HeaderName, HeaderValue)>,
@@ -151,16 +142,13 @@ impl ProxyError {
     /// The one mapping from failure to response (status, body, flags, details).
     pub fn local_reply(&self) -> LocalReply {
         let reply =
-            |status, body: &'static str, flags: ResponseFlags, details: &'static str, side| {
-                LocalReply {
-                    status,
-                    body: Cow::Borrowed(body),
-                    flags,
-                    details: Cow::Borrowed(details),
-                    transport_failure_reason: None,
-                    side,
-                    headers: Vec::new(),
-                }
+            |status, body: &'static str, flags: ResponseFlags, details: &'static str| LocalReply {
+                status,
+                body: Cow::Borrowed(body),
+                flags,
+                details: Cow::Borrowed(details),
+                transport_failure_reason: None,
+                headers: Vec::new(),
             };
         match self {
             ProxyError::RouteNotFound | ProxyError::NotConnect => reply(
@@ -168,49 +156,42 @@ impl ProxyError {
                 "",
                 ResponseFlag::NR.into(),
                 "route_not_found",
-                Side::Internal,
             ),
             ProxyError::NoBackendWeight => reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "",
                 ResponseFlags::default(),
                 "direct_response",
-                Side::Internal,
             ),
             ProxyError::ClusterNotFound => reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "",
                 ResponseFlag::NC.into(),
                 "cluster_not_found",
-                Side::Internal,
             ),
             ProxyError::NoHealthyUpstream => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no healthy upstream",
                 ResponseFlag::UH.into(),
                 "no_healthy_upstream",
-                Side::Upstream,
             ),
             ProxyError::Http10 => reply(
                 StatusCode::UPGRADE_REQUIRED,
                 "Upgrade Required",
                 ResponseFlag::DPE.into(),
                 "low_version",
-                Side::Downstream,
             ),
             ProxyError::HeadersTooLarge => reply(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "Request Header Fields Too Large",
                 ResponseFlag::DPE.into(),
                 "http1.headers_too_large",
-                Side::Downstream,
             ),
             ProxyError::BadPath => reply(
                 StatusCode::BAD_REQUEST,
                 "Bad Request",
                 ResponseFlags::default(),
                 "path_normalization_failed",
-                Side::Downstream,
             ),
             ProxyError::RbacDenied { details } => LocalReply {
                 status: StatusCode::FORBIDDEN,
@@ -218,7 +199,6 @@ impl ProxyError {
                 flags: ResponseFlags::default(),
                 details: Cow::Owned(details.clone()),
                 transport_failure_reason: None,
-                side: Side::Downstream,
                 headers: Vec::new(),
             },
             ProxyError::JwtDenied { status, realm } => {
@@ -236,7 +216,6 @@ impl ProxyError {
                         status.message().replace(' ', "_")
                     )),
                     transport_failure_reason: None,
-                    side: Side::Downstream,
                     headers: HeaderValue::from_str(&challenge)
                         .map(|v| vec![(http::header::WWW_AUTHENTICATE, v)])
                         .unwrap_or_default(),
@@ -252,7 +231,6 @@ impl ProxyError {
                 flags: ResponseFlag::UAEX.into(),
                 details: Cow::Borrowed("ext_authz_denied"),
                 transport_failure_reason: None,
-                side: Side::Downstream,
                 headers: headers.clone(),
             },
             ProxyError::ExtAuthzError { status } => LocalReply {
@@ -261,7 +239,6 @@ impl ProxyError {
                 flags: ResponseFlag::UAEX.into(),
                 details: Cow::Borrowed("ext_authz_error"),
                 transport_failure_reason: None,
-                side: Side::Internal,
                 headers: Vec::new(),
             },
             ProxyError::Overloaded => reply(
@@ -269,7 +246,6 @@ impl ProxyError {
                 "envoy overloaded",
                 ResponseFlag::OM.into(),
                 "overload",
-                Side::Internal,
             ),
             ProxyError::Timeout { per_try } => reply(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -280,7 +256,6 @@ impl ProxyError {
                 } else {
                     "response_timeout"
                 },
-                Side::Upstream,
             ),
             ProxyError::Redirect { status, location } => LocalReply {
                 status: *status,
@@ -288,7 +263,6 @@ impl ProxyError {
                 flags: ResponseFlags::default(),
                 details: Cow::Borrowed("direct_response"),
                 transport_failure_reason: None,
-                side: Side::Internal,
                 headers: HeaderValue::from_str(location)
                     .map(|v| vec![(http::header::LOCATION, v)])
                     .unwrap_or_default(),
@@ -340,7 +314,6 @@ impl ProxyError {
                     flags,
                     details: Cow::Owned(details),
                     transport_failure_reason: detail.map(|d| d.replace(' ', "_")),
-                    side: Side::Upstream,
                     headers: Vec::new(),
                 }
             }

@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use accesslog::{AccessLogRecord, ResponseFlags};
@@ -155,8 +154,6 @@ struct Inner {
 #[derive(Default)]
 pub struct Metrics {
     inner: Mutex<Inner>,
-    /// Requests seen, for quick checks.
-    pub requests: AtomicU64,
 }
 
 impl Metrics {
@@ -197,7 +194,6 @@ impl Metrics {
         r: &AccessLogRecord,
         grpc: bool,
     ) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
