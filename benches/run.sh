@@ -23,6 +23,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$TARGET_DIR/release"
+# The waypoint as shipped (Cargo profile `dist`: fat LTO, one codegen unit); tools from release.
+WP_BIN="${WP_BIN:-$TARGET_DIR/dist/waypoint}"
 DEFAULT_SCENARIOS="c1 c16 c64 newtunnel body1k body64k routes100 authz100 hbone2 open idle services"
 
 clamp() { local v="$1" lo="$2" hi="$3"; [[ "$v" =~ ^[0-9]+$ ]] || v="$lo"; ((v < lo)) && v=$lo; ((v > hi)) && v=$hi; echo "$v"; }
@@ -103,11 +105,13 @@ wait_http() { # URL SECONDS
 
 # ------------------------------------------------------------------ build, Envoy, PKI
 if [[ "$BUILD" == 1 ]]; then
-  log "building release binaries (waypoint, loadgen, bench-backend, benchtool)"
-  (cd "$ROOT" && cargo build --release --quiet -p proxy --bin waypoint -p waypoint-benches --bins) \
+  log "building the waypoint (profile dist) and the bench tools (release)"
+  (cd "$ROOT" && cargo build --profile dist --quiet -p proxy --bin waypoint \
+    && cargo build --release --quiet -p waypoint-benches --bins) \
     || die "cargo build failed"
 fi
-for b in waypoint loadgen bench-backend bench-ztunnel benchtool; do
+[[ -x "$WP_BIN" ]] || die "$WP_BIN missing (run with BUILD=1)"
+for b in loadgen bench-backend bench-ztunnel benchtool; do
   [[ -x "$BIN/$b" ]] || die "$BIN/$b missing (run with BUILD=1)"
 done
 
@@ -134,7 +138,7 @@ ensure_envoy() {
 if [[ " $TARGETS " == *" envoy "* ]]; then ensure_envoy; fi
 
 PKI="$RUN/pki"
-"$BIN/waypoint" certs --out "$PKI" >/dev/null
+"$WP_BIN" certs --out "$PKI" >/dev/null
 
 for p in "$P_V1" "$P_V2" "$P_RATINGS" "$WP_HBONE" "$WP_READY" "$WP_METRICS" "$WP_ADMIN" "$EN_HBONE" "$EN_ADMIN"; do
   port_free "$p" || die "127.0.0.1:$p is in use (override BACKEND_PORTS / WP_PORTS / ENVOY_PORTS)"
@@ -154,7 +158,7 @@ gen_config() { # VARIANT
 NOTES=()
 gen_config base
 # Does our waypoint enforce AuthorizationPolicy yet? `waypoint check` warns about kinds it skips.
-if "$BIN/waypoint" check --config "$RUN/config/waypoint-base.yaml" >"$RUN/logs/check-base.log" 2>&1; then
+if "$WP_BIN" check --config "$RUN/config/waypoint-base.yaml" >"$RUN/logs/check-base.log" 2>&1; then
   if grep -q "skipping AuthorizationPolicy" "$RUN/logs/check-base.log"; then
     NOTES+=("our waypoint skips AuthorizationPolicy (authz not implemented in this build): its rows carry no RBAC cost, Envoy's do (1 policy in every scenario, 100 in authz100)")
   else
@@ -182,7 +186,7 @@ start_waypoint() { # VARIANT
     port_free "$p" || die "127.0.0.1:$p was taken by another process (override WP_PORTS)"
   done
   : >"$WP_ACCESS_LOG"
-  "${PROXY_PIN[@]}" "$BIN/waypoint" run --config "$RUN/config/waypoint-$1.yaml" --certs "$PKI" \
+  "${PROXY_PIN[@]}" "$WP_BIN" run --config "$RUN/config/waypoint-$1.yaml" --certs "$PKI" \
     --hbone-addr "127.0.0.1:$WP_HBONE" --ready-addr "127.0.0.1:$WP_READY" \
     --metrics-addr "127.0.0.1:$WP_METRICS" --admin-addr "127.0.0.1:$WP_ADMIN" \
     --workers "$WORKERS" "${WP_EXTRA[@]}" >>"$WP_ACCESS_LOG" 2>>"$RUN/logs/waypoint.log" </dev/null &
@@ -335,7 +339,7 @@ PY
           waypoint)
             log "services / waypoint: waypoint check with $SERVICES extra Services"
             "$BIN/benchtool" measure --label "waypoint check, $SERVICES Services" --timeout "${CONFIG_TIMEOUT}s" \
-              --output "$RUN/logs/check-services.log" -- "${PROXY_PIN[@]}" "$BIN/waypoint" check \
+              --output "$RUN/logs/check-services.log" -- "${PROXY_PIN[@]}" "$WP_BIN" check \
               --config "$RUN/config/waypoint-services$SERVICES.yaml" >"$out" || rm -f "$out" ;;
           envoy)
             log "services / envoy: envoy --mode validate with $SERVICES extra Services"

@@ -12,12 +12,12 @@ MIN="${SOAK_MINUTES:-3}"; (( MIN >= 1 && MIN <= 60 )) || { echo "SOAK_MINUTES mu
 EVERY="${ABUSE_EVERY:-20}"
 OUT="$ROOT/target/soak/$(date -u +%Y%m%dT%H%M%SZ)"; mkdir -p "$OUT"
 BIN="$ROOT/target/release"
-(cd "$ROOT" && cargo build --release -q -p proxy --bin waypoint -p waypoint-benches --bin loadgen --bin bench-backend)
+(cd "$ROOT" && cargo build --profile dist -q -p proxy --bin waypoint && cargo build --release -q -p waypoint-benches --bin loadgen --bin bench-backend)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-"$BIN/waypoint" certs --out "$OUT/pki" >/dev/null
+"$ROOT/target/dist/waypoint" certs --out "$OUT/pki" >/dev/null
 sed -e 's/127.0.0.11"\]/127.0.0.1"]/; s/127.0.0.12"\]/127.0.0.1"]/; s/127.0.0.13"\]/127.0.0.1"]/' \
   "$ROOT/examples/bookinfo.yaml" >"$OUT/config.yaml"
 # Backends on 127.0.0.1:29181-29183 (bookinfo's targetPort 9080 rewritten per slice).
@@ -30,7 +30,7 @@ open(p, "w").write(s)
 PY
 "$BIN/bench-backend" --threads 1 --listen "reviews-v1=127.0.0.1:29181" --listen "reviews-v2=127.0.0.1:29182" \
   --listen "ratings=127.0.0.1:29183" 2>"$OUT/backend.log" & PIDS+=($!)
-"$BIN/waypoint" run --config "$OUT/config.yaml" --certs "$OUT/pki" --hbone-addr 127.0.0.1:25208 \
+"$ROOT/target/dist/waypoint" run --config "$OUT/config.yaml" --certs "$OUT/pki" --hbone-addr 127.0.0.1:25208 \
   --ready-addr 127.0.0.1:25221 --metrics-addr 127.0.0.1:25220 --admin-addr 127.0.0.1:25200 --workers 1 \
   >"$OUT/access.log" 2>"$OUT/waypoint.log" & WP=$!; PIDS+=("$WP")
 for _ in $(seq 1 100); do curl -sf -o /dev/null http://127.0.0.1:25221/healthz/ready && break; sleep 0.1; done

@@ -7,8 +7,9 @@
 //!   `bytes_received`, `bytes_sent`, `duration`), `upstream_service_time` as a string, absent
 //!   values as `null`, `response_flags` `"-"` when none.
 //! - [`AccessLogger::log`] never blocks and never does I/O on the caller's thread: records go
-//!   through a bounded channel to one writer thread that, every 50 ms, serializes and writes
-//!   whatever is queued as whole lines.
+//!   through a bounded channel to one writer thread that, every 50 ms or every
+//!   [`WAKE_EVERY`] records (whichever comes first), serializes and writes whatever is
+//!   queued as whole lines.
 //!   If the writer cannot keep up and the queue is full, the record is counted in
 //!   [`AccessLogger::dropped`] (and a warning is logged) rather than stalling traffic.
 //! - Emitting exactly once per request is the caller's job (the proxy's log guard).
@@ -136,6 +137,11 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 /// How often the writer thread drains the queue.
 pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// Also wake the writer every this many records: under load the queue (and the memory of
+/// the records in it, ~1 KiB each) stays at a few hundred records instead of 50 ms worth
+/// (2,500 at 50k req/s), for one thread wake-up per batch.
+pub const WAKE_EVERY: u64 = 256;
+
 fn write_out(sink: &mut Box<dyn Write + Send>, buf: &mut Vec<u8>) {
     if let Err(e) = sink.write_all(buf).and_then(|_| sink.flush()) {
         tracing::warn!(error = %e, "writing access log failed");
@@ -150,6 +156,7 @@ pub struct AccessLogger {
     dropped: Arc<AtomicU64>,
     queued: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
+    writer: Option<std::thread::Thread>,
 }
 
 impl std::fmt::Debug for AccessLogger {
@@ -201,18 +208,23 @@ impl AccessLogger {
                     if closed {
                         break;
                     }
-                    std::thread::sleep(FLUSH_INTERVAL);
+                    std::thread::park_timeout(FLUSH_INTERVAL);
                 }
                 let _ = sink.flush();
             });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "could not start the access-log writer thread");
-        }
+        let writer = match spawned {
+            Ok(handle) => Some(handle.thread().clone()),
+            Err(e) => {
+                tracing::error!(error = %e, "could not start the access-log writer thread");
+                None
+            }
+        };
         AccessLogger {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
             queued: Arc::new(AtomicU64::new(0)),
             written,
+            writer,
         }
     }
 
@@ -224,7 +236,12 @@ impl AccessLogger {
     /// Queue a record; never blocks.
     pub fn log(&self, record: AccessLogRecord) {
         if self.tx.try_send(Box::new(record)).is_ok() {
-            self.queued.fetch_add(1, Ordering::Relaxed);
+            let queued = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
+            if queued.is_multiple_of(WAKE_EVERY)
+                && let Some(w) = &self.writer
+            {
+                w.unpark();
+            }
         } else {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {

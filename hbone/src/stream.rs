@@ -93,24 +93,51 @@ impl AsyncRead for H2Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        while this.pending.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
+        match ready!(this.poll_fill(cx)) {
+            Ok(true) => {}
+            Ok(false) => return Poll::Ready(Ok(())),
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        if this.pending.is_empty() {
+            // An empty `Bytes` split off h2's read buffer still pins that whole buffer; an
+            // idle tunnel must not hold the connection's receive buffer alive.
+            this.pending = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl H2Stream {
+    /// Wait until bytes can be read without consuming them: `Ok(true)` when some are
+    /// buffered, `Ok(false)` at end of stream. Lets an idle tunnel wait for its next
+    /// request holding nothing but the stream (no reader buffer of its own).
+    pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(true));
+        }
+        loop {
+            match ready!(self.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(false)),
                 Some(Ok(data)) => {
                     // Give the flow-control credit back as soon as we own the bytes: memory is
                     // bounded by the stream window (4 MiB) either way.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    this.bytes_received += data.len() as u64;
-                    this.pending = data;
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.bytes_received += data.len() as u64;
+                    if !data.is_empty() {
+                        self.pending = data;
+                        return Poll::Ready(Ok(true));
+                    }
                 }
                 Some(Err(e)) => {
-                    // A peer that ends the stream with NO_ERROR after its data is a clean EOF.
                     if e.reason() == Some(h2::Reason::NO_ERROR) {
-                        return Poll::Ready(Ok(()));
+                        return Poll::Ready(Ok(false));
                     }
                     if e.is_reset()
                         && e.is_remote()
-                        && let Some(c) = &this.peer_resets
+                        && let Some(c) = &self.peer_resets
                     {
                         c.fetch_add(1, Ordering::Relaxed);
                     }
@@ -118,10 +145,6 @@ impl AsyncRead for H2Stream {
                 }
             }
         }
-        let n = this.pending.len().min(buf.remaining());
-        buf.put_slice(&this.pending[..n]);
-        this.pending.advance(n);
-        Poll::Ready(Ok(()))
     }
 }
 

@@ -166,6 +166,16 @@ fn prometheus(shared: &Shared) -> String {
             shared.shed.load(Ordering::Relaxed),
         ),
         (
+            "waypoint_tunnels_parked",
+            "Idle HTTP/1.1 tunnels holding no connection buffers (open minus busy).",
+            shared.reclaim.parked_now(),
+        ),
+        (
+            "waypoint_memory_trims_total",
+            "Times freed memory was returned to the OS after load dropped.",
+            shared.reclaim.trims.load(Ordering::Relaxed),
+        ),
+        (
             "waypoint_access_log_dropped_total",
             "Access-log records dropped because the writer could not keep up.",
             shared.access_log.as_ref().map(|l| l.dropped()).unwrap_or(0),

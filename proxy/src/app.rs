@@ -219,6 +219,7 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         in_flight: std::sync::atomic::AtomicUsize::new(0),
         memory_pressure: AtomicBool::new(false),
         shed: AtomicU64::new(0),
+        reclaim: Default::default(),
     });
     shared.jwks.sync(shared.snapshot.load().remote_jwks());
 
@@ -244,6 +245,7 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         move |req| crate::tunnel::handle_tunnel(handler_shared.clone(), req),
         watcher,
     )));
+    tasks.push(tokio::spawn(crate::memory::run(shared.reclaim.clone())));
     tasks.push(tokio::spawn(admin::serve(
         ready_listener,
         shared.clone(),

@@ -22,6 +22,7 @@ pub mod extauthz;
 pub mod inspect;
 pub mod logging;
 pub mod logguard;
+pub mod memory;
 pub mod meshconfig;
 pub mod metrics;
 pub mod pipeline;

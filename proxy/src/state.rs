@@ -87,6 +87,8 @@ pub struct Shared {
     pub memory_pressure: std::sync::atomic::AtomicBool,
     /// Requests and tunnels shed for overload.
     pub shed: AtomicU64,
+    /// Busy tunnels, to give memory back once load drops (memory.rs).
+    pub reclaim: Arc<crate::memory::Reclaim>,
 }
 
 /// Counts one request in flight for its whole life (overload shedding).

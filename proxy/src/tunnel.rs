@@ -128,16 +128,32 @@ pub async fn handle_tunnel(shared: Arc<Shared>, req: TunnelRequest) {
         source,
         principal,
     });
-    match service.protocol {
+    // Boxed: the task then keeps only what the tunnel's phase needs (a parked HTTP/1.1
+    // tunnel's task is a few hundred bytes), not the largest state of every phase.
+    shared.reclaim.opened();
+    Box::pin(serve_tunnel(t, stream, drain, start_time, started)).await;
+    shared.reclaim.closed();
+}
+
+/// Serve an accepted tunnel by the Service port's protocol.
+async fn serve_tunnel(
+    t: Arc<TunnelCtx>,
+    stream: H2Stream,
+    drain: hbone::drain::DrainWatcher,
+    start_time: SystemTime,
+    started: Instant,
+) {
+    let shared = t.shared.clone();
+    match t.service.protocol {
         AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc => {
             serve_http(t, Rewind::new(stream), drain).await
         }
-        AppProtocol::Tcp => proxy_tcp(t, Rewind::new(stream), start_time, started).await,
+        AppProtocol::Tcp => Box::pin(proxy_tcp(t, Rewind::new(stream), start_time, started)).await,
         AppProtocol::Unknown => {
             let mut stream = Rewind::new(stream);
             match sniff(&mut stream, &shared).await {
                 Sniffed::Http => serve_http(t, stream, drain).await,
-                Sniffed::Tcp => proxy_tcp(t, stream, start_time, started).await,
+                Sniffed::Tcp => Box::pin(proxy_tcp(t, stream, start_time, started)).await,
                 Sniffed::Closed => {}
             }
         }
@@ -192,50 +208,142 @@ fn refuse_unknown_authority(
 /// How long a draining inner connection may stay idle before it is closed.
 const DRAIN_IDLE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Serve the tunnel as HTTP/1.1 or h2c (Envoy codec AUTO), until the client closes it or
-/// the drain asks inner connections to finish their current request.
+/// An HTTP/1.1 inner connection with no request in flight and no bytes for this long hands
+/// hyper's per-connection state back (its read and write buffers, 16 KiB) and waits for the
+/// next request holding only the stream: an idle keep-alive tunnel then costs a few KiB
+/// (Envoy keeps its codec buffers: ~36 KiB per idle tunnel). The next request rebuilds the
+/// connection state, a few microseconds once per idle period.
+pub const PARK_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Serve the tunnel as HTTP/1.1 or h2c (Envoy codec AUTO), until the client closes it, it
+/// stays idle past the idle timeout, or the drain asks inner connections to finish.
 async fn serve_http(t: Arc<TunnelCtx>, stream: Rewind, mut drain: hbone::drain::DrainWatcher) {
-    let shared = t.shared.clone();
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let counters = Arc::new(InnerCounters::default());
+    let mut io = InnerIo::new(stream, t.clone(), counters.clone());
+    // A tunnel may stay quiet for long before its first request: wait holding only the stream.
+    if !wait_for_bytes(&mut io, &mut drain).await {
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut io.inner).await;
+        return;
+    }
+    let head_timeout = t.shared.limits.request_header_timeout;
+    let h2c = starts_with_h2c_preface(&mut io.inner, head_timeout).await;
+    let service = {
+        let (t, counters) = (t.clone(), counters.clone());
+        hyper::service::service_fn(move |req| {
+            counters
+                .heads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (t, counters) = (t.clone(), counters.clone());
+            // Boxed: hyper keeps the service future inline in every connection, and the
+            // request phases make a large future.
+            Box::pin(async move {
+                let resp = crate::pipeline::handle(t, req).await;
+                resp.map(|r| r.map(|b| b.with_done(counters)))
+            })
+        })
+    };
+    let header_room = t.shared.limits.max_request_headers + 32 * 1024;
+    if h2c {
+        // Boxed: h2c connections are rare and hyper's HTTP/2 state is large; keeping it out of
+        // line keeps every HTTP/1.1 tunnel's task small.
+        return Box::pin(serve_h2c(io, service, drain, header_room)).await;
+    }
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         // Room above the 60 KiB limit so the pipeline sees oversized heads and answers them
         // as Envoy does (431 with body, flags and a log line); beyond this hyper answers 431.
-        .max_buf_size(shared.limits.max_request_headers + 32 * 1024)
+        .max_buf_size(header_room)
         .keep_alive(true);
+    let mut draining = false;
+    loop {
+        let done_before = counters.done.load(std::sync::atomic::Ordering::Relaxed);
+        // Boxed so that a parked tunnel's task holds a pointer, not hyper's connection state.
+        let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), service.clone()));
+        let mut parking = false;
+        let park = tokio::time::sleep(PARK_AFTER);
+        tokio::pin!(park);
+        let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let r = loop {
+            tokio::select! {
+                r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break r,
+                _ = &mut park, if !parking => {
+                    let idle_for = counters.idle_for();
+                    let exchanged = counters.done.load(std::sync::atomic::Ordering::Relaxed) > done_before;
+                    if exchanged && !counters.in_flight() && idle_for >= PARK_AFTER {
+                        // hyper closes an idle keep-alive connection at once and keeps
+                        // any bytes of a next request it has read; both come back below.
+                        parking = true;
+                        Pin::new(&mut *conn).graceful_shutdown();
+                    } else {
+                        let wait = PARK_AFTER.saturating_sub(idle_for).max(std::time::Duration::from_millis(10));
+                        park.as_mut().reset(Instant::now() + wait);
+                    }
+                }
+                _ = drain.signaled(), if !draining => {
+                    // Drain: responses now carry `Connection: close`, so a busy connection
+                    // ends after its current response without racing the client's next
+                    // request; one still open after a short grace is idle: close it.
+                    draining = true;
+                    grace = Some(Box::pin(tokio::time::sleep(DRAIN_IDLE_GRACE)));
+                }
+                _ = async { if let Some(g) = grace.as_mut() { g.await } }, if grace.is_some() => {
+                    grace = None;
+                    Pin::new(&mut *conn).graceful_shutdown();
+                }
+            }
+        };
+        if let Err(e) = r {
+            debug!(error = %e, "inner HTTP connection ended with an error");
+            return;
+        }
+        let parts = conn.into_parts();
+        io = parts.io.into_inner();
+        if parking && !draining {
+            io.inner.unread(parts.read_buf);
+            let reclaim = io.t.shared.reclaim.clone();
+            reclaim.parked();
+            let woke = wait_for_bytes(&mut io, &mut drain).await;
+            reclaim.unparked();
+            if woke {
+                continue;
+            }
+        }
+        // The connection is over (client closed, `Connection: close`, idle timeout, drain):
+        // end our half of the tunnel as hyper would have.
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut io.inner).await;
+        return;
+    }
+}
+
+/// An inner connection that opened with h2c prior knowledge: hyper's HTTP/2 server.
+async fn serve_h2c<S>(
+    io: InnerIo,
+    service: S,
+    mut drain: hbone::drain::DrainWatcher,
+    header_room: usize,
+) where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::ResponseBody>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
-        .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size((shared.limits.max_request_headers + 32 * 1024) as u32)
+        .max_header_list_size(header_room as u32)
         .max_concurrent_streams(Some(100));
-    let counters = Arc::new(InnerCounters::default());
-    let io = InnerIo::new(stream, t.clone(), counters.clone());
-    let service = hyper::service::service_fn(move |req| {
-        counters
-            .heads
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (t, counters) = (t.clone(), counters.clone());
-        // Boxed: hyper keeps the service future inline in every connection, and the request
-        // phases make a large future; an idle tunnel then costs a pointer, not the whole future.
-        Box::pin(async move {
-            let resp = crate::pipeline::handle(t, req).await;
-            resp.map(|r| r.map(|b| b.with_done(counters)))
-        })
-    });
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
-                debug!(error = %e, "inner HTTP connection ended with an error");
+                debug!(error = %e, "inner h2c connection ended with an error");
             }
         }
         _ = drain.signaled() => {
-            // Drain: responses now carry `Connection: close`, so a busy HTTP/1.1 connection
-            // ends after its current response without racing the client's next request.
-            // A connection still open after a short grace is idle (or h2c): shut it down
-            // gracefully (h2c: GOAWAY, in-flight streams finish).
+            // Drain: GOAWAY after a short grace; in-flight streams finish.
             let grace = tokio::time::sleep(DRAIN_IDLE_GRACE);
             tokio::pin!(grace);
             tokio::select! {
@@ -247,6 +355,42 @@ async fn serve_http(t: Arc<TunnelCtx>, stream: Rewind, mut drain: hbone::drain::
             }
         }
     }
+}
+
+/// Parked: wait until the next request's first bytes are readable (`true`), or the client
+/// closes, the idle timeout passes or the drain starts (`false`).
+async fn wait_for_bytes(io: &mut InnerIo, drain: &mut hbone::drain::DrainWatcher) -> bool {
+    if drain.is_draining() {
+        return false;
+    }
+    let idle_for = io.counters.idle_for();
+    let deadline = Instant::now() + io.idle_timeout.saturating_sub(idle_for);
+    let inner = &mut io.inner;
+    tokio::select! {
+        r = std::future::poll_fn(|cx| inner.poll_fill(cx)) => matches!(r, Ok(true)),
+        _ = tokio::time::sleep_until(deadline) => {
+            debug!("inner connection idle timeout");
+            false
+        }
+        _ = drain.signaled() => false,
+    }
+}
+
+/// Does the inner connection open with h2c prior knowledge (`PRI * HTTP/2.0`)? Reads at
+/// most 4 bytes and puts them back.
+async fn starts_with_h2c_preface(stream: &mut Rewind, head_timeout: std::time::Duration) -> bool {
+    const PRI: &[u8; 4] = b"PRI ";
+    let mut b = [0u8; 4];
+    let mut have = 0;
+    let deadline = Instant::now() + head_timeout;
+    while have < 4 && b[..have] == PRI[..have] {
+        match tokio::time::timeout_at(deadline, stream.read(&mut b[have..])).await {
+            Ok(Ok(n)) if n > 0 => have += n,
+            _ => break,
+        }
+    }
+    stream.unread(Bytes::copy_from_slice(&b[..have]));
+    have == 4 && &b == PRI
 }
 
 enum Sniffed {
@@ -626,6 +770,27 @@ impl Rewind {
     fn rewind(&mut self, prefix: Bytes) {
         self.prefix = prefix;
     }
+
+    /// Put `bytes` back in front of whatever is still unread.
+    fn unread(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        // Copied: `bytes` may be a view into a larger buffer (hyper's read buffer) that a
+        // parked tunnel must not keep alive.
+        let mut joined = bytes::BytesMut::with_capacity(bytes.len() + self.prefix.len());
+        joined.extend_from_slice(&bytes);
+        joined.extend_from_slice(&self.prefix);
+        self.prefix = joined.freeze();
+    }
+
+    /// Ready when bytes can be read (`Ok(true)`) or at end of stream (`Ok(false)`).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if !self.prefix.is_empty() {
+            return Poll::Ready(Ok(true));
+        }
+        self.inner.poll_fill(cx)
+    }
 }
 
 impl AsyncRead for Rewind {
@@ -638,6 +803,9 @@ impl AsyncRead for Rewind {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -716,11 +884,48 @@ mod tests {
 }
 
 /// Exchanges on one inner HTTP connection: request heads received (the service was called)
-/// and responses finished. `heads > done` means a request is in flight.
-#[derive(Debug, Default)]
+/// and responses finished (`heads > done`: a request is in flight), and when bytes last
+/// moved either way.
+#[derive(Debug)]
 pub struct InnerCounters {
     pub heads: std::sync::atomic::AtomicU64,
     pub done: std::sync::atomic::AtomicU64,
+    epoch: Instant,
+    /// Milliseconds since `epoch` of the last read or write.
+    last_io_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for InnerCounters {
+    fn default() -> Self {
+        InnerCounters {
+            heads: Default::default(),
+            done: Default::default(),
+            epoch: Instant::now(),
+            last_io_ms: Default::default(),
+        }
+    }
+}
+
+impl InnerCounters {
+    pub fn in_flight(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.heads.load(Relaxed) > self.done.load(Relaxed)
+    }
+
+    /// Record that bytes moved: a plain store, so the hot path never touches a timer.
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_io_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long since bytes last moved.
+    fn idle_for(&self) -> std::time::Duration {
+        let last = self.last_io_ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.epoch
+            .elapsed()
+            .saturating_sub(std::time::Duration::from_millis(last))
+    }
 }
 
 const TIMEOUT_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 15\r\ncontent-type: text/plain\r\nserver: istio-envoy\r\nconnection: close\r\n\r\nrequest timeout";
@@ -760,8 +965,7 @@ impl InnerIo {
     }
 
     fn in_flight(&self) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.counters.heads.load(Relaxed) > self.counters.done.load(Relaxed)
+        self.counters.in_flight()
     }
 
     fn log_408(&self) {
@@ -803,8 +1007,7 @@ impl AsyncRead for InnerIo {
                     if this.h2c.is_none() {
                         this.h2c = Some(got.starts_with(b"PRI "));
                     }
-                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
-                    this.idle.as_mut().reset(deadline);
+                    this.counters.touch();
                     if this.head.is_none() && this.h2c == Some(false) && !this.in_flight() {
                         this.head = Some((Box::pin(tokio::time::sleep(this.head_timeout)), heads));
                     }
@@ -825,9 +1028,16 @@ impl AsyncRead for InnerIo {
                     this.log_408();
                     return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
                 }
-                if !this.in_flight() && this.idle.as_mut().poll(cx).is_ready() {
-                    debug!("inner connection idle timeout");
-                    return Poll::Ready(Ok(()));
+                // The idle timer is re-armed lazily from the last activity, not on every
+                // read and write.
+                while !this.in_flight() && this.idle.as_mut().poll(cx).is_ready() {
+                    let idle_for = this.counters.idle_for();
+                    if idle_for >= this.idle_timeout {
+                        debug!("inner connection idle timeout");
+                        return Poll::Ready(Ok(()));
+                    }
+                    let due = Instant::now() + (this.idle_timeout - idle_for);
+                    this.idle.as_mut().reset(due);
                 }
                 Poll::Pending
             }
@@ -841,8 +1051,7 @@ impl AsyncWrite for InnerIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let deadline = tokio::time::Instant::now() + self.idle_timeout;
-        self.idle.as_mut().reset(deadline);
+        self.counters.touch();
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 

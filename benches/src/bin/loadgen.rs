@@ -559,10 +559,10 @@ async fn run_idle(sh: Arc<Shared>, n: usize) -> anyhow::Result<serde_json::Value
         t.await?;
     }
     let open_secs = t_open.elapsed().as_secs_f64();
-    let settle = Duration::from_secs(1).min(args.hold);
-    tokio::time::sleep(settle).await;
+    // Measured at the end of the hold: every tunnel has then been idle for at least `--hold`
+    // (a proxy may release per-connection state of idle tunnels; that is what idle costs).
+    tokio::time::sleep(args.hold).await;
     let rss_tunnels = rss("VmRSS");
-    tokio::time::sleep(args.hold.saturating_sub(settle)).await;
     // Are the tunnels still usable after the hold? Probe up to 100 of them.
     let mut senders = std::mem::take(&mut *held.lock().await);
     let open = senders.len();
