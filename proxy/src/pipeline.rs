@@ -415,19 +415,18 @@ async fn run_phases(
                 .unwrap_or("/")
                 .to_string();
             let cluster = snapshot.extension_cluster(&http_provider.service, http_provider.port);
-            let result = shared
-                .ext_authz
-                .check(
-                    http_provider,
-                    cluster.as_ref(),
-                    &CheckRequest {
-                        method: req.method(),
-                        path_and_query: &pq,
-                        authority: &host,
-                        headers: req.headers(),
-                    },
-                )
-                .await;
+            // Boxed: only requests under a CUSTOM policy carry the authorizer call's future.
+            let result = Box::pin(shared.ext_authz.check(
+                http_provider,
+                cluster.as_ref(),
+                &CheckRequest {
+                    method: req.method(),
+                    path_and_query: &pq,
+                    authority: &host,
+                    headers: req.headers(),
+                },
+            ))
+            .await;
             match result {
                 CheckResult::Allowed {
                     upstream_set,

@@ -42,7 +42,13 @@ const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 /// bounded retry buffer as it streams upstream (Envoy's router keeps the body it sent for
 /// retries and shadows and gives up retrying once it exceeds its buffer limit). A replayed
 /// body ([`RetryBuffer::replay`]) is served from that copy.
-pub struct RequestBody {
+///
+/// Boxed: hyper queues each request (with its body inline) in a per-connection channel whose
+/// blocks hold 32 requests; a pointer-sized body makes every upstream connection's block
+/// ~4 KiB smaller.
+pub struct RequestBody(Box<BodyState>);
+
+struct BodyState {
     inner: Source,
     received: Option<Arc<AtomicU64>>,
     tee: Option<Arc<Mutex<Tee>>>,
@@ -78,11 +84,11 @@ impl RetryBuffer {
         if tee.overflow || !tee.ended {
             return None;
         }
-        Some(RequestBody {
+        Some(RequestBody(Box::new(BodyState {
             inner: Source::Replay(tee.data.iter().cloned().collect(), tee.trailers.clone()),
             received: None,
             tee: None,
-        })
+        })))
     }
 
     /// The buffered body, when complete (for mirrors).
@@ -101,30 +107,30 @@ impl RetryBuffer {
 
 impl RequestBody {
     pub fn new(inner: Incoming, received: Arc<AtomicU64>) -> RequestBody {
-        RequestBody {
+        RequestBody(Box::new(BodyState {
             inner: Source::Incoming(inner),
             received: Some(received),
             tee: None,
-        }
+        }))
     }
 
     /// An empty body (mirrored requests whose body cannot be copied are not sent; this is
     /// for bodiless ones).
     pub fn empty() -> RequestBody {
-        RequestBody {
+        RequestBody(Box::new(BodyState {
             inner: Source::Replay(Default::default(), None),
             received: None,
             tee: None,
-        }
+        }))
     }
 
     /// A body with these bytes.
     pub fn full(b: Bytes) -> RequestBody {
-        RequestBody {
+        RequestBody(Box::new(BodyState {
             inner: Source::Replay(std::iter::once(b).filter(|b| !b.is_empty()).collect(), None),
             received: None,
             tee: None,
-        }
+        }))
     }
 
     /// Keep a copy of up to `limit` bytes while streaming, for retries.
@@ -135,7 +141,7 @@ impl RequestBody {
             ..Tee::default()
         };
         let tee = Arc::new(Mutex::new(tee));
-        self.tee = Some(tee.clone());
+        self.0.tee = Some(tee.clone());
         (self, RetryBuffer(tee))
     }
 }
@@ -148,7 +154,7 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
+        let this: &mut BodyState = &mut self.0;
         match &mut this.inner {
             Source::Replay(data, trailers) => Poll::Ready(match data.pop_front() {
                 Some(d) => Some(Ok(Frame::data(d))),
@@ -193,14 +199,14 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
+        match &self.0.inner {
             Source::Incoming(i) => i.is_end_stream(),
             Source::Replay(d, t) => d.is_empty() && t.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
+        match &self.0.inner {
             Source::Incoming(i) => i.size_hint(),
             Source::Replay(d, _) => SizeHint::with_exact(d.iter().map(|b| b.len() as u64).sum()),
         }
@@ -375,6 +381,39 @@ impl Upstreams {
                         });
                     }
                 }
+                // Boxed: connecting (TCP, or TLS + HTTP/2 for an HBONE tunnel) makes a large
+                // future that only a request opening a connection needs; the request's own
+                // future stays small for the pooled case.
+                Box::pin(self.new_connection(endpoint, pool, proto)).await
+            }
+            UpstreamProtocol::Http2 => {
+                let existing = pool.h2.lock().ok().and_then(|g| g.clone());
+                if let Some((sender, local_addr)) = existing
+                    && !sender.is_closed()
+                    && sender.is_ready()
+                {
+                    return Ok(Checkout {
+                        sender: Sender::H2(sender),
+                        pool,
+                        local_addr,
+                        reused: true,
+                    });
+                }
+                Box::pin(self.new_connection(endpoint, pool, proto)).await
+            }
+        }
+    }
+
+    /// Open a new upstream connection and hand it out (the pool's slow path).
+    async fn new_connection(
+        &self,
+        endpoint: &Endpoint,
+        pool: Arc<EndpointPool>,
+        proto: UpstreamProtocol,
+    ) -> Result<Checkout, UpstreamFailure> {
+        let addr = endpoint.addr;
+        match proto {
+            UpstreamProtocol::Http1 => {
                 let (io, local_addr) = self.connect(endpoint).await?;
                 let (sender, conn) = http1::Builder::new()
                     .handshake::<_, RequestBody>(TokioIo::new(io))
@@ -393,18 +432,6 @@ impl Upstreams {
                 })
             }
             UpstreamProtocol::Http2 => {
-                let existing = pool.h2.lock().ok().and_then(|g| g.clone());
-                if let Some((sender, local_addr)) = existing
-                    && !sender.is_closed()
-                    && sender.is_ready()
-                {
-                    return Ok(Checkout {
-                        sender: Sender::H2(sender),
-                        pool,
-                        local_addr,
-                        reused: true,
-                    });
-                }
                 let (io, local_addr) = self.connect(endpoint).await?;
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .initial_stream_window_size(4 * 1024 * 1024)
