@@ -190,7 +190,7 @@ impl AccessLogger {
                             Ok(rec) => {
                                 rec.write_line(&mut buf);
                                 n += 1;
-                                if buf.len() >= 256 * 1024 {
+                                if buf.len() >= 64 * 1024 {
                                     write_out(&mut sink, &mut buf);
                                 }
                             }

@@ -71,7 +71,10 @@ impl Drop for Entry {
 /// The cache of remote key sets, one background task per source.
 pub struct JwksCache {
     entries: Mutex<HashMap<JwksRef, Entry>>,
-    client: Client<Connector, Full<Bytes>>,
+    /// Built on first use: loading and parsing the system's CA bundle costs memory and
+    /// startup time that a waypoint without a remote `jwksUri` should not pay.
+    client: std::sync::OnceLock<Client<Connector, Full<Bytes>>>,
+    extra_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
     settings: JwksSettings,
 }
 
@@ -83,9 +86,18 @@ impl JwksCache {
     ) -> JwksCache {
         JwksCache {
             entries: Mutex::new(HashMap::new()),
-            client: Client::builder(TokioExecutor::new()).build(https_connector(extra_roots)),
+            client: std::sync::OnceLock::new(),
+            extra_roots: extra_roots.to_vec(),
             settings,
         }
+    }
+
+    fn client(&self) -> Client<Connector, Full<Bytes>> {
+        self.client
+            .get_or_init(|| {
+                Client::builder(TokioExecutor::new()).build(https_connector(&self.extra_roots))
+            })
+            .clone()
     }
 
     /// Keep exactly `refs` fetched: start a task for each new one, stop the others (their keys
@@ -102,7 +114,7 @@ impl JwksCache {
             let keys = Arc::new(Mutex::new(None));
             let kick = Arc::new(Notify::new());
             let task = tokio::spawn(fetch_loop(
-                self.client.clone(),
+                self.client(),
                 self.settings.clone(),
                 r.clone(),
                 keys.clone(),
