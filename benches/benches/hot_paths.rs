@@ -116,23 +116,8 @@ fn authz(c: &mut Criterion) {
     let set: AuthzSet = reviews(&snapshot).authz.clone();
     assert_eq!(set.policies().len(), 100);
     let headers = HeaderMap::new();
-    let request = |principal: &'static str| AuthzRequest {
-        source_principal: Some(principal),
-        source_ip: Some([10, 244, 2, 5].into()),
-        remote_ip: Some([10, 244, 2, 5].into()),
-        dest_ip: Some([10, 0, 0, 10].into()),
-        dest_port: 9080,
-        http: Some(HttpAttrs {
-            method: "GET",
-            path: "/reviews/0",
-            host: "reviews:9080",
-            headers: &headers,
-            request_principal: None,
-            request_auth: None,
-        }),
-    };
-    let sleep = request("spiffe://cluster.local/ns/default/sa/sleep");
-    let stranger = request("spiffe://cluster.local/ns/other/sa/stranger");
+    let sleep = get_reviews("spiffe://cluster.local/ns/default/sa/sleep", &headers);
+    let stranger = get_reviews("spiffe://cluster.local/ns/other/sa/stranger", &headers);
     assert!(policy::evaluate(&set, &sleep).allowed);
     assert!(!policy::evaluate(&set, &stranger).allowed);
     let mut g = c.benchmark_group("authz");
@@ -178,21 +163,7 @@ fn authz_1000_in_config(c: &mut Criterion) {
         "only the waypoint-wide policy applies to reviews"
     );
     let headers = HeaderMap::new();
-    let req = AuthzRequest {
-        source_principal: Some("spiffe://cluster.local/ns/default/sa/sleep"),
-        source_ip: Some([10, 244, 2, 5].into()),
-        remote_ip: Some([10, 244, 2, 5].into()),
-        dest_ip: Some([10, 0, 0, 10].into()),
-        dest_port: 9080,
-        http: Some(HttpAttrs {
-            method: "GET",
-            path: "/reviews/0",
-            host: "reviews:9080",
-            headers: &headers,
-            request_principal: None,
-            request_auth: None,
-        }),
-    };
+    let req = get_reviews("spiffe://cluster.local/ns/default/sa/sleep", &headers);
     assert!(policy::evaluate(&set, &req).allowed);
     c.bench_function("authz/1000_policies_in_config_per_request", |b| {
         b.iter(|| black_box(policy::evaluate(black_box(&set), black_box(&req))))
@@ -219,6 +190,25 @@ fn snapshot(c: &mut Criterion) {
         })
     });
     g.finish();
+}
+
+/// `GET /reviews/0` to reviews (10.0.0.10:9080) from pod 10.244.2.5 as `principal`.
+fn get_reviews<'a>(principal: &'a str, headers: &'a HeaderMap) -> AuthzRequest<'a> {
+    AuthzRequest {
+        source_principal: Some(principal),
+        source_ip: Some([10, 244, 2, 5].into()),
+        remote_ip: Some([10, 244, 2, 5].into()),
+        dest_ip: Some([10, 0, 0, 10].into()),
+        dest_port: 9080,
+        http: Some(HttpAttrs {
+            method: "GET",
+            path: "/reviews/0",
+            host: "reviews:9080",
+            headers,
+            request_principal: None,
+            request_auth: None,
+        }),
+    }
 }
 
 criterion_group!(benches, route_select, access_log, authz, snapshot);

@@ -3,13 +3,14 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_waypoint");
+use common::{BIN, dev_certs, sleep_client_tls, start_run};
 
 fn examples_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
@@ -99,68 +100,6 @@ spec:
     assert!(text.contains("bad.yaml"), "{text}");
 }
 
-/// A `waypoint run` child whose stderr is watched for the bound addresses.
-struct Waypoint {
-    child: Child,
-    hbone: SocketAddr,
-    ready: SocketAddr,
-    stderr: std::sync::mpsc::Receiver<String>,
-}
-
-impl Drop for Waypoint {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn field(line: &str, key: &str) -> Option<SocketAddr> {
-    let start = line.find(&format!("{key}="))? + key.len() + 1;
-    line[start..].split_whitespace().next()?.parse().ok()
-}
-
-#[allow(clippy::zombie_processes)] // the child is killed and waited in `Waypoint::drop`
-fn start_run(config: &Path, certs: &Path) -> Waypoint {
-    let mut child = Command::new(BIN)
-        .arg("run")
-        .env("WAYPOINT_CONFIG", config)
-        .env("WAYPOINT_CERTS", certs)
-        .args(["--hbone-addr", "127.0.0.1:0", "--ready-addr", "127.0.0.1:0"])
-        .args([
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--drain-timeout",
-            "2s",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("waypoint did not report its listeners");
-        if line.contains("waypoint serving") {
-            return Waypoint {
-                hbone: field(&line, "hbone_addr").unwrap(),
-                ready: field(&line, "ready_addr").unwrap(),
-                child,
-                stderr: rx,
-            };
-        }
-    }
-}
-
 fn wait_line(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -185,18 +124,7 @@ fn signal(child: &Child, sig: &str) {
 #[test]
 fn run_serves_reloads_on_sighup_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    let out = Command::new(BIN)
-        .arg("certs")
-        .arg("--out")
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let certs = dev_certs(dir.path());
     let config_dir = dir.path().join("config");
     std::fs::create_dir_all(&config_dir).unwrap();
     std::fs::copy(
@@ -205,7 +133,7 @@ fn run_serves_reloads_on_sighup_and_drains_on_sigterm() {
     )
     .unwrap();
 
-    let mut wp = start_run(&config_dir, &certs);
+    let mut wp = start_run(&config_dir, &certs, &["--drain-timeout", "2s"], &[]);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -216,19 +144,7 @@ fn run_serves_reloads_on_sighup_and_drains_on_sigterm() {
         assert_eq!(status, 200);
         // A CONNECT over real mTLS as the dev `sleep` identity: reviews has no backend running
         // here, so the waypoint answers 503 after Envoy-style retries (the tunnel works).
-        let chain = std::fs::read(certs.join("sleep-cert.pem")).unwrap();
-        let key = std::fs::read(certs.join("sleep-key.pem")).unwrap();
-        let root = std::fs::read(certs.join("root-cert.pem")).unwrap();
-        let bundle = hbone::tls::CertBundle::from_pem(&chain, &key, &root).unwrap();
-        let tls = hbone::tls::client_config(
-            &bundle,
-            hbone::tls::ExpectedServer::AnyOf(vec![
-                "spiffe://cluster.local/ns/default/sa/waypoint"
-                    .parse()
-                    .unwrap(),
-            ]),
-        )
-        .unwrap();
+        let tls = sleep_client_tls(&certs);
         let conn = hbone::client::Connection::connect(wp.hbone, tls, &Default::default())
             .await
             .unwrap();
@@ -270,16 +186,7 @@ fn run_serves_reloads_on_sighup_and_drains_on_sigterm() {
 #[test]
 fn run_refuses_to_start_with_an_invalid_config_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    assert!(
-        Command::new(BIN)
-            .arg("certs")
-            .arg("--out")
-            .arg(&certs)
-            .status()
-            .unwrap()
-            .success()
-    );
+    let certs = dev_certs(dir.path());
     std::fs::write(dir.path().join("c.yaml"), "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: not-an-ip, ports: [{port: 80}]}\n").unwrap();
     let out = Command::new(BIN)
         .arg("run")

@@ -1,35 +1,27 @@
 //! Memory of idle tunnels and after a burst, measured on the real `waypoint` binary (its own
-//! process, so the client's memory is not counted): 2,000 idle keep-alive tunnels cost a few
-//! KiB each once idle, the waypoint stays responsive while holding them, a 200-tunnel burst
-//! is served, and once everything closes resident memory returns near where it started.
+//! process, so the client's memory is not counted): 2,000 idle keep-alive tunnels park and
+//! cost ~10 KB each once idle (Envoy ~45 KB), the waypoint stays responsive while holding
+//! them, a 200-tunnel burst is served, and once everything closes resident memory returns near
+//! where it started.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{dev_certs, sleep_client_tls, start_run};
 use http_body_util::Full;
 use proxy::client::TunnelHttp;
 
-const BIN: &str = env!("CARGO_BIN_EXE_waypoint");
 const IDLE_TUNNELS: usize = 2_000;
 const BURST_TUNNELS: usize = 200;
 /// The waypoint's HBONE stream limit: tunnels per connection.
 const STREAMS_PER_CONN: usize = 100;
 const AUTHORITY: &str = "10.0.0.10:9080";
-
-struct Waypoint(Child, std::sync::mpsc::Receiver<String>);
-
-impl Drop for Waypoint {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Resident anonymous memory of `pid` in KiB: the heap, stacks and buffers the process
 /// allocated. File-backed pages (the binary's code, which grows as code paths are first run
@@ -62,74 +54,6 @@ async fn backend() -> SocketAddr {
         }
     });
     addr
-}
-
-#[allow(clippy::zombie_processes)] // killed and waited in `Waypoint::drop`
-fn start(config: &std::path::Path, certs: &std::path::Path) -> (Waypoint, SocketAddr, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .arg("run")
-        .arg("--config")
-        .arg(config)
-        .arg("--certs")
-        .arg(certs)
-        .args(["--hbone-addr", "127.0.0.1:0", "--ready-addr", "127.0.0.1:0"])
-        .args([
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--workers", "2"])
-        .env("WAYPOINT_LOG", "info,proxy::memory=debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("waypoint did not report its listeners");
-        if line.contains("waypoint serving") {
-            let addr = |key: &str| -> SocketAddr {
-                let start = line.find(key).unwrap() + key.len();
-                line[start..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .unwrap()
-            };
-            let (hbone, metrics) = (addr("hbone_addr="), addr("metrics_addr="));
-            return (Waypoint(child, rx), hbone, metrics);
-        }
-    }
-}
-
-fn client_tls(certs: &std::path::Path) -> Arc<rustls::ClientConfig> {
-    let read = |f: &str| std::fs::read(certs.join(f)).unwrap();
-    let bundle = hbone::tls::CertBundle::from_pem(
-        &read("sleep-cert.pem"),
-        &read("sleep-key.pem"),
-        &read("root-cert.pem"),
-    )
-    .unwrap();
-    hbone::tls::client_config(
-        &bundle,
-        hbone::tls::ExpectedServer::AnyOf(vec![
-            "spiffe://cluster.local/ns/default/sa/waypoint"
-                .parse()
-                .unwrap(),
-        ]),
-    )
-    .unwrap()
 }
 
 /// Open `n` tunnels (on `n / 100` new HBONE connections), one request in each, all at once.
@@ -211,14 +135,7 @@ async fn rss_until(pid: u32, within: Duration, ok: impl Fn(u64) -> bool) -> u64 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_tunnels_cost_a_few_kib_and_memory_returns_after_a_burst() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    let out = Command::new(BIN)
-        .arg("certs")
-        .arg("--out")
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let certs = dev_certs(dir.path());
     let backend = backend().await;
     let config = dir.path().join("config.yaml");
     std::fs::write(
@@ -245,9 +162,14 @@ ports: [{{name: http, port: {port}}}]
         ),
     )
     .unwrap();
-    let (wp, hbone, metrics) = start(&config, &certs);
-    let pid = wp.0.id();
-    let tls = client_tls(&certs);
+    let wp = start_run(
+        &config,
+        &certs,
+        &["--workers", "2"],
+        &[("WAYPOINT_LOG", "info,proxy::memory=debug")],
+    );
+    let (pid, hbone, metrics) = (wp.child.id(), wp.hbone, wp.metrics);
+    let tls = sleep_client_tls(&certs);
 
     // Warm up (pools, TLS, allocator arenas) with a small burst, then take the baseline.
     drop(open_tunnels(hbone, &tls, STREAMS_PER_CONN).await);
@@ -317,7 +239,7 @@ ports: [{{name: http, port: {port}}}]
         })
         .await;
         eprintln!("round {round}: peak {peak} KiB (growth {growth} KiB), after closing {end} KiB");
-        for line in wp.1.try_iter() {
+        for line in wp.stderr.try_iter() {
             eprintln!("waypoint: {line}");
         }
         // Round 1 may keep up to half its growth (the working size above); round 2 a quarter.

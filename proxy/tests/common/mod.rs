@@ -1,0 +1,118 @@
+//! What the binary-level tests share: `waypoint certs`, a `waypoint run` child with its bound
+//! addresses read from stderr, and the dev `sleep` client's mTLS config.
+
+#![allow(dead_code)] // each test binary uses its own subset
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_waypoint");
+
+/// `waypoint certs --out <dir>/certs`: the dev PKI (waypoint and `sleep` identities).
+pub fn dev_certs(dir: &Path) -> PathBuf {
+    let certs = dir.join("certs");
+    let out = Command::new(BIN)
+        .arg("certs")
+        .arg("--out")
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    certs
+}
+
+/// A `waypoint run` child whose stderr is watched for the bound addresses; killed on drop.
+pub struct Waypoint {
+    pub child: Child,
+    pub hbone: SocketAddr,
+    pub ready: SocketAddr,
+    pub metrics: SocketAddr,
+    /// The child's stderr lines after "waypoint serving".
+    pub stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Waypoint {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn field(line: &str, key: &str) -> Option<SocketAddr> {
+    let start = line.find(&format!("{key}="))? + key.len() + 1;
+    line[start..].split_whitespace().next()?.parse().ok()
+}
+
+/// `waypoint run` with configuration and certificates given through the environment (as the
+/// Deployment does), every listener on 127.0.0.1 port 0, plus `args` and `env`.
+#[allow(clippy::zombie_processes)] // the child is killed and waited in `Waypoint::drop`
+pub fn start_run(config: &Path, certs: &Path, args: &[&str], env: &[(&str, &str)]) -> Waypoint {
+    let mut child = Command::new(BIN)
+        .arg("run")
+        .env("WAYPOINT_CONFIG", config)
+        .env("WAYPOINT_CERTS", certs)
+        .envs(env.iter().copied())
+        .args(["--hbone-addr", "127.0.0.1:0", "--ready-addr", "127.0.0.1:0"])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("waypoint did not report its listeners");
+        if line.contains("waypoint serving") {
+            return Waypoint {
+                hbone: field(&line, "hbone_addr").unwrap(),
+                ready: field(&line, "ready_addr").unwrap(),
+                metrics: field(&line, "metrics_addr").unwrap(),
+                child,
+                stderr: rx,
+            };
+        }
+    }
+}
+
+/// mTLS as the dev `sleep` identity, expecting the dev waypoint's identity.
+pub fn sleep_client_tls(certs: &Path) -> Arc<rustls::ClientConfig> {
+    let read = |f: &str| std::fs::read(certs.join(f)).unwrap();
+    let bundle = hbone::tls::CertBundle::from_pem(
+        &read("sleep-cert.pem"),
+        &read("sleep-key.pem"),
+        &read("root-cert.pem"),
+    )
+    .unwrap();
+    hbone::tls::client_config(
+        &bundle,
+        hbone::tls::ExpectedServer::AnyOf(vec![
+            "spiffe://cluster.local/ns/default/sa/waypoint"
+                .parse()
+                .unwrap(),
+        ]),
+    )
+    .unwrap()
+}
