@@ -88,6 +88,11 @@ pub struct PeerInfo {
     pub identity: Option<Identity>,
     /// Our own SPIFFE identity (what the client verified).
     pub local_identity: Option<Identity>,
+    /// `identity` as its SPIFFE URI (Istio's `source.principal`), formatted once per
+    /// connection rather than per tunnel.
+    pub principal: Option<String>,
+    /// `remote` as text, for access logs.
+    pub remote_str: String,
 }
 
 /// One CONNECT (or other) request received on an HBONE connection. The handler must either
@@ -319,6 +324,8 @@ impl Connection {
         let peer = Arc::new(PeerInfo {
             remote,
             local,
+            principal: identity.as_ref().map(|i| i.to_string()),
+            remote_str: remote.to_string(),
             identity,
             local_identity,
         });

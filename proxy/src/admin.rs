@@ -176,6 +176,16 @@ fn prometheus(shared: &Shared) -> String {
             shared.reclaim.trims.load(Ordering::Relaxed),
         ),
         (
+            "waypoint_memory_pool_used_bytes",
+            "Mid-sized blocks (8-64 KiB: connection buffers) in use, from the page pool.",
+            crate::pages::stats().0,
+        ),
+        (
+            "waypoint_memory_pool_free_bytes",
+            "Free page-pool blocks still resident (given back on the next trim).",
+            crate::pages::stats().1,
+        ),
+        (
             "waypoint_access_log_dropped_total",
             "Access-log records dropped because the writer could not keep up.",
             shared.access_log.as_ref().map(|l| l.dropped()).unwrap_or(0),

@@ -25,6 +25,7 @@ pub mod logguard;
 pub mod memory;
 pub mod meshconfig;
 pub mod metrics;
+pub mod pages;
 pub mod pipeline;
 pub mod state;
 pub mod tunnel;

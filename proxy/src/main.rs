@@ -199,6 +199,11 @@ fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     b.enable_all().build()
 }
 
+/// Mid-sized blocks (connection buffers) as whole pages, so what idle tunnels free can be
+/// given back to the OS (proxy/src/pages.rs).
+#[global_allocator]
+static ALLOC: proxy::pages::PagePool = proxy::pages::PagePool;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();

@@ -121,11 +121,14 @@ pub fn trim() {
     unsafe {
         libc::malloc_trim(0);
     }
+    crate::pages::release();
 }
 
 /// Return free pages to the OS (glibc only; other C libraries do it themselves or not at all).
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn trim() {}
+pub fn trim() {
+    crate::pages::release();
+}
 
 #[cfg(test)]
 mod tests {

@@ -174,14 +174,14 @@ impl RequestCtx {
         r.user_agent = header_string(headers, &header::USER_AGENT);
         r.x_forwarded_for = header_string(headers, &X_FORWARDED_FOR);
         r.request_id = header_string(headers, &X_REQUEST_ID);
-        r.downstream_local_address = Some(t.vip_str.clone());
+        r.downstream_local_address = Some(t.vip.to_string());
         // use_remote_address is false on waypoints, so Envoy takes the rightmost
         // x-forwarded-for entry as the downstream address, with port 0 (envoy-observed.md 1).
         r.downstream_remote_address = Some(
             r.x_forwarded_for
                 .as_deref()
                 .and_then(xff_client)
-                .unwrap_or_else(|| t.remote_str.clone()),
+                .unwrap_or_else(|| t.remote_str().to_string()),
         );
         let grpc = headers
             .get(header::CONTENT_TYPE)
@@ -191,7 +191,7 @@ impl RequestCtx {
         // replaces it with the current snapshot's.
         let access_log = &t.service.access_log;
         if !access_log.is_default() {
-            log.set_access_log(access_log, t.principal.as_deref(), || headers.clone());
+            log.set_access_log(access_log, t.principal(), || headers.clone());
         }
         RequestCtx {
             log,
@@ -366,9 +366,7 @@ async fn run_phases(
     };
     if !service.access_log.is_default() || !t.service.access_log.is_default() {
         ctx.log
-            .set_access_log(&service.access_log, t.principal.as_deref(), || {
-                req.headers().clone()
-            });
+            .set_access_log(&service.access_log, t.principal(), || req.headers().clone());
     }
     // The route is resolved before authorization so a denied request is still logged with
     // its route and cluster, as Envoy's RBAC filter logs the cached route (protocol.md 3.4).
@@ -1028,7 +1026,7 @@ fn authz_request<'a>(
     verified: Option<&'a policy::Authenticated>,
 ) -> policy::AuthzRequest<'a> {
     policy::AuthzRequest {
-        source_principal: t.principal.as_deref(),
+        source_principal: t.principal(),
         source_ip: Some(t.peer.remote.ip()),
         remote_ip,
         dest_ip: Some(t.vip.ip()),

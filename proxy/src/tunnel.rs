@@ -33,25 +33,62 @@ use crate::state::Shared;
 use crate::upstream::pick_endpoint;
 
 /// Everything a request inside one tunnel needs to know about the tunnel.
+///
+/// Aligned to a cache line: an idle tunnel keeps this for as long as it is open, and the
+/// allocator packs such objects together instead of between short-lived request memory
+/// (pages.rs, slab). Per-connection text (peer address, principal) lives in [`PeerInfo`].
+#[repr(align(64))]
 pub struct TunnelCtx {
     pub shared: Arc<Shared>,
     /// The CONNECT authority: the Service VIP:port the client dialed.
     pub vip: SocketAddr,
-    pub vip_str: String,
-    /// The HBONE connection's peer (client pod ip:port).
-    pub remote_str: String,
+    /// The HBONE connection's peer (client pod ip:port, identity).
     pub peer: Arc<PeerInfo>,
     /// The Service port as bound when the tunnel was opened.
     pub service: Arc<ServicePort>,
     /// Interned source labels of the metrics (from the peer identity and `baggage`).
     pub source: crate::metrics::SourceId,
-    /// The peer's SPIFFE URI, Istio's `io.istio.peer_principal`: the only source of
-    /// principals and namespaces for authorization (never anything inside the tunnel).
-    pub principal: Option<String>,
 }
 
-/// Handle one stream received on the HBONE listener.
-pub async fn handle_tunnel(shared: Arc<Shared>, req: TunnelRequest) {
+impl TunnelCtx {
+    /// The peer's SPIFFE URI, Istio's `io.istio.peer_principal`: the only source of
+    /// principals and namespaces for authorization (never anything inside the tunnel).
+    pub fn principal(&self) -> Option<&str> {
+        self.peer.principal.as_deref()
+    }
+
+    /// The HBONE connection's peer address as text.
+    pub fn remote_str(&self) -> &str {
+        &self.peer.remote_str
+    }
+}
+
+/// A CONNECT that was answered 200: what serving the tunnel starts from.
+pub struct Accepted {
+    t: Arc<TunnelCtx>,
+    stream: H2Stream,
+    drain: hbone::drain::DrainWatcher,
+    start_time: SystemTime,
+    started: Instant,
+}
+
+/// Handle one stream received on the HBONE listener: the CONNECT is checked and answered at
+/// once (on the HBONE connection's task, no wake-up in between), and the returned future,
+/// spawned as the tunnel's task, serves it.
+pub fn handle_tunnel(
+    shared: Arc<Shared>,
+    req: TunnelRequest,
+) -> impl Future<Output = ()> + Send + 'static {
+    // Boxed before the task starts: the task keeps a pointer, not the accepted CONNECT.
+    let first = accept_tunnel(&shared, req).map(|a| {
+        shared.reclaim.opened();
+        Box::pin(serve_tunnel(a))
+    });
+    run_tunnel(shared.reclaim.clone(), first)
+}
+
+/// Check the CONNECT and answer it: 404/503 (logged as Envoy logs them) or 200.
+fn accept_tunnel(shared: &Arc<Shared>, req: TunnelRequest) -> Option<Accepted> {
     let started = Instant::now();
     let start_time = SystemTime::now();
     if req.method != Method::CONNECT {
@@ -66,9 +103,9 @@ pub async fn handle_tunnel(shared: Arc<Shared>, req: TunnelRequest) {
         r.downstream_remote_address = Some(req.peer.remote.to_string());
         r.downstream_local_address = Some(req.peer.local.to_string());
         r.duration = started.elapsed().as_millis() as u64;
-        emit(&shared, r);
+        emit(shared, r);
         req.reject(StatusCode::NOT_FOUND, "");
-        return;
+        return None;
     }
     let authority = req.authority.clone().unwrap_or_default();
     let snapshot = shared.snapshot.load_full();
@@ -95,12 +132,12 @@ pub async fn handle_tunnel(shared: Arc<Shared>, req: TunnelRequest) {
             .shed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         req.reject(StatusCode::SERVICE_UNAVAILABLE, "envoy overloaded");
-        return;
+        return None;
     }
     let Some((vip, service)) = bound else {
-        refuse_unknown_authority(&shared, &req, &authority, start_time, started);
+        refuse_unknown_authority(shared, &req, &authority, start_time, started);
         req.reject(StatusCode::SERVICE_UNAVAILABLE, UNKNOWN_AUTHORITY_BODY);
-        return;
+        return None;
     };
     let peer = req.peer.clone();
     let drain = req.drain.clone();
@@ -114,47 +151,82 @@ pub async fn handle_tunnel(shared: Arc<Shared>, req: TunnelRequest) {
         Ok(s) => s,
         Err(e) => {
             debug!(error = %e, "client went away before the CONNECT was answered");
-            return;
+            return None;
         }
     };
-    let principal = peer.identity.as_ref().map(|i| i.to_string());
     let t = Arc::new(TunnelCtx {
         shared: shared.clone(),
         vip,
-        vip_str: vip.to_string(),
-        remote_str: peer.remote.to_string(),
         peer,
         service: service.clone(),
         source,
-        principal,
     });
-    // Boxed: the task then keeps only what the tunnel's phase needs (a parked HTTP/1.1
-    // tunnel's task is a few hundred bytes), not the largest state of every phase.
-    shared.reclaim.opened();
-    Box::pin(serve_tunnel(t, stream, drain, start_time, started)).await;
-    shared.reclaim.closed();
+    Some(Accepted {
+        t,
+        stream,
+        drain,
+        start_time,
+        started,
+    })
 }
 
-/// Serve an accepted tunnel by the Service port's protocol.
-async fn serve_tunnel(
-    t: Arc<TunnelCtx>,
-    stream: H2Stream,
-    drain: hbone::drain::DrainWatcher,
-    start_time: SystemTime,
-    started: Instant,
-) {
+/// The tunnel's task. It is small on purpose: what a busy tunnel needs (hyper's connection,
+/// the request phases) lives in a box for as long as it is busy, and an idle HTTP/1.1 tunnel
+/// waits here holding only its stream ([`Parked`]), so an idle tunnel costs its stream, this
+/// task and [`TunnelCtx`] (tunnel.rs `PARK_AFTER`).
+async fn run_tunnel<F>(reclaim: Arc<crate::memory::Reclaim>, first: Option<Pin<Box<F>>>)
+where
+    F: Future<Output = Option<Parked>>,
+{
+    let Some(first) = first else { return };
+    if let Some(mut p) = first.await {
+        loop {
+            reclaim.parked();
+            let woke = wait_for_bytes(&mut p.io, &mut p.drain).await;
+            reclaim.unparked();
+            if !woke {
+                // Client closed, idle timeout or drain: end our half of the tunnel as
+                // hyper would have.
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut p.io.inner).await;
+                break;
+            }
+            p = match Box::pin(serve_inner(p)).await {
+                Some(p) => p,
+                None => break,
+            };
+        }
+    }
+    reclaim.closed();
+}
+
+/// Serve an accepted tunnel by the Service port's protocol; an HTTP tunnel comes back
+/// [`Parked`] whenever it waits for a request.
+async fn serve_tunnel(a: Accepted) -> Option<Parked> {
+    let Accepted {
+        t,
+        stream,
+        drain,
+        start_time,
+        started,
+    } = a;
     let shared = t.shared.clone();
     match t.service.protocol {
         AppProtocol::Http | AppProtocol::Http2 | AppProtocol::Grpc => {
-            serve_http(t, Rewind::new(stream), drain).await
+            Some(Parked::new(t, Rewind::new(stream), drain))
         }
-        AppProtocol::Tcp => Box::pin(proxy_tcp(t, Rewind::new(stream), start_time, started)).await,
+        AppProtocol::Tcp => {
+            proxy_tcp(t, Rewind::new(stream), start_time, started).await;
+            None
+        }
         AppProtocol::Unknown => {
             let mut stream = Rewind::new(stream);
             match sniff(&mut stream, &shared).await {
-                Sniffed::Http => serve_http(t, stream, drain).await,
-                Sniffed::Tcp => Box::pin(proxy_tcp(t, stream, start_time, started)).await,
-                Sniffed::Closed => {}
+                Sniffed::Http => Some(Parked::new(t, stream, drain)),
+                Sniffed::Tcp => {
+                    proxy_tcp(t, stream, start_time, started).await;
+                    None
+                }
+                Sniffed::Closed => None,
             }
         }
     }
@@ -215,19 +287,43 @@ const DRAIN_IDLE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// rebuilds the connection state, a few microseconds once per idle period.
 pub const PARK_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Serve the tunnel as HTTP/1.1 or h2c (Envoy codec AUTO), until the client closes it, it
-/// stays idle past the idle timeout, or the drain asks inner connections to finish.
-async fn serve_http(t: Arc<TunnelCtx>, stream: Rewind, mut drain: hbone::drain::DrainWatcher) {
-    let counters = Arc::new(InnerCounters::default());
-    let mut io = InnerIo::new(stream, t.clone(), counters.clone());
-    // A tunnel may stay quiet for long before its first request: wait holding only the stream.
-    if !wait_for_bytes(&mut io, &mut drain).await {
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut io.inner).await;
-        return;
+/// An HTTP inner connection waiting for its next request with no hyper state: just the
+/// stream (and any bytes of a next request already read), the tunnel and the drain.
+pub struct Parked {
+    io: InnerIo,
+    drain: hbone::drain::DrainWatcher,
+    /// Requests were served on it as HTTP/1.1 (so it is not h2c).
+    http1: bool,
+}
+
+impl Parked {
+    /// A new HTTP tunnel: it waits for its first request like any idle one.
+    fn new(t: Arc<TunnelCtx>, stream: Rewind, drain: hbone::drain::DrainWatcher) -> Parked {
+        let counters = Arc::new(InnerCounters::default());
+        Parked {
+            io: InnerIo::new(stream, t, counters),
+            drain,
+            http1: false,
+        }
     }
+}
+
+/// Serve the inner connection as HTTP/1.1 or h2c (Envoy codec AUTO) now that bytes arrived,
+/// until the client closes it, it stays idle past the idle timeout or the drain asks inner
+/// connections to finish (`None`), or an HTTP/1.1 connection idles [`PARK_AFTER`] (parked
+/// again).
+async fn serve_inner(p: Parked) -> Option<Parked> {
+    let Parked {
+        mut io,
+        drain,
+        http1,
+    } = p;
+    let t = io.t.clone();
+    let counters = io.counters.clone();
     let head_timeout = t.shared.limits.request_header_timeout;
-    let h2c = starts_with_h2c_preface(&mut io.inner, head_timeout).await;
-    io.h2c = h2c;
+    if !http1 {
+        io.h2c = starts_with_h2c_preface(&mut io.inner, head_timeout).await;
+    }
     let service = {
         let (t, counters) = (t.clone(), counters.clone());
         hyper::service::service_fn(move |req| {
@@ -244,11 +340,28 @@ async fn serve_http(t: Arc<TunnelCtx>, stream: Rewind, mut drain: hbone::drain::
         })
     };
     let header_room = t.shared.limits.max_request_headers + 32 * 1024;
-    if h2c {
-        // Boxed: h2c connections are rare and hyper's HTTP/2 state is large; keeping it out of
-        // line keeps every HTTP/1.1 tunnel's task small.
-        return Box::pin(serve_h2c(io, service, drain, header_room)).await;
+    if io.h2c {
+        // Boxed: h2c connections are rare and hyper's HTTP/2 state is large.
+        Box::pin(serve_h2c(io, service, drain, header_room)).await;
+        return None;
     }
+    serve_http1(io, service, drain, header_room).await
+}
+
+/// hyper's HTTP/1.1 server on the inner connection until it ends (`None`) or parks.
+async fn serve_http1<S>(
+    io: InnerIo,
+    service: S,
+    mut drain: hbone::drain::DrainWatcher,
+    header_room: usize,
+) -> Option<Parked>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::body::ResponseBody>
+        + Unpin,
+    S::Future: Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let counters = io.counters.clone();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -256,68 +369,65 @@ async fn serve_http(t: Arc<TunnelCtx>, stream: Rewind, mut drain: hbone::drain::
         // as Envoy does (431 with body, flags and a log line); beyond this hyper answers 431.
         .max_buf_size(header_room)
         .keep_alive(true);
+    let done_before = counters.done.load(std::sync::atomic::Ordering::Relaxed);
+    let mut conn = builder.serve_connection(TokioIo::new(io), service);
+    let mut parking = false;
     let mut draining = false;
-    loop {
-        let done_before = counters.done.load(std::sync::atomic::Ordering::Relaxed);
-        // Boxed so that a parked tunnel's task holds a pointer, not hyper's connection state.
-        let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), service.clone()));
-        let mut parking = false;
-        let park = tokio::time::sleep(PARK_AFTER);
-        tokio::pin!(park);
-        let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
-        let r = loop {
-            tokio::select! {
-                r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break r,
-                _ = &mut park, if !parking => {
-                    let idle_for = counters.idle_for();
-                    let exchanged = counters.done.load(std::sync::atomic::Ordering::Relaxed) > done_before;
-                    if !exchanged || counters.in_flight() {
-                        // Nothing to park yet (first request still coming, or one in
-                        // flight however long it takes): look again a full period later.
-                        park.as_mut().reset(Instant::now() + PARK_AFTER);
-                    } else if idle_for >= PARK_AFTER {
-                        // hyper closes an idle keep-alive connection at once and keeps
-                        // any bytes of a next request it has read; both come back below.
-                        parking = true;
-                        Pin::new(&mut *conn).graceful_shutdown();
-                    } else {
-                        park.as_mut().reset(Instant::now() + (PARK_AFTER - idle_for));
-                    }
-                }
-                _ = drain.signaled(), if !draining => {
-                    // Drain: responses now carry `Connection: close`, so a busy connection
-                    // ends after its current response without racing the client's next
-                    // request; one still open after a short grace is idle: close it.
-                    draining = true;
-                    grace = Some(Box::pin(tokio::time::sleep(DRAIN_IDLE_GRACE)));
-                }
-                _ = async { if let Some(g) = grace.as_mut() { g.await } }, if grace.is_some() => {
-                    grace = None;
-                    Pin::new(&mut *conn).graceful_shutdown();
+    let park = tokio::time::sleep(PARK_AFTER);
+    tokio::pin!(park);
+    let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let r = loop {
+        tokio::select! {
+            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break r,
+            _ = &mut park, if !parking => {
+                let idle_for = counters.idle_for();
+                let exchanged = counters.done.load(std::sync::atomic::Ordering::Relaxed) > done_before;
+                if !exchanged || counters.in_flight() {
+                    // Nothing to park yet (first request still coming, or one in flight
+                    // however long it takes): look again a full period later.
+                    park.as_mut().reset(Instant::now() + PARK_AFTER);
+                } else if idle_for >= PARK_AFTER {
+                    // hyper closes an idle keep-alive connection at once and keeps any
+                    // bytes of a next request it has read; both come back below.
+                    parking = true;
+                    Pin::new(&mut conn).graceful_shutdown();
+                } else {
+                    park.as_mut().reset(Instant::now() + (PARK_AFTER - idle_for));
                 }
             }
-        };
-        if let Err(e) = r {
-            debug!(error = %e, "inner HTTP connection ended with an error");
-            return;
-        }
-        let parts = conn.into_parts();
-        io = parts.io.into_inner();
-        if parking && !draining {
-            io.inner.unread(parts.read_buf);
-            let reclaim = io.t.shared.reclaim.clone();
-            reclaim.parked();
-            let woke = wait_for_bytes(&mut io, &mut drain).await;
-            reclaim.unparked();
-            if woke {
-                continue;
+            _ = drain.signaled(), if !draining => {
+                // Drain: responses now carry `Connection: close`, so a busy connection ends
+                // after its current response without racing the client's next request;
+                // one still open after a short grace is idle: close it.
+                draining = true;
+                grace = Some(Box::pin(tokio::time::sleep(DRAIN_IDLE_GRACE)));
+            }
+            _ = async { if let Some(g) = grace.as_mut() { g.await } }, if grace.is_some() => {
+                grace = None;
+                Pin::new(&mut conn).graceful_shutdown();
             }
         }
-        // The connection is over (client closed, `Connection: close`, idle timeout, drain):
-        // end our half of the tunnel as hyper would have.
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut io.inner).await;
-        return;
+    };
+    if let Err(e) = r {
+        debug!(error = %e, "inner HTTP connection ended with an error");
+        return None;
     }
+    let parts = conn.into_parts();
+    let mut io = parts.io.into_inner();
+    if parking && !draining {
+        io.inner.unread(parts.read_buf);
+        // The idle timer is the parked wait's; the next busy period makes a new one.
+        io.idle = None;
+        return Some(Parked {
+            io,
+            drain,
+            http1: true,
+        });
+    }
+    // The connection is over (client closed, `Connection: close`, idle timeout, drain): end
+    // our half of the tunnel as hyper would have.
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut io.inner).await;
+    None
 }
 
 /// An inner connection that opened with h2c prior knowledge: hyper's HTTP/2 server.
@@ -371,6 +481,8 @@ async fn wait_for_bytes(io: &mut InnerIo, drain: &mut hbone::drain::DrainWatcher
     let deadline = Instant::now() + io.idle_timeout.saturating_sub(idle_for);
     let inner = &mut io.inner;
     tokio::select! {
+        // Bytes first: a tunnel whose request is already here never touches the timer.
+        biased;
         r = std::future::poll_fn(|cx| inner.poll_fill(cx)) => matches!(r, Ok(true)),
         _ = tokio::time::sleep_until(deadline) => {
             debug!("inner connection idle timeout");
@@ -490,7 +602,7 @@ async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, sta
             VipLookup::Bound(sp) => sp.access_log.clone(),
             _ => t.service.access_log.clone(),
         };
-        if crate::logguard::log_allowed(&policy, &r, None, t.principal.as_deref()) {
+        if crate::logguard::log_allowed(&policy, &r, None, t.principal()) {
             emit(shared, r);
         }
     };
@@ -514,8 +626,8 @@ async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, sta
             None => {
                 r.response_flags.set(ResponseFlag::NR);
                 r.response_code_details = Some("filter_chain_not_found".into());
-                r.downstream_local_address = Some(t.vip_str.clone());
-                r.downstream_remote_address = Some(t.remote_str.clone());
+                r.downstream_local_address = Some(t.vip.to_string());
+                r.downstream_remote_address = Some(t.remote_str().to_string());
                 r.duration = started.elapsed().as_millis() as u64;
                 emit(shared, r);
                 stream.inner.reset(h2::Reason::CONNECT_ERROR);
@@ -532,8 +644,8 @@ async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, sta
             }) => c.clone(),
             _ => {
                 r.response_flags.set(ResponseFlag::NC);
-                r.downstream_local_address = Some(t.vip_str.clone());
-                r.downstream_remote_address = Some(t.remote_str.clone());
+                r.downstream_local_address = Some(t.vip.to_string());
+                r.downstream_remote_address = Some(t.remote_str().to_string());
                 r.duration = started.elapsed().as_millis() as u64;
                 emit(shared, r);
                 stream.inner.reset(h2::Reason::CONNECT_ERROR);
@@ -547,8 +659,8 @@ async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, sta
     } else {
         cluster.name.clone()
     });
-    r.downstream_local_address = Some(t.vip_str.clone());
-    r.downstream_remote_address = Some(t.remote_str.clone());
+    r.downstream_local_address = Some(t.vip.to_string());
+    r.downstream_remote_address = Some(t.remote_str().to_string());
     // Network RBAC (policy.md 1.7): HTTP-only fields never match ALLOW rules and are ignored
     // by DENY rules on TCP. A denial closes the connection and is logged.
     let snapshot = shared.snapshot.load_full();
@@ -558,7 +670,7 @@ async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, sta
     };
     if !service.authz.is_empty() {
         let req = policy::AuthzRequest {
-            source_principal: t.principal.as_deref(),
+            source_principal: t.principal(),
             source_ip: Some(t.peer.remote.ip()),
             remote_ip: Some(t.peer.remote.ip()),
             dest_ip: Some(t.vip.ip()),
@@ -890,7 +1002,9 @@ mod tests {
 /// Exchanges on one inner HTTP connection: request heads received (the service was called)
 /// and responses finished (`heads > done`: a request is in flight), and when bytes last
 /// moved either way.
+/// Aligned like [`TunnelCtx`], and kept as long: packed with it (pages.rs, slab).
 #[derive(Debug)]
+#[repr(align(64))]
 pub struct InnerCounters {
     pub heads: std::sync::atomic::AtomicU64,
     pub done: std::sync::atomic::AtomicU64,
@@ -946,7 +1060,8 @@ pub struct InnerIo {
     head_timeout: std::time::Duration,
     idle_timeout: std::time::Duration,
     head: Option<(Pin<Box<tokio::time::Sleep>>, u64)>,
-    idle: Pin<Box<tokio::time::Sleep>>,
+    /// Armed while hyper serves the connection; a parked connection has none.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The connection opened with the h2c preface (set once it is known, before hyper runs).
     h2c: bool,
     timed_out: bool,
@@ -962,7 +1077,7 @@ impl InnerIo {
             head_timeout,
             idle_timeout,
             head: None,
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle: None,
             h2c: false,
             timed_out: false,
             t,
@@ -979,8 +1094,8 @@ impl InnerIo {
         r.response_code_details = Some("request_header_timeout".into());
         r.bytes_sent = 15;
         r.duration = self.head_timeout.as_millis() as u64;
-        r.downstream_local_address = Some(self.t.vip_str.clone());
-        r.downstream_remote_address = Some(self.t.remote_str.clone());
+        r.downstream_local_address = Some(self.t.vip.to_string());
+        r.downstream_remote_address = Some(self.t.remote_str().to_string());
         emit(&self.t.shared, r);
     }
 }
@@ -1032,14 +1147,23 @@ impl AsyncRead for InnerIo {
                 }
                 // The idle timer is re-armed lazily from the last activity, not on every
                 // read and write.
-                while !this.in_flight() && this.idle.as_mut().poll(cx).is_ready() {
+                if this.in_flight() {
+                    return Poll::Pending;
+                }
+                let idle_timeout = this.idle_timeout;
+                let counters = &this.counters;
+                let idle = this.idle.get_or_insert_with(|| {
+                    let left = idle_timeout.saturating_sub(counters.idle_for());
+                    Box::pin(tokio::time::sleep(left))
+                });
+                while idle.as_mut().poll(cx).is_ready() {
                     let idle_for = this.counters.idle_for();
                     if idle_for >= this.idle_timeout {
                         debug!("inner connection idle timeout");
                         return Poll::Ready(Ok(()));
                     }
                     let due = Instant::now() + (this.idle_timeout - idle_for);
-                    this.idle.as_mut().reset(due);
+                    idle.as_mut().reset(due);
                 }
                 Poll::Pending
             }
