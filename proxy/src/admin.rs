@@ -109,6 +109,7 @@ fn answer(shared: &Shared, role: Role, req: &Request<Incoming>) -> Response<Full
 
 fn prometheus(shared: &Shared) -> String {
     let s = &shared.hbone_stats;
+    let pool = crate::pages::stats();
     let extra = [
         (
             "waypoint_hbone_connections_active",
@@ -176,14 +177,24 @@ fn prometheus(shared: &Shared) -> String {
             shared.reclaim.trims.load(Ordering::Relaxed),
         ),
         (
-            "waypoint_memory_pool_used_bytes",
-            "Mid-sized blocks (8-64 KiB: connection buffers) in use, from the page pool.",
-            crate::pages::stats().0,
+            "waypoint_memory_blocks_used_bytes",
+            "Mid-sized blocks (8-64 KiB: connection buffers) in use (page pool, pages.rs).",
+            pool.blocks_used,
+        ),
+        (
+            "waypoint_memory_slab_spans_bytes",
+            "Slab spans holding long-lived aligned objects (tasks, tunnel state).",
+            pool.slab_spans,
+        ),
+        (
+            "waypoint_memory_slab_live_bytes",
+            "Live objects in the slab spans.",
+            pool.slab_live,
         ),
         (
             "waypoint_memory_pool_free_bytes",
-            "Free page-pool blocks still resident (given back on the next trim).",
-            crate::pages::stats().1,
+            "Free blocks and spans still resident (given back on the next trim).",
+            pool.free,
         ),
         (
             "waypoint_access_log_dropped_total",

@@ -313,6 +313,8 @@ struct SpanMeta {
 /// A class's spans with free slots (span index + 1 of the first; 0: none).
 struct SlabClass {
     partial: u32,
+    /// Objects live (for [`stats`]).
+    live: u64,
 }
 
 /// Spans not used by any class: `bump..` never used; a stack of freed ones.
@@ -324,7 +326,10 @@ struct SpanPool {
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
-const NO_SPANS: Mutex<SlabClass> = Mutex::new(SlabClass { partial: 0 });
+const NO_SPANS: Mutex<SlabClass> = Mutex::new(SlabClass {
+    partial: 0,
+    live: 0,
+});
 static SLAB_CLASSES_STATE: [Mutex<SlabClass>; SLAB_CLASSES] = [NO_SPANS; SLAB_CLASSES];
 static SPAN_POOL: Mutex<SpanPool> = Mutex::new(SpanPool {
     bump: 0,
@@ -494,6 +499,7 @@ fn slab_alloc(class: usize) -> Option<*mut u8> {
             m.bump - 1
         };
         m.live += 1;
+        cl.live += 1;
         if m.free == 0 && m.bump == slots_per_span(class) {
             unlink(g, &mut cl, span);
         }
@@ -517,6 +523,7 @@ fn slab_free(g: &SlabGeometry, span: u32, p: *mut u8) {
         *(p as *mut u32) = m.free;
         m.free = idx + 1;
         m.live -= 1;
+        cl.live -= 1;
         if m.live == 0 {
             m.class
                 .store(NO_CLASS, std::sync::atomic::Ordering::Relaxed);
@@ -590,21 +597,37 @@ pub fn release() -> usize {
     released + release_spans(&region.slab)
 }
 
-/// Pooled bytes: (handed out now, free and still resident).
-pub fn stats() -> (u64, u64) {
+/// What the pool holds, in bytes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    /// Blocks (8-64 KiB) handed out.
+    pub blocks_used: u64,
+    /// Spans holding at least one slab object.
+    pub slab_spans: u64,
+    /// Slab objects live (slot sizes).
+    pub slab_live: u64,
+    /// Free blocks and spans still resident (given back by the next [`release`]).
+    pub free: u64,
+}
+
+/// What the pool holds now.
+pub fn stats() -> Stats {
     let Some(region) = REGION.get().and_then(|r| r.as_ref()) else {
-        return (0, 0);
+        return Stats::default();
     };
-    let (mut used, mut free) = (0u64, 0u64);
+    let mut out = Stats::default();
     for (class, g) in region.classes.iter().enumerate() {
         let st = lock(class);
-        used += (st.bump - st.top) as u64 * g.block as u64;
-        free += (st.top - st.clean) as u64 * g.block as u64;
+        out.blocks_used += (st.bump - st.top) as u64 * g.block as u64;
+        out.free += (st.top - st.clean) as u64 * g.block as u64;
+    }
+    for class in 0..SLAB_CLASSES {
+        out.slab_live += slab_lock(class).live * slot_size(class) as u64;
     }
     let pool = SPAN_POOL.lock().unwrap_or_else(|e| e.into_inner());
-    used += (pool.bump - pool.top) as u64 * SPAN as u64;
-    free += (pool.top - pool.clean) as u64 * SPAN as u64;
-    (used, free)
+    out.slab_spans += (pool.bump - pool.top) as u64 * SPAN as u64;
+    out.free += (pool.top - pool.clean) as u64 * SPAN as u64;
+    out
 }
 
 /// The allocator (installed by the `waypoint` binary with `#[global_allocator]`).
@@ -792,8 +815,7 @@ mod tests {
             pool.dealloc(g, Layout::from_size_align(70_000, 8).unwrap());
             pool.dealloc(z, l8);
         }
-        let (used, _) = stats();
-        assert!(used < 1 << 30);
+        assert!(stats().blocks_used < 1 << 30);
     }
 
     #[test]

@@ -183,10 +183,12 @@ ports: [{{name: http, port: {port}}}]
         // 2,000 idle keep-alive tunnels, one request each.
         let (idle_conns, idle) = open_tunnels(hbone, &tls, IDLE_TUNNELS).await;
         let peak_open = rss_kib(pid);
-        // Once idle (tunnel.rs PARK_AFTER), each costs a few KiB: ~10 KB in the release build
-        // (benches: `idle` scenario; Envoy ~45 KB), ~18 KB in this unoptimized test build, whose
-        // futures are larger; without parking an idle tunnel costs over 35 KB here.
-        const PER_TUNNEL_KIB: u64 = if cfg!(debug_assertions) { 24 } else { 12 };
+        // Once idle (tunnel.rs PARK_AFTER), each costs a few KiB: ~2.6 KB in the release build
+        // (benches: `idle` scenario, 10,000 tunnels; Envoy ~45 KB) and in this test build
+        // from a warm process (round 2). Round 1 also pays for the process growing to its
+        // working size (pools, allocator spans; measured ~9.6 KB per tunnel). Without parking
+        // and the allocator's slab (pages.rs) an idle tunnel cost over 35 KB here.
+        let per_tunnel_kib: u64 = if round == 1 { 16 } else { 5 };
         // Wait until they have all parked and the waypoint has given the freed memory back.
         metric_until(metrics, "waypoint_tunnels_parked", |n| {
             n >= IDLE_TUNNELS as u64
@@ -200,8 +202,8 @@ ports: [{{name: http, port: {port}}}]
             "round {round}: baseline {start} KiB, {IDLE_TUNNELS} tunnels just opened {peak_open} KiB, idle {idle_rss} KiB = {per_tunnel} B per idle tunnel"
         );
         assert!(
-            per_tunnel <= PER_TUNNEL_KIB * 1024,
-            "an idle tunnel costs {per_tunnel} B (bound {PER_TUNNEL_KIB} KiB)"
+            per_tunnel <= per_tunnel_kib * 1024,
+            "round {round}: an idle tunnel costs {per_tunnel} B (bound {per_tunnel_kib} KiB)"
         );
 
         // Responsive while holding them: a new connection, tunnel and request, promptly.
