@@ -93,6 +93,7 @@ fn answer(shared: &Shared, role: Role, req: &Request<Incoming>) -> Response<Full
             text(StatusCode::OK, "application/json", config_dump(shared))
         }
         (Role::Admin, "/clusters") => text(StatusCode::OK, "text/plain", clusters(shared)),
+        (Role::Admin, "/memory") => text(StatusCode::OK, "application/json", memory()),
         (Role::Admin, "/logging") => logging(req),
         (Role::Admin, "/services") => text(
             StatusCode::OK,
@@ -203,6 +204,33 @@ fn prometheus(shared: &Shared) -> String {
         ),
     ];
     shared.metrics.render(&extra)
+}
+
+/// Envoy's `/memory` answers with its allocator's totals; ours adds the page pool's and
+/// the slab's sizes (pages.rs), the two places long-lived and connection memory lives.
+fn memory() -> String {
+    let s = crate::pages::stats();
+    let (blocks, slab) = crate::pages::detail();
+    let rows = |v: Vec<[u64; 4]>, what: &str| -> Vec<serde_json::Value> {
+        v.into_iter()
+            .map(|[size, used, free, released]| {
+                if what == "block" {
+                    json!({"size": size, "in_use": used, "free_resident": free, "free_released": released})
+                } else {
+                    json!({"size": size, "live": used})
+                }
+            })
+            .collect()
+    };
+    let v = json!({
+        "blocks_used_bytes": s.blocks_used,
+        "slab_spans_bytes": s.slab_spans,
+        "slab_live_bytes": s.slab_live,
+        "free_resident_bytes": s.free,
+        "blocks": rows(blocks, "block"),
+        "slab": rows(slab, "slab"),
+    });
+    serde_json::to_string_pretty(&v).unwrap_or_default()
 }
 
 fn config_dump(shared: &Shared) -> String {

@@ -101,6 +101,9 @@ pub async fn run(reclaim: std::sync::Arc<Reclaim>) {
     let mut again = false;
     loop {
         tick.tick().await;
+        // Free page-pool blocks beyond each size's allowance go back every second, trim or
+        // not (pages.rs `decay`): cheap, a few madvise calls after a burst, none otherwise.
+        crate::pages::decay();
         let dropped = reclaim.dropped_enough();
         if dropped || again {
             let _ = tokio::task::spawn_blocking(trim).await;

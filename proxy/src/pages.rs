@@ -12,10 +12,11 @@
 //! request at 64 connections in our benchmark.
 //!
 //! Contract:
-//! - A request of 8 KiB..=64 KiB with alignment <= 4 KiB gets `ceil(size / 4 KiB)` whole,
-//!   page-aligned pages. One size class per page count, each a LIFO free list: a freed block
-//!   is reused as is (no system call, no page fault in steady state).
-//! - Nothing is returned to the OS on free. [`release`] (called by memory.rs when load has
+//! - A request of a whole number of pages from 8 KiB to 64 KiB, alignment <= 4 KiB, gets
+//!   that many page-aligned pages. One size class per page count, each a LIFO free list: a
+//!   freed block is reused as is (no system call, no page fault in steady state).
+//! - A class keeps up to 64 KiB of free blocks resident; the rest is given back within a
+//!   second ([`decay`], oldest first). [`release`] (called by memory.rs when load has
 //!   dropped, next to `malloc_trim`) hands every free block's pages back with
 //!   `madvise(MADV_DONTNEED)`; the block stays in its free list and faults in zeroed pages
 //!   when next used.
@@ -44,6 +45,8 @@ const CLASS_SPAN: usize = 512 << 20;
 /// batch, so allocations of that class wait at most one batch while [`release`] runs).
 const GROW_BYTES: usize = 256 << 10;
 const RELEASE_BATCH: u32 = 64;
+/// Free memory a class (or the slab's span pool) keeps resident between trims.
+const DIRTY_BYTES: usize = 64 << 10;
 
 /// The reserved range and where each class lives in it.
 struct Region {
@@ -200,10 +203,15 @@ fn reserve() -> Option<Region> {
 /// The class for a request, if it is pooled.
 fn class_of(layout: Layout) -> Option<usize> {
     let size = layout.size();
-    if !(MIN_PAGES * PAGE..=MAX_PAGES * PAGE).contains(&size) || layout.align() > PAGE {
+    // Whole pages only: connection buffers are (8 KiB, 16 KiB, 64 KiB); rounding other
+    // sizes up would waste up to a page per block (measured: +0.5 MiB at 64 connections).
+    if !(MIN_PAGES * PAGE..=MAX_PAGES * PAGE).contains(&size)
+        || size % PAGE != 0
+        || layout.align() > PAGE
+    {
         return None;
     }
-    Some(size.div_ceil(PAGE) - MIN_PAGES)
+    Some(size / PAGE - MIN_PAGES)
 }
 
 /// The class of a pointer we handed out, if it is ours.
@@ -539,11 +547,14 @@ fn slab_free(g: &SlabGeometry, span: u32, p: *mut u8) {
 }
 
 /// Give back the pages of spans no class uses. Returns the bytes released.
-fn release_spans(g: &SlabGeometry) -> usize {
+fn release_spans(g: &SlabGeometry, keep: usize) -> usize {
     let mut released = 0;
     loop {
         let mut pool = SPAN_POOL.lock().unwrap_or_else(|e| e.into_inner());
-        let n = (pool.top - pool.clean).min(RELEASE_BATCH);
+        let dirty = (pool.top - pool.clean) as usize;
+        let n = dirty
+            .saturating_sub(keep / SPAN)
+            .min(RELEASE_BATCH as usize) as u32;
         if n == 0 {
             return released;
         }
@@ -564,8 +575,22 @@ fn release_spans(g: &SlabGeometry) -> usize {
     }
 }
 
+/// Give back the pages of free blocks and spans beyond what each class may keep resident
+/// ([`DIRTY_BYTES`]), oldest first: called every second (memory.rs), so a burst of one size
+/// does not hold memory the heap could have reused for others until load drops. Returns the
+/// bytes released.
+pub fn decay() -> usize {
+    release_beyond(DIRTY_BYTES)
+}
+
 /// Give the pages of every free pooled block back to the OS. Returns the bytes released.
 pub fn release() -> usize {
+    release_beyond(0)
+}
+
+/// Release free blocks (and spans) of each class until at most `keep` bytes of them stay
+/// resident.
+fn release_beyond(keep: usize) -> usize {
     let Some(region) = REGION.get().and_then(|r| r.as_ref()) else {
         return 0;
     };
@@ -574,7 +599,10 @@ pub fn release() -> usize {
         loop {
             // Batches: allocations of this class wait for one batch at most.
             let mut st = lock(class);
-            let n = (st.top - st.clean).min(RELEASE_BATCH);
+            let dirty = (st.top - st.clean) as usize;
+            let n = dirty
+                .saturating_sub(keep / g.block)
+                .min(RELEASE_BATCH as usize) as u32;
             if n == 0 {
                 break;
             }
@@ -594,7 +622,7 @@ pub fn release() -> usize {
             released += n as usize * g.block;
         }
     }
-    released + release_spans(&region.slab)
+    released + release_spans(&region.slab, keep)
 }
 
 /// What the pool holds, in bytes.
@@ -628,6 +656,31 @@ pub fn stats() -> Stats {
     out.slab_spans += (pool.bump - pool.top) as u64 * SPAN as u64;
     out.free += (pool.top - pool.clean) as u64 * SPAN as u64;
     out
+}
+
+/// Per size, for the admin `/memory` page: (block or slot size, in use, free resident,
+/// free released) in blocks/objects; slab rows count objects (free: none).
+pub fn detail() -> (Vec<[u64; 4]>, Vec<[u64; 4]>) {
+    let Some(region) = REGION.get().and_then(|r| r.as_ref()) else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut blocks = Vec::new();
+    for (class, g) in region.classes.iter().enumerate() {
+        let st = lock(class);
+        let (bump, top, clean) = (st.bump as u64, st.top as u64, st.clean as u64);
+        drop(st);
+        if bump > 0 {
+            blocks.push([g.block as u64, bump - top, top - clean, clean]);
+        }
+    }
+    let mut slab = Vec::new();
+    for class in 0..SLAB_CLASSES {
+        let live = slab_lock(class).live;
+        if live > 0 {
+            slab.push([slot_size(class) as u64, live, 0, 0]);
+        }
+    }
+    (blocks, slab)
 }
 
 /// The allocator (installed by the `waypoint` binary with `#[global_allocator]`).
@@ -751,7 +804,8 @@ mod tests {
         let l = |n| Layout::from_size_align(n, 8).unwrap();
         assert_eq!(class_of(l(8191)), None);
         assert_eq!(class_of(l(8192)), Some(0));
-        assert_eq!(class_of(l(8193)), Some(1));
+        assert_eq!(class_of(l(8193)), None, "whole pages only");
+        assert_eq!(class_of(l(12288)), Some(1));
         assert_eq!(class_of(l(65536)), Some(CLASSES - 1));
         assert_eq!(class_of(l(65537)), None);
         assert_eq!(class_of(Layout::from_size_align(8192, 8192).unwrap()), None);
@@ -803,10 +857,11 @@ mod tests {
             for i in 0..4096 {
                 *s.add(i) = i as u8;
             }
-            let g = pool.realloc(s, l4, 10_000);
+            let g = pool.realloc(s, l4, 12288);
             assert!(owner(g).is_some());
-            let g = pool.realloc(g, Layout::from_size_align(10_000, 8).unwrap(), 12_000);
-            let g = pool.realloc(g, Layout::from_size_align(12_000, 8).unwrap(), 70_000);
+            let g = pool.realloc(g, Layout::from_size_align(12288, 8).unwrap(), 16384);
+            assert!(owner(g).is_some());
+            let g = pool.realloc(g, Layout::from_size_align(16384, 8).unwrap(), 70_000);
             assert!(
                 owner(g).is_none(),
                 "beyond 64 KiB is the system allocator's"
