@@ -206,7 +206,7 @@ fn class_of(layout: Layout) -> Option<usize> {
     // Whole pages only: connection buffers are (8 KiB, 16 KiB, 64 KiB); rounding other
     // sizes up would waste up to a page per block (measured: +0.5 MiB at 64 connections).
     if !(MIN_PAGES * PAGE..=MAX_PAGES * PAGE).contains(&size)
-        || size % PAGE != 0
+        || !size.is_multiple_of(PAGE)
         || layout.align() > PAGE
     {
         return None;
