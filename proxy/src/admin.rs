@@ -169,7 +169,7 @@ fn prometheus(shared: &Shared) -> String {
         ),
         (
             "waypoint_tunnels_parked",
-            "Idle HTTP/1.1 tunnels holding no connection buffers (open minus busy).",
+            "Idle HTTP tunnels waiting for a request with no connection state (open minus busy).",
             shared.reclaim.parked_now(),
         ),
         (

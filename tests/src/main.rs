@@ -3,6 +3,11 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+/// The allocator the `waypoint` binary installs (proxy/src/pages.rs): every test below runs
+/// the data path on it, as production does.
+#[global_allocator]
+static ALLOC: proxy::pages::PagePool = proxy::pages::PagePool;
+
 mod abuse;
 mod authn;
 mod envoy_interop;
