@@ -249,6 +249,9 @@ pub struct Cluster {
 pub struct ServicePort {
     /// The VIP:port this entry was found under (one per clusterIP in `clusterIPs`).
     pub vip: SocketAddr,
+    /// `vip` as text, formatted once: every access-log line carries it
+    /// (`downstream_local_address`).
+    pub vip_text: String,
     pub protocol: AppProtocol,
     /// The Service's own cluster for this port (used when no HTTPRoute applies, and for TCP).
     pub cluster: Arc<Cluster>,
@@ -333,6 +336,7 @@ impl Snapshot {
     fn direct_port(&self, addr: SocketAddr, w: &Workload) -> Arc<ServicePort> {
         Arc::new(ServicePort {
             vip: addr,
+            vip_text: addr.to_string(),
             protocol: AppProtocol::Unknown,
             cluster: Arc::new(Cluster {
                 name: "encap".into(),

@@ -210,25 +210,22 @@ fn prometheus(shared: &Shared) -> String {
 /// the slab's sizes (pages.rs), the two places long-lived and connection memory lives.
 fn memory() -> String {
     let s = crate::pages::stats();
-    let (blocks, slab) = crate::pages::detail();
-    let rows = |v: Vec<[u64; 4]>, what: &str| -> Vec<serde_json::Value> {
-        v.into_iter()
-            .map(|[size, used, free, released]| {
-                if what == "block" {
-                    json!({"size": size, "in_use": used, "free_resident": free, "free_released": released})
-                } else {
-                    json!({"size": size, "live": used})
-                }
-            })
-            .collect()
-    };
+    let (blocks, slots) = crate::pages::detail();
+    let blocks: Vec<_> = blocks
+        .iter()
+        .map(|b| json!({"size": b.size, "in_use": b.in_use, "free_resident": b.free_resident, "free_released": b.free_released}))
+        .collect();
+    let slots: Vec<_> = slots
+        .iter()
+        .map(|s| json!({"size": s.size, "live": s.live}))
+        .collect();
     let v = json!({
         "blocks_used_bytes": s.blocks_used,
         "slab_spans_bytes": s.slab_spans,
         "slab_live_bytes": s.slab_live,
         "free_resident_bytes": s.free,
-        "blocks": rows(blocks, "block"),
-        "slab": rows(slab, "slab"),
+        "blocks": blocks,
+        "slab": slots,
     });
     serde_json::to_string_pretty(&v).unwrap_or_default()
 }

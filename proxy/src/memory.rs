@@ -101,14 +101,16 @@ pub async fn run(reclaim: std::sync::Arc<Reclaim>) {
     let mut again = false;
     loop {
         tick.tick().await;
-        // Free page-pool blocks beyond each size's allowance go back every second, trim or
-        // not (pages.rs `decay`): cheap, a few madvise calls after a burst, none otherwise.
-        crate::pages::decay();
         let dropped = reclaim.dropped_enough();
         if dropped || again {
             let _ = tokio::task::spawn_blocking(trim).await;
             reclaim.trims.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(dropped, "returned free memory to the OS");
+        } else {
+            // Otherwise free page-pool blocks beyond each size's allowance go back (pages.rs
+            // `decay`): none under steady load, a madvise per block after a burst; off the
+            // worker threads, as that can be thousands of calls.
+            let _ = tokio::task::spawn_blocking(crate::pages::decay).await;
         }
         again = dropped;
     }

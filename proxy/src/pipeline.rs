@@ -174,7 +174,7 @@ impl RequestCtx {
         r.user_agent = header_string(headers, &header::USER_AGENT);
         r.x_forwarded_for = header_string(headers, &X_FORWARDED_FOR);
         r.request_id = header_string(headers, &X_REQUEST_ID);
-        r.downstream_local_address = Some(t.vip.to_string());
+        r.downstream_local_address = Some(t.service.vip_text.clone());
         // use_remote_address is false on waypoints, so Envoy takes the rightmost
         // x-forwarded-for entry as the downstream address, with port 0 (envoy-observed.md 1).
         r.downstream_remote_address = Some(

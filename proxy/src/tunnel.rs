@@ -293,8 +293,6 @@ pub const PARK_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 pub struct Parked {
     io: InnerIo,
     drain: hbone::drain::DrainWatcher,
-    /// Requests were served on it as HTTP/1.1 (so it is not h2c).
-    http1: bool,
 }
 
 impl Parked {
@@ -304,7 +302,6 @@ impl Parked {
         Parked {
             io: InnerIo::new(stream, t, counters),
             drain,
-            http1: false,
         }
     }
 }
@@ -314,16 +311,13 @@ impl Parked {
 /// connections to finish (`None`), or an HTTP/1.1 connection idles [`PARK_AFTER`] (parked
 /// again).
 async fn serve_inner(p: Parked) -> Option<Parked> {
-    let Parked {
-        mut io,
-        drain,
-        http1,
-    } = p;
+    let Parked { mut io, drain } = p;
     let t = io.t.clone();
     let counters = io.counters.clone();
-    let head_timeout = t.shared.limits.request_header_timeout;
-    if !http1 {
-        io.h2c = starts_with_h2c_preface(&mut io.inner, head_timeout).await;
+    // Only a connection's first bytes can be the h2c preface; one that parked has served
+    // HTTP/1.1 requests (it parks only after an exchange).
+    if counters.heads.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        io.h2c = starts_with_h2c_preface(&mut io.inner, io.head_timeout).await;
     }
     let service = {
         let (t, counters) = (t.clone(), counters.clone());
@@ -419,11 +413,7 @@ where
         io.inner.unread(parts.read_buf);
         // The idle timer is the parked wait's; the next busy period makes a new one.
         io.idle = None;
-        return Some(Parked {
-            io,
-            drain,
-            http1: true,
-        });
+        return Some(Parked { io, drain });
     }
     // The connection is over (client closed, `Connection: close`, idle timeout, drain): end
     // our half of the tunnel as hyper would have.
@@ -627,7 +617,7 @@ async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, sta
             None => {
                 r.response_flags.set(ResponseFlag::NR);
                 r.response_code_details = Some("filter_chain_not_found".into());
-                r.downstream_local_address = Some(t.vip.to_string());
+                r.downstream_local_address = Some(t.service.vip_text.clone());
                 r.downstream_remote_address = Some(t.remote_str().to_string());
                 r.duration = started.elapsed().as_millis() as u64;
                 emit(shared, r);
@@ -645,7 +635,7 @@ async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, sta
             }) => c.clone(),
             _ => {
                 r.response_flags.set(ResponseFlag::NC);
-                r.downstream_local_address = Some(t.vip.to_string());
+                r.downstream_local_address = Some(t.service.vip_text.clone());
                 r.downstream_remote_address = Some(t.remote_str().to_string());
                 r.duration = started.elapsed().as_millis() as u64;
                 emit(shared, r);
@@ -660,7 +650,7 @@ async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, sta
     } else {
         cluster.name.clone()
     });
-    r.downstream_local_address = Some(t.vip.to_string());
+    r.downstream_local_address = Some(t.service.vip_text.clone());
     r.downstream_remote_address = Some(t.remote_str().to_string());
     // Network RBAC (policy.md 1.7): HTTP-only fields never match ALLOW rules and are ignored
     // by DENY rules on TCP. A denial closes the connection and is logged.
@@ -1095,7 +1085,7 @@ impl InnerIo {
         r.response_code_details = Some("request_header_timeout".into());
         r.bytes_sent = 15;
         r.duration = self.head_timeout.as_millis() as u64;
-        r.downstream_local_address = Some(self.t.vip.to_string());
+        r.downstream_local_address = Some(self.t.service.vip_text.clone());
         r.downstream_remote_address = Some(self.t.remote_str().to_string());
         emit(&self.t.shared, r);
     }

@@ -549,6 +549,7 @@ impl<'a> Compiler<'a> {
                                 vip,
                                 Arc::new(ServicePort {
                                     vip,
+                                    vip_text: vip.to_string(),
                                     protocol,
                                     cluster,
                                     routes,
