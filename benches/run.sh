@@ -107,7 +107,7 @@ wait_http() { # URL SECONDS
 if [[ "$BUILD" == 1 ]]; then
   log "building the waypoint (profile dist) and the bench tools (release)"
   (cd "$ROOT" && cargo build --profile dist --quiet -p proxy --bin waypoint \
-    && cargo build --release --quiet -p waypoint-benches --bins) \
+    && cargo build --release --quiet -p waypoint-bench-tools --bins) \
     || die "cargo build failed"
 fi
 [[ -x "$WP_BIN" ]] || die "$WP_BIN missing (run with BUILD=1)"

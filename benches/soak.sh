@@ -12,7 +12,7 @@ MIN="${SOAK_MINUTES:-3}"; (( MIN >= 1 && MIN <= 60 )) || { echo "SOAK_MINUTES mu
 EVERY="${ABUSE_EVERY:-20}"
 OUT="$ROOT/target/soak/$(date -u +%Y%m%dT%H%M%SZ)"; mkdir -p "$OUT"
 BIN="$ROOT/target/release"
-(cd "$ROOT" && cargo build --profile dist -q -p proxy --bin waypoint && cargo build --release -q -p waypoint-benches --bin loadgen --bin bench-backend)
+(cd "$ROOT" && cargo build --profile dist -q -p proxy --bin waypoint && cargo build --release -q -p waypoint-bench-tools --bin loadgen --bin bench-backend)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT

@@ -126,7 +126,8 @@ impl TunnelRequest {
     }
 
     /// Answer with an error status and an optional text body, then end the stream.
-    pub fn reject(mut self, status: StatusCode, body: &'static str) {
+    pub fn reject(mut self, status: StatusCode, body: impl Into<Bytes>) {
+        let body: Bytes = body.into();
         let mut builder = Response::builder().status(status);
         if !body.is_empty() {
             builder = builder
@@ -140,7 +141,7 @@ impl TunnelRequest {
         let Ok(resp) = builder.body(()) else { return };
         match self.respond.send_response(resp, body.is_empty()) {
             Ok(mut send) if !body.is_empty() => {
-                let _ = send.send_data(Bytes::from_static(body.as_bytes()), true);
+                let _ = send.send_data(body, true);
             }
             Ok(_) => {}
             Err(e) => debug!(error = %e, "could not send CONNECT rejection"),

@@ -91,6 +91,20 @@ impl ResponseBody {
         }
     }
 
+    /// An empty body whose exchange is logged elsewhere (a `101`: the upgraded session
+    /// logs the request when it ends).
+    pub fn empty_unlogged() -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Local(None),
+            deadline: None,
+            log: None,
+            pool: None,
+            load: None,
+            sent: 0,
+            done: None,
+        }
+    }
+
     /// Reset the stream if the body has not ended by `deadline`.
     pub fn with_deadline(mut self, deadline: Option<tokio::time::Instant>) -> ResponseBody {
         self.deadline = deadline.map(|d| Box::pin(tokio::time::sleep_until(d)));

@@ -96,6 +96,34 @@ pub enum ProxyError {
     HeadersTooLarge,
     /// The request path cannot be normalized: 400 `path_normalization_failed`.
     BadPath,
+    /// Envoy's HTTP/1 codec refused the request (docs/envoy-observed.md, "HTTP/1.1 framing"):
+    /// the status's reason phrase as a `text/plain` body (`Bad Request`, `Not Implemented`,
+    /// `Upgrade Required`), flag `DPE`, details such as `http1.codec_error`,
+    /// `http1.invalid_characters`, `http1.content_length_and_chunked_not_allowed`,
+    /// `http1.invalid_transfer_encoding` (501); the connection closes after it.
+    Codec {
+        status: StatusCode,
+        details: &'static str,
+    },
+    /// HTTP/1.1 request without `Host`: Envoy's HCM answers 400 with no body and no flag,
+    /// details `missing_host_header`, and closes the connection.
+    MissingHost,
+    /// `OPTIONS *` (asterisk-form target): Envoy answers 404 with no body, no flag, details
+    /// `absolute_path_rejected`; the connection stays open.
+    AbsolutePathRejected,
+    /// A CONNECT to an authority that is not a Service VIP:port bound to this waypoint:
+    /// Envoy's internal listener has no filter chain for it, so the CONNECT's upstream fails:
+    /// 503 with [`UNKNOWN_AUTHORITY_BODY`], `UF`, details
+    /// `upstream_reset_before_response_started{remote_connection_failure}` (protocol.md 8).
+    UnknownAuthority,
+    /// The inner HTTP/1.1 request head did not complete within `--request-header-timeout`:
+    /// 408 `request timeout`, details `request_header_timeout`, connection closed (Envoy's
+    /// HCM `request_headers_timeout`, which Istio leaves unset; ours defaults to 30 s).
+    RequestHeaderTimeout,
+    /// An `Upgrade` other than `websocket` (the only upgrade istiod configures on waypoint
+    /// chains; `h2c` is dropped by the codec and served as a plain request): 403, no body, no
+    /// flag, details `upgrade_failed`, connection closed.
+    UpgradeFailed,
     /// More work than the configured limits allow: shed as Envoy's overload manager does,
     /// 503 `envoy overloaded`, flag `OM`, details `overload`.
     Overloaded,
@@ -193,6 +221,56 @@ impl ProxyError {
                 ResponseFlags::default(),
                 "path_normalization_failed",
             ),
+            ProxyError::Codec { status, details } => LocalReply {
+                status: *status,
+                body: Cow::Borrowed(status.canonical_reason().unwrap_or("")),
+                flags: ResponseFlag::DPE.into(),
+                details: Cow::Borrowed(details),
+                transport_failure_reason: None,
+                headers: Vec::new(),
+            },
+            ProxyError::MissingHost => LocalReply {
+                headers: vec![close()],
+                ..reply(
+                    StatusCode::BAD_REQUEST,
+                    "",
+                    ResponseFlags::default(),
+                    "missing_host_header",
+                )
+            },
+            ProxyError::AbsolutePathRejected => reply(
+                StatusCode::NOT_FOUND,
+                "",
+                ResponseFlags::default(),
+                "absolute_path_rejected",
+            ),
+            ProxyError::UnknownAuthority => LocalReply {
+                transport_failure_reason: None,
+                ..reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    UNKNOWN_AUTHORITY_BODY,
+                    ResponseFlag::UF.into(),
+                    "upstream_reset_before_response_started{remote_connection_failure}",
+                )
+            },
+            ProxyError::RequestHeaderTimeout => LocalReply {
+                headers: vec![close()],
+                ..reply(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request timeout",
+                    ResponseFlags::default(),
+                    "request_header_timeout",
+                )
+            },
+            ProxyError::UpgradeFailed => LocalReply {
+                headers: vec![close()],
+                ..reply(
+                    StatusCode::FORBIDDEN,
+                    "",
+                    ResponseFlags::default(),
+                    "upgrade_failed",
+                )
+            },
             ProxyError::RbacDenied { details } => LocalReply {
                 status: StatusCode::FORBIDDEN,
                 body: Cow::Borrowed("RBAC: access denied"),
@@ -319,6 +397,34 @@ impl ProxyError {
             }
         }
     }
+}
+
+impl LocalReply {
+    /// The reply as HTTP/1.1 bytes, for a request hyper's parser refused (nothing else can
+    /// write it then), in Envoy's header order: `content-length`, `content-type`, `date`,
+    /// `server`, `connection: close` (docs/envoy-observed.md, "HTTP/1.1 framing").
+    pub fn http1_bytes(&self, now: std::time::SystemTime) -> Vec<u8> {
+        let mut out = Vec::with_capacity(192 + self.body.len());
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(self.status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\ncontent-length: ");
+        out.extend_from_slice(self.body.len().to_string().as_bytes());
+        if !self.body.is_empty() {
+            out.extend_from_slice(b"\r\ncontent-type: text/plain");
+        }
+        out.extend_from_slice(b"\r\ndate: ");
+        out.extend_from_slice(httpdate::fmt_http_date(now).as_bytes());
+        out.extend_from_slice(b"\r\nserver: istio-envoy\r\nconnection: close\r\n\r\n");
+        out.extend_from_slice(self.body.as_bytes());
+        out
+    }
+}
+
+/// `connection: close`: Envoy closes the downstream connection after these replies.
+fn close() -> (HeaderName, HeaderValue) {
+    (http::header::CONNECTION, HeaderValue::from_static("close"))
 }
 
 /// Envoy `Grpc::Utility::httpToGrpcStatus`: the gRPC status a local reply carries when the

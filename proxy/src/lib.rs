@@ -16,6 +16,7 @@ pub mod app;
 pub mod authn;
 pub mod body;
 pub mod client;
+pub mod codec;
 pub mod demo;
 pub mod error;
 pub mod extauthz;
@@ -29,6 +30,7 @@ pub mod pages;
 pub mod pipeline;
 pub mod state;
 pub mod tunnel;
+pub mod upgrade;
 pub mod upstream;
 pub mod watch;
 

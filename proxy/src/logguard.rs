@@ -7,7 +7,6 @@
 //! the CEL filters see the finished record ([`log_allowed`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use accesslog::{AccessLogRecord, ResponseFlag};
 use tokio::time::Instant;
@@ -25,7 +24,7 @@ pub struct PendingLog {
 struct Inner {
     record: AccessLogRecord,
     started: Instant,
-    received: Arc<AtomicU64>,
+    received: Arc<crate::upstream::BodyProgress>,
     shared: Arc<Shared>,
     source: SourceId,
     cluster: Option<Arc<Cluster>>,
@@ -98,7 +97,7 @@ impl PendingLog {
     pub fn new(
         record: AccessLogRecord,
         started: Instant,
-        received: Arc<AtomicU64>,
+        received: Arc<crate::upstream::BodyProgress>,
         shared: Arc<Shared>,
         source: SourceId,
         grpc: bool,
@@ -172,6 +171,15 @@ impl PendingLog {
         self.emit(bytes_sent, false);
     }
 
+    /// Emit now, counting `more_received` bytes beyond the request body (an upgraded
+    /// session's bytes from the client) and `bytes_sent`.
+    pub fn finish_with(mut self, more_received: u64, bytes_sent: u64) {
+        if let Some(inner) = &self.inner {
+            inner.received.add(more_received);
+        }
+        self.emit(bytes_sent, false);
+    }
+
     fn emit(&mut self, bytes_sent: u64, downstream_gone: bool) {
         let Some(mut inner) = self.inner.take() else {
             return;
@@ -185,7 +193,7 @@ impl PendingLog {
             }
         }
         r.duration = inner.started.elapsed().as_millis() as u64;
-        r.bytes_received = inner.received.load(Ordering::Relaxed);
+        r.bytes_received = inner.received.received();
         r.bytes_sent = bytes_sent;
         inner
             .shared

@@ -38,7 +38,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use accesslog::AccessLogRecord;
@@ -57,8 +56,8 @@ use crate::extauthz::{CheckRequest, CheckResult};
 use crate::logguard::PendingLog;
 use crate::meshconfig::ProviderKind;
 use crate::state::Shared;
-use crate::tunnel::TunnelCtx;
-use crate::upstream::{RequestBody, RetryBuffer, UpstreamProtocol, pick_endpoint};
+use crate::tunnel::{InnerCounters, TunnelCtx};
+use crate::upstream::{BodyProgress, RequestBody, RetryBuffer, UpstreamProtocol, pick_endpoint};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -96,6 +95,8 @@ pub struct RequestCtx {
     /// timeouts) through `finalizeResponseHeaders`. Replies of earlier filters (RBAC, JWT,
     /// 404) never get them.
     route_response: Vec<policy::HeaderModifier>,
+    /// A WebSocket upgrade request: where a `101` hands the session to the inner connection.
+    upgrade: Option<Arc<InnerCounters>>,
 }
 
 /// The rightmost `x-forwarded-for` entry as `ip:0`, if it is an IP.
@@ -143,7 +144,7 @@ fn header_string(h: &HeaderMap, name: &HeaderName) -> Option<String> {
 
 impl RequestCtx {
     /// Phase 1, accept: start the record from what the request says.
-    fn new(t: &TunnelCtx, req: &mut Request<Incoming>, received: Arc<AtomicU64>) -> RequestCtx {
+    fn new(t: &TunnelCtx, req: &mut Request<Incoming>, received: Arc<BodyProgress>) -> RequestCtx {
         let started = Instant::now();
         let headers = req.headers_mut();
         if !headers.contains_key(&X_REQUEST_ID) {
@@ -199,6 +200,7 @@ impl RequestCtx {
             response_headers: Vec::new(),
             grpc,
             route_response: Vec::new(),
+            upgrade: None,
         }
     }
 
@@ -290,10 +292,11 @@ impl RequestCtx {
 pub async fn handle(
     t: Arc<TunnelCtx>,
     mut req: Request<Incoming>,
+    conn: Arc<InnerCounters>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let received = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(BodyProgress::default());
     let ctx = RequestCtx::new(&t, &mut req, received.clone());
-    match run_phases(&t, ctx, req, received).await {
+    match run_phases(&t, ctx, req, received, conn).await {
         Ok(resp) => Ok(resp),
         Err((ctx, err)) => Ok(ctx.local_reply(err)),
     }
@@ -306,7 +309,8 @@ async fn run_phases(
     t: &TunnelCtx,
     mut ctx: RequestCtx,
     mut req: Request<Incoming>,
-    received: Arc<AtomicU64>,
+    received: Arc<BodyProgress>,
+    conn: Arc<InnerCounters>,
 ) -> PhaseResult {
     // Overload (Envoy's overload manager): shed instead of queueing without bound when too
     // many requests are in flight or resident memory is above the ceiling.
@@ -332,6 +336,18 @@ async fn run_phases(
     }
     if head_size(&req) > ctx.shared.limits.max_request_headers {
         return Err((ctx, ProxyError::HeadersTooLarge));
+    }
+    // What hyper accepts and Envoy's codec refuses (missing Host, repeated Content-Length,
+    // Content-Length with Transfer-Encoding, unknown methods, `OPTIONS *`).
+    let framing = conn.head_framing.load(std::sync::atomic::Ordering::Relaxed);
+    if let Err(e) = crate::codec::check_request(
+        req.method(),
+        req.version(),
+        req.uri().path(),
+        req.headers(),
+        framing,
+    ) {
+        return Err((ctx, e));
     }
     // MeshConfig pathNormalization (default BASE): the normalized path is used for routing
     // and authorization and is what the backend receives (policy.md 1.8).
@@ -375,6 +391,25 @@ async fn run_phases(
         ctx.record().route_name = Some(sel.name.clone());
         if let Some((Backend::Cluster(c), _)) = &sel.backend {
             ctx.log.set_cluster(c.clone());
+        }
+    }
+
+    // Upgrades are decided when Envoy's HCM builds the filter chain: after the route is
+    // cached, before any filter runs. `websocket` is the one istiod enables; the codec drops an
+    // `h2c` upgrade (served as a plain request, its headers stripped as hop-by-hop); any other
+    // is refused.
+    if req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has_upgrade(req.headers())
+    {
+        if websocket_upgrade(req.headers()) {
+            ctx.upgrade = Some(conn);
+        } else if !req
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"h2c"))
+        {
+            return Err((ctx, ProxyError::UpgradeFailed));
         }
     }
 
@@ -617,7 +652,7 @@ async fn run_phases(
         None => Some(RetryPolicy::default()),
     };
     let max_attempts = policy.as_ref().map_or(1, |p| p.retries.saturating_add(1));
-    let mut upstream_req = Request::from_parts(parts, RequestBody::new(body, received));
+    let mut upstream_req = Request::from_parts(parts, RequestBody::new(body, received.clone()));
     prepare_request(&mut upstream_req, proto);
     let buffered = max_attempts > 1 || mirror_head.is_some();
     let retry_buf = if buffered {
@@ -648,34 +683,21 @@ async fn run_phases(
         .and_then(|r| r.request_timeout)
         .or(ctx.shared.limits.upstream_response_timeout)
         .map(|d| upstream_started + d);
+    let route_deadline = rule
+        .as_ref()
+        .and_then(|r| r.request_timeout)
+        .map(|d| upstream_started + d);
     let per_try = rule.as_ref().and_then(|r| r.per_try_timeout);
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(max_attempts as usize);
-    let mut attempts: u32 = 0;
-    let mut stale_retries = 0;
-    // Ask for a retry: a fresh request (the unsent one, else the head with the buffered
-    // body) after Envoy's jittered exponential back-off; `None` = cannot retry.
-    let backoff = |n: u32| {
-        let base = policy
-            .as_ref()
-            .map_or(std::time::Duration::ZERO, |p| p.backoff);
-        let cap = base * BACKOFF_MAX_FACTOR;
-        let window = (base * 2u32.saturating_pow(n.saturating_sub(1))).min(cap);
-        let ms = window.as_millis() as u64;
-        std::time::Duration::from_millis(if ms == 0 {
-            0
-        } else {
-            rand::random::<u64>() % ms
-        })
-    };
+    let mut attempts = Attempts::new(max_attempts);
+    let retry_backoff = policy.as_ref().map(|p| p.backoff);
     loop {
         let Some(endpoint) = pick_endpoint(&cluster.endpoints, &tried, rand::random::<u64>())
         else {
             return Err((ctx, ProxyError::NoHealthyUpstream));
         };
         let addr = endpoint.addr;
-        if stale_retries == 0 {
-            attempts += 1;
-        }
+        attempts.start();
         // Istio renders HBONE endpoints as `envoy://connect_originate/<ip>:<port>`.
         ctx.record().upstream_host = Some(if endpoint.tunnel.is_some() {
             format!("envoy://connect_originate/{addr}")
@@ -687,17 +709,14 @@ async fn run_phases(
             Some(Ok(c)) => c,
             Some(Err(failure)) => {
                 tried.push(addr);
-                if failure.retriable() && policy.is_some() && attempts < max_attempts {
-                    if until(deadline, tokio::time::sleep(backoff(attempts)))
-                        .await
-                        .is_none()
-                    {
+                if failure.retriable() && policy.is_some() && attempts.may_retry() {
+                    if !back_off(deadline, retry_backoff, attempts.count).await {
                         return Err((ctx, ProxyError::Timeout { per_try: false }));
                     }
                     continue;
                 }
                 let retry_limit = failure.retriable() && policy.is_some();
-                let retried = attempts > 1;
+                let retried = attempts.count > 1;
                 return Err((
                     ctx,
                     ProxyError::Upstream {
@@ -735,22 +754,29 @@ async fn run_phases(
             Ok((resp, pool)) => {
                 let retriable = retriable_response(&resp, retry_codes) && policy.is_some();
                 if retriable
-                    && attempts < max_attempts
+                    && attempts.may_retry()
                     && let (Some(head), Some(body)) =
                         (&head, retry_buf.as_ref().and_then(RetryBuffer::replay))
                 {
                     // Envoy retries a retriable response and throws it away.
                     drop((resp, pool, load));
                     tried.push(addr);
-                    stale_retries = 0;
                     upstream_req = rebuild(head, body);
-                    if until(deadline, tokio::time::sleep(backoff(attempts)))
-                        .await
-                        .is_none()
-                    {
+                    if !back_off(deadline, retry_backoff, attempts.count).await {
                         return Err((ctx, ProxyError::Timeout { per_try: false }));
                     }
                     continue;
+                }
+                if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS && ctx.upgrade.is_none() {
+                    // A 101 to a request that asked for no upgrade cannot be forwarded.
+                    return Err((
+                        ctx,
+                        ProxyError::Upstream {
+                            failure: crate::error::UpstreamFailure::Protocol,
+                            retried: attempts.count > 1,
+                            retry_limit: false,
+                        },
+                    ));
                 }
                 if retriable {
                     // The last response is forwarded, flagged as the retry limit (envoy-observed 2d).
@@ -761,19 +787,20 @@ async fn run_phases(
                 let service_time = upstream_started.elapsed().as_millis() as u64;
                 let resp_filters = (backend_filters, rule);
                 let resp = respond(ctx, resp, pool, load, service_time, resp_filters);
-                return Ok(resp.map(|b| b.with_deadline(deadline)));
+                // Only the route's `timeouts.request` covers the body, as Envoy's route timeout
+                // does; `--upstream-response-timeout` bounds the wait for response headers
+                // and never cuts a body that keeps flowing (SSE, gRPC streams, downloads).
+                return Ok(resp.map(|b| b.with_deadline(route_deadline)));
             }
             Err(e) => {
                 drop(load);
-                let can_retry =
-                    e.failure.retriable() && policy.is_some() && attempts < max_attempts;
+                let can_retry = e.failure.retriable() && policy.is_some() && attempts.may_retry();
                 match e.request {
                     // Not sent on a *reused* connection the upstream had just closed: try
                     // again on a fresh connection, without spending a retry. (A fresh
                     // connection that fails is a real failure: Envoy does not retry it.)
-                    Some(r) if e.reused && stale_retries < 2 => {
+                    Some(r) if e.reused && attempts.resend_unsent() => {
                         upstream_req = r;
-                        stale_retries += 1;
                         continue;
                     }
                     Some(r) if can_retry => {
@@ -786,9 +813,21 @@ async fn run_phases(
                     {
                         upstream_req = rebuild(head, body);
                     }
+                    _ if received.failed() => {
+                        // The client's body broke its framing mid-request: Envoy's codec
+                        // answers that (400 `http1.codec_error`), not the upstream reset it
+                        // caused.
+                        return Err((
+                            ctx,
+                            ProxyError::Codec {
+                                status: http::StatusCode::BAD_REQUEST,
+                                details: "http1.codec_error",
+                            },
+                        ));
+                    }
                     _ => {
                         let retry_limit = e.failure.retriable() && policy.is_some();
-                        let retried = attempts > 1;
+                        let retried = attempts.count > 1;
                         return Err((
                             ctx,
                             ProxyError::Upstream {
@@ -800,16 +839,77 @@ async fn run_phases(
                     }
                 }
                 tried.push(addr);
-                stale_retries = 0;
-                if until(deadline, tokio::time::sleep(backoff(attempts)))
-                    .await
-                    .is_none()
-                {
+                if !back_off(deadline, retry_backoff, attempts.count).await {
                     return Err((ctx, ProxyError::Timeout { per_try: false }));
                 }
             }
         }
     }
+}
+
+/// The attempts of one request against the route's retry budget. Every attempt counts,
+/// whatever failed before it, except a resend of a request that never left: one that was
+/// not sent on a pooled connection the upstream had just closed goes again on a fresh
+/// connection without spending a retry, at most [`Attempts::FREE_RESENDS`] times per request.
+#[derive(Debug)]
+struct Attempts {
+    /// Attempts started that count against the budget.
+    count: u32,
+    max: u32,
+    free_resends: u32,
+    /// The next attempt is a free resend.
+    resend: bool,
+}
+
+impl Attempts {
+    const FREE_RESENDS: u32 = 2;
+
+    fn new(max: u32) -> Attempts {
+        Attempts {
+            count: 0,
+            max,
+            free_resends: 0,
+            resend: false,
+        }
+    }
+
+    /// An attempt begins.
+    fn start(&mut self) {
+        if !std::mem::take(&mut self.resend) {
+            self.count += 1;
+        }
+    }
+
+    /// Another attempt fits in the budget.
+    fn may_retry(&self) -> bool {
+        self.count < self.max
+    }
+
+    /// The last attempt's request never left: resend it for free if the allowance lasts.
+    fn resend_unsent(&mut self) -> bool {
+        if self.free_resends >= Self::FREE_RESENDS {
+            return false;
+        }
+        self.free_resends += 1;
+        self.resend = true;
+        true
+    }
+}
+
+/// Envoy's retry back-off before retry `n` (1-based): a random wait in
+/// `[0, base * 2^(n-1))`, the window capped at 10 x base (`BACKOFF_MAX_FACTOR`). `false` when
+/// the route deadline passes first.
+async fn back_off(deadline: Option<Instant>, base: Option<std::time::Duration>, n: u32) -> bool {
+    let base = base.unwrap_or_default();
+    let cap = base * BACKOFF_MAX_FACTOR;
+    let window = (base * 2u32.saturating_pow(n.saturating_sub(1))).min(cap);
+    let ms = window.as_millis() as u64;
+    let wait = std::time::Duration::from_millis(if ms == 0 {
+        0
+    } else {
+        rand::random::<u64>() % ms
+    });
+    until(deadline, tokio::time::sleep(wait)).await.is_some()
 }
 
 /// Run `f` until `deadline` (if any); `None` when the deadline passed first.
@@ -1115,14 +1215,33 @@ fn default_route_name() -> Arc<str> {
 /// (SANITIZE), `x-forwarded-for` neither appended to nor stripped (use_remote_address false).
 fn prepare_request(req: &mut Request<RequestBody>, proto: UpstreamProtocol) {
     let authority = req.uri().authority().map(|a| a.as_str().to_string());
+    let has_body = !http_body::Body::is_end_stream(req.body());
+    let upgrade = websocket_upgrade(req.headers());
     let h = req.headers_mut();
     strip_hop_by_hop(h);
+    if upgrade && proto == UpstreamProtocol::Http1 {
+        // Envoy's `upgrade_configs: websocket` (set by istiod on every waypoint HTTP chain)
+        // forwards the upgrade hop by hop: `Connection: upgrade` + `Upgrade: websocket`.
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
     h.remove(&X_FORWARDED_CLIENT_CERT);
     if !h.contains_key(&X_FORWARDED_PROTO) {
         h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
     match proto {
         UpstreamProtocol::Http1 => {
+            // Envoy forwards a request body whatever the method. hyper's client sends a
+            // GET/HEAD/CONNECT body of unknown length as no body at all (it assumes those
+            // methods have none), so the framing is made explicit: chunked whenever the
+            // client's length is not known (a chunked HTTP/1.1 body, h2c DATA without
+            // content-length).
+            if has_body && !h.contains_key(header::CONTENT_LENGTH) {
+                h.insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+            }
             // An h2c downstream carries the authority in the URI; HTTP/1.1 needs `Host`.
             if !h.contains_key(header::HOST)
                 && let Some(a) = authority
@@ -1167,6 +1286,26 @@ fn prepare_request(req: &mut Request<RequestBody>, proto: UpstreamProtocol) {
     }
 }
 
+/// An HTTP/1.1 WebSocket upgrade request (RFC 6455 4.1): `Connection` lists `upgrade` and
+/// `Upgrade` names `websocket`. The only upgrade istiod enables on a waypoint's HTTP chains.
+pub fn websocket_upgrade(h: &HeaderMap) -> bool {
+    connection_has_upgrade(h)
+        && h.get(header::UPGRADE).is_some_and(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"))
+        })
+}
+
+/// `Connection` lists the `upgrade` token.
+fn connection_has_upgrade(h: &HeaderMap) -> bool {
+    h.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+    })
+}
+
 /// RFC 9110 7.6.1 connection-specific headers, plus those named in `Connection`.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     if let Some(conn) = h.get(header::CONNECTION).cloned()
@@ -1197,14 +1336,24 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// Phase 7: respond with the upstream's response.
 fn respond(
     mut ctx: RequestCtx,
-    resp: Response<Incoming>,
+    mut resp: Response<Incoming>,
     pool: Option<crate::upstream::PoolReturn>,
     load: LoadGuard,
     service_time_ms: u64,
     filters: (Option<Arc<Filters>>, Option<Arc<RouteRule>>),
 ) -> Response<ResponseBody> {
+    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    let upstream_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    if switching {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
     // ResponseHeaderModifier: backendRef level, then rule level (Envoy's order).
     if let Some(m) = filters.0.as_ref().and_then(|f| f.response_headers.as_ref()) {
         m.apply(&mut parts.headers);
@@ -1240,5 +1389,60 @@ fn respond(
     r.response_code = parts.status.as_u16();
     r.response_code_details = Some("via_upstream".into());
     r.upstream_service_time = Some(service_time_ms.to_string());
+    if let (Some(upstream), Some(conn)) = (upstream_upgrade, ctx.upgrade.take()) {
+        // The backend's connection now belongs to the session (never back to the pool); the
+        // inner connection takes it over once hyper has written this 101 (upgrade.rs).
+        drop((pool, body));
+        conn.upgrade.put(crate::upgrade::PendingUpgrade {
+            upstream,
+            log: ctx.log,
+            load,
+        });
+        return Response::from_parts(parts, ResponseBody::empty_unlogged());
+    }
     Response::from_parts(parts, ResponseBody::upstream(body, ctx.log, pool, load))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Attempts;
+
+    /// The sequence of the bug this accounting fixes: a request not sent on a stale pooled
+    /// connection is resent for free, then the endpoint refuses every connection. The old
+    /// loop stopped counting after the free resend (a dying endpoint was retried every few
+    /// milliseconds until the route deadline); every later attempt must count, so Istio's
+    /// default budget (2 retries) ends after three counted attempts.
+    #[test]
+    fn every_attempt_after_a_free_resend_counts() {
+        let mut a = Attempts::new(3);
+        a.start(); // pooled connection: request came back unsent
+        assert!(a.resend_unsent());
+        let mut counted_failures = 0;
+        loop {
+            a.start(); // fresh connection: refused
+            counted_failures += 1;
+            assert!(counted_failures <= 3, "attempts never ran out: {a:?}");
+            if !a.may_retry() {
+                break;
+            }
+        }
+        assert_eq!(a.count, 3);
+        assert_eq!(counted_failures, 3);
+    }
+
+    #[test]
+    fn free_resends_are_bounded() {
+        let mut a = Attempts::new(1);
+        a.start();
+        assert!(a.resend_unsent());
+        a.start();
+        assert!(a.resend_unsent());
+        a.start();
+        assert!(
+            !a.resend_unsent(),
+            "a third free resend must not be granted"
+        );
+        assert_eq!(a.count, 1);
+        assert!(!a.may_retry());
+    }
 }

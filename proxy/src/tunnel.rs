@@ -21,14 +21,14 @@ use accesslog::{AccessLogRecord, ResponseFlag};
 use bytes::{Buf, Bytes};
 use hbone::H2Stream;
 use hbone::server::{PeerInfo, TunnelRequest};
-use http::{Method, StatusCode};
+use http::Method;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use policy::{AppProtocol, ServicePort, VipLookup};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::error::UNKNOWN_AUTHORITY_BODY;
+use crate::error::ProxyError;
 use crate::state::Shared;
 use crate::upstream::pick_endpoint;
 
@@ -92,19 +92,20 @@ fn accept_tunnel(shared: &Arc<Shared>, req: TunnelRequest) -> Option<Accepted> {
     let started = Instant::now();
     let start_time = SystemTime::now();
     if req.method != Method::CONNECT {
+        let reply = ProxyError::NotConnect.local_reply();
         let mut r = AccessLogRecord::new(start_time);
         r.method = Some(req.method.to_string().into());
         r.path = Some(req.path.clone());
         r.protocol = Some("HTTP/2");
         r.authority = req.authority.clone();
-        r.response_code = 404;
-        r.response_flags.set(ResponseFlag::NR);
-        r.response_code_details = Some("route_not_found".into());
+        r.response_code = reply.status.as_u16();
+        r.response_flags = reply.flags;
+        r.response_code_details = Some(reply.details);
         r.downstream_remote_address = Some(req.peer.remote.to_string());
         r.downstream_local_address = Some(req.peer.local.to_string());
         r.duration = started.elapsed().as_millis() as u64;
         emit(shared, r);
-        req.reject(StatusCode::NOT_FOUND, "");
+        req.reject(reply.status, cow_bytes(reply.body));
         return None;
     }
     let authority = req.authority.clone().unwrap_or_default();
@@ -131,12 +132,14 @@ fn accept_tunnel(shared: &Arc<Shared>, req: TunnelRequest) -> Option<Accepted> {
         shared
             .shed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        req.reject(StatusCode::SERVICE_UNAVAILABLE, "envoy overloaded");
+        let reply = ProxyError::Overloaded.local_reply();
+        req.reject(reply.status, cow_bytes(reply.body));
         return None;
     }
     let Some((vip, service)) = bound else {
-        refuse_unknown_authority(shared, &req, &authority, start_time, started);
-        req.reject(StatusCode::SERVICE_UNAVAILABLE, UNKNOWN_AUTHORITY_BODY);
+        let reply = ProxyError::UnknownAuthority.local_reply();
+        refuse_unknown_authority(shared, &req, &authority, &reply, start_time, started);
+        req.reject(reply.status, cow_bytes(reply.body));
         return None;
     };
     let peer = req.peer.clone();
@@ -232,6 +235,14 @@ async fn serve_tunnel(a: Accepted) -> Option<Parked> {
     }
 }
 
+/// A reply body as bytes (no copy for the static ones).
+fn cow_bytes(body: std::borrow::Cow<'static, str>) -> Bytes {
+    match body {
+        std::borrow::Cow::Borrowed(s) => Bytes::from_static(s.as_bytes()),
+        std::borrow::Cow::Owned(s) => Bytes::from(s),
+    }
+}
+
 /// `ip:port` or `[v6]:port`; nothing else is a valid HBONE target here.
 pub fn parse_authority(authority: &str) -> Option<SocketAddr> {
     authority.parse::<SocketAddr>().ok()
@@ -251,6 +262,7 @@ fn refuse_unknown_authority(
     shared: &Shared,
     req: &TunnelRequest,
     authority: &str,
+    reply: &crate::error::LocalReply,
     start: SystemTime,
     started: Instant,
 ) {
@@ -265,12 +277,11 @@ fn refuse_unknown_authority(
     r.method = Some("CONNECT".into());
     r.protocol = Some("HTTP/2");
     r.authority = Some(authority.to_string());
-    r.response_code = 503;
-    r.response_flags.set(ResponseFlag::UF);
-    r.response_code_details =
-        Some("upstream_reset_before_response_started{remote_connection_failure}".into());
+    r.response_code = reply.status.as_u16();
+    r.response_flags = reply.flags;
+    r.response_code_details = Some(reply.details.clone());
     r.upstream_cluster = Some("main_internal".into());
-    r.bytes_sent = UNKNOWN_AUTHORITY_BODY.len() as u64;
+    r.bytes_sent = reply.body.len() as u64;
     r.downstream_local_address = Some(req.peer.local.to_string());
     r.downstream_remote_address = Some(req.peer.remote.to_string());
     r.duration = started.elapsed().as_millis() as u64;
@@ -329,7 +340,7 @@ async fn serve_inner(p: Parked) -> Option<Parked> {
             // Boxed: hyper keeps the service future inline in every connection, and the
             // request phases make a large future.
             Box::pin(async move {
-                let resp = crate::pipeline::handle(t, req).await;
+                let resp = crate::pipeline::handle(t, req, counters.clone()).await;
                 resp.map(|r| r.map(|b| b.with_done(counters)))
             })
         })
@@ -405,10 +416,34 @@ where
     };
     if let Err(e) = r {
         debug!(error = %e, "inner HTTP connection ended with an error");
+        let parts = conn.into_parts();
+        let mut io = parts.io.into_inner();
+        if io.refused_head {
+            // hyper's parser refused a request head (its own bare reply was held back):
+            // answer as Envoy's codec does, from the head's bytes.
+            let err = crate::codec::refused_head(&parts.read_buf, &e.to_string());
+            io.answer(err, SystemTime::now(), std::time::Duration::ZERO)
+                .await;
+        } else if io.timed_out {
+            let waited = io.head_timeout;
+            io.answer(
+                ProxyError::RequestHeaderTimeout,
+                SystemTime::now() - waited,
+                waited,
+            )
+            .await;
+        }
         return None;
     }
     let parts = conn.into_parts();
     let mut io = parts.io.into_inner();
+    if let Some(up) = counters.upgrade.take() {
+        // hyper wrote the backend's 101: the connection is the WebSocket session's now.
+        io.inner.unread(parts.read_buf);
+        let idle_timeout = io.idle_timeout;
+        crate::upgrade::bridge(io.inner, up, idle_timeout).await;
+        return None;
+    }
     if parking && !draining {
         io.inner.unread(parts.read_buf);
         // The idle timer is the parked wait's; the next busy period makes a new one.
@@ -1002,6 +1037,12 @@ pub struct InnerCounters {
     epoch: Instant,
     /// Milliseconds since `epoch` of the last read or write.
     last_io_ms: std::sync::atomic::AtomicU64,
+    /// A WebSocket upgrade the backend accepted, waiting for hyper to write the 101.
+    pub upgrade: crate::upgrade::UpgradeSlot,
+    /// Framing headers of the request head being read, as sent ([`crate::codec::framing`]
+    /// bits): hyper drops a `Content-Length` that comes with `Transfer-Encoding` and a repeated
+    /// equal one before the request phases see the head, and Envoy refuses both.
+    pub head_framing: std::sync::atomic::AtomicU8,
 }
 
 impl Default for InnerCounters {
@@ -1011,6 +1052,8 @@ impl Default for InnerCounters {
             done: Default::default(),
             epoch: Instant::now(),
             last_io_ms: Default::default(),
+            upgrade: Default::default(),
+            head_framing: Default::default(),
         }
     }
 }
@@ -1037,8 +1080,6 @@ impl InnerCounters {
     }
 }
 
-const TIMEOUT_408: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 15\r\ncontent-type: text/plain\r\nserver: istio-envoy\r\nconnection: close\r\n\r\nrequest timeout";
-
 /// The inner connection's I/O with two deadlines hyper does not give us in the shape we need:
 /// - request head: from the first byte of a request (none in flight) until its head is
 ///   complete; on expiry the client gets `408` and the connection closes (HTTP/1.1 only;
@@ -1056,6 +1097,11 @@ pub struct InnerIo {
     /// The connection opened with the h2c preface (set once it is known, before hyper runs).
     h2c: bool,
     timed_out: bool,
+    /// hyper's parser refused a request head and its bare reply was held back
+    /// ([`crate::codec::is_hyper_auto_reply`]); the tunnel answers instead.
+    refused_head: bool,
+    /// Looks at the header lines of the head being read for framing headers.
+    scan: crate::codec::HeadScan,
 }
 
 impl InnerIo {
@@ -1071,23 +1117,40 @@ impl InnerIo {
             idle: None,
             h2c: false,
             timed_out: false,
+            refused_head: false,
+            scan: crate::codec::HeadScan::default(),
             t,
         }
     }
 
-    fn in_flight(&self) -> bool {
-        self.counters.in_flight()
-    }
-
-    fn log_408(&self) {
-        let mut r = AccessLogRecord::new(SystemTime::now() - self.head_timeout);
-        r.response_code = 408;
-        r.response_code_details = Some("request_header_timeout".into());
-        r.bytes_sent = 15;
-        r.duration = self.head_timeout.as_millis() as u64;
+    /// A reply hyper cannot write itself (a head its parser refused, the request-head
+    /// deadline), from [`ProxyError::local_reply`], written whole (bounded by the head
+    /// timeout); then the connection closes. Envoy's replies to a refused head
+    /// (docs/envoy-observed.md, "HTTP/1.1 framing"): status, reason-phrase body,
+    /// `connection: close`, and a `DPE` log line with
+    /// no method or path (Envoy logs them as null); then the connection closes.
+    async fn answer(&mut self, err: ProxyError, start: SystemTime, duration: std::time::Duration) {
+        let reply = err.local_reply();
+        let bytes = reply.http1_bytes(SystemTime::now());
+        let _ = tokio::time::timeout(self.head_timeout, async {
+            tokio::io::AsyncWriteExt::write_all(&mut self.inner, &bytes).await?;
+            tokio::io::AsyncWriteExt::shutdown(&mut self.inner).await
+        })
+        .await;
+        let mut r = AccessLogRecord::new(start);
+        r.protocol = Some("HTTP/1.1");
+        r.response_code = reply.status.as_u16();
+        r.response_flags = reply.flags;
+        r.response_code_details = Some(reply.details);
+        r.bytes_sent = reply.body.len() as u64;
+        r.duration = duration.as_millis() as u64;
         r.downstream_local_address = Some(self.t.service.vip_text.clone());
         r.downstream_remote_address = Some(self.t.remote_str().to_string());
         emit(&self.t.shared, r);
+    }
+
+    fn in_flight(&self) -> bool {
+        self.counters.in_flight()
     }
 }
 
@@ -1118,6 +1181,10 @@ impl AsyncRead for InnerIo {
                     this.counters.touch();
                     if this.head.is_none() && !this.h2c && !this.in_flight() {
                         this.head = Some((Box::pin(tokio::time::sleep(this.head_timeout)), heads));
+                        this.scan = crate::codec::HeadScan::start(&this.counters.head_framing);
+                    }
+                    if this.head.is_some() {
+                        this.scan.feed(got, &this.counters.head_framing);
                     }
                 }
                 Poll::Ready(Ok(()))
@@ -1127,13 +1194,11 @@ impl AsyncRead for InnerIo {
                 if let Some((sleep, _)) = &mut this.head
                     && sleep.as_mut().poll(cx).is_ready()
                 {
+                    // hyper gets an error and ends the connection; serve_http1 then writes
+                    // the 408 whole and logs it (no request is in flight, so nothing else
+                    // is being written).
                     this.timed_out = true;
                     this.head = None;
-                    // Nothing is being written by hyper (no request in flight), so the 408
-                    // can go out directly; best effort, then the connection closes.
-                    let _ = Pin::new(&mut this.inner).poll_write(cx, TIMEOUT_408);
-                    let _ = Pin::new(&mut this.inner).poll_shutdown(cx);
-                    this.log_408();
                     return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
                 }
                 // The idle timer is re-armed lazily from the last activity, not on every
@@ -1169,6 +1234,20 @@ impl AsyncWrite for InnerIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.counters.touch();
+        // A head is being read that never reached the request phases: the only thing hyper
+        // writes then on its own is its bare reply to a head it refused. Held back; the
+        // tunnel writes Envoy's (serve_http1).
+        if let Some((_, at)) = &self.head
+            && self
+                .counters
+                .heads
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == *at
+            && crate::codec::is_hyper_auto_reply(buf)
+        {
+            self.refused_head = true;
+            return Poll::Ready(Ok(buf.len()));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 

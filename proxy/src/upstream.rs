@@ -50,13 +50,37 @@ pub struct RequestBody(Box<BodyState>);
 
 struct BodyState {
     inner: Source,
-    received: Option<Arc<AtomicU64>>,
+    received: Option<Arc<BodyProgress>>,
     tee: Option<Arc<Mutex<Tee>>>,
 }
 
 enum Source {
     Incoming(Incoming),
     Replay(std::collections::VecDeque<Bytes>, Option<http::HeaderMap>),
+}
+
+/// How far the client's request body got: bytes received (`%BYTES_RECEIVED%`), and whether
+/// reading it failed (a malformed chunked body: Envoy's codec answers 400 `http1.codec_error`
+/// even when the headers were already forwarded).
+#[derive(Debug, Default)]
+pub struct BodyProgress {
+    received: AtomicU64,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl BodyProgress {
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    pub fn add(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Reading the client's body failed (its framing, not the upstream).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
 }
 
 /// What the retry buffer holds.
@@ -106,7 +130,7 @@ impl RetryBuffer {
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, received: Arc<AtomicU64>) -> RequestBody {
+    pub fn new(inner: Incoming, received: Arc<BodyProgress>) -> RequestBody {
         RequestBody(Box::new(BodyState {
             inner: Source::Incoming(inner),
             received: Some(received),
@@ -163,12 +187,15 @@ impl Body for RequestBody {
             Source::Incoming(inner) => {
                 let r = Pin::new(&mut *inner).poll_frame(cx);
                 let at_end = inner.is_end_stream();
+                if let (Poll::Ready(Some(Err(_))), Some(progress)) = (&r, &this.received) {
+                    progress.failed.store(true, Ordering::Relaxed);
+                }
                 if let Poll::Ready(frame) = &r {
                     if let Some(Ok(frame)) = frame
                         && let Some(d) = frame.data_ref()
                         && let Some(received) = &this.received
                     {
-                        received.fetch_add(d.len() as u64, Ordering::Relaxed);
+                        received.add(d.len() as u64);
                     }
                     if let Some(tee) = &this.tee
                         && let Ok(mut tee) = tee.lock()

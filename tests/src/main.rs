@@ -13,6 +13,7 @@ mod authn;
 mod envoy_interop;
 mod gamma;
 mod hbone_listener;
+mod http_semantics;
 mod mesh;
 mod operations;
 mod routing;
