@@ -22,6 +22,7 @@
 pub mod authn;
 pub mod authz;
 mod compiler;
+pub mod duration;
 pub mod load;
 pub mod resources;
 pub mod route;

@@ -138,6 +138,26 @@ fn prometheus(shared: &Shared) -> String {
             shared.upstreams.connections_opened.load(Ordering::Relaxed),
         ),
         (
+            "waypoint_metrics_source_overflow_total",
+            "Tunnels whose source labels found the label table full (counted as source_workload=\"overflow\").",
+            shared.metrics.sources_overflowed(),
+        ),
+        (
+            "waypoint_mirrors_skipped_total",
+            "RequestMirror copies not sent because too many were in flight.",
+            shared.mirrors_skipped.load(Ordering::Relaxed),
+        ),
+        (
+            "waypoint_upstream_pools",
+            "Upstream endpoint pools held (follows the configured endpoints).",
+            shared.upstreams.pool_count() as u64,
+        ),
+        (
+            "waypoint_upstream_idle_connections",
+            "Idle keep-alive upstream connections held (closed after the pool idle timeout).",
+            shared.upstreams.idle_connections() as u64,
+        ),
+        (
             "waypoint_config_reloads_ok_total",
             "Successful configuration reloads.",
             shared.reloads_ok.load(Ordering::Relaxed),

@@ -220,6 +220,8 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         memory_pressure: AtomicBool::new(false),
         shed: AtomicU64::new(0),
         reclaim: Default::default(),
+        mirrors_in_flight: Default::default(),
+        mirrors_skipped: AtomicU64::new(0),
     });
     shared.jwks.sync(shared.snapshot.load().remote_jwks());
 
@@ -246,6 +248,7 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         watcher,
     )));
     tasks.push(tokio::spawn(crate::memory::run(shared.reclaim.clone())));
+    tasks.push(tokio::spawn(sweep_upstreams(shared.clone())));
     tasks.push(tokio::spawn(admin::serve(
         ready_listener,
         shared.clone(),
@@ -456,4 +459,34 @@ pub fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
+}
+
+/// How often upstream pools are swept (idle connections, endpoints that left).
+const UPSTREAM_SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Keep the upstream pools in step with the configuration: every [`UPSTREAM_SWEEP_EVERY`],
+/// pools of endpoints no longer in the snapshot are dropped and idle connections past their
+/// timeout closed ([`crate::upstream::Upstreams::sweep`]).
+async fn sweep_upstreams(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(UPSTREAM_SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        sweep_upstreams_now(&shared);
+    }
+}
+
+/// One sweep against the current snapshot: endpoints of every cluster and the pods served
+/// for workload-addressed traffic are live.
+pub fn sweep_upstreams_now(shared: &Shared) {
+    let snapshot = shared.snapshot.load_full();
+    let mut live = std::collections::HashSet::new();
+    for c in snapshot.clusters() {
+        live.extend(c.endpoints.iter().map(|e| e.addr));
+    }
+    let pods: std::collections::HashSet<std::net::IpAddr> =
+        snapshot.workloads().into_iter().map(|(ip, _)| ip).collect();
+    shared
+        .upstreams
+        .sweep(|a| live.contains(a) || pods.contains(&a.ip()));
 }

@@ -97,6 +97,10 @@ struct RunArgs {
     /// Requests in flight before new ones are shed with 503 (flag OM).
     #[arg(long, env = "WAYPOINT_MAX_REQUESTS", default_value_t = 100_000)]
     max_requests: usize,
+    /// Take source workload metric labels from ztunnel's CONNECT `baggage` (Istio's
+    /// AMBIENT_ENABLE_BAGGAGE; off by default: labels come from the peer identity only).
+    #[arg(long, env = "AMBIENT_ENABLE_BAGGAGE", default_value_t = false)]
+    ambient_enable_baggage: bool,
     /// Resident memory ceiling in MiB; above it new work is shed with 503 (0: none).
     #[arg(long, env = "WAYPOINT_MAX_MEMORY_MIB", default_value_t = 0)]
     max_memory_mib: u64,
@@ -351,6 +355,7 @@ fn run(args: RunArgs) -> ExitCode {
     config.limits.request_header_timeout = args.request_header_timeout;
     config.limits.idle_timeout = args.idle_timeout;
     config.limits.max_requests = args.max_requests;
+    config.limits.metrics_baggage = args.ambient_enable_baggage;
     config.limits.max_memory =
         (args.max_memory_mib > 0).then_some(args.max_memory_mib * 1024 * 1024);
     let rt = match runtime(args.workers) {

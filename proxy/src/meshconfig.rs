@@ -292,12 +292,8 @@ fn ext_authz_http(h: RawExtAuthzHttp) -> anyhow::Result<ExtAuthzHttp> {
 
 /// A protobuf `Duration` as written in YAML (`1s`, `0.5s`) or a humantime one (`500ms`).
 fn parse_duration(s: &str) -> Option<Duration> {
-    if let Some(secs) = s.strip_suffix('s')
-        && let Ok(f) = secs.parse::<f64>()
-    {
-        return (f.is_finite() && f >= 0.0).then(|| Duration::from_secs_f64(f));
-    }
-    humantime::parse_duration(s).ok()
+    // humantime checks its own range (`1h`, `2m`): overflow is an error, never a panic.
+    policy::duration::parse_proto_duration(s).or_else(|| humantime::parse_duration(s).ok())
 }
 
 #[cfg(test)]

@@ -52,7 +52,12 @@ impl SourceLabels {
                 }
             }
         }
-        let get = |k: &str| bag.get(k).map(|v| v.to_string());
+        // Values are the client's: a label value longer than a Kubernetes name is not kept.
+        let get = |k: &str| {
+            bag.get(k)
+                .filter(|v| !v.is_empty() && v.len() <= MAX_BAGGAGE_VALUE)
+                .map(|v| v.to_string())
+        };
         let workload = [
             "k8s.deployment.name",
             "k8s.statefulset.name",
@@ -80,8 +85,14 @@ impl SourceLabels {
     }
 }
 
+/// The longest `baggage` value used as a label (a DNS-1123 subdomain's 253 bytes).
+const MAX_BAGGAGE_VALUE: usize = 253;
+
 /// Interned [`SourceLabels`].
 pub type SourceId = u32;
+
+/// Sources beyond the bound share this id; rendered with `source_workload="overflow"`.
+const OVERFLOW: SourceId = SourceId::MAX;
 
 #[derive(Debug, Clone)]
 struct DestLabels {
@@ -143,6 +154,7 @@ struct TcpStats {
 
 #[derive(Default)]
 struct Inner {
+    sources_overflowed: u64,
     sources: Vec<SourceLabels>,
     source_ids: HashMap<SourceLabels, SourceId>,
     dests: HashMap<Arc<str>, DestLabels>,
@@ -157,18 +169,29 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Intern the labels of a tunnel's source (once per tunnel).
-    pub fn source(&self, labels: SourceLabels) -> SourceId {
+    /// Intern the labels of a tunnel's source (once per tunnel). At most `max` distinct
+    /// sets are kept (every series is kept for the process's life, as Envoy's stats are);
+    /// further sources share the overflow set and are counted.
+    pub fn source(&self, labels: SourceLabels, max: usize) -> SourceId {
         let Ok(mut inner) = self.inner.lock() else {
-            return 0;
+            return OVERFLOW;
         };
         if let Some(id) = inner.source_ids.get(&labels) {
             return *id;
+        }
+        if inner.sources.len() >= max {
+            inner.sources_overflowed += 1;
+            return OVERFLOW;
         }
         let id = inner.sources.len() as SourceId;
         inner.sources.push(labels.clone());
         inner.source_ids.insert(labels, id);
         id
+    }
+
+    /// Sources that found the table full and were counted under `overflow`.
+    pub fn sources_overflowed(&self) -> u64 {
+        self.inner.lock().map(|i| i.sources_overflowed).unwrap_or(0)
     }
 
     fn remember_dest(inner: &mut Inner, cluster: Option<&Arc<Cluster>>) -> Option<Arc<str>> {
@@ -260,9 +283,16 @@ impl Metrics {
         let Ok(inner) = self.inner.lock() else {
             return out;
         };
+        let unknown = SourceLabels::from_tunnel(None, None);
+        let overflow = SourceLabels {
+            workload: "overflow".into(),
+            ..unknown.clone()
+        };
         let labels = |source: SourceId, cluster: &Option<Arc<str>>, protocol: &str| -> String {
-            let unknown = SourceLabels::from_tunnel(None, None);
-            let s = inner.sources.get(source as usize).unwrap_or(&unknown);
+            let s = match source {
+                OVERFLOW => &overflow,
+                id => inner.sources.get(id as usize).unwrap_or(&unknown),
+            };
             let d = cluster.as_ref().and_then(|c| inner.dests.get(c));
             let (svc, name, ns) = match d {
                 Some(d) => (&*d.service, &*d.name, &*d.namespace),
@@ -388,6 +418,35 @@ mod tests {
         assert_eq!(
             (none.workload.as_str(), none.canonical_revision.as_str()),
             ("unknown", "latest")
+        );
+    }
+
+    #[test]
+    fn source_label_sets_are_bounded_with_an_overflow_set() {
+        let m = Metrics::default();
+        let id: hbone::Identity = "spiffe://cluster.local/ns/default/sa/sleep"
+            .parse()
+            .unwrap();
+        let mut ids = std::collections::HashSet::new();
+        for i in 0..50 {
+            let bag = format!("k8s.deployment.name=w{i}");
+            ids.insert(m.source(SourceLabels::from_tunnel(Some(&id), Some(&bag)), 10));
+        }
+        // 10 kept, the other 40 share the overflow set.
+        assert_eq!(ids.len(), 11);
+        assert!(ids.contains(&OVERFLOW));
+        assert_eq!(m.sources_overflowed(), 40);
+        // Known sets are still found when the table is full.
+        let again = m.source(
+            SourceLabels::from_tunnel(Some(&id), Some("k8s.deployment.name=w0")),
+            10,
+        );
+        assert_ne!(again, OVERFLOW);
+        let huge = "x".repeat(300);
+        let l = SourceLabels::from_tunnel(Some(&id), Some(&format!("k8s.deployment.name={huge}")));
+        assert_eq!(
+            l.workload, "unknown",
+            "over-long baggage values are not labels"
         );
     }
 

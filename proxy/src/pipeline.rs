@@ -78,6 +78,10 @@ static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 /// A body that was streamed upstream and did not fit is never replayed.
 pub const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
 
+/// A mirror copy's time limit when neither a route timeout nor the upstream response timeout
+/// bounds it (`--upstream-response-timeout 0s`).
+const MIRROR_TIMEOUT_CAP: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Envoy's retry back-off ceiling: 10 x the base interval.
 const BACKOFF_MAX_FACTOR: u32 = 10;
 
@@ -670,6 +674,11 @@ async fn run_phases(
         uri,
         headers,
         body: retry_buf.clone(),
+        timeout: rule
+            .as_ref()
+            .and_then(|r| r.request_timeout)
+            .or(ctx.shared.limits.upstream_response_timeout)
+            .unwrap_or(MIRROR_TIMEOUT_CAP),
     });
     let head = (max_attempts > 1).then(|| clone_head(&upstream_req));
     let retry_codes: &[u16] = policy.as_ref().map_or(&[], |p| &p.codes);
@@ -1033,7 +1042,10 @@ fn redirect_location(
 }
 
 /// Copies of the request for `RequestMirror` filters, sent when the request's upstream phase
-/// ends (dropped): fire and forget, responses read and discarded. As with Envoy's shadows,
+/// ends (dropped): fire and forget, responses read and discarded as they stream (never held),
+/// each copy bounded in time (the route's request timeout, else the upstream response
+/// timeout), and at most `Limits::max_mirrors_in_flight` at once (beyond it the copy
+/// is skipped and counted in `waypoint_mirrors_skipped_total`). As with Envoy's shadows,
 /// mirrored requests get `-shadow` appended to the host, are not written to the access log
 /// (the waypoint's only access log is the HCM's, for downstream requests) and never affect
 /// the client's response. The body is the one the client sent when it fit in the retry
@@ -1045,6 +1057,18 @@ struct MirrorJob {
     uri: http::Uri,
     headers: HeaderMap,
     body: Option<RetryBuffer>,
+    timeout: std::time::Duration,
+}
+
+/// One mirror copy in flight.
+struct MirrorSlot(Arc<crate::state::Shared>);
+
+impl Drop for MirrorSlot {
+    fn drop(&mut self) {
+        self.0
+            .mirrors_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Drop for MirrorJob {
@@ -1069,7 +1093,21 @@ impl Drop for MirrorJob {
             };
             *req.headers_mut() = self.headers.clone();
             let shared = self.shared.clone();
-            tokio::spawn(send_mirror(shared, m.cluster, req));
+            let in_flight = shared
+                .mirrors_in_flight
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let slot = MirrorSlot(shared.clone());
+            if in_flight >= shared.limits.max_mirrors_in_flight {
+                shared
+                    .mirrors_skipped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+            let timeout = self.timeout;
+            tokio::spawn(async move {
+                let _slot = slot;
+                let _ = tokio::time::timeout(timeout, send_mirror(shared, m.cluster, req)).await;
+            });
         }
     }
 }
@@ -1107,9 +1145,17 @@ async fn send_mirror(
     };
     if let Ok((resp, pool)) = checkout.send(req).await {
         use http_body_util::BodyExt;
-        if resp.into_body().collect().await.is_ok()
-            && let Some(pool) = pool
-        {
+        // Read to the end, dropping each frame as it comes: a large or endless mirror
+        // response costs one frame of memory, never its whole body.
+        let mut body = resp.into_body();
+        loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(_)) => return,
+                None => break,
+            }
+        }
+        if let Some(pool) = pool {
             pool.release();
         }
     }

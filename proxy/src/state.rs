@@ -41,6 +41,16 @@ pub struct Limits {
     /// Resident memory ceiling in bytes (`None`: none): above it new requests and tunnels
     /// are shed until memory falls back.
     pub max_memory: Option<u64>,
+    /// RequestMirror copies in flight at once; beyond it copies are skipped and counted, so
+    /// a slow mirror target never grows the waypoint's state (Envoy's shadows are best
+    /// effort too).
+    pub max_mirrors_in_flight: usize,
+    /// Source labels from the CONNECT `baggage` (Istio AMBIENT_ENABLE_BAGGAGE, off by
+    /// default): client-supplied, so only when the operator trusts its ztunnels to set it.
+    pub metrics_baggage: bool,
+    /// Distinct source label sets kept for metrics; beyond it new sources are counted under
+    /// one `overflow` set (`waypoint_metrics_source_overflow_total`).
+    pub max_metric_sources: usize,
 }
 
 impl Default for Limits {
@@ -52,6 +62,9 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(3600),
             upstream_response_timeout: Some(Duration::from_secs(300)),
             max_requests: 100_000,
+            max_mirrors_in_flight: 1024,
+            metrics_baggage: false,
+            max_metric_sources: 10_000,
             max_memory: None,
         }
     }
@@ -89,6 +102,10 @@ pub struct Shared {
     pub shed: AtomicU64,
     /// Busy tunnels, to give memory back once load drops (memory.rs).
     pub reclaim: Arc<crate::memory::Reclaim>,
+    /// RequestMirror copies in flight (bounded by [`Limits::max_mirrors_in_flight`]).
+    pub mirrors_in_flight: std::sync::atomic::AtomicUsize,
+    /// Mirror copies not sent because the bound was reached.
+    pub mirrors_skipped: AtomicU64,
 }
 
 /// Counts one request in flight for its whole life (overload shedding).

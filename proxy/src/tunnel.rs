@@ -144,12 +144,17 @@ fn accept_tunnel(shared: &Arc<Shared>, req: TunnelRequest) -> Option<Accepted> {
     };
     let peer = req.peer.clone();
     let drain = req.drain.clone();
-    let source = shared
-        .metrics
-        .source(crate::metrics::SourceLabels::from_tunnel(
-            peer.identity.as_ref(),
-            req.headers.get("baggage").and_then(|v| v.to_str().ok()),
-        ));
+    // Source labels come from the peer's verified identity; the CONNECT's `baggage` is the
+    // client's word and counts only in Istio's AMBIENT_ENABLE_BAGGAGE mode.
+    let baggage = shared
+        .limits
+        .metrics_baggage
+        .then(|| req.headers.get("baggage").and_then(|v| v.to_str().ok()))
+        .flatten();
+    let source = shared.metrics.source(
+        crate::metrics::SourceLabels::from_tunnel(peer.identity.as_ref(), baggage),
+        shared.limits.max_metric_sources,
+    );
     let stream = match req.accept() {
         Ok(s) => s,
         Err(e) => {
@@ -745,19 +750,21 @@ async fn proxy_tcp(t: Arc<TunnelCtx>, mut stream: Rewind, start: SystemTime, sta
     });
     shared.metrics.tcp_opened(t.source, Some(&cluster));
     endpoint.load.inc();
-    let result = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+    // Envoy's tcp_proxy closes a connection idle for its `idle_timeout` (1 h by default, as
+    // our `--idle-timeout`); half-close is passed through.
+    let spliced =
+        crate::upgrade::splice(&mut stream, &mut upstream, shared.limits.idle_timeout).await;
     endpoint.load.dec();
-    match result {
-        Ok((from_client, from_upstream)) => {
-            r.bytes_received = from_client;
-            r.bytes_sent = from_upstream;
-        }
-        Err(e) => {
-            debug!(error = %e, "TCP proxy ended with an error");
-            r.bytes_received = stream.inner.bytes_received;
-            r.bytes_sent = stream.inner.bytes_sent;
-            r.connection_termination_details = Some(e.to_string().into());
-        }
+    r.bytes_received = spliced.from_down;
+    r.bytes_sent = spliced.from_up;
+    if let Some(e) = spliced.error {
+        debug!(error = %e, "TCP proxy ended with an error");
+        r.connection_termination_details = Some(e.to_string().into());
+    } else if spliced.idle {
+        debug!("TCP proxy idle timeout");
+        // The connection is closed on both sides, as Envoy's tcp_proxy does on idle timeout.
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut upstream).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
     }
     r.duration = started.elapsed().as_millis() as u64;
     shared.metrics.tcp_closed(t.source, Some(&cluster), &r);

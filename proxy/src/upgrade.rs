@@ -82,38 +82,68 @@ where
             return;
         }
     };
+    let spliced = splice(down, TokioIo::new(upgraded), idle_timeout).await;
+    if let Some(e) = &spliced.error {
+        tracing::debug!(error = %e, "upgraded session ended with an error");
+    }
+    let (received, sent) = (spliced.from_down, spliced.from_up);
+    drop(load);
+    if spliced.idle
+        && let Some(r) = log.record()
+    {
+        r.response_code_details = Some("stream_idle_timeout".into());
+    }
+    log.finish_with(received, sent);
+}
+
+/// How a [`splice`] ended.
+#[derive(Debug)]
+pub struct Spliced {
+    /// Bytes read from the client side and written upstream.
+    pub from_down: u64,
+    /// Bytes read from the upstream side and written to the client.
+    pub from_up: u64,
+    /// Nothing moved either way for the idle timeout.
+    pub idle: bool,
+    /// The copy failed (a reset on either side).
+    pub error: Option<io::Error>,
+}
+
+/// Copy bytes both ways until both directions have ended (one side's end shuts down the
+/// other's write half: half-close), an error, or `idle_timeout` without a byte either way
+/// (Envoy's tcp_proxy `idle_timeout`, 1 h by default, and the HCM's for upgraded streams).
+pub async fn splice<D, U>(down: D, up: U, idle_timeout: Duration) -> Spliced
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let activity = Arc::new(Activity::new());
     let mut down = Counted::new(down, activity.clone());
-    let mut up = Counted::new(TokioIo::new(upgraded), activity.clone());
-    let ended_by_idle = {
+    let mut up = Counted::new(up, activity.clone());
+    let (idle, error) = {
         let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
         tokio::pin!(copy);
-        let idle = tokio::time::sleep(idle_timeout);
-        tokio::pin!(idle);
+        let timer = tokio::time::sleep(idle_timeout);
+        tokio::pin!(timer);
         loop {
             tokio::select! {
-                r = &mut copy => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "upgraded session ended with an error");
-                    }
-                    break false;
-                }
-                _ = &mut idle => {
+                r = &mut copy => break (false, r.err()),
+                _ = &mut timer => {
                     let quiet = activity.quiet_for();
                     if quiet >= idle_timeout {
-                        break true;
+                        break (true, None);
                     }
-                    idle.as_mut().reset(Instant::now() + (idle_timeout - quiet));
+                    timer.as_mut().reset(Instant::now() + (idle_timeout - quiet));
                 }
             }
         }
     };
-    let (received, sent) = (down.read, down.written);
-    drop(load);
-    if ended_by_idle && let Some(r) = log.record() {
-        r.response_code_details = Some("stream_idle_timeout".into());
+    Spliced {
+        from_down: down.read,
+        from_up: up.read,
+        idle,
+        error,
     }
-    log.finish_with(received, sent);
 }
 
 /// When bytes last moved either way.

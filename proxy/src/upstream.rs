@@ -247,6 +247,10 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     /// Port of the destination ztunnel's HBONE listener (15008; overridable for tests).
     pub hbone_port: u16,
+    /// A pooled keep-alive connection unused this long is closed: Envoy's cluster
+    /// `idle_timeout`, which istiod sets from DestinationRule `connectionPool.http.idleTimeout`
+    /// (default 1 h).
+    pub pool_idle_timeout: Duration,
 }
 
 impl Default for UpstreamSettings {
@@ -254,6 +258,7 @@ impl Default for UpstreamSettings {
         UpstreamSettings {
             connect_timeout: Duration::from_secs(10),
             hbone_port: 15008,
+            pool_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -279,9 +284,16 @@ enum Sender {
     H2(http2::SendRequest<RequestBody>),
 }
 
+struct IdleConn {
+    sender: http1::SendRequest<RequestBody>,
+    local_addr: Option<SocketAddr>,
+    since: tokio::time::Instant,
+}
+
 struct EndpointPool {
     addr: SocketAddr,
-    idle: Mutex<Vec<(http1::SendRequest<RequestBody>, Option<SocketAddr>)>>,
+    /// Idle keep-alive connections, newest last, with when each was given back.
+    idle: Mutex<Vec<IdleConn>>,
     h2: Mutex<Option<(http2::SendRequest<RequestBody>, Option<SocketAddr>)>>,
 }
 
@@ -321,7 +333,11 @@ impl PoolReturn {
         if let Ok(mut idle) = self.pool.idle.lock()
             && idle.len() < MAX_IDLE_PER_ENDPOINT
         {
-            idle.push((self.sender, self.local_addr));
+            idle.push(IdleConn {
+                sender: self.sender,
+                local_addr: self.local_addr,
+                since: tokio::time::Instant::now(),
+            });
         }
     }
 }
@@ -381,6 +397,50 @@ impl Upstreams {
             .clone()
     }
 
+    /// Drop what the pools no longer need: idle connections past the idle timeout, closed
+    /// shared h2c connections, the pools of endpoints not in `live` (endpoints that left the
+    /// configuration; requests still using them keep their connection to the end), and the
+    /// HBONE pool's idle connections. Run periodically ([`crate::app`]).
+    pub fn sweep(&self, live: impl Fn(&SocketAddr) -> bool) {
+        let idle_timeout = self.settings.pool_idle_timeout;
+        let mut pools = match self.pools.write() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        pools.retain(|addr, pool| {
+            if let Ok(mut idle) = pool.idle.lock() {
+                idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < idle_timeout);
+            }
+            if let Ok(mut h2) = pool.h2.lock()
+                && h2.as_ref().is_some_and(|(s, _)| s.is_closed())
+            {
+                *h2 = None;
+            }
+            live(addr)
+        });
+        drop(pools);
+        if let Some(h) = &self.hbone {
+            h.pool.sweep();
+        }
+    }
+
+    /// Endpoint pools held now (a metric: it must follow the endpoints, not only grow).
+    pub fn pool_count(&self) -> usize {
+        self.pools.read().map(|p| p.len()).unwrap_or(0)
+    }
+
+    /// Idle keep-alive connections held now.
+    pub fn idle_connections(&self) -> usize {
+        self.pools
+            .read()
+            .map(|p| {
+                p.values()
+                    .map(|e| e.idle.lock().map(|i| i.len()).unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// A ready connection to `addr`: a pooled one if possible, else a new one.
     pub async fn checkout(
         &self,
@@ -393,10 +453,15 @@ impl Upstreams {
             UpstreamProtocol::Http1 => {
                 loop {
                     let candidate = pool.idle.lock().ok().and_then(|mut idle| idle.pop());
-                    let Some((mut sender, local_addr)) = candidate else {
+                    let Some(IdleConn {
+                        mut sender,
+                        local_addr,
+                        since,
+                    }) = candidate
+                    else {
                         break;
                     };
-                    if sender.is_closed() {
+                    if sender.is_closed() || since.elapsed() >= self.settings.pool_idle_timeout {
                         continue;
                     }
                     if sender.ready().await.is_ok() {

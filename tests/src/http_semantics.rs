@@ -878,3 +878,88 @@ async fn a_flowing_body_outlives_the_response_timeout_but_not_the_route_timeout(
     assert_eq!(log["response_code"], 200, "{log}");
     task.abort();
 }
+
+/// RequestMirror copies are bounded in number (beyond the bound: skipped and counted), in time
+/// (the route timeout) and in memory (an endless mirror response is discarded as it streams),
+/// and never hold the primary back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_are_bounded_and_never_hold_the_primary() {
+    let primary = recorder("127.0.0.1").await;
+    // The mirror target answers with an endless body.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_addr = listener.local_addr().unwrap();
+    let streamed = Arc::new(AtomicUsize::new(0));
+    let counter = streamed.clone();
+    let slow = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await;
+                let chunk = format!("{:x}\r\n{}\r\n", 16384, "z".repeat(16384));
+                while tcp.write_all(chunk.as_bytes()).await.is_ok() {
+                    counter.fetch_add(16384, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let mut m = Manifests::new();
+    m.service("echo", "10.0.0.60", 80, "http", &[primary.addr]);
+    m.service("slow", "10.0.0.65", 80, "http", &[slow_addr]);
+    m.route(
+        "mirrored",
+        "echo",
+        80,
+        "  - filters:\n    - {type: RequestMirror, requestMirror: {backendRef: {name: slow, port: 80}}}\n    backendRefs: [{name: echo, port: 80}]\n    timeouts: {request: 2s}\n",
+    );
+    let wp = TestWaypoint::start_with(&m.yaml(), |c| c.limits.max_mirrors_in_flight = 3).await;
+    let shared = wp.running().shared.clone();
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.60:80").await.unwrap();
+    for _ in 0..8 {
+        let r = tokio::time::timeout(Duration::from_secs(2), http.get("echo", "/"))
+            .await
+            .expect("the primary is never held back by its mirror")
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let _ = wp.next_logs(8);
+    assert!(
+        shared.mirrors_in_flight.load(Ordering::Relaxed) <= 3,
+        "in flight: {}",
+        shared.mirrors_in_flight.load(Ordering::Relaxed)
+    );
+    assert_eq!(shared.mirrors_skipped.load(Ordering::Relaxed), 5);
+    // The endless responses were being read (and dropped) ...
+    let reading = eventually(Duration::from_secs(5), || {
+        let n = streamed.load(Ordering::Relaxed);
+        async move { (n > 4 << 20).then_some(n) }
+    })
+    .await;
+    assert!(
+        reading.is_some(),
+        "mirror responses are drained as they stream"
+    );
+    // ... until the route timeout ends each copy.
+    let done = eventually(Duration::from_secs(10), || {
+        let n = shared.mirrors_in_flight.load(Ordering::Relaxed);
+        async move { (n == 0).then_some(()) }
+    })
+    .await;
+    assert!(done.is_some(), "mirror copies outlived the route timeout");
+    let metrics = http_get(wp.running().metrics_addr, "/stats/prometheus")
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains("waypoint_mirrors_skipped_total 5"),
+        "{metrics}"
+    );
+    slow.abort();
+}

@@ -424,3 +424,153 @@ async fn the_backend_receives_the_normalized_path_and_mesh_config_picks_the_mode
         assert_eq!(wp.next_logs(1)[0]["path"], want);
     }
 }
+
+/// Endpoints come and go: the pool of an endpoint that left the configuration is dropped at
+/// the next sweep, and idle pooled connections close after the pool idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_pools_follow_the_endpoints_and_idle_connections_expire() {
+    let a = Backend::echo("a").await;
+    let b = Backend::echo("b").await;
+    let mut m = Manifests::new();
+    m.service("echo", "10.0.0.43", 80, "http", &[a.addr]);
+    let wp = TestWaypoint::start_with(&m.yaml(), |c| {
+        c.upstream.pool_idle_timeout = std::time::Duration::from_millis(300)
+    })
+    .await;
+    let shared = wp.running().shared.clone();
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.43:80").await.unwrap();
+    assert_eq!(http.get("echo", "/").await.unwrap().text(), "a\n");
+    assert_eq!(shared.upstreams.pool_count(), 1);
+    assert_eq!(shared.upstreams.idle_connections(), 1);
+
+    // The endpoint moves to b: a's pool goes at the next sweep.
+    let mut m = Manifests::new();
+    m.service("echo", "10.0.0.43", 80, "http", &[b.addr]);
+    std::fs::write(wp.dir.path().join("config.yaml"), m.yaml()).unwrap();
+    wp.running().reload().expect("reload");
+    assert_eq!(http.get("echo", "/").await.unwrap().text(), "b\n");
+    assert_eq!(shared.upstreams.pool_count(), 2);
+    proxy::app::sweep_upstreams_now(&shared);
+    assert_eq!(
+        shared.upstreams.pool_count(),
+        1,
+        "the pool of the endpoint that left"
+    );
+    assert_eq!(shared.upstreams.idle_connections(), 1);
+
+    // Idle past the pool idle timeout: closed by the sweep (and never handed out again).
+    let idle_gone = eventually(std::time::Duration::from_secs(5), || {
+        let shared = shared.clone();
+        async move {
+            proxy::app::sweep_upstreams_now(&shared);
+            (shared.upstreams.idle_connections() == 0).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        idle_gone.is_some(),
+        "idle connection not closed after its timeout"
+    );
+    assert_eq!(shared.upstreams.pool_count(), 1, "b is still configured");
+    let metrics = http_get(wp.running().metrics_addr, "/stats/prometheus")
+        .await
+        .unwrap()
+        .text();
+    assert!(metrics.contains("waypoint_upstream_pools 1"), "{metrics}");
+    assert!(
+        metrics.contains("waypoint_upstream_idle_connections 0"),
+        "{metrics}"
+    );
+}
+
+/// A client's CONNECT `baggage` is not trusted for metric labels unless the operator turns on
+/// Istio's AMBIENT_ENABLE_BAGGAGE: by default the labels come from the verified identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_source_labels_ignore_client_baggage_by_default() {
+    let b = Backend::echo("echo").await;
+    for trust_baggage in [false, true] {
+        let mut m = Manifests::new();
+        m.service("echo", "10.0.0.43", 80, "http", &[b.addr]);
+        let wp =
+            TestWaypoint::start_with(&m.yaml(), |c| c.limits.metrics_baggage = trust_baggage).await;
+        let conn = wp.connect_as("default", "sleep").await;
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "baggage",
+            "k8s.deployment.name=spoofed,service.name=spoofed"
+                .parse()
+                .unwrap(),
+        );
+        let stream = conn.open("10.0.0.43:80", headers).await.unwrap();
+        let (mut sender, driver) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(driver);
+        let resp = sender
+            .send_request(
+                http::Request::builder()
+                    .uri("/")
+                    .header("host", "echo")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let _ = wp.next_logs(1);
+        let metrics = http_get(wp.running().metrics_addr, "/stats/prometheus")
+            .await
+            .unwrap()
+            .text();
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("istio_requests_total{"))
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            line.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\""),
+            "{line}"
+        );
+        assert_eq!(
+            line.contains("source_workload=\"spoofed\""),
+            trust_baggage,
+            "trust_baggage={trust_baggage}: {line}"
+        );
+    }
+}
+
+/// A TCP tunnel where nothing moves either way for the idle timeout is closed on both sides
+/// and logged once, as Envoy's tcp_proxy `idle_timeout` does (1 h by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tcp_tunnels_are_closed_after_the_idle_timeout() {
+    let echo = Backend::tcp_echo().await;
+    let mut m = Manifests::new();
+    m.service("db", "10.0.0.45", 5432, "tcp", &[echo.addr]);
+    let wp = TestWaypoint::start_with(&m.yaml(), |c| {
+        c.limits.idle_timeout = std::time::Duration::from_millis(500)
+    })
+    .await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut stream = conn
+        .open("10.0.0.45:5432", http::HeaderMap::new())
+        .await
+        .expect("tunnel");
+    stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    stream.read_exact(&mut buf).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut rest),
+    )
+    .await
+    .expect("closed by the idle timeout")
+    .unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(400));
+    let log = &wp.next_logs(1)[0];
+    assert_eq!(log["bytes_received"], 4, "{log}");
+    assert_eq!(log["bytes_sent"], 4, "{log}");
+}

@@ -324,9 +324,5 @@ fn validate_uri(uri: &str) -> Result<(), String> {
 
 /// A protobuf `Duration` as written in YAML (`5s`, `1.5s`, `500ms`).
 fn parse_duration(s: &str) -> Option<Duration> {
-    if let Some(ms) = s.strip_suffix("ms") {
-        return ms.parse::<u64>().ok().map(Duration::from_millis);
-    }
-    let secs: f64 = s.strip_suffix('s')?.parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    crate::duration::parse_proto_duration(s)
 }
