@@ -37,7 +37,10 @@ pub use authz::{
     Action, AuthzPolicy, AuthzRequest, AuthzSet, CustomMatch, Decision, DryRun, HttpAttrs,
     PolicyOutcome, RuleOutcome, custom_match, evaluate, evaluate_rbac, explain as explain_authz,
 };
-pub use load::{LoadedResources, ResourceSource, load_paths, parse_manifests};
+pub use load::{
+    LoadedResources, ResourceSource, load_paths, load_paths_partial, parse_manifests,
+    parse_manifests_partial,
+};
 pub use route::{
     Backend, BackendRef, Filters, HeaderMatch, HeaderModifier, MatchKind, MatchTrace, Mirror,
     PathMatch, PathModifier, PathNormalization, QueryMatch, Redirect, RetryPolicy, Rewrite,

@@ -35,6 +35,17 @@ pub struct ResourceSource {
 /// ConfigMap mounts with `..data` work). YAML (multi-document `---`), JSON, and `kind: List`
 /// are all accepted. Returns every error found, never only the first.
 pub fn load_paths(paths: &[PathBuf]) -> Result<LoadedResources, Vec<ConfigError>> {
+    let (out, errors) = load_paths_partial(paths);
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Everything that loaded, and every error: a document that fails to deserialize does not
+/// hide the problems of the others (`waypoint check` compiles what loaded and reports both).
+pub fn load_paths_partial(paths: &[PathBuf]) -> (LoadedResources, Vec<ConfigError>) {
     let mut out = LoadedResources::default();
     let mut errors = Vec::new();
     for path in paths {
@@ -48,23 +59,18 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<LoadedResources, Vec<ConfigError>
         for file in files {
             let origin = file.display().to_string();
             match std::fs::read_to_string(&file) {
-                Ok(text) => match parse_manifests(&text, &origin) {
-                    Ok(loaded) => {
-                        out.resources.extend(loaded.resources);
-                        out.sources.extend(loaded.sources);
-                        out.warnings.extend(loaded.warnings);
-                    }
-                    Err(e) => errors.extend(e),
-                },
+                Ok(text) => {
+                    let (loaded, e) = parse_manifests_partial(&text, &origin);
+                    out.resources.extend(loaded.resources);
+                    out.sources.extend(loaded.sources);
+                    out.warnings.extend(loaded.warnings);
+                    errors.extend(e);
+                }
                 Err(e) => errors.push(file_error(&origin, format!("cannot read: {e}"))),
             }
         }
     }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors)
-    }
+    (out, errors)
 }
 
 /// The manifest files a path designates: itself, or the matching entries of a directory.
@@ -108,6 +114,16 @@ fn file_error(name: &str, message: String) -> ConfigError {
 
 /// Parse one manifest text; `origin` names it in errors (a path, or `<inline>`).
 pub fn parse_manifests(text: &str, origin: &str) -> Result<LoadedResources, Vec<ConfigError>> {
+    let (out, errors) = parse_manifests_partial(text, origin);
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+/// What parsed, and every error (see [`load_paths_partial`]).
+pub fn parse_manifests_partial(text: &str, origin: &str) -> (LoadedResources, Vec<ConfigError>) {
     let mut out = LoadedResources::default();
     let mut errors = Vec::new();
     let trimmed = text.trim_start_matches('\u{feff}').trim_start();
@@ -152,11 +168,7 @@ pub fn parse_manifests(text: &str, origin: &str) -> Result<LoadedResources, Vec<
             }
         }
     }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors)
-    }
+    (out, errors)
 }
 
 fn doc_name(origin: &str, n: usize) -> String {
@@ -251,7 +263,11 @@ fn add_object(
         .and_then(|m| m.get("resourceVersion"))
         .and_then(|v| v.as_str())
         .map(str::to_string);
-    match Resource::from_value(value) {
+    let mut unknown_fields = Vec::new();
+    let parsed = Resource::from_value_checked(value, &mut unknown_fields);
+    out.warnings
+        .extend(unknown_fields.into_iter().map(|w| format!("{origin}: {w}")));
+    match parsed {
         Ok(Resource::Unknown {
             api_version,
             kind,

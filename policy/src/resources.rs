@@ -845,7 +845,20 @@ impl Resource {
     /// Dispatches on the API group and kind, so Istio's own `networking.istio.io` Gateway is
     /// never mistaken for a Gateway API Gateway. A known kind that does not deserialize is a
     /// [`ConfigError`] naming the resource and the top-level field (`metadata` or `spec`).
-    pub fn from_value(mut value: Value) -> Result<Resource, ConfigError> {
+    pub fn from_value(value: Value) -> Result<Resource, ConfigError> {
+        Self::from_value_checked(value, &mut Vec::new())
+    }
+
+    /// As [`Resource::from_value`], and every field of a policy or route `spec` that the
+    /// waypoint does not know (a misspelling such as `principles` for `principals` would
+    /// otherwise silently widen an AuthorizationPolicy) is pushed to `unknown_fields` as
+    /// `Kind namespace/name: spec.path: unknown field, ignored`, as `kubectl apply
+    /// --validate=strict` reports it. Other kinds are read leniently: real Services, Pods and
+    /// EndpointSlices carry many fields the waypoint has no use for.
+    pub fn from_value_checked(
+        mut value: Value,
+        unknown_fields: &mut Vec<String>,
+    ) -> Result<Resource, ConfigError> {
         strip_nulls(&mut value);
         let api_version = str_at(&value, &["apiVersion"]).to_string();
         let kind = str_at(&value, &["kind"]).to_string();
@@ -906,7 +919,9 @@ impl Resource {
             metadata.namespace = "default".into();
         }
         let spec = object.remove("spec");
-        Ok(match kind.as_str() {
+        let id = format!("{kind} {}/{}", metadata.namespace, metadata.name);
+        let ignored = std::cell::RefCell::new(Vec::new());
+        let result = Ok(match kind.as_str() {
             "Namespace" => Resource::Namespace(Namespace { metadata }),
             "Service" => Resource::Service(Service {
                 metadata,
@@ -936,18 +951,18 @@ impl Resource {
             }),
             "AuthorizationPolicy" => Resource::AuthorizationPolicy(AuthorizationPolicy {
                 metadata,
-                spec: part(spec, "spec", &err)?,
+                spec: strict_part(spec, &err, &ignored)?,
             }),
             "RequestAuthentication" => Resource::RequestAuthentication(RequestAuthentication {
                 metadata,
-                spec: part(spec, "spec", &err)?,
+                spec: strict_part(spec, &err, &ignored)?,
             }),
             "Telemetry" => Resource::Telemetry(Telemetry {
                 metadata,
-                spec: part(spec, "spec", &err)?,
+                spec: strict_part(spec, &err, &ignored)?,
             }),
             "GRPCRoute" => {
-                let g: GrpcRouteSpec = part(spec, "spec", &err)?;
+                let g: GrpcRouteSpec = strict_part(spec, &err, &ignored)?;
                 Resource::GrpcRoute(HttpRoute {
                     metadata,
                     spec: grpc_to_http(g, &err)?,
@@ -956,22 +971,27 @@ impl Resource {
             }
             "TCPRoute" => Resource::TcpRoute(TcpRoute {
                 metadata,
-                spec: part(spec, "spec", &err)?,
+                spec: strict_part(spec, &err, &ignored)?,
             }),
             "TLSRoute" => Resource::TlsRoute(TlsRoute {
                 metadata,
-                spec: part(spec, "spec", &err)?,
+                spec: strict_part(spec, &err, &ignored)?,
             }),
             "ReferenceGrant" => Resource::ReferenceGrant(ReferenceGrant {
                 metadata,
-                spec: part(spec, "spec", &err)?,
+                spec: strict_part(spec, &err, &ignored)?,
             }),
             _ => Resource::HttpRoute(HttpRoute {
                 metadata,
-                spec: part(spec, "spec", &err)?,
+                spec: strict_part(spec, &err, &ignored)?,
                 grpc: false,
             }),
-        })
+        });
+        // Only the policy and route kinds read their spec with `strict_part`.
+        for path in ignored.into_inner() {
+            unknown_fields.push(format!("{id}: {path}: unknown field, ignored"));
+        }
+        result
     }
 }
 
@@ -1081,6 +1101,34 @@ fn part<T: DeserializeOwned + Default>(
     match value {
         None => Ok(T::default()),
         Some(v) => serde_json::from_value(v).map_err(|e| err(field, e.to_string())),
+    }
+}
+
+/// A `spec` read while noting every field serde ignored (`spec.a.b[0].c`).
+fn strict_part<T: DeserializeOwned + Default>(
+    value: Option<Value>,
+    err: &dyn Fn(&str, String) -> ConfigError,
+    ignored: &std::cell::RefCell<Vec<String>>,
+) -> Result<T, ConfigError> {
+    let Some(v) = value else {
+        return Ok(T::default());
+    };
+    serde_ignored::deserialize(v, |path| {
+        ignored.borrow_mut().push(spec_path(&path));
+    })
+    .map_err(|e| err("spec", e.to_string()))
+}
+
+/// `spec.rules[0].from` from serde_ignored's path.
+fn spec_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => "spec".into(),
+        Path::Seq { parent, index } => format!("{}[{index}]", spec_path(parent)),
+        Path::Map { parent, key } => format!("{}.{key}", spec_path(parent)),
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => spec_path(parent),
     }
 }
 

@@ -114,6 +114,23 @@ pub fn load_snapshot(config: &Config) -> Result<Snapshot, Vec<ConfigError>> {
     policy::compile(&loaded, &config.compile_options())
 }
 
+/// For `waypoint check`: every problem of every document. What loaded is compiled even when
+/// other documents failed to load, so a type error in one Service does not hide a bad regex in
+/// an HTTPRoute further down (references to the resources that failed may then be reported
+/// too). Also returns the loader's warnings (unknown fields, skipped kinds).
+pub fn check_config(config: &Config) -> (Result<Snapshot, ()>, Vec<ConfigError>, Vec<String>) {
+    let (loaded, mut errors) = policy::load_paths_partial(&config.config_paths);
+    let warnings = loaded.warnings.clone();
+    match policy::compile(&loaded, &config.compile_options()) {
+        Ok(snapshot) if errors.is_empty() => (Ok(snapshot), errors, warnings),
+        Ok(_) => (Err(()), errors, warnings),
+        Err(e) => {
+            errors.extend(e);
+            (Err(()), errors, warnings)
+        }
+    }
+}
+
 /// Format config errors, one per line.
 pub fn format_errors(errors: &[ConfigError]) -> String {
     errors

@@ -221,6 +221,10 @@ fn chunked_only<'a>(mut values: impl Iterator<Item = &'a http::HeaderValue>) -> 
 pub fn refused_head(head: &[u8], hyper_error: &str) -> ProxyError {
     // hyper has already taken a head whose framing headers it refused out of its buffer; its
     // error says which.
+    if hyper_error.contains("too large") {
+        // Past hyper's buffer: Envoy's `max_request_headers_kb` answer.
+        return ProxyError::HeadersTooLarge;
+    }
     if hyper_error.contains("transfer-encoding") {
         return codec(
             StatusCode::NOT_IMPLEMENTED,
@@ -367,6 +371,10 @@ mod tests {
             details(refused_head(b"", "invalid transfer-encoding parsed")),
             (501, "http1.invalid_transfer_encoding")
         );
+        assert!(matches!(
+            refused_head(b"", "message head is too large"),
+            ProxyError::HeadersTooLarge
+        ));
     }
 
     #[test]

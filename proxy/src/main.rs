@@ -302,7 +302,8 @@ fn check(args: CheckArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match proxy::app::load_snapshot(&config) {
+    let (result, errors, loader_warnings) = proxy::app::check_config(&config);
+    match result {
         Ok(snapshot) => {
             for w in &snapshot.warnings {
                 println!("warning: {w}");
@@ -323,7 +324,10 @@ fn check(args: CheckArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(errors) => {
+        Err(()) => {
+            for w in &loader_warnings {
+                println!("warning: {w}");
+            }
             for e in &errors {
                 println!("error: {e}");
             }
@@ -366,6 +370,15 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        // Handlers first: a SIGTERM that arrives as soon as the listeners are up (a pod
+        // deleted while starting) must drain, not kill the process.
+        let signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                error!("cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let running = match proxy::start(config, proxy::Inputs::default()).await {
             Ok(r) => r,
             Err(e) => {
@@ -374,9 +387,7 @@ fn run(args: RunArgs) -> ExitCode {
             }
         };
         let logger = running.shared.access_log.clone();
-        if let Err(e) = wait_for_signals(&running).await {
-            error!("signal handling failed: {e}");
-        }
+        signals.wait(&running).await;
         info!("draining");
         let clean = running.shutdown().await;
         if let Some(l) = logger {
@@ -388,18 +399,32 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 /// SIGHUP reloads; SIGTERM or SIGINT starts the drain.
-async fn wait_for_signals(running: &proxy::Running) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => {
-                info!("SIGHUP: reloading configuration");
-                let _ = running.reload();
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Until SIGTERM or SIGINT, reloading on every SIGHUP.
+    async fn wait(mut self, running: &proxy::Running) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => {
+                    info!("SIGHUP: reloading configuration");
+                    let _ = running.reload();
+                }
             }
         }
     }

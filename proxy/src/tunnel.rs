@@ -350,7 +350,11 @@ async fn serve_inner(p: Parked) -> Option<Parked> {
             })
         })
     };
-    let header_room = t.shared.limits.max_request_headers + 32 * 1024;
+    // hyper's buffer limit: room for a request head at the limit (Envoy's 60 KiB), whose
+    // oversize the request phases answer; a head beyond it is refused by hyper's parser and
+    // answered the same way (codec.rs). The same limit bounds hyper's write buffer, i.e. how
+    // much of a response waits for a client that does not read (slow_readers.rs).
+    let header_room = t.shared.limits.max_request_headers + 4 * 1024;
     if io.h2c {
         // Boxed: h2c connections are rare and hyper's HTTP/2 state is large.
         Box::pin(serve_h2c(io, service, drain, header_room)).await;
@@ -376,8 +380,6 @@ where
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        // Room above the 60 KiB limit so the pipeline sees oversized heads and answers them
-        // as Envoy does (431 with body, flags and a log line); beyond this hyper answers 431.
         .max_buf_size(header_room)
         .keep_alive(true);
     let done_before = counters.done.load(std::sync::atomic::Ordering::Relaxed);

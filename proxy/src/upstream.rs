@@ -35,6 +35,9 @@ pub enum UpstreamProtocol {
     Http2,
 }
 
+/// Read-ahead bound of an upstream HTTP/1.1 connection (hyper's read buffer).
+const UPSTREAM_READ_BUFFER: usize = 16 * 1024;
+
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when returned.
 const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 
@@ -507,7 +510,12 @@ impl Upstreams {
         match proto {
             UpstreamProtocol::Http1 => {
                 let (io, local_addr) = self.connect(endpoint).await?;
+                // A response head over 60 KiB is refused (Envoy's default
+                // `max_response_headers_kb`), and a body is never read ahead more than this
+                // of what the client takes: a client that stops reading back-pressures the
+                // backend instead of growing our buffers (hyper's default is ~400 KiB).
                 let (sender, conn) = http1::Builder::new()
+                    .max_buf_size(UPSTREAM_READ_BUFFER)
                     .handshake::<_, RequestBody>(TokioIo::new(io))
                     .await
                     .map_err(|_| UpstreamFailure::Termination)?;

@@ -582,3 +582,66 @@ fn the_deployment_manifest_drains_within_its_grace_period_and_has_hpa_pdb_and_re
         text.contains("scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: waypoint}")
     );
 }
+
+/// `waypoint check` reports every problem of every document: a document that fails to
+/// deserialize does not hide the errors of the others, and a misspelled field of a policy is
+/// a warning with its path (`kubectl apply --validate=strict` style).
+#[test]
+fn check_reports_every_document_and_warns_on_unknown_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: default}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 10.0.0.10, ports: "not-a-list"}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-sleep, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]
+  action: ALLOW
+  rules:
+  - from: [{source: {principles: ["cluster.local/ns/default/sa/sleep"]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: broken, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - matches: [{path: {type: RegularExpression, value: "(unclosed"}}]
+"#;
+    std::fs::write(dir.path().join("bad.yaml"), text).unwrap();
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("error: Service default/reviews: spec: invalid type"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("error: HTTPRoute default/broken: spec.rules[0].matches[0].path.value"),
+        "the type error above must not hide this one: {stdout}"
+    );
+    let warning = stdout
+        .lines()
+        .find(|l| l.starts_with("warning: ") && l.contains("principles"))
+        .unwrap_or_else(|| panic!("no unknown-field warning: {stdout}"));
+    assert!(
+        warning.ends_with(
+            "AuthorizationPolicy default/allow-sleep: spec.rules[0].from[0].source.principles: unknown field, ignored"
+        ),
+        "{warning}"
+    );
+}
