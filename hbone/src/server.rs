@@ -57,6 +57,10 @@ pub struct ServerSettings {
     pub max_resets_per_second: u32,
     /// PING / SETTINGS flood budgets ([`crate::guard`]).
     pub flood: crate::guard::FloodLimits,
+    /// Connections in their TLS + HTTP/2 handshake at once. At the cap the listener stops
+    /// accepting (new clients wait in the kernel's backlog) until one finishes or times out,
+    /// so stalled handshakes cost at most this many tasks and buffers.
+    pub max_pending_handshakes: usize,
 }
 
 impl Default for ServerSettings {
@@ -73,6 +77,7 @@ impl Default for ServerSettings {
             handshake_timeout: Duration::from_secs(10),
             max_resets_per_second: 200,
             flood: crate::guard::FloodLimits::default(),
+            max_pending_handshakes: 1024,
         }
     }
 }
@@ -219,6 +224,9 @@ pub async fn serve<H, F>(
     H: Fn(TunnelRequest) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(
+        settings.max_pending_handshakes.max(1),
+    ));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -226,7 +234,16 @@ pub async fn serve<H, F>(
                 info!("HBONE listener draining: no longer accepting connections");
                 return;
             }
-            accepted = listener.accept() => accepted,
+            accepted = async {
+                // A handshake slot first: at the cap, nothing more is accepted until one
+                // handshake ends (the kernel's backlog holds the newcomers).
+                let permit = handshakes.clone().acquire_owned().await;
+                (listener.accept().await, permit)
+            } => accepted,
+        };
+        let (accepted, permit) = accepted;
+        let Ok(permit) = permit else {
+            return;
         };
         let (tcp, remote) = match accepted {
             Ok(a) => a,
@@ -245,7 +262,7 @@ pub async fn serve<H, F>(
             drain: drain.clone(),
         };
         let handler = handler.clone();
-        tokio::spawn(async move { conn.serve(tcp, remote, handler).await });
+        tokio::spawn(async move { conn.serve(tcp, remote, handler, permit).await });
     }
 }
 
@@ -264,8 +281,13 @@ impl Drop for ActiveGuard {
 }
 
 impl Connection {
-    async fn serve<H, F>(self, tcp: TcpStream, remote: SocketAddr, handler: H)
-    where
+    async fn serve<H, F>(
+        self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        handler: H,
+        handshake_slot: tokio::sync::OwnedSemaphorePermit,
+    ) where
         H: Fn(TunnelRequest) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
@@ -301,12 +323,9 @@ impl Connection {
                 .map_err(std::io::Error::other)?;
             Ok::<_, std::io::Error>((h2, identity, local_identity))
         };
-        let (mut conn, identity, local_identity) = match tokio::time::timeout(
-            settings.handshake_timeout,
-            setup,
-        )
-        .await
-        {
+        let handshake = tokio::time::timeout(settings.handshake_timeout, setup).await;
+        drop(handshake_slot);
+        let (mut conn, identity, local_identity) = match handshake {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 self.stats

@@ -70,6 +70,35 @@ async fn stalled_tls_handshakes_are_closed_and_do_not_slow_other_clients() {
     );
 }
 
+/// Connections in their handshake are capped: beyond the cap nothing more is accepted (the
+/// kernel's backlog holds newcomers) until a handshake finishes or times out, so stalled
+/// handshakes cost at most the cap; a real client still gets through once slots free up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_in_progress_are_capped() {
+    let (wp, _b) = waypoint(|c| {
+        c.server.handshake_timeout = Duration::from_millis(500);
+        c.server.max_pending_handshakes = 2;
+    })
+    .await;
+    let stats = wp.running().shared.hbone_stats.clone();
+    let mut stalled = Vec::new();
+    for _ in 0..6 {
+        stalled.push(tokio::net::TcpStream::connect(wp.addr).await.unwrap());
+    }
+    // While the first two stall, the others are not taken in.
+    let until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < until {
+        let accepted = stats.connections_accepted.load(Ordering::Relaxed);
+        assert!(accepted <= 2, "{accepted} handshakes in progress, cap 2");
+        tokio::task::yield_now().await;
+    }
+    // As deadlines close them, the rest are accepted in turn, then a real client is served.
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    assert_eq!(http.get("reviews:9080", "/").await.unwrap().status, 200);
+    assert!(stats.connections_accepted.load(Ordering::Relaxed) >= 7);
+}
+
 #[tokio::test]
 async fn garbage_instead_of_tls_is_closed_at_once() {
     let (wp, _b) = waypoint(|_| {}).await;
@@ -197,6 +226,50 @@ async fn ping_and_settings_floods_close_the_offending_connection() {
     let conn = wp.connect_as("default", "sleep").await;
     let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
     assert_eq!(http.get("reviews:9080", "/").await.unwrap().status, 200);
+}
+
+/// Envoy's other HTTP/2 abuse limits, at the real listener with raw frames: WINDOW_UPDATE
+/// beyond 10 per DATA frame sent, PRIORITY beyond 100 per stream, and empty DATA frames in a
+/// row each close the connection (h2 alone would accept all of them forever); others are
+/// unaffected.
+#[tokio::test]
+async fn window_update_priority_and_empty_frame_floods_close_the_connection() {
+    let (wp, _b) = waypoint(|_| {}).await;
+    let window_update = (0x8u8, 0u8, 0u32, 1u32.to_be_bytes().to_vec());
+    let priority = (0x2u8, 0u8, 3u32, vec![0, 0, 0, 0, 16]);
+    for (kind, flags, stream, payload) in [window_update, priority] {
+        let mut h = RawH2::connect(wp.addr, sleep_tls(&wp)).await.unwrap();
+        let mut out = Vec::new();
+        for _ in 0..5_000 {
+            RawH2::encode(kind, flags, stream, &payload, &mut out);
+        }
+        let _ = h.io.write_all(&out).await;
+        let t0 = Instant::now();
+        while h.next(Duration::from_secs(3)).await.is_some() {}
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "flood of frame type {kind} not cut in time"
+        );
+    }
+    // Empty DATA frames on an open tunnel.
+    let mut h = RawH2::connect(wp.addr, sleep_tls(&wp)).await.unwrap();
+    let mut out = Vec::new();
+    RawH2::encode(0x1, 0x4, 1, &connect_block("10.0.0.10:9080", &[]), &mut out);
+    for _ in 0..5_000 {
+        RawH2::encode(0x0, 0, 1, &[], &mut out);
+    }
+    let _ = h.io.write_all(&out).await;
+    let t0 = Instant::now();
+    while h.next(Duration::from_secs(3)).await.is_some() {}
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "empty DATA flood not cut"
+    );
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    for _ in 0..50 {
+        assert_eq!(http.get("reviews:9080", "/").await.unwrap().status, 200);
+    }
 }
 
 #[tokio::test]
