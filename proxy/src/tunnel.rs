@@ -799,15 +799,17 @@ async fn read_sni(stream: &mut Rewind, limit: std::time::Duration) -> Result<Opt
 /// Largest ClientHello we wait for (Envoy's tls_inspector reads up to 64 KiB).
 const MAX_CLIENT_HELLO: usize = 64 * 1024;
 
+/// What the start of a TLSRoute tunnel says so far.
 #[derive(Debug, PartialEq)]
-enum Hello {
+pub enum Hello {
     NeedMore,
     NotTls,
     Sni(Option<String>),
 }
 
 /// Parse a TLS ClientHello (RFC 8446 4.1.2, RFC 6066 3) that may span several records.
-fn parse_client_hello(buf: &[u8]) -> Hello {
+/// Public for the fuzz target (`fuzz/fuzz_targets/client_hello.rs`): never panics on input.
+pub fn parse_client_hello(buf: &[u8]) -> Hello {
     // Reassemble the handshake bytes from consecutive handshake records.
     let mut hs = Vec::new();
     let mut i = 0;

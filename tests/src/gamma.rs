@@ -1148,6 +1148,121 @@ async fn tls_route_routes_passthrough_by_sni() {
     );
 }
 
+/// The first TLS record(s) a real client sends (its ClientHello), captured on a local
+/// listener: read until the handshake message is complete.
+async fn capture_client_hello(
+    connect: impl FnOnce(SocketAddr) -> tokio::task::JoinHandle<()>,
+) -> Vec<u8> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = connect(listener.local_addr().unwrap());
+    let (mut tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut buf = Vec::new();
+    // Records: 5-byte header + length; the handshake message: 4-byte header + length.
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "client closed before its ClientHello");
+        buf.extend_from_slice(&chunk[..n]);
+        let mut handshake = Vec::new();
+        let mut at = 0;
+        while at + 5 <= buf.len() {
+            let len = usize::from(u16::from_be_bytes([buf[at + 3], buf[at + 4]]));
+            if at + 5 + len > buf.len() {
+                break;
+            }
+            handshake.extend_from_slice(&buf[at + 5..at + 5 + len]);
+            at += 5 + len;
+        }
+        if handshake.len() >= 4 {
+            let msg = (usize::from(handshake[1]) << 16)
+                | (usize::from(handshake[2]) << 8)
+                | usize::from(handshake[3]);
+            if handshake.len() >= 4 + msg {
+                buf.truncate(at);
+                break;
+            }
+        }
+    }
+    drop(tcp);
+    client.abort();
+    buf
+}
+
+/// TLSRoute SNI matching on ClientHellos from real TLS stacks, not our generator: rustls
+/// (TLS 1.3, ALPN) and `openssl s_client` (many extensions, ALPN, OCSP status request), each
+/// fed to the waypoint in 100-byte pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_route_reads_the_sni_of_real_client_hellos() {
+    let (a, _ta) = tcp_named("tls-a").await;
+    let mut m = Manifests::new();
+    m.service("web", "10.0.0.90", 443, "tls", &[a])
+        .service("web-a", "10.0.0.91", 443, "tls", &[a]);
+    m.push("apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TLSRoute\nmetadata: {name: a, namespace: default}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 443}]\n  hostnames: [a.example.com]\n  rules:\n  - backendRefs: [{name: web-a, port: 443}]\n");
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let rustls_hello = capture_client_hello(|addr| {
+        tokio::spawn(async move {
+            let mut roots = rustls::RootCertStore::empty();
+            let pki = hbone::testing::Pki::new("cluster.local").unwrap();
+            roots
+                .add(hbone::testing::cert_from_pem(pki.root_pem()).unwrap())
+                .unwrap();
+            let mut cfg = rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("a.example.com").unwrap();
+            let _ = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+                .connect(name, tcp)
+                .await;
+        })
+    })
+    .await;
+    let openssl_hello = capture_client_hello(|addr| {
+        tokio::task::spawn_blocking(move || {
+            let _ = std::process::Command::new("openssl")
+                .args(["s_client", "-connect", &addr.to_string()])
+                .args(["-servername", "a.example.com", "-alpn", "h2,http/1.1"])
+                .arg("-status")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        })
+    })
+    .await;
+    assert!(rustls_hello.len() > 200 && openssl_hello.len() > 200);
+    let conn = wp.connect_as("default", "sleep").await;
+    for (who, hello) in [("rustls", rustls_hello), ("openssl", openssl_hello)] {
+        let mut s = conn
+            .open("10.0.0.90:443", http::HeaderMap::new())
+            .await
+            .unwrap();
+        for piece in hello.chunks(100) {
+            s.write_all(piece).await.unwrap();
+        }
+        let mut buf = vec![0u8; 6 + hello.len()];
+        s.read_exact(&mut buf)
+            .await
+            .unwrap_or_else(|e| panic!("{who}: {e}"));
+        assert_eq!(&buf[..6], b"tls-a\n", "{who}");
+        assert_eq!(&buf[6..], &hello[..], "{who}: ClientHello passed through");
+        s.shutdown().await.unwrap();
+        drop(s);
+        let log = &wp.next_logs(1)[0];
+        assert_eq!(
+            log["requested_server_name"], "a.example.com",
+            "{who}: {log}"
+        );
+    }
+}
+
 /// Istio's default `retry_on` includes gRPC `unavailable`: a trailers-only
 /// `grpc-status: 14` answer is retried (on another endpoint when there is one).
 #[tokio::test]
