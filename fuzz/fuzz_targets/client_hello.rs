@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use proxy::tunnel::{Hello, parse_client_hello};
+use proxy::listener::{Hello, parse_client_hello};
 
 fuzz_target!(|data: &[u8]| {
     let whole = parse_client_hello(data);

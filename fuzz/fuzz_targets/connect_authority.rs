@@ -4,8 +4,8 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    if let Some(addr) = proxy::tunnel::parse_authority(text) {
-        let again = proxy::tunnel::parse_authority(&addr.to_string());
+    if let Some(addr) = proxy::listener::parse_authority(text) {
+        let again = proxy::listener::parse_authority(&addr.to_string());
         assert_eq!(again, Some(addr));
     }
 });

@@ -4,8 +4,8 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = proxy::tunnel::looks_like_http(data);
+    let _ = proxy::listener::looks_like_http(data);
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = proxy::pipeline::xff_client(text);
+        let _ = proxy::request::xff_client(text);
     }
 });

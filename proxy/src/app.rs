@@ -20,11 +20,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::admin;
-use crate::authn::{JwksCache, JwksSettings};
-use crate::meshconfig::MeshConfig;
-use crate::metrics::Metrics;
+use crate::config::jwks::{JwksCache, JwksSettings};
+use crate::config::meshconfig::MeshConfig;
+use crate::ops::admin;
 use crate::state::{Limits, Shared};
+use crate::telemetry::metrics::Metrics;
 use crate::upstream::{UpstreamSettings, Upstreams};
 
 /// Static settings, built once from flags and environment (ztunnel src/config.rs).
@@ -173,8 +173,9 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running> {
     config.load_mesh_config()?;
     // Fingerprints first: a change made while we load is then seen as a change.
-    let config_fp = crate::watch::fingerprint(&config.config_paths);
-    let cert_fp = crate::watch::fingerprint(&crate::watch::cert_files(&config.certs_dir));
+    let config_fp = crate::config::watch::fingerprint(&config.config_paths);
+    let cert_fp =
+        crate::config::watch::fingerprint(&crate::config::watch::cert_files(&config.certs_dir));
     let certs_from_dir = inputs.certs.is_none();
     let certs = match inputs.certs {
         Some(c) => c,
@@ -261,7 +262,7 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         tls_source,
         Arc::new(config.server.clone()),
         hbone_stats,
-        move |req| crate::tunnel::handle_tunnel(handler_shared.clone(), req),
+        move |req| crate::listener::handle_tunnel(handler_shared.clone(), req),
         watcher,
     )));
     tasks.push(tokio::spawn(crate::memory::run(shared.reclaim.clone())));
@@ -404,18 +405,6 @@ fn upstream_tls(certs: &CertBundle, config: &Config) -> anyhow::Result<Arc<rustl
     )?)
 }
 
-/// Seconds until our certificate expires (negative once expired).
-pub fn cert_seconds_left(shared: &Shared) -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    shared
-        .cert_not_after
-        .load(Ordering::Relaxed)
-        .saturating_sub(now)
-}
-
 /// Poll config and certificate files; reload whatever changed. Warns once a day-ish ahead of
 /// certificate expiry (at less than 24 h left).
 async fn watch_files(
@@ -426,7 +415,7 @@ async fn watch_files(
     config_fp: Option<u64>,
     cert_fp: Option<u64>,
 ) {
-    let cert_paths = crate::watch::cert_files(&config.certs_dir);
+    let cert_paths = crate::config::watch::cert_files(&config.certs_dir);
     let (watch_config, mut config_fp) = (config_fp.is_some(), config_fp.unwrap_or(0));
     let (watch_certs, mut cert_fp) = (cert_fp.is_some(), cert_fp.unwrap_or(0));
     let mut warned_expiry = false;
@@ -435,7 +424,7 @@ async fn watch_files(
     loop {
         tick.tick().await;
         if watch_config {
-            let fp = crate::watch::fingerprint(&config.config_paths);
+            let fp = crate::config::watch::fingerprint(&config.config_paths);
             if fp != config_fp {
                 config_fp = fp;
                 info!("configuration files changed; reloading");
@@ -443,7 +432,7 @@ async fn watch_files(
             }
         }
         if watch_certs {
-            let fp = crate::watch::fingerprint(&cert_paths);
+            let fp = crate::config::watch::fingerprint(&cert_paths);
             if fp != cert_fp {
                 cert_fp = fp;
                 reload_certs(&shared, &config, &tls);
@@ -460,7 +449,7 @@ async fn watch_files(
                 );
             }
         }
-        let left = cert_seconds_left(&shared);
+        let left = crate::state::cert_seconds_left(&shared);
         if left < 24 * 3600 && !warned_expiry {
             warned_expiry = true;
             warn!(

@@ -1,37 +1,33 @@
 //! # proxy: the waypoint
 //!
 //! Contract:
-//! - Owns every socket: the HBONE listener (via the `hbone` crate), the tunnelled HTTP/TCP
-//!   served inside each CONNECT ([`tunnel`]), the request phases ([`pipeline`]), upstream
-//!   connections ([`upstream`]), and the readiness/metrics/admin listeners ([`admin`]).
+//! - Owns every socket: the HBONE listener and what is served inside each CONNECT
+//!   ([`listener`]), the HTTP request path as a list of named phases ([`request`]), upstream
+//!   connections ([`upstream`]), and the readiness/metrics/admin listeners ([`ops`]).
 //! - Reads configuration only through `policy` snapshots, swapped whole on reload (one
-//!   snapshot per request), and writes exactly one access-log record per request.
-//! - Every failure becomes a response in one place ([`error`]); nothing on the data path
-//!   panics on peer input.
+//!   snapshot per request; sources in [`config`]), and writes exactly one access-log record
+//!   per request.
+//! - Every failure becomes a response in one place ([`request::error`]); nothing on the data
+//!   path panics on peer input.
 //! - Behaviour follows Istio's Envoy waypoint (`../shared/docs/protocol.md`), with each
 //!   deliberate difference documented where it is implemented.
+//!
+//! Layout, one folder per concern; arrows only point down this list (no module imports one
+//! above it): `app` (start, reload, drain) -> `listener` (HBONE, tunnels, inner connections,
+//! TCP) -> `request` (phases, replies, access-log record) -> `upstream` (pools, HBONE
+//! origination, the CUSTOM authorizer client) -> `state` (what requests share), with
+//! `config` (mesh config, JWKS, file watch), `ops` (admin, metrics, memory) and `cli`
+//! (offline commands, demo, test client) beside them.
 
-pub mod admin;
 pub mod app;
-pub mod authn;
-pub mod body;
-pub mod client;
-pub mod codec;
-pub mod demo;
-pub mod error;
-pub mod extauthz;
-pub mod inspect;
-pub mod logging;
-pub mod logguard;
+pub mod cli;
+pub mod config;
+pub mod listener;
 pub mod memory;
-pub mod meshconfig;
-pub mod metrics;
-pub mod pages;
-pub mod pipeline;
+pub mod ops;
+pub mod request;
 pub mod state;
-pub mod tunnel;
-pub mod upgrade;
+pub mod telemetry;
 pub mod upstream;
-pub mod watch;
 
 pub use app::{Config, Inputs, Running, start};

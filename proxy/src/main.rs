@@ -166,7 +166,7 @@ fn init_tracing() {
     // Diagnostics go to stderr; stdout is reserved for access-log lines. The filter can be
     // changed at runtime through the admin `/logging` endpoint.
     let initial = std::env::var("WAYPOINT_LOG").unwrap_or_else(|_| "info".into());
-    proxy::logging::init(
+    proxy::telemetry::logging::init(
         &initial,
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
     );
@@ -206,7 +206,7 @@ fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
 /// Mid-sized blocks (connection buffers) as whole pages, so what idle tunnels free can be
 /// given back to the OS (proxy/src/pages.rs).
 #[global_allocator]
-static ALLOC: proxy::pages::PagePool = proxy::pages::PagePool;
+static ALLOC: proxy::memory::pages::PagePool = proxy::memory::pages::PagePool;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -273,21 +273,24 @@ fn explain(args: ExplainArgs) -> ExitCode {
         Ok(v) => v,
         Err(code) => return code,
     };
-    let req = proxy::inspect::ExplainRequest {
+    let req = proxy::ops::inspect::ExplainRequest {
         from: args.from,
         to: args.to,
         method,
         headers,
         path: args.path,
     };
-    print!("{}", proxy::inspect::explain(&snapshot, &config.mesh, &req));
+    print!(
+        "{}",
+        proxy::ops::inspect::explain(&snapshot, &config.mesh, &req)
+    );
     ExitCode::SUCCESS
 }
 
 fn services(args: CheckArgs) -> ExitCode {
     match offline_snapshot(&args.config) {
         Ok((_, snapshot)) => {
-            print!("{}", proxy::inspect::services_table(&snapshot));
+            print!("{}", proxy::ops::inspect::services_table(&snapshot));
             ExitCode::SUCCESS
         }
         Err(code) => code,
@@ -438,7 +441,7 @@ fn demo(args: DemoArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(proxy::demo::run(proxy::demo::DemoOptions {
+    match rt.block_on(proxy::cli::demo::run(proxy::cli::demo::DemoOptions {
         requests: args.requests,
         ..Default::default()
     })) {

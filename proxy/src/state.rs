@@ -12,11 +12,11 @@ use arc_swap::ArcSwap;
 use hbone::server::ServerStats;
 use policy::Snapshot;
 
-use crate::authn::JwksCache;
-use crate::extauthz::ExtAuthzClient;
-use crate::meshconfig::MeshConfig;
-use crate::metrics::Metrics;
+use crate::config::jwks::JwksCache;
+use crate::config::meshconfig::MeshConfig;
+use crate::telemetry::metrics::Metrics;
 use crate::upstream::Upstreams;
+use crate::upstream::extauthz::ExtAuthzClient;
 
 /// Request-path limits, defaults as Envoy's (documented in the README).
 #[derive(Debug, Clone)]
@@ -117,4 +117,16 @@ impl Drop for InFlight {
             .in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Seconds until our certificate expires (negative once expired).
+pub fn cert_seconds_left(shared: &Shared) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    shared
+        .cert_not_after
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(now)
 }

@@ -148,7 +148,7 @@ fn run_serves_reloads_on_sighup_and_drains_on_sigterm() {
         let conn = hbone::client::Connection::connect(wp.hbone, tls, &Default::default())
             .await
             .unwrap();
-        let mut http = proxy::client::TunnelHttp::open(&conn, "10.0.0.11:9080")
+        let mut http = proxy::cli::client::TunnelHttp::open(&conn, "10.0.0.11:9080")
             .await
             .unwrap();
         let r = http.get("ratings:9080", "/").await.unwrap();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{dev_certs, sleep_client_tls, start_run};
 use http_body_util::Full;
-use proxy::client::TunnelHttp;
+use proxy::cli::client::TunnelHttp;
 
 const IDLE_TUNNELS: usize = 2_000;
 const BURST_TUNNELS: usize = 200;

@@ -921,7 +921,7 @@ async fn retry_body_over_the_buffer_limit_is_not_replayed() {
     );
     let (wp, v1, _v2) = echo_mesh(&[&routes]).await;
     let mut c = client(&wp, "10.0.0.10:80").await;
-    let big = Bytes::from(vec![b'x'; proxy::pipeline::RETRY_BUFFER_LIMIT + 1]);
+    let big = Bytes::from(vec![b'x'; proxy::request::RETRY_BUFFER_LIMIT + 1]);
     let post = Request::builder()
         .method("POST")
         .uri("/status/503")
@@ -1116,7 +1116,7 @@ async fn tls_route_routes_passthrough_by_sni() {
         (Some("other.net"), None),
         (None, None),
     ] {
-        let hello = proxy::tunnel::client_hello(sni);
+        let hello = proxy::listener::client_hello(sni);
         let Ok(mut s) = conn.open("10.0.0.90:443", http::HeaderMap::new()).await else {
             assert!(want.is_none());
             continue;

@@ -27,7 +27,7 @@ use proxy::{Config, Inputs, Running};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
-pub use proxy::client::{FullResponse, TunnelHttp};
+pub use proxy::cli::client::{FullResponse, TunnelHttp};
 
 /// The trust domain of every test mesh.
 pub const TD: &str = "cluster.local";

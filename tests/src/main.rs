@@ -6,7 +6,7 @@
 /// The allocator the `waypoint` binary installs (proxy/src/pages.rs): every test below runs
 /// the data path on it, as production does.
 #[global_allocator]
-static ALLOC: proxy::pages::PagePool = proxy::pages::PagePool;
+static ALLOC: proxy::memory::pages::PagePool = proxy::memory::pages::PagePool;
 
 mod abuse;
 mod authn;

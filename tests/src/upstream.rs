@@ -404,7 +404,7 @@ async fn the_backend_receives_the_normalized_path_and_mesh_config_picks_the_mode
     ] {
         let wp = TestWaypoint::start_with(&m.yaml(), |c| {
             if let Some(mode) = mode {
-                c.mesh = proxy::meshconfig::MeshConfig::parse(&format!(
+                c.mesh = proxy::config::meshconfig::MeshConfig::parse(&format!(
                     "pathNormalization:\n  normalization: {mode}\n"
                 ))
                 .unwrap();

@@ -1,14 +1,17 @@
-//! Giving freed memory back to the operating system after load drops.
+//! Memory: the allocator ([`pages`], the binary's `#[global_allocator]`) and giving freed
+//! memory back to the operating system after load drops (this module).
 //!
 //! glibc's malloc keeps freed chunks that sit between live allocations resident: after a
 //! burst of tunnels ends, or idle HTTP/1.1 tunnels park and free their connection buffers
-//! (tunnel.rs `PARK_AFTER`), the process would stay at its peak RSS. `malloc_trim(0)`
+//! (listener `PARK_AFTER`), the process would stay at its peak RSS. `malloc_trim(0)`
 //! (glibc >= 2.8) returns every whole free page of every arena.
 //!
 //! Trimming walks the arenas under their locks, so it only runs when load has really dropped:
 //! open tunnels, or busy ones (open and not parked), fell by at least [`MIN_DROP`] and by a
 //! quarter since the previous check. Under steady load, even with a new tunnel per request,
 //! it never runs.
+
+pub mod pages;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
@@ -110,7 +113,7 @@ pub async fn run(reclaim: std::sync::Arc<Reclaim>) {
             // Otherwise free page-pool blocks beyond each size's allowance go back (pages.rs
             // `decay`): none under steady load, a madvise per block after a burst; off the
             // worker threads, as that can be thousands of calls.
-            let _ = tokio::task::spawn_blocking(crate::pages::decay).await;
+            let _ = tokio::task::spawn_blocking(crate::memory::pages::decay).await;
         }
         again = dropped;
     }
@@ -126,13 +129,13 @@ pub fn trim() {
     unsafe {
         libc::malloc_trim(0);
     }
-    crate::pages::release();
+    crate::memory::pages::release();
 }
 
 /// Return free pages to the OS (glibc only; other C libraries do it themselves or not at all).
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn trim() {
-    crate::pages::release();
+    crate::memory::pages::release();
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use hyper_util::rt::TokioExecutor;
 use policy::Cluster;
 use tracing::debug;
 
-use crate::meshconfig::{ExtAuthzHttp, any_matches};
+use crate::config::meshconfig::{ExtAuthzHttp, any_matches};
 use crate::upstream::pick_endpoint;
 
 /// Largest authorizer response body kept for a denial.
@@ -216,7 +216,7 @@ fn interpret(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meshconfig::{MeshConfig, ProviderKind};
+    use crate::config::meshconfig::{MeshConfig, ProviderKind};
 
     fn provider(extra: &str) -> ExtAuthzHttp {
         let m = MeshConfig::parse(&format!(

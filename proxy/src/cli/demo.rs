@@ -22,10 +22,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::app::{Config, Inputs};
-use crate::client::TunnelHttp;
+use crate::cli::client::TunnelHttp;
 
 /// The example every README reader starts from.
-pub const BOOKINFO_YAML: &str = include_str!("../../examples/bookinfo.yaml");
+pub const BOOKINFO_YAML: &str = include_str!("../../../examples/bookinfo.yaml");
 
 /// Demo settings.
 #[derive(Debug, Clone)]

@@ -24,8 +24,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use crate::body::LoadGuard;
-use crate::logguard::PendingLog;
+use crate::request::body::LoadGuard;
+use crate::request::log::PendingLog;
 
 /// What the request phases hand over when the backend switched protocols.
 pub struct PendingUpgrade {

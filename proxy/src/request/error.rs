@@ -8,49 +8,7 @@ use accesslog::{ResponseFlag, ResponseFlags};
 use http::{HeaderName, HeaderValue, StatusCode};
 use policy::JwtStatus;
 
-/// Why an upstream attempt failed before a response started.
-#[derive(Debug, Clone)]
-pub enum UpstreamFailure {
-    /// TCP connect refused/unreachable/timed out: Envoy reset reason `remote connection failure`
-    /// (or `connection timeout`), with the transport failure detail
-    /// (`delayed connect error: Connection refused`).
-    Connect { timeout: bool, detail: String },
-    /// The connection closed or reset before response headers: `connection termination`.
-    Termination,
-    /// HTTP/2 stream refused by the upstream: `remote refused stream reset`.
-    RefusedStream,
-    /// The upstream spoke something that is not HTTP: `protocol error` (502).
-    Protocol,
-}
-
-impl UpstreamFailure {
-    /// Envoy `resetReasonToString` (source/common/http/utility.cc).
-    fn reason(&self) -> &'static str {
-        match self {
-            UpstreamFailure::Connect { timeout: false, .. } => "remote connection failure",
-            UpstreamFailure::Connect { timeout: true, .. } => "connection timeout",
-            UpstreamFailure::Termination => "connection termination",
-            UpstreamFailure::RefusedStream => "remote refused stream reset",
-            UpstreamFailure::Protocol => "protocol error",
-        }
-    }
-
-    fn transport_detail(&self) -> Option<&str> {
-        match self {
-            UpstreamFailure::Connect { detail, .. } if !detail.is_empty() => Some(detail),
-            _ => None,
-        }
-    }
-
-    /// Istio's default retry policy retries these (`connect-failure`, `refused-stream`;
-    /// protocol.md 2.6). A termination after the request was sent is not retried.
-    pub fn retriable(&self) -> bool {
-        matches!(
-            self,
-            UpstreamFailure::Connect { .. } | UpstreamFailure::RefusedStream
-        )
-    }
-}
+pub use crate::upstream::UpstreamFailure;
 
 /// A request-path failure.
 #[derive(Debug, Clone)]

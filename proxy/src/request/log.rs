@@ -11,8 +11,8 @@ use std::sync::Arc;
 use accesslog::{AccessLogRecord, ResponseFlag};
 use tokio::time::Instant;
 
-use crate::metrics::SourceId;
 use crate::state::Shared;
+use crate::telemetry::metrics::SourceId;
 use http::HeaderMap;
 use policy::{AccessLogPolicy, Cluster, LogAttributes, RequestAttributes};
 

@@ -7,6 +7,8 @@
 //! retry policy (`connect-failure`, previous hosts avoided) can try another endpoint without
 //! buffering the body.
 
+pub mod extauthz;
+
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -26,7 +28,49 @@ use policy::Endpoint;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::error::UpstreamFailure;
+/// Why an upstream attempt failed before a response started.
+#[derive(Debug, Clone)]
+pub enum UpstreamFailure {
+    /// TCP connect refused/unreachable/timed out: Envoy reset reason `remote connection failure`
+    /// (or `connection timeout`), with the transport failure detail
+    /// (`delayed connect error: Connection refused`).
+    Connect { timeout: bool, detail: String },
+    /// The connection closed or reset before response headers: `connection termination`.
+    Termination,
+    /// HTTP/2 stream refused by the upstream: `remote refused stream reset`.
+    RefusedStream,
+    /// The upstream spoke something that is not HTTP: `protocol error` (502).
+    Protocol,
+}
+
+impl UpstreamFailure {
+    /// Envoy `resetReasonToString` (source/common/http/utility.cc).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UpstreamFailure::Connect { timeout: false, .. } => "remote connection failure",
+            UpstreamFailure::Connect { timeout: true, .. } => "connection timeout",
+            UpstreamFailure::Termination => "connection termination",
+            UpstreamFailure::RefusedStream => "remote refused stream reset",
+            UpstreamFailure::Protocol => "protocol error",
+        }
+    }
+
+    pub fn transport_detail(&self) -> Option<&str> {
+        match self {
+            UpstreamFailure::Connect { detail, .. } if !detail.is_empty() => Some(detail),
+            _ => None,
+        }
+    }
+
+    /// Istio's default retry policy retries these (`connect-failure`, `refused-stream`;
+    /// protocol.md 2.6). A termination after the request was sent is not retried.
+    pub fn retriable(&self) -> bool {
+        matches!(
+            self,
+            UpstreamFailure::Connect { .. } | UpstreamFailure::RefusedStream
+        )
+    }
+}
 
 /// Wire protocol towards one endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -403,7 +447,7 @@ impl Upstreams {
     /// Drop what the pools no longer need: idle connections past the idle timeout, closed
     /// shared h2c connections, the pools of endpoints not in `live` (endpoints that left the
     /// configuration; requests still using them keep their connection to the end), and the
-    /// HBONE pool's idle connections. Run periodically ([`crate::app`]).
+    /// HBONE pool's idle connections. Run periodically by the owner.
     pub fn sweep(&self, live: impl Fn(&SocketAddr) -> bool) {
         let idle_timeout = self.settings.pool_idle_timeout;
         let mut pools = match self.pools.write() {

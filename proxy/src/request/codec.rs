@@ -13,7 +13,7 @@
 use http::header::{self, HeaderMap};
 use http::{Method, StatusCode};
 
-use crate::error::ProxyError;
+use crate::request::error::ProxyError;
 
 /// Methods Envoy 1.40's Balsa parser accepts (observed: every other token, lowercase `get`,
 /// `QUERY`, `M-SEARCH`, `PRI`, ... gets `400 http1.codec_error`).

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::tunnel::InnerCounters;
+use crate::request::conn::InnerCounters;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -15,7 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use policy::EndpointLoad;
 
-use crate::logguard::PendingLog;
+use crate::request::log::PendingLog;
 use crate::upstream::PoolReturn;
 
 /// Decrements an endpoint's outstanding-request count when the exchange is over.

@@ -66,7 +66,7 @@ fn ready(shared: &Shared) -> Response<Full<Bytes>> {
             "text/plain",
             "draining\n".into(),
         )
-    } else if crate::app::cert_seconds_left(shared) <= 0 {
+    } else if crate::state::cert_seconds_left(shared) <= 0 {
         text(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
@@ -98,7 +98,7 @@ fn answer(shared: &Shared, role: Role, req: &Request<Incoming>) -> Response<Full
         (Role::Admin, "/services") => text(
             StatusCode::OK,
             "text/plain",
-            crate::inspect::services_table(&shared.snapshot.load()),
+            crate::ops::inspect::services_table(&shared.snapshot.load()),
         ),
         _ => text(
             StatusCode::NOT_FOUND,
@@ -110,7 +110,7 @@ fn answer(shared: &Shared, role: Role, req: &Request<Incoming>) -> Response<Full
 
 fn prometheus(shared: &Shared) -> String {
     let s = &shared.hbone_stats;
-    let pool = crate::pages::stats();
+    let pool = crate::memory::pages::stats();
     let extra = [
         (
             "waypoint_hbone_connections_active",
@@ -170,7 +170,7 @@ fn prometheus(shared: &Shared) -> String {
         (
             "waypoint_certificate_expiry_seconds",
             "Seconds until the workload certificate expires.",
-            crate::app::cert_seconds_left(shared).max(0) as u64,
+            crate::state::cert_seconds_left(shared).max(0) as u64,
         ),
         (
             "waypoint_certificate_reloads_total",
@@ -229,8 +229,8 @@ fn prometheus(shared: &Shared) -> String {
 /// Envoy's `/memory` answers with its allocator's totals; ours adds the page pool's and
 /// the slab's sizes (pages.rs), the two places long-lived and connection memory lives.
 fn memory() -> String {
-    let s = crate::pages::stats();
-    let (blocks, slots) = crate::pages::detail();
+    let s = crate::memory::pages::stats();
+    let (blocks, slots) = crate::memory::pages::detail();
     let blocks: Vec<_> = blocks
         .iter()
         .map(|b| json!({"size": b.size, "in_use": b.in_use, "free_resident": b.free_resident, "free_released": b.free_released}))
@@ -306,20 +306,22 @@ fn logging(req: &Request<Incoming>) -> Response<Full<Bytes>> {
         (k == "level" || k == "filter").then(|| v.replace("%3D", "=").replace("%2C", ","))
     });
     match (req.method(), wanted) {
-        (&http::Method::POST, Some(directive)) => match crate::logging::set(&directive) {
-            Ok(()) => text(
-                StatusCode::OK,
-                "text/plain",
-                format!("active filter: {directive}\n"),
-            ),
-            Err(e) => text(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
-        },
+        (&http::Method::POST, Some(directive)) => {
+            match crate::telemetry::logging::set(&directive) {
+                Ok(()) => text(
+                    StatusCode::OK,
+                    "text/plain",
+                    format!("active filter: {directive}\n"),
+                ),
+                Err(e) => text(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+            }
+        }
         (&http::Method::POST, None) => text(
             StatusCode::BAD_REQUEST,
             "text/plain",
             "usage: POST /logging?level=<info|debug|...> or ?filter=<tracing filter>\n".into(),
         ),
-        _ => match crate::logging::current() {
+        _ => match crate::telemetry::logging::current() {
             Some(f) => text(
                 StatusCode::OK,
                 "text/plain",

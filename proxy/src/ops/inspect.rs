@@ -13,8 +13,8 @@ use std::net::SocketAddr;
 use http::{HeaderMap, Method};
 use policy::{Backend, BindingState, Snapshot, VipLookup};
 
-use crate::error::{ProxyError, UNKNOWN_AUTHORITY_BODY};
-use crate::meshconfig::{MeshConfig, ProviderKind};
+use crate::config::meshconfig::{MeshConfig, ProviderKind};
+use crate::request::error::{ProxyError, UNKNOWN_AUTHORITY_BODY};
 
 /// The `waypoint services` table: one line per Service, sorted by namespace and name.
 pub fn services_table(snapshot: &Snapshot) -> String {

@@ -1,0 +1,171 @@
+//! TCP through a tunnel: TCPRoute and TLSRoute (by ClientHello SNI) backend choice, network
+//! RBAC, the upstream connection, bytes both ways until both sides end or the idle timeout,
+//! one log line and the istio_tcp_* metrics.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use accesslog::{AccessLogRecord, ResponseFlag};
+use policy::{AppProtocol, VipLookup};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::request::conn::TunnelCtx;
+use crate::state::Shared;
+use crate::upstream::pick_endpoint;
+
+use super::tls_hello::read_sni;
+use super::*;
+
+pub(super) async fn proxy_tcp(
+    t: Arc<TunnelCtx>,
+    mut stream: Rewind,
+    start: SystemTime,
+    started: Instant,
+) {
+    let shared = &t.shared;
+    // Telemetry `accessLogging` applies to TCP connections too (no `request.*` attributes).
+    let emit = |shared: &Shared, r: AccessLogRecord| {
+        let snapshot = shared.snapshot.load();
+        let policy = match snapshot.lookup_vip(t.vip) {
+            VipLookup::Bound(sp) => sp.access_log.clone(),
+            _ => t.service.access_log.clone(),
+        };
+        if crate::request::log::log_allowed(&policy, &r, None, t.principal()) {
+            emit(shared, r);
+        }
+    };
+    let mut r = AccessLogRecord::new(start);
+    // TCPRoute: a weighted draw among its backends (Istio `convertTCPRoute`). An invalid
+    // backend, or all weights zero (Istio's dummy `internal.cluster.local` destination),
+    // rejects the connection in proportion, as Envoy's tcp_proxy does for a cluster it does
+    // not have (`NC`).
+    // TLSRoute: Envoy's tls_inspector reads the ClientHello SNI and the filter chain whose
+    // `server_names` match is used; none matches -> no filter chain (`NR`), connection closed.
+    let mut l4_route = t.service.tcp_route.clone();
+    if let Some(tls) = &t.service.tls_routes {
+        // A client that closes or stays quiet is matched without SNI, as Istio's listener
+        // filters continue on timeout (`continue_on_listener_filters_timeout`).
+        let sni: Option<String> = read_sni(&mut stream, shared.limits.sniff_timeout)
+            .await
+            .unwrap_or_default();
+        r.requested_server_name = sni.clone();
+        match tls.select(sni.as_deref()) {
+            Some(rule) => l4_route = Some(rule.clone()),
+            None => {
+                r.response_flags.set(ResponseFlag::NR);
+                r.response_code_details = Some("filter_chain_not_found".into());
+                r.downstream_local_address = Some(t.service.vip_text.clone());
+                r.downstream_remote_address = Some(t.remote_str().to_string());
+                r.duration = started.elapsed().as_millis() as u64;
+                emit(shared, r);
+                stream.inner.reset(h2::Reason::CONNECT_ERROR);
+                return;
+            }
+        }
+    }
+    let cluster = match &l4_route {
+        None => t.service.cluster.clone(),
+        Some(route) => match route.backends.pick(rand::random::<u64>()) {
+            Some(policy::BackendRef {
+                backend: policy::Backend::Cluster(c),
+                ..
+            }) => c.clone(),
+            _ => {
+                r.response_flags.set(ResponseFlag::NC);
+                r.downstream_local_address = Some(t.service.vip_text.clone());
+                r.downstream_remote_address = Some(t.remote_str().to_string());
+                r.duration = started.elapsed().as_millis() as u64;
+                emit(shared, r);
+                stream.inner.reset(h2::Reason::CONNECT_ERROR);
+                return;
+            }
+        },
+    };
+    // A sniffed-TCP tunnel on an undeclared port uses istiod's `tcp` cluster name.
+    r.upstream_cluster = Some(if cluster.protocol == AppProtocol::Unknown {
+        cluster.name.replacen("|http|", "|tcp|", 1).into()
+    } else {
+        cluster.name.clone()
+    });
+    r.downstream_local_address = Some(t.service.vip_text.clone());
+    r.downstream_remote_address = Some(t.remote_str().to_string());
+    // Network RBAC (policy.md 1.7): HTTP-only fields never match ALLOW rules and are ignored
+    // by DENY rules on TCP. A denial closes the connection and is logged.
+    let snapshot = shared.snapshot.load_full();
+    let service = match snapshot.lookup_vip(t.vip) {
+        VipLookup::Bound(sp) => sp,
+        _ => t.service.clone(),
+    };
+    if !service.authz.is_empty() {
+        let req = policy::AuthzRequest {
+            source_principal: t.principal(),
+            source_ip: Some(t.peer.remote.ip()),
+            remote_ip: Some(t.peer.remote.ip()),
+            dest_ip: Some(t.vip.ip()),
+            dest_port: t.vip.port(),
+            http: None,
+        };
+        let decision = policy::evaluate(&service.authz, &req);
+        if !decision.allowed {
+            r.connection_termination_details = Some(decision.details.into());
+            r.duration = started.elapsed().as_millis() as u64;
+            emit(shared, r);
+            stream.inner.reset(h2::Reason::CONNECT_ERROR);
+            return;
+        }
+    }
+    let Some(endpoint) = pick_endpoint(&cluster.endpoints, &[], rand::random::<u64>()) else {
+        r.response_flags.set(ResponseFlag::UH);
+        r.duration = started.elapsed().as_millis() as u64;
+        emit(shared, r);
+        stream.inner.reset(h2::Reason::CONNECT_ERROR);
+        return;
+    };
+    r.upstream_host = Some(if endpoint.tunnel.is_some() {
+        format!("envoy://connect_originate/{}", endpoint.addr)
+    } else {
+        endpoint.addr.to_string()
+    });
+    let (mut upstream, local) = match shared.upstreams.connect(endpoint).await {
+        Ok(c) => c,
+        Err(failure) => {
+            r.response_flags.set(ResponseFlag::UF);
+            if let crate::request::error::UpstreamFailure::Connect { detail, .. } = &failure
+                && !detail.is_empty()
+            {
+                r.upstream_transport_failure_reason = Some(detail.replace(' ', "_"));
+            }
+            r.duration = started.elapsed().as_millis() as u64;
+            emit(shared, r);
+            stream.inner.reset(h2::Reason::CONNECT_ERROR);
+            return;
+        }
+    };
+    r.upstream_local_address = Some(match local {
+        Some(a) => a.to_string(),
+        None => "envoy://internal_client_address/".to_string(),
+    });
+    shared.metrics.tcp_opened(t.source, Some(&cluster));
+    endpoint.load.inc();
+    // Envoy's tcp_proxy closes a connection idle for its `idle_timeout` (1 h by default, as
+    // our `--idle-timeout`); half-close is passed through.
+    let spliced =
+        crate::request::upgrade::splice(&mut stream, &mut upstream, shared.limits.idle_timeout)
+            .await;
+    endpoint.load.dec();
+    r.bytes_received = spliced.from_down;
+    r.bytes_sent = spliced.from_up;
+    if let Some(e) = spliced.error {
+        debug!(error = %e, "TCP proxy ended with an error");
+        r.connection_termination_details = Some(e.to_string().into());
+    } else if spliced.idle {
+        debug!("TCP proxy idle timeout");
+        // The connection is closed on both sides, as Envoy's tcp_proxy does on idle timeout.
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut upstream).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+    }
+    r.duration = started.elapsed().as_millis() as u64;
+    shared.metrics.tcp_closed(t.source, Some(&cluster), &r);
+    emit(shared, r);
+}

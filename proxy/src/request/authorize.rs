@@ -1,0 +1,210 @@
+//! Phase 4, authorize: the waypoint's security filters in istiod's order (protocol.md 2.8),
+//! each on the policies attached to this waypoint or Service, all before "no route" is
+//! answered (Envoy's HTTP filters run before its router):
+//! - 4a **ext_authz**: a matching CUSTOM AuthorizationPolicy calls its MeshConfig
+//!   `envoyExtAuthzHttp` provider; denied: the authorizer's status and body, `UAEX`;
+//!   unreachable: 403 `UAEX` unless `failOpen`; a provider that cannot be used: 403 `RBAC:
+//!   access denied` as Istio's bad-CUSTOM deny rules.
+//! - 4b **jwt_authn**: RequestAuthentication; no token passes, a bad one gets 401 (403 for the
+//!   audience) with Envoy's body and `www-authenticate`.
+//! - 4c **RBAC**: AUDIT, DENY, ALLOW on the tunnel's peer identity and the verified JWT;
+//!   denial: 403 `RBAC: access denied`.
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::Request;
+use http::header::HeaderMap;
+use hyper::body::Incoming;
+use policy::{ServicePort, Snapshot};
+
+use super::conn::TunnelCtx;
+use super::ctx::RequestCtx;
+use super::error::ProxyError;
+use super::headers::{X_FORWARDED_PROTO, replace_path_and_query};
+use crate::config::meshconfig::ProviderKind;
+use crate::upstream::extauthz::{CheckRequest, CheckResult};
+
+pub(super) async fn authorize(
+    ctx: &mut RequestCtx,
+    t: &TunnelCtx,
+    req: &mut Request<Incoming>,
+    normalized: &str,
+    service: &ServicePort,
+    snapshot: &Snapshot,
+) -> Result<(), ProxyError> {
+    let normalized = normalized.to_string();
+    if !service.authz.is_empty() || !service.authn.is_empty() {
+        let host = ctx.record().authority.clone().unwrap_or_default();
+        let remote_ip = ctx
+            .record()
+            .downstream_remote_address
+            .as_deref()
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .map(|a| a.ip());
+        let shared = ctx.shared.clone();
+        // 4a: ext_authz. Only a matching CUSTOM rule calls the provider (Istio enables the
+        // ext_authz filter from its shadow RBAC rules).
+        if !service.authz.is_empty()
+            && let Some(m) = policy::custom_match(
+                &service.authz,
+                &authz_request(t, remote_ip, req, &normalized, &host, None),
+            )
+        {
+            let provider = shared.mesh.provider(&m.provider).map(|p| &p.kind);
+            let http_provider = match provider {
+                Some(ProviderKind::ExtAuthzHttp(h)) if !m.conflicting_providers => h,
+                _ => {
+                    tracing::warn!(provider = %m.provider, policy = %m.policy, "CUSTOM policy names no usable extension provider; denying as Istio does");
+                    let d = m.bad_provider_denial();
+                    return Err(ProxyError::RbacDenied { details: d.details });
+                }
+            };
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .to_string();
+            let cluster = snapshot.extension_cluster(&http_provider.service, http_provider.port);
+            // Boxed: only requests under a CUSTOM policy carry the authorizer call's future.
+            let result = Box::pin(shared.ext_authz.check(
+                http_provider,
+                cluster.as_ref(),
+                &CheckRequest {
+                    method: req.method(),
+                    path_and_query: &pq,
+                    authority: &host,
+                    headers: req.headers(),
+                },
+            ))
+            .await;
+            match result {
+                CheckResult::Allowed {
+                    upstream_set,
+                    upstream_remove,
+                    downstream_add,
+                } => {
+                    let h = req.headers_mut();
+                    for (name, value) in upstream_set {
+                        h.insert(name, value);
+                    }
+                    for name in upstream_remove {
+                        h.remove(name);
+                    }
+                    ctx.response_headers.extend(downstream_add);
+                }
+                CheckResult::Denied {
+                    status,
+                    body,
+                    headers,
+                } => {
+                    return Err(ProxyError::ExtAuthzDenied {
+                        status,
+                        body,
+                        headers,
+                    });
+                }
+                CheckResult::Error(reason) if http_provider.fail_open => {
+                    tracing::warn!(provider = %m.provider, "ext_authz failed, failOpen lets the request through: {reason}");
+                }
+                CheckResult::Error(reason) => {
+                    tracing::warn!(provider = %m.provider, "ext_authz failed: {reason}");
+                    return Err(ProxyError::ExtAuthzError {
+                        status: http_provider.status_on_error,
+                    });
+                }
+            }
+        }
+
+        // 4b: jwt_authn. Requests without a token pass with no request principal.
+        let mut verified = None;
+        if !service.authn.is_empty() {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .to_string();
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let lookup = |r: &policy::JwksRef| shared.jwks.get(r);
+            match policy::authenticate(&service.authn, req.headers_mut(), &pq, now, &lookup) {
+                Ok(a) => {
+                    if let Some(new_pq) = a.path
+                        && let Ok(uri) = replace_path_and_query(req.uri(), &new_pq)
+                    {
+                        *req.uri_mut() = uri;
+                    }
+                    verified = a.verified;
+                }
+                Err(status) => {
+                    let realm = jwt_realm(req.headers(), &host, &pq);
+                    return Err(ProxyError::JwtDenied { status, realm });
+                }
+            }
+        }
+
+        // 4c: RBAC.
+        if !service.authz.is_empty() {
+            let decision = policy::evaluate_rbac(
+                &service.authz,
+                &authz_request(t, remote_ip, req, &normalized, &host, verified.as_ref()),
+            );
+            if let Some(dry) = &decision.dry_run {
+                tracing::debug!(allowed = dry.allowed, policy = ?dry.matched_policy, "dry-run authorization result");
+            }
+            if !decision.allowed {
+                return Err(ProxyError::RbacDenied {
+                    details: decision.details,
+                });
+            }
+        }
+    }
+
+    Ok(())
+}
+
+/// What AuthorizationPolicy sees of a request: the tunnel's peer identity and addresses, the
+/// HTTP attributes, and the verified JWT (Envoy `jwt_authn` metadata) if any.
+fn authz_request<'a>(
+    t: &'a TunnelCtx,
+    remote_ip: Option<std::net::IpAddr>,
+    req: &'a Request<Incoming>,
+    normalized_path: &'a str,
+    host: &'a str,
+    verified: Option<&'a policy::Authenticated>,
+) -> policy::AuthzRequest<'a> {
+    policy::AuthzRequest {
+        source_principal: t.principal(),
+        source_ip: Some(t.peer.remote.ip()),
+        remote_ip,
+        dest_ip: Some(t.vip.ip()),
+        dest_port: t.vip.port(),
+        http: Some(policy::HttpAttrs {
+            method: req.method().as_str(),
+            path: normalized_path,
+            host,
+            headers: req.headers(),
+            request_principal: verified.map(|v| v.principal.as_str()),
+            request_auth: verified.map(|v| &v.claims),
+        }),
+    }
+}
+
+/// Envoy `buildOriginalUri` for the `www-authenticate` realm of a JWT failure:
+/// `<x-forwarded-proto>://<host><path>`, the path with its query, cut at 256 bytes. The HCM
+/// sets `x-forwarded-proto: http` before the filters when the client sent none.
+fn jwt_realm(headers: &HeaderMap, host: &str, path_and_query: &str) -> String {
+    let proto = headers
+        .get(&X_FORWARDED_PROTO)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("http");
+    let mut end = path_and_query.len().min(256);
+    while !path_and_query.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{proto}://{host}{}", &path_and_query[..end])
+}

@@ -1,0 +1,343 @@
+//! Phase 6b, the upstream call: the one place that owns attempts, retries, timeouts and
+//! back-off (Envoy's router with istiod's retry policy): least-request endpoint choice
+//! avoiding hosts already tried, a pooled or new connection, the route timeout
+//! (`timeouts.request`, else `--upstream-response-timeout`) for response headers and the
+//! per-try timeout (`timeouts.backendRequest`); retriable failures (connect failure, refused
+//! stream, gRPC unavailable/cancelled, listed status codes) retried after Envoy's jittered
+//! exponential back-off until the budget is spent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::Response;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::backend::Target;
+use super::body::LoadGuard;
+use super::ctx::RequestCtx;
+use super::error::ProxyError;
+use super::forward::{Outbound, rebuild};
+use super::headers::GRPC_STATUS;
+use crate::upstream::{BodyProgress, PoolReturn, RetryBuffer, pick_endpoint};
+
+/// Envoy's retry back-off ceiling: 10 x the base interval.
+const BACKOFF_MAX_FACTOR: u32 = 10;
+
+/// The upstream's response, and what the respond phase needs with it.
+pub(super) struct Answer {
+    pub(super) resp: Response<Incoming>,
+    pub(super) pool: Option<PoolReturn>,
+    pub(super) load: LoadGuard,
+    pub(super) service_time_ms: u64,
+    /// Only the route's `timeouts.request` covers the body, as Envoy's route timeout does;
+    /// `--upstream-response-timeout` bounds the wait for response headers and never cuts a
+    /// body that keeps flowing (SSE, gRPC streams, downloads).
+    pub(super) route_deadline: Option<Instant>,
+}
+
+pub(super) async fn call(
+    ctx: &mut RequestCtx,
+    out: Outbound,
+    target: &Target,
+    received: &Arc<BodyProgress>,
+) -> Result<Answer, ProxyError> {
+    let Outbound {
+        req: mut upstream_req,
+        proto,
+        policy,
+        retry_buf,
+        head,
+        mirror: _mirror,
+    } = out;
+    let (cluster, rule) = (&target.cluster, &target.rule);
+    let max_attempts = policy.as_ref().map_or(1, |p| p.retries.saturating_add(1));
+    let retry_codes: &[u16] = policy.as_ref().map_or(&[], |p| &p.codes);
+
+    let upstream_started = Instant::now();
+    // The route's request timeout (HTTPRoute `timeouts.request`), else this waypoint's
+    // default response timeout (300 s; Istio's default is none): a backend that never
+    // answers is released with 504 UT.
+    let deadline = rule
+        .as_ref()
+        .and_then(|r| r.request_timeout)
+        .or(ctx.shared.limits.upstream_response_timeout)
+        .map(|d| upstream_started + d);
+    let route_deadline = rule
+        .as_ref()
+        .and_then(|r| r.request_timeout)
+        .map(|d| upstream_started + d);
+    let per_try = rule.as_ref().and_then(|r| r.per_try_timeout);
+    let mut tried: Vec<SocketAddr> = Vec::with_capacity(max_attempts as usize);
+    let mut attempts = Attempts::new(max_attempts);
+    let retry_backoff = policy.as_ref().map(|p| p.backoff);
+    loop {
+        let Some(endpoint) = pick_endpoint(&cluster.endpoints, &tried, rand::random::<u64>())
+        else {
+            return Err(ProxyError::NoHealthyUpstream);
+        };
+        let addr = endpoint.addr;
+        attempts.start();
+        // Istio renders HBONE endpoints as `envoy://connect_originate/<ip>:<port>`.
+        ctx.record().upstream_host = Some(if endpoint.tunnel.is_some() {
+            format!("envoy://connect_originate/{addr}")
+        } else {
+            addr.to_string()
+        });
+        let checkout = match until(deadline, ctx.shared.upstreams.checkout(endpoint, proto)).await {
+            None => return Err(ProxyError::Timeout { per_try: false }),
+            Some(Ok(c)) => c,
+            Some(Err(failure)) => {
+                tried.push(addr);
+                if failure.retriable() && policy.is_some() && attempts.may_retry() {
+                    if !back_off(deadline, retry_backoff, attempts.count).await {
+                        return Err(ProxyError::Timeout { per_try: false });
+                    }
+                    continue;
+                }
+                let retry_limit = failure.retriable() && policy.is_some();
+                let retried = attempts.count > 1;
+                return Err(ProxyError::Upstream {
+                    failure,
+                    retried,
+                    retry_limit,
+                });
+            }
+        };
+        ctx.record().upstream_local_address = Some(match checkout.local_addr {
+            Some(a) => a.to_string(),
+            None => "envoy://internal_client_address/".to_string(),
+        });
+        endpoint.load.inc();
+        let load = LoadGuard(endpoint.load.clone());
+        let try_deadline = per_try.map(|d| Instant::now() + d);
+        let (limit, per_try_first) = match (deadline, try_deadline) {
+            (Some(a), Some(b)) if b < a => (Some(b), true),
+            (None, Some(b)) => (Some(b), true),
+            (a, _) => (a, false),
+        };
+        let sent = match until(limit, checkout.send(upstream_req)).await {
+            Some(r) => r,
+            None => {
+                return Err(ProxyError::Timeout {
+                    per_try: per_try_first,
+                });
+            }
+        };
+        match sent {
+            Ok((resp, pool)) => {
+                let retriable = retriable_response(&resp, retry_codes) && policy.is_some();
+                if retriable
+                    && attempts.may_retry()
+                    && let (Some(head), Some(body)) =
+                        (&head, retry_buf.as_ref().and_then(RetryBuffer::replay))
+                {
+                    // Envoy retries a retriable response and throws it away.
+                    drop((resp, pool, load));
+                    tried.push(addr);
+                    upstream_req = rebuild(head, body);
+                    if !back_off(deadline, retry_backoff, attempts.count).await {
+                        return Err(ProxyError::Timeout { per_try: false });
+                    }
+                    continue;
+                }
+                if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS && ctx.upgrade.is_none() {
+                    // A 101 to a request that asked for no upgrade cannot be forwarded.
+                    return Err(ProxyError::Upstream {
+                        failure: crate::upstream::UpstreamFailure::Protocol,
+                        retried: attempts.count > 1,
+                        retry_limit: false,
+                    });
+                }
+                if retriable {
+                    // The last response is forwarded, flagged as the retry limit (envoy-observed 2d).
+                    ctx.record()
+                        .response_flags
+                        .set(accesslog::ResponseFlag::URX);
+                }
+                return Ok(Answer {
+                    resp,
+                    pool,
+                    load,
+                    service_time_ms: upstream_started.elapsed().as_millis() as u64,
+                    route_deadline,
+                });
+            }
+            Err(e) => {
+                drop(load);
+                let can_retry = e.failure.retriable() && policy.is_some() && attempts.may_retry();
+                match e.request {
+                    // Not sent on a *reused* connection the upstream had just closed: try
+                    // again on a fresh connection, without spending a retry. (A fresh
+                    // connection that fails is a real failure: Envoy does not retry it.)
+                    Some(r) if e.reused && attempts.resend_unsent() => {
+                        upstream_req = r;
+                        continue;
+                    }
+                    Some(r) if can_retry => {
+                        upstream_req = r;
+                    }
+                    // The request went out: only a body we still hold whole can go again.
+                    None if can_retry
+                        && let (Some(head), Some(body)) =
+                            (&head, retry_buf.as_ref().and_then(RetryBuffer::replay)) =>
+                    {
+                        upstream_req = rebuild(head, body);
+                    }
+                    _ if received.failed() => {
+                        // The client's body broke its framing mid-request: Envoy's codec
+                        // answers that (400 `http1.codec_error`), not the upstream reset it
+                        // caused.
+                        return Err(ProxyError::Codec {
+                            status: http::StatusCode::BAD_REQUEST,
+                            details: "http1.codec_error",
+                        });
+                    }
+                    _ => {
+                        let retry_limit = e.failure.retriable() && policy.is_some();
+                        let retried = attempts.count > 1;
+                        return Err(ProxyError::Upstream {
+                            failure: e.failure,
+                            retried,
+                            retry_limit,
+                        });
+                    }
+                }
+                tried.push(addr);
+                if !back_off(deadline, retry_backoff, attempts.count).await {
+                    return Err(ProxyError::Timeout { per_try: false });
+                }
+            }
+        }
+    }
+}
+
+/// The attempts of one request against the route's retry budget. Every attempt counts,
+/// whatever failed before it, except a resend of a request that never left: one that was
+/// not sent on a pooled connection the upstream had just closed goes again on a fresh
+/// connection without spending a retry, at most [`Attempts::FREE_RESENDS`] times per request.
+#[derive(Debug)]
+struct Attempts {
+    /// Attempts started that count against the budget.
+    count: u32,
+    max: u32,
+    free_resends: u32,
+    /// The next attempt is a free resend.
+    resend: bool,
+}
+
+impl Attempts {
+    const FREE_RESENDS: u32 = 2;
+
+    fn new(max: u32) -> Attempts {
+        Attempts {
+            count: 0,
+            max,
+            free_resends: 0,
+            resend: false,
+        }
+    }
+
+    /// An attempt begins.
+    fn start(&mut self) {
+        if !std::mem::take(&mut self.resend) {
+            self.count += 1;
+        }
+    }
+
+    /// Another attempt fits in the budget.
+    fn may_retry(&self) -> bool {
+        self.count < self.max
+    }
+
+    /// The last attempt's request never left: resend it for free if the allowance lasts.
+    fn resend_unsent(&mut self) -> bool {
+        if self.free_resends >= Self::FREE_RESENDS {
+            return false;
+        }
+        self.free_resends += 1;
+        self.resend = true;
+        true
+    }
+}
+
+/// Envoy's retry back-off before retry `n` (1-based): a random wait in
+/// `[0, base * 2^(n-1))`, the window capped at 10 x base (`BACKOFF_MAX_FACTOR`). `false` when
+/// the route deadline passes first.
+async fn back_off(deadline: Option<Instant>, base: Option<std::time::Duration>, n: u32) -> bool {
+    let base = base.unwrap_or_default();
+    let cap = base * BACKOFF_MAX_FACTOR;
+    let window = (base * 2u32.saturating_pow(n.saturating_sub(1))).min(cap);
+    let ms = window.as_millis() as u64;
+    let wait = std::time::Duration::from_millis(if ms == 0 {
+        0
+    } else {
+        rand::random::<u64>() % ms
+    });
+    until(deadline, tokio::time::sleep(wait)).await.is_some()
+}
+
+/// Run `f` until `deadline` (if any); `None` when the deadline passed first.
+async fn until<F: std::future::Future>(deadline: Option<Instant>, f: F) -> Option<F::Output> {
+    match deadline {
+        None => Some(f.await),
+        Some(d) => tokio::time::timeout_at(d, f).await.ok(),
+    }
+}
+
+/// Istio's `retry_on` on a response: `retriable-status-codes` (the route's `codes`; none by
+/// default since Istio 1.24) and, for gRPC, `unavailable` (14) and `cancelled` (1) in a
+/// trailers-only response's headers.
+fn retriable_response(resp: &Response<Incoming>, codes: &[u16]) -> bool {
+    if codes.contains(&resp.status().as_u16()) {
+        return true;
+    }
+    matches!(
+        resp.headers().get(&GRPC_STATUS).map(|v| v.as_bytes()),
+        Some(b"14") | Some(b"1")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Attempts;
+
+    /// The sequence of the bug this accounting fixes: a request not sent on a stale pooled
+    /// connection is resent for free, then the endpoint refuses every connection. The old
+    /// loop stopped counting after the free resend (a dying endpoint was retried every few
+    /// milliseconds until the route deadline); every later attempt must count, so Istio's
+    /// default budget (2 retries) ends after three counted attempts.
+    #[test]
+    fn every_attempt_after_a_free_resend_counts() {
+        let mut a = Attempts::new(3);
+        a.start(); // pooled connection: request came back unsent
+        assert!(a.resend_unsent());
+        let mut counted_failures = 0;
+        loop {
+            a.start(); // fresh connection: refused
+            counted_failures += 1;
+            assert!(counted_failures <= 3, "attempts never ran out: {a:?}");
+            if !a.may_retry() {
+                break;
+            }
+        }
+        assert_eq!(a.count, 3);
+        assert_eq!(counted_failures, 3);
+    }
+
+    #[test]
+    fn free_resends_are_bounded() {
+        let mut a = Attempts::new(1);
+        a.start();
+        assert!(a.resend_unsent());
+        a.start();
+        assert!(a.resend_unsent());
+        a.start();
+        assert!(
+            !a.resend_unsent(),
+            "a third free resend must not be granted"
+        );
+        assert_eq!(a.count, 1);
+        assert!(!a.may_retry());
+    }
+}

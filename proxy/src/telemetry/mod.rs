@@ -1,0 +1,6 @@
+//! Istio's standard metrics as a waypoint reports them ([`metrics`]) and diagnostics logging
+//! ([`logging`]).
+//! The access-log record itself belongs to the request path (`request::log`).
+
+pub mod logging;
+pub mod metrics;
