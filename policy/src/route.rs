@@ -785,7 +785,9 @@ fn parse_query(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn percent_decode(s: &str) -> String {
+/// `%XX` decoded (invalid escapes kept as they are), lossy UTF-8: query parameters for route
+/// matching and JWT `fromParams` alike.
+pub(crate) fn percent_decode(s: &str) -> String {
     if !s.contains('%') {
         return s.to_string();
     }

@@ -204,7 +204,7 @@ fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Mid-sized blocks (connection buffers) as whole pages, so what idle tunnels free can be
-/// given back to the OS (proxy/src/pages.rs).
+/// given back to the OS (proxy/src/memory/pages.rs).
 #[global_allocator]
 static ALLOC: proxy::memory::pages::PagePool = proxy::memory::pages::PagePool;
 

@@ -100,7 +100,7 @@ pub struct Shared {
     pub memory_pressure: std::sync::atomic::AtomicBool,
     /// Requests and tunnels shed for overload.
     pub shed: AtomicU64,
-    /// Busy tunnels, to give memory back once load drops (memory.rs).
+    /// Busy tunnels, to give memory back once load drops (memory/mod.rs).
     pub reclaim: Arc<crate::memory::Reclaim>,
     /// RequestMirror copies in flight (bounded by [`Limits::max_mirrors_in_flight`]).
     pub mirrors_in_flight: std::sync::atomic::AtomicUsize,

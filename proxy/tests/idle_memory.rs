@@ -183,7 +183,7 @@ ports: [{{name: http, port: {port}}}]
         // 2,000 idle keep-alive tunnels, one request each.
         let (idle_conns, idle) = open_tunnels(hbone, &tls, IDLE_TUNNELS).await;
         let peak_open = rss_kib(pid);
-        // Once idle (tunnel.rs PARK_AFTER), each costs a few KiB: ~2.6 KB in the release build
+        // Once idle (listener/inner.rs PARK_AFTER), each costs a few KiB: ~2.6 KB in the release build
         // (benches: `idle` scenario, 10,000 tunnels; Envoy ~45 KB) and in this test build
         // from a warm process (round 2). Round 1 also pays for the process growing to its
         // working size (pools, allocator spans; measured ~9.6 KB per tunnel). Without parking

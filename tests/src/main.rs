@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-/// The allocator the `waypoint` binary installs (proxy/src/pages.rs): every test below runs
+/// The allocator the `waypoint` binary installs (proxy/src/memory/pages.rs): every test below runs
 /// the data path on it, as production does.
 #[global_allocator]
 static ALLOC: proxy::memory::pages::PagePool = proxy::memory::pages::PagePool;

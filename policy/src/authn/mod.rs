@@ -312,7 +312,8 @@ fn extract<'a>(inner: &'a AuthnInner, headers: &HeaderMap, path_and_query: &str)
         for loc in &inner.params {
             let first = query.split('&').find_map(|kv| {
                 let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                (percent_decode(k) == loc.name).then(|| percent_decode(v))
+                (crate::route::percent_decode(k) == loc.name)
+                    .then(|| crate::route::percent_decode(v))
             });
             if let Some(value) = first {
                 tokens.push(Token {
@@ -336,29 +337,6 @@ fn extract_jwt(value: &str, after: usize) -> &str {
     }
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push(h * 16 + l);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(b: u8) -> Option<u8> {
-    (b as char).to_digit(16).map(|d| d as u8)
-}
-
 /// The path with every `name=...` query parameter removed (Envoy `JwtParamLocation::removeJwt`);
 /// the `?` goes when nothing is left.
 fn remove_query_param(path_and_query: &str, name: &str) -> String {
@@ -369,7 +347,7 @@ fn remove_query_param(path_and_query: &str, name: &str) -> String {
         .split('&')
         .filter(|kv| {
             let k = kv.split_once('=').map(|(k, _)| k).unwrap_or(kv);
-            percent_decode(k) != name
+            crate::route::percent_decode(k) != name
         })
         .collect();
     if kept.is_empty() {

@@ -161,7 +161,7 @@ fn accept_tunnel(shared: &Arc<Shared>, req: TunnelRequest) -> Option<Accepted> {
 /// The tunnel's task. It is small on purpose: what a busy tunnel needs (hyper's connection,
 /// the request phases) lives in a box for as long as it is busy, and an idle HTTP/1.1 tunnel
 /// waits here holding only its stream ([`Parked`]), so an idle tunnel costs its stream, this
-/// task and [`TunnelCtx`] (tunnel.rs `PARK_AFTER`).
+/// task and [`TunnelCtx`] (listener/inner.rs `PARK_AFTER`).
 async fn run_tunnel<F>(reclaim: Arc<crate::memory::Reclaim>, first: Option<Pin<Box<F>>>)
 where
     F: Future<Output = Option<Parked>>,

@@ -6,7 +6,7 @@
 //! from hyper (`proto/h1/io.rs`, `INIT_BUFFER_SIZE`), and h2 and the upstream connections
 //! have similar ones. In glibc's heap those chunks, and a request's many small objects, lie
 //! between the few objects an idle tunnel keeps (its task, its `TunnelCtx`). When an idle
-//! tunnel parks (tunnel.rs `PARK_AFTER`) and frees the rest, `malloc_trim` can give back only
+//! tunnel parks (listener/inner.rs `PARK_AFTER`) and frees the rest, `malloc_trim` can give back only
 //! pages with nothing live on them: measured, an idle tunnel kept ~10 KB resident for ~1.3 KB
 //! of live objects. With the buffers in the pool and the kept objects packed in the slab, an
 //! idle tunnel costs ~2.7 KB (benches `idle`, 10,000 tunnels). glibc's own remedy for the
@@ -19,7 +19,7 @@
 //!   that many page-aligned pages. One size class per page count, each a LIFO free list: a
 //!   freed block is reused as is (no system call, no page fault in steady state).
 //! - A class keeps up to 64 KiB of free blocks resident; the rest is given back within a
-//!   second ([`decay`], oldest first). [`release`] (called by memory.rs when load has
+//!   second ([`decay`], oldest first). [`release`] (called by memory/mod.rs when load has
 //!   dropped, next to `malloc_trim`) hands every free block's pages back with
 //!   `madvise(MADV_DONTNEED)`; the block stays in its free list and faults in zeroed pages
 //!   when next used.
@@ -294,7 +294,7 @@ fn give(class: usize, region: &Region, p: *mut u8) {
 // Slab: objects aligned to a cache line or more (64..=4096 bytes), packed by size.
 //
 // Why: the objects an idle tunnel keeps (its tokio task, which tokio aligns to 128 bytes to
-// keep tasks off each other's cache lines, and the tunnel's state, tunnel.rs `TunnelCtx`,
+// keep tasks off each other's cache lines, and the tunnel's state, request/conn.rs `TunnelCtx`,
 // aligned on purpose) are allocated between a request's short-lived objects. In glibc's
 // heap each then pins a page of freed request memory. Here they sit in 64 KiB spans of
 // equal slots, one size per span, so thousands of idle tunnels fill whole pages, and a
@@ -588,7 +588,7 @@ fn release_spans(g: &SlabGeometry, keep: usize) -> usize {
 }
 
 /// Give back the pages of free blocks and spans beyond what each class may keep resident
-/// ([`DIRTY_BYTES`]), oldest first: called every second (memory.rs), so a burst of one size
+/// ([`DIRTY_BYTES`]), oldest first: called every second (memory/mod.rs), so a burst of one size
 /// does not hold memory the heap could have reused for others until load drops. Returns the
 /// bytes released.
 pub fn decay() -> usize {

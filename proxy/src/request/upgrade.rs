@@ -8,7 +8,7 @@
 //! the stream's body bytes).
 //!
 //! hyper's HTTP/1.1 server is driven with `poll_without_shutdown` (idle tunnels park, see
-//! tunnel.rs), so upgrades are handled by hand: the request phases leave the backend's
+//! listener/inner.rs), so upgrades are handled by hand: the request phases leave the backend's
 //! pending upgrade in the inner connection's [`UpgradeSlot`], and the connection, once hyper
 //! has written the 101, takes its socket back ([`bridge`]).
 

@@ -1,0 +1,102 @@
+//! Clusters named as istiod names them (`inbound-vip|port|http|host`), with their endpoints,
+//! and the clusters of MeshConfig extension providers.
+
+use super::*;
+
+impl<'a> Compiler<'a> {
+    /// The cluster of one Service port, built on first use. Services bound to this waypoint
+    /// get istiod's `inbound-vip` name, others an `outbound` name (protocol.md 2.5).
+    pub(super) fn cluster(&mut self, key: SvcKey<'a>, port: u16) -> Option<Arc<Cluster>> {
+        let ckey = (key.0.to_string(), key.1.to_string(), port);
+        if let Some(c) = self.clusters.get(&ckey) {
+            return Some(c.clone());
+        }
+        let svc = self.services.get(&key)?;
+        let sp = svc.ports.iter().find(|p| p.port == port)?;
+        let hostname = format!("{}.{}.svc.{}", key.1, key.0, self.opts.cluster_domain);
+        let name = match (&svc.binding, sp.protocol) {
+            (Ok(()), AppProtocol::Tcp) => format!("inbound-vip|{port}|tcp|{hostname}"),
+            (Ok(()), _) => format!("inbound-vip|{port}|http|{hostname}"),
+            (Err(_), _) => format!("outbound|{port}||{hostname}"),
+        };
+        let cluster = Arc::new(self.build_cluster(key, port, name)?);
+        self.clusters.insert(ckey, cluster.clone());
+        Some(cluster)
+    }
+
+    /// The `outbound|<port>||<host>` clusters istiod builds for the MeshConfig extension
+    /// providers (`CompileOptions::extension_services`), by (service as written, port).
+    /// A provider naming an unknown Service or port is warned about and gets no cluster.
+    pub(super) fn extension_clusters(&mut self) -> HashMap<(String, u16), Arc<Cluster>> {
+        let mut out = HashMap::new();
+        let wanted = self.opts.extension_services.clone();
+        let suffix = format!(".svc.{}", self.opts.cluster_domain);
+        let keys: Vec<SvcKey<'a>> = self.services.keys().copied().collect();
+        for (service, port) in wanted {
+            // `[<Namespace>/]<Hostname>`; the hostname of a Kubernetes Service is
+            // `<name>.<namespace>.svc.<cluster domain>`.
+            let host = service.rsplit('/').next().unwrap_or(&service);
+            let short = host.strip_suffix(&suffix).unwrap_or(host);
+            let key = short
+                .split_once('.')
+                .and_then(|(name, ns)| keys.iter().find(|k| k.0 == ns && k.1 == name).copied());
+            let cluster = key.and_then(|key| {
+                let hostname = format!("{}.{}{suffix}", key.1, key.0);
+                self.build_cluster(key, port, format!("outbound|{port}||{hostname}"))
+            });
+            match cluster {
+                Some(c) => {
+                    out.insert((service.clone(), port), Arc::new(c));
+                }
+                None => self.warnings.push(format!(
+                    "mesh config: extension provider service {service:?} port {port} is not a known Service port; requests that need it are handled as the provider's failure"
+                )),
+            }
+        }
+        out
+    }
+
+    /// A cluster for one Service port with the given name; `None` for an unknown port.
+    pub(super) fn build_cluster(
+        &self,
+        key: SvcKey<'a>,
+        port: u16,
+        name: String,
+    ) -> Option<Cluster> {
+        let svc = self.services.get(&key)?;
+        let sp = svc.ports.iter().find(|p| p.port == port)?;
+        let hostname = format!("{}.{}.svc.{}", key.1, key.0, self.opts.cluster_domain);
+        let mut addrs = BTreeSet::new();
+        for slice in self.slices.get(&key).map(Vec::as_slice).unwrap_or_default() {
+            // The slice port with the Service port's name, else the numeric targetPort, else
+            // the Service port itself.
+            let target = slice
+                .ports
+                .iter()
+                .find(|(n, _)| *n == sp.name)
+                .and_then(|(_, p)| *p)
+                .or(sp.target)
+                .unwrap_or(sp.port);
+            for (ip, pod) in &slice.ready {
+                let tunnel = self.ambient_identity(*ip, pod.as_ref());
+                addrs.insert((SocketAddr::new(*ip, target), tunnel));
+            }
+        }
+        Some(Cluster {
+            name: name.into(),
+            hostname: hostname.into(),
+            service_name: key.1.into(),
+            service_namespace: key.0.into(),
+            port,
+            protocol: sp.protocol,
+            endpoints: addrs
+                .into_iter()
+                .map(|(addr, tunnel)| Endpoint {
+                    addr,
+                    load: Arc::new(EndpointLoad::default()),
+                    tunnel,
+                })
+                .collect(),
+        })
+    }
+}
