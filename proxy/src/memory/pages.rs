@@ -69,6 +69,9 @@ struct Region {
 struct SlabGeometry {
     /// `SPANS` [`SpanMeta`]s.
     meta: usize,
+    /// `SPANS` classes (`AtomicU32`), apart from [`SpanMeta`]: a free reads its span's class
+    /// without the class lock, so no `&mut SpanMeta` (taken under the lock) may cover it.
+    classes: usize,
     /// The free-span stack: `SPANS` u32 span indices.
     stack: usize,
     /// Span 0.
@@ -182,7 +185,10 @@ fn reserve() -> Option<Region> {
     // The slab area: span metadata and the free-span stack (read/write now, touched as
     // spans are used), then the spans (made accessible as they are first used).
     let start = base + CLASSES * CLASS_SPAN;
-    let meta_bytes = (SPANS * std::mem::size_of::<SpanMeta>()).div_ceil(PAGE) * PAGE;
+    let meta_bytes = (SPANS
+        * (std::mem::size_of::<SpanMeta>() + std::mem::size_of::<std::sync::atomic::AtomicU32>()))
+    .div_ceil(PAGE)
+        * PAGE;
     let stack_bytes = (SPANS * 4).div_ceil(PAGE) * PAGE;
     // SAFETY: inside the mapping made above; used only as the slab's bookkeeping.
     if unsafe {
@@ -199,6 +205,7 @@ fn reserve() -> Option<Region> {
     }
     let slab = SlabGeometry {
         meta: start,
+        classes: start + SPANS * std::mem::size_of::<SpanMeta>(),
         stack: start + meta_bytes,
         spans: start + meta_bytes + stack_bytes,
     };
@@ -306,7 +313,7 @@ const SPAN: usize = 64 << 10;
 /// Spans in the slab area: 1 GiB of address space.
 const SPANS: usize = 16384;
 const SLAB_AREA: usize = SPANS * SPAN
-    + (SPANS * std::mem::size_of::<SpanMeta>()).div_ceil(PAGE) * PAGE
+    + (SPANS * (std::mem::size_of::<SpanMeta>() + 4)).div_ceil(PAGE) * PAGE
     + (SPANS * 4).div_ceil(PAGE) * PAGE;
 /// Slot sizes are multiples of 64 up to 4 KiB.
 const SLOT_UNIT: usize = 64;
@@ -317,9 +324,6 @@ const NO_CLASS: u32 = u32::MAX;
 /// for a free span, the span pool's lock).
 #[repr(C)]
 struct SpanMeta {
-    /// The slab class using the span, or [`NO_CLASS`]. Read without the class lock when an
-    /// object is freed: it cannot change while the span has a live object.
-    class: std::sync::atomic::AtomicU32,
     live: u32,
     /// Free slots: a list through the slots themselves (slot index + 1; 0 ends it).
     free: u32,
@@ -384,8 +388,19 @@ impl SlabGeometry {
     #[allow(clippy::mut_from_ref)]
     unsafe fn meta(&self, span: u32) -> &mut SpanMeta {
         // SAFETY: the meta area holds SPANS entries, is read/write and zero-initialised
-        // (a valid SpanMeta except `class`, which `take_span` sets before any use).
+        // (a valid SpanMeta; the class, in its own array, is set before any use).
         unsafe { &mut *(self.meta as *mut SpanMeta).add(span as usize) }
+    }
+
+    /// The slab class using the span, or [`NO_CLASS`]. Read without the class lock when an
+    /// object is freed: it cannot change while the span has a live object. A shared
+    /// reference to an atomic in its own array, never covered by a `&mut SpanMeta`.
+    fn class(&self, span: u32) -> &std::sync::atomic::AtomicU32 {
+        debug_assert!((span as usize) < SPANS);
+        // SAFETY: the classes area holds SPANS atomics (4-byte aligned: SpanMeta is a multiple
+        // of 4 bytes and the area starts page-aligned), is read/write and zero-initialised,
+        // and is only ever accessed through shared references to these atomics.
+        unsafe { &*(self.classes as *const std::sync::atomic::AtomicU32).add(span as usize) }
     }
 
     fn span_start(&self, span: u32) -> usize {
@@ -493,9 +508,9 @@ fn slab_alloc(class: usize) -> Option<*mut u8> {
             // SAFETY: the span was free, so nobody else uses its bookkeeping; we hold the
             // class lock from here on.
             unsafe {
-                let m = g.meta(span);
-                m.class
+                g.class(span)
                     .store(class as u32, std::sync::atomic::Ordering::Relaxed);
+                let m = g.meta(span);
                 m.live = 0;
                 m.free = 0;
                 m.bump = 0;
@@ -528,11 +543,9 @@ fn slab_alloc(class: usize) -> Option<*mut u8> {
 }
 
 fn slab_free(g: &SlabGeometry, span: u32, p: *mut u8) {
-    // SAFETY: `p` is a live object of this span, so its class is set and stays so until
-    // we free it under the class lock below.
-    let class = unsafe { g.meta(span) }
-        .class
-        .load(std::sync::atomic::Ordering::Relaxed) as usize;
+    // `p` is a live object of this span, so its class is set and stays so until we free it
+    // under the class lock below.
+    let class = g.class(span).load(std::sync::atomic::Ordering::Relaxed) as usize;
     let mut cl = slab_lock(class);
     let size = slot_size(class);
     // SAFETY: under the class lock; `p` is a slot of the span (ours to reuse now).
@@ -545,7 +558,7 @@ fn slab_free(g: &SlabGeometry, span: u32, p: *mut u8) {
         m.live -= 1;
         cl.live -= 1;
         if m.live == 0 {
-            m.class
+            g.class(span)
                 .store(NO_CLASS, std::sync::atomic::Ordering::Relaxed);
             if !was_full {
                 unlink(g, &mut cl, span);
@@ -978,7 +991,7 @@ mod tests {
             // four at once); every one still free must have no resident page.
             let mut checked = 0;
             for &s in &spans {
-                if g.meta(s).class.load(std::sync::atomic::Ordering::Relaxed) == NO_CLASS {
+                if g.class(s).load(std::sync::atomic::Ordering::Relaxed) == NO_CLASS {
                     assert_eq!(
                         rss_of(g.span_start(s) as *mut u8, SPAN),
                         0,
@@ -1029,5 +1042,75 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+    }
+
+    /// Objects allocated on one thread and freed (or resized) on another, every block size
+    /// and slab slot size, while other threads do the same: the pattern of a request future
+    /// created on one worker and dropped on another. Every byte written survives until its
+    /// free, and no block is handed out twice.
+    #[test]
+    fn objects_freed_and_resized_on_other_threads() {
+        use std::sync::mpsc;
+        let sizes: Vec<Layout> = (MIN_PAGES..=MAX_PAGES)
+            .map(|pages| Layout::from_size_align(pages * PAGE, 16).unwrap())
+            .chain((1..=SLAB_CLASSES).map(|i| Layout::from_size_align(i * SLOT_UNIT, 64).unwrap()))
+            .collect();
+        let producers = 3;
+        let (tx, rx) = mpsc::sync_channel::<(usize, Layout, u8)>(64);
+        let consumer = std::thread::spawn(move || {
+            let pool = PagePool;
+            let mut n = 0;
+            for (p, l, tag) in rx {
+                let p = p as *mut u8;
+                // SAFETY: the producer wrote `tag` over the whole block and gave it up.
+                unsafe {
+                    assert!((0..l.size()).all(|i| *p.add(i) == tag), "block changed");
+                    if n % 3 == 0 {
+                        // Resize across classes (block -> slab -> heap and back), then free.
+                        let bigger = l.size() * 3 / 2 + 1;
+                        let q = pool.realloc(p, l, bigger);
+                        assert!(!q.is_null());
+                        assert!(
+                            (0..l.size()).all(|i| *q.add(i) == tag),
+                            "realloc kept the bytes"
+                        );
+                        pool.dealloc(q, Layout::from_size_align(bigger, l.align()).unwrap());
+                    } else {
+                        pool.dealloc(p, l);
+                    }
+                }
+                n += 1;
+            }
+            n
+        });
+        let threads: Vec<_> = (0..producers)
+            .map(|t| {
+                let tx = tx.clone();
+                let sizes = sizes.clone();
+                std::thread::spawn(move || {
+                    let pool = PagePool;
+                    for round in 0..4 {
+                        for (i, l) in sizes.iter().enumerate() {
+                            let tag = (t * 61 + i + round) as u8;
+                            // SAFETY: written within its size; handed to the consumer, which
+                            // frees it exactly once.
+                            unsafe {
+                                let p = pool.alloc(*l);
+                                assert!(!p.is_null());
+                                assert_eq!(p as usize % l.align(), 0);
+                                std::ptr::write_bytes(p, tag, l.size());
+                                tx.send((p as usize, *l, tag)).unwrap();
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        drop(tx);
+        for t in threads {
+            t.join().unwrap();
+        }
+        let freed = consumer.join().unwrap();
+        assert_eq!(freed, producers * 4 * sizes.len());
     }
 }
