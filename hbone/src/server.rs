@@ -39,7 +39,7 @@ pub struct ServerSettings {
     /// Max header list size: 64 KiB, as ztunnel's server (CONNECT headers are small; this only
     /// bounds abuse).
     pub max_header_list_size: u32,
-    /// Per-stream send buffer: 32 KiB (ztunnel: 400 KiB): what waits here for a client that
+    /// Per-stream send buffer: 16 KiB (ztunnel: 400 KiB): what waits here for a client that
     /// does not read is bounded per tunnel, and back-pressure reaches the sender early.
     pub max_send_buffer_size: usize,
     /// Send a PING after this much time, and every interval after (ztunnel and Istio's
@@ -71,7 +71,7 @@ impl Default for ServerSettings {
             initial_connection_window: 16 * 1024 * 1024,
             max_frame_size: 1024 * 1024,
             max_header_list_size: 64 * 1024,
-            max_send_buffer_size: 32 * 1024,
+            max_send_buffer_size: 16 * 1024,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
             handshake_timeout: Duration::from_secs(10),
