@@ -22,7 +22,7 @@ pub(super) const MIRROR_TIMEOUT_CAP: std::time::Duration = std::time::Duration::
 /// mirrored requests get `-shadow` appended to the host, are not written to the access log
 /// (the waypoint's only access log is the HCM's, for downstream requests) and never affect
 /// the client's response. The body is the one the client sent when it fit in the retry
-/// buffer ([`RETRY_BUFFER_LIMIT`]); a larger or unfinished body is not mirrored.
+/// buffer ([`super::forward::RETRY_BUFFER_LIMIT`]); a larger or unfinished body is not mirrored.
 pub(super) struct MirrorJob {
     pub(super) shared: Arc<crate::state::Shared>,
     pub(super) mirrors: Vec<policy::Mirror>,

@@ -4,11 +4,14 @@
 //!
 //! 1. **accept** (`RequestCtx::new`): the access-log record starts, `x-request-id` is
 //!    generated when absent (Envoy's UUID request-id extension; an incoming one is kept).
-//! 2. **validate**: HTTP/1.0 is refused with 426 (Istio's default, protocol.md 2.6); the path
-//!    is normalized as Istio's default `BASE` mode does before routing.
+//! 2. **validate**: overload sheds with 503 `OM`; HTTP/1.0 is refused with 426 (Istio's
+//!    default, protocol.md 2.6); heads over 60 KiB get 431; what Envoy's HTTP/1 codec refuses
+//!    gets its answer ([`codec`]); the path is normalized as Istio's default `BASE` mode does
+//!    before routing.
 //! 3. **route**: the Service comes from the tunnel's CONNECT authority (never from `Host`,
 //!    protocol.md 2.6); its HTTPRoutes pick a rule, or the implicit `default` route applies.
-//!    No rule matches: 404 `NR`.
+//!    No rule matches: 404 `NR` (answered in phase 5). An `Upgrade` other than `websocket` or
+//!    `h2c` is refused here (403 `upgrade_failed`), before any filter, as Envoy's HCM does.
 //! 4. **authz**: the waypoint's security filters in istiod's order (protocol.md 2.8), each
 //!    on the policies attached to this waypoint or Service, all before "no route" is
 //!    answered (Envoy's HTTP filters run before its router):
