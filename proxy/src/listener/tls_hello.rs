@@ -103,7 +103,12 @@ pub(super) fn sni_of(h: &[u8]) -> Option<String> {
                 let nlen = usize::from(u16::from_be_bytes([data[q + 1], data[q + 2]]));
                 let name = data.get(q + 3..q + 3 + nlen)?;
                 if data[q] == 0 {
-                    return std::str::from_utf8(name).ok().map(str::to_ascii_lowercase);
+                    // An empty host name is not a name (RFC 6066 3: `HostName<1..2^16-1>`):
+                    // no SNI. Found by the `client_hello` fuzz target.
+                    return std::str::from_utf8(name)
+                        .ok()
+                        .filter(|n| !n.is_empty())
+                        .map(str::to_ascii_lowercase);
                 }
                 q += 3 + nlen;
             }
@@ -171,6 +176,27 @@ mod tests {
         assert_eq!(
             parse_client_hello(&split),
             Hello::Sni(Some("db.example.com".into()))
+        );
+        // Regression corpus (fuzz target `client_hello`): a server_name entry of length 0.
+        const EMPTY_SNI: &[u8] = &[
+            22, 33, 22, 0, 16, 1, 0, 1, 1, 1, 129, 7, 192, 0, 0, 0, 0, 0, 0, 0, 0, 22, 0, 0, 1, 1,
+            129, 5, 192, 0, 0, 0, 0, 243, 0, 0, 0, 22, 0, 0, 0, 0, 22, 33, 22, 0, 8, 0, 0, 0, 22,
+            0, 0, 0, 0, 22, 33, 22, 0, 0, 22, 0, 0, 0, 16, 1, 1, 218, 38, 37, 37, 37, 37, 37, 37,
+            37, 218, 218, 218, 218, 218, 218, 218, 218, 218, 218, 218, 217, 218, 1, 1, 1, 129, 5,
+            192, 0, 0, 0, 0, 0, 0, 0, 0, 22, 0, 0, 0, 0, 22, 33, 22, 0, 8, 0, 0, 0, 38, 22, 0, 0,
+            0, 0, 22, 33, 22, 0, 50, 55, 48, 48, 8, 0, 0, 0, 22, 0, 0, 0, 84, 84, 84, 84, 84, 84,
+            84, 84, 84, 84, 84, 84, 84, 84, 84, 84, 84, 84, 84, 84, 84, 84, 84, 84, 84, 84, 0, 0,
+            0, 0, 0, 22, 0, 0, 0, 16, 1, 1, 1, 1, 1, 129, 5, 192, 0, 0, 0, 0, 0, 0, 0, 0, 22, 0, 0,
+            0, 0, 22, 33, 22, 0, 8, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 22, 33, 22, 0, 8, 0, 0, 0, 22,
+            0, 0, 0, 0, 22, 33, 22, 0, 0, 22, 0, 0, 0, 8, 0, 0, 0, 22, 0, 0, 0, 0, 22, 33, 198,
+            198, 198, 198, 198, 198, 198, 198, 198, 198, 198, 198, 198, 198, 0, 16, 1, 1, 1, 1, 1,
+            133, 5, 192, 0, 0, 0, 0, 0, 0, 0, 0, 22, 0, 0, 0, 0, 127, 0, 0, 0, 0, 0, 0, 1, 198,
+            198, 198, 198, 198, 198, 198, 1, 1, 1, 1, 1, 129, 5, 192, 0, 1, 0, 0, 16, 1, 1, 1, 1,
+            1, 8, 0, 0, 0, 0, 0, 0, 1,
+        ];
+        assert!(
+            !matches!(parse_client_hello(EMPTY_SNI), Hello::Sni(Some(ref n)) if n.is_empty()),
+            "an empty host name is no SNI"
         );
     }
 }
