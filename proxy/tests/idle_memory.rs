@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{dev_certs, sleep_client_tls, start_run};
+use common::{dev_certs, reviews_config, rss_kib, sleep_client_tls, start_run};
 use http_body_util::Full;
 use proxy::cli::client::TunnelHttp;
 
@@ -22,15 +22,6 @@ const BURST_TUNNELS: usize = 200;
 /// The waypoint's HBONE stream limit: tunnels per connection.
 const STREAMS_PER_CONN: usize = 100;
 const AUTHORITY: &str = "10.0.0.10:9080";
-
-/// Resident anonymous memory of `pid` in KiB: the heap, stacks and buffers the process
-/// allocated. File-backed pages (the binary's code, which grows as code paths are first run
-/// and is reclaimable page cache) are left out.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 /// A plain HTTP/1.1 backend answering 200 `ok` to everything.
 async fn backend() -> SocketAddr {
@@ -137,31 +128,7 @@ async fn idle_tunnels_cost_a_few_kib_and_memory_returns_after_a_burst() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dev_certs(dir.path());
     let backend = backend().await;
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: waypoint, namespace: default}}
-spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: reviews, namespace: default, labels: {{istio.io/use-waypoint: waypoint}}}}
-spec: {{clusterIP: 10.0.0.10, ports: [{{name: http, port: 9080, targetPort: {port}}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: reviews-1, namespace: default, labels: {{kubernetes.io/service-name: reviews}}}}
-addressType: IPv4
-endpoints: [{{addresses: [\"127.0.0.1\"]}}]
-ports: [{{name: http, port: {port}}}]
-",
-            port = backend.port()
-        ),
-    )
-    .unwrap();
+    let config = reviews_config(dir.path(), backend.port());
     let wp = start_run(
         &config,
         &certs,

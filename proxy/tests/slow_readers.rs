@@ -13,16 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{dev_certs, sleep_client_tls, start_run};
+use common::{dev_certs, reviews_config, rss_kib, sleep_client_tls, start_run};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TUNNELS: usize = 100;
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 /// A backend whose every response is endless (16 KiB chunks for as long as it can write);
 /// counts the bytes the waypoint accepted from it.
@@ -57,31 +51,7 @@ async fn never_reading_clients_hold_bounded_memory() {
     let certs = dev_certs(dir.path());
     let written = Arc::new(AtomicU64::new(0));
     let backend = endless_backend(written.clone()).await;
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: waypoint, namespace: default}}
-spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: reviews, namespace: default, labels: {{istio.io/use-waypoint: waypoint}}}}
-spec: {{clusterIP: 10.0.0.10, ports: [{{name: http, port: 9080, targetPort: {port}}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: reviews-1, namespace: default, labels: {{kubernetes.io/service-name: reviews}}}}
-addressType: IPv4
-endpoints: [{{addresses: [\"127.0.0.1\"]}}]
-ports: [{{name: http, port: {port}}}]
-",
-            port = backend.port()
-        ),
-    )
-    .unwrap();
+    let config = reviews_config(dir.path(), backend.port());
     let wp = start_run(&config, &certs, &["--workers", "2"], &[]);
     let pid = wp.child.id();
     let tls = sleep_client_tls(&certs);

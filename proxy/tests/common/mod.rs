@@ -116,3 +116,42 @@ pub fn sleep_client_tls(certs: &Path) -> Arc<rustls::ClientConfig> {
     )
     .unwrap()
 }
+
+/// Resident anonymous memory of `pid` in KiB: the heap, stacks and buffers the process
+/// allocated. File-backed pages (the binary's code, which grows as code paths are first run
+/// and is reclaimable page cache) are left out.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// `<dir>/config.yaml`: Gateway `default/waypoint` and Service reviews (10.0.0.10:9080) bound
+/// to it, its one endpoint 127.0.0.1:`port`.
+pub fn reviews_config(dir: &Path, port: u16) -> PathBuf {
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: waypoint, namespace: default}}
+spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: reviews, namespace: default, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec: {{clusterIP: 10.0.0.10, ports: [{{name: http, port: 9080, targetPort: {port}}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: reviews-1, namespace: default, labels: {{kubernetes.io/service-name: reviews}}}}
+addressType: IPv4
+endpoints: [{{addresses: [\"127.0.0.1\"]}}]
+ports: [{{name: http, port: {port}}}]
+"
+        ),
+    )
+    .unwrap();
+    config
+}
