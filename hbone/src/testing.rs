@@ -112,6 +112,34 @@ impl Pki {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
+    /// Sign a PEM CSR the way istiod's CA does: the signature is checked, but the identity is
+    /// the one given (istiod takes it from the caller's token), never the SANs the CSR asks
+    /// for. Valid from now for `ttl`. Returns the leaf PEM.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        uri: &str,
+        ttl: std::time::Duration,
+    ) -> Result<String, Error> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(rc)?;
+        let now = time::OffsetDateTime::now_utc();
+        csr.params.subject_alt_names = vec![SanType::URI(uri.try_into().map_err(rc)?)];
+        csr.params.distinguished_name = DistinguishedName::new();
+        csr.params.is_ca = IsCa::NoCa;
+        csr.params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        csr.params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        csr.params.not_before = now - time::Duration::seconds(1);
+        csr.params.not_after = now + ttl;
+        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
+        Ok(csr.signed_by(&issuer).map_err(rc)?.pem())
+    }
+
     /// Issue a plain TLS server certificate for an IP address (IP SAN), e.g. for an HTTPS
     /// JWKS endpoint on 127.0.0.1 in tests. Returns (cert-chain PEM, key PEM).
     pub fn issue_server_pem_for_ip(&self, ip: std::net::IpAddr) -> Result<(String, String), Error> {

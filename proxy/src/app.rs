@@ -55,6 +55,18 @@ pub struct Config {
     pub mesh: MeshConfig,
     /// Remote JWKS fetch timing.
     pub jwks: JwksSettings,
+    /// `--kube`: resources from the Kubernetes API instead of `config_paths`.
+    pub kube: Option<KubeSettings>,
+    /// `--ca-addr`: the certificate from istiod's CA instead of `certs_dir`.
+    pub ca: Option<identity::CaSettings>,
+}
+
+/// How to reach the Kubernetes API (`--kube`).
+#[derive(Debug, Clone, Default)]
+pub struct KubeSettings {
+    /// `--kubeconfig` / `KUBECONFIG`; else the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    pub discovery: discovery::Settings,
 }
 
 impl Default for Config {
@@ -77,6 +89,8 @@ impl Default for Config {
             mesh_config: None,
             mesh: MeshConfig::default(),
             jwks: JwksSettings::default(),
+            kube: None,
+            ca: None,
         }
     }
 }
@@ -112,6 +126,22 @@ impl Config {
 pub fn load_snapshot(config: &Config) -> Result<Snapshot, Vec<ConfigError>> {
     let loaded = policy::load_paths(&config.config_paths)?;
     policy::compile(&loaded, &config.compile_options())
+}
+
+/// What serves before the first complete list from the Kubernetes API compiled: our
+/// Gateway alone, nothing bound (and readiness says not ready).
+fn placeholder_snapshot(config: &Config) -> anyhow::Result<Snapshot> {
+    let gateway = serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": config.gateway_name, "namespace": config.gateway_namespace},
+        "spec": {"gatewayClassName": "istio-waypoint",
+            "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+    });
+    let loaded = policy::parse_manifests(&gateway.to_string(), "<placeholder>")
+        .map_err(|e| anyhow::anyhow!("placeholder configuration: {}", format_errors(&e)))?;
+    policy::compile(&loaded, &config.compile_options())
+        .map_err(|e| anyhow::anyhow!("placeholder configuration: {}", format_errors(&e)))
 }
 
 /// For `waypoint check`: every problem of every document. What loaded is compiled even when
@@ -176,10 +206,11 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
     let config_fp = crate::config::watch::fingerprint(&config.config_paths);
     let cert_fp =
         crate::config::watch::fingerprint(&crate::config::watch::cert_files(&config.certs_dir));
-    let certs_from_dir = inputs.certs.is_none();
-    let certs = match inputs.certs {
-        Some(c) => c,
-        None => {
+    let certs_from_dir = inputs.certs.is_none() && config.ca.is_none();
+    let certs = match (inputs.certs, &config.ca) {
+        (Some(c), _) => c,
+        (None, Some(ca)) => first_certificate(ca).await,
+        (None, None) => {
             CertBundle::load_dir(&config.certs_dir).context("loading the workload certificate")?
         }
     };
@@ -190,9 +221,15 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
             "our certificate's trust domain differs from --trust-domain; clients will be checked against --trust-domain"
         );
     }
-    let snapshot_from_files = inputs.snapshot.is_none();
+    let snapshot_from_files = inputs.snapshot.is_none() && config.kube.is_none();
+    let kube_source = match &config.kube {
+        Some(_) => Some(crate::config::kube::connect(&config).await?),
+        None => None,
+    };
     let snapshot = match inputs.snapshot {
         Some(s) => s,
+        // Until the first complete list compiles: nothing bound, not ready.
+        None if kube_source.is_some() => placeholder_snapshot(&config)?,
         None => load_snapshot(&config).map_err(|errs| {
             anyhow::anyhow!(
                 "the configuration is invalid ({} problems):\n{}",
@@ -231,7 +268,9 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         cert_not_after: AtomicI64::new(certs.leaf_not_after().unwrap_or(i64::MAX)),
         cert_reloads: AtomicU64::new(0),
         jwks: JwksCache::new(config.jwks.clone(), &certs.roots),
-        mesh: config.mesh.clone(),
+        mesh: ArcSwap::from_pointee(config.mesh.clone()),
+        discovery: kube_source.clone(),
+        config_installed: AtomicBool::new(kube_source.is_none()),
         ext_authz: Default::default(),
         config_version: AtomicU64::new(1),
         in_flight: std::sync::atomic::AtomicUsize::new(0),
@@ -282,6 +321,24 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         shared.clone(),
         admin::Role::Admin,
     )));
+    if let Some(source) = kube_source {
+        tasks.push(tokio::spawn(crate::config::kube::follow(
+            shared.clone(),
+            config.clone(),
+            source,
+        )));
+    }
+    if let Some(ca) = &config.ca {
+        let client = identity::CaClient::new(ca.clone());
+        let (shared, config, tls) = (shared.clone(), config.clone(), server_tls.clone());
+        let not_after = shared.cert_not_after.load(Ordering::Relaxed);
+        tasks.push(tokio::spawn(async move {
+            identity::rotate(client, not_after, |bundle| {
+                install_certs(&shared, &config, &tls, bundle)
+            })
+            .await
+        }));
+    }
     if let Some(interval) = config.watch_interval {
         tasks.push(tokio::spawn(watch_files(
             shared.clone(),
@@ -330,6 +387,9 @@ impl Running {
         for t in self.tasks {
             t.abort();
         }
+        if let Some(d) = &self.shared.discovery {
+            d.stop();
+        }
         finished
     }
 
@@ -370,9 +430,16 @@ pub fn reload_config(shared: &Shared, config: &Config) -> Result<(), Vec<ConfigE
 /// Reload certificates from `certs_dir`; new connections use them, established ones keep
 /// theirs. On failure the current certificate stays.
 fn reload_certs(shared: &Shared, config: &Config, tls: &ArcSwap<ServerTls>) {
-    let loaded = CertBundle::load_dir(&config.certs_dir)
-        .map_err(anyhow::Error::from)
-        .and_then(|c| Ok((hbone::tls::server_config(&c, &config.trust_domain)?, c)));
+    match CertBundle::load_dir(&config.certs_dir) {
+        Ok(certs) => install_certs(shared, config, tls, certs),
+        Err(e) => warn!("certificate reload failed; keeping the current certificate: {e:#}"),
+    }
+}
+
+/// Swap in new certificates (from files or the CA): new connections use them at once,
+/// established ones keep theirs. An unusable bundle leaves the current one in place.
+fn install_certs(shared: &Shared, config: &Config, tls: &ArcSwap<ServerTls>, certs: CertBundle) {
+    let loaded = hbone::tls::server_config(&certs, &config.trust_domain).map(|c| (c, certs));
     match loaded {
         Ok((server_config, certs)) => {
             if let Some(h) = &shared.upstreams.hbone {
@@ -392,7 +459,28 @@ fn reload_certs(shared: &Shared, config: &Config, tls: &ArcSwap<ServerTls>) {
             shared.cert_reloads.fetch_add(1, Ordering::Relaxed);
             info!(identity = %certs.identity, "certificates reloaded");
         }
-        Err(e) => warn!("certificate reload failed; keeping the current certificate: {e:#}"),
+        Err(e) => warn!("new certificate unusable; keeping the current certificate: {e:#}"),
+    }
+}
+
+/// The first certificate from the CA: retried with capped, jittered back-off until it comes
+/// (the listeners are not bound before, so the readiness probe fails meanwhile).
+async fn first_certificate(ca: &identity::CaSettings) -> CertBundle {
+    let client = identity::CaClient::new(ca.clone());
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match client.fetch().await {
+            Ok(bundle) => {
+                info!(identity = %bundle.identity, ca = %ca.addr, "certificate issued by the CA");
+                return bundle;
+            }
+            Err(e) => {
+                warn!(retry_in = ?backoff, "cannot get a certificate from the CA: {e}");
+                let jitter: f64 = rand::random_range(0.8..=1.2);
+                tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
     }
 }
 

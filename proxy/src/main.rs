@@ -32,6 +32,20 @@ enum Command {
     Services(CheckArgs),
     /// Write development certificates (a test root CA and SPIFFE workload certs) to a directory.
     Certs(CertsArgs),
+    /// As the container of the waypoint Deployment istiod creates (`proxy waypoint ...`, the
+    /// arguments of Istio's template; pilot-agent's own flags are accepted and ignored):
+    /// `run --kube` with the Gateway from the pod's labels and the certificate from CA_ADDR.
+    #[command(hide = true)]
+    Proxy(PodArgs),
+}
+
+#[derive(Args, Debug)]
+struct PodArgs {
+    /// The proxy type (`waypoint`).
+    kind: String,
+    /// pilot-agent's flags (`--domain`, `--serviceCluster`, log levels): ignored.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    rest: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -42,9 +56,20 @@ struct ConfigArgs {
         long = "config",
         env = "WAYPOINT_CONFIG",
         value_delimiter = ',',
-        required = true
+        required_unless_present = "kube"
     )]
     config: Vec<PathBuf>,
+    /// Read every resource from the Kubernetes API (list and watch) instead of --config:
+    /// the in-cluster service account, or --kubeconfig / KUBECONFIG.
+    #[arg(long, env = "WAYPOINT_KUBE", conflicts_with = "config")]
+    kube: bool,
+    /// Kubeconfig file for --kube from outside the cluster (default: KUBECONFIG, then
+    /// ~/.kube/config, then the in-cluster service account).
+    #[arg(long, requires = "kube")]
+    kubeconfig: Option<PathBuf>,
+    /// Istio's namespace: the mesh config is its `istio` ConfigMap (--kube).
+    #[arg(long, env = "WAYPOINT_ISTIO_NAMESPACE", default_value = "istio-system")]
+    istio_namespace: String,
     /// Which Gateway resource this instance is, NAMESPACE/NAME.
     #[arg(long, env = "WAYPOINT_GATEWAY", default_value = "default/waypoint")]
     gateway: String,
@@ -110,6 +135,33 @@ struct RunArgs {
     /// Upstream TCP connect timeout (Istio's connectTimeout default: 10s).
     #[arg(long, env = "WAYPOINT_CONNECT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
+    /// istiod's CA, HOST:PORT: the certificate is requested from it (CSR with a key kept
+    /// in memory) and renewed at half-life, instead of read from --certs.
+    #[arg(long, env = "CA_ADDR")]
+    ca_addr: Option<String>,
+    /// Roots that istiod's serving certificate chains to (the mesh root).
+    #[arg(
+        long,
+        env = "WAYPOINT_CA_ROOT",
+        default_value = "/var/run/secrets/istio/root-cert.pem"
+    )]
+    ca_root: PathBuf,
+    /// The projected service-account token (audience istio-ca), re-read on every CA call.
+    #[arg(
+        long,
+        env = "WAYPOINT_CA_TOKEN",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    ca_token: PathBuf,
+    /// Cluster ID sent to the CA (`ClusterID` metadata).
+    #[arg(long, env = "ISTIO_META_CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
+    /// Our service account (the identity asked of the CA); default: the Gateway's name.
+    #[arg(long, env = "SERVICE_ACCOUNT")]
+    service_account: Option<String>,
+    /// Certificate lifetime asked of the CA (Istio's SECRET_TTL).
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_ttl: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -189,6 +241,13 @@ fn base_config(args: &ConfigArgs) -> Result<proxy::Config, String> {
         gateway_name: name,
         trust_domain: args.trust_domain.clone(),
         mesh_config: args.mesh_config.clone(),
+        kube: args.kube.then(|| proxy::app::KubeSettings {
+            kubeconfig: args.kubeconfig.clone(),
+            discovery: discovery::Settings {
+                istio_namespace: args.istio_namespace.clone(),
+                ..Default::default()
+            },
+        }),
         ..proxy::Config::default()
     };
     config.load_mesh_config().map_err(|e| format!("{e:#}"))?;
@@ -218,15 +277,104 @@ fn main() -> ExitCode {
         Command::Certs(args) => certs(args),
         Command::Explain(args) => explain(args),
         Command::Services(args) => services(args),
+        Command::Proxy(args) => pod(args),
     }
+}
+
+/// `waypoint proxy waypoint ...`: the container of istiod's waypoint Deployment, configured
+/// by the template's environment (protocol.md 4.1, 9): POD_NAMESPACE, the Gateway's name from
+/// the pod label `gateway.networking.k8s.io/gateway-name` (downward API file
+/// `/etc/istio/pod/labels`), TRUST_DOMAIN, CA_ADDR, SERVICE_ACCOUNT, ISTIO_META_CLUSTER_ID;
+/// the template's ports (15008 HBONE, 15021 readiness, 15020 metrics).
+fn pod(args: PodArgs) -> ExitCode {
+    if args.kind != "waypoint" {
+        eprintln!(
+            "error: `proxy {}`: this image runs only as a waypoint (`proxy waypoint`)",
+            args.kind
+        );
+        return ExitCode::from(2);
+    }
+    let labels_file =
+        std::env::var("WAYPOINT_POD_LABELS").unwrap_or_else(|_| "/etc/istio/pod/labels".into());
+    let gateway = match std::fs::read_to_string(&labels_file) {
+        Ok(text) => downward_label(&text, "gateway.networking.k8s.io/gateway-name"),
+        Err(e) => {
+            eprintln!("error: cannot read the pod labels {labels_file}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(gateway) = gateway else {
+        eprintln!(
+            "error: {labels_file} has no gateway.networking.k8s.io/gateway-name label (is this istiod's waypoint Deployment?)"
+        );
+        return ExitCode::from(2);
+    };
+    let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
+    let trust_domain = std::env::var("TRUST_DOMAIN").unwrap_or_else(|_| "cluster.local".into());
+    let mut argv = vec![
+        "waypoint".to_string(),
+        "run".into(),
+        "--kube".into(),
+        "--gateway".into(),
+        format!("{namespace}/{gateway}"),
+        "--trust-domain".into(),
+        trust_domain,
+    ];
+    if std::env::var_os("SERVICE_ACCOUNT").is_none() {
+        // istiod names the ServiceAccount after the Gateway unless annotated otherwise.
+        argv.extend(["--service-account".into(), gateway.clone()]);
+    }
+    if std::env::var_os("CA_ADDR").is_none() {
+        // pilot-agent's default (istiod in istio-system).
+        argv.extend(["--ca-addr".into(), "istiod.istio-system.svc:15012".into()]);
+    }
+    info!(gateway = %format!("{namespace}/{gateway}"), "starting as istiod's waypoint pod");
+    match Cli::try_parse_from(argv) {
+        Ok(Cli {
+            command: Command::Run(run_args),
+        }) => run(*run_args),
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// A label from a downward-API labels file (`key="value"` per line, value quoted and
+/// escaped as Go's strconv.Quote does).
+fn downward_label(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once('=')?;
+        (k.trim() == key).then(|| v.trim().trim_matches('"').replace("\\\"", "\""))
+    })
 }
 
 /// Load the configuration for an offline command; errors printed, exit code on failure.
 fn offline_snapshot(args: &ConfigArgs) -> Result<(proxy::Config, policy::Snapshot), ExitCode> {
-    let config = base_config(args).map_err(|e| {
+    let mut config = base_config(args).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(2)
     })?;
+    if config.kube.is_some() {
+        let rt = runtime(Some(1)).map_err(|e| {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })?;
+        return match rt.block_on(proxy::config::kube::snapshot_once(
+            &config,
+            Duration::from_secs(30),
+        )) {
+            Ok((snapshot, mesh)) => {
+                config.mesh = mesh;
+                Ok((config, snapshot))
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                Err(ExitCode::FAILURE)
+            }
+        };
+    }
     match proxy::app::load_snapshot(&config) {
         Ok(s) => Ok((config, s)),
         Err(errors) => {
@@ -365,6 +513,24 @@ fn run(args: RunArgs) -> ExitCode {
     config.limits.metrics_baggage = args.ambient_enable_baggage;
     config.limits.max_memory =
         (args.max_memory_mib > 0).then_some(args.max_memory_mib * 1024 * 1024);
+    if let Some(addr) = &args.ca_addr {
+        let sa = args
+            .service_account
+            .clone()
+            .unwrap_or_else(|| config.gateway_name.clone());
+        config.ca = Some(identity::CaSettings {
+            addr: addr.clone(),
+            root_cert: args.ca_root.clone(),
+            token: args.ca_token.clone(),
+            cluster_id: args.cluster_id.clone(),
+            identity: format!(
+                "spiffe://{}/ns/{}/sa/{sa}",
+                config.trust_domain, config.gateway_namespace
+            ),
+            ttl: args.cert_ttl,
+            timeout: Duration::from_secs(10),
+        });
+    }
     let rt = match runtime(args.workers) {
         Ok(rt) => rt,
         Err(e) => {

@@ -88,8 +88,14 @@ pub struct Shared {
     pub cert_reloads: AtomicU64,
     /// Remote JWKS for RequestAuthentication `jwksUri`, kept in step with the snapshot.
     pub jwks: JwksCache,
-    /// The MeshConfig read at start (`--mesh-config`): extension providers for CUSTOM.
-    pub mesh: MeshConfig,
+    /// The MeshConfig in force (`--mesh-config` at start, or the `istio` ConfigMap in
+    /// `--kube` mode, swapped with the snapshot): extension providers for CUSTOM.
+    pub mesh: ArcSwap<MeshConfig>,
+    /// The Kubernetes watches (`--kube`), for readiness, metrics and `/config_dump`.
+    pub discovery: Option<discovery::Source>,
+    /// Whether a configuration from the configured source is installed (always true for
+    /// files; in `--kube` mode, once the first complete list compiled).
+    pub config_installed: std::sync::atomic::AtomicBool,
     /// Client for CUSTOM (ext_authz HTTP) authorizers.
     pub ext_authz: ExtAuthzClient,
     /// Generation of the configuration in force: 1 at start, +1 on every accepted reload.

@@ -66,6 +66,12 @@ fn ready(shared: &Shared) -> Response<Full<Bytes>> {
             "text/plain",
             "draining\n".into(),
         )
+    } else if let Some(why) = config_not_ready(shared) {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("not ready: {why}\n"),
+        )
     } else if crate::state::cert_seconds_left(shared) <= 0 {
         text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -75,6 +81,17 @@ fn ready(shared: &Shared) -> Response<Full<Bytes>> {
     } else {
         text(StatusCode::OK, "text/plain", "ready\n".into())
     }
+}
+
+/// Why the configuration cannot be trusted yet (`--kube`): a kind not listed, forbidden or
+/// missing, or the first compile not done. A waypoint never serves without its policies.
+fn config_not_ready(shared: &Shared) -> Option<String> {
+    let source = shared.discovery.as_ref()?;
+    if let Err(why) = source.readiness() {
+        return Some(why);
+    }
+    (!shared.config_installed.load(Ordering::Relaxed))
+        .then(|| "the configuration from the Kubernetes API is not compiled yet".into())
 }
 
 fn answer(shared: &Shared, role: Role, req: &Request<Incoming>) -> Response<Full<Bytes>> {
@@ -223,7 +240,44 @@ fn prometheus(shared: &Shared) -> String {
             shared.access_log.as_ref().map(|l| l.dropped()).unwrap_or(0),
         ),
     ];
-    shared.metrics.render(&extra)
+    let mut out = shared.metrics.render(&extra);
+    if let Some(source) = &shared.discovery {
+        discovery_metrics(&mut out, source);
+    }
+    out
+}
+
+/// `--kube`: whether every watch is connected, when the store last changed, objects per kind.
+fn discovery_metrics(out: &mut String, source: &discovery::Source) {
+    use std::fmt::Write as _;
+    let report = source.report();
+    let _ = writeln!(
+        out,
+        "# HELP waypoint_config_source_up Whether every Kubernetes watch is connected (1) or some are retrying (0).\n\
+# TYPE waypoint_config_source_up gauge\nwaypoint_config_source_up {}",
+        u8::from(source.up())
+    );
+    let last = report
+        .iter()
+        .filter_map(|k| k.last_update)
+        .max()
+        .unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "# HELP waypoint_config_last_update_timestamp_seconds Unix time of the last change from the Kubernetes API.\n\
+# TYPE waypoint_config_last_update_timestamp_seconds gauge\nwaypoint_config_last_update_timestamp_seconds {last}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP waypoint_config_objects Objects held per watched kind.\n# TYPE waypoint_config_objects gauge"
+    );
+    for k in &report {
+        let _ = writeln!(
+            out,
+            "waypoint_config_objects{{kind=\"{}\"}} {}",
+            k.kind, k.objects
+        );
+    }
 }
 
 /// Envoy's `/memory` answers with its allocator's totals; ours adds the page pool's and
@@ -287,6 +341,19 @@ fn config_dump(shared: &Shared) -> String {
         "reloads_failed": shared.reloads_failed.load(Ordering::Relaxed),
         "last_reload_error": last_error,
         "version": shared.config_version.load(Ordering::Relaxed),
+        "source": shared.discovery.as_ref().map(|d| json!({
+            "kind": "kubernetes",
+            "up": d.up(),
+            "ready": d.readiness().err(),
+            "kinds": d.report().iter().map(|k| json!({
+                "kind": k.kind,
+                "resource": k.resource,
+                "status": format!("{:?}", k.status),
+                "up": k.up,
+                "objects": k.objects,
+                "last_update": k.last_update,
+            })).collect::<Vec<_>>(),
+        })).unwrap_or_else(|| json!({"kind": "files"})),
         "resources": snap.resources.iter().map(|(kind, id, src)| json!({
             "kind": kind,
             "name": id,

@@ -51,7 +51,8 @@ pub(super) async fn authorize(
                 &authz_request(t, remote_ip, req, &normalized, &host, None),
             )
         {
-            let provider = shared.mesh.provider(&m.provider).map(|p| &p.kind);
+            let mesh = shared.mesh.load();
+            let provider = mesh.provider(&m.provider).map(|p| &p.kind);
             let http_provider = match provider {
                 Some(ProviderKind::ExtAuthzHttp(h)) if !m.conflicting_providers => h,
                 _ => {

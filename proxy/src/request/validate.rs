@@ -49,7 +49,7 @@ pub(super) fn validate(
     // MeshConfig pathNormalization (default BASE): the normalized path is used for routing
     // and authorization and is what the backend receives (policy.md 1.8).
     let normalized =
-        policy::normalize_path_with(req.uri().path(), ctx.shared.mesh.path_normalization)
+        policy::normalize_path_with(req.uri().path(), ctx.shared.mesh.load().path_normalization)
             .map_err(|()| ProxyError::BadPath)?
             .into_owned();
     if normalized != req.uri().path() {

@@ -36,6 +36,7 @@ pub struct Waypoint {
     pub hbone: SocketAddr,
     pub ready: SocketAddr,
     pub metrics: SocketAddr,
+    pub admin: SocketAddr,
     /// The child's stderr lines after "waypoint serving".
     pub stderr: std::sync::mpsc::Receiver<String>,
 }
@@ -54,12 +55,23 @@ fn field(line: &str, key: &str) -> Option<SocketAddr> {
 
 /// `waypoint run` with configuration and certificates given through the environment (as the
 /// Deployment does), every listener on 127.0.0.1 port 0, plus `args` and `env`.
-#[allow(clippy::zombie_processes)] // the child is killed and waited in `Waypoint::drop`
 pub fn start_run(config: &Path, certs: &Path, args: &[&str], env: &[(&str, &str)]) -> Waypoint {
-    let mut child = Command::new(BIN)
+    let config = config.display().to_string();
+    let certs = certs.display().to_string();
+    let mut all_env = vec![
+        ("WAYPOINT_CONFIG", config.as_str()),
+        ("WAYPOINT_CERTS", certs.as_str()),
+    ];
+    all_env.extend_from_slice(env);
+    spawn_run(args, &all_env)
+}
+
+/// `waypoint run` with `args` and `env` only, listeners on 127.0.0.1 port 0; returns once it
+/// reports its listeners (bounded: 30 s).
+#[allow(clippy::zombie_processes)] // the child is killed and waited in `Waypoint::drop`
+pub fn spawn_run(args: &[&str], env: &[(&str, &str)]) -> Waypoint {
+    let child = Command::new(BIN)
         .arg("run")
-        .env("WAYPOINT_CONFIG", config)
-        .env("WAYPOINT_CERTS", certs)
         .envs(env.iter().copied())
         .args(["--hbone-addr", "127.0.0.1:0", "--ready-addr", "127.0.0.1:0"])
         .args([
@@ -73,6 +85,11 @@ pub fn start_run(config: &Path, certs: &Path, args: &[&str], env: &[(&str, &str)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    attach(child)
+}
+
+/// Watch a started waypoint's stderr until it reports its listeners (bounded: 30 s).
+pub fn attach(mut child: Child) -> Waypoint {
     let (tx, rx) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
@@ -80,16 +97,23 @@ pub fn start_run(config: &Path, certs: &Path, args: &[&str], env: &[(&str, &str)
             let _ = tx.send(line);
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
     loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("waypoint did not report its listeners");
+        let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => line,
+            Err(e) => panic!(
+                "waypoint did not report its listeners ({e}); its stderr:\n{}",
+                seen.join("\n")
+            ),
+        };
+        seen.push(line.clone());
         if line.contains("waypoint serving") {
             return Waypoint {
                 hbone: field(&line, "hbone_addr").unwrap(),
                 ready: field(&line, "ready_addr").unwrap(),
                 metrics: field(&line, "metrics_addr").unwrap(),
+                admin: field(&line, "admin_addr").unwrap(),
                 child,
                 stderr: rx,
             };

@@ -1,0 +1,710 @@
+//! # discovery: the waypoint's configuration from the Kubernetes API
+//!
+//! Contract:
+//! - Lists and watches every kind the waypoint understands ([`KINDS`]) plus the mesh config
+//!   (the `istio` ConfigMap in the Istio namespace) with kube-rs's watcher: paginated list,
+//!   watch from the list's `resourceVersion` with bookmarks, a re-list after `410 Gone`, a
+//!   resumed watch after a cut connection, and capped, jittered back-off ([`MIN_BACKOFF`]
+//!   doubling to [`MAX_BACKOFF`], ±25%) while the API server cannot be reached. Nothing here
+//!   is hand-made HTTP.
+//! - Keeps compact projections, not objects: each object is decoded once into the policy
+//!   crate's typed resources (a Pod keeps its name, namespace, labels, service account and
+//!   IPs; managed fields, specs and statuses the waypoint never reads are dropped on decode).
+//! - Says when it can be trusted ([`Source::readiness`]): only after every kind has been
+//!   listed once. A kind that carries security policy (AuthorizationPolicy,
+//!   RequestAuthentication, the mesh config) that cannot be listed keeps the waypoint not ready
+//!   and names the missing permission or CRD; an optional kind whose CRD is absent (TLSRoute,
+//!   say) is a warning. A waypoint never serves traffic without its policies.
+//! - An invalid object is skipped with a warning naming kind, namespace/name and field; the
+//!   rest applies. An invalid *policy* object is remembered as such ([`Input::invalid_policies`])
+//!   so the caller can refuse to drop a policy silently (dropping a DENY opens access).
+//! - Never blocks the data path: the store is touched by the watch tasks and whoever compiles
+//!   a snapshot, and every change bumps a generation the compiler waits on ([`Source::changes`]),
+//!   so a burst of events costs one compile.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt as _;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+
+use policy::load::{LoadedResources, ResourceSource};
+use policy::resources::Resource;
+use serde_json::Value;
+use tracing::{info, warn};
+
+/// How much a kind matters for readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Must be listed before the waypoint is ready (Services, endpoints, Gateway API core).
+    Required,
+    /// Carries security policy: must be listed; a forbidden list or a missing CRD is named in
+    /// the readiness answer and the waypoint stays not ready.
+    Policy,
+    /// May be absent (CRD not installed): a warning, and the kind counts as empty.
+    Optional,
+}
+
+/// One watched kind.
+#[derive(Debug, Clone, Copy)]
+pub struct KindSpec {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    pub need: Need,
+}
+
+impl KindSpec {
+    fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// `authorizationpolicies.security.istio.io`, as RBAC rules and CRDs name it.
+    pub fn resource_name(&self) -> String {
+        if self.group.is_empty() {
+            self.plural.to_string()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
+    }
+}
+
+const GW: &str = "gateway.networking.k8s.io";
+
+/// Every kind the waypoint understands, at the API versions Istio 1.31 and Gateway API 1.3
+/// serve (`policy::resources::Resource::from_value` accepts these and older ones).
+#[rustfmt::skip]
+pub const KINDS: &[KindSpec] = &[
+    KindSpec { group: "", version: "v1", kind: "Namespace", plural: "namespaces", need: Need::Required },
+    KindSpec { group: "", version: "v1", kind: "Service", plural: "services", need: Need::Required },
+    KindSpec { group: "discovery.k8s.io", version: "v1", kind: "EndpointSlice", plural: "endpointslices", need: Need::Required },
+    KindSpec { group: "", version: "v1", kind: "Pod", plural: "pods", need: Need::Required },
+    KindSpec { group: GW, version: "v1", kind: "Gateway", plural: "gateways", need: Need::Required },
+    KindSpec { group: GW, version: "v1", kind: "GatewayClass", plural: "gatewayclasses", need: Need::Required },
+    KindSpec { group: GW, version: "v1", kind: "HTTPRoute", plural: "httproutes", need: Need::Required },
+    KindSpec { group: GW, version: "v1", kind: "GRPCRoute", plural: "grpcroutes", need: Need::Optional },
+    KindSpec { group: GW, version: "v1alpha2", kind: "TCPRoute", plural: "tcproutes", need: Need::Optional },
+    KindSpec { group: GW, version: "v1alpha2", kind: "TLSRoute", plural: "tlsroutes", need: Need::Optional },
+    KindSpec { group: GW, version: "v1beta1", kind: "ReferenceGrant", plural: "referencegrants", need: Need::Optional },
+    KindSpec { group: "security.istio.io", version: "v1", kind: "AuthorizationPolicy", plural: "authorizationpolicies", need: Need::Policy },
+    KindSpec { group: "security.istio.io", version: "v1", kind: "RequestAuthentication", plural: "requestauthentications", need: Need::Policy },
+    KindSpec { group: "telemetry.istio.io", version: "v1", kind: "Telemetry", plural: "telemetries", need: Need::Optional },
+];
+
+/// The mesh config: ConfigMap `istio` (key `mesh`) in the Istio namespace. It names the
+/// CUSTOM authorization providers, so it is policy.
+const MESH_CONFIGMAP: KindSpec = KindSpec {
+    group: "",
+    version: "v1",
+    kind: "ConfigMap",
+    plural: "configmaps",
+    need: Need::Policy,
+};
+
+/// Where to find the mesh config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Istio's namespace (`istio-system`): the `istio` ConfigMap lives there.
+    pub istio_namespace: String,
+    /// Name of the mesh ConfigMap (`istio`; `istio-<rev>` for a revision).
+    pub mesh_configmap: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            istio_namespace: "istio-system".into(),
+            mesh_configmap: "istio".into(),
+        }
+    }
+}
+
+/// A kube client from `--kubeconfig PATH`, else the usual inference: `KUBECONFIG` /
+/// `~/.kube/config`, then the in-cluster service account (token, CA and
+/// `KUBERNETES_SERVICE_HOST`).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, String> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| {
+            format!(
+                "no Kubernetes configuration found (in-cluster service account or KUBECONFIG): {e}"
+            )
+        })?,
+    };
+    kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+}
+
+/// Where a kind stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KindStatus {
+    /// Not listed yet.
+    Listing,
+    /// Listed; the watch is running (or reconnecting: see `up`).
+    Synced,
+    /// The CRD is not installed (404); for an optional kind this counts as empty.
+    Absent(String),
+    /// The list is forbidden (403) or keeps failing: the message says what is missing.
+    Failing(String),
+}
+
+/// One kind in `/config_dump` and metrics.
+#[derive(Debug, Clone)]
+pub struct KindReport {
+    pub kind: &'static str,
+    pub resource: String,
+    pub status: KindStatus,
+    /// The watch is connected (false between a failure and the next successful list/watch).
+    pub up: bool,
+    pub objects: usize,
+    /// Unix seconds of the last change applied (list or event).
+    pub last_update: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Stored {
+    object: Object,
+    resource_version: Option<String>,
+}
+
+/// What is kept of one object.
+#[derive(Debug, Clone)]
+enum Object {
+    Resource(Arc<Resource>),
+    /// The mesh ConfigMap's `data.mesh` text (parsed by the caller, which owns MeshConfig).
+    Mesh(String),
+}
+
+/// An object that failed to decode: kept out of the store, reported.
+#[derive(Debug, Clone)]
+struct Invalid {
+    message: String,
+}
+
+type Objects = BTreeMap<(String, String), Stored>;
+type Invalids = BTreeMap<(String, String), Invalid>;
+
+#[derive(Default)]
+struct KindState {
+    status: Option<KindStatus>,
+    /// When the watch last failed, and when it last delivered something.
+    last_error: Option<Instant>,
+    last_event: Option<Instant>,
+    objects: BTreeMap<(String, String), Stored>,
+    invalid: BTreeMap<(String, String), Invalid>,
+    /// Objects of a list in progress (between `Init` and `InitDone`).
+    listing: Option<(Objects, Invalids)>,
+    last_update: Option<u64>,
+}
+
+impl KindState {
+    /// Connected: nothing failed since the last event, or the last failure is older than the
+    /// longest back-off (the retry that followed it succeeded, or it would have failed anew).
+    fn up(&self) -> bool {
+        match self.last_error {
+            None => true,
+            Some(e) => self.last_event.is_some_and(|v| v > e) || e.elapsed() > UP_AFTER_QUIET,
+        }
+    }
+}
+
+/// Watch retries: 250 ms doubling to [`MAX_BACKOFF`], ±25% jitter, reset by any success
+/// (kube-runtime's `StreamBackoff` resets on every item that is not an error).
+pub const MIN_BACKOFF: Duration = Duration::from_millis(250);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+const UP_AFTER_QUIET: Duration =
+    Duration::from_millis(MAX_BACKOFF.as_millis() as u64 * 5 / 4 + 1000);
+
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let base = self.next;
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        let jitter: f64 = rand::random_range(0.75..=1.25);
+        Some(base.mul_f64(jitter))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = MIN_BACKOFF;
+    }
+}
+
+struct State {
+    kinds: Vec<KindState>,
+    mesh: KindState,
+    /// `data.mesh` of the mesh ConfigMap, when present.
+    mesh_text: Option<String>,
+    generation: u64,
+    /// Whether every change since `compiled_generation` touched only endpoints (EndpointSlice,
+    /// Pod): the caller may take a cheaper path for those.
+    endpoints_only_since: bool,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+/// The live store fed by the watches. Cheap to clone.
+#[derive(Clone)]
+pub struct Source {
+    inner: Arc<Inner>,
+    tasks: Arc<Vec<tokio::task::AbortHandle>>,
+}
+
+/// What a compile needs, taken from the store at one instant.
+#[derive(Debug, Clone, Default)]
+pub struct Input {
+    pub loaded: LoadedResources,
+    /// The mesh ConfigMap's `data.mesh`, when there is one.
+    pub mesh: Option<String>,
+    /// Policy objects that failed to decode (`AuthorizationPolicy ns/name: field: message`):
+    /// the caller keeps the last good configuration while there are any.
+    pub invalid_policies: Vec<String>,
+    /// Generation of the store this was taken at.
+    pub generation: u64,
+}
+
+impl Source {
+    /// Start one watch per kind (and one for the mesh ConfigMap). Returns at once; see
+    /// [`Source::readiness`] for when the store is complete.
+    pub fn start(client: kube::Client, settings: &Settings) -> Source {
+        let (tx, _) = tokio::sync::watch::channel(0);
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                kinds: KINDS.iter().map(|_| KindState::default()).collect(),
+                mesh: KindState::default(),
+                mesh_text: None,
+                generation: 0,
+                endpoints_only_since: true,
+            }),
+            changes: tx,
+        });
+        let mut tasks = Vec::new();
+        for (i, spec) in KINDS.iter().enumerate() {
+            let ar = api_resource(spec);
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+            let inner = inner.clone();
+            let spec = *spec;
+            tasks.push(
+                tokio::spawn(watch(
+                    api,
+                    watcher::Config::default(),
+                    spec,
+                    Slot::Kind(i),
+                    inner,
+                ))
+                .abort_handle(),
+            );
+        }
+        let ar = api_resource(&MESH_CONFIGMAP);
+        let api: Api<DynamicObject> = Api::namespaced_with(client, &settings.istio_namespace, &ar);
+        let cfg = watcher::Config::default()
+            .fields(&format!("metadata.name={}", settings.mesh_configmap));
+        tasks.push(
+            tokio::spawn(watch(api, cfg, MESH_CONFIGMAP, Slot::Mesh, inner.clone())).abort_handle(),
+        );
+        Source {
+            inner,
+            tasks: Arc::new(tasks),
+        }
+    }
+
+    /// Stop every watch.
+    pub fn stop(&self) {
+        for t in self.tasks.iter() {
+            t.abort();
+        }
+    }
+
+    /// A receiver whose value is the store's generation; it changes on every applied change.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// `Ok` once every kind has been listed (optional kinds may be absent), else why not:
+    /// each kind not yet listed, forbidden or missing, with the RBAC rule or CRD to add.
+    pub fn readiness(&self) -> Result<(), String> {
+        let state = self.lock();
+        let mut missing = Vec::new();
+        let all = KINDS
+            .iter()
+            .zip(&state.kinds)
+            .chain([(&MESH_CONFIGMAP, &state.mesh)]);
+        for (spec, k) in all {
+            match &k.status {
+                Some(KindStatus::Synced) => {}
+                Some(KindStatus::Absent(_)) if spec.need == Need::Optional => {}
+                Some(KindStatus::Absent(m) | KindStatus::Failing(m)) => {
+                    missing.push(format!("{}: {m}", spec.kind))
+                }
+                Some(KindStatus::Listing) | None => {
+                    missing.push(format!("{}: not listed yet", spec.kind))
+                }
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(missing.join("; "))
+        }
+    }
+
+    /// Whether every watch is currently connected (`waypoint_config_source_up`).
+    pub fn up(&self) -> bool {
+        let state = self.lock();
+        KINDS
+            .iter()
+            .zip(&state.kinds)
+            .chain([(&MESH_CONFIGMAP, &state.mesh)])
+            .all(|(spec, k)| {
+                k.up() || matches!(&k.status, Some(KindStatus::Absent(_)) if spec.need == Need::Optional)
+            })
+    }
+
+    /// Per kind: status, objects held, last update.
+    pub fn report(&self) -> Vec<KindReport> {
+        let state = self.lock();
+        KINDS
+            .iter()
+            .zip(&state.kinds)
+            .chain([(&MESH_CONFIGMAP, &state.mesh)])
+            .map(|(spec, k)| KindReport {
+                kind: spec.kind,
+                resource: spec.resource_name(),
+                status: k.status.clone().unwrap_or(KindStatus::Listing),
+                up: k.up(),
+                objects: k.objects.len(),
+                last_update: k.last_update,
+            })
+            .collect()
+    }
+
+    /// Every object in the store now, in a stable order (kind, then namespace/name), with
+    /// the mesh config and the generation it was taken at. Also resets the endpoints-only
+    /// tracking: returns whether every change since the previous call touched only
+    /// EndpointSlices and Pods.
+    pub fn take_input(&self) -> (Input, bool) {
+        let mut state = self.lock();
+        let endpoints_only = std::mem::replace(&mut state.endpoints_only_since, true);
+        let mut input = Input {
+            mesh: state.mesh_text.clone(),
+            generation: state.generation,
+            ..Input::default()
+        };
+        for (spec, k) in KINDS.iter().zip(&state.kinds) {
+            for ((ns, name), s) in &k.objects {
+                let Object::Resource(r) = &s.object else {
+                    continue;
+                };
+                input.loaded.resources.push((**r).clone());
+                input.loaded.sources.push(ResourceSource {
+                    origin: format!("kube {} {}", spec.kind, qualified(ns, name)),
+                    resource_version: s.resource_version.clone(),
+                });
+            }
+            for ((ns, name), inv) in &k.invalid {
+                let text = format!("{} {}: {}", spec.kind, qualified(ns, name), inv.message);
+                if spec.need == Need::Policy {
+                    input.invalid_policies.push(text);
+                } else {
+                    input.loaded.warnings.push(format!("skipped: {text}"));
+                }
+            }
+        }
+        (input, endpoints_only)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters (every update is a single insert/remove/replace), so poisoning is ignored.
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn qualified(ns: &str, name: &str) -> String {
+    if ns.is_empty() {
+        name.to_string()
+    } else {
+        format!("{ns}/{name}")
+    }
+}
+
+fn api_resource(spec: &KindSpec) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(spec.group, spec.version, spec.kind),
+        spec.plural,
+    )
+}
+
+#[derive(Clone, Copy)]
+enum Slot {
+    Kind(usize),
+    Mesh,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One kind's watch loop: events into the store until aborted.
+async fn watch(
+    api: Api<DynamicObject>,
+    config: watcher::Config,
+    spec: KindSpec,
+    slot: Slot,
+    inner: Arc<Inner>,
+) {
+    let mut stream = watcher::watcher(api, config)
+        .backoff(WatchBackoff { next: MIN_BACKOFF })
+        .boxed();
+    while let Some(item) = stream.next().await {
+        let mut state = inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = match item {
+            Ok(event) => apply(&mut state, &spec, slot, event),
+            // A status change (listed -> forbidden, absent) matters to readiness: wake the
+            // compiler too.
+            Err(e) => failed(&mut state, &spec, slot, &e),
+        };
+        if changed {
+            state.generation += 1;
+            if !matches!(spec.kind, "EndpointSlice" | "Pod") {
+                state.endpoints_only_since = false;
+            }
+            let generation = state.generation;
+            drop(state);
+            inner.changes.send_replace(generation);
+        }
+    }
+}
+
+fn kind_state(state: &mut State, slot: Slot) -> &mut KindState {
+    match slot {
+        Slot::Kind(i) => &mut state.kinds[i],
+        Slot::Mesh => &mut state.mesh,
+    }
+}
+
+/// Apply one watcher event; returns whether the store's content changed.
+fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObject>) -> bool {
+    let is_mesh = matches!(slot, Slot::Mesh);
+    let mut mesh_text = None;
+    let k = kind_state(state, slot);
+    k.last_event = Some(Instant::now());
+    let changed = match event {
+        Event::Init => {
+            k.listing = Some(Default::default());
+            false
+        }
+        Event::InitApply(obj) => {
+            if let Some((objects, invalid)) = &mut k.listing {
+                let key = key_of(&obj);
+                match decode(spec, obj) {
+                    Ok(s) => {
+                        objects.insert(key, s);
+                    }
+                    Err(message) => {
+                        invalid.insert(key, Invalid { message });
+                    }
+                }
+            }
+            false
+        }
+        Event::InitDone => {
+            let (objects, invalid) = k.listing.take().unwrap_or_default();
+            let first = !matches!(k.status, Some(KindStatus::Synced));
+            if first {
+                info!(kind = spec.kind, objects = objects.len(), "listed");
+            }
+            for ((ns, name), inv) in &invalid {
+                warn!(
+                    "skipping {} {}: {}",
+                    spec.kind,
+                    qualified(ns, name),
+                    inv.message
+                );
+            }
+            k.objects = objects;
+            k.invalid = invalid;
+            k.status = Some(KindStatus::Synced);
+            true
+        }
+        Event::Apply(obj) => {
+            let key = key_of(&obj);
+            match decode(spec, obj) {
+                Ok(s) => {
+                    k.invalid.remove(&key);
+                    k.objects.insert(key, s);
+                }
+                Err(message) => {
+                    warn!(
+                        "skipping {} {}: {message}",
+                        spec.kind,
+                        qualified(&key.0, &key.1)
+                    );
+                    k.objects.remove(&key);
+                    k.invalid.insert(key, Invalid { message });
+                }
+            }
+            true
+        }
+        Event::Delete(obj) => {
+            let key = key_of(&obj);
+            k.invalid.remove(&key);
+            k.objects.remove(&key);
+            true
+        }
+    };
+    if changed {
+        k.last_update = Some(now_unix());
+        if is_mesh {
+            mesh_text = Some(k.objects.values().next().and_then(|s| match &s.object {
+                Object::Mesh(text) => Some(text.clone()),
+                Object::Resource(_) => None,
+            }));
+        }
+    }
+    if let Some(text) = mesh_text {
+        state.mesh_text = text;
+    }
+    changed
+}
+
+fn key_of(obj: &DynamicObject) -> (String, String) {
+    (
+        obj.metadata.namespace.clone().unwrap_or_default(),
+        obj.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Decode one object into its compact typed form. List items from the API server carry no
+/// `apiVersion`/`kind` for built-in kinds, so both are set from the watched kind.
+fn decode(spec: &KindSpec, obj: DynamicObject) -> Result<Stored, String> {
+    let resource_version = obj.metadata.resource_version.clone();
+    if spec.kind == "ConfigMap" {
+        let text = obj
+            .data
+            .get("data")
+            .and_then(|d| d.get("mesh"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        return Ok(Stored {
+            object: Object::Mesh(text),
+            resource_version,
+        });
+    }
+    let mut value = serde_json::to_value(&obj).map_err(|e| e.to_string())?;
+    if let Value::Object(map) = &mut value {
+        map.insert("apiVersion".into(), Value::String(spec.api_version()));
+        map.insert("kind".into(), Value::String(spec.kind.into()));
+        if let Some(Value::Object(meta)) = map.get_mut("metadata") {
+            meta.remove("managedFields");
+            if spec.kind == "Pod" {
+                // A Pod's annotations are never read and can be kilobytes.
+                meta.remove("annotations");
+            }
+        }
+    }
+    match Resource::from_value(value) {
+        Ok(Resource::Unknown { .. }) => Err(format!(
+            "{} is not a kind or apiVersion the waypoint understands",
+            spec.api_version()
+        )),
+        Ok(r) => Ok(Stored {
+            object: Object::Resource(Arc::new(r)),
+            resource_version,
+        }),
+        Err(e) => Err(if e.field.is_empty() {
+            e.message
+        } else {
+            format!("{}: {}", e.field, e.message)
+        }),
+    }
+}
+
+/// Record a watch failure: 403 and 404 say what is missing; anything else is a connection
+/// problem retried with back-off (the store keeps serving what it has). Returns whether the
+/// kind's status changed.
+fn failed(state: &mut State, spec: &KindSpec, slot: Slot, e: &watcher::Error) -> bool {
+    let k = kind_state(state, slot);
+    let before = k.status.clone();
+    k.last_error = Some(Instant::now());
+    let api_status = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.as_ref().clone()),
+        watcher::Error::WatchError(s) => Some(s.as_ref().clone()),
+        _ => None,
+    };
+    let listed = matches!(k.status, Some(KindStatus::Synced));
+    let code = api_status.as_ref().map(|s| s.code).unwrap_or(0);
+    let status = match code {
+        403 => KindStatus::Failing(format!(
+            "forbidden: the waypoint's service account needs list and watch on {} (ClusterRole in deploy/)",
+            spec.resource_name()
+        )),
+        404 => KindStatus::Absent(format!(
+            "the {} CRD is not installed (404 on {})",
+            spec.kind,
+            spec.resource_name()
+        )),
+        // 410 Gone: the watcher re-lists on its own; keep serving meanwhile.
+        410 => {
+            info!(kind = spec.kind, "watch expired (410 Gone); re-listing");
+            k.last_error = None;
+            return false;
+        }
+        _ => KindStatus::Failing(format!("cannot list {}: {e}", spec.resource_name())),
+    };
+    // A kind already listed keeps its objects and its Synced status while reconnecting:
+    // the last good state is served.
+    if listed && code != 403 && code != 404 {
+        warn!(
+            kind = spec.kind,
+            "watch failed, retrying with back-off: {e}"
+        );
+        return false;
+    }
+    match (&status, spec.need) {
+        (KindStatus::Absent(m), Need::Optional) if k.status.as_ref() != Some(&status) => {
+            warn!(kind = spec.kind, "{m}; treating as empty");
+        }
+        (KindStatus::Absent(_), Need::Optional) => {}
+        (KindStatus::Absent(m) | KindStatus::Failing(m), _) => {
+            warn!(kind = spec.kind, "{m}");
+        }
+        _ => {}
+    }
+    if listed && code == 404 && spec.need == Need::Optional {
+        // The CRD was removed: its objects are gone with it.
+        k.objects.clear();
+    }
+    if !listed || code == 403 || code == 404 {
+        k.status = Some(status);
+    }
+    k.status != before
+}
