@@ -708,3 +708,77 @@ fn failed(state: &mut State, spec: &KindSpec, slot: Slot, e: &watcher::Error) ->
     }
     k.status != before
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// deploy/istio-waypoint.yaml grants list and watch on every kind watched here, and
+    /// nothing more: a kind added to [`KINDS`] without its RBAC rule would leave a real
+    /// waypoint not ready.
+    #[test]
+    fn the_shipped_rbac_covers_every_watched_kind() {
+        #![allow(clippy::unwrap_used)]
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/istio-waypoint.yaml"
+        ))
+        .unwrap();
+        let docs: Vec<Value> = text
+            .split("\n---")
+            .filter(|d| {
+                d.lines()
+                    .any(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            })
+            .map(|d| serde_saphyr::from_str(d).unwrap())
+            .collect();
+        let granted = |kind: &str| -> Vec<(String, String, Vec<String>)> {
+            docs.iter()
+                .filter(|d| d["kind"] == kind)
+                .flat_map(|d| d["rules"].as_array().unwrap().clone())
+                .flat_map(|r| {
+                    let verbs: Vec<String> = r["verbs"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_str().unwrap().to_string())
+                        .collect();
+                    let groups = r["apiGroups"].as_array().unwrap().clone();
+                    let resources = r["resources"].as_array().unwrap().clone();
+                    groups.into_iter().flat_map(move |g| {
+                        let verbs = verbs.clone();
+                        resources.clone().into_iter().map(move |res| {
+                            (
+                                g.as_str().unwrap().to_string(),
+                                res.as_str().unwrap().to_string(),
+                                verbs.clone(),
+                            )
+                        })
+                    })
+                })
+                .collect()
+        };
+        let cluster = granted("ClusterRole");
+        for spec in KINDS {
+            let rule = cluster
+                .iter()
+                .find(|(g, r, _)| g == spec.group && r == spec.plural)
+                .unwrap_or_else(|| panic!("no ClusterRole rule for {}", spec.resource_name()));
+            assert_eq!(rule.2, ["list", "watch"], "{}", spec.resource_name());
+        }
+        assert_eq!(cluster.len(), KINDS.len(), "only the watched kinds");
+        let ns = granted("Role");
+        assert!(
+            ns.iter()
+                .any(|(g, r, v)| g.is_empty() && r == "configmaps" && v == &["list", "watch"])
+        );
+        // The overlay swaps the image of istiod's `istio-proxy` container.
+        let overlay = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+        assert!(
+            overlay["data"]["deployment"]
+                .as_str()
+                .unwrap()
+                .contains("name: istio-proxy")
+        );
+    }
+}

@@ -363,7 +363,7 @@ fn offline_snapshot(args: &ConfigArgs) -> Result<(proxy::Config, policy::Snapsho
         })?;
         return match rt.block_on(proxy::config::kube::snapshot_once(
             &config,
-            Duration::from_secs(30),
+            Duration::from_secs(15),
         )) {
             Ok((snapshot, mesh)) => {
                 config.mesh = mesh;
@@ -453,7 +453,16 @@ fn check(args: CheckArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (result, errors, loader_warnings) = proxy::app::check_config(&config);
+    let (result, errors, loader_warnings) = if config.kube.is_some() {
+        // Everything the live cluster holds, compiled as a running waypoint would (objects in
+        // error are named; see config/kube.rs for what is skipped and what is refused).
+        match offline_snapshot(&args.config) {
+            Ok((_, snapshot)) => (Ok(snapshot), Vec::new(), Vec::new()),
+            Err(code) => return code,
+        }
+    } else {
+        proxy::app::check_config(&config)
+    };
     match result {
         Ok(snapshot) => {
             for w in &snapshot.warnings {

@@ -11,7 +11,6 @@ mod istioca;
 mod kubeapi;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -605,6 +604,22 @@ async fn services_and_explain_answer_from_the_live_cluster() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("reviews"), "{text}");
+    let out = run(vec![
+        "check".into(),
+        "--kube".into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+    ])
+    .await
+    .unwrap()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("serves 1 Service port"), "{text}");
     // Unreachable API server: a clear error, bounded.
     api.stop();
     let out = run(vec![
@@ -619,7 +634,6 @@ async fn services_and_explain_answer_from_the_live_cluster() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Kubernetes API"), "{err}");
-    let _ = Path::new(".");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
