@@ -255,9 +255,8 @@ struct State {
     /// `data.mesh` of the mesh ConfigMap, when present.
     mesh_text: Option<String>,
     generation: u64,
-    /// Whether every change since `compiled_generation` touched only endpoints (EndpointSlice,
-    /// Pod): the caller may take a cheaper path for those.
-    endpoints_only_since: bool,
+    /// What changed since the caller last took the delta ([`Source::take_delta`]).
+    delta: Delta,
 }
 
 struct Inner {
@@ -270,6 +269,29 @@ struct Inner {
 pub struct Source {
     inner: Arc<Inner>,
     tasks: Arc<Vec<tokio::task::AbortHandle>>,
+}
+
+/// What changed since the last [`Source::take_delta`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// Something other than endpoints changed (or a kind was re-listed): compile everything.
+    pub full: bool,
+    /// Services whose endpoints may have changed (EndpointSlice events, and Pods those
+    /// slices name), by (namespace, name).
+    pub services: std::collections::BTreeSet<(String, String)>,
+    /// A Pod's projection (labels, service account, IPs) changed: workload-addressed
+    /// bindings may have too.
+    pub pods_changed: bool,
+}
+
+/// How one event changed the store.
+enum Change {
+    None,
+    Endpoints {
+        services: Vec<(String, String)>,
+        pod: bool,
+    },
+    Full,
 }
 
 /// What a compile needs, taken from the store at one instant.
@@ -296,7 +318,7 @@ impl Source {
                 mesh: KindState::default(),
                 mesh_text: None,
                 generation: 0,
-                endpoints_only_since: true,
+                delta: Delta::default(),
             }),
             changes: tx,
         });
@@ -400,13 +422,98 @@ impl Source {
             .collect()
     }
 
+    /// What changed since the previous call (and forget it).
+    pub fn take_delta(&self) -> Delta {
+        std::mem::take(&mut self.lock().delta)
+    }
+
+    /// What [`Snapshot::refresh_endpoints`](policy::Snapshot::refresh_endpoints) needs for
+    /// `services` (all Services when `None`): those Services, their EndpointSlices, the Pods
+    /// the slices name (by `targetRef`, else by IP) and every Namespace.
+    pub fn endpoint_input(&self, services: Option<&Delta>) -> LoadedResources {
+        let state = self.lock();
+        let idx = |kind: &str| KINDS.iter().position(|k| k.kind == kind);
+        let (Some(ns_i), Some(svc_i), Some(eps_i), Some(pod_i)) = (
+            idx("Namespace"),
+            idx("Service"),
+            idx("EndpointSlice"),
+            idx("Pod"),
+        ) else {
+            return LoadedResources::default();
+        };
+        let wanted = |key: &(String, String)| services.is_none_or(|d| d.services.contains(key));
+        let mut out = LoadedResources::default();
+        let mut push = |r: &Arc<Resource>| {
+            out.resources.push((**r).clone());
+            out.sources.push(ResourceSource::default());
+        };
+        for s in state.kinds[ns_i].objects.values() {
+            if let Object::Resource(r) = &s.object {
+                push(r);
+            }
+        }
+        for (key, s) in &state.kinds[svc_i].objects {
+            if let (true, Object::Resource(r)) = (wanted(key), &s.object) {
+                push(r);
+            }
+        }
+        let pods = &state.kinds[pod_i].objects;
+        let mut pod_keys = std::collections::BTreeSet::new();
+        let mut ips = std::collections::BTreeSet::new();
+        for s in state.kinds[eps_i].objects.values() {
+            let Object::Resource(r) = &s.object else {
+                continue;
+            };
+            let Resource::EndpointSlice(slice) = &**r else {
+                continue;
+            };
+            if !slice_service(slice).is_some_and(|k| wanted(&k)) {
+                continue;
+            }
+            push(r);
+            for e in &slice.endpoints {
+                match e.target_ref.as_ref().and_then(|t| t.name.clone()) {
+                    Some(name) => {
+                        let ns = e
+                            .target_ref
+                            .as_ref()
+                            .and_then(|t| t.namespace.clone())
+                            .unwrap_or_else(|| slice.metadata.namespace.clone());
+                        pod_keys.insert((ns, name));
+                    }
+                    None => ips.extend(e.addresses.iter().cloned()),
+                }
+            }
+        }
+        for key in &pod_keys {
+            if let Some(Stored {
+                object: Object::Resource(r),
+                ..
+            }) = pods.get(key)
+            {
+                push(r);
+            }
+        }
+        if !ips.is_empty() {
+            for (key, s) in pods {
+                let Object::Resource(r) = &s.object else {
+                    continue;
+                };
+                if let Resource::Pod(p) = &**r
+                    && !pod_keys.contains(key)
+                    && pod_ips(p).any(|ip| ips.contains(ip))
+                {
+                    push(r);
+                }
+            }
+        }
+        out
+    }
+
     /// Every object in the store now, in a stable order (kind, then namespace/name), with
-    /// the mesh config and the generation it was taken at. Also resets the endpoints-only
-    /// tracking: returns whether every change since the previous call touched only
-    /// EndpointSlices and Pods.
-    pub fn take_input(&self) -> (Input, bool) {
-        let mut state = self.lock();
-        let endpoints_only = std::mem::replace(&mut state.endpoints_only_since, true);
+    /// the mesh config and the generation it was taken at.
+    pub fn full_input(&self) -> Input {
+        let state = self.lock();
         let mut input = Input {
             mesh: state.mesh_text.clone(),
             generation: state.generation,
@@ -432,7 +539,7 @@ impl Source {
                 }
             }
         }
-        (input, endpoints_only)
+        input
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -483,17 +590,32 @@ async fn watch(
         .boxed();
     while let Some(item) = stream.next().await {
         let mut state = inner.state.lock().unwrap_or_else(|e| e.into_inner());
-        let changed = match item {
+        let change = match item {
             Ok(event) => apply(&mut state, &spec, slot, event),
             // A status change (listed -> forbidden, absent) matters to readiness: wake the
             // compiler too.
-            Err(e) => failed(&mut state, &spec, slot, &e),
+            Err(e) => {
+                if failed(&mut state, &spec, slot, &e) {
+                    Change::Full
+                } else {
+                    Change::None
+                }
+            }
+        };
+        let changed = match change {
+            Change::None => false,
+            Change::Full => {
+                state.delta.full = true;
+                true
+            }
+            Change::Endpoints { services, pod } => {
+                state.delta.services.extend(services);
+                state.delta.pods_changed |= pod;
+                true
+            }
         };
         if changed {
             state.generation += 1;
-            if !matches!(spec.kind, "EndpointSlice" | "Pod") {
-                state.endpoints_only_since = false;
-            }
             let generation = state.generation;
             drop(state);
             inner.changes.send_replace(generation);
@@ -508,16 +630,20 @@ fn kind_state(state: &mut State, slot: Slot) -> &mut KindState {
     }
 }
 
-/// Apply one watcher event; returns whether the store's content changed.
-fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObject>) -> bool {
+/// Apply one watcher event; says what changed.
+fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObject>) -> Change {
     let is_mesh = matches!(slot, Slot::Mesh);
     let mut mesh_text = None;
+    // Endpoint changes are told apart so the caller can skip a full compile.
+    let endpoints_kind = matches!(spec.kind, "EndpointSlice" | "Pod");
+    let mut endpoint_services: Vec<(String, String)> = Vec::new();
+    let mut touched_pods: Vec<Arc<Resource>> = Vec::new();
     let k = kind_state(state, slot);
     k.last_event = Some(Instant::now());
-    let changed = match event {
+    let change = match event {
         Event::Init => {
             k.listing = Some(Default::default());
-            false
+            Change::None
         }
         Event::InitApply(obj) => {
             if let Some((objects, invalid)) = &mut k.listing {
@@ -531,7 +657,7 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
                     }
                 }
             }
-            false
+            Change::None
         }
         Event::InitDone => {
             let (objects, invalid) = k.listing.take().unwrap_or_default();
@@ -550,14 +676,48 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
             k.objects = objects;
             k.invalid = invalid;
             k.status = Some(KindStatus::Synced);
-            true
+            // A (re-)list may hold anything.
+            Change::Full
         }
         Event::Apply(obj) => {
             let key = key_of(&obj);
             match decode(spec, obj) {
                 Ok(s) => {
-                    k.invalid.remove(&key);
-                    k.objects.insert(key, s);
+                    let had_invalid = k.invalid.remove(&key).is_some();
+                    let old = k.objects.insert(key, s.clone());
+                    let same = match (&old, &s.object) {
+                        (
+                            Some(Stored {
+                                object: Object::Resource(a),
+                                ..
+                            }),
+                            Object::Resource(b),
+                        ) => a == b,
+                        (
+                            Some(Stored {
+                                object: Object::Mesh(a),
+                                ..
+                            }),
+                            Object::Mesh(b),
+                        ) => a == b,
+                        _ => false,
+                    };
+                    if same && !had_invalid {
+                        // Only fields the waypoint never reads changed (a Pod's status
+                        // conditions, say): nothing to do.
+                        return Change::None;
+                    }
+                    if endpoints_kind && !had_invalid {
+                        for o in old.iter().map(|o| &o.object).chain([&s.object]) {
+                            if let Object::Resource(r) = o {
+                                collect_endpoint_change(
+                                    r,
+                                    &mut endpoint_services,
+                                    &mut touched_pods,
+                                );
+                            }
+                        }
+                    }
                 }
                 Err(message) => {
                     warn!(
@@ -569,15 +729,34 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
                     k.invalid.insert(key, Invalid { message });
                 }
             }
-            true
+            if endpoints_kind && (!endpoint_services.is_empty() || !touched_pods.is_empty()) {
+                Change::Endpoints {
+                    services: Vec::new(),
+                    pod: false,
+                }
+            } else {
+                Change::Full
+            }
         }
         Event::Delete(obj) => {
             let key = key_of(&obj);
-            k.invalid.remove(&key);
-            k.objects.remove(&key);
-            true
+            let was_invalid = k.invalid.remove(&key).is_some();
+            match k.objects.remove(&key) {
+                Some(Stored {
+                    object: Object::Resource(r),
+                    ..
+                }) if endpoints_kind && !was_invalid => {
+                    collect_endpoint_change(&r, &mut endpoint_services, &mut touched_pods);
+                    Change::Endpoints {
+                        services: Vec::new(),
+                        pod: false,
+                    }
+                }
+                _ => Change::Full,
+            }
         }
     };
+    let changed = !matches!(change, Change::None);
     if changed {
         k.last_update = Some(now_unix());
         if is_mesh {
@@ -590,7 +769,83 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
     if let Some(text) = mesh_text {
         state.mesh_text = text;
     }
-    changed
+    match change {
+        Change::Endpoints { .. } => {
+            // A Pod matters through the slices that name it (by targetRef, else by IP).
+            if !touched_pods.is_empty() {
+                pods_referenced(state, &touched_pods, &mut endpoint_services);
+            }
+            Change::Endpoints {
+                services: endpoint_services,
+                pod: !touched_pods.is_empty(),
+            }
+        }
+        other => other,
+    }
+}
+
+/// The (namespace, Service) an EndpointSlice belongs to (`kubernetes.io/service-name`).
+fn slice_service(slice: &policy::resources::EndpointSlice) -> Option<(String, String)> {
+    slice
+        .metadata
+        .labels
+        .get("kubernetes.io/service-name")
+        .map(|svc| (slice.metadata.namespace.clone(), svc.clone()))
+}
+
+fn pod_ips(p: &policy::resources::Pod) -> impl Iterator<Item = &String> {
+    p.status
+        .pod_ip
+        .iter()
+        .chain(p.status.pod_ips.iter().map(|i| &i.ip))
+}
+
+/// Note what an EndpointSlice or Pod (old or new version) touches.
+fn collect_endpoint_change(
+    r: &Arc<Resource>,
+    services: &mut Vec<(String, String)>,
+    pods: &mut Vec<Arc<Resource>>,
+) {
+    match &**r {
+        Resource::EndpointSlice(slice) => services.extend(slice_service(slice)),
+        Resource::Pod(_) => pods.push(r.clone()),
+        _ => {}
+    }
+}
+
+/// Services whose slices name one of `pods` (by targetRef, or by IP).
+fn pods_referenced(state: &State, pods: &[Arc<Resource>], out: &mut Vec<(String, String)>) {
+    let Some(eps_i) = KINDS.iter().position(|k| k.kind == "EndpointSlice") else {
+        return;
+    };
+    let pods: Vec<&policy::resources::Pod> = pods
+        .iter()
+        .filter_map(|r| match &**r {
+            Resource::Pod(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    for s in state.kinds[eps_i].objects.values() {
+        let Object::Resource(r) = &s.object else {
+            continue;
+        };
+        let Resource::EndpointSlice(slice) = &**r else {
+            continue;
+        };
+        let names_pod = slice.endpoints.iter().any(|e| {
+            pods.iter().any(
+                |p| match e.target_ref.as_ref().and_then(|t| t.name.as_ref()) {
+                    Some(name) => {
+                        *name == p.metadata.name && slice.metadata.namespace == p.metadata.namespace
+                    }
+                    None => e.addresses.iter().any(|a| pod_ips(p).any(|ip| ip == a)),
+                },
+            )
+        });
+        if names_pod {
+            out.extend(slice_service(slice));
+        }
+    }
 }
 
 fn key_of(obj: &DynamicObject) -> (String, String) {

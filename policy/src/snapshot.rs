@@ -240,8 +240,46 @@ pub struct Cluster {
     /// The Service port this cluster serves.
     pub port: u16,
     pub protocol: AppProtocol,
-    /// Ready endpoints only (EndpointSlice `conditions.ready` absent or true), in a stable order.
-    pub endpoints: Vec<Endpoint>,
+    /// Ready endpoints only (EndpointSlice `conditions.ready` absent or true), in a stable
+    /// order. Swapped in place on endpoint churn ([`Snapshot::refresh_endpoints`]): endpoints
+    /// change all day, routes and policies rarely, so a pod coming or going does not recompile
+    /// the snapshot.
+    pub(crate) endpoint_list: arc_swap::ArcSwap<Vec<Endpoint>>,
+}
+
+impl Cluster {
+    /// The endpoints now (lock-free: one reference count).
+    pub fn endpoints(&self) -> Arc<Vec<Endpoint>> {
+        self.endpoint_list.load_full()
+    }
+
+    /// Replace the endpoints if they differ (addresses or tunnel identities); endpoints that
+    /// stay keep their load counters. Returns whether anything changed.
+    pub fn set_endpoints(&self, new: Vec<(SocketAddr, Option<Arc<str>>)>) -> bool {
+        let current = self.endpoint_list.load();
+        let same = current.len() == new.len()
+            && current
+                .iter()
+                .zip(&new)
+                .all(|(e, (addr, tunnel))| e.addr == *addr && e.tunnel == *tunnel);
+        if same {
+            return false;
+        }
+        let list = new
+            .into_iter()
+            .map(|(addr, tunnel)| Endpoint {
+                load: current
+                    .iter()
+                    .find(|e| e.addr == addr)
+                    .map(|e| e.load.clone())
+                    .unwrap_or_default(),
+                addr,
+                tunnel,
+            })
+            .collect();
+        self.endpoint_list.store(Arc::new(list));
+        true
+    }
 }
 
 /// A Service port bound to this waypoint: the unit the CONNECT authority selects.
@@ -345,11 +383,11 @@ impl Snapshot {
                 service_namespace: w.namespace.clone(),
                 port: addr.port(),
                 protocol: AppProtocol::Unknown,
-                endpoints: vec![Endpoint {
+                endpoint_list: arc_swap::ArcSwap::from_pointee(vec![Endpoint {
                     addr,
                     load: Arc::new(EndpointLoad::default()),
                     tunnel: w.ambient.then(|| w.identity.clone()),
-                }],
+                }]),
             }),
             routes: None,
             tcp_route: None,
@@ -451,6 +489,20 @@ impl Snapshot {
         self.extension_clusters
             .get(&(service.to_string(), port))
             .cloned()
+    }
+}
+
+impl Snapshot {
+    /// Endpoint churn without a recompile: `partial` holds the Services whose endpoints
+    /// changed, with their EndpointSlices, the Pods those name and the Namespaces; every
+    /// cluster of those Services (bound, outbound and extension-provider clusters) gets its
+    /// endpoints recomputed exactly as [`compile`] computes them, and swapped in place. Routes,
+    /// policies and requests in flight are untouched. Returns the clusters that changed.
+    ///
+    /// A change that is not only endpoints (a Service's ports or labels, a Pod's workload
+    /// binding) needs [`compile`].
+    pub fn refresh_endpoints(&self, partial: &LoadedResources, options: &CompileOptions) -> usize {
+        crate::compiler::refresh_endpoints(self, partial, options)
     }
 }
 

@@ -271,6 +271,7 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         mesh: ArcSwap::from_pointee(config.mesh.clone()),
         discovery: kube_source.clone(),
         config_installed: AtomicBool::new(kube_source.is_none()),
+        endpoint_refreshes: AtomicU64::new(0),
         ext_authz: Default::default(),
         config_version: AtomicU64::new(1),
         in_flight: std::sync::atomic::AtomicUsize::new(0),
@@ -576,7 +577,7 @@ pub fn sweep_upstreams_now(shared: &Shared) {
     let snapshot = shared.snapshot.load_full();
     let mut live = std::collections::HashSet::new();
     for c in snapshot.clusters() {
-        live.extend(c.endpoints.iter().map(|e| e.addr));
+        live.extend(c.endpoints().iter().map(|e| e.addr));
     }
     let pods: std::collections::HashSet<std::net::IpAddr> =
         snapshot.workloads().into_iter().map(|(ip, _)| ip).collect();

@@ -96,6 +96,8 @@ pub struct Shared {
     /// Whether a configuration from the configured source is installed (always true for
     /// files; in `--kube` mode, once the first complete list compiled).
     pub config_installed: std::sync::atomic::AtomicBool,
+    /// Endpoint-only updates applied in place (`--kube`), without a compile.
+    pub endpoint_refreshes: AtomicU64,
     /// Client for CUSTOM (ext_authz HTTP) authorizers.
     pub ext_authz: ExtAuthzClient,
     /// Generation of the configuration in force: 1 at start, +1 on every accepted reload.

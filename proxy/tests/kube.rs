@@ -478,6 +478,9 @@ async fn endpoints_scaling_under_load_loses_no_request() {
     let m = start_mesh(&objects, |_| {}, Duration::from_secs(3600)).await;
     ready(&m).await;
     let conn = m.connect().await;
+    let compiles_before = metric(&m, "waypoint_config_reloads_ok_total")
+        .await
+        .unwrap();
     let load = {
         let conn = conn.clone();
         tokio::spawn(async move {
@@ -505,6 +508,19 @@ async fn endpoints_scaling_under_load_loses_no_request() {
     assert!(
         seen.len() >= 3,
         "traffic reached the new endpoints: {seen:?}"
+    );
+    // Endpoint churn was applied in place: no compile of routes and policies.
+    assert_eq!(
+        metric(&m, "waypoint_config_reloads_ok_total")
+            .await
+            .unwrap(),
+        compiles_before
+    );
+    assert!(
+        metric(&m, "waypoint_config_endpoint_updates_total")
+            .await
+            .unwrap()
+            >= 5.0
     );
 }
 

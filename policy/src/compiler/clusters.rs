@@ -66,10 +66,39 @@ impl<'a> Compiler<'a> {
         let svc = self.services.get(&key)?;
         let sp = svc.ports.iter().find(|p| p.port == port)?;
         let hostname = format!("{}.{}.svc.{}", key.1, key.0, self.opts.cluster_domain);
+        let addrs = self.endpoint_addrs(key, port)?;
+        Some(Cluster {
+            name: name.into(),
+            hostname: hostname.into(),
+            service_name: key.1.into(),
+            service_namespace: key.0.into(),
+            port,
+            protocol: sp.protocol,
+            endpoint_list: arc_swap::ArcSwap::from_pointee(
+                addrs
+                    .into_iter()
+                    .map(|(addr, tunnel)| Endpoint {
+                        addr,
+                        load: Arc::new(EndpointLoad::default()),
+                        tunnel,
+                    })
+                    .collect(),
+            ),
+        })
+    }
+
+    /// The endpoints of one Service port: for each ready address of the Service's slices, the
+    /// slice port with the Service port's name, else the numeric targetPort, else the Service
+    /// port itself; a tunnel identity when the Pod is ambient.
+    pub(super) fn endpoint_addrs(
+        &self,
+        key: SvcKey<'a>,
+        port: u16,
+    ) -> Option<Vec<(SocketAddr, Option<Arc<str>>)>> {
+        let svc = self.services.get(&key)?;
+        let sp = svc.ports.iter().find(|p| p.port == port)?;
         let mut addrs = BTreeSet::new();
         for slice in self.slices.get(&key).map(Vec::as_slice).unwrap_or_default() {
-            // The slice port with the Service port's name, else the numeric targetPort, else
-            // the Service port itself.
             let target = slice
                 .ports
                 .iter()
@@ -82,21 +111,6 @@ impl<'a> Compiler<'a> {
                 addrs.insert((SocketAddr::new(*ip, target), tunnel));
             }
         }
-        Some(Cluster {
-            name: name.into(),
-            hostname: hostname.into(),
-            service_name: key.1.into(),
-            service_namespace: key.0.into(),
-            port,
-            protocol: sp.protocol,
-            endpoints: addrs
-                .into_iter()
-                .map(|(addr, tunnel)| Endpoint {
-                    addr,
-                    load: Arc::new(EndpointLoad::default()),
-                    tunnel,
-                })
-                .collect(),
-        })
+        Some(addrs.into_iter().collect())
     }
 }

@@ -166,6 +166,68 @@ fn port_number(p: i64) -> Option<u16> {
     u16::try_from(p).ok().filter(|p| *p != 0)
 }
 
+/// [`Snapshot::refresh_endpoints`]: index the partial resources as [`compile`] does (Services,
+/// EndpointSlices, Pods, Namespaces) and recompute the endpoints of every cluster of the
+/// Services present. Problems in the partial input were or will be reported by a full compile;
+/// here a Service that does not validate keeps its endpoints.
+pub(crate) fn refresh_endpoints(
+    snapshot: &Snapshot,
+    partial: &LoadedResources,
+    options: &CompileOptions,
+) -> usize {
+    let mut c = Compiler {
+        opts: options,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+        namespaces: HashMap::new(),
+        services: BTreeMap::new(),
+        slices: HashMap::new(),
+        clusters: HashMap::new(),
+        pods: HashMap::new(),
+        pods_by_ip: HashMap::new(),
+        grants: Vec::new(),
+        route_kind: "HTTPRoute",
+    };
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for r in &partial.resources {
+        match r {
+            Resource::Namespace(n) => {
+                c.namespaces.insert(n.metadata.name.as_str(), &n.metadata);
+            }
+            Resource::Service(s) => services.push(s),
+            Resource::Pod(p) => c.pod(p),
+            Resource::EndpointSlice(s) => slices.push(s),
+            _ => {}
+        }
+    }
+    // Binding does not change endpoints; the Gateway is the snapshot's.
+    let info = snapshot.gateway.clone();
+    let mut vip_owner = HashMap::new();
+    for s in services {
+        let svc = c.service(s, &info, &Allowed::All, true, &mut vip_owner);
+        let key = (s.metadata.namespace.as_str(), s.metadata.name.as_str());
+        c.services.insert(key, svc);
+    }
+    for s in slices {
+        c.slice(s);
+    }
+    let mut changed = 0;
+    for cluster in snapshot
+        .clusters
+        .values()
+        .chain(snapshot.extension_clusters.values())
+    {
+        let key = (&*cluster.service_namespace, &*cluster.service_name);
+        if let Some(addrs) = c.endpoint_addrs(key, cluster.port)
+            && cluster.set_endpoints(addrs)
+        {
+            changed += 1;
+        }
+    }
+    changed
+}
+
 pub(crate) fn compile(
     resources: &LoadedResources,
     options: &CompileOptions,

@@ -115,7 +115,7 @@ fn bookinfo_example_compiles_as_documented() {
         .backends
         .iter()
         .map(|b| match &b.backend {
-            Backend::Cluster(c) => (c.name.to_string(), b.weight, c.endpoints[0].addr),
+            Backend::Cluster(c) => (c.name.to_string(), b.weight, c.endpoints()[0].addr),
             Backend::Invalid { reason } => panic!("invalid backend: {reason}"),
         })
         .collect();
@@ -140,8 +140,8 @@ fn bookinfo_example_compiles_as_documented() {
         &*ratings.cluster.name,
         "inbound-vip|9080|http|ratings.default.svc.cluster.local"
     );
-    assert_eq!(ratings.cluster.endpoints[0].addr, addr("127.0.0.13:9080"));
-    assert_eq!(reviews.cluster.endpoints.len(), 2);
+    assert_eq!(ratings.cluster.endpoints()[0].addr, addr("127.0.0.13:9080"));
+    assert_eq!(reviews.cluster.endpoints().len(), 2);
     assert!(matches!(
         snap.lookup_vip(addr("10.0.0.10:80")),
         VipLookup::Unknown
@@ -505,7 +505,7 @@ fn backend_to_service_not_bound_here_uses_outbound_cluster() {
 fn endpoints(snap: &Snapshot, a: &str) -> Vec<SocketAddr> {
     bound(snap, a)
         .cluster
-        .endpoints
+        .endpoints()
         .iter()
         .map(|e| e.addr)
         .collect()
@@ -1746,7 +1746,7 @@ fn ambient_endpoints_carry_the_pod_identity_and_others_stay_plaintext() {
         ),
     ]));
     let sp = bound(&snap, "10.0.0.50:9080");
-    let eps = &sp.cluster.endpoints;
+    let eps = &sp.cluster.endpoints();
     assert_eq!(eps.len(), 2);
     assert_eq!(
         eps[0].tunnel.as_deref(),
@@ -1766,4 +1766,97 @@ fn pod_ip_must_be_an_ip() {
         &pod("bad", "not-an-ip", ""),
     ]));
     assert_error(&e, "Pod", "default", "bad", "status.podIP");
+}
+
+/// Endpoint churn applied in place gives exactly what a full compile of the new state gives:
+/// addresses, ports and tunnel identities; endpoints that stay keep their load counters; the
+/// routes and the cluster objects are the same ones.
+#[test]
+fn refresh_endpoints_matches_a_full_compile_and_keeps_what_stays() {
+    let before = |eps: &str| {
+        docs(&[
+            &ns("istio.io/use-waypoint: waypoint"),
+            &gateway("", ""),
+            &service("default", "web", "10.0.0.50", "", HTTP_PORT),
+            &service("default", "other", "10.0.0.51", "", HTTP_PORT),
+            &pod("amb", "10.1.0.1", "istio.io/dataplane-mode: ambient"),
+            &pod("plain", "10.1.0.2", ""),
+            &pod("new", "10.1.0.3", "istio.io/dataplane-mode: ambient"),
+            &slice("default", "web", "web-1", eps),
+            &slice(
+                "default",
+                "other",
+                "other-1",
+                "endpoints:\n- addresses: [\"10.1.0.9\"]\nports: [{name: http, port: 7000}]\n",
+            ),
+        ])
+    };
+    let v1 = "endpoints:\n- addresses: [\"10.1.0.1\"]\n  targetRef: {kind: Pod, name: amb, namespace: default}\n- addresses: [\"10.1.0.2\"]\nports: [{name: http, port: 8080}]\n";
+    let v2 = "endpoints:\n- addresses: [\"10.1.0.1\"]\n  targetRef: {kind: Pod, name: amb, namespace: default}\n- addresses: [\"10.1.0.3\"]\n  targetRef: {kind: Pod, name: new, namespace: default}\nports: [{name: http, port: 8080}]\n";
+    let snap = ok(&before(v1));
+    let web = bound(&snap, "10.0.0.50:9080");
+    let other = bound(&snap, "10.0.0.51:9080");
+    let kept_load = web.cluster.endpoints()[0].load.clone();
+    kept_load.inc();
+    let other_before = other.cluster.endpoints();
+
+    // The partial input holds only what changed: web, its slice, its pods, the namespace.
+    let partial = parse_manifests(
+        &docs(&[
+            &ns("istio.io/use-waypoint: waypoint"),
+            &service("default", "web", "10.0.0.50", "", HTTP_PORT),
+            &pod("amb", "10.1.0.1", "istio.io/dataplane-mode: ambient"),
+            &pod("new", "10.1.0.3", "istio.io/dataplane-mode: ambient"),
+            &slice("default", "web", "web-1", v2),
+        ]),
+        "partial.yaml",
+    )
+    .expect("parses");
+    assert_eq!(
+        snap.refresh_endpoints(&partial, &CompileOptions::default()),
+        1
+    );
+    let full = ok(&before(v2));
+    let want: Vec<_> = bound(&full, "10.0.0.50:9080")
+        .cluster
+        .endpoints()
+        .iter()
+        .map(|e| (e.addr, e.tunnel.clone()))
+        .collect();
+    let got: Vec<_> = web
+        .cluster
+        .endpoints()
+        .iter()
+        .map(|e| (e.addr, e.tunnel.clone()))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        got[1].1.as_deref(),
+        Some("spiffe://cluster.local/ns/default/sa/sa-new")
+    );
+    // The same cluster object (routes hold it), the kept endpoint's counter carried over.
+    assert!(Arc::ptr_eq(
+        &web.cluster,
+        &bound(&snap, "10.0.0.50:9080").cluster
+    ));
+    assert_eq!(web.cluster.endpoints()[0].load.get(), 1);
+    // A Service not in the partial input is untouched.
+    assert!(Arc::ptr_eq(&other_before, &other.cluster.endpoints()));
+    // Nothing changed: nothing swapped.
+    assert_eq!(
+        snap.refresh_endpoints(&partial, &CompileOptions::default()),
+        0
+    );
+    // Scaled to zero: no slices left for the Service.
+    let empty = parse_manifests(
+        &docs(&[&service("default", "web", "10.0.0.50", "", HTTP_PORT)]),
+        "empty.yaml",
+    )
+    .expect("parses");
+    assert_eq!(
+        snap.refresh_endpoints(&empty, &CompileOptions::default()),
+        1
+    );
+    assert!(web.cluster.endpoints().is_empty());
 }

@@ -77,7 +77,11 @@ impl<'a> Compiler<'a> {
         pod: Option<&(String, String)>,
     ) -> Option<Arc<str>> {
         let key = match pod {
-            Some((ns, name)) => self.pods.keys().find(|k| k.0 == ns && k.1 == name).copied(),
+            // A map lookup, not a scan: this runs once per endpoint.
+            Some((ns, name)) => self
+                .pods
+                .get_key_value(&(ns.as_str(), name.as_str()))
+                .map(|(k, _)| *k),
             None => self.pods_by_ip.get(&ip).copied(),
         }?;
         let info = self.pods.get(&key)?;

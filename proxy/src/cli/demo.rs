@@ -85,8 +85,8 @@ impl DemoReport {
 async fn start_backends(snapshot: &Snapshot) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let mut owner: BTreeMap<SocketAddr, (usize, String)> = BTreeMap::new();
     for c in snapshot.clusters() {
-        for e in &c.endpoints {
-            let candidate = (c.endpoints.len(), c.service_name.to_string());
+        for e in c.endpoints().iter() {
+            let candidate = (c.endpoints().len(), c.service_name.to_string());
             match owner.get(&e.addr) {
                 Some(existing) if *existing <= candidate => {}
                 _ => {

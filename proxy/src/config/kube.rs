@@ -1,6 +1,10 @@
 //! `--kube`: the configuration from the Kubernetes API (the [`discovery`] crate's watches)
 //! compiled into snapshots.
 //!
+//! - Endpoint churn is cheap: a change that touches only EndpointSlices and Pods swaps the
+//!   endpoints of the affected Services' clusters in place ([`policy::Snapshot::refresh_endpoints`]);
+//!   routes and policies are not recompiled (Pods of a waypoint serving workload traffic are
+//!   bindings too: those recompile).
 //! - Coalescing: a compile starts at once when the store changes after a quiet period, and at
 //!   most once per [`COALESCE`] under a burst, so a storm of events costs a few compiles, not
 //!   one per event (istio/istio#49918: Istio's waypoint took a full push per pod change).
@@ -148,7 +152,24 @@ pub async fn follow(shared: Arc<Shared>, config: Config, source: discovery::Sour
             }
             continue;
         }
-        let (input, _endpoints_only) = source.take_input();
+        let delta = source.take_delta();
+        let installed = shared.config_installed.load(Ordering::Relaxed);
+        if installed && !delta.full && !(delta.pods_changed && workload_mode(&shared)) {
+            // Endpoint churn: the clusters of the Services concerned get their endpoints
+            // swapped in place; no compile, nothing else touched.
+            if !delta.services.is_empty() {
+                let started = Instant::now();
+                let partial = source.endpoint_input(Some(&delta));
+                let changed = shared
+                    .snapshot
+                    .load()
+                    .refresh_endpoints(&partial, &config.compile_options());
+                shared.endpoint_refreshes.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(services = delta.services.len(), clusters = changed, took = ?started.elapsed(), "endpoints updated");
+            }
+            continue;
+        }
+        let input = source.full_input();
         let generation = input.generation;
         last_compile = Some(Instant::now());
         let started = Instant::now();
@@ -173,10 +194,28 @@ pub async fn follow(shared: Arc<Shared>, config: Config, source: discovery::Sour
                 if let Ok(mut e) = shared.last_reload_error.lock() {
                     *e = Some(text);
                 }
+                // The endpoint changes this delta carried still apply to the configuration
+                // that stays.
+                if installed {
+                    let partial = source.endpoint_input(None);
+                    shared
+                        .snapshot
+                        .load()
+                        .refresh_endpoints(&partial, &config.compile_options());
+                }
             }
             Err(e) => warn!("compile task failed: {e}"),
         }
     }
+}
+
+/// Whether the Gateway serves workload-addressed traffic (its Pods are bound, so a Pod
+/// change can change bindings, which only a compile decides).
+fn workload_mode(shared: &Shared) -> bool {
+    matches!(
+        shared.snapshot.load().gateway.waypoint_for,
+        policy::WaypointFor::Workload | policy::WaypointFor::All
+    )
 }
 
 /// For `services --kube` and `explain --kube`: list everything once (bounded by `timeout`)
@@ -202,7 +241,7 @@ pub async fn snapshot_once(
         }
     };
     let result = match ready {
-        Ok(()) => compile_input(config, source.take_input().0).map_err(|e| anyhow::anyhow!(e)),
+        Ok(()) => compile_input(config, source.full_input()).map_err(|e| anyhow::anyhow!(e)),
         Err(why) => Err(anyhow::anyhow!(
             "the Kubernetes API did not answer everything within {timeout:?}: {why}"
         )),

@@ -115,7 +115,8 @@ pub(super) async fn proxy_tcp(
             return;
         }
     }
-    let Some(endpoint) = pick_endpoint(&cluster.endpoints, &[], rand::random::<u64>()) else {
+    let endpoints = cluster.endpoints();
+    let Some(endpoint) = pick_endpoint(&endpoints, &[], rand::random::<u64>()) else {
         r.response_flags.set(ResponseFlag::UH);
         r.duration = started.elapsed().as_millis() as u64;
         emit(shared, r);

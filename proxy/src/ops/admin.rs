@@ -180,6 +180,11 @@ fn prometheus(shared: &Shared) -> String {
             shared.reloads_ok.load(Ordering::Relaxed),
         ),
         (
+            "waypoint_config_endpoint_updates_total",
+            "Endpoint-only changes applied in place, without recompiling routes and policies.",
+            shared.endpoint_refreshes.load(Ordering::Relaxed),
+        ),
+        (
             "waypoint_config_reloads_failed_total",
             "Rejected configuration reloads (the last good configuration stayed).",
             shared.reloads_failed.load(Ordering::Relaxed),
@@ -326,7 +331,7 @@ fn config_dump(shared: &Shared) -> String {
                 "name": &*c.name,
                 "service": &*c.hostname,
                 "port": c.port,
-                "endpoints": c.endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
+                "endpoints": c.endpoints().iter().map(|e| e.addr.to_string()).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -408,7 +413,7 @@ fn clusters(shared: &Shared) -> String {
     let snap = shared.snapshot.load();
     let mut out = String::new();
     for c in snap.clusters() {
-        for e in &c.endpoints {
+        for e in c.endpoints().iter() {
             out.push_str(&format!(
                 "{}::{}::rq_active::{}\n",
                 c.name,

@@ -257,7 +257,8 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
             let share = 100.0 * f64::from(b.weight) / backends.total_weight.max(1) as f64;
             match &b.backend {
                 Backend::Cluster(c) => {
-                    let eps: Vec<String> = c.endpoints.iter().map(|e| e.addr.to_string()).collect();
+                    let eps: Vec<String> =
+                        c.endpoints().iter().map(|e| e.addr.to_string()).collect();
                     let _ = writeln!(
                         o,
                         "  weight {} ({share:.1}%): {} endpoints [{}]",
@@ -409,11 +410,11 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
         }
         let line = match &b.backend {
             Backend::Invalid { .. } => reply_line(&ProxyError::ClusterNotFound),
-            Backend::Cluster(c) if c.endpoints.is_empty() => {
+            Backend::Cluster(c) if c.endpoints().is_empty() => {
                 reply_line(&ProxyError::NoHealthyUpstream)
             }
             Backend::Cluster(c) => {
-                let eps: Vec<String> = c.endpoints.iter().map(|e| e.addr.to_string()).collect();
+                let eps: Vec<String> = c.endpoints().iter().map(|e| e.addr.to_string()).collect();
                 format!("proxied to {} endpoints [{}]", c.name, eps.join(", "))
             }
         };

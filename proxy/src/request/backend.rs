@@ -63,7 +63,7 @@ pub(super) fn backend(
         Some((Backend::Invalid { .. }, _)) => return Err(ProxyError::ClusterNotFound),
         None => return Err(ProxyError::NoBackendWeight),
     };
-    if cluster.endpoints.is_empty() {
+    if cluster.endpoints().is_empty() {
         return Err(ProxyError::NoHealthyUpstream);
     }
     Ok(Target {

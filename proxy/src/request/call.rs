@@ -72,8 +72,8 @@ pub(super) async fn call(
     let mut attempts = Attempts::new(max_attempts);
     let retry_backoff = policy.as_ref().map(|p| p.backoff);
     loop {
-        let Some(endpoint) = pick_endpoint(&cluster.endpoints, &tried, rand::random::<u64>())
-        else {
+        let endpoints = cluster.endpoints();
+        let Some(endpoint) = pick_endpoint(&endpoints, &tried, rand::random::<u64>()) else {
             return Err(ProxyError::NoHealthyUpstream);
         };
         let addr = endpoint.addr;

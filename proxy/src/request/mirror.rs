@@ -90,7 +90,8 @@ async fn send_mirror(
     cluster: Arc<Cluster>,
     mut req: Request<RequestBody>,
 ) {
-    let Some(endpoint) = pick_endpoint(&cluster.endpoints, &[], rand::random::<u64>()) else {
+    let endpoints = cluster.endpoints();
+    let Some(endpoint) = pick_endpoint(&endpoints, &[], rand::random::<u64>()) else {
         return;
     };
     let proto = match cluster.protocol {

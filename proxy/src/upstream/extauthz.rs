@@ -96,7 +96,8 @@ impl ExtAuthzClient {
                 provider.service, provider.port
             ));
         };
-        let Some(endpoint) = pick_endpoint(&cluster.endpoints, &[], rand::random::<u64>()) else {
+        let endpoints = cluster.endpoints();
+        let Some(endpoint) = pick_endpoint(&endpoints, &[], rand::random::<u64>()) else {
             return CheckResult::Error(format!("{}: no healthy upstream", cluster.name));
         };
         let check = match build_check(provider, endpoint.addr, req) {
