@@ -257,6 +257,8 @@ struct State {
     generation: u64,
     /// What changed since the caller last took the delta ([`Source::take_delta`]).
     delta: Delta,
+    /// Pods by IP (`status.podIP(s)`), for the source workload of a connection.
+    pods_by_ip: std::collections::HashMap<std::net::IpAddr, (String, String)>,
 }
 
 struct Inner {
@@ -282,6 +284,65 @@ pub struct Delta {
     /// A Pod's projection (labels, service account, IPs) changed: workload-addressed
     /// bindings may have too.
     pub pods_changed: bool,
+}
+
+/// A Pod's identity and workload labels (source labels of Istio's metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodMeta {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    /// The workload: a ReplicaSet's Deployment, else the owner, else the Pod (Istio
+    /// `GetDeployMetaFromPod`).
+    pub workload: String,
+    /// `service.istio.io/canonical-name`, `app.kubernetes.io/name`, `app`, else the workload.
+    pub canonical_service: String,
+    /// `service.istio.io/canonical-revision`, `app.kubernetes.io/version`, `version`, else
+    /// `latest`.
+    pub canonical_revision: String,
+    pub app: Option<String>,
+    pub version: Option<String>,
+}
+
+impl PodMeta {
+    pub fn of(p: &policy::resources::Pod) -> PodMeta {
+        let m = &p.metadata;
+        let label = |k: &str| m.labels.get(k).filter(|v| !v.is_empty()).cloned();
+        let workload = match m.owner_references.first() {
+            Some(o) if o.kind == "ReplicaSet" => match label("pod-template-hash") {
+                Some(hash) => o
+                    .name
+                    .strip_suffix(&format!("-{hash}"))
+                    .unwrap_or(&o.name)
+                    .to_string(),
+                None => o.name.clone(),
+            },
+            Some(o) if o.kind == "Job" => o.name.clone(),
+            Some(o) => o.name.clone(),
+            None => m.name.clone(),
+        };
+        PodMeta {
+            namespace: m.namespace.clone(),
+            name: m.name.clone(),
+            service_account: p
+                .spec
+                .service_account_name
+                .clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".into()),
+            canonical_service: label("service.istio.io/canonical-name")
+                .or_else(|| label("app.kubernetes.io/name"))
+                .or_else(|| label("app"))
+                .unwrap_or_else(|| workload.clone()),
+            canonical_revision: label("service.istio.io/canonical-revision")
+                .or_else(|| label("app.kubernetes.io/version"))
+                .or_else(|| label("version"))
+                .unwrap_or_else(|| "latest".into()),
+            app: label("app").or_else(|| label("app.kubernetes.io/name")),
+            version: label("version").or_else(|| label("app.kubernetes.io/version")),
+            workload,
+        }
+    }
 }
 
 /// How one event changed the store.
@@ -319,6 +380,7 @@ impl Source {
                 mesh_text: None,
                 generation: 0,
                 delta: Delta::default(),
+                pods_by_ip: Default::default(),
             }),
             changes: tx,
         });
@@ -420,6 +482,23 @@ impl Source {
                 last_update: k.last_update,
             })
             .collect()
+    }
+
+    /// The Pod with this IP, as far as telemetry cares (Istio's waypoint looks the client up
+    /// by address in its workload discovery, protocol.md 4.3).
+    pub fn pod_at(&self, ip: std::net::IpAddr) -> Option<PodMeta> {
+        let state = self.lock();
+        let key = state.pods_by_ip.get(&ip)?;
+        let pod_i = KINDS.iter().position(|k| k.kind == "Pod")?;
+        let Stored {
+            object: Object::Resource(r),
+            ..
+        } = state.kinds[pod_i].objects.get(key)?
+        else {
+            return None;
+        };
+        let Resource::Pod(p) = &**r else { return None };
+        Some(PodMeta::of(p))
     }
 
     /// What changed since the previous call (and forget it).
@@ -769,6 +848,13 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
     if let Some(text) = mesh_text {
         state.mesh_text = text;
     }
+    if spec.kind == "Pod" {
+        if matches!(change, Change::Full) {
+            reindex_pods(state, None);
+        } else if !touched_pods.is_empty() {
+            reindex_pods(state, Some(&touched_pods));
+        }
+    }
     match change {
         Change::Endpoints { .. } => {
             // A Pod matters through the slices that name it (by targetRef, else by IP).
@@ -781,6 +867,53 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
             }
         }
         other => other,
+    }
+}
+
+/// Keep `pods_by_ip` in step: for `touched` Pods (old and new versions), drop their IPs and
+/// add those of the Pod now stored under their name; `None`: rebuild from the store.
+fn reindex_pods(state: &mut State, touched: Option<&[Arc<Resource>]>) {
+    let Some(pod_i) = KINDS.iter().position(|k| k.kind == "Pod") else {
+        return;
+    };
+    let parse = |ip: &String| ip.parse::<std::net::IpAddr>().ok();
+    let current = |state: &State, key: &(String, String)| -> Vec<std::net::IpAddr> {
+        match state.kinds[pod_i].objects.get(key) {
+            Some(Stored {
+                object: Object::Resource(r),
+                ..
+            }) => match &**r {
+                Resource::Pod(p) => pod_ips(p).filter_map(parse).collect(),
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        }
+    };
+    match touched {
+        None => {
+            let keys: Vec<(String, String)> = state.kinds[pod_i].objects.keys().cloned().collect();
+            let mut index = std::collections::HashMap::with_capacity(keys.len());
+            for key in keys {
+                for ip in current(state, &key) {
+                    index.insert(ip, key.clone());
+                }
+            }
+            state.pods_by_ip = index;
+        }
+        Some(pods) => {
+            for r in pods {
+                let Resource::Pod(p) = &**r else { continue };
+                let key = (p.metadata.namespace.clone(), p.metadata.name.clone());
+                for ip in pod_ips(p).filter_map(parse) {
+                    if state.pods_by_ip.get(&ip) == Some(&key) {
+                        state.pods_by_ip.remove(&ip);
+                    }
+                }
+                for ip in current(state, &key) {
+                    state.pods_by_ip.insert(ip, key.clone());
+                }
+            }
+        }
     }
 }
 
@@ -967,6 +1100,50 @@ fn failed(state: &mut State, spec: &KindSpec, slot: Slot, e: &watcher::Error) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pod(yaml: &str) -> policy::resources::Pod {
+        #![allow(clippy::unwrap_used)]
+        let v: Value = serde_saphyr::from_str(yaml).unwrap();
+        match Resource::from_value(v).unwrap() {
+            Resource::Pod(p) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Workload and canonical labels as Istio derives them from a Pod.
+    #[test]
+    fn pod_meta_names_the_workload_as_istio_does() {
+        let head = "apiVersion: v1\nkind: Pod\nmetadata:\n  namespace: ns\n";
+        let deployment = pod(&format!(
+            "{head}  name: reviews-v1-5b4d7-abcde\n  labels: {{app: reviews, version: v1, pod-template-hash: 5b4d7}}\n  ownerReferences: [{{kind: ReplicaSet, name: reviews-v1-5b4d7}}]\nspec: {{serviceAccountName: bookinfo-reviews}}\n"
+        ));
+        let m = PodMeta::of(&deployment);
+        assert_eq!(m.workload, "reviews-v1");
+        assert_eq!(m.canonical_service, "reviews");
+        assert_eq!(m.canonical_revision, "v1");
+        assert_eq!(m.service_account, "bookinfo-reviews");
+        let canonical = pod(&format!(
+            "{head}  name: db-0\n  labels: {{service.istio.io/canonical-name: database, app.kubernetes.io/version: '15'}}\n  ownerReferences: [{{kind: StatefulSet, name: db}}]\n"
+        ));
+        let m = PodMeta::of(&canonical);
+        assert_eq!(
+            (m.workload.as_str(), m.canonical_service.as_str()),
+            ("db", "database")
+        );
+        assert_eq!(m.canonical_revision, "15");
+        assert_eq!(m.service_account, "default");
+        let bare = pod(&format!("{head}  name: lonely\n"));
+        let m = PodMeta::of(&bare);
+        assert_eq!(
+            (
+                m.workload.as_str(),
+                m.canonical_service.as_str(),
+                m.canonical_revision.as_str()
+            ),
+            ("lonely", "lonely", "latest")
+        );
+        assert_eq!((m.app, m.version), (None, None));
+    }
 
     /// deploy/istio-waypoint.yaml grants list and watch on every kind watched here, and
     /// nothing more: a kind added to [`KINDS`] without its RBAC rule would leave a real

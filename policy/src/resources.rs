@@ -29,6 +29,18 @@ pub struct ObjectMeta {
     pub annotations: BTreeMap<String, String>,
     /// RFC 3339; tie-breaker in HTTPRoute precedence (older wins).
     pub creation_timestamp: Option<String>,
+    /// A Pod's `generateName` and owners: its workload's name for metrics (Istio
+    /// `GetDeployMetaFromPod`: a ReplicaSet's Deployment, else the owner, else the Pod).
+    pub generate_name: Option<String>,
+    pub owner_references: Vec<OwnerReference>,
+}
+
+/// `metadata.ownerReferences[]`, reduced to what names a workload.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OwnerReference {
+    pub kind: String,
+    pub name: String,
 }
 
 /// Kubernetes `IntOrString` (Service `targetPort`).

@@ -59,6 +59,9 @@ pub struct Config {
     pub kube: Option<KubeSettings>,
     /// `--ca-addr`: the certificate from istiod's CA instead of `certs_dir`.
     pub ca: Option<identity::CaSettings>,
+    /// `ISTIO_META_CLUSTER_ID`: the cluster of the workloads this waypoint sees
+    /// (`source_cluster` of metrics for clients found in the Kubernetes API).
+    pub cluster_id: String,
 }
 
 /// How to reach the Kubernetes API (`--kube`).
@@ -91,6 +94,7 @@ impl Default for Config {
             jwks: JwksSettings::default(),
             kube: None,
             ca: None,
+            cluster_id: "Kubernetes".into(),
         }
     }
 }
@@ -272,6 +276,7 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         discovery: kube_source.clone(),
         config_installed: AtomicBool::new(kube_source.is_none()),
         endpoint_refreshes: AtomicU64::new(0),
+        cluster_id: config.cluster_id.as_str().into(),
         ext_authz: Default::default(),
         config_version: AtomicU64::new(1),
         in_flight: std::sync::atomic::AtomicUsize::new(0),

@@ -153,7 +153,8 @@ struct RunArgs {
         default_value = "/var/run/secrets/tokens/istio-token"
     )]
     ca_token: PathBuf,
-    /// Cluster ID sent to the CA (`ClusterID` metadata).
+    /// Our cluster's ID: sent to the CA (`ClusterID` metadata), and `source_cluster` of
+    /// metrics for clients found in the Kubernetes API.
     #[arg(long, env = "ISTIO_META_CLUSTER_ID", default_value = "Kubernetes")]
     cluster_id: String,
     /// Our service account (the identity asked of the CA); default: the Gateway's name.
@@ -522,6 +523,7 @@ fn run(args: RunArgs) -> ExitCode {
     config.limits.metrics_baggage = args.ambient_enable_baggage;
     config.limits.max_memory =
         (args.max_memory_mib > 0).then_some(args.max_memory_mib * 1024 * 1024);
+    config.cluster_id = args.cluster_id.clone();
     if let Some(addr) = &args.ca_addr {
         let sa = args
             .service_account

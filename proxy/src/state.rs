@@ -98,6 +98,8 @@ pub struct Shared {
     pub config_installed: std::sync::atomic::AtomicBool,
     /// Endpoint-only updates applied in place (`--kube`), without a compile.
     pub endpoint_refreshes: AtomicU64,
+    /// `ISTIO_META_CLUSTER_ID` (metrics' `source_cluster` for clients found in the API).
+    pub cluster_id: Arc<str>,
     /// Client for CUSTOM (ext_authz HTTP) authorizers.
     pub ext_authz: ExtAuthzClient,
     /// Generation of the configuration in force: 1 at start, +1 on every accepted reload.

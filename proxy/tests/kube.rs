@@ -260,6 +260,41 @@ async fn routes_and_policies_follow_the_api_and_identity_comes_from_the_ca() {
     let conn = m.connect().await;
     assert_eq!(get(&conn, "10.0.0.10:9080").await, (200, "v1".into()));
 
+    // Source labels of metrics come from the Pod at the client's address, when it runs as
+    // the client's verified identity (Istio's waypoint: workload discovery by address).
+    let sleep_pod = |sa: &str| {
+        format!(
+            "apiVersion: v1
+kind: Pod
+metadata:
+  name: sleep-7d9f8-x2x4k
+  namespace: default
+  labels: {{app: sleep, version: v1, pod-template-hash: 7d9f8}}
+  ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: sleep-7d9f8, uid: u1}}]
+spec: {{serviceAccountName: {sa}}}
+status: {{podIP: 127.0.0.1, podIPs: [{{ip: 127.0.0.1}}]}}
+"
+        )
+    };
+    m.api.apply_yaml(&sleep_pod("sleep"));
+    let labelled = "source_workload=\"sleep\",source_canonical_service=\"sleep\",source_canonical_revision=\"v1\",source_workload_namespace=\"default\",source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\",source_app=\"sleep\",source_version=\"v1\",source_cluster=\"Kubernetes\"";
+    within(Duration::from_secs(5), "labels from the Pod", || async {
+        let fresh = m.connect().await;
+        get(&fresh, "10.0.0.10:9080").await;
+        let (_, text) = http_get(m.wp.metrics, "/stats/prometheus").await;
+        text.contains(labelled).then_some(())
+    })
+    .await;
+    // A Pod at that address running as another service account lends no labels.
+    m.api.apply_yaml(&sleep_pod("impostor"));
+    within(Duration::from_secs(5), "no labels from a mismatched Pod", || async {
+        let fresh = m.connect().await;
+        get(&fresh, "10.0.0.10:9080").await;
+        let (_, text) = http_get(m.wp.metrics, "/stats/prometheus").await;
+        text.contains("source_workload=\"unknown\",source_canonical_service=\"unknown\",source_canonical_revision=\"latest\",source_workload_namespace=\"default\",source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"").then_some(())
+    })
+    .await;
+
     // An HTTPRoute created through the API: traffic follows it.
     m.api.apply_yaml(
         "apiVersion: gateway.networking.k8s.io/v1

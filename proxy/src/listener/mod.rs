@@ -131,10 +131,28 @@ fn accept_tunnel(shared: &Arc<Shared>, req: TunnelRequest) -> Option<Accepted> {
         .metrics_baggage
         .then(|| req.headers.get("baggage").and_then(|v| v.to_str().ok()))
         .flatten();
-    let source = shared.metrics.source(
-        crate::telemetry::metrics::SourceLabels::from_tunnel(peer.identity.as_ref(), baggage),
-        shared.limits.max_metric_sources,
-    );
+    // With the Kubernetes API (`--kube`), the client is the Pod at the connection's source
+    // address, as Istio's waypoint finds it in workload discovery; only when that Pod runs as
+    // the verified identity (a client cannot claim another workload's labels).
+    let pod = match (&shared.discovery, baggage, peer.identity.as_ref()) {
+        (Some(d), None, Some(id)) => d
+            .pod_at(peer.remote.ip())
+            .filter(|p| *p.namespace == *id.namespace && *p.service_account == *id.service_account),
+        _ => None,
+    };
+    let labels = match pod {
+        Some(pod) => crate::telemetry::metrics::SourceLabels::from_pod(
+            peer.identity.as_ref(),
+            &pod,
+            &shared.cluster_id,
+        ),
+        None => {
+            crate::telemetry::metrics::SourceLabels::from_tunnel(peer.identity.as_ref(), baggage)
+        }
+    };
+    let source = shared
+        .metrics
+        .source(labels, shared.limits.max_metric_sources);
     let stream = match req.accept() {
         Ok(s) => s,
         Err(e) => {

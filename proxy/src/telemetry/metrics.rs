@@ -85,6 +85,28 @@ impl SourceLabels {
     }
 }
 
+impl SourceLabels {
+    /// From the client Pod found in the Kubernetes API (its workload, canonical labels and
+    /// our cluster), with the verified identity as principal.
+    pub fn from_pod(
+        identity: Option<&hbone::Identity>,
+        pod: &discovery::PodMeta,
+        cluster: &str,
+    ) -> SourceLabels {
+        let unknown = || "unknown".to_string();
+        SourceLabels {
+            principal: identity.map(|i| i.to_string()).unwrap_or_else(unknown),
+            namespace: pod.namespace.clone(),
+            workload: pod.workload.clone(),
+            canonical_service: pod.canonical_service.clone(),
+            canonical_revision: pod.canonical_revision.clone(),
+            app: pod.app.clone().unwrap_or_else(unknown),
+            version: pod.version.clone().unwrap_or_else(unknown),
+            cluster: cluster.to_string(),
+        }
+    }
+}
+
 /// The longest `baggage` value used as a label (a DNS-1123 subdomain's 253 bytes).
 const MAX_BAGGAGE_VALUE: usize = 253;
 
