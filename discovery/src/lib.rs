@@ -22,6 +22,9 @@
 //!   a snapshot, and every change bumps a generation the compiler waits on ([`Source::changes`]),
 //!   so a burst of events costs one compile.
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};

@@ -17,6 +17,9 @@
 //!   swaps it for new connections; established ones keep theirs.
 //! - Never panics on any answer from the CA: every failure is a [`CaError`].
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 

@@ -1,14 +1,10 @@
 //! `waypoint run --kube --ca-addr ...`: the real binary configured from an in-test Kubernetes
-//! API server and given its identity by an in-test istiod CA (common/kubeapi.rs,
-//! common/istioca.rs: both speak the real protocols, failures included).
+//! API server and given its identity by an in-test istiod CA (discovery::testing,
+//! identity::testing: both speak the real protocols, failures included).
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
-#[path = "common/istioca.rs"]
-mod istioca;
-#[path = "common/kubeapi.rs"]
-mod kubeapi;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::{BIN, Waypoint, spawn_run};
 
-use istioca::IstioCa;
-use kubeapi::ApiServer;
+use discovery::testing::ApiServer;
+use identity::testing::IstioCa;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/default/sa/waypoint";

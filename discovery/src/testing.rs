@@ -1,4 +1,4 @@
-//! An in-test Kubernetes API server: it stands in for the real one, so it speaks what the real
+//! (feature `testing`) An in-test Kubernetes API server for tests and benchmarks: it stands in for the real one, so it speaks what the real
 //! one speaks (k8s.io/apiserver; API conventions "Efficient detection of changes"), failures
 //! included:
 //! - HTTPS; every request needs `Authorization: Bearer <token>` (401 Status otherwise).
@@ -13,7 +13,7 @@
 //!   test removes. Connections can be cut mid-watch and the server stopped and restarted on
 //!   the same port.
 
-#![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fixture: a broken fixture is a failed test
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;

@@ -1,10 +1,10 @@
-//! An in-test istiod CA: `istio.v1.auth.IstioCertificateService/CreateCertificate` (istio/api
+//! (feature `testing`) An in-test istiod CA: `istio.v1.auth.IstioCertificateService/CreateCertificate` (istio/api
 //! `security/v1alpha1/ca.proto`, the messages in the `identity` crate) served by tonic's
 //! server codec over HTTP/2 and TLS, as istiod serves it on 15012. Like istiod it checks the
 //! bearer token and issues the identity of the token's service account, whatever SANs the CSR
 //! asks for; lifetimes are capped (istiod's `MAX_WORKLOAD_CERT_TTL`). It can be taken down.
 
-#![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fixture: a broken fixture is a failed test
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use identity::{IstioCertificateRequest, IstioCertificateResponse};
+use crate::{IstioCertificateRequest, IstioCertificateResponse};
 use tokio::net::TcpListener;
 
 pub struct IstioCa {
@@ -147,7 +147,7 @@ impl IstioCa {
                         move |req: http::Request<hyper::body::Incoming>| {
                             let signer = signer.clone();
                             async move {
-                                if req.uri().path() != identity::CREATE_CERTIFICATE {
+                                if req.uri().path() != crate::CREATE_CERTIFICATE {
                                     return Ok::<_, std::convert::Infallible>(
                                         tonic::Status::unimplemented("unknown method").into_http(),
                                     );
