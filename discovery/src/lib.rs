@@ -262,6 +262,12 @@ struct State {
     delta: Delta,
     /// Pods by IP (`status.podIP(s)`), for the source workload of a connection.
     pods_by_ip: std::collections::HashMap<std::net::IpAddr, (String, String)>,
+    /// EndpointSlices by their Service (`kubernetes.io/service-name`): an endpoint update
+    /// reads the slices of the Services it concerns, never all of them.
+    slices_by_service:
+        std::collections::HashMap<(String, String), std::collections::BTreeSet<(String, String)>>,
+    /// The reverse of `slices_by_service`.
+    service_of_slice: std::collections::HashMap<(String, String), (String, String)>,
 }
 
 struct Inner {
@@ -384,6 +390,8 @@ impl Source {
                 generation: 0,
                 delta: Delta::default(),
                 pods_by_ip: Default::default(),
+                slices_by_service: Default::default(),
+                service_of_slice: Default::default(),
             }),
             changes: tx,
         });
@@ -523,36 +531,53 @@ impl Source {
         ) else {
             return LoadedResources::default();
         };
-        let wanted = |key: &(String, String)| services.is_none_or(|d| d.services.contains(key));
-        let mut out = LoadedResources::default();
-        let mut push = |r: &Arc<Resource>| {
-            out.resources.push((**r).clone());
-            out.sources.push(ResourceSource::default());
+        let resource = |s: Option<&Stored>| match s {
+            Some(Stored {
+                object: Object::Resource(r),
+                ..
+            }) => Some(r.clone()),
+            _ => None,
         };
-        for s in state.kinds[ns_i].objects.values() {
-            if let Object::Resource(r) = &s.object {
-                push(r);
+        let mut picked: Vec<Arc<Resource>> = Vec::new();
+        picked.extend(
+            state.kinds[ns_i]
+                .objects
+                .values()
+                .filter_map(|s| resource(Some(s))),
+        );
+        // The Services and their slices: by index when a delta names them, else all.
+        let mut slices: Vec<Arc<Resource>> = Vec::new();
+        match services {
+            Some(d) => {
+                for key in &d.services {
+                    picked.extend(resource(state.kinds[svc_i].objects.get(key)));
+                    for slice_key in state.slices_by_service.get(key).into_iter().flatten() {
+                        slices.extend(resource(state.kinds[eps_i].objects.get(slice_key)));
+                    }
+                }
             }
-        }
-        for (key, s) in &state.kinds[svc_i].objects {
-            if let (true, Object::Resource(r)) = (wanted(key), &s.object) {
-                push(r);
+            None => {
+                picked.extend(
+                    state.kinds[svc_i]
+                        .objects
+                        .values()
+                        .filter_map(|s| resource(Some(s))),
+                );
+                slices.extend(
+                    state.kinds[eps_i]
+                        .objects
+                        .values()
+                        .filter_map(|s| resource(Some(s))),
+                );
             }
         }
         let pods = &state.kinds[pod_i].objects;
         let mut pod_keys = std::collections::BTreeSet::new();
         let mut ips = std::collections::BTreeSet::new();
-        for s in state.kinds[eps_i].objects.values() {
-            let Object::Resource(r) = &s.object else {
-                continue;
-            };
+        for r in &slices {
             let Resource::EndpointSlice(slice) = &**r else {
                 continue;
             };
-            if !slice_service(slice).is_some_and(|k| wanted(&k)) {
-                continue;
-            }
-            push(r);
             for e in &slice.endpoints {
                 match e.target_ref.as_ref().and_then(|t| t.name.clone()) {
                     Some(name) => {
@@ -563,32 +588,30 @@ impl Source {
                             .unwrap_or_else(|| slice.metadata.namespace.clone());
                         pod_keys.insert((ns, name));
                     }
-                    None => ips.extend(e.addresses.iter().cloned()),
+                    None => ips.extend(
+                        e.addresses
+                            .iter()
+                            .filter_map(|a| a.parse::<std::net::IpAddr>().ok()),
+                    ),
                 }
             }
         }
+        picked.extend(slices);
         for key in &pod_keys {
-            if let Some(Stored {
-                object: Object::Resource(r),
-                ..
-            }) = pods.get(key)
+            picked.extend(resource(pods.get(key)));
+        }
+        // Address-only endpoints: the Pod with that IP (the index, not a scan).
+        for ip in &ips {
+            if let Some(key) = state.pods_by_ip.get(ip)
+                && !pod_keys.contains(key)
             {
-                push(r);
+                picked.extend(resource(pods.get(key)));
             }
         }
-        if !ips.is_empty() {
-            for (key, s) in pods {
-                let Object::Resource(r) = &s.object else {
-                    continue;
-                };
-                if let Resource::Pod(p) = &**r
-                    && !pod_keys.contains(key)
-                    && pod_ips(p).any(|ip| ips.contains(ip))
-                {
-                    push(r);
-                }
-            }
-        }
+        drop(state);
+        let mut out = LoadedResources::default();
+        out.sources = vec![ResourceSource::default(); picked.len()];
+        out.resources = picked.iter().map(|r| (**r).clone()).collect();
         out
     }
 
@@ -720,6 +743,7 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
     let endpoints_kind = matches!(spec.kind, "EndpointSlice" | "Pod");
     let mut endpoint_services: Vec<(String, String)> = Vec::new();
     let mut touched_pods: Vec<Arc<Resource>> = Vec::new();
+    let mut touched_key: Option<(String, String)> = None;
     let k = kind_state(state, slot);
     k.last_event = Some(Instant::now());
     let change = match event {
@@ -763,6 +787,7 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
         }
         Event::Apply(obj) => {
             let key = key_of(&obj);
+            touched_key = Some(key.clone());
             match decode(spec, obj) {
                 Ok(s) => {
                     let had_invalid = k.invalid.remove(&key).is_some();
@@ -822,6 +847,7 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
         }
         Event::Delete(obj) => {
             let key = key_of(&obj);
+            touched_key = Some(key.clone());
             let was_invalid = k.invalid.remove(&key).is_some();
             match k.objects.remove(&key) {
                 Some(Stored {
@@ -850,6 +876,13 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
     }
     if let Some(text) = mesh_text {
         state.mesh_text = text;
+    }
+    if spec.kind == "EndpointSlice" {
+        match (&change, touched_key) {
+            (Change::Full, _) => reindex_slices(state, None),
+            (_, Some(key)) => reindex_slices(state, Some(key)),
+            _ => {}
+        }
     }
     if spec.kind == "Pod" {
         if matches!(change, Change::Full) {
@@ -916,6 +949,50 @@ fn reindex_pods(state: &mut State, touched: Option<&[Arc<Resource>]>) {
                     state.pods_by_ip.insert(ip, key.clone());
                 }
             }
+        }
+    }
+}
+
+/// Keep `slices_by_service` in step for one slice (or rebuild it from the store).
+fn reindex_slices(state: &mut State, key: Option<(String, String)>) {
+    let Some(eps_i) = KINDS.iter().position(|k| k.kind == "EndpointSlice") else {
+        return;
+    };
+    let service = |state: &State, key: &(String, String)| match state.kinds[eps_i].objects.get(key)
+    {
+        Some(Stored {
+            object: Object::Resource(r),
+            ..
+        }) => match &**r {
+            Resource::EndpointSlice(slice) => slice_service(slice),
+            _ => None,
+        },
+        _ => None,
+    };
+    let keys: Vec<(String, String)> = match key {
+        Some(k) => vec![k],
+        None => {
+            state.slices_by_service.clear();
+            state.service_of_slice.clear();
+            state.kinds[eps_i].objects.keys().cloned().collect()
+        }
+    };
+    for key in keys {
+        if let Some(old) = state.service_of_slice.remove(&key)
+            && let Some(set) = state.slices_by_service.get_mut(&old)
+        {
+            set.remove(&key);
+            if set.is_empty() {
+                state.slices_by_service.remove(&old);
+            }
+        }
+        if let Some(svc) = service(state, &key) {
+            state
+                .slices_by_service
+                .entry(svc.clone())
+                .or_default()
+                .insert(key.clone());
+            state.service_of_slice.insert(key, svc);
         }
     }
 }

@@ -3,7 +3,7 @@
 //! included:
 //! - HTTPS; every request needs `Authorization: Bearer <token>` (401 Status otherwise).
 //! - List: `GET /api/v1/<plural>`, `/apis/<group>/<version>/<plural>`, and the namespaced
-//!   forms, with `limit`/`continue` pagination, `fieldSelector=metadata.name=<n>`, and the
+//!   forms, with `limit`/`continue` pagination (one consistent resourceVersion for all pages), `fieldSelector=metadata.name=<n>`, and the
 //!   collection's `metadata.resourceVersion`. Items of built-in kinds carry no
 //!   `apiVersion`/`kind` (as the real server's typed lists); custom resources do.
 //! - Watch: `?watch=true&resourceVersion=N`: every change after N (ADDED, MODIFIED, DELETED),
@@ -491,11 +491,26 @@ fn handle(state: &Mutex<State>, token: &str, req: Request<Incoming>) -> Response
     }
     let builtin = group.is_empty() || group == "discovery.k8s.io";
     if !watch {
+        // A paginated list is one consistent read: every page carries the first page's
+        // resourceVersion (in the continue token), so a watch from it replays whatever
+        // changed while the pages were read.
+        let (offset, list_rv) = query
+            .get("continue")
+            .and_then(|c| c.split_once(':'))
+            .and_then(|(o, rv)| Some((o.parse().ok()?, rv.parse().ok()?)))
+            .unwrap_or((0usize, s.rv));
+        let limit: usize = query
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .filter(|l| *l > 0)
+            .unwrap_or(usize::MAX);
         let c = s.collections.entry(plural).or_default();
-        let all: Vec<Value> = c
+        let mut page: Vec<Value> = c
             .objects
             .values()
             .filter(|o| matches(o, &namespace, &name))
+            .skip(offset)
+            .take(limit.saturating_add(1))
             .map(|o| {
                 let mut o = o.clone();
                 if builtin {
@@ -506,25 +521,16 @@ fn handle(state: &Mutex<State>, token: &str, req: Request<Incoming>) -> Response
                 o
             })
             .collect();
-        let offset: usize = query
-            .get("continue")
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let limit: usize = query
-            .get("limit")
-            .and_then(|l| l.parse().ok())
-            .filter(|l| *l > 0)
-            .unwrap_or(usize::MAX);
-        let page: Vec<Value> = all.iter().skip(offset).take(limit).cloned().collect();
-        let next = offset.saturating_add(page.len());
-        let cont = if next < all.len() {
-            next.to_string()
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let cont = if more {
+            format!("{}:{list_rv}", offset + page.len())
         } else {
             String::new()
         };
         let (_, g, v, _, _) = *KINDS.iter().find(|k| k.0 == plural).unwrap();
         let body = json!({"kind": format!("{kind}List"), "apiVersion": api_version(g, v),
-            "metadata": {"resourceVersion": s.rv.to_string(), "continue": cont},
+            "metadata": {"resourceVersion": list_rv.to_string(), "continue": cont},
             "items": page});
         let mut r = Response::new(Body::full(serde_json::to_vec(&body).unwrap()));
         r.headers_mut()
