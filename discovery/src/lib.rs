@@ -609,10 +609,11 @@ impl Source {
             }
         }
         drop(state);
-        let mut out = LoadedResources::default();
-        out.sources = vec![ResourceSource::default(); picked.len()];
-        out.resources = picked.iter().map(|r| (**r).clone()).collect();
-        out
+        LoadedResources {
+            sources: vec![ResourceSource::default(); picked.len()],
+            resources: picked.iter().map(|r| (**r).clone()).collect(),
+            ..Default::default()
+        }
     }
 
     /// Every object in the store now, in a stable order (kind, then namespace/name), with
@@ -1098,6 +1099,15 @@ fn decode(spec: &KindSpec, obj: DynamicObject) -> Result<Stored, String> {
         }
     }
     match Resource::from_value(value) {
+        Ok(Resource::Pod(mut p)) => {
+            // A Pod keeps only the labels the waypoint reads (Istio's, and the workload
+            // labels of metrics): real Pods carry many more (Helm, operators).
+            p.metadata.labels.retain(|k, _| pod_label_kept(k));
+            Ok(Stored {
+                object: Object::Resource(Arc::new(Resource::Pod(p))),
+                resource_version,
+            })
+        }
         Ok(Resource::Unknown { .. }) => Err(format!(
             "{} is not a kind or apiVersion the waypoint understands",
             spec.api_version()
@@ -1112,6 +1122,22 @@ fn decode(spec: &KindSpec, obj: DynamicObject) -> Result<Stored, String> {
             format!("{}: {}", e.field, e.message)
         }),
     }
+}
+
+/// Pod labels the waypoint reads: `istio.io/*`-family labels (data-plane mode, waypoint
+/// binding, canonical names), the Gateway name, and the workload labels of Istio's metrics.
+fn pod_label_kept(key: &str) -> bool {
+    key.starts_with("istio.io/")
+        || key.starts_with("service.istio.io/")
+        || key.starts_with("gateway.networking.k8s.io/")
+        || matches!(
+            key,
+            "app"
+                | "version"
+                | "app.kubernetes.io/name"
+                | "app.kubernetes.io/version"
+                | "pod-template-hash"
+        )
 }
 
 /// Record a watch failure: 403 and 404 say what is missing; anything else is a connection
@@ -1223,6 +1249,30 @@ mod tests {
             ("lonely", "lonely", "latest")
         );
         assert_eq!((m.app, m.version), (None, None));
+    }
+
+    #[test]
+    fn pods_keep_only_the_labels_the_waypoint_reads() {
+        for kept in [
+            "istio.io/dataplane-mode",
+            "istio.io/use-waypoint",
+            "service.istio.io/canonical-name",
+            "app",
+            "version",
+            "app.kubernetes.io/name",
+            "pod-template-hash",
+            "gateway.networking.k8s.io/gateway-name",
+        ] {
+            assert!(pod_label_kept(kept), "{kept}");
+        }
+        for dropped in [
+            "helm.sh/chart",
+            "app.kubernetes.io/managed-by",
+            "app.kubernetes.io/instance",
+            "team",
+        ] {
+            assert!(!pod_label_kept(dropped), "{dropped}");
+        }
     }
 
     /// deploy/istio-waypoint.yaml grants list and watch on every kind watched here, and

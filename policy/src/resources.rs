@@ -25,8 +25,8 @@ pub struct ObjectMeta {
     /// `default` when absent on a namespaced kind (as `kubectl apply` does); empty for
     /// cluster-scoped kinds (Namespace, GatewayClass).
     pub namespace: String,
-    pub labels: BTreeMap<String, String>,
-    pub annotations: BTreeMap<String, String>,
+    pub labels: Labels,
+    pub annotations: Labels,
     /// RFC 3339; tie-breaker in HTTPRoute precedence (older wins).
     pub creation_timestamp: Option<String>,
     /// A Pod's `generateName` and owners: its workload's name for metrics (Istio
@@ -41,6 +41,68 @@ pub struct ObjectMeta {
 pub struct OwnerReference {
     pub kind: String,
     pub name: String,
+}
+
+/// Labels or annotations: a string map kept as a vector sorted by key. Objects carry a few
+/// labels each, and a `BTreeMap`'s first node alone is ~550 bytes: with tens of thousands of
+/// Pods watched (`--kube`), that was most of their memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels(Vec<(String, String)>);
+
+impl Labels {
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Set `key` (replacing its value if present).
+    pub fn insert(&mut self, key: String, value: String) {
+        match self.0.binary_search_by(|(k, _)| k.cmp(&key)) {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => self.0.insert(i, (key, value)),
+        }
+    }
+
+    /// Keep the entries `keep` accepts.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str, &str) -> bool) {
+        self.0.retain(|(k, v)| keep(k, v));
+        self.0.shrink_to_fit();
+    }
+}
+
+impl FromIterator<(String, String)> for Labels {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        let map: BTreeMap<String, String> = iter.into_iter().collect();
+        Labels(map.into_iter().collect())
+    }
+}
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Through a map: duplicate keys resolve as they always did (the last one wins).
+        let map = Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default();
+        let mut v: Vec<(String, String)> = map.into_iter().collect();
+        v.shrink_to_fit();
+        Ok(Labels(v))
+    }
 }
 
 /// Kubernetes `IntOrString` (Service `targetPort`).
@@ -71,7 +133,7 @@ pub struct LabelSelectorRequirement {
 impl LabelSelector {
     /// Kubernetes selector semantics: all requirements ANDed; an empty selector matches
     /// everything. An unknown operator matches nothing (fail closed).
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, labels: &Labels) -> bool {
         self.match_labels
             .iter()
             .all(|(k, v)| labels.get(k) == Some(v))
@@ -1237,8 +1299,28 @@ mod tests {
     }
 
     #[test]
+    fn labels_are_a_sorted_map() {
+        let mut l: Labels =
+            serde_json::from_value(json!({"b": "2", "a": "1", "c": "3"})).expect("labels");
+        assert_eq!(l.get("a").map(String::as_str), Some("1"));
+        assert_eq!(l.get("c").map(String::as_str), Some("3"));
+        assert!(l.get("d").is_none());
+        l.insert("b".into(), "two".into());
+        l.insert("0".into(), "zero".into());
+        let keys: Vec<&String> = l.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["0", "a", "b", "c"]);
+        assert_eq!(l.get("b").map(String::as_str), Some("two"));
+        l.retain(|k, _| k != "a");
+        assert_eq!(l.len(), 3);
+        let none: Labels = serde_json::from_value(json!(null)).expect("null is empty");
+        assert!(none.is_empty());
+    }
+
+    #[test]
     fn label_selector_semantics() {
-        let labels: BTreeMap<String, String> = [("env".to_string(), "prod".to_string())].into();
+        let labels: Labels = [("env".to_string(), "prod".to_string())]
+            .into_iter()
+            .collect();
         let sel = |v: Value| serde_json::from_value::<LabelSelector>(v).expect("selector");
         assert!(sel(json!({})).matches(&labels));
         assert!(sel(json!({"matchLabels": {"env": "prod"}})).matches(&labels));

@@ -172,7 +172,7 @@ impl<'a> Compiler<'a> {
 
     /// Namespace labels, plus the `kubernetes.io/metadata.name` label the API server adds to
     /// every Namespace (selectors commonly use it).
-    pub(super) fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
+    pub(super) fn namespace_labels(&self, ns: &str) -> Labels {
         let mut labels = self
             .namespaces
             .get(ns)
@@ -322,9 +322,8 @@ impl<'a> Compiler<'a> {
         }
         let ns = meta.namespace.as_str();
         let ns_labels = self.namespace_labels(ns);
-        let get = |labels: &'_ BTreeMap<String, String>, key: &str| {
-            labels.get(key).filter(|v| !v.is_empty()).cloned()
-        };
+        let get =
+            |labels: &'_ Labels, key: &str| labels.get(key).filter(|v| !v.is_empty()).cloned();
         // The object that supplied `use-waypoint` also supplies `use-waypoint-namespace`.
         let (kind, source, waypoint, waypoint_ns) = if let Some(w) = get(&meta.labels, USE_WAYPOINT)
         {

@@ -20,7 +20,7 @@ use crate::authz::AuthzIndex;
 use crate::load::LoadedResources;
 use crate::resources::{
     Gateway, GatewayClass, HeaderModifierSpec, HttpBackendRef, HttpRoute, HttpRouteFilter,
-    HttpRouteMatch, HttpRouteRule, HttpValueMatch, IntOrString, LabelSelector, MirrorSpec,
+    HttpRouteMatch, HttpRouteRule, HttpValueMatch, IntOrString, LabelSelector, Labels, MirrorSpec,
     ObjectMeta, ParentReference, PathModifierSpec, RedirectSpec, ReferenceGrant, Resource, Service,
     ServicePortSpec, TcpRoute, TlsRoute,
 };
@@ -212,18 +212,33 @@ pub(crate) fn refresh_endpoints(
     for s in slices {
         c.slice(s);
     }
+    // The clusters of the Services present, found by the names istiod gives them (no walk
+    // over every cluster), plus the extension providers' (few).
     let mut changed = 0;
-    for cluster in snapshot
-        .clusters
-        .values()
-        .chain(snapshot.extension_clusters.values())
-    {
+    let mut refresh = |cluster: &Arc<Cluster>| {
         let key = (&*cluster.service_namespace, &*cluster.service_name);
         if let Some(addrs) = c.endpoint_addrs(key, cluster.port)
             && cluster.set_endpoints(addrs)
         {
             changed += 1;
         }
+    };
+    for ((ns, name), svc) in &c.services {
+        let host = format!("{name}.{ns}.svc.{}", options.cluster_domain);
+        for p in &svc.ports {
+            for cluster_name in [
+                format!("inbound-vip|{}|http|{host}", p.port),
+                format!("inbound-vip|{}|tcp|{host}", p.port),
+                format!("outbound|{}||{host}", p.port),
+            ] {
+                if let Some(cluster) = snapshot.clusters.get(cluster_name.as_str()) {
+                    refresh(cluster);
+                }
+            }
+        }
+    }
+    for cluster in snapshot.extension_clusters.values() {
+        refresh(cluster);
     }
     changed
 }

@@ -106,9 +106,8 @@ impl<'a> Compiler<'a> {
             let meta = info.meta;
             let ns = meta.namespace.as_str();
             let ns_labels = self.namespace_labels(ns);
-            let get = |labels: &BTreeMap<String, String>, key: &str| {
-                labels.get(key).filter(|v| !v.is_empty()).cloned()
-            };
+            let get =
+                |labels: &Labels, key: &str| labels.get(key).filter(|v| !v.is_empty()).cloned();
             let (waypoint, waypoint_ns) = if let Some(w) = get(&meta.labels, USE_WAYPOINT) {
                 (w, get(&meta.labels, USE_WAYPOINT_NAMESPACE))
             } else if let Some(w) = get(&ns_labels, USE_WAYPOINT) {

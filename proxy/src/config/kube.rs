@@ -182,6 +182,10 @@ pub async fn follow(shared: Arc<Shared>, config: Config, source: discovery::Sour
                 let first = !shared.config_installed.swap(true, Ordering::Relaxed);
                 let services = snapshot.bound_services().len();
                 install(&shared, snapshot, mesh);
+                // A compile's transient copies (every object cloned, indexes) are garbage
+                // now, and so is the old snapshot: give the pages back rather than sit at the
+                // compile's peak until the next burst of traffic triggers a trim.
+                let _ = tokio::task::spawn_blocking(crate::memory::trim).await;
                 if first {
                     info!(generation, services, took = ?started.elapsed(), "configuration from the Kubernetes API installed; ready");
                 } else {

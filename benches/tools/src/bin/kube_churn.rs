@@ -347,67 +347,8 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let kubeconfig = api.kubeconfig(&dir);
 
-    // The waypoint, pinned as the other benchmarks pin it.
-    let mut cmd = match &args.waypoint_cpus {
-        Some(cpus) => {
-            let mut c = std::process::Command::new("taskset");
-            c.args(["-c", cpus]).arg(&args.waypoint);
-            c
-        }
-        None => std::process::Command::new(&args.waypoint),
-    };
     let started = Instant::now();
-    let mut child = cmd
-        .args(["run", "--kube", "--kubeconfig"])
-        .arg(&kubeconfig)
-        .arg("--certs")
-        .arg(&dir)
-        .args(["--workers", &args.workers.to_string()])
-        .args(["--hbone-addr", "127.0.0.1:0", "--ready-addr", "127.0.0.1:0"])
-        .args([
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])
-        .env("WAYPOINT_LOG", "warn,proxy::app=info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("starting the waypoint")?;
-    let stderr = child.stderr.take().context("stderr")?;
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let line = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .context("the waypoint did not report its listeners")?;
-        if line.contains("waypoint serving") {
-            break line;
-        }
-    };
-    let field = |key: &str| -> anyhow::Result<SocketAddr> {
-        let start = line.find(&format!("{key}=")).context("field")? + key.len() + 1;
-        Ok(line[start..]
-            .split_whitespace()
-            .next()
-            .context("field")?
-            .parse()?)
-    };
-    let wp = Waypoint {
-        ready: field("ready_addr")?,
-        metrics: field("metrics_addr")?,
-        hbone: field("hbone_addr")?,
-        child,
-    };
+    let wp = start_waypoint(&args, &kubeconfig, &dir)?;
     let pid = wp.child.id();
     until(Duration::from_secs(600), "ready", || async {
         http_get(wp.ready, "/healthz/ready")
@@ -423,59 +364,14 @@ async fn main() -> anyhow::Result<()> {
         rss_ready / 1024
     );
 
-    // Memory per watched Pod and per endpoint.
-    let pods_before = rss_kib(pid);
-    const EXTRA: usize = 10_000;
-    for k in 0..EXTRA {
-        api.apply(pod(
-            &format!("extra-{k}"),
-            &pod_ip(200_000 + k / 8, k % 8),
-            "extra",
-        ));
-    }
-    let want_pods = (args.services * args.endpoints + EXTRA) as f64;
-    until(Duration::from_secs(120), "extra pods held", || async {
-        metric(&wp, "waypoint_config_objects{kind=\"Pod\"}").await == Some(want_pods)
-    })
-    .await?;
-    let per_1000_pods = (rss_kib(pid).saturating_sub(pods_before)) as f64 / (EXTRA as f64 / 1000.0);
-    let eps_before = rss_kib(pid);
-    let updates_before = metric(&wp, "waypoint_config_endpoint_updates_total")
-        .await
-        .unwrap_or(0.0);
-    let new_slices = EXTRA / args.endpoints.max(1);
-    for s in 0..new_slices {
-        let i = s % args.services;
-        let eps: Vec<(String, Option<String>)> = (0..args.endpoints)
-            .map(|j| (pod_ip(300_000 + s, j), None))
-            .collect();
-        api.apply(slice(
-            &format!("svc-{i}"),
-            1 + s / args.services,
-            &eps,
-            8080,
-        ));
-    }
-    let want_slices = (args.services + 2 + new_slices) as f64;
-    until(Duration::from_secs(120), "extra endpoints held", || async {
-        metric(&wp, "waypoint_config_objects{kind=\"EndpointSlice\"}").await == Some(want_slices)
-    })
-    .await?;
-    // Let the in-place updates land.
-    until(
-        Duration::from_secs(60),
-        "endpoint updates applied",
-        || async {
-            metric(&wp, "waypoint_config_endpoint_updates_total")
-                .await
-                .is_some_and(|v| v > updates_before)
-        },
-    )
-    .await?;
-    let per_1000_endpoints =
-        (rss_kib(pid).saturating_sub(eps_before)) as f64 / (EXTRA as f64 / 1000.0);
+    // Memory per watched Pod and per endpoint: three fresh waypoints, settled after ready
+    // (a heap that already holds slack would hide growth): the cluster alone, plus 50,000
+    // Pods that no endpoint names, plus 50,000 endpoints (10,000 more slices of 5).
+    let (per_1000_pods, per_1000_endpoints, rss_settled) =
+        memory_per_object(&args, &pki, load_b, probe_a).await?;
     eprintln!(
-        "memory: +{per_1000_pods:.0} KiB per 1,000 Pods, +{per_1000_endpoints:.0} KiB per 1,000 endpoints"
+        "memory (RssAnon, settled): cluster {} MiB; +{per_1000_pods:.0} KiB per 1,000 Pods, +{per_1000_endpoints:.0} KiB per 1,000 endpoints",
+        rss_settled / 1024
     );
 
     let mut conns = Vec::new();
@@ -546,6 +442,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let stop = Arc::new(AtomicBool::new(false));
     let t1 = Instant::now();
+    let cpu1 = procstat::cpu_seconds(pid).unwrap_or(0.0);
     let loaded = tokio::spawn(load(conns.clone(), stop.clone()));
     let changes_loaded = churn(
         &api,
@@ -559,6 +456,11 @@ async fn main() -> anyhow::Result<()> {
     probe.stop.store(true, Ordering::Relaxed);
     let (churn_h, churn_n, churn_err) = loaded.await??;
     let churn_secs = t1.elapsed().as_secs_f64();
+    let churn_cpu_loaded = procstat::cpu_seconds(pid).unwrap_or(0.0) - cpu1;
+    // The waypoint's CPU per request, quiet and under churn: what churn costs the data path,
+    // apart from the load generator and API server sharing the other CPU.
+    let quiet_cpu_per_1k = quiet_cpu / quiet_n.max(1) as f64 * 1000.0;
+    let churn_cpu_per_1k = churn_cpu_loaded / churn_n.max(1) as f64 * 1000.0;
     probe_task.await??;
     let effect = probe
         .latencies
@@ -567,7 +469,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|_| Histogram::new(3).expect("h"));
     let missed = probe.missed.load(Ordering::Relaxed);
     eprintln!(
-        "churn under load: {changes_loaded} changes, {:.0} req/s, p50 {} µs, p99 {} µs, {churn_err} errors",
+        "churn under load: {changes_loaded} changes, {:.0} req/s, p50 {} µs, p99 {} µs, {churn_err} errors; waypoint CPU per 1k requests {churn_cpu_per_1k:.4} s (quiet {quiet_cpu_per_1k:.4} s)",
         churn_n as f64 / churn_secs,
         churn_h.value_at_quantile(0.5),
         churn_h.value_at_quantile(0.99),
@@ -589,12 +491,15 @@ async fn main() -> anyhow::Result<()> {
             "waypoint_cpus": args.waypoint_cpus,
         },
         "ready_s": to_ready.as_secs_f64(), "ready_cpu_s": cpu_ready, "rss_ready_mib": rss_ready as f64 / 1024.0,
+        "rss_settled_mib": rss_settled as f64 / 1024.0,
         "rss_kib_per_1000_pods": per_1000_pods, "rss_kib_per_1000_endpoints": per_1000_endpoints,
-        "quiet": {"rps": quiet_n as f64 / quiet_secs, "p50_us": quiet_h.value_at_quantile(0.5),
+        "quiet": {"rps": quiet_n as f64 / quiet_secs, "cpu_s_per_1k": quiet_cpu_per_1k,
+            "p50_us": quiet_h.value_at_quantile(0.5),
             "p99_us": quiet_h.value_at_quantile(0.99), "errors": quiet_err},
         "churn_alone": {"changes": changes, "cpu_ms_per_change": cpu_per_change_ms,
             "in_place_updates": updates, "compiles": compiles},
         "churn_loaded": {"changes": changes_loaded, "rps": churn_n as f64 / churn_secs,
+            "cpu_s_per_1k": churn_cpu_per_1k,
             "p50_us": churn_h.value_at_quantile(0.5), "p99_us": churn_h.value_at_quantile(0.99),
             "errors": churn_err},
         "change_to_effect_ms": {"samples": effect.len(), "missed": missed,
@@ -611,8 +516,143 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Start `waypoint run --kube` (pinned with `--waypoint-cpus`); returns once it listens.
+fn start_waypoint(
+    args: &Args,
+    kubeconfig: &std::path::Path,
+    certs: &std::path::Path,
+) -> anyhow::Result<Waypoint> {
+    let mut cmd = match &args.waypoint_cpus {
+        Some(cpus) => {
+            let mut c = std::process::Command::new("taskset");
+            c.args(["-c", cpus]).arg(&args.waypoint);
+            c
+        }
+        None => std::process::Command::new(&args.waypoint),
+    };
+    let mut child = cmd
+        .args(["run", "--kube", "--kubeconfig"])
+        .arg(kubeconfig)
+        .arg("--certs")
+        .arg(certs)
+        .args(["--workers", &args.workers.to_string()])
+        .args(["--hbone-addr", "127.0.0.1:0", "--ready-addr", "127.0.0.1:0"])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .env("WAYPOINT_LOG", "warn,proxy::app=info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the waypoint")?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let line = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .context("the waypoint did not report its listeners")?;
+        if line.contains("waypoint serving") {
+            break line;
+        }
+    };
+    let field = |key: &str| -> anyhow::Result<SocketAddr> {
+        let start = line.find(&format!("{key}=")).context("field")? + key.len() + 1;
+        Ok(line[start..]
+            .split_whitespace()
+            .next()
+            .context("field")?
+            .parse()?)
+    };
+    Ok(Waypoint {
+        ready: field("ready_addr")?,
+        metrics: field("metrics_addr")?,
+        hbone: field("hbone_addr")?,
+        child,
+    })
+}
+
+/// RssAnon of a fresh waypoint once ready and settled (3 s: its post-compile trim done).
+async fn settled_rss(
+    args: &Args,
+    objects: Vec<serde_json::Value>,
+    pki: &hbone::testing::Pki,
+) -> anyhow::Result<u64> {
+    let dir = tempfile_dir()?;
+    pki.write_dir(&dir, "default", "waypoint")?;
+    let api = ApiServer::start().await;
+    for o in objects {
+        api.apply(o);
+    }
+    let wp = start_waypoint(args, &api.kubeconfig(&dir), &dir)?;
+    until(Duration::from_secs(600), "ready", || async {
+        http_get(wp.ready, "/healthz/ready")
+            .await
+            .is_ok_and(|(c, _)| c == 200)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss = rss_kib(wp.child.id());
+    drop(wp);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(rss)
+}
+
+/// (KiB per 1,000 Pods, KiB per 1,000 endpoints, RssAnon KiB of the cluster alone).
+async fn memory_per_object(
+    args: &Args,
+    pki: &hbone::testing::Pki,
+    load_b: SocketAddr,
+    probe_a: SocketAddr,
+) -> anyhow::Result<(f64, f64, u64)> {
+    const EXTRA: usize = 50_000;
+    let base = settled_rss(args, cluster(args, load_b, probe_a), pki).await?;
+    let mut with_pods = cluster(args, load_b, probe_a);
+    with_pods.extend((0..EXTRA).map(|k| {
+        pod(
+            &format!("extra-{k}"),
+            &pod_ip(200_000 + k / 8, k % 8),
+            "extra",
+        )
+    }));
+    let pods = settled_rss(args, with_pods, pki).await?;
+    let mut with_endpoints = cluster(args, load_b, probe_a);
+    let per_slice = args.endpoints.max(1);
+    with_endpoints.extend((0..EXTRA / per_slice).map(|s| {
+        let i = s % args.services.max(1);
+        let eps: Vec<(String, Option<String>)> = (0..per_slice)
+            .map(|j| (pod_ip(300_000 + s, j), None))
+            .collect();
+        slice(
+            &format!("svc-{i}"),
+            1 + s / args.services.max(1),
+            &eps,
+            8080,
+        )
+    }));
+    let endpoints = settled_rss(args, with_endpoints, pki).await?;
+    let per = |with: u64| (with as f64 - base as f64) / (EXTRA as f64 / 1000.0);
+    Ok((per(pods), per(endpoints), base))
+}
+
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("kube-churn-{}", std::process::id()));
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "kube-churn-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
