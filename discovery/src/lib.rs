@@ -1093,8 +1093,10 @@ fn decode(spec: &KindSpec, obj: DynamicObject) -> Result<Stored, String> {
         if let Some(Value::Object(meta)) = map.get_mut("metadata") {
             meta.remove("managedFields");
             if spec.kind == "Pod" {
-                // A Pod's annotations are never read and can be kilobytes.
+                // A Pod's annotations are never read and can be kilobytes; nor is its
+                // creation time.
                 meta.remove("annotations");
+                meta.remove("creationTimestamp");
             }
         }
     }

@@ -29,9 +29,8 @@ pub struct ObjectMeta {
     pub annotations: Labels,
     /// RFC 3339; tie-breaker in HTTPRoute precedence (older wins).
     pub creation_timestamp: Option<String>,
-    /// A Pod's `generateName` and owners: its workload's name for metrics (Istio
-    /// `GetDeployMetaFromPod`: a ReplicaSet's Deployment, else the owner, else the Pod).
-    pub generate_name: Option<String>,
+    /// A Pod's owners: its workload's name for metrics (Istio `GetDeployMetaFromPod`: a
+    /// ReplicaSet's Deployment, else the owner, else the Pod).
     pub owner_references: Vec<OwnerReference>,
 }
 
