@@ -285,6 +285,10 @@ impl ApiServer {
         self.state.lock().unwrap().absent.insert(plural);
     }
 
+    pub fn restore_crd(&self, plural: &'static str) {
+        self.state.lock().unwrap().absent.remove(plural);
+    }
+
     /// Requests seen so far ("list services", "watch services", ...).
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()

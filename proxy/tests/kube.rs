@@ -386,6 +386,81 @@ spec:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_at_start_a_missing_policy_crd_and_a_bad_object() {
+    let (v1, v2) = (backend("v1").await, backend("v2").await);
+    let objects = format!(
+        "{BASE}---\n{}{}---\n{}{}",
+        service("reviews", "10.0.0.10"),
+        slice("reviews", &[v1.port()]),
+        service("reviews-v2", "10.0.0.11"),
+        slice("reviews-v2", &[v2.port()]),
+    );
+    // The API server is down when the waypoint starts: it serves nothing and is not ready.
+    let m = start_mesh(&objects, |api| api.stop(), Duration::from_secs(3600)).await;
+    let (code, body) = http_get(m.wp.ready, "/healthz/ready").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("AuthorizationPolicy: not listed yet")
+            || body.contains("AuthorizationPolicy: cannot list"),
+        "{body}"
+    );
+    // Back, but RequestAuthentication's CRD is missing: still not ready, and it says so.
+    m.api.remove_crd("requestauthentications");
+    m.api.restart().await;
+    // Every other kind lists once its back-off (capped at 10 s) retries; the missing CRD
+    // alone keeps it not ready.
+    let body = within(
+        Duration::from_secs(30),
+        "only the missing CRD left",
+        || async {
+            let (code, body) = http_get(m.wp.ready, "/healthz/ready").await;
+            (code == 503
+                && body.contains("RequestAuthentication CRD is not installed")
+                && !body.contains("cannot list"))
+            .then_some(body)
+        },
+    )
+    .await;
+    assert!(!body.contains("not listed yet"), "{body}");
+    m.api.restore_crd("requestauthentications");
+    ready(&m).await;
+    let conn = m.connect().await;
+    assert_eq!(get(&conn, "10.0.0.10:9080").await, (200, "v1".into()));
+
+    // An HTTPRoute that does not compile is skipped with a warning naming it and its field;
+    // a good one created with it applies.
+    m.api.apply_yaml(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: bad, namespace: default}
+spec:
+  parentRefs: [{group: '', kind: Service, name: reviews-v2, port: 9080}]
+  rules: [{matches: [{path: {type: PathPrefix, value: no-slash}}], backendRefs: [{name: reviews, port: 9080}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: good, namespace: default}
+spec:
+  parentRefs: [{group: '', kind: Service, name: reviews, port: 9080}]
+  rules: [{backendRefs: [{name: reviews-v2, port: 9080}]}]
+",
+    );
+    within(Duration::from_secs(5), "the good route applies", || async {
+        (get(&conn, "10.0.0.10:9080").await.1 == "v2").then_some(())
+    })
+    .await;
+    let (_, dump) = http_get(m.wp.admin, "/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let warnings = dump["warnings"].to_string();
+    assert!(
+        warnings.contains("HTTPRoute default/bad: spec.rules[0].matches[0].path.value"),
+        "{warnings}"
+    );
+    // The bad route's parent keeps its default route.
+    assert_eq!(get(&conn, "10.0.0.11:9080").await.1, "v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forbidden_policy_kind_keeps_the_waypoint_not_ready() {
     let v1 = backend("v1").await;
     let objects = format!(
