@@ -396,7 +396,7 @@ impl Connection {
                             self.stats.reset_floods.fetch_add(1, Ordering::Relaxed);
                             warn!(%remote, identity = ?peer.identity, "HBONE peer exceeded the stream reset budget; closing with GOAWAY ENHANCE_YOUR_CALM");
                             conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
-                            while let Some(Ok(_)) = conn.accept().await {}
+                            flush_goaway(&mut conn).await;
                             break;
                         }
                         let (parts, body) = req.into_parts();
@@ -427,14 +427,29 @@ impl Connection {
                 }
                 _ = &mut keepalive => {
                     conn.abrupt_shutdown(h2::Reason::NO_ERROR);
-                    // Keep polling so the GOAWAY is written, bounded by the accept loop ending.
-                    while let Some(Ok(_)) = conn.accept().await {}
+                    flush_goaway(&mut conn).await;
                     break;
                 }
             }
         }
         debug!(%remote, "HBONE connection closed");
     }
+}
+
+/// How long a connection shut down abruptly gets to write its GOAWAY.
+const GOAWAY_FLUSH_DEADLINE: Duration = Duration::from_secs(5);
+
+/// After `abrupt_shutdown`, keep polling the connection so the GOAWAY is written, but only
+/// for [`GOAWAY_FLUSH_DEADLINE`]: a peer that never reads would otherwise hold the task (and
+/// the connection's buffers) forever.
+async fn flush_goaway<T>(conn: &mut h2::server::Connection<T, bytes::Bytes>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(GOAWAY_FLUSH_DEADLINE, async {
+        while let Some(Ok(_)) = conn.accept().await {}
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -113,6 +113,10 @@ struct RunArgs {
     /// A backend must start its response within this ("0s": wait forever, Istio's default).
     #[arg(long, env = "WAYPOINT_UPSTREAM_RESPONSE_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
     upstream_response_timeout: Duration,
+    /// A request body left without a byte this long gets 408 `stream timeout` (flag SI;
+    /// Envoy's stream idle timeout default; "0s": wait forever, as Istio's waypoint).
+    #[arg(long, env = "WAYPOINT_STREAM_IDLE_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
+    stream_idle_timeout: Duration,
     /// An HTTP/1.1 request head must arrive within this once it started (408 otherwise).
     #[arg(long, env = "WAYPOINT_REQUEST_HEADER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     request_header_timeout: Duration,
@@ -517,6 +521,8 @@ fn run(args: RunArgs) -> ExitCode {
     config.upstream.hbone_port = args.hbone_upstream_port;
     config.limits.upstream_response_timeout =
         (!args.upstream_response_timeout.is_zero()).then_some(args.upstream_response_timeout);
+    config.limits.stream_idle_timeout =
+        (!args.stream_idle_timeout.is_zero()).then_some(args.stream_idle_timeout);
     config.limits.request_header_timeout = args.request_header_timeout;
     config.limits.idle_timeout = args.idle_timeout;
     config.limits.max_requests = args.max_requests;

@@ -32,9 +32,15 @@ pub struct Limits {
     /// An inner HTTP connection with no request in flight and no bytes for this long is
     /// closed (Envoy HCM `idle_timeout` default: 1 h).
     pub idle_timeout: Duration,
-    /// The upstream must start its response within this (`None`: wait forever, as Istio's
-    /// default route timeout 0s). HTTPRoute timeouts override it per route.
+    /// The upstream must start its response within this once the request is complete
+    /// (`None`: wait forever, as Istio's default route timeout 0s). HTTPRoute timeouts
+    /// override it per route.
     pub upstream_response_timeout: Option<Duration>,
+    /// A request body the client leaves unfinished without a byte for this long is answered
+    /// 408 `stream timeout` (flag `SI`): Envoy's HCM `stream_idle_timeout` default (5 min).
+    /// Istio sets 0 (off) on waypoint chains; `None` here is that (a stalled upload then
+    /// waits forever, as it does in Envoy's waypoint).
+    pub stream_idle_timeout: Option<Duration>,
     /// Requests in flight at once across the process; beyond it requests are shed with
     /// 503 `OM` instead of queueing without bound.
     pub max_requests: usize,
@@ -61,6 +67,7 @@ impl Default for Limits {
             request_header_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(3600),
             upstream_response_timeout: Some(Duration::from_secs(300)),
+            stream_idle_timeout: Some(Duration::from_secs(300)),
             max_requests: 100_000,
             max_mirrors_in_flight: 1024,
             metrics_baggage: false,

@@ -879,6 +879,83 @@ async fn a_flowing_body_outlives_the_response_timeout_but_not_the_route_timeout(
     task.abort();
 }
 
+/// Envoy arms the route timeout once the whole request has been read (router.cc
+/// `onRequestComplete`): an upload slower than the route timeout is not cut. A body the
+/// client stops sending is bounded by the stream idle timeout instead: 408 `stream timeout`,
+/// flag `SI`, details `stream_idle_timeout` (Envoy's HCM `stream_idle_timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_outlives_the_route_timeout_and_a_stalled_one_gets_408_si() {
+    let rec = recorder("127.0.0.1").await;
+    let mut m = Manifests::new();
+    m.service("timed", "10.0.0.64", 80, "http", &[rec.addr]);
+    m.route(
+        "timed",
+        "timed",
+        80,
+        "  - backendRefs: [{name: timed, port: 80}]\n    timeouts: {request: 500ms}\n",
+    );
+    let wp = TestWaypoint::start_with(&m.yaml(), |c| {
+        c.limits.stream_idle_timeout = Some(Duration::from_millis(1500))
+    })
+    .await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let head =
+        "POST /up HTTP/1.1\r\nhost: timed\r\ncontent-length: 30\r\nconnection: close\r\n\r\n";
+
+    // 30 bytes in three pieces 400 ms apart: the upload itself takes longer than the route
+    // timeout (the pacing is what is tested, not a synchronisation).
+    let mut s = conn
+        .open("10.0.0.64:80", http::HeaderMap::new())
+        .await
+        .unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        s.write_all(&[b'x'; 10]).await.unwrap();
+    }
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("answered within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("x-got-len: 30"),
+        "the whole body arrived: {text}"
+    );
+    let log = &wp.next_logs(1)[0];
+    assert_eq!(log["response_flags"], "-", "{log}");
+    assert_eq!(log["bytes_received"], 30, "{log}");
+
+    // 10 of 30 bytes, then nothing: neither the route timeout (the request never completes)
+    // nor a hang, but the stream idle timeout.
+    let mut s = conn
+        .open("10.0.0.64:80", http::HeaderMap::new())
+        .await
+        .unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&[b'x'; 10]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("answered within 10 s");
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.ends_with("stream timeout"), "{text}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "not before the stream idle timeout: {:?}",
+        started.elapsed()
+    );
+    let log = &wp.next_logs(1)[0];
+    assert_eq!(log["response_code"], 408, "{log}");
+    assert_eq!(log["response_flags"], "SI", "{log}");
+    assert_eq!(log["response_code_details"], "stream_idle_timeout", "{log}");
+    assert_eq!(log["bytes_received"], 10, "{log}");
+}
+
 /// RequestMirror copies are bounded in number (beyond the bound: skipped and counted), in time
 /// (the route timeout) and in memory (an endless mirror response is discarded as it streams),
 /// and never hold the primary back.

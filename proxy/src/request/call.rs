@@ -2,7 +2,7 @@
 //! back-off (Envoy's router with istiod's retry policy): least-request endpoint choice
 //! avoiding hosts already tried, a pooled or new connection, the route timeout
 //! (`timeouts.request`, else `--upstream-response-timeout`) for response headers and the
-//! per-try timeout (`timeouts.backendRequest`); retriable failures (connect failure, refused
+//! per-try timeout (`timeouts.backendRequest`), both from the end of the request; retriable failures (connect failure, refused
 //! stream, gRPC unavailable/cancelled, listed status codes) retried after Envoy's jittered
 //! exponential back-off until the budget is spent.
 
@@ -57,16 +57,13 @@ pub(super) async fn call(
     let upstream_started = Instant::now();
     // The route's request timeout (HTTPRoute `timeouts.request`), else this waypoint's
     // default response timeout (300 s; Istio's default is none): a backend that never
-    // answers is released with 504 UT.
-    let deadline = rule
-        .as_ref()
-        .and_then(|r| r.request_timeout)
-        .or(ctx.shared.limits.upstream_response_timeout)
-        .map(|d| upstream_started + d);
-    let route_deadline = rule
-        .as_ref()
-        .and_then(|r| r.request_timeout)
-        .map(|d| upstream_started + d);
+    // answers is released with 504 UT. Both run from the end of the request (Timers).
+    let route_timeout = rule.as_ref().and_then(|r| r.request_timeout);
+    let timers = Timers {
+        received,
+        started: upstream_started,
+        global: route_timeout.or(ctx.shared.limits.upstream_response_timeout),
+    };
     let per_try = rule.as_ref().and_then(|r| r.per_try_timeout);
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(max_attempts as usize);
     let mut attempts = Attempts::new(max_attempts);
@@ -84,13 +81,15 @@ pub(super) async fn call(
         } else {
             addr.to_string()
         });
-        let checkout = match until(deadline, ctx.shared.upstreams.checkout(endpoint, proto)).await {
-            None => return Err(ProxyError::Timeout { per_try: false }),
-            Some(Ok(c)) => c,
-            Some(Err(failure)) => {
+        let checkout = match timers
+            .run(ctx.shared.upstreams.checkout(endpoint, proto), None)
+            .await?
+        {
+            Ok(c) => c,
+            Err(failure) => {
                 tried.push(addr);
                 if failure.retriable() && policy.is_some() && attempts.may_retry() {
-                    if !back_off(deadline, retry_backoff, attempts.count).await {
+                    if !back_off(&timers, retry_backoff, attempts.count).await {
                         return Err(ProxyError::Timeout { per_try: false });
                     }
                     continue;
@@ -110,20 +109,8 @@ pub(super) async fn call(
         });
         endpoint.load.inc();
         let load = LoadGuard(endpoint.load.clone());
-        let try_deadline = per_try.map(|d| Instant::now() + d);
-        let (limit, per_try_first) = match (deadline, try_deadline) {
-            (Some(a), Some(b)) if b < a => (Some(b), true),
-            (None, Some(b)) => (Some(b), true),
-            (a, _) => (a, false),
-        };
-        let sent = match until(limit, checkout.send(upstream_req)).await {
-            Some(r) => r,
-            None => {
-                return Err(ProxyError::Timeout {
-                    per_try: per_try_first,
-                });
-            }
-        };
+        let try_timer = per_try.map(|d| (Instant::now(), d));
+        let sent = timers.run(checkout.send(upstream_req), try_timer).await?;
         match sent {
             Ok((resp, pool)) => {
                 let retriable = retriable_response(&resp, retry_codes) && policy.is_some();
@@ -136,7 +123,7 @@ pub(super) async fn call(
                     drop((resp, pool, load));
                     tried.push(addr);
                     upstream_req = rebuild(head, body);
-                    if !back_off(deadline, retry_backoff, attempts.count).await {
+                    if !back_off(&timers, retry_backoff, attempts.count).await {
                         return Err(ProxyError::Timeout { per_try: false });
                     }
                     continue;
@@ -160,7 +147,14 @@ pub(super) async fn call(
                     pool,
                     load,
                     service_time_ms: upstream_started.elapsed().as_millis() as u64,
-                    route_deadline,
+                    // A response before the request ended (rare): its timer starts now.
+                    route_deadline: route_timeout.map(|d| {
+                        received
+                            .completed_at()
+                            .unwrap_or_else(Instant::now)
+                            .max(upstream_started)
+                            + d
+                    }),
                 });
             }
             Err(e) => {
@@ -184,6 +178,9 @@ pub(super) async fn call(
                     {
                         upstream_req = rebuild(head, body);
                     }
+                    _ if received.idle_timed_out() => {
+                        return Err(ProxyError::StreamIdleTimeout);
+                    }
                     _ if received.failed() => {
                         // The client's body broke its framing mid-request: Envoy's codec
                         // answers that (400 `http1.codec_error`), not the upstream reset it
@@ -204,7 +201,7 @@ pub(super) async fn call(
                     }
                 }
                 tried.push(addr);
-                if !back_off(deadline, retry_backoff, attempts.count).await {
+                if !back_off(&timers, retry_backoff, attempts.count).await {
                     return Err(ProxyError::Timeout { per_try: false });
                 }
             }
@@ -263,8 +260,8 @@ impl Attempts {
 
 /// Envoy's retry back-off before retry `n` (1-based): a random wait in
 /// `[0, base * 2^(n-1))`, the window capped at 10 x base (`BACKOFF_MAX_FACTOR`). `false` when
-/// the route deadline passes first.
-async fn back_off(deadline: Option<Instant>, base: Option<std::time::Duration>, n: u32) -> bool {
+/// the route timeout expires first.
+async fn back_off(timers: &Timers<'_>, base: Option<std::time::Duration>, n: u32) -> bool {
     let base = base.unwrap_or_default();
     let cap = base * BACKOFF_MAX_FACTOR;
     let window = (base * 2u32.saturating_pow(n.saturating_sub(1))).min(cap);
@@ -274,14 +271,51 @@ async fn back_off(deadline: Option<Instant>, base: Option<std::time::Duration>, 
     } else {
         rand::random::<u64>() % ms
     });
-    until(deadline, tokio::time::sleep(wait)).await.is_some()
+    timers.run(tokio::time::sleep(wait), None).await.is_ok()
 }
 
-/// Run `f` until `deadline` (if any); `None` when the deadline passed first.
-async fn until<F: std::future::Future>(deadline: Option<Instant>, f: F) -> Option<F::Output> {
-    match deadline {
-        None => Some(f.await),
-        Some(d) => tokio::time::timeout_at(d, f).await.ok(),
+/// The route's and each try's timeouts, armed where Envoy's router arms them: once the whole
+/// request has been read (router.cc `onRequestComplete`; a bodiless request at once), and
+/// never before the call (or the try) started. A slow upload is therefore never cut by a
+/// route timeout; a stalled one is bounded by the stream idle timeout instead.
+struct Timers<'a> {
+    received: &'a BodyProgress,
+    started: Instant,
+    /// The route's `timeouts.request`, else `--upstream-response-timeout`.
+    global: Option<std::time::Duration>,
+}
+
+impl Timers<'_> {
+    async fn expiry(&self, from: Instant, d: std::time::Duration) {
+        let done = self.received.complete().await;
+        tokio::time::sleep_until(done.max(from) + d).await;
+    }
+
+    /// Run `f` until the route timeout or, with `per_try` (the try's start and timeout), the
+    /// try's: 504 `UT` with the details of whichever expired.
+    async fn run<F: std::future::Future>(
+        &self,
+        f: F,
+        per_try: Option<(Instant, std::time::Duration)>,
+    ) -> Result<F::Output, ProxyError> {
+        let global = async {
+            match self.global {
+                Some(d) => self.expiry(self.started, d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let per_try = async {
+            match per_try {
+                Some((from, d)) => self.expiry(from, d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            r = f => Ok(r),
+            () = per_try => Err(ProxyError::Timeout { per_try: true }),
+            () = global => Err(ProxyError::Timeout { per_try: false }),
+        }
     }
 }
 

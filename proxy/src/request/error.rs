@@ -40,6 +40,10 @@ pub enum ProxyError {
     /// details `response_timeout` / `upstream_per_try_timeout` (router.cc `onResponseTimeout`,
     /// `onPerTryTimeout`).
     Timeout { per_try: bool },
+    /// The client left its request body unfinished for the stream idle timeout before any
+    /// response started: Envoy's HCM answers 408 `stream timeout`, flag `SI`, details
+    /// `stream_idle_timeout` (filter_manager `onIdleTimeout`).
+    StreamIdleTimeout,
     /// HTTPRoute `RequestRedirect`: Envoy's route redirect, answered locally with the status,
     /// `location` and an empty body; no flag, details `direct_response`.
     Redirect {
@@ -292,6 +296,12 @@ impl ProxyError {
                 } else {
                     "response_timeout"
                 },
+            ),
+            ProxyError::StreamIdleTimeout => reply(
+                StatusCode::REQUEST_TIMEOUT,
+                "stream timeout",
+                ResponseFlag::SI.into(),
+                "stream_idle_timeout",
             ),
             ProxyError::Redirect { status, location } => LocalReply {
                 status: *status,

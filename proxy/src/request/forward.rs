@@ -104,7 +104,14 @@ pub(super) fn forward(
         None => Some(RetryPolicy::default()),
     };
     let max_attempts = policy.as_ref().map_or(1, |p| p.retries.saturating_add(1));
-    let mut upstream_req = Request::from_parts(parts, RequestBody::new(body, received.clone()));
+    let mut upstream_req = Request::from_parts(
+        parts,
+        RequestBody::new(
+            body,
+            received.clone(),
+            ctx.shared.limits.stream_idle_timeout,
+        ),
+    );
     prepare_request(&mut upstream_req, proto);
     let buffered = max_attempts > 1 || mirror_head.is_some();
     let retry_buf = if buffered {

@@ -10,6 +10,7 @@
 pub mod extauthz;
 
 use std::collections::HashMap;
+use std::future::Future as _;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -99,7 +100,31 @@ struct BodyState {
     inner: Source,
     received: Option<Arc<BodyProgress>>,
     tee: Option<Arc<Mutex<Tee>>>,
+    /// Envoy's stream idle timeout for a body the client stops sending (`--stream-idle-timeout`).
+    idle: Option<StreamIdle>,
 }
+
+/// How long the client may leave a started request body without a byte: armed when the body
+/// has nothing to give (reading it was not held back by the upstream), reset by every frame.
+struct StreamIdle {
+    timeout: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// The sleep runs for the current wait (since the last frame).
+    waiting: bool,
+}
+
+/// The client stopped sending its request body for the stream idle timeout (Envoy's HCM
+/// `stream_idle_timeout`: 408 `stream timeout`, flag `SI`, when no response has started).
+#[derive(Debug)]
+pub struct StreamIdleTimeout;
+
+impl std::fmt::Display for StreamIdleTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stream timeout")
+    }
+}
+
+impl std::error::Error for StreamIdleTimeout {}
 
 enum Source {
     Incoming(Incoming),
@@ -113,9 +138,50 @@ enum Source {
 pub struct BodyProgress {
     received: AtomicU64,
     failed: std::sync::atomic::AtomicBool,
+    /// The client left the body unfinished for the stream idle timeout.
+    idle_timed_out: std::sync::atomic::AtomicBool,
+    /// When the whole request had been read: Envoy's router arms the route timeout and each
+    /// try's timeout only then (router.cc `onRequestComplete`), so a slow upload is not cut by
+    /// a route timeout shorter than the upload.
+    complete: std::sync::OnceLock<tokio::time::Instant>,
+    completed: tokio::sync::Notify,
 }
 
 impl BodyProgress {
+    /// The whole request has been read (end of stream, or a body that failed).
+    pub fn mark_complete(&self) {
+        if self.complete.set(tokio::time::Instant::now()).is_ok() {
+            self.completed.notify_waiters();
+        }
+    }
+
+    /// When the whole request was read, if it was.
+    pub fn completed_at(&self) -> Option<tokio::time::Instant> {
+        self.complete.get().copied()
+    }
+
+    /// Wait until the whole request has been read.
+    pub async fn complete(&self) -> tokio::time::Instant {
+        if let Some(at) = self.completed_at() {
+            return at;
+        }
+        let notified = self.completed.notified();
+        tokio::pin!(notified);
+        loop {
+            notified.as_mut().enable();
+            if let Some(at) = self.completed_at() {
+                return at;
+            }
+            notified.as_mut().await;
+            notified.set(self.completed.notified());
+        }
+    }
+
+    /// The client stopped sending its body for the stream idle timeout.
+    pub fn idle_timed_out(&self) -> bool {
+        self.idle_timed_out.load(Ordering::Relaxed)
+    }
+
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
     }
@@ -159,6 +225,7 @@ impl RetryBuffer {
             inner: Source::Replay(tee.data.iter().cloned().collect(), tee.trailers.clone()),
             received: None,
             tee: None,
+            idle: None,
         })))
     }
 
@@ -177,8 +244,24 @@ impl RetryBuffer {
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, received: Arc<BodyProgress>) -> RequestBody {
+    /// The client's body; `idle` is the stream idle timeout (`None`: wait forever, Istio's
+    /// waypoint setting).
+    pub fn new(
+        inner: Incoming,
+        received: Arc<BodyProgress>,
+        idle: Option<Duration>,
+    ) -> RequestBody {
+        if inner.is_end_stream() {
+            received.mark_complete();
+        }
         RequestBody(Box::new(BodyState {
+            idle: idle
+                .filter(|_| !inner.is_end_stream())
+                .map(|timeout| StreamIdle {
+                    timeout,
+                    sleep: Box::pin(tokio::time::sleep(timeout)),
+                    waiting: false,
+                }),
             inner: Source::Incoming(inner),
             received: Some(received),
             tee: None,
@@ -192,6 +275,7 @@ impl RequestBody {
             inner: Source::Replay(Default::default(), None),
             received: None,
             tee: None,
+            idle: None,
         }))
     }
 
@@ -201,6 +285,7 @@ impl RequestBody {
             inner: Source::Replay(std::iter::once(b).filter(|b| !b.is_empty()).collect(), None),
             received: None,
             tee: None,
+            idle: None,
         }))
     }
 
@@ -219,12 +304,12 @@ impl RequestBody {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::request::body::BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this: &mut BodyState = &mut self.0;
         match &mut this.inner {
             Source::Replay(data, trailers) => Poll::Ready(match data.pop_front() {
@@ -234,9 +319,34 @@ impl Body for RequestBody {
             Source::Incoming(inner) => {
                 let r = Pin::new(&mut *inner).poll_frame(cx);
                 let at_end = inner.is_end_stream();
+                if let Some(idle) = &mut this.idle {
+                    if r.is_ready() {
+                        idle.waiting = false;
+                    } else {
+                        if !idle.waiting {
+                            idle.waiting = true;
+                            let due = tokio::time::Instant::now() + idle.timeout;
+                            idle.sleep.as_mut().reset(due);
+                        }
+                        if idle.sleep.as_mut().poll(cx).is_ready() {
+                            this.idle = None;
+                            if let Some(progress) = &this.received {
+                                progress.idle_timed_out.store(true, Ordering::Relaxed);
+                                progress.mark_complete();
+                            }
+                            return Poll::Ready(Some(Err(Box::new(StreamIdleTimeout))));
+                        }
+                    }
+                }
+                if let Some(progress) = &this.received
+                    && (at_end || matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))))
+                {
+                    progress.mark_complete();
+                }
                 if let (Poll::Ready(Some(Err(_))), Some(progress)) = (&r, &this.received) {
                     progress.failed.store(true, Ordering::Relaxed);
                 }
+                let r = r.map(|f| f.map(|f| f.map_err(|e| Box::new(e) as Self::Error)));
                 if let Poll::Ready(frame) = &r {
                     if let Some(Ok(frame)) = frame
                         && let Some(d) = frame.data_ref()
