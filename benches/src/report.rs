@@ -303,35 +303,51 @@ pub fn build(dir: &Path) -> anyhow::Result<Report> {
     if !idle.is_empty() {
         md.push_str("\n### Idle tunnels (memory per tunnel)\n\n");
         md.push_str("Tunnels opened over pooled HBONE connections (100 streams each), one GET each, then held. \
-                     Bytes per tunnel = RSS growth after the tunnels / tunnels open (HBONE connection cost excluded).\n\n");
-        md.push_str("| target | tunnels open | open errors | open s | RSS before tunnels MiB | RSS with tunnels MiB | peak RSS MiB | bytes / tunnel | vs Envoy | probes alive |\n");
-        md.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
-        let envoy_bpt = idle
-            .iter()
-            .filter(|(_, t, _, _)| t == "envoy")
-            .filter_map(|(_, _, _, v)| f(v, &["proxy", "bytes_per_tunnel"]))
-            .next();
+                     Bytes per tunnel = RSS growth after the tunnels / tunnels open (HBONE connection cost excluded), \
+                     measured twice: *just idle* 0.5 s after the last tunnel opened (before the waypoint parks idle \
+                     tunnels, after 1 s) and *parked* at the end of the hold (every tunnel idle at least that long); \
+                     *settled*: RSS 5 s after every tunnel closed (what a burst leaves behind).\n\n");
+        md.push_str("| target | tunnels open | open errors | open s | RSS before tunnels MiB | RSS just idle MiB | RSS parked MiB | peak RSS MiB | settled RSS MiB | bytes / tunnel just idle | vs Envoy | bytes / tunnel parked | vs Envoy | hold s | probes alive |\n");
+        md.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        let envoy_of = |key: &str| {
+            idle.iter()
+                .filter(|(_, t, _, _)| t == "envoy")
+                .filter_map(|(_, _, _, v)| f(v, &["proxy", key]))
+                .next()
+        };
+        let envoy_early = envoy_of("bytes_per_tunnel_early");
+        let envoy_bpt = envoy_of("bytes_per_tunnel");
         for (s, t, rep, v) in &idle {
+            let early = f(v, &["proxy", "bytes_per_tunnel_early"]);
             let bpt = f(v, &["proxy", "bytes_per_tunnel"]);
+            let vs = |x: Option<f64>, e: Option<f64>| {
+                if t == "envoy" {
+                    "-".into()
+                } else {
+                    fmt_ratio(ratio(x, e))
+                }
+            };
             let _ = writeln!(
                 md,
-                "| {t} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} |",
+                "| {t} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} |",
                 v["tunnels_open"],
                 v["open_errors"],
                 fmt_num(f(v, &["open_seconds"]), 1),
                 fmt_mib(f(v, &["proxy", "rss_after_connections_kb"])),
+                fmt_mib(f(v, &["proxy", "rss_after_tunnels_early_kb"])),
                 fmt_mib(f(v, &["proxy", "rss_after_tunnels_kb"])),
                 fmt_mib(f(v, &["proxy", "peak_rss_kb"])),
+                fmt_mib(f(v, &["proxy", "rss_settled_kb"])),
+                fmt_num(early, 0),
+                vs(early, envoy_early),
                 fmt_num(bpt, 0),
-                if t == "envoy" {
-                    "-".into()
-                } else {
-                    fmt_ratio(ratio(bpt, envoy_bpt))
-                },
+                vs(bpt, envoy_bpt),
+                fmt_num(f(v, &["proxy", "hold_seconds"]), 0),
                 v["probed_alive"],
                 v["probed"],
             );
             idle_json.push(json!({"scenario": s, "target": t, "rep": rep, "result": v,
+                "bytes_per_tunnel_early_vs_envoy": ratio(early, envoy_early),
                 "bytes_per_tunnel_vs_envoy": ratio(bpt, envoy_bpt)}));
         }
     }

@@ -267,10 +267,9 @@ fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     b.enable_all().build()
 }
 
-/// Mid-sized blocks (connection buffers) as whole pages, so what idle tunnels free can be
-/// given back to the OS (proxy/src/memory/pages.rs).
-#[global_allocator]
-static ALLOC: proxy::memory::pages::PagePool = proxy::memory::pages::PagePool;
+// jemalloc with the waypoint's options (proxy/src/memory/mod.rs), unless a feature picks
+// another allocator for benches/alloc.sh.
+proxy::install_allocator!();
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -138,6 +138,26 @@ async fn idle_tunnels_cost_a_few_kib_and_memory_returns_after_a_burst() {
     let (pid, hbone, metrics) = (wp.child.id(), wp.hbone, wp.metrics);
     let tls = sleep_client_tls(&certs);
 
+    // The binary runs on jemalloc with the options compiled into it (memory/mod.rs
+    // MALLOC_CONF), and says so on admin /memory.
+    let memory: serde_json::Value = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(wp.admin).await.unwrap();
+        s.write_all(b"GET /memory HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+    };
+    assert_eq!(memory["allocator"], "jemalloc", "{memory}");
+    assert_eq!(memory["background_thread"], true, "{memory}");
+    assert_eq!(memory["dirty_decay_ms"], 1000, "{memory}");
+    assert!(
+        memory["resident"].as_str().unwrap().parse::<u64>().unwrap() > 0,
+        "{memory}"
+    );
+
     // Warm up (pools, TLS, allocator arenas) with a small burst, then take the baseline.
     drop(open_tunnels(hbone, &tls, STREAMS_PER_CONN).await);
     let start = rss_until(pid, Duration::from_secs(5), |_| false).await;
@@ -150,11 +170,11 @@ async fn idle_tunnels_cost_a_few_kib_and_memory_returns_after_a_burst() {
         // 2,000 idle keep-alive tunnels, one request each.
         let (idle_conns, idle) = open_tunnels(hbone, &tls, IDLE_TUNNELS).await;
         let peak_open = rss_kib(pid);
-        // Once idle (listener/inner.rs PARK_AFTER), each costs a few KiB: ~2.6 KB in the release build
-        // (benches: `idle` scenario, 10,000 tunnels; Envoy ~45 KB) and in this test build
+        // Once idle (listener/inner.rs PARK_AFTER), each costs a few KiB: ~3 KB in the release
+        // build (benches: `idle` scenario, 10,000 tunnels; Envoy ~45 KB) and in this test build
         // from a warm process (round 2). Round 1 also pays for the process growing to its
-        // working size (pools, allocator spans; measured ~9.6 KB per tunnel). Without parking
-        // and the allocator's slab (pages.rs) an idle tunnel cost over 35 KB here.
+        // working size (pools, allocator arenas). Without parking an idle tunnel cost over
+        // 35 KB here.
         let per_tunnel_kib: u64 = if round == 1 { 16 } else { 5 };
         // Wait until they have all parked and the waypoint has given the freed memory back.
         metric_until(metrics, "waypoint_tunnels_parked", |n| {

@@ -3,10 +3,9 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-/// The allocator the `waypoint` binary installs (proxy/src/memory/pages.rs): every test below runs
-/// the data path on it, as production does.
-#[global_allocator]
-static ALLOC: proxy::memory::pages::PagePool = proxy::memory::pages::PagePool;
+// The allocator the `waypoint` binary installs, with its options (proxy/src/memory/mod.rs):
+// every test below runs the data path on it, as production does.
+proxy::install_allocator!();
 
 mod abuse;
 mod authn;

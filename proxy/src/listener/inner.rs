@@ -26,8 +26,8 @@ pub(super) const DRAIN_IDLE_GRACE: std::time::Duration = std::time::Duration::fr
 /// An HTTP/1.1 inner connection with no request in flight and no bytes for this long hands
 /// hyper's per-connection state back (its read and write buffers, 16 KiB) and the tunnel's
 /// task waits for the next request holding only the stream ([`Parked`]): an idle keep-alive
-/// tunnel then costs ~2.7 KB (measured, benches `idle`, with the allocator's slab, pages.rs;
-/// Envoy keeps its codec buffers: ~45 KB). The next request rebuilds the connection state, a
+/// tunnel then costs ~3 KB (measured, benches `idle` with jemalloc, memory/mod.rs; Envoy
+/// keeps its codec buffers: ~45 KB). The next request rebuilds the connection state, a
 /// few microseconds once per idle period.
 pub const PARK_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 

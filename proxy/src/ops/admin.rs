@@ -127,7 +127,7 @@ fn answer(shared: &Shared, role: Role, req: &Request<Incoming>) -> Response<Full
 
 fn prometheus(shared: &Shared) -> String {
     let s = &shared.hbone_stats;
-    let pool = crate::memory::pages::stats();
+    let mem = crate::memory::stats();
     let extra = [
         (
             "waypoint_hbone_connections_active",
@@ -219,25 +219,22 @@ fn prometheus(shared: &Shared) -> String {
             "Times freed memory was returned to the OS after load dropped.",
             shared.reclaim.trims.load(Ordering::Relaxed),
         ),
+        // Envoy's server.memory_allocated / memory_heap_size / memory_physical_size, from
+        // jemalloc's stats (zeros with another allocator).
         (
-            "waypoint_memory_blocks_used_bytes",
-            "Mid-sized blocks (8-64 KiB: connection buffers) in use (page pool, pages.rs).",
-            pool.blocks_used,
+            "waypoint_memory_allocated_bytes",
+            "Bytes in live allocations (jemalloc stats.allocated).",
+            mem.allocated,
         ),
         (
-            "waypoint_memory_slab_spans_bytes",
-            "Slab spans holding long-lived aligned objects (tasks, tunnel state).",
-            pool.slab_spans,
+            "waypoint_memory_active_bytes",
+            "Bytes in pages holding live allocations (jemalloc stats.active).",
+            mem.active,
         ),
         (
-            "waypoint_memory_slab_live_bytes",
-            "Live objects in the slab spans.",
-            pool.slab_live,
-        ),
-        (
-            "waypoint_memory_pool_free_bytes",
-            "Free blocks and spans still resident (given back on the next trim).",
-            pool.free,
+            "waypoint_memory_resident_bytes",
+            "Bytes the allocator keeps resident, data and metadata (jemalloc stats.resident).",
+            mem.resident,
         ),
         (
             "waypoint_access_log_dropped_total",
@@ -285,26 +282,21 @@ fn discovery_metrics(out: &mut String, source: &discovery::Source) {
     }
 }
 
-/// Envoy's `/memory` answers with its allocator's totals; ours adds the page pool's and
-/// the slab's sizes (pages.rs), the two places long-lived and connection memory lives.
+/// Envoy's `/memory` answers with its allocator's totals (tcmalloc's `allocated`,
+/// `heap_size`, ...); ours with jemalloc's, and the options it runs with.
 fn memory() -> String {
-    let s = crate::memory::pages::stats();
-    let (blocks, slots) = crate::memory::pages::detail();
-    let blocks: Vec<_> = blocks
-        .iter()
-        .map(|b| json!({"size": b.size, "in_use": b.in_use, "free_resident": b.free_resident, "free_released": b.free_released}))
-        .collect();
-    let slots: Vec<_> = slots
-        .iter()
-        .map(|s| json!({"size": s.size, "live": s.live}))
-        .collect();
+    let s = crate::memory::stats();
+    let (background_thread, dirty_decay_ms) = crate::memory::options();
     let v = json!({
-        "blocks_used_bytes": s.blocks_used,
-        "slab_spans_bytes": s.slab_spans,
-        "slab_live_bytes": s.slab_live,
-        "free_resident_bytes": s.free,
-        "blocks": blocks,
-        "slab": slots,
+        // Which allocator this binary was built with (proxy/Cargo.toml features).
+        "allocator": crate::memory::ALLOCATOR,
+        "allocated": s.allocated.to_string(),
+        "active": s.active.to_string(),
+        "resident": s.resident.to_string(),
+        "metadata": s.metadata.to_string(),
+        "retained": s.retained.to_string(),
+        "background_thread": background_thread,
+        "dirty_decay_ms": dirty_decay_ms,
     });
     serde_json::to_string_pretty(&v).unwrap_or_default()
 }

@@ -14,9 +14,10 @@ use crate::state::Shared;
 
 /// Everything a request inside one tunnel needs to know about the tunnel.
 ///
-/// Aligned to a cache line: an idle tunnel keeps this for as long as it is open, and the
-/// allocator packs such objects together instead of between short-lived request memory
-/// (pages.rs, slab). Per-connection text (peer address, principal) lives in [`PeerInfo`].
+/// Aligned to a cache line, as it was when the idle-tunnel memory was measured
+/// (docs/bench/2026-12-06-allocators.md): an idle tunnel keeps this for as long as it is open,
+/// and the alignment keeps it off the cache lines of other tunnels' state that workers write.
+/// Per-connection text (peer address, principal) lives in [`PeerInfo`].
 #[repr(align(64))]
 pub struct TunnelCtx {
     pub shared: Arc<Shared>,
@@ -46,7 +47,7 @@ impl TunnelCtx {
 /// Exchanges on one inner HTTP connection: request heads received (the service was called)
 /// and responses finished (`heads > done`: a request is in flight), and when bytes last
 /// moved either way.
-/// Aligned like [`TunnelCtx`], and kept as long: packed with it (pages.rs, slab).
+/// Aligned like [`TunnelCtx`], and kept as long: its counters change on every request.
 #[derive(Debug)]
 #[repr(align(64))]
 pub struct InnerCounters {

@@ -44,6 +44,11 @@ const MAX_DURATION: Duration = Duration::from_secs(300);
 const MAX_WARMUP: Duration = Duration::from_secs(60);
 const MAX_CONCURRENCY: usize = 10_000;
 const MAX_IDLE_TUNNELS: usize = 100_000;
+/// When idle tunnels are first measured after the last one opened (before the waypoint parks
+/// idle tunnels, listener `PARK_AFTER` = 1 s).
+const EARLY_SAMPLE: Duration = Duration::from_millis(500);
+/// Longest wait for the settled RSS after a run.
+const MAX_SETTLE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -118,6 +123,10 @@ struct Args {
     /// How long to hold idle tunnels after they are all open.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     hold: Duration,
+    /// Idle-tunnel mode: after closing the tunnels, wait this long and report the proxy's RSS
+    /// (`rss_settled_kb`: what it gives back once a burst of tunnels is over; capped at 60 s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    settle: Option<Duration>,
     /// Tunnels being opened at once in idle-tunnel mode.
     #[arg(long, default_value_t = 64)]
     open_parallelism: usize,
@@ -559,9 +568,14 @@ async fn run_idle(sh: Arc<Shared>, n: usize) -> anyhow::Result<serde_json::Value
         t.await?;
     }
     let open_secs = t_open.elapsed().as_secs_f64();
-    // Measured at the end of the hold: every tunnel has then been idle for at least `--hold`
-    // (a proxy may release per-connection state of idle tunnels; that is what idle costs).
-    tokio::time::sleep(args.hold).await;
+    // Measured twice: just after the tunnels went idle (0.5 s after the last one opened, before
+    // any proxy releases the state of idle tunnels, the waypoint after 1 s), and at the end of
+    // the hold, when every tunnel has been idle for at least `--hold` (what a parked tunnel
+    // costs). Both are reported, as neither alone tells the whole story.
+    let idle_start = Instant::now();
+    tokio::time::sleep(EARLY_SAMPLE).await;
+    let rss_early = rss("VmRSS");
+    tokio::time::sleep_until(idle_start + args.hold.max(EARLY_SAMPLE)).await;
     let rss_tunnels = rss("VmRSS");
     // Are the tunnels still usable after the hold? Probe up to 100 of them.
     let mut senders = std::mem::take(&mut *held.lock().await);
@@ -580,7 +594,16 @@ async fn run_idle(sh: Arc<Shared>, n: usize) -> anyhow::Result<serde_json::Value
     }
     let peak = rss("VmHWM");
     drop(senders);
-    let per_tunnel = match (rss_conns, rss_tunnels) {
+    // Every tunnel is closed now (the HBONE connections stay): what does the proxy give back?
+    let settle = args.settle.map(|d| d.min(MAX_SETTLE));
+    let rss_settled = match settle {
+        Some(wait) => {
+            tokio::time::sleep(wait).await;
+            rss("VmRSS")
+        }
+        None => None,
+    };
+    let per_tunnel = |after: Option<u64>| match (rss_conns, after) {
         (Some(a), Some(b)) if open > 0 => {
             Some(((b as f64 - a as f64) * 1024.0 / open as f64).round())
         }
@@ -602,9 +625,15 @@ async fn run_idle(sh: Arc<Shared>, n: usize) -> anyhow::Result<serde_json::Value
             "pid": pid,
             "rss_start_kb": rss_start,
             "rss_after_connections_kb": rss_conns,
+            "rss_after_tunnels_early_kb": rss_early,
             "rss_after_tunnels_kb": rss_tunnels,
             "peak_rss_kb": peak,
-            "bytes_per_tunnel": per_tunnel,
+            "early_seconds": EARLY_SAMPLE.as_secs_f64(),
+            "hold_seconds": args.hold.max(EARLY_SAMPLE).as_secs_f64(),
+            "bytes_per_tunnel_early": per_tunnel(rss_early),
+            "bytes_per_tunnel": per_tunnel(rss_tunnels),
+            "rss_settled_kb": rss_settled,
+            "settle_seconds": settle.map(|d| d.as_secs_f64()),
         })),
     }))
 }
