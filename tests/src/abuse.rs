@@ -576,3 +576,63 @@ async fn overload_sheds_with_503_om_instead_of_queueing() {
     let logs = wp.next_logs(2);
     assert!(logs.iter().any(|l| l["response_flags"] == "OM"));
 }
+
+/// A peer that stops reading while the waypoint streams to it: its TCP buffers fill, the
+/// keepalive PING goes unanswered and the connection is shut down abruptly, but its GOAWAY can
+/// never be written. The connection's task must still end (a bounded flush), not hold the
+/// connection and its buffers forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_is_let_go_after_an_abrupt_shutdown() {
+    let (addr, _closed) = raw_backend(|mut s, closed| async move {
+        read_request_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await;
+        let chunk = format!("{:x}\r\n{}\r\n", 16384, "x".repeat(16384));
+        // Bounded: at most ~1.6 GB; stops when the waypoint lets go.
+        for _ in 0..100_000 {
+            if s.write_all(chunk.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+        closed.fetch_add(1, Ordering::Relaxed);
+    })
+    .await;
+    let wp = one_backend_waypoint(addr, |c| {
+        c.server.keepalive_interval = Duration::from_millis(300);
+        c.server.keepalive_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let stats = wp.running.as_ref().unwrap().shared.hbone_stats.clone();
+    let mut h = RawH2::connect(wp.addr, sleep_tls(&wp)).await.unwrap();
+    // Windows as large as HTTP/2 allows, so only TCP holds the waypoint back.
+    let mut settings = Vec::new();
+    settings.extend_from_slice(&4u16.to_be_bytes()); // SETTINGS_INITIAL_WINDOW_SIZE
+    settings.extend_from_slice(&0x7fff_ffffu32.to_be_bytes());
+    h.frame(SETTINGS, 0, 0, &settings).await.unwrap();
+    h.frame(0x8, 0, 0, &(0x7fff_ffffu32 - 65_535).to_be_bytes())
+        .await
+        .unwrap(); // WINDOW_UPDATE on the connection
+    h.frame(HEADERS, END_HEADERS, 1, &connect_block("10.0.0.60:80", &[]))
+        .await
+        .unwrap();
+    h.frame(DATA, 0, 1, b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n")
+        .await
+        .unwrap();
+    let active = |n: u64| {
+        let stats = stats.clone();
+        async move { (stats.connections_active.load(Ordering::Relaxed) == n).then_some(()) }
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || active(1))
+            .await
+            .is_some()
+    );
+    // From here on the client reads nothing. Keepalive (0.6 s) + the GOAWAY flush bound (5 s).
+    let gone = eventually(Duration::from_secs(15), || active(0)).await;
+    assert!(
+        gone.is_some(),
+        "the connection task still holds a peer that never reads"
+    );
+    drop(h);
+}
