@@ -253,6 +253,12 @@ run_load() { # SCENARIO TARGET REP loadgen-args...
   esac
   trim_logs
   local out="$RUN/raw/${scen}__${target}__${rep}.json"
+  local access_log="" lines_before=0 dropped_before=0
+  case "$target" in
+    waypoint) access_log="$WP_ACCESS_LOG"; dropped_before="$(wp_dropped)" ;;
+    envoy) access_log="$ENVOY_ACCESS_LOG" ;;
+  esac
+  [[ -n "$access_log" ]] && lines_before="$(log_lines "$access_log")"
   log "$scen / $target (rep $rep): $*"
   if ! timeout $((DURATION + WARMUP + 120)) "${CLIENT_PIN[@]}" "$BIN/loadgen" "${args[@]}" "$@" \
       >"$out" 2>"$RUN/logs/loadgen-${scen}-${target}-${rep}.log"; then
@@ -261,6 +267,38 @@ run_load() { # SCENARIO TARGET REP loadgen-args...
     return 0
   fi
   log "  $(tail -n 1 "$RUN/logs/loadgen-${scen}-${target}-${rep}.log")"
+  [[ -n "$access_log" ]] && check_access_log "$out" "$target" "$access_log" "$lines_before" "$dropped_before"
+  return 0
+}
+
+# Every completed request must have its access-log line (the report fails a run that lost
+# any): count the lines the run added, waiting (bounded) for the proxy's flush (ours every
+# 50 ms, Envoy's file log every 1 s here), and the waypoint's dropped-lines counter.
+log_lines() { if [[ -f "$1" ]]; then wc -l <"$1"; else echo 0; fi; }
+wp_dropped() {
+  local v
+  v="$(curl -s --max-time 2 "http://127.0.0.1:$WP_METRICS/stats/prometheus" 2>/dev/null \
+    | awk '$1 == "waypoint_access_log_dropped_total" { print $2 }' || true)"
+  echo "${v:-0}"
+}
+check_access_log() { # OUT TARGET LOG LINES_BEFORE DROPPED_BEFORE
+  local out="$1" target="$2" file="$3" before="$4" dropped_before="$5" expected lines dropped=0 i
+  expected="$(python3 -c 'import json,sys; v=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); print(int(v.get("warmup_requests",0))+int(v.get("ok",0))+int(v.get("non_2xx",0)))' "$out")"
+  for ((i = 0; i < 50; i++)); do
+    lines=$(($(log_lines "$file") - before))
+    ((lines >= expected)) && break
+    sleep 0.1
+  done
+  [[ "$target" == waypoint ]] && dropped=$(($(wp_dropped) - dropped_before))
+  python3 - "$out" "$lines" "$expected" "$dropped" <<'PY'
+import json, sys
+path, lines, expected, dropped = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+v = json.loads(open(path).read().strip().splitlines()[-1])
+v["access_log"] = {"lines": lines, "expected_at_least": expected, "dropped": dropped}
+open(path, "w").write(json.dumps(v) + "\n")
+PY
+  ((lines < expected)) && log "  access log: $lines lines for $expected completed requests"
+  return 0
 }
 
 scenario_args() { # SCENARIO -> variant + loadgen args on stdout (first word = variant)
@@ -404,6 +442,7 @@ cat >"$RUN/meta.json" <<EOF
   "envoy_build": $(json_str "$ENVOY_BUILD"),
   "background_busy_pct": $BG_BUSY,
   "scenarios": $(json_list "${SCEN_LIST[@]}"),
+  "targets": $(json_list "${TARGET_LIST[@]}"),
   "notes": $(json_list "${NOTES[@]}")
 }
 EOF
@@ -413,7 +452,14 @@ if [[ "$UPDATE_README" == 1 || ("$UPDATE_README" == auto && "$SCENARIOS" == "$DE
     [[ -f "$f" ]] && README_ARGS+=(--readme "$f")
   done
 fi
-"$BIN/benchtool" report --dir "$RUN" --command "$CMD" "${README_ARGS[@]}" >/dev/null
+# A run with errors, lost access-log lines or missing runs is reported as failed: benchtool
+# leaves the READMEs alone and exits 3, and so does this script (after showing the tables).
+report_rc=0
+"$BIN/benchtool" report --dir "$RUN" --command "$CMD" "${README_ARGS[@]}" >/dev/null || report_rc=$?
 ln -sfn "$RUN_ID" "$OUT_ROOT/latest"
 log "results: $RUN/results.md (also results.json, chart.svg); $OUT_ROOT/latest -> $RUN_ID"
 cat "$RUN/results.md"
+if ((report_rc != 0)); then
+  log "the run FAILED (see the top of $RUN/results.md)"
+  exit "$report_rc"
+fi

@@ -199,6 +199,92 @@ pub struct Report {
     pub json: Value,
     pub markdown: String,
     pub svg: String,
+    /// Why the run cannot be published (empty: it can): errors, lost access-log lines,
+    /// runs that are missing.
+    pub failures: Vec<String>,
+}
+
+/// Load scenarios (one loadgen run per target and repeat); the others are special.
+const SPECIAL_SCENARIOS: [&str; 3] = ["idle", "hbone2", "services"];
+
+/// What makes a run unpublishable: a load run with errors or fewer access-log lines than
+/// completed requests (or lines the waypoint dropped), an idle run with open errors or dead
+/// probes, a scenario/target/repeat with no result at all.
+pub fn failures(meta: &Value, raw: &[(String, String, u32, Value)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (s, t, rep, v) in raw {
+        let at = format!("{s} / {t} (rep {rep})");
+        if v["kind"] == "load" {
+            let errors = v["errors"].as_u64().unwrap_or(0);
+            if errors > 0 {
+                out.push(format!(
+                    "{at}: {errors} errors (first: {})",
+                    v["first_error"].as_str().unwrap_or("?")
+                ));
+            }
+            let log = &v["access_log"];
+            if let (Some(lines), Some(expected)) =
+                (log["lines"].as_i64(), log["expected_at_least"].as_i64())
+                && lines < expected
+            {
+                out.push(format!(
+                    "{at}: {lines} access-log lines for {expected} completed requests"
+                ));
+            }
+            if let Some(d) = log["dropped"].as_i64().filter(|d| *d > 0) {
+                out.push(format!(
+                    "{at}: {d} access-log lines dropped by the waypoint"
+                ));
+            }
+        } else if v["kind"] == "idle" {
+            let open_errors = v["open_errors"].as_u64().unwrap_or(0);
+            let (probed, alive) = (
+                v["probed"].as_u64().unwrap_or(0),
+                v["probed_alive"].as_u64().unwrap_or(0),
+            );
+            if open_errors > 0 || alive < probed {
+                out.push(format!(
+                    "{at}: {open_errors} tunnels failed to open, {alive}/{probed} probes alive"
+                ));
+            }
+        }
+    }
+    let list = |k: &str| -> Vec<String> {
+        meta[k]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (scenarios, targets) = (list("scenarios"), list("targets"));
+    let repeat = meta["repeat"].as_u64().unwrap_or(1) as u32;
+    let has = |s: &str, t: &str, rep: u32| {
+        raw.iter()
+            .any(|(rs, rt, rr, _)| rs == s && rt == t && *rr == rep)
+    };
+    for s in &scenarios {
+        for t in &targets {
+            if SPECIAL_SCENARIOS.contains(&s.as_str()) {
+                let expected = match s.as_str() {
+                    "idle" | "services" => t != "direct",
+                    _ => t == "waypoint",
+                };
+                if expected && !has(s, t, 1) {
+                    out.push(format!("{s} / {t}: no result (see logs/)"));
+                }
+                continue;
+            }
+            for rep in 1..=repeat {
+                if !has(s, t, rep) {
+                    out.push(format!("{s} / {t} (rep {rep}): no result (see logs/)"));
+                }
+            }
+        }
+    }
+    out
 }
 
 pub fn build(dir: &Path) -> anyhow::Result<Report> {
@@ -405,8 +491,20 @@ pub fn build(dir: &Path) -> anyhow::Result<Report> {
         }
     }
 
+    let failures = failures(&meta, &raw);
+    if !failures.is_empty() {
+        let mut head = String::from(
+            "**This run FAILED** and is not published (README tables left alone):\n\n",
+        );
+        for f in &failures {
+            let _ = writeln!(head, "- {f}");
+        }
+        head.push('\n');
+        md.insert_str(0, &head);
+    }
     let svg = chart(&rows);
     let json = json!({
+        "failures": failures,
         "meta": meta,
         "load": summary,
         "idle_tunnels": idle_json,
@@ -417,6 +515,7 @@ pub fn build(dir: &Path) -> anyhow::Result<Report> {
         json,
         markdown: md,
         svg,
+        failures,
     })
 }
 
@@ -683,6 +782,49 @@ mod tests {
         assert!(r.markdown.contains("| c16 | waypoint | 500 |"));
         assert!(r.markdown.contains("- n1"));
         assert!(r.svg.starts_with("<svg") && r.svg.contains("c16"));
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Errors, lost or dropped access-log lines, dead idle probes and missing runs each make
+    /// a run unpublishable, named in the failures; a clean run has none.
+    #[test]
+    fn failed_runs_are_named() {
+        let meta = json!({"scenarios": ["c16", "idle"], "targets": ["direct", "waypoint", "envoy"], "repeat": 2});
+        let load = |errors: u64, lines: i64, dropped: i64| {
+            json!({"kind": "load", "errors": errors, "first_error": "connection reset",
+                   "access_log": {"lines": lines, "expected_at_least": 100, "dropped": dropped}})
+        };
+        let idle = |alive: u64| json!({"kind": "idle", "open_errors": 0, "probed": 100, "probed_alive": alive});
+        let run = |s: &str, t: &str, rep: u32, v: Value| (s.to_string(), t.to_string(), rep, v);
+        let clean = vec![
+            run("c16", "direct", 1, json!({"kind": "load", "errors": 0})),
+            run("c16", "direct", 2, json!({"kind": "load", "errors": 0})),
+            run("c16", "waypoint", 1, load(0, 100, 0)),
+            run("c16", "waypoint", 2, load(0, 120, 0)),
+            run("c16", "envoy", 1, load(0, 100, 0)),
+            run("c16", "envoy", 2, load(0, 100, 0)),
+            run("idle", "waypoint", 1, idle(100)),
+            run("idle", "envoy", 1, idle(100)),
+        ];
+        assert!(
+            failures(&meta, &clean).is_empty(),
+            "{:?}",
+            failures(&meta, &clean)
+        );
+
+        let mut bad = clean.clone();
+        bad[2].3 = load(3, 100, 0);
+        bad[3].3 = load(0, 99, 0);
+        bad[4].3 = load(0, 100, 5);
+        bad[6].3 = idle(99);
+        bad.remove(5);
+        let f = failures(&meta, &bad);
+        assert_eq!(f.len(), 5, "{f:?}");
+        assert!(f[0].contains("c16 / waypoint (rep 1): 3 errors (first: connection reset)"));
+        assert!(f[1].contains("99 access-log lines for 100 completed requests"));
+        assert!(f[2].contains("5 access-log lines dropped"));
+        assert!(f[3].contains("idle / waypoint (rep 1)") && f[3].contains("99/100 probes"));
+        assert!(f[4].contains("c16 / envoy (rep 2): no result"));
     }
 }

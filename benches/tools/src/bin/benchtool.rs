@@ -246,6 +246,14 @@ fn make_report(a: ReportArgs) -> anyhow::Result<()> {
     }
     std::fs::write(a.dir.join("results.md"), format!("{header}{}", r.markdown))?;
     std::fs::write(a.dir.join("chart.svg"), &r.svg)?;
+    if !r.failures.is_empty() {
+        for f in &r.failures {
+            eprintln!("benchtool: FAILED: {f}");
+        }
+        eprintln!("benchtool: the run failed; READMEs left alone");
+        println!("{}", a.dir.join("results.md").display());
+        std::process::exit(3);
+    }
     for readme in &a.readme {
         let block = format!(
             "Latest run ({}; JSON, tables and `chart.svg` in `target/bench/{}/`), reproduce with:\n\n```sh\n{}\n```\n\n{}{}",
