@@ -167,6 +167,7 @@ gen_config() { # VARIANT
 }
 
 NOTES=()
+NOTES+=("only our waypoint computes Istio's istio_* request metrics: upstream Envoy has no Istio stats filter (it is built only into Istio's Envoy), so Envoy's rows do not pay for that work; Envoy runs with Istio's stats_config and internal-listener buffer (benches/README.md)")
 gen_config base
 # Does our waypoint enforce AuthorizationPolicy yet? `waypoint check` warns about kinds it skips.
 if "$WP_BIN" check --config "$RUN/config/waypoint-base.yaml" >"$RUN/logs/check-base.log" 2>&1; then
