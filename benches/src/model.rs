@@ -49,6 +49,9 @@ pub struct Variant {
     pub policies: usize,
     /// Extra Services (each with its own VIP and EndpointSlice), bound to the waypoint.
     pub extra_services: usize,
+    /// The decoys share the request's path prefix and differ only in a header, and the request
+    /// matches the last of them by its header: no path index can skip any rule.
+    pub header_decoys: bool,
 }
 
 impl Variant {
@@ -56,9 +59,10 @@ impl Variant {
         routes: 1,
         policies: 1,
         extra_services: 0,
+        header_decoys: false,
     };
 
-    /// `base`, `routes<N>`, `authz<N>`, `services<N>`.
+    /// `base`, `routes<N>`, `routes<N>h` (header decoys), `authz<N>`, `services<N>`.
     pub fn parse(name: &str) -> Option<Variant> {
         let num = |prefix: &str| {
             name.strip_prefix(prefix)
@@ -66,6 +70,16 @@ impl Variant {
         };
         if name == "base" {
             Some(Variant::BASE)
+        } else if let Some(n) = name
+            .strip_prefix("routes")
+            .and_then(|n| n.strip_suffix('h'))
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(Variant {
+                routes: n.max(1),
+                header_decoys: true,
+                ..Variant::BASE
+            })
         } else if let Some(n) = num("routes") {
             Some(Variant {
                 routes: n.max(1),
@@ -195,7 +209,33 @@ impl Model {
         }
 
         let mut reviews_rules = Vec::new();
-        for i in 0..variant.routes.saturating_sub(1) {
+        if variant.header_decoys {
+            // Every rule matches /reviews/0 by path; only the `x-team` header tells them
+            // apart, and the request's (`x-team: hit`) is the last rule of equal precedence
+            // (Gateway API keeps declaration order), so every decoy is tried first.
+            for i in 0..variant.routes.saturating_sub(2) {
+                reviews_rules.push(Rule {
+                    name: format!("decoy-{i}"),
+                    path: PathKind::Prefix("/reviews".into()),
+                    method: None,
+                    headers: vec![("x-team".into(), format!("t{i}"))],
+                    backends: vec![("reviews-v2".into(), 1)],
+                });
+            }
+            reviews_rules.push(Rule {
+                name: "team-hit".into(),
+                path: PathKind::Prefix("/reviews".into()),
+                method: None,
+                headers: vec![("x-team".into(), "hit".into())],
+                backends: vec![("reviews-v1".into(), 90), ("reviews-v2".into(), 10)],
+            });
+        }
+        let plain_decoys = if variant.header_decoys {
+            0
+        } else {
+            variant.routes.saturating_sub(1)
+        };
+        for i in 0..plain_decoys {
             // Decoys that a request for /reviews/0 never matches, alternating the kinds of
             // conditions a real route table carries.
             let rule = if i % 2 == 0 {
@@ -368,6 +408,16 @@ mod tests {
     fn variants_parse() {
         assert_eq!(Variant::parse("base"), Some(Variant::BASE));
         assert_eq!(Variant::parse("routes100").map(|v| v.routes), Some(100));
+        let h = Variant::parse("routes100h").unwrap();
+        assert!(h.header_decoys && h.routes == 100);
+        let m = Model::new(h, &Backends::default());
+        let sorted = m.sorted_rules();
+        assert_eq!(sorted.len(), 100);
+        assert_eq!(
+            sorted[98].name, "team-hit",
+            "the hit is the last header rule"
+        );
+        assert_eq!(sorted[99].name, "reviews-split");
         assert_eq!(Variant::parse("authz100").map(|v| v.policies), Some(100));
         assert_eq!(
             Variant::parse("services10000").map(|v| v.extra_services),

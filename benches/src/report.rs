@@ -22,6 +22,7 @@ pub fn describe(scenario: &str) -> String {
         "body1k" => "keep-alive POST 1 KiB body, c=16".into(),
         "body64k" => "keep-alive POST 64 KiB body, c=16".into(),
         "routes100" => "100 HTTPRoute rules (match is the last), GET c=16".into(),
+        "routes100h" => "100 HTTPRoute rules with the request's path, told apart by a header (match is the last), GET c=16".into(),
         "authz100" => "100 AuthorizationPolicies, GET c=16".into(),
         "hbone2" => "two tunnels: client -> waypoint -> HBONE to the pod's ztunnel (stand-in) -> backend, GET c=16 (waypoint only)".into(),
         "open" => "open loop, fixed rate, GET, up to 64 in flight".into(),
