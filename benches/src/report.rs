@@ -448,7 +448,9 @@ pub fn build(dir: &Path) -> anyhow::Result<Report> {
     if !cfg.is_empty() {
         md.push_str("\n### Config scale\n\n");
         md.push_str("Our waypoint: `waypoint check` (parse + compile); Envoy: `envoy --mode validate` (parse + build every listener, chain and cluster). \
-                     Wall time, CPU time and peak RSS of the whole process.\n\n");
+                     Wall time, CPU time and peak RSS of the whole process. **Not how a live waypoint gets its configuration**: Envoy here parses one \
+                     static YAML bootstrap (with Istio's stats settings), where istiod would stream protobuf over xDS in pieces; read it as the cost of \
+                     building the same configuration from text, not as a figure of Envoy's waypoint in a cluster.\n\n");
         md.push_str("| target | command | exit | wall s | CPU s | peak RSS MiB | wall vs Envoy | RSS vs Envoy |\n");
         md.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
         let envoy_of = |s: &str, key: &str| {
