@@ -12,6 +12,9 @@
 //! - `--idle-tunnels N`: open N tunnels, send one request in each, hold them, and report how
 //!   much the proxy's RSS grew per tunnel.
 //!
+//! Every response is checked to be the bench backend's whole answer to the whole request
+//! ([`exchange`]); a mismatch counts as an error.
+//!
 //! Every run is bounded by time (`--warmup` + `--duration`, capped) and by count
 //! (`--max-requests`). With `--proxy-pid`, the proxy's CPU seconds over the measured window,
 //! CPU seconds per 1,000 requests and peak RSS (VmHWM, reset at start) are reported too.
@@ -31,6 +34,7 @@ use hbone::tls::{CertBundle, ExpectedServer};
 use hdrhistogram::Histogram;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
@@ -250,15 +254,44 @@ impl RequestTemplate {
 }
 
 /// Send one request and read the whole response: (status, body bytes).
+/// One request and its whole response. The response is checked to be bench-backend's, intact:
+/// its body is `<x-backend>\n` and it saw the request body whole (`x-request-body-bytes`), so
+/// a proxy that truncated or mixed up bodies shows as errors, not as speed.
 async fn exchange(sender: &mut Sender, req: Request<Full<Bytes>>) -> anyhow::Result<(u16, u64)> {
+    let sent = req.body().size_hint().exact().unwrap_or(0);
     sender.ready().await?;
     let resp = sender.send_request(req).await?;
     let status = resp.status().as_u16();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (backend, received) = (header("x-backend"), header("x-request-body-bytes"));
     let mut body = resp.into_body();
+    let mut got = Vec::new();
     let mut n = 0u64;
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
             n += data.len() as u64;
+            if got.len() < 256 {
+                got.extend_from_slice(&data[..data.len().min(256 - got.len())]);
+            }
+        }
+    }
+    if (200..300).contains(&status) {
+        let Some(backend) = backend else {
+            bail!("a {status} response without x-backend: not bench-backend's");
+        };
+        if got != format!("{backend}\n").as_bytes() || n != backend.len() as u64 + 1 {
+            bail!(
+                "response body {:?} ({n} bytes) is not {backend:?}'s",
+                String::from_utf8_lossy(&got)
+            );
+        }
+        if received.as_deref() != Some(sent.to_string().as_str()) {
+            bail!("the backend saw {received:?} request body bytes, {sent} were sent");
         }
     }
     Ok((status, n))
