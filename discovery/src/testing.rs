@@ -159,18 +159,7 @@ impl Drop for ApiServer {
 impl ApiServer {
     pub async fn start() -> ApiServer {
         let pki = hbone::testing::Pki::new("kubernetes").unwrap();
-        let (cert, key) = pki
-            .issue_server_pem_for_ip("127.0.0.1".parse().unwrap())
-            .unwrap();
-        let tls = rustls::ServerConfig::builder_with_provider(hbone::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![hbone::testing::cert_from_pem(&cert).unwrap()],
-                hbone::testing::key_from_pem(&key).unwrap(),
-            )
-            .unwrap();
+        let tls = pki.server_tls_for_ip("127.0.0.1".parse().unwrap()).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = ApiServer {

@@ -153,6 +153,18 @@ impl Pki {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
+    /// A TLS server configuration (no client auth) for an HTTPS stand-in on `ip` with a
+    /// certificate from this CA: the in-test API server, istiod's CA, a JWKS endpoint.
+    pub fn server_tls_for_ip(&self, ip: std::net::IpAddr) -> Result<rustls::ServerConfig, Error> {
+        let (cert, key) = self.issue_server_pem_for_ip(ip)?;
+        Ok(
+            rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(vec![cert_from_pem(&cert)?], key_from_pem(&key)?)?,
+        )
+    }
+
     /// Write Istio's file-mounted names (`cert-chain.pem`, `key.pem`, `root-cert.pem`) for
     /// `spiffe://<td>/ns/<ns>/sa/<sa>` into `dir`.
     pub fn write_dir(

@@ -99,18 +99,7 @@ impl IstioCa {
         tokens: &[(&str, &str, &str)],
         max_ttl: Duration,
     ) -> IstioCa {
-        let (cert, key) = pki
-            .issue_server_pem_for_ip("127.0.0.1".parse().unwrap())
-            .unwrap();
-        let mut tls = rustls::ServerConfig::builder_with_provider(hbone::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![hbone::testing::cert_from_pem(&cert).unwrap()],
-                hbone::testing::key_from_pem(&key).unwrap(),
-            )
-            .unwrap();
+        let mut tls = pki.server_tls_for_ip("127.0.0.1".parse().unwrap()).unwrap();
         tls.alpn_protocols = vec![b"h2".to_vec()];
         let signer = Signer {
             pki,

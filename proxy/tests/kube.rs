@@ -685,74 +685,38 @@ async fn services_and_explain_answer_from_the_live_cluster() {
         slice("reviews", &[v1.port()])
     ));
     let kubeconfig = api.kubeconfig(dir.path());
-    let run = |args: Vec<String>| {
-        tokio::task::spawn_blocking(move || std::process::Command::new(BIN).args(args).output())
+    // `waypoint <sub> --kube --kubeconfig ... <extra>`.
+    let run = |sub: &str, extra: &[&str]| {
+        let mut args = vec![sub.to_string(), "--kube".into(), "--kubeconfig".into()];
+        args.push(kubeconfig.display().to_string());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        async move {
+            tokio::task::spawn_blocking(move || std::process::Command::new(BIN).args(args).output())
+                .await
+                .unwrap()
+                .unwrap()
+        }
     };
-    let out = run(vec![
-        "services".into(),
-        "--kube".into(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-    ])
-    .await
-    .unwrap()
-    .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = stdout(run("services", &[]).await);
     assert!(
         text.contains("reviews") && text.contains("10.0.0.10") && text.contains("bound here"),
         "{text}"
     );
-    let out = run(vec![
-        "explain".into(),
-        "--kube".into(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-        "--to".into(),
-        "10.0.0.10:9080".into(),
-        "/".into(),
-    ])
-    .await
-    .unwrap()
-    .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = stdout(run("explain", &["--to", "10.0.0.10:9080", "/"]).await);
     assert!(text.contains("reviews"), "{text}");
-    let out = run(vec![
-        "check".into(),
-        "--kube".into(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-    ])
-    .await
-    .unwrap()
-    .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = stdout(run("check", &[]).await);
     assert!(text.contains("serves 1 Service port"), "{text}");
     // Unreachable API server: a clear error, bounded.
     api.stop();
-    let out = run(vec![
-        "services".into(),
-        "--kube".into(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-    ])
-    .await
-    .unwrap()
-    .unwrap();
+    let out = run("services", &[]).await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Kubernetes API"), "{err}");

@@ -400,6 +400,28 @@ async fn read_request_head(s: &mut tokio::net::TcpStream) {
     }
 }
 
+/// A backend answering every request with an endless chunked body (16 KiB chunks, bounded at
+/// ~1.6 GB, far more than any window); `closed` counts connections the waypoint let go of.
+async fn endless_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    raw_backend(|mut s, closed| async move {
+        read_request_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await;
+        let chunk = format!("{:x}\r\n{}\r\n", 16384, "x".repeat(16384));
+        for _ in 0..100_000 {
+            if s.write_all(chunk.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+        closed.fetch_add(1, Ordering::Relaxed);
+    })
+    .await
+}
+
 async fn one_backend_waypoint(
     addr: std::net::SocketAddr,
     tweak: impl FnOnce(&mut proxy::Config),
@@ -499,21 +521,7 @@ async fn a_backend_that_resets_mid_response_gives_a_clean_failure_and_a_log_line
 
 #[tokio::test]
 async fn an_endless_body_is_back_pressured_and_released_when_the_client_leaves() {
-    let (addr, closed) = raw_backend(|mut s, closed| async move {
-        read_request_head(&mut s).await;
-        let _ = s
-            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-            .await;
-        let chunk = format!("{:x}\r\n{}\r\n", 16384, "x".repeat(16384));
-        // Bounded: at most ~1.6 GB, far more than any window; stops when the waypoint lets go.
-        for _ in 0..100_000 {
-            if s.write_all(chunk.as_bytes()).await.is_err() {
-                break;
-            }
-        }
-        closed.fetch_add(1, Ordering::Relaxed);
-    })
-    .await;
+    let (addr, closed) = endless_backend().await;
     let wp = one_backend_waypoint(addr, |_| {}).await;
     let conn = wp.connect_as("default", "sleep").await;
     let mut stream = conn
@@ -583,21 +591,7 @@ async fn overload_sheds_with_503_om_instead_of_queueing() {
 /// connection and its buffers forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_never_reads_is_let_go_after_an_abrupt_shutdown() {
-    let (addr, _closed) = raw_backend(|mut s, closed| async move {
-        read_request_head(&mut s).await;
-        let _ = s
-            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-            .await;
-        let chunk = format!("{:x}\r\n{}\r\n", 16384, "x".repeat(16384));
-        // Bounded: at most ~1.6 GB; stops when the waypoint lets go.
-        for _ in 0..100_000 {
-            if s.write_all(chunk.as_bytes()).await.is_err() {
-                break;
-            }
-        }
-        closed.fetch_add(1, Ordering::Relaxed);
-    })
-    .await;
+    let (addr, _closed) = endless_backend().await;
     let wp = one_backend_waypoint(addr, |c| {
         c.server.keepalive_interval = Duration::from_millis(300);
         c.server.keepalive_timeout = Duration::from_millis(300);

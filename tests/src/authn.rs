@@ -458,18 +458,7 @@ async fn custom_policy_with_an_unknown_provider_is_denied_like_istio() {
 #[tokio::test]
 async fn jwks_is_fetched_over_https() {
     let pki = Arc::new(hbone::testing::Pki::new(TD).unwrap());
-    let (chain, key) = pki
-        .issue_server_pem_for_ip("127.0.0.1".parse().unwrap())
-        .unwrap();
-    let tls = rustls::ServerConfig::builder_with_provider(hbone::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![hbone::testing::cert_from_pem(&chain).unwrap()],
-            hbone::testing::key_from_pem(&key).unwrap(),
-        )
-        .unwrap();
+    let tls = pki.server_tls_for_ip("127.0.0.1".parse().unwrap()).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let rsa = TestKey::generate(TestAlg::RS256, "r1");
     let body = jwks(&[&rsa]);

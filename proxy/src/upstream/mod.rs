@@ -108,7 +108,8 @@ struct BodyState {
 /// has nothing to give (reading it was not held back by the upstream), reset by every frame.
 struct StreamIdle {
     timeout: Duration,
-    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// Made on the first wait: a body that streams without ever waiting never pays for a timer.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The sleep runs for the current wait (since the last frame).
     waiting: bool,
 }
@@ -259,7 +260,7 @@ impl RequestBody {
                 .filter(|_| !inner.is_end_stream())
                 .map(|timeout| StreamIdle {
                     timeout,
-                    sleep: Box::pin(tokio::time::sleep(timeout)),
+                    sleep: None,
                     waiting: false,
                 }),
             inner: Source::Incoming(inner),
@@ -323,12 +324,15 @@ impl Body for RequestBody {
                     if r.is_ready() {
                         idle.waiting = false;
                     } else {
+                        let due = tokio::time::Instant::now() + idle.timeout;
+                        let sleep = idle
+                            .sleep
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
                         if !idle.waiting {
                             idle.waiting = true;
-                            let due = tokio::time::Instant::now() + idle.timeout;
-                            idle.sleep.as_mut().reset(due);
+                            sleep.as_mut().reset(due);
                         }
-                        if idle.sleep.as_mut().poll(cx).is_ready() {
+                        if sleep.as_mut().poll(cx).is_ready() {
                             this.idle = None;
                             if let Some(progress) = &this.received {
                                 progress.idle_timed_out.store(true, Ordering::Relaxed);
