@@ -17,7 +17,8 @@
 //! TCP) -> `request` (phases, replies, access-log record) -> `upstream` (pools, HBONE
 //! origination, the CUSTOM authorizer client) -> `state` (what requests share), with
 //! `config` (mesh config, JWKS, file watch), `ops` (admin, metrics, memory) and `cli`
-//! (offline commands, demo, test client) beside them.
+//! (offline commands, demo, test client) beside them; `sharded` (per-thread state, so no lock
+//! on the request path is shared between workers) is a leaf any of them may use.
 
 pub mod app;
 pub mod cli;
@@ -26,6 +27,7 @@ pub mod listener;
 pub mod memory;
 pub mod ops;
 pub mod request;
+pub mod sharded;
 pub mod state;
 pub mod telemetry;
 pub mod upstream;

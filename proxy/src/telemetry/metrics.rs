@@ -12,7 +12,7 @@
 //!
 //! Cost: the ~25 labels are not built per request. Source labels are interned once per tunnel
 //! ([`Metrics::source`]), destination labels once per cluster; a request only hashes
-//! (source id, cluster name, code, flags) under one short lock.
+//! (source id, cluster name, code, flags) under its own thread's lock ([`Sharded`]).
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex};
 
 use accesslog::{AccessLogRecord, ResponseFlags};
 use policy::Cluster;
+
+use crate::sharded::Sharded;
 
 /// Envoy's default histogram buckets (protocol.md 4.2).
 const BUCKETS: [f64; 19] = [
@@ -139,6 +141,8 @@ struct TcpKey {
     flags: ResponseFlags,
 }
 
+/// One histogram: per-bucket counts (not cumulative: an observation increments one bucket),
+/// made cumulative when rendered, as Prometheus wants them.
 #[derive(Debug, Clone, Default)]
 struct Histogram {
     buckets: [u64; BUCKETS.len()],
@@ -148,13 +152,31 @@ struct Histogram {
 
 impl Histogram {
     fn observe(&mut self, v: f64) {
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if v <= *b {
-                self.buckets[i] += 1;
-            }
+        // Values above the last bound only count towards `+Inf` (`count`).
+        if let Some(i) = BUCKETS.iter().position(|b| v <= *b) {
+            self.buckets[i] += 1;
         }
         self.count += 1;
         self.sum += v;
+    }
+
+    fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.sum += other.sum;
+    }
+
+    /// The `le` buckets as Prometheus renders them: each the count of values at or below it.
+    fn cumulative(&self) -> [u64; BUCKETS.len()] {
+        let mut out = self.buckets;
+        let mut running = 0;
+        for b in out.iter_mut() {
+            running += *b;
+            *b = running;
+        }
+        out
     }
 }
 
@@ -166,6 +188,15 @@ struct HttpStats {
     response_bytes: Histogram,
 }
 
+impl HttpStats {
+    fn merge(&mut self, other: &HttpStats) {
+        self.requests += other.requests;
+        self.duration.merge(&other.duration);
+        self.request_bytes.merge(&other.request_bytes);
+        self.response_bytes.merge(&other.response_bytes);
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 struct TcpStats {
     opened: u64,
@@ -174,52 +205,36 @@ struct TcpStats {
     received: u64,
 }
 
+impl TcpStats {
+    fn merge(&mut self, other: &TcpStats) {
+        self.opened += other.opened;
+        self.closed += other.closed;
+        self.sent += other.sent;
+        self.received += other.received;
+    }
+}
+
+/// Interned source label sets: written once per tunnel, never per request.
 #[derive(Default)]
-struct Inner {
-    sources_overflowed: u64,
+struct SourceTable {
+    overflowed: u64,
     sources: Vec<SourceLabels>,
-    source_ids: HashMap<SourceLabels, SourceId>,
+    ids: HashMap<SourceLabels, SourceId>,
+}
+
+/// The series one thread has counted (see [`Metrics`]).
+#[derive(Default)]
+struct Series {
     dests: HashMap<Arc<str>, DestLabels>,
     http: HashMap<HttpKey, HttpStats>,
     tcp: HashMap<TcpKey, TcpStats>,
 }
 
-/// Everything behind `/stats/prometheus` that is per request or per connection.
-#[derive(Default)]
-pub struct Metrics {
-    inner: Mutex<Inner>,
-}
-
-impl Metrics {
-    /// Intern the labels of a tunnel's source (once per tunnel). At most `max` distinct
-    /// sets are kept (every series is kept for the process's life, as Envoy's stats are);
-    /// further sources share the overflow set and are counted.
-    pub fn source(&self, labels: SourceLabels, max: usize) -> SourceId {
-        let Ok(mut inner) = self.inner.lock() else {
-            return OVERFLOW;
-        };
-        if let Some(id) = inner.source_ids.get(&labels) {
-            return *id;
-        }
-        if inner.sources.len() >= max {
-            inner.sources_overflowed += 1;
-            return OVERFLOW;
-        }
-        let id = inner.sources.len() as SourceId;
-        inner.sources.push(labels.clone());
-        inner.source_ids.insert(labels, id);
-        id
-    }
-
-    /// Sources that found the table full and were counted under `overflow`.
-    pub fn sources_overflowed(&self) -> u64 {
-        self.inner.lock().map(|i| i.sources_overflowed).unwrap_or(0)
-    }
-
-    fn remember_dest(inner: &mut Inner, cluster: Option<&Arc<Cluster>>) -> Option<Arc<str>> {
+impl Series {
+    fn remember_dest(&mut self, cluster: Option<&Arc<Cluster>>) -> Option<Arc<str>> {
         let c = cluster?;
-        if !inner.dests.contains_key(&c.name) {
-            inner.dests.insert(
+        if !self.dests.contains_key(&c.name) {
+            self.dests.insert(
                 c.name.clone(),
                 DestLabels {
                     service: c.hostname.clone(),
@@ -231,6 +246,67 @@ impl Metrics {
         Some(c.name.clone())
     }
 
+    fn merge_into(&self, total: &mut Series) {
+        for (k, v) in &self.dests {
+            total.dests.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        for (k, v) in &self.http {
+            total.http.entry(k.clone()).or_default().merge(v);
+        }
+        for (k, v) in &self.tcp {
+            total.tcp.entry(k.clone()).or_default().merge(v);
+        }
+    }
+}
+
+/// Everything behind `/stats/prometheus` that is per request or per connection.
+///
+/// Counted per thread ([`Sharded`]) and summed when scraped, as Envoy's thread-local stats
+/// are: two workers finishing requests at the same moment never wait for each other or
+/// share a cache line (benches/benches/contention.rs measures it). A series lives in each
+/// thread that counted it, so the table is at most the shard count times the series.
+#[derive(Default)]
+pub struct Metrics {
+    sources: Mutex<SourceTable>,
+    series: Sharded<Series>,
+}
+
+impl Metrics {
+    /// With `shards` series tables instead of one per thread; `with_shards(1)` is one
+    /// process-wide lock, the layout before per-thread shards (benches/benches/contention.rs
+    /// compares the two).
+    pub fn with_shards(shards: usize) -> Metrics {
+        Metrics {
+            sources: Mutex::default(),
+            series: Sharded::new(shards),
+        }
+    }
+
+    /// Intern the labels of a tunnel's source (once per tunnel). At most `max` distinct
+    /// sets are kept (every series is kept for the process's life, as Envoy's stats are);
+    /// further sources share the overflow set and are counted.
+    pub fn source(&self, labels: SourceLabels, max: usize) -> SourceId {
+        let Ok(mut table) = self.sources.lock() else {
+            return OVERFLOW;
+        };
+        if let Some(id) = table.ids.get(&labels) {
+            return *id;
+        }
+        if table.sources.len() >= max {
+            table.overflowed += 1;
+            return OVERFLOW;
+        }
+        let id = table.sources.len() as SourceId;
+        table.sources.push(labels.clone());
+        table.ids.insert(labels, id);
+        id
+    }
+
+    /// Sources that found the table full and were counted under `overflow`.
+    pub fn sources_overflowed(&self) -> u64 {
+        self.sources.lock().map(|t| t.overflowed).unwrap_or(0)
+    }
+
     /// Count one finished HTTP request.
     pub fn record_http(
         &self,
@@ -239,10 +315,8 @@ impl Metrics {
         r: &AccessLogRecord,
         grpc: bool,
     ) {
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
-        let cluster = Self::remember_dest(&mut inner, cluster);
+        let mut series = self.series.local();
+        let cluster = series.remember_dest(cluster);
         let key = HttpKey {
             source,
             cluster,
@@ -250,7 +324,7 @@ impl Metrics {
             code: r.response_code,
             flags: r.response_flags,
         };
-        let s = inner.http.entry(key).or_default();
+        let s = series.http.entry(key).or_default();
         s.requests += 1;
         s.duration.observe(r.duration as f64);
         s.request_bytes.observe(r.bytes_received as f64);
@@ -259,11 +333,9 @@ impl Metrics {
 
     /// A TCP connection through the waypoint opened.
     pub fn tcp_opened(&self, source: SourceId, cluster: Option<&Arc<Cluster>>) {
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
-        let cluster = Self::remember_dest(&mut inner, cluster);
-        inner
+        let mut series = self.series.local();
+        let cluster = series.remember_dest(cluster);
+        series
             .tcp
             .entry(TcpKey {
                 source,
@@ -281,11 +353,9 @@ impl Metrics {
         cluster: Option<&Arc<Cluster>>,
         r: &AccessLogRecord,
     ) {
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
-        let cluster = Self::remember_dest(&mut inner, cluster);
-        let s = inner
+        let mut series = self.series.local();
+        let cluster = series.remember_dest(cluster);
+        let s = series
             .tcp
             .entry(TcpKey {
                 source,
@@ -302,9 +372,14 @@ impl Metrics {
     /// (name, help, value).
     pub fn render(&self, extra: &[(&str, &str, u64)]) -> String {
         let mut out = String::with_capacity(4096);
-        let Ok(inner) = self.inner.lock() else {
-            return out;
+        // The sources are copied out (a bounded table) so that tunnels opening during a
+        // scrape do not wait for the text to be written.
+        let sources = match self.sources.lock() {
+            Ok(t) => t.sources.clone(),
+            Err(_) => return out,
         };
+        let mut inner = Series::default();
+        self.series.for_each(|shard| shard.merge_into(&mut inner));
         let unknown = SourceLabels::from_tunnel(None, None);
         let overflow = SourceLabels {
             workload: "overflow".into(),
@@ -313,7 +388,7 @@ impl Metrics {
         let labels = |source: SourceId, cluster: &Option<Arc<str>>, protocol: &str| -> String {
             let s = match source {
                 OVERFLOW => &overflow,
-                id => inner.sources.get(id as usize).unwrap_or(&unknown),
+                id => sources.get(id as usize).unwrap_or(&unknown),
             };
             let d = cluster.as_ref().and_then(|c| inner.dests.get(c));
             let (svc, name, ns) = match d {
@@ -367,8 +442,8 @@ connection_security_policy=\"mutual_tls\"",
                     _ => &s.response_bytes,
                 };
                 let l = per(k);
-                for (i, b) in BUCKETS.iter().enumerate() {
-                    let _ = writeln!(out, "{name}_bucket{{{l},le=\"{b}\"}} {}", h.buckets[i]);
+                for (b, n) in BUCKETS.iter().zip(h.cumulative()) {
+                    let _ = writeln!(out, "{name}_bucket{{{l},le=\"{b}\"}} {n}");
                 }
                 let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {}", h.count);
                 let _ = writeln!(out, "{name}_sum{{{l}}} {}", h.sum);
@@ -473,14 +548,57 @@ mod tests {
     }
 
     #[test]
+    fn counts_from_many_threads_are_summed_when_scraped() {
+        let m = Metrics::default();
+        let mut r = AccessLogRecord::new(std::time::SystemTime::now());
+        r.response_code = 200;
+        r.duration = 7;
+        r.bytes_sent = 100;
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..250 {
+                        m.record_http(0, None, &r, false);
+                    }
+                });
+            }
+        });
+        let text = m.render(&[]);
+        let value = |prefix: &str, suffix: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.starts_with(prefix) && l.contains(suffix))
+                .filter_map(|l| l.rsplit(' ').next().map(str::to_string))
+                .collect()
+        };
+        assert_eq!(value("istio_requests_total{", ""), ["1000"]);
+        assert_eq!(
+            value("istio_request_duration_milliseconds_bucket{", "le=\"5\""),
+            ["0"]
+        );
+        assert_eq!(
+            value("istio_request_duration_milliseconds_bucket{", "le=\"10\""),
+            ["1000"]
+        );
+        assert_eq!(
+            value("istio_request_duration_milliseconds_sum{", ""),
+            ["7000"]
+        );
+        assert_eq!(
+            value("istio_response_bytes_bucket{", "le=\"+Inf\""),
+            ["1000"]
+        );
+    }
+
+    #[test]
     fn histogram_buckets_are_cumulative() {
         let mut h = Histogram::default();
         h.observe(0.0);
         h.observe(7.0);
         h.observe(99999999.0);
-        assert_eq!(h.buckets[0], 1);
-        assert_eq!(h.buckets[3], 2); // le=10
-        assert_eq!(h.buckets[BUCKETS.len() - 1], 2);
+        let c = h.cumulative();
+        assert_eq!(c[0], 1);
+        assert_eq!(c[3], 2); // le=10
+        assert_eq!(c[BUCKETS.len() - 1], 2);
         assert_eq!(h.count, 3);
     }
 }

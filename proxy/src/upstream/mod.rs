@@ -15,7 +15,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -28,6 +28,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use policy::Endpoint;
 use tokio::net::TcpStream;
 use tracing::debug;
+
+use crate::sharded::Sharded;
 
 /// Why an upstream attempt failed before a response started.
 #[derive(Debug, Clone)]
@@ -460,7 +462,11 @@ struct EndpointPool {
 
 /// All upstream pools. Shared by every request.
 pub struct Upstreams {
-    pools: RwLock<HashMap<SocketAddr, Arc<EndpointPool>>>,
+    /// Per worker thread, as Envoy keeps a connection pool per worker for each host: the
+    /// lookup and the idle list a request touches are its own thread's, so workers never
+    /// wait on each other's pool lock (benches/benches/contention.rs). A connection checked
+    /// out on one thread goes back to the pool it came from.
+    pools: Sharded<HashMap<SocketAddr, Arc<EndpointPool>>>,
     settings: UpstreamSettings,
     pub connections_opened: AtomicU64,
     /// `None` until certificates are known (then every ambient endpoint fails with UF).
@@ -528,8 +534,14 @@ fn connect_detail(e: &io::Error) -> String {
 
 impl Upstreams {
     pub fn new(settings: UpstreamSettings) -> Upstreams {
+        Upstreams::with_pool_shards(settings, crate::sharded::default_shards())
+    }
+
+    /// With `shards` pool tables instead of one per worker thread; `1` is one table shared by
+    /// every worker, the layout before per-worker pools (benches/benches/contention.rs).
+    pub fn with_pool_shards(settings: UpstreamSettings, shards: usize) -> Upstreams {
         Upstreams {
-            pools: RwLock::new(HashMap::new()),
+            pools: Sharded::new(shards),
             settings,
             connections_opened: AtomicU64::new(0),
             hbone: None,
@@ -537,16 +549,8 @@ impl Upstreams {
     }
 
     fn pool(&self, addr: SocketAddr) -> Arc<EndpointPool> {
-        if let Ok(pools) = self.pools.read()
-            && let Some(p) = pools.get(&addr)
-        {
-            return p.clone();
-        }
-        let mut pools = match self.pools.write() {
-            Ok(p) => p,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        pools
+        self.pools
+            .local()
             .entry(addr)
             .or_insert_with(|| {
                 Arc::new(EndpointPool {
@@ -564,42 +568,42 @@ impl Upstreams {
     /// HBONE pool's idle connections. Run periodically by the owner.
     pub fn sweep(&self, live: impl Fn(&SocketAddr) -> bool) {
         let idle_timeout = self.settings.pool_idle_timeout;
-        let mut pools = match self.pools.write() {
-            Ok(p) => p,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        pools.retain(|addr, pool| {
-            if let Ok(mut idle) = pool.idle.lock() {
-                idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < idle_timeout);
-            }
-            if let Ok(mut h2) = pool.h2.lock()
-                && h2.as_ref().is_some_and(|(s, _)| s.is_closed())
-            {
-                *h2 = None;
-            }
-            live(addr)
+        self.pools.for_each(|pools| {
+            pools.retain(|addr, pool| {
+                if let Ok(mut idle) = pool.idle.lock() {
+                    idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < idle_timeout);
+                }
+                if let Ok(mut h2) = pool.h2.lock()
+                    && h2.as_ref().is_some_and(|(s, _)| s.is_closed())
+                {
+                    *h2 = None;
+                }
+                live(addr)
+            })
         });
-        drop(pools);
         if let Some(h) = &self.hbone {
             h.pool.sweep();
         }
     }
 
-    /// Endpoint pools held now (a metric: it must follow the endpoints, not only grow).
+    /// Endpoint pools held now, summed over workers (a metric: it must follow the
+    /// endpoints, not only grow).
     pub fn pool_count(&self) -> usize {
-        self.pools.read().map(|p| p.len()).unwrap_or(0)
+        let mut n = 0;
+        self.pools.for_each(|p| n += p.len());
+        n
     }
 
     /// Idle keep-alive connections held now.
     pub fn idle_connections(&self) -> usize {
-        self.pools
-            .read()
-            .map(|p| {
-                p.values()
-                    .map(|e| e.idle.lock().map(|i| i.len()).unwrap_or(0))
-                    .sum()
-            })
-            .unwrap_or(0)
+        let mut n = 0;
+        self.pools.for_each(|p| {
+            n += p
+                .values()
+                .map(|e| e.idle.lock().map(|i| i.len()).unwrap_or(0))
+                .sum::<usize>()
+        });
+        n
     }
 
     /// A ready connection to `addr`: a pooled one if possible, else a new one.
@@ -862,6 +866,19 @@ impl Checkout {
 
     pub fn endpoint(&self) -> SocketAddr {
         self.pool.addr
+    }
+
+    /// Return an unused connection to its pool instead of closing it (a shared HTTP/2
+    /// connection simply stays shared).
+    pub fn give_back(self) {
+        if let Sender::H1(sender) = self.sender {
+            PoolReturn {
+                sender,
+                local_addr: self.local_addr,
+                pool: self.pool,
+            }
+            .release();
+        }
     }
 }
 

@@ -1,0 +1,209 @@
+//! Criterion benches for the request path's shared state, run from several threads at once
+//! (issue #20: "no shared lock on the request path"). Each bench runs the same operation on
+//! 1 and 2 threads (this is a 2-core machine; more threads than cores measures the scheduler,
+//! not the lock) and reports the wall time for every thread to do `iters` operations: flat
+//! from 1 to 2 threads means no contention, a rise is what the threads cost each other.
+//!
+//! - `contention/metrics_record_http/*`: `Metrics::record_http` (once per request), per-thread
+//!   shards (as shipped) and one shard (one process-wide lock, the layout before);
+//! - `contention/pool_checkout/*`: `Upstreams::checkout` of a pooled HTTP/1 keep-alive
+//!   connection to a real loopback socket and giving it back, per-worker pools (as shipped)
+//!   and one pool table;
+//! - `contention/access_log_enqueue/*`: `AccessLogger::log` (the bounded queue to the writer
+//!   thread) with the writer writing to `io::sink`.
+//!
+//! CI compiles them (`cargo bench --no-run`); it never times them. Run:
+//! `cargo bench -p waypoint-benches --bench contention`.
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant, SystemTime};
+
+use accesslog::{AccessLogRecord, AccessLogger, ResponseFlags};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use policy::{Endpoint, EndpointLoad};
+use proxy::telemetry::metrics::{Metrics, SourceLabels};
+use proxy::upstream::{UpstreamProtocol, UpstreamSettings, Upstreams};
+use waypoint_benches::model::{Backends, Model, Variant};
+
+const THREADS: [usize; 2] = [1, 2];
+
+/// Run `op(thread, i)` `iters` times on each of `threads` threads started together; the wall
+/// time until the last one finishes.
+fn on_threads<S: Sync>(
+    threads: usize,
+    iters: u64,
+    state: &S,
+    op: impl Fn(&S, usize, u64) + Sync,
+) -> Duration {
+    let start = Barrier::new(threads + 1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (start, op) = (&start, &op);
+                scope.spawn(move || {
+                    start.wait();
+                    for i in 0..iters {
+                        op(state, t, i);
+                    }
+                })
+            })
+            .collect();
+        start.wait();
+        let began = Instant::now();
+        for h in handles {
+            let _ = h.join();
+        }
+        began.elapsed()
+    })
+}
+
+fn record() -> AccessLogRecord {
+    let mut r = AccessLogRecord::new(SystemTime::now());
+    r.route_name = Some("reviews-split".into());
+    r.method = Some("GET".into());
+    r.path = Some("/reviews/0".into());
+    r.protocol = Some("HTTP/1.1");
+    r.response_code = 200;
+    r.response_flags = ResponseFlags::default();
+    r.response_code_details = Some("via_upstream".into());
+    r.bytes_sent = 295;
+    r.duration = 3;
+    r.authority = Some("reviews:9080".into());
+    r.upstream_host = Some("10.244.1.17:9080".into());
+    r.upstream_cluster = Some("inbound-vip|9080|http|reviews.default.svc.cluster.local".into());
+    r
+}
+
+fn metrics(c: &mut Criterion) {
+    // The bench configuration's reviews cluster, as a request would carry it.
+    let yaml = Model::new(Variant::BASE, &Backends::default()).waypoint_manifests();
+    let loaded = policy::parse_manifests(&yaml, "bench.yaml").expect("bench config parses");
+    let snapshot = policy::compile(&loaded, &policy::CompileOptions::default())
+        .expect("bench config compiles");
+    let vip: SocketAddr = "10.0.0.10:9080".parse().expect("vip");
+    let cluster = match snapshot.lookup_vip(vip) {
+        policy::VipLookup::Bound(sp) => sp.cluster.clone(),
+        _ => panic!("reviews VIP not bound"),
+    };
+    let r = record();
+    let mut g = c.benchmark_group("contention/metrics_record_http");
+    for (layout, shards) in [
+        ("per_thread", proxy::sharded::default_shards()),
+        ("one_lock", 1),
+    ] {
+        let m = Metrics::with_shards(shards);
+        let source = m.source(SourceLabels::from_tunnel(None, None), 16);
+        for threads in THREADS {
+            g.bench_function(
+                BenchmarkId::new(layout, format!("{threads}_threads")),
+                |b| {
+                    b.iter_custom(|iters| {
+                        on_threads(threads, iters, &m, |m, _, _| {
+                            m.record_http(source, Some(&cluster), black_box(&r), false)
+                        })
+                    })
+                },
+            );
+        }
+    }
+    g.finish();
+}
+
+fn pool_checkout(c: &mut Criterion) {
+    // A real loopback peer that accepts and holds connections; give_back returns them unused,
+    // so it never has to answer.
+    let accept_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = accept_rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let acceptor = std::thread::spawn(move || {
+        accept_rt.block_on(async move {
+            let mut held = Vec::new();
+            // Bounded: each bench thread holds at most one connection at a time.
+            while held.len() < 64 {
+                match listener.accept().await {
+                    Ok((s, _)) => held.push(s),
+                    Err(_) => break,
+                }
+            }
+        })
+    });
+    let endpoint = Endpoint {
+        addr,
+        load: Arc::new(EndpointLoad::default()),
+        tunnel: None,
+    };
+    let mut g = c.benchmark_group("contention/pool_checkout");
+    for (layout, shards) in [
+        ("per_worker", proxy::sharded::default_shards()),
+        ("one_table", 1),
+    ] {
+        let upstreams = Upstreams::with_pool_shards(UpstreamSettings::default(), shards);
+        for threads in THREADS {
+            // One runtime per thread, as a worker has: the connection task and the checkout
+            // run where the request would.
+            let runtimes: Vec<tokio::runtime::Runtime> = (0..threads)
+                .map(|_| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime")
+                })
+                .collect();
+            let state = (&upstreams, &endpoint, runtimes);
+            g.bench_function(
+                BenchmarkId::new(layout, format!("{threads}_threads")),
+                |b| {
+                    b.iter_custom(|iters| {
+                        on_threads(threads, iters, &state, |(u, e, rts), t, _| {
+                            rts[t].block_on(async {
+                                match u.checkout(e, UpstreamProtocol::Http1).await {
+                                    Ok(conn) => conn.give_back(),
+                                    Err(_) => panic!("loopback connect failed"),
+                                }
+                            })
+                        })
+                    })
+                },
+            );
+        }
+    }
+    g.finish();
+    drop(acceptor);
+}
+
+fn access_log(c: &mut Criterion) {
+    let logger = AccessLogger::spawn(Box::new(std::io::sink()));
+    let mut g = c.benchmark_group("contention/access_log_enqueue");
+    for threads in THREADS {
+        g.bench_function(
+            BenchmarkId::new("queue", format!("{threads}_threads")),
+            |b| {
+                b.iter_custom(|iters| {
+                    on_threads(threads, iters, &logger, |l, _, _| l.log(record()))
+                })
+            },
+        );
+    }
+    g.finish();
+    // A full queue drops (and counts) instead of blocking; say how often that happened,
+    // because a dropped record is cheaper than a queued one.
+    eprintln!(
+        "access_log_enqueue: {} records written, {} dropped (queue full)",
+        logger.written(),
+        logger.dropped()
+    );
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3));
+    targets = metrics, pool_checkout, access_log
+}
+criterion_main!(benches);
