@@ -7,7 +7,7 @@
 # Environment (all optional):
 #   DURATION=10        measured seconds per run (1..60)       WARMUP=2     unmeasured seconds before (0..10)
 #   REPEAT=1           runs per scenario and target (1..5), target order rotated each repeat
-#   SCENARIOS="c1 c16 c64 newtunnel body1k body64k routes100 routes100h authz100 hbone2 open idle services"
+#   SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 hbone2 open idle services"
 #   TARGETS="direct waypoint envoy"
 #   PIN=1              proxies on CPU $PROXY_CPU (1), loadgen + backend on CPU $CLIENT_CPU (0); PIN=0: no taskset
 #   WORKERS=1          worker threads of both proxies (waypoint --workers, envoy --concurrency)
@@ -26,7 +26,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$TARGET_DIR/release"
 # The waypoint as shipped (Cargo profile `dist`: fat LTO, one codegen unit); tools from release.
 WP_BIN="${WP_BIN:-$TARGET_DIR/dist/waypoint}"
-DEFAULT_SCENARIOS="c1 c16 c64 newtunnel body1k body64k routes100 routes100h authz100 hbone2 open idle services"
+DEFAULT_SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 hbone2 open idle services"
 
 clamp() { local v="$1" lo="$2" hi="$3"; [[ "$v" =~ ^[0-9]+$ ]] || v="$lo"; ((v < lo)) && v=$lo; ((v > hi)) && v=$hi; echo "$v"; }
 DURATION="$(clamp "${DURATION:-10}" 1 60)"
@@ -308,6 +308,8 @@ scenario_args() { # SCENARIO -> variant + loadgen args on stdout (first word = v
     c16) echo "base --concurrency 16" ;;
     c64) echo "base --concurrency 64" ;;
     newtunnel) echo "base --concurrency 16 --new-tunnel-per-request" ;;
+    newconn) echo "base --concurrency 16 --new-connection-per-request" ;;
+    resp1m) echo "base --concurrency 16 --response-bytes 1048576" ;;
     body1k) echo "base --concurrency 16 --body-bytes 1024" ;;
     body64k) echo "base --concurrency 16 --body-bytes 65536" ;;
     routes100) echo "routes100 --concurrency 16" ;;

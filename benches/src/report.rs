@@ -19,6 +19,8 @@ pub fn describe(scenario: &str) -> String {
         "c16" => "keep-alive GET, c=16".into(),
         "c64" => "keep-alive GET, c=64".into(),
         "newtunnel" => "new tunnel per request (CONNECT + GET), c=16".into(),
+        "newconn" => "new HBONE connection per request (TCP + full mTLS handshake + CONNECT + GET), c=16".into(),
+        "resp1m" => "keep-alive GET, 1 MiB response, c=16 (CPU-s per 1k requests = per GiB)".into(),
         "body1k" => "keep-alive POST 1 KiB body, c=16".into(),
         "body64k" => "keep-alive POST 64 KiB body, c=16".into(),
         "routes100" => "100 HTTPRoute rules (match is the last), GET c=16".into(),
@@ -722,17 +724,24 @@ fn short(v: f64) -> String {
 /// Replace the text between `<!-- bench-results:begin -->` and `<!-- bench-results:end -->`
 /// in `readme` with `block`. Returns false (and leaves the file alone) without both markers.
 pub fn splice_readme(readme: &Path, block: &str) -> anyhow::Result<bool> {
-    const BEGIN: &str = "<!-- bench-results:begin -->";
-    const END: &str = "<!-- bench-results:end -->";
+    splice_marked(readme, "bench-results", block)
+}
+
+/// Replace the text between `<!-- {name}:begin -->` and `<!-- {name}:end -->` in `readme`
+/// with `block`. Returns false (and leaves the file alone) without both markers.
+pub fn splice_marked(readme: &Path, name: &str, block: &str) -> anyhow::Result<bool> {
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let (begin, end) = (begin.as_str(), end.as_str());
     let text = std::fs::read_to_string(readme)?;
-    let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) else {
+    let (Some(b), Some(e)) = (text.find(begin), text.find(end)) else {
         return Ok(false);
     };
     if e < b {
         return Ok(false);
     }
     let new = format!(
-        "{}{BEGIN}\n{}\n{}",
+        "{}{begin}\n{}\n{}",
         &text[..b],
         block.trim_end(),
         &text[e..]

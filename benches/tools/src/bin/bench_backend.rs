@@ -1,7 +1,9 @@
 //! `bench-backend`: a fast local HTTP/1.1 backend for the benchmarks. One listener per
 //! `--listen [NAME=]ADDR`; every request is read to the end and answered `200` with body
 //! `<name>\n`, header `x-backend: <name>` and `x-request-body-bytes: <n>` (the request body size
-//! it received). Keep-alive, no logging, loopback only unless --allow-remote.
+//! it received). A request with `x-response-bytes: <n>` (at most 16 MiB) gets a body of exactly
+//! `n` bytes instead: `<name>\n` repeated and cut at `n`. Keep-alive, no logging, loopback only
+//! unless --allow-remote.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,12 +37,41 @@ struct Args {
 struct Backend {
     name: HeaderValue,
     body: Bytes,
+    /// `body` repeated to [`MAX_RESPONSE_BYTES`], made on the first `x-response-bytes`
+    /// request; responses are slices of it (no copy per request).
+    large: std::sync::OnceLock<Bytes>,
+}
+
+/// The largest body `x-response-bytes` may ask for.
+const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+impl Backend {
+    fn body_of(&self, n: usize) -> Bytes {
+        let large = self.large.get_or_init(|| {
+            let pattern = &self.body[..];
+            Bytes::from(
+                pattern
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(MAX_RESPONSE_BYTES)
+                    .collect::<Vec<u8>>(),
+            )
+        });
+        large.slice(..n.min(large.len()))
+    }
 }
 
 async fn handle(
     b: Arc<Backend>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let sized = req
+        .headers()
+        .get("x-response-bytes")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n <= MAX_RESPONSE_BYTES);
     let mut body = req.into_body();
     let mut n = 0usize;
     while let Some(frame) = body.frame().await {
@@ -53,7 +84,11 @@ async fn handle(
             Err(_) => break,
         }
     }
-    let mut resp = Response::new(Full::new(b.body.clone()));
+    let out = match sized {
+        Some(n) => b.body_of(n),
+        None => b.body.clone(),
+    };
+    let mut resp = Response::new(Full::new(out));
     let h = resp.headers_mut();
     h.insert("x-backend", b.name.clone());
     h.insert("x-request-body-bytes", HeaderValue::from(n));
@@ -116,6 +151,7 @@ fn main() -> anyhow::Result<()> {
             let backend = Arc::new(Backend {
                 name: HeaderValue::from_str(&name)?,
                 body: Bytes::from(format!("{name}\n")),
+                large: std::sync::OnceLock::new(),
             });
             tasks.push(tokio::spawn(serve(listener, backend)));
         }

@@ -34,6 +34,25 @@ enum Cmd {
     Measure(MeasureArgs),
     /// Build results.json, results.md and chart.svg in --dir.
     Report(ReportArgs),
+    /// Put a 1-worker run (--one) and a 2-worker run (--two) side by side: scaling.md and
+    /// scaling.json in --out-dir.
+    Scaling(ScalingArgs),
+}
+
+#[derive(Parser, Debug)]
+struct ScalingArgs {
+    #[arg(long)]
+    one: PathBuf,
+    #[arg(long)]
+    two: PathBuf,
+    #[arg(long)]
+    out_dir: PathBuf,
+    /// A markdown file whose `<!-- bench-scaling:begin/end -->` block gets the table.
+    #[arg(long)]
+    readme: Vec<PathBuf>,
+    /// The command line that reproduces the check (written next to the table in --readme).
+    #[arg(long, default_value = "benches/scaling.sh")]
+    command: String,
 }
 
 #[derive(Parser, Debug)]
@@ -93,7 +112,56 @@ fn main() -> anyhow::Result<()> {
         Cmd::Gen(a) => generate(a),
         Cmd::Measure(a) => measure(a),
         Cmd::Report(a) => make_report(a),
+        Cmd::Scaling(a) => scaling_report(a),
     }
+}
+
+fn scaling_report(a: ScalingArgs) -> anyhow::Result<()> {
+    let s = waypoint_benches::scaling::build(&a.one, &a.two)?;
+    std::fs::create_dir_all(&a.out_dir)?;
+    std::fs::write(
+        a.out_dir.join("scaling.json"),
+        serde_json::to_string_pretty(&s.json)?,
+    )?;
+    let summary = |k: &str| {
+        s.json[k]["summary_line"]
+            .as_str()
+            .map(|l| format!("- {l}\n"))
+            .unwrap_or_default()
+    };
+    let md = format!(
+        "{}\nRuns:\n{}{}",
+        s.markdown,
+        summary("one_worker"),
+        summary("two_workers")
+    );
+    std::fs::write(a.out_dir.join("scaling.md"), &md)?;
+    if !s.failures.is_empty() {
+        for f in &s.failures {
+            eprintln!("benchtool: FAILED: {f}");
+        }
+        eprintln!("benchtool: the scaling check failed; READMEs left alone");
+        println!("{}", a.out_dir.join("scaling.md").display());
+        std::process::exit(3);
+    }
+    for readme in &a.readme {
+        let block = format!(
+            "Latest scaling check (tables and JSON in `{}`), reproduce with:\n\n```sh\n{}\n```\n\n{}",
+            a.out_dir.display(),
+            a.command,
+            md.replace("### ", "#### ")
+        );
+        match report::splice_marked(readme, "bench-scaling", &block) {
+            Ok(true) => eprintln!("benchtool: updated {}", readme.display()),
+            Ok(false) => eprintln!(
+                "benchtool: {} has no <!-- bench-scaling:begin/end --> markers; left alone",
+                readme.display()
+            ),
+            Err(e) => eprintln!("benchtool: {}: {e}", readme.display()),
+        }
+    }
+    println!("{}", a.out_dir.join("scaling.md").display());
+    Ok(())
 }
 
 fn generate(a: GenArgs) -> anyhow::Result<()> {

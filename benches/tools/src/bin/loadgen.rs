@@ -118,6 +118,15 @@ struct Args {
     /// Open a new tunnel (direct: a new TCP connection) for every request.
     #[arg(long)]
     new_tunnel_per_request: bool,
+    /// Open a new HBONE connection (TCP + full mTLS handshake, no resumption + HTTP/2) for
+    /// every request, one tunnel on it, and close it after the response (direct: a new TCP
+    /// connection).
+    #[arg(long)]
+    new_connection_per_request: bool,
+    /// Ask bench-backend for a response body of exactly this many bytes (`x-response-bytes`,
+    /// at most 16 MiB) and check that every response has it.
+    #[arg(long)]
+    response_bytes: Option<usize>,
     /// Tunnels per HBONE connection before another connection is opened (ztunnel: 100).
     #[arg(long, default_value_t = 100)]
     streams_per_connection: usize,
@@ -181,6 +190,23 @@ impl Dialer {
         Ok(c)
     }
 
+    /// A new HTTP/1.1 client on a connection of its own: in hbone mode a new HBONE
+    /// connection (TCP, mTLS handshake, HTTP/2) carrying this one tunnel, closed when the
+    /// tunnel ends (the h2 client closes a connection once no handle or stream is left).
+    async fn open_on_new_connection(&self) -> anyhow::Result<Sender> {
+        match self.mode {
+            Mode::Direct => self.open(0).await,
+            Mode::Hbone => {
+                let tls = self.tls.clone().context("hbone mode needs --certs")?;
+                let conn = Connection::connect(self.target, tls, &self.settings)
+                    .await
+                    .with_context(|| format!("HBONE connection to {}", self.target))?;
+                let stream = conn.open(&self.authority, HeaderMap::new()).await?;
+                handshake(stream).await
+            }
+        }
+    }
+
     /// A new HTTP/1.1 client for tunnel number `n` (worker index or idle-tunnel index).
     async fn open(&self, n: usize) -> anyhow::Result<Sender> {
         match self.mode {
@@ -238,6 +264,8 @@ struct RequestTemplate {
     host: HeaderValue,
     headers: Vec<(HeaderName, HeaderValue)>,
     body: Bytes,
+    /// The response body size asked for (`x-response-bytes`), checked on every response.
+    response_bytes: Option<usize>,
 }
 
 impl RequestTemplate {
@@ -249,15 +277,19 @@ impl RequestTemplate {
         for (k, v) in &self.headers {
             b = b.header(k, v);
         }
+        if let Some(n) = self.response_bytes {
+            b = b.header("x-response-bytes", n);
+        }
         Ok(b.body(Full::new(self.body.clone()))?)
     }
 }
 
-/// Send one request and read the whole response: (status, body bytes).
-/// One request and its whole response. The response is checked to be bench-backend's, intact:
-/// its body is `<x-backend>\n` and it saw the request body whole (`x-request-body-bytes`), so
+/// One request and its whole response: (status, body bytes). The response is checked to be
+/// bench-backend's, intact: its body is `<x-backend>\n` (repeated to exactly the size asked
+/// for with `x-response-bytes`) and it saw the request body whole (`x-request-body-bytes`), so
 /// a proxy that truncated or mixed up bodies shows as errors, not as speed.
-async fn exchange(sender: &mut Sender, req: Request<Full<Bytes>>) -> anyhow::Result<(u16, u64)> {
+async fn exchange(sender: &mut Sender, template: &RequestTemplate) -> anyhow::Result<(u16, u64)> {
+    let req = template.build()?;
     let sent = req.body().size_hint().exact().unwrap_or(0);
     sender.ready().await?;
     let resp = sender.send_request(req).await?;
@@ -284,7 +316,10 @@ async fn exchange(sender: &mut Sender, req: Request<Full<Bytes>>) -> anyhow::Res
         let Some(backend) = backend else {
             bail!("a {status} response without x-backend: not bench-backend's");
         };
-        if got != format!("{backend}\n").as_bytes() || n != backend.len() as u64 + 1 {
+        let unit = format!("{backend}\n");
+        let want = template.response_bytes.unwrap_or(unit.len());
+        let prefix: Vec<u8> = unit.bytes().cycle().take(want.min(256)).collect();
+        if got != prefix || n != want as u64 {
             bail!(
                 "response body {:?} ({n} bytes) is not {backend:?}'s",
                 String::from_utf8_lossy(&got)
@@ -362,18 +397,17 @@ async fn worker(id: usize, sh: Arc<Shared>) -> anyhow::Result<WorkerResult> {
             }
         };
         let measured = t0 >= sh.measure_start;
-        let reuse = if args.new_tunnel_per_request {
-            None
-        } else {
-            sender.take()
-        };
+        let fresh = args.new_tunnel_per_request || args.new_connection_per_request;
+        let reuse = if fresh { None } else { sender.take() };
         let attempt = async {
             let mut s = match reuse {
                 Some(s) => s,
+                None if args.new_connection_per_request => {
+                    sh.dialer.open_on_new_connection().await?
+                }
                 None => sh.dialer.open(id).await?,
             };
-            let req = sh.template.build()?;
-            let r = exchange(&mut s, req).await?;
+            let r = exchange(&mut s, &sh.template).await?;
             Ok::<_, anyhow::Error>((s, r))
         };
         let outcome = tokio::time::timeout(args.timeout, attempt).await;
@@ -383,7 +417,7 @@ async fn worker(id: usize, sh: Arc<Shared>) -> anyhow::Result<WorkerResult> {
         }
         match outcome {
             Ok(Ok((s, (status, n)))) => {
-                if !args.new_tunnel_per_request {
+                if !fresh {
                     sender = Some(s);
                 }
                 if measured {
@@ -518,6 +552,8 @@ async fn run_load(sh: Arc<Shared>) -> anyhow::Result<serde_json::Value> {
         "method": sh.template.method.as_str(),
         "body_bytes": args.body_bytes,
         "new_tunnel_per_request": args.new_tunnel_per_request,
+        "new_connection_per_request": args.new_connection_per_request,
+        "response_bytes": args.response_bytes,
         "duration_s": round3(secs),
         "warmup_requests": total.warmup_requests,
         "requests": completed + total.io_errors + total.timeouts,
@@ -577,7 +613,7 @@ async fn run_idle(sh: Arc<Shared>, n: usize) -> anyhow::Result<serde_json::Value
             let _permit = permit;
             let r = tokio::time::timeout(sh.args.timeout, async {
                 let mut s = sh.dialer.open(j).await?;
-                let (status, _) = exchange(&mut s, sh.template.build()?).await?;
+                let (status, _) = exchange(&mut s, &sh.template).await?;
                 if !(200..300).contains(&status) {
                     bail!("status {status}");
                 }
@@ -617,10 +653,8 @@ async fn run_idle(sh: Arc<Shared>, n: usize) -> anyhow::Result<serde_json::Value
     let (mut probed, mut alive) = (0u64, 0u64);
     for s in senders.iter_mut().step_by(step).take(100) {
         probed += 1;
-        let ok = tokio::time::timeout(args.timeout, async {
-            exchange(s, sh.template.build()?).await
-        })
-        .await;
+        let ok =
+            tokio::time::timeout(args.timeout, async { exchange(s, &sh.template).await }).await;
         if matches!(ok, Ok(Ok((200..=299, _)))) {
             alive += 1;
         }
@@ -698,6 +732,9 @@ fn main() -> anyhow::Result<()> {
     if args.concurrency == 0 || args.concurrency > MAX_CONCURRENCY {
         bail!("--concurrency must be in 1..={MAX_CONCURRENCY}");
     }
+    if args.response_bytes.is_some_and(|n| n > 16 * 1024 * 1024) {
+        bail!("--response-bytes must be at most 16 MiB (bench-backend's limit)");
+    }
     if args.idle_tunnels.is_some_and(|n| n > MAX_IDLE_TUNNELS) {
         bail!("--idle-tunnels must be at most {MAX_IDLE_TUNNELS}");
     }
@@ -742,6 +779,7 @@ fn main() -> anyhow::Result<()> {
         host: HeaderValue::from_str(&args.host)?,
         headers: parse_headers(&args.header)?,
         body: Bytes::from(vec![b'x'; args.body_bytes]),
+        response_bytes: args.response_bytes,
     };
     let tunnels = args.idle_tunnels.unwrap_or(args.concurrency);
     let slots = tunnels.div_ceil(args.streams_per_connection.max(1));
