@@ -22,8 +22,11 @@
 //!   a snapshot, and every change bumps a generation the compiler waits on ([`Source::changes`]),
 //!   so a burst of events costs one compile.
 
+mod pods;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+use pods::{PodRecord, Shapes};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -188,11 +191,56 @@ struct Stored {
 #[derive(Debug, Clone)]
 enum Object {
     Resource(Arc<Resource>),
+    /// Pods are many: kept compact, their shared parts interned ([`pods`]).
+    Pod(Box<PodRecord>),
     /// The mesh ConfigMap's `data.mesh` text (parsed by the caller, which owns MeshConfig).
     Mesh(String),
 }
 
 /// An object that failed to decode: kept out of the store, reported.
+impl Stored {
+    /// The typed resource (a Pod made back from its record); `None` for the mesh config.
+    fn resource(&self) -> Option<Arc<Resource>> {
+        match &self.object {
+            Object::Resource(r) => Some(r.clone()),
+            Object::Pod(p) => Some(Arc::new(Resource::Pod(p.to_pod()))),
+            Object::Mesh(_) => None,
+        }
+    }
+
+    /// A decoded Pod becomes its compact record (other objects are kept as decoded).
+    fn compact(self, shapes: &mut Shapes) -> Stored {
+        let Stored {
+            object,
+            resource_version,
+        } = self;
+        let object = match object {
+            Object::Resource(r) if matches!(*r, Resource::Pod(_)) => {
+                match Arc::unwrap_or_clone(r) {
+                    Resource::Pod(p) => Object::Pod(Box::new(PodRecord::new(p, shapes))),
+                    other => Object::Resource(Arc::new(other)),
+                }
+            }
+            other => other,
+        };
+        Stored {
+            object,
+            resource_version,
+        }
+    }
+}
+
+/// Give a dropped Pod record's shape back (see [`pods::Shapes::release`]).
+fn release(shapes: &mut Shapes, stored: Option<Stored>) {
+    if let Some(Stored {
+        object: Object::Pod(p),
+        ..
+    }) = stored
+    {
+        shapes.release(*p);
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Invalid {
     message: String,
@@ -262,12 +310,30 @@ struct State {
     delta: Delta,
     /// Pods by IP (`status.podIP(s)`), for the source workload of a connection.
     pods_by_ip: std::collections::HashMap<std::net::IpAddr, (String, String)>,
+    /// What the stored Pods of one workload share, once.
+    pod_shapes: Shapes,
     /// EndpointSlices by their Service (`kubernetes.io/service-name`): an endpoint update
     /// reads the slices of the Services it concerns, never all of them.
     slices_by_service:
         std::collections::HashMap<(String, String), std::collections::BTreeSet<(String, String)>>,
     /// The reverse of `slices_by_service`.
     service_of_slice: std::collections::HashMap<(String, String), (String, String)>,
+}
+
+impl State {
+    fn new() -> State {
+        State {
+            kinds: KINDS.iter().map(|_| KindState::default()).collect(),
+            mesh: KindState::default(),
+            mesh_text: None,
+            generation: 0,
+            delta: Delta::default(),
+            pods_by_ip: Default::default(),
+            pod_shapes: Shapes::default(),
+            slices_by_service: Default::default(),
+            service_of_slice: Default::default(),
+        }
+    }
 }
 
 struct Inner {
@@ -383,16 +449,7 @@ impl Source {
     pub fn start(client: kube::Client, settings: &Settings) -> Source {
         let (tx, _) = tokio::sync::watch::channel(0);
         let inner = Arc::new(Inner {
-            state: Mutex::new(State {
-                kinds: KINDS.iter().map(|_| KindState::default()).collect(),
-                mesh: KindState::default(),
-                mesh_text: None,
-                generation: 0,
-                delta: Delta::default(),
-                pods_by_ip: Default::default(),
-                slices_by_service: Default::default(),
-                service_of_slice: Default::default(),
-            }),
+            state: Mutex::new(State::new()),
             changes: tx,
         });
         let mut tasks = Vec::new();
@@ -495,20 +552,20 @@ impl Source {
             .collect()
     }
 
+    /// Pod shapes held (what the replicas of a workload share, stored once): a gauge that
+    /// follows the workloads, not the Pods.
+    pub fn pod_shapes(&self) -> usize {
+        self.lock().pod_shapes.len()
+    }
+
     /// The Pod with this IP, as far as telemetry cares (Istio's waypoint looks the client up
     /// by address in its workload discovery, protocol.md 4.3).
     pub fn pod_at(&self, ip: std::net::IpAddr) -> Option<PodMeta> {
         let state = self.lock();
         let key = state.pods_by_ip.get(&ip)?;
         let pod_i = KINDS.iter().position(|k| k.kind == "Pod")?;
-        let Stored {
-            object: Object::Resource(r),
-            ..
-        } = state.kinds[pod_i].objects.get(key)?
-        else {
-            return None;
-        };
-        let Resource::Pod(p) = &**r else { return None };
+        let r = state.kinds[pod_i].objects.get(key)?.resource()?;
+        let Resource::Pod(p) = &*r else { return None };
         Some(PodMeta::of(p))
     }
 
@@ -531,13 +588,7 @@ impl Source {
         ) else {
             return LoadedResources::default();
         };
-        let resource = |s: Option<&Stored>| match s {
-            Some(Stored {
-                object: Object::Resource(r),
-                ..
-            }) => Some(r.clone()),
-            _ => None,
-        };
+        let resource = |s: Option<&Stored>| s.and_then(Stored::resource);
         let mut picked: Vec<Arc<Resource>> = Vec::new();
         picked.extend(
             state.kinds[ns_i]
@@ -627,10 +678,10 @@ impl Source {
         };
         for (spec, k) in KINDS.iter().zip(&state.kinds) {
             for ((ns, name), s) in &k.objects {
-                let Object::Resource(r) = &s.object else {
+                let Some(r) = s.resource() else {
                     continue;
                 };
-                input.loaded.resources.push((**r).clone());
+                input.loaded.resources.push(Arc::unwrap_or_clone(r));
                 input.loaded.sources.push(ResourceSource {
                     origin: format!("kube {} {}", spec.kind, qualified(ns, name)),
                     resource_version: s.resource_version.clone(),
@@ -738,6 +789,21 @@ fn kind_state(state: &mut State, slot: Slot) -> &mut KindState {
 
 /// Apply one watcher event; says what changed.
 fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObject>) -> Change {
+    // The shapes table is taken out for the event (the kind's state borrows `state`) and
+    // always put back, whichever way the event returns.
+    let mut shapes = std::mem::take(&mut state.pod_shapes);
+    let change = apply_event(state, &mut shapes, spec, slot, event);
+    state.pod_shapes = shapes;
+    change
+}
+
+fn apply_event(
+    state: &mut State,
+    shapes: &mut Shapes,
+    spec: &KindSpec,
+    slot: Slot,
+    event: Event<DynamicObject>,
+) -> Change {
     let is_mesh = matches!(slot, Slot::Mesh);
     let mut mesh_text = None;
     // Endpoint changes are told apart so the caller can skip a full compile.
@@ -757,7 +823,9 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
                 let key = key_of(&obj);
                 match decode(spec, obj) {
                     Ok(s) => {
-                        objects.insert(key, s);
+                        // A key listed twice: the later wins, the earlier's shape goes back.
+                        let replaced = objects.insert(key, s.compact(shapes));
+                        release(shapes, replaced);
                     }
                     Err(message) => {
                         invalid.insert(key, Invalid { message });
@@ -783,6 +851,10 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
             k.objects = objects;
             k.invalid = invalid;
             k.status = Some(KindStatus::Synced);
+            if spec.kind == "Pod" {
+                // The Pods of the previous list are gone: so are the shapes only they used.
+                shapes.sweep();
+            }
             // A (re-)list may hold anything.
             Change::Full
         }
@@ -791,6 +863,7 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
             touched_key = Some(key.clone());
             match decode(spec, obj) {
                 Ok(s) => {
+                    let s = s.compact(shapes);
                     let had_invalid = k.invalid.remove(&key).is_some();
                     let old = k.objects.insert(key, s.clone());
                     let same = match (&old, &s.object) {
@@ -800,6 +873,13 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
                                 ..
                             }),
                             Object::Resource(b),
+                        ) => a == b,
+                        (
+                            Some(Stored {
+                                object: Object::Pod(a),
+                                ..
+                            }),
+                            Object::Pod(b),
                         ) => a == b,
                         (
                             Some(Stored {
@@ -813,19 +893,15 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
                     if same && !had_invalid {
                         // Only fields the waypoint never reads changed (a Pod's status
                         // conditions, say): nothing to do.
+                        release(shapes, old);
                         return Change::None;
                     }
                     if endpoints_kind && !had_invalid {
-                        for o in old.iter().map(|o| &o.object).chain([&s.object]) {
-                            if let Object::Resource(r) = o {
-                                collect_endpoint_change(
-                                    r,
-                                    &mut endpoint_services,
-                                    &mut touched_pods,
-                                );
-                            }
+                        for r in old.iter().chain([&s]).filter_map(Stored::resource) {
+                            collect_endpoint_change(&r, &mut endpoint_services, &mut touched_pods);
                         }
                     }
+                    release(shapes, old);
                 }
                 Err(message) => {
                     warn!(
@@ -833,7 +909,7 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
                         spec.kind,
                         qualified(&key.0, &key.1)
                     );
-                    k.objects.remove(&key);
+                    release(shapes, k.objects.remove(&key));
                     k.invalid.insert(key, Invalid { message });
                 }
             }
@@ -850,11 +926,11 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
             let key = key_of(&obj);
             touched_key = Some(key.clone());
             let was_invalid = k.invalid.remove(&key).is_some();
-            match k.objects.remove(&key) {
-                Some(Stored {
-                    object: Object::Resource(r),
-                    ..
-                }) if endpoints_kind && !was_invalid => {
+            let removed = k.objects.remove(&key);
+            let resource = removed.as_ref().and_then(Stored::resource);
+            release(shapes, removed);
+            match resource {
+                Some(r) if endpoints_kind && !was_invalid => {
                     collect_endpoint_change(&r, &mut endpoint_services, &mut touched_pods);
                     Change::Endpoints {
                         services: Vec::new(),
@@ -871,7 +947,7 @@ fn apply(state: &mut State, spec: &KindSpec, slot: Slot, event: Event<DynamicObj
         if is_mesh {
             mesh_text = Some(k.objects.values().next().and_then(|s| match &s.object {
                 Object::Mesh(text) => Some(text.clone()),
-                Object::Resource(_) => None,
+                Object::Resource(_) | Object::Pod(_) => None,
             }));
         }
     }
@@ -913,14 +989,18 @@ fn reindex_pods(state: &mut State, touched: Option<&[Arc<Resource>]>) {
     let Some(pod_i) = KINDS.iter().position(|k| k.kind == "Pod") else {
         return;
     };
-    let parse = |ip: &String| ip.parse::<std::net::IpAddr>().ok();
+    let parse = |ip: &str| ip.parse::<std::net::IpAddr>().ok();
     let current = |state: &State, key: &(String, String)| -> Vec<std::net::IpAddr> {
         match state.kinds[pod_i].objects.get(key) {
+            Some(Stored {
+                object: Object::Pod(p),
+                ..
+            }) => p.ips().filter_map(parse).collect(),
             Some(Stored {
                 object: Object::Resource(r),
                 ..
             }) => match &**r {
-                Resource::Pod(p) => pod_ips(p).filter_map(parse).collect(),
+                Resource::Pod(p) => pod_ips(p).map(String::as_str).filter_map(parse).collect(),
                 _ => Vec::new(),
             },
             _ => Vec::new(),
@@ -941,7 +1021,7 @@ fn reindex_pods(state: &mut State, touched: Option<&[Arc<Resource>]>) {
             for r in pods {
                 let Resource::Pod(p) = &**r else { continue };
                 let key = (p.metadata.namespace.clone(), p.metadata.name.clone());
-                for ip in pod_ips(p).filter_map(parse) {
+                for ip in pod_ips(p).map(String::as_str).filter_map(parse) {
                     if state.pods_by_ip.get(&ip) == Some(&key) {
                         state.pods_by_ip.remove(&ip);
                     }
@@ -1251,6 +1331,140 @@ mod tests {
             ("lonely", "lonely", "latest")
         );
         assert_eq!((m.app, m.version), (None, None));
+    }
+
+    /// Pods go through the store as the watch delivers them (list, changes, deletes, a
+    /// re-list): each is kept as a compact record, comes back whole for compiles and source
+    /// lookups, and the shapes the replicas of a workload share follow the Pods.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn pods_are_stored_compact_and_their_shared_shapes_follow_them() {
+        let pod_i = KINDS.iter().position(|k| k.kind == "Pod").unwrap();
+        let (spec, slot) = (&KINDS[pod_i], Slot::Kind(pod_i));
+        let obj = |name: &str, ip: &str, app: &str, phase: &str| -> DynamicObject {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "ns", "resourceVersion": "7",
+                    "labels": {"app": app, "pod-template-hash": "h1", "helm.sh/chart": "x"},
+                    "annotations": {"big": "x".repeat(2000)},
+                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                        "name": format!("{app}-h1"), "uid": "u"}]},
+                "spec": {"serviceAccountName": app},
+                "status": {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}]}}))
+            .unwrap()
+        };
+        let mut state = State::new();
+        apply(&mut state, spec, slot, Event::Init);
+        for i in 0..6 {
+            let ev = Event::InitApply(obj(
+                &format!("web-h1-{i}"),
+                &format!("10.1.0.{i}"),
+                "web",
+                "Running",
+            ));
+            apply(&mut state, spec, slot, ev);
+        }
+        apply(
+            &mut state,
+            spec,
+            slot,
+            Event::InitApply(obj("db-h1-0", "10.1.1.1", "db", "Running")),
+        );
+        assert!(matches!(
+            apply(&mut state, spec, slot, Event::InitDone),
+            Change::Full
+        ));
+        assert_eq!(
+            state.pod_shapes.len(),
+            2,
+            "six web replicas share one shape"
+        );
+        assert!(
+            state.kinds[pod_i]
+                .objects
+                .values()
+                .all(|s| matches!(s.object, Object::Pod(_)))
+        );
+
+        // A change the waypoint does not read: nothing to do. A new IP: an endpoint change.
+        let same = apply(
+            &mut state,
+            spec,
+            slot,
+            Event::Apply(obj("web-h1-3", "10.1.0.3", "web", "Succeeded")),
+        );
+        assert!(matches!(same, Change::None));
+        let moved = apply(
+            &mut state,
+            spec,
+            slot,
+            Event::Apply(obj("web-h1-3", "10.1.0.33", "web", "Running")),
+        );
+        assert!(matches!(moved, Change::Endpoints { pod: true, .. }));
+        assert_eq!(state.pod_shapes.len(), 2);
+        // A Pod of a new workload version: a new shape; the old one goes with its last Pod.
+        let relabeled = obj("db-h1-0", "10.1.1.1", "db2", "Running");
+        apply(&mut state, spec, slot, Event::Apply(relabeled));
+        assert_eq!(
+            state.pod_shapes.len(),
+            2,
+            "db's shape left with its only Pod"
+        );
+        apply(
+            &mut state,
+            spec,
+            slot,
+            Event::Delete(obj("db-h1-0", "10.1.1.1", "db2", "Running")),
+        );
+        assert_eq!(state.pod_shapes.len(), 1);
+
+        let source = Source {
+            inner: Arc::new(Inner {
+                state: Mutex::new(state),
+                changes: tokio::sync::watch::channel(0).0,
+            }),
+            tasks: Arc::new(Vec::new()),
+        };
+        // The source lookup by IP follows the change, and sees the Pod whole.
+        assert!(source.pod_at("10.1.0.3".parse().unwrap()).is_none());
+        let m = source.pod_at("10.1.0.33".parse().unwrap()).unwrap();
+        assert_eq!((m.name.as_str(), m.workload.as_str()), ("web-h1-3", "web"));
+        assert_eq!(m.service_account, "web");
+        assert!(source.pod_at("10.1.1.1".parse().unwrap()).is_none());
+        // A compile gets the Pods back as decoded: kept labels, no annotations.
+        let input = source.full_input();
+        let pods: Vec<&policy::resources::Pod> = input
+            .loaded
+            .resources
+            .iter()
+            .filter_map(|r| match r {
+                Resource::Pod(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pods.len(), 6);
+        let p = pods.iter().find(|p| p.metadata.name == "web-h1-3").unwrap();
+        assert_eq!(p.status.pod_ip.as_deref(), Some("10.1.0.33"));
+        assert_eq!(p.status.pod_ips.len(), 1);
+        assert!(p.metadata.labels.get("helm.sh/chart").is_none());
+        assert_eq!(
+            p.metadata.labels.get("app").map(String::as_str),
+            Some("web")
+        );
+        assert!(p.metadata.annotations.is_empty());
+
+        // A re-list with fewer Pods: the shapes of the Pods that went are swept.
+        let mut state = source.lock();
+        apply(&mut state, spec, slot, Event::Init);
+        apply(
+            &mut state,
+            spec,
+            slot,
+            Event::InitApply(obj("api-h1-0", "10.1.2.1", "api", "Running")),
+        );
+        apply(&mut state, spec, slot, Event::InitDone);
+        assert_eq!(state.pod_shapes.len(), 1);
+        assert_eq!(state.kinds[pod_i].objects.len(), 1);
     }
 
     #[test]

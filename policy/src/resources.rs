@@ -35,7 +35,7 @@ pub struct ObjectMeta {
 }
 
 /// `metadata.ownerReferences[]`, reduced to what names a workload.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "camelCase", default)]
 pub struct OwnerReference {
     pub kind: String,
@@ -45,7 +45,7 @@ pub struct OwnerReference {
 /// Labels or annotations: a string map kept as a vector sorted by key. Objects carry a few
 /// labels each, and a `BTreeMap`'s first node alone is ~550 bytes: with tens of thousands of
 /// Pods watched (`--kube`), that was most of their memory.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Labels(Vec<(String, String)>);
 
 impl Labels {

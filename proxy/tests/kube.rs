@@ -368,6 +368,8 @@ spec:
 
     // Metrics and the config dump say where the configuration comes from.
     assert_eq!(metric(&m, "waypoint_config_source_up").await, Some(1.0));
+    // The sleep Pod is stored as a compact record with an interned shape.
+    assert!(metric(&m, "waypoint_config_pod_shapes").await >= Some(1.0));
     let (_, metrics) = http_get(m.wp.metrics, "/stats/prometheus").await;
     assert!(
         metrics.contains("waypoint_config_objects{kind=\"Service\"} 2"),

@@ -280,6 +280,12 @@ fn discovery_metrics(out: &mut String, source: &discovery::Source) {
             k.kind, k.objects
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP waypoint_config_pod_shapes Distinct Pod shapes (namespace, labels kept, owner, service account) the stored Pods share.\n\
+# TYPE waypoint_config_pod_shapes gauge\nwaypoint_config_pod_shapes {}",
+        source.pod_shapes()
+    );
 }
 
 /// Envoy's `/memory` answers with its allocator's totals (tcmalloc's `allocated`,
