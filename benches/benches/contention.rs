@@ -125,8 +125,9 @@ fn pool_checkout(c: &mut Criterion) {
     let acceptor = std::thread::spawn(move || {
         accept_rt.block_on(async move {
             let mut held = Vec::new();
-            // Bounded: each bench thread holds at most one connection at a time.
-            while held.len() < 64 {
+            // Bounded: a pool opens a connection only when none is idle, so a thread holds
+            // at most one at a time (per runtime and layout).
+            while held.len() < 1024 {
                 match listener.accept().await {
                     Ok((s, _)) => held.push(s),
                     Err(_) => break,
@@ -144,34 +145,42 @@ fn pool_checkout(c: &mut Criterion) {
         ("per_worker", proxy::sharded::default_shards()),
         ("one_table", 1),
     ] {
-        let upstreams = Upstreams::with_pool_shards(UpstreamSettings::default(), shards);
+        let upstreams = Arc::new(Upstreams::with_pool_shards(
+            UpstreamSettings::default(),
+            shards,
+        ));
         for threads in THREADS {
-            // One runtime per thread, as a worker has: the connection task and the checkout
-            // run where the request would.
-            let runtimes: Vec<tokio::runtime::Runtime> = (0..threads)
-                .map(|_| {
-                    tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("runtime")
-                })
-                .collect();
-            let state = (&upstreams, &endpoint, runtimes);
-            g.bench_function(
-                BenchmarkId::new(layout, format!("{threads}_threads")),
-                |b| {
-                    b.iter_custom(|iters| {
-                        on_threads(threads, iters, &state, |(u, e, rts), t, _| {
-                            rts[t].block_on(async {
-                                match u.checkout(e, UpstreamProtocol::Http1).await {
-                                    Ok(conn) => conn.give_back(),
-                                    Err(_) => panic!("loopback connect failed"),
-                                }
+            // A runtime with one worker per thread, as the waypoint's: the connection tasks
+            // and the checkouts run on its workers, one task per worker.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            g.bench_function(BenchmarkId::new(layout, format!("{threads}_threads")), |b| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let began = Instant::now();
+                        let tasks: Vec<_> = (0..threads)
+                            .map(|_| {
+                                let (u, e) = (upstreams.clone(), endpoint.clone());
+                                tokio::spawn(async move {
+                                    for _ in 0..iters {
+                                        match u.checkout(&e, UpstreamProtocol::Http1).await {
+                                            Ok(conn) => conn.give_back(),
+                                            Err(_) => panic!("loopback connect failed"),
+                                        }
+                                    }
+                                })
                             })
-                        })
+                            .collect();
+                        for t in tasks {
+                            let _ = t.await;
+                        }
+                        began.elapsed()
                     })
-                },
-            );
+                })
+            });
         }
     }
     g.finish();

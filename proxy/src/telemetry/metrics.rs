@@ -222,39 +222,76 @@ struct SourceTable {
     ids: HashMap<SourceLabels, SourceId>,
 }
 
-/// The series one thread has counted (see [`Metrics`]).
+/// All series, summed over threads, keyed as they are rendered (a scrape builds it).
 #[derive(Default)]
-struct Series {
+struct Merged {
     dests: HashMap<Arc<str>, DestLabels>,
     http: HashMap<HttpKey, HttpStats>,
     tcp: HashMap<TcpKey, TcpStats>,
 }
 
+/// The series of one cluster in one thread. Keys without the cluster name are plain
+/// values: counting a request clones no `Arc` (a reference count is a write to a cache line
+/// every worker shares, which is what per-thread series are for).
+struct ClusterSeries {
+    dest: Option<DestLabels>,
+    http: HashMap<(SourceId, bool, u16, ResponseFlags), HttpStats>,
+    tcp: HashMap<(SourceId, ResponseFlags), TcpStats>,
+}
+
+/// The series one thread has counted (see [`Metrics`]), by cluster name (`""`: no cluster).
+#[derive(Default)]
+struct Series {
+    clusters: HashMap<Arc<str>, ClusterSeries>,
+}
+
 impl Series {
-    fn remember_dest(&mut self, cluster: Option<&Arc<Cluster>>) -> Option<Arc<str>> {
-        let c = cluster?;
-        if !self.dests.contains_key(&c.name) {
-            self.dests.insert(
-                c.name.clone(),
-                DestLabels {
-                    service: c.hostname.clone(),
-                    name: c.service_name.clone(),
-                    namespace: c.service_namespace.clone(),
-                },
-            );
+    /// Run `f` on the cluster's series, looked up by name (the name is cloned only the
+    /// first time this thread sees the cluster).
+    fn with_cluster(&mut self, cluster: Option<&Arc<Cluster>>, f: impl FnOnce(&mut ClusterSeries)) {
+        let name: &str = cluster.map_or("", |c| &c.name);
+        if let Some(s) = self.clusters.get_mut(name) {
+            f(s);
+            return;
         }
-        Some(c.name.clone())
+        let mut s = ClusterSeries {
+            dest: cluster.map(|c| DestLabels {
+                service: c.hostname.clone(),
+                name: c.service_name.clone(),
+                namespace: c.service_namespace.clone(),
+            }),
+            http: HashMap::new(),
+            tcp: HashMap::new(),
+        };
+        f(&mut s);
+        let key = cluster.map_or_else(|| Arc::from(""), |c| c.name.clone());
+        self.clusters.insert(key, s);
     }
 
-    fn merge_into(&self, total: &mut Series) {
-        for (k, v) in &self.dests {
-            total.dests.entry(k.clone()).or_insert_with(|| v.clone());
-        }
-        for (k, v) in &self.http {
-            total.http.entry(k.clone()).or_default().merge(v);
-        }
-        for (k, v) in &self.tcp {
-            total.tcp.entry(k.clone()).or_default().merge(v);
+    fn merge_into(&self, total: &mut Merged) {
+        for (name, cs) in &self.clusters {
+            let cluster = (!name.is_empty()).then(|| name.clone());
+            if let Some(d) = &cs.dest {
+                total.dests.entry(name.clone()).or_insert_with(|| d.clone());
+            }
+            for (&(source, grpc, code, flags), v) in &cs.http {
+                let key = HttpKey {
+                    source,
+                    cluster: cluster.clone(),
+                    grpc,
+                    code,
+                    flags,
+                };
+                total.http.entry(key).or_default().merge(v);
+            }
+            for (&(source, flags), v) in &cs.tcp {
+                let key = TcpKey {
+                    source,
+                    cluster: cluster.clone(),
+                    flags,
+                };
+                total.tcp.entry(key).or_default().merge(v);
+            }
         }
     }
 }
@@ -315,35 +352,24 @@ impl Metrics {
         r: &AccessLogRecord,
         grpc: bool,
     ) {
-        let mut series = self.series.local();
-        let cluster = series.remember_dest(cluster);
-        let key = HttpKey {
-            source,
-            cluster,
-            grpc,
-            code: r.response_code,
-            flags: r.response_flags,
-        };
-        let s = series.http.entry(key).or_default();
-        s.requests += 1;
-        s.duration.observe(r.duration as f64);
-        s.request_bytes.observe(r.bytes_received as f64);
-        s.response_bytes.observe(r.bytes_sent as f64);
+        let key = (source, grpc, r.response_code, r.response_flags);
+        self.series.local().with_cluster(cluster, |cs| {
+            let s = cs.http.entry(key).or_default();
+            s.requests += 1;
+            s.duration.observe(r.duration as f64);
+            s.request_bytes.observe(r.bytes_received as f64);
+            s.response_bytes.observe(r.bytes_sent as f64);
+        });
     }
 
     /// A TCP connection through the waypoint opened.
     pub fn tcp_opened(&self, source: SourceId, cluster: Option<&Arc<Cluster>>) {
-        let mut series = self.series.local();
-        let cluster = series.remember_dest(cluster);
-        series
-            .tcp
-            .entry(TcpKey {
-                source,
-                cluster,
-                flags: ResponseFlags::default(),
-            })
-            .or_default()
-            .opened += 1;
+        self.series.local().with_cluster(cluster, |cs| {
+            cs.tcp
+                .entry((source, ResponseFlags::default()))
+                .or_default()
+                .opened += 1;
+        });
     }
 
     /// A TCP connection closed, with its byte counts (`r.bytes_*`) and flags.
@@ -353,19 +379,12 @@ impl Metrics {
         cluster: Option<&Arc<Cluster>>,
         r: &AccessLogRecord,
     ) {
-        let mut series = self.series.local();
-        let cluster = series.remember_dest(cluster);
-        let s = series
-            .tcp
-            .entry(TcpKey {
-                source,
-                cluster,
-                flags: r.response_flags,
-            })
-            .or_default();
-        s.closed += 1;
-        s.sent += r.bytes_sent;
-        s.received += r.bytes_received;
+        self.series.local().with_cluster(cluster, |cs| {
+            let s = cs.tcp.entry((source, r.response_flags)).or_default();
+            s.closed += 1;
+            s.sent += r.bytes_sent;
+            s.received += r.bytes_received;
+        });
     }
 
     /// Prometheus text exposition, plus the proxy's own gauges/counters in `extra`
@@ -378,7 +397,7 @@ impl Metrics {
             Ok(t) => t.sources.clone(),
             Err(_) => return out,
         };
-        let mut inner = Series::default();
+        let mut inner = Merged::default();
         self.series.for_each(|shard| shard.merge_into(&mut inner));
         let unknown = SourceLabels::from_tunnel(None, None);
         let overflow = SourceLabels {
