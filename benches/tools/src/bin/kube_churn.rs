@@ -366,7 +366,8 @@ async fn main() -> anyhow::Result<()> {
 
     // Memory per watched Pod and per endpoint: three fresh waypoints, settled after ready
     // (a heap that already holds slack would hide growth): the cluster alone, plus 50,000
-    // Pods that no endpoint names, plus 50,000 endpoints (10,000 more slices of 5).
+    // Pods that no endpoint names (10,000 workloads of 5 replicas), plus 50,000 endpoints
+    // (10,000 more slices of 5).
     let (per_1000_pods, per_1000_endpoints, rss_settled) =
         memory_per_object(&args, &pki, load_b, probe_a).await?;
     eprintln!(
@@ -619,11 +620,14 @@ async fn memory_per_object(
     const EXTRA: usize = 50_000;
     let base = settled_rss(args, cluster(args, load_b, probe_a), pki).await?;
     let mut with_pods = cluster(args, load_b, probe_a);
+    // Five replicas per workload (each its own labels, owner and service account), not one
+    // workload for all: the store shares what a workload's Pods have in common, and a
+    // single workload would flatter that.
     with_pods.extend((0..EXTRA).map(|k| {
         pod(
-            &format!("extra-{k}"),
+            &format!("extra-{}-{k}", k / 5),
             &pod_ip(200_000 + k / 8, k % 8),
-            "extra",
+            &format!("extra-{}", k / 5),
         )
     }));
     let pods = settled_rss(args, with_pods, pki).await?;
