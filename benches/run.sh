@@ -429,7 +429,9 @@ CMD="DURATION=$DURATION WARMUP=$WARMUP REPEAT=$REPEAT PIN=$PIN WORKERS=$WORKERS 
 CPU_MODEL="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)"
 GIT_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if [[ -n "$(git -C "$ROOT" --no-optional-locks status --porcelain 2>/dev/null | head -n1)" ]]; then GIT_REV="$GIT_REV+dirty"; fi
-SUMMARY="$(date -u +%Y-%m-%d) on $(nproc) CPUs ($CPU_MODEL), git $GIT_REV; ${DURATION} s per run after ${WARMUP} s warm-up, ${REPEAT} run(s) each; PIN=$PIN (proxies on CPU $PROXY_CPU, loadgen + backend on CPU $CLIENT_CPU), $WORKERS proxy worker thread(s); Envoy $ENVOY_VERSION; access logs on; background CPU ${BG_BUSY}%."
+if [[ "$PIN" == 1 ]]; then PLACEMENT="PIN=1 (proxies on CPU $PROXY_CPU, loadgen + backend on CPU $CLIENT_CPU)"
+else PLACEMENT="PIN=0 (nothing pinned: proxies, loadgen and backend share all CPUs)"; fi
+SUMMARY="$(date -u +%Y-%m-%d) on $(nproc) CPUs ($CPU_MODEL), git $GIT_REV; ${DURATION} s per run after ${WARMUP} s warm-up, ${REPEAT} run(s) each; $PLACEMENT, $WORKERS proxy worker thread(s); Envoy $ENVOY_VERSION; access logs on; background CPU ${BG_BUSY}%."
 cat >"$RUN/meta.json" <<EOF
 {
   "started": $(json_str "$RUN_ID"),
