@@ -157,34 +157,46 @@ fn pool_checkout(c: &mut Criterion) {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            g.bench_function(BenchmarkId::new(layout, format!("{threads}_threads")), |b| {
-                b.iter_custom(|iters| {
-                    rt.block_on(async {
-                        let began = Instant::now();
-                        let tasks: Vec<_> = (0..threads)
-                            .map(|_| {
-                                let (u, e) = (upstreams.clone(), endpoint.clone());
-                                tokio::spawn(async move {
-                                    for _ in 0..iters {
-                                        match u.checkout(&e, UpstreamProtocol::Http1).await {
-                                            Ok(conn) => conn.give_back(),
-                                            Err(_) => panic!("loopback connect failed"),
-                                        }
-                                    }
-                                })
-                            })
-                            .collect();
-                        for t in tasks {
-                            let _ = t.await;
-                        }
-                        began.elapsed()
+            g.bench_function(
+                BenchmarkId::new(layout, format!("{threads}_threads")),
+                |b| {
+                    b.iter_custom(|iters| {
+                        rt.block_on(checkouts(&upstreams, &endpoint, threads, iters))
                     })
-                })
-            });
+                },
+            );
         }
     }
     g.finish();
     drop(acceptor);
+}
+
+/// `threads` tasks each checking out and giving back a pooled connection `iters` times; the
+/// wall time until all are done.
+async fn checkouts(
+    upstreams: &Arc<Upstreams>,
+    endpoint: &Endpoint,
+    threads: usize,
+    iters: u64,
+) -> Duration {
+    let began = Instant::now();
+    let tasks: Vec<_> = (0..threads)
+        .map(|_| {
+            let (u, e) = (upstreams.clone(), endpoint.clone());
+            tokio::spawn(async move {
+                for _ in 0..iters {
+                    match u.checkout(&e, UpstreamProtocol::Http1).await {
+                        Ok(conn) => conn.give_back(),
+                        Err(_) => panic!("loopback connect failed"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    began.elapsed()
 }
 
 fn access_log(c: &mut Criterion) {
