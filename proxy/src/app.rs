@@ -206,6 +206,7 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 /// Start a waypoint: everything is bound and serving when this returns.
 pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running> {
     config.load_mesh_config()?;
+    seed_random();
     // Fingerprints first: a change made while we load is then seen as a change.
     let config_fp = crate::config::watch::fingerprint(&config.config_paths);
     let cert_fp =
@@ -492,6 +493,19 @@ async fn first_certificate(ca: &identity::CaSettings) -> CertBundle {
 
 /// Client TLS for HBONE to ambient pods: our certificate; the destination must chain to our
 /// roots with an identity in our trust domain (Envoy's connect_originate, protocol.md 2.4).
+/// aws-lc seeds its random generator on first use, from CPU jitter entropy: about 0.4 billion
+/// instructions, once per process (callgrind, docs/bench/2026-12-06-profile.md). Without this
+/// the first TLS handshake (the first client after every start) waits for it; here it is paid
+/// before the listeners open and readiness turns green.
+fn seed_random() {
+    let started = std::time::Instant::now();
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    if provider.secure_random.fill(&mut [0u8; 16]).is_err() {
+        warn!("the TLS random source failed to produce bytes; handshakes will fail");
+    }
+    tracing::debug!(elapsed = ?started.elapsed(), "TLS random source seeded");
+}
+
 fn upstream_tls(certs: &CertBundle, config: &Config) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     Ok(hbone::tls::client_config(
         certs,
