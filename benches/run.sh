@@ -8,6 +8,7 @@
 #   DURATION=10        measured seconds per run (1..60)       WARMUP=2     unmeasured seconds before (0..10)
 #   REPEAT=1           runs per scenario and target (1..5), target order rotated each repeat
 #   SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 hbone2 open idle services"
+#                      (also c64n8: c=64 over 8 HBONE connections, for benches/scaling.sh)
 #   TARGETS="direct waypoint envoy"
 #   PIN=1              proxies on CPU $PROXY_CPU (1), loadgen + backend on CPU $CLIENT_CPU (0); PIN=0: no taskset
 #   WORKERS=1          worker threads of both proxies (waypoint --workers, envoy --concurrency)
@@ -307,6 +308,7 @@ scenario_args() { # SCENARIO -> variant + loadgen args on stdout (first word = v
     c1) echo "base --concurrency 1" ;;
     c16) echo "base --concurrency 16" ;;
     c64) echo "base --concurrency 64" ;;
+    c64n8) echo "base --concurrency 64 --streams-per-connection 8" ;;
     newtunnel) echo "base --concurrency 16 --new-tunnel-per-request" ;;
     newconn) echo "base --concurrency 16 --new-connection-per-request" ;;
     resp1m) echo "base --concurrency 16 --response-bytes 1048576" ;;

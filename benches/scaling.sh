@@ -9,14 +9,14 @@
 # the backend, so req/s cannot double; CPU time per request staying flat from 1 to 2 workers
 # is the evidence that workers do not cost each other (benches/README.md, "Scaling check").
 #
-# Environment: SCENARIOS (default "c16 c64"), DURATION, WARMUP, REPEAT, TARGETS, BUILD as for
+# Environment: SCENARIOS (default "c16 c64 c64n8"), DURATION, WARMUP, REPEAT, TARGETS, BUILD as for
 # run.sh; UPDATE_README=1 writes the table between <!-- bench-scaling:begin/end --> markers
 # in README.md and benches/README.md (default 0). Exit 3 when a run failed (READMEs untouched).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-SCENARIOS="${SCENARIOS:-c16 c64}"
+SCENARIOS="${SCENARIOS:-c16 c64 c64n8}"
 UPDATE_README="${UPDATE_README:-0}"
 RUN_ID="$(date -u +%Y%m%dT%H%M%SZ)"
 OUT="$TARGET_DIR/bench/scaling-$RUN_ID"

@@ -18,6 +18,7 @@ pub fn describe(scenario: &str) -> String {
         "c1" => "keep-alive GET, 1 tunnel (c=1)".into(),
         "c16" => "keep-alive GET, c=16".into(),
         "c64" => "keep-alive GET, c=64".into(),
+        "c64n8" => "keep-alive GET, c=64 over 8 HBONE connections (8 tunnels each)".into(),
         "newtunnel" => "new tunnel per request (CONNECT + GET), c=16".into(),
         "newconn" => "new HBONE connection per request (TCP + full mTLS handshake + CONNECT + GET), c=16".into(),
         "resp1m" => "keep-alive GET, 1 MiB response, c=16 (CPU-s per 1k requests = per GiB)".into(),
