@@ -18,9 +18,9 @@
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use accesslog::{AccessLogRecord, AccessLogger, ResponseFlags};
+use accesslog::AccessLogger;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use policy::{Endpoint, EndpointLoad};
 use proxy::telemetry::metrics::{Metrics, SourceLabels};
@@ -59,23 +59,6 @@ fn on_threads<S: Sync>(
     })
 }
 
-fn record() -> AccessLogRecord {
-    let mut r = AccessLogRecord::new(SystemTime::now());
-    r.route_name = Some("reviews-split".into());
-    r.method = Some("GET".into());
-    r.path = Some("/reviews/0".into());
-    r.protocol = Some("HTTP/1.1");
-    r.response_code = 200;
-    r.response_flags = ResponseFlags::default();
-    r.response_code_details = Some("via_upstream".into());
-    r.bytes_sent = 295;
-    r.duration = 3;
-    r.authority = Some("reviews:9080".into());
-    r.upstream_host = Some("10.244.1.17:9080".into());
-    r.upstream_cluster = Some("inbound-vip|9080|http|reviews.default.svc.cluster.local".into());
-    r
-}
-
 fn metrics(c: &mut Criterion) {
     // The bench configuration's reviews cluster, as a request would carry it.
     let yaml = Model::new(Variant::BASE, &Backends::default()).waypoint_manifests();
@@ -87,7 +70,7 @@ fn metrics(c: &mut Criterion) {
         policy::VipLookup::Bound(sp) => sp.cluster.clone(),
         _ => panic!("reviews VIP not bound"),
     };
-    let r = record();
+    let r = waypoint_benches::sample_access_log_record();
     let mut g = c.benchmark_group("contention/metrics_record_http");
     for (layout, shards) in [
         ("per_thread", proxy::sharded::default_shards()),
@@ -207,7 +190,9 @@ fn access_log(c: &mut Criterion) {
             BenchmarkId::new("queue", format!("{threads}_threads")),
             |b| {
                 b.iter_custom(|iters| {
-                    on_threads(threads, iters, &logger, |l, _, _| l.log(record()))
+                    on_threads(threads, iters, &logger, |l, _, _| {
+                        l.log(waypoint_benches::sample_access_log_record())
+                    })
                 })
             },
         );

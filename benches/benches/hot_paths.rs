@@ -11,9 +11,8 @@
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use accesslog::{AccessLogRecord, ResponseFlags};
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method};
 use policy::{AuthzRequest, AuthzSet, CompileOptions, HttpAttrs, RouteTable, VipLookup};
@@ -79,25 +78,7 @@ fn route_select(c: &mut Criterion) {
 }
 
 fn access_log(c: &mut Criterion) {
-    let mut r = AccessLogRecord::new(SystemTime::now());
-    r.route_name = Some("reviews-split".into());
-    r.method = Some("GET".into());
-    r.path = Some("/reviews/0".into());
-    r.protocol = Some("HTTP/1.1");
-    r.response_code = 200;
-    r.response_flags = ResponseFlags::default();
-    r.response_code_details = Some("via_upstream".into());
-    r.bytes_sent = 295;
-    r.duration = 3;
-    r.upstream_service_time = Some("2".into());
-    r.user_agent = Some("curl/8.5.0".into());
-    r.request_id = Some("6c5bd1e6-1f4a-4c1e-9d0b-6f6f3e4c2b1a".into());
-    r.authority = Some("reviews:9080".into());
-    r.upstream_host = Some("10.244.1.17:9080".into());
-    r.upstream_cluster = Some("inbound-vip|9080|http|reviews-v1.default.svc.cluster.local".into());
-    r.upstream_local_address = Some("10.244.1.9:51234".into());
-    r.downstream_local_address = Some("10.0.0.10:9080".into());
-    r.downstream_remote_address = Some("10.244.2.5:40312".into());
+    let r = waypoint_benches::sample_access_log_record();
     let mut buf = Vec::with_capacity(4096);
     c.bench_function("access_log/write_line", |b| {
         b.iter(|| {
