@@ -722,12 +722,6 @@ fn short(v: f64) -> String {
     }
 }
 
-/// Replace the text between `<!-- bench-results:begin -->` and `<!-- bench-results:end -->`
-/// in `readme` with `block`. Returns false (and leaves the file alone) without both markers.
-pub fn splice_readme(readme: &Path, block: &str) -> anyhow::Result<bool> {
-    splice_marked(readme, "bench-results", block)
-}
-
 /// Replace the text between `<!-- {name}:begin -->` and `<!-- {name}:end -->` in `readme`
 /// with `block`. Returns false (and leaves the file alone) without both markers.
 pub fn splice_marked(readme: &Path, name: &str, block: &str) -> anyhow::Result<bool> {

@@ -116,6 +116,21 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Write `block` between the `<!-- {marker}:begin/end -->` markers of each README, saying
+/// which were updated and which lack the markers.
+fn splice_all(readmes: &[PathBuf], marker: &str, block: &str) {
+    for readme in readmes {
+        match report::splice_marked(readme, marker, block) {
+            Ok(true) => eprintln!("benchtool: updated {}", readme.display()),
+            Ok(false) => eprintln!(
+                "benchtool: {} has no <!-- {marker}:begin/end --> markers; left alone",
+                readme.display()
+            ),
+            Err(e) => eprintln!("benchtool: {}: {e}", readme.display()),
+        }
+    }
+}
+
 fn scaling_report(a: ScalingArgs) -> anyhow::Result<()> {
     let s = waypoint_benches::scaling::build(&a.one, &a.two)?;
     std::fs::create_dir_all(&a.out_dir)?;
@@ -144,22 +159,13 @@ fn scaling_report(a: ScalingArgs) -> anyhow::Result<()> {
         println!("{}", a.out_dir.join("scaling.md").display());
         std::process::exit(3);
     }
-    for readme in &a.readme {
-        let block = format!(
-            "Latest scaling check (tables and JSON in `{}`), reproduce with:\n\n```sh\n{}\n```\n\n{}",
-            a.out_dir.display(),
-            a.command,
-            md.replace("### ", "#### ")
-        );
-        match report::splice_marked(readme, "bench-scaling", &block) {
-            Ok(true) => eprintln!("benchtool: updated {}", readme.display()),
-            Ok(false) => eprintln!(
-                "benchtool: {} has no <!-- bench-scaling:begin/end --> markers; left alone",
-                readme.display()
-            ),
-            Err(e) => eprintln!("benchtool: {}: {e}", readme.display()),
-        }
-    }
+    let block = format!(
+        "Latest scaling check (tables and JSON in `{}`), reproduce with:\n\n```sh\n{}\n```\n\n{}",
+        a.out_dir.display(),
+        a.command,
+        md.replace("### ", "#### ")
+    );
+    splice_all(&a.readme, "bench-scaling", &block);
     println!("{}", a.out_dir.join("scaling.md").display());
     Ok(())
 }
@@ -322,27 +328,18 @@ fn make_report(a: ReportArgs) -> anyhow::Result<()> {
         println!("{}", a.dir.join("results.md").display());
         std::process::exit(3);
     }
-    for readme in &a.readme {
-        let block = format!(
-            "Latest run ({}; JSON, tables and `chart.svg` in `target/bench/{}/`), reproduce with:\n\n```sh\n{}\n```\n\n{}{}",
-            meta["started"].as_str().unwrap_or("?"),
-            meta["started"].as_str().unwrap_or("latest"),
-            a.command,
-            meta["summary_line"]
-                .as_str()
-                .map(|s| format!("{s}\n\n"))
-                .unwrap_or_default(),
-            r.markdown.replace("### ", "#### ")
-        );
-        match report::splice_readme(readme, &block) {
-            Ok(true) => eprintln!("benchtool: updated {}", readme.display()),
-            Ok(false) => eprintln!(
-                "benchtool: {} has no <!-- bench-results:begin/end --> markers; left alone",
-                readme.display()
-            ),
-            Err(e) => eprintln!("benchtool: {}: {e}", readme.display()),
-        }
-    }
+    let block = format!(
+        "Latest run ({}; JSON, tables and `chart.svg` in `target/bench/{}/`), reproduce with:\n\n```sh\n{}\n```\n\n{}{}",
+        meta["started"].as_str().unwrap_or("?"),
+        meta["started"].as_str().unwrap_or("latest"),
+        a.command,
+        meta["summary_line"]
+            .as_str()
+            .map(|s| format!("{s}\n\n"))
+            .unwrap_or_default(),
+        r.markdown.replace("### ", "#### ")
+    );
+    splice_all(&a.readme, "bench-results", &block);
     println!("{}", a.dir.join("results.md").display());
     Ok(())
 }
