@@ -14,6 +14,6 @@ RUN apt-get update \
 COPY --from=builder /src/target/dist/waypoint /usr/local/bin/waypoint
 USER 1337:1337
 # 15008 HBONE (mTLS + HTTP/2 CONNECT), 15021 readiness, 15020 metrics; admin stays on localhost:15000.
-EXPOSE 15008 15021 15020
+EXPOSE 15008 15021 15020 15090
 ENTRYPOINT ["/usr/local/bin/waypoint"]
 CMD ["run", "--config", "/etc/waypoint", "--certs", "/etc/certs"]

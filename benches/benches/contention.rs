@@ -78,13 +78,27 @@ fn metrics(c: &mut Criterion) {
     ] {
         let m = Metrics::with_shards(shards);
         let source = m.source(SourceLabels::from_tunnel(None, None), 16);
+        // The chosen endpoint's workload, looked up per request as the request path does.
+        let workload = policy::EndpointWorkload {
+            namespace: "default".into(),
+            names: policy::resources::WorkloadNames {
+                workload: "reviews-v1".into(),
+                canonical_service: "reviews".into(),
+                canonical_revision: "v1".into(),
+                app: Some("reviews".into()),
+                version: Some("v1".into()),
+            },
+            principal: Some("spiffe://cluster.local/ns/default/sa/reviews".into()),
+            metrics_id: Default::default(),
+        };
         for threads in THREADS {
             g.bench_function(
                 BenchmarkId::new(layout, format!("{threads}_threads")),
                 |b| {
                     b.iter_custom(|iters| {
                         on_threads(threads, iters, &m, |m, _, _| {
-                            m.record_http(source, Some(&cluster), black_box(&r), false)
+                            let dest = m.destination(Some(black_box(&workload)), "Kubernetes", 16);
+                            m.record_http(source, dest, Some(&cluster), black_box(&r), false)
                         })
                     })
                 },
@@ -122,6 +136,7 @@ fn pool_checkout(c: &mut Criterion) {
         addr,
         load: Arc::new(EndpointLoad::default()),
         tunnel: None,
+        workload: None,
     };
     let mut g = c.benchmark_group("contention/pool_checkout");
     for (layout, shards) in [

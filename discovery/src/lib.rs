@@ -381,41 +381,16 @@ pub struct PodMeta {
 
 impl PodMeta {
     pub fn of(p: &policy::resources::Pod) -> PodMeta {
-        let m = &p.metadata;
-        let label = |k: &str| m.labels.get(k).filter(|v| !v.is_empty()).cloned();
-        let workload = match m.owner_references.first() {
-            Some(o) if o.kind == "ReplicaSet" => match label("pod-template-hash") {
-                Some(hash) => o
-                    .name
-                    .strip_suffix(&format!("-{hash}"))
-                    .unwrap_or(&o.name)
-                    .to_string(),
-                None => o.name.clone(),
-            },
-            Some(o) if o.kind == "Job" => o.name.clone(),
-            Some(o) => o.name.clone(),
-            None => m.name.clone(),
-        };
+        let names = p.workload_names();
         PodMeta {
-            namespace: m.namespace.clone(),
-            name: m.name.clone(),
-            service_account: p
-                .spec
-                .service_account_name
-                .clone()
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "default".into()),
-            canonical_service: label("service.istio.io/canonical-name")
-                .or_else(|| label("app.kubernetes.io/name"))
-                .or_else(|| label("app"))
-                .unwrap_or_else(|| workload.clone()),
-            canonical_revision: label("service.istio.io/canonical-revision")
-                .or_else(|| label("app.kubernetes.io/version"))
-                .or_else(|| label("version"))
-                .unwrap_or_else(|| "latest".into()),
-            app: label("app").or_else(|| label("app.kubernetes.io/name")),
-            version: label("version").or_else(|| label("app.kubernetes.io/version")),
-            workload,
+            namespace: p.metadata.namespace.clone(),
+            name: p.metadata.name.clone(),
+            service_account: p.service_account().to_string(),
+            workload: names.workload,
+            canonical_service: names.canonical_service,
+            canonical_revision: names.canonical_revision,
+            app: names.app,
+            version: names.version,
         }
     }
 }

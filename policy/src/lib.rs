@@ -49,8 +49,8 @@ pub use route::{
 };
 pub use snapshot::{
     AppProtocol, BindingInfo, BindingSource, BindingState, Cluster, CompileOptions, Endpoint,
-    EndpointLoad, GatewayInfo, ServiceInfo, ServicePort, ServicePortInfo, Snapshot, VipLookup,
-    WaypointFor, Workload, compile,
+    EndpointLoad, EndpointSpec, EndpointWorkload, GatewayInfo, ServiceInfo, ServicePort,
+    ServicePortInfo, Snapshot, VipLookup, WaypointFor, Workload, compile,
 };
 pub use telemetry::{AccessLogPolicy, LogAttributes, RequestAttributes};
 

@@ -167,6 +167,69 @@ pub struct Pod {
     pub status: PodStatus,
 }
 
+impl Pod {
+    /// The Pod's service account (`default` when unset, as Kubernetes defaults it).
+    pub fn service_account(&self) -> &str {
+        self.spec
+            .service_account_name
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default")
+    }
+
+    /// The workload names Istio's telemetry gives this Pod ([`WorkloadNames`]).
+    pub fn workload_names(&self) -> WorkloadNames {
+        WorkloadNames::of(&self.metadata)
+    }
+}
+
+/// The names of a Pod's workload as Istio's metrics label it (`*_workload`,
+/// `*_canonical_service`, `*_canonical_revision`, `*_app`, `*_version`): the workload is a
+/// ReplicaSet's Deployment (the ReplicaSet name less `-<pod-template-hash>`), else the owner,
+/// else the Pod (Istio `GetDeployMetaFromPod`); the canonical service is
+/// `service.istio.io/canonical-name`, `app.kubernetes.io/name`, `app`, else the workload; the
+/// canonical revision `service.istio.io/canonical-revision`, `app.kubernetes.io/version`,
+/// `version`, else `latest` (Istio `labels.CanonicalService`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WorkloadNames {
+    pub workload: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    pub app: Option<String>,
+    pub version: Option<String>,
+}
+
+impl WorkloadNames {
+    pub fn of(m: &ObjectMeta) -> WorkloadNames {
+        let label = |k: &str| m.labels.get(k).filter(|v| !v.is_empty()).cloned();
+        let workload = match m.owner_references.first() {
+            Some(o) if o.kind == "ReplicaSet" => match label("pod-template-hash") {
+                Some(hash) => o
+                    .name
+                    .strip_suffix(&format!("-{hash}"))
+                    .unwrap_or(&o.name)
+                    .to_string(),
+                None => o.name.clone(),
+            },
+            Some(o) => o.name.clone(),
+            None => m.name.clone(),
+        };
+        WorkloadNames {
+            canonical_service: label("service.istio.io/canonical-name")
+                .or_else(|| label("app.kubernetes.io/name"))
+                .or_else(|| label("app"))
+                .unwrap_or_else(|| workload.clone()),
+            canonical_revision: label("service.istio.io/canonical-revision")
+                .or_else(|| label("app.kubernetes.io/version"))
+                .or_else(|| label("version"))
+                .unwrap_or_else(|| "latest".into()),
+            app: label("app").or_else(|| label("app.kubernetes.io/name")),
+            version: label("version").or_else(|| label("app.kubernetes.io/version")),
+            workload,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", default)]
 pub struct PodSpec {

@@ -211,6 +211,39 @@ pub struct Endpoint {
     /// waypoint reaches it over HBONE (mTLS to `ip:15008`, CONNECT `ip:targetPort`) and the
     /// pod's ztunnel presents this identity (protocol.md 1.8, 2.4). `None`: plaintext.
     pub tunnel: Option<Arc<str>>,
+    /// The Pod behind the endpoint, when the configuration has it: the `destination_*`
+    /// labels of Istio's metrics, which Istio's waypoint takes from the upstream endpoint's
+    /// workload metadata (protocol.md 4.3). Shared by the endpoints of one workload.
+    pub workload: Option<Arc<EndpointWorkload>>,
+}
+
+/// The workload of an endpoint's Pod, as the `destination_*` labels of Istio's metrics name it.
+#[derive(Debug)]
+pub struct EndpointWorkload {
+    pub namespace: Arc<str>,
+    pub names: crate::resources::WorkloadNames,
+    /// `destination_principal`: the identity the upstream presents, i.e. the tunnel identity
+    /// of an ambient Pod; `None` (rendered `unknown`) for a plaintext endpoint.
+    pub principal: Option<Arc<str>>,
+    /// Set once by whoever counts requests per destination (the proxy's metrics table), so a
+    /// request finds its series by a number, not by hashing these names.
+    pub metrics_id: std::sync::OnceLock<u64>,
+}
+
+impl PartialEq for EndpointWorkload {
+    fn eq(&self, other: &Self) -> bool {
+        self.namespace == other.namespace
+            && self.names == other.names
+            && self.principal == other.principal
+    }
+}
+
+/// What an endpoint is made of before its load counter is attached.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointSpec {
+    pub addr: SocketAddr,
+    pub tunnel: Option<Arc<str>>,
+    pub workload: Option<Arc<EndpointWorkload>>,
 }
 
 /// A pod this waypoint serves workload-addressed traffic for (`istio.io/waypoint-for`
@@ -224,6 +257,8 @@ pub struct Workload {
     pub identity: Arc<str>,
     /// Reached over HBONE (the pod is in the ambient data plane).
     pub ambient: bool,
+    /// Its `destination_*` metric labels.
+    pub labels: Arc<EndpointWorkload>,
 }
 
 /// An upstream cluster: one Service port, named the way istiod names it so access logs match
@@ -253,28 +288,37 @@ impl Cluster {
         self.endpoint_list.load_full()
     }
 
-    /// Replace the endpoints if they differ (addresses or tunnel identities); endpoints that
-    /// stay keep their load counters. Returns whether anything changed.
-    pub fn set_endpoints(&self, new: Vec<(SocketAddr, Option<Arc<str>>)>) -> bool {
+    /// Replace the endpoints if they differ (addresses, tunnel identities or workloads);
+    /// endpoints that stay keep their load counters and their workload (so its metrics id).
+    /// Returns whether anything changed.
+    pub fn set_endpoints(&self, new: Vec<EndpointSpec>) -> bool {
         let current = self.endpoint_list.load();
+        let same_workload =
+            |a: &Option<Arc<EndpointWorkload>>, b: &Option<Arc<EndpointWorkload>>| match (a, b) {
+                (Some(a), Some(b)) => a == b,
+                (None, None) => true,
+                _ => false,
+            };
         let same = current.len() == new.len()
-            && current
-                .iter()
-                .zip(&new)
-                .all(|(e, (addr, tunnel))| e.addr == *addr && e.tunnel == *tunnel);
+            && current.iter().zip(&new).all(|(e, n)| {
+                e.addr == n.addr && e.tunnel == n.tunnel && same_workload(&e.workload, &n.workload)
+            });
         if same {
             return false;
         }
         let list = new
             .into_iter()
-            .map(|(addr, tunnel)| Endpoint {
-                load: current
-                    .iter()
-                    .find(|e| e.addr == addr)
-                    .map(|e| e.load.clone())
-                    .unwrap_or_default(),
-                addr,
-                tunnel,
+            .map(|n| {
+                let old = current.iter().find(|e| e.addr == n.addr);
+                Endpoint {
+                    load: old.map(|e| e.load.clone()).unwrap_or_default(),
+                    addr: n.addr,
+                    tunnel: n.tunnel,
+                    workload: match old {
+                        Some(e) if same_workload(&e.workload, &n.workload) => e.workload.clone(),
+                        _ => n.workload,
+                    },
+                }
             })
             .collect();
         self.endpoint_list.store(Arc::new(list));
@@ -387,6 +431,7 @@ impl Snapshot {
                     addr,
                     load: Arc::new(EndpointLoad::default()),
                     tunnel: w.ambient.then(|| w.identity.clone()),
+                    workload: Some(w.labels.clone()),
                 }]),
             }),
             routes: None,

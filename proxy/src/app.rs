@@ -40,6 +40,10 @@ pub struct Config {
     pub hbone_addr: SocketAddr,
     pub ready_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// A second `/stats/prometheus` listener where Envoy serves its own (`0.0.0.0_15090`,
+    /// container port `http-envoy-prom`, protocol.md 4.1): scrape configs written for Istio's
+    /// proxies (its PodMonitor `envoy-stats`) read that port. `None`: not bound.
+    pub envoy_prom_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     /// How long requests in flight may take to finish after SIGTERM (Istio's
     /// terminationDrainDuration default: 5 s).
@@ -83,6 +87,7 @@ impl Default for Config {
             hbone_addr: ([0, 0, 0, 0], 15008).into(),
             ready_addr: ([0, 0, 0, 0], 15021).into(),
             metrics_addr: ([0, 0, 0, 0], 15020).into(),
+            envoy_prom_addr: None,
             admin_addr: ([127, 0, 0, 1], 15000).into(),
             drain_timeout: Duration::from_secs(5),
             server: ServerSettings::default(),
@@ -190,6 +195,7 @@ pub struct Running {
     pub hbone_addr: SocketAddr,
     pub ready_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    pub envoy_prom_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub shared: Arc<Shared>,
     config: Config,
@@ -292,10 +298,18 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
     let hbone_listener = bind(config.hbone_addr, "HBONE").await?;
     let ready_listener = bind(config.ready_addr, "readiness").await?;
     let metrics_listener = bind(config.metrics_addr, "metrics").await?;
+    let envoy_prom_listener = match config.envoy_prom_addr {
+        Some(addr) => Some(bind(addr, "Envoy-compatible metrics (15090)").await?),
+        None => None,
+    };
     let admin_listener = bind(config.admin_addr, "admin").await?;
     let hbone_addr = hbone_listener.local_addr()?;
     let ready_addr = ready_listener.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
+    let envoy_prom_addr = match &envoy_prom_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let admin_addr = admin_listener.local_addr()?;
 
     let mut tasks = Vec::new();
@@ -323,6 +337,13 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         shared.clone(),
         admin::Role::Metrics,
     )));
+    if let Some(listener) = envoy_prom_listener {
+        tasks.push(tokio::spawn(admin::serve(
+            listener,
+            shared.clone(),
+            admin::Role::Metrics,
+        )));
+    }
     tasks.push(tokio::spawn(admin::serve(
         admin_listener,
         shared.clone(),
@@ -356,11 +377,13 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
             certs_from_dir.then_some(cert_fp),
         )));
     }
-    info!(%hbone_addr, %ready_addr, %metrics_addr, %admin_addr, identity = %certs.identity, "waypoint serving");
+    let envoy_prom = envoy_prom_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
+    info!(%hbone_addr, %ready_addr, %metrics_addr, %envoy_prom, %admin_addr, identity = %certs.identity, "waypoint serving");
     Ok(Running {
         hbone_addr,
         ready_addr,
         metrics_addr,
+        envoy_prom_addr,
         admin_addr,
         shared,
         config,

@@ -98,6 +98,10 @@ struct RunArgs {
     /// Prometheus metrics listener (GET /stats/prometheus).
     #[arg(long, env = "WAYPOINT_METRICS_ADDR", default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
+    /// A second Prometheus listener on Envoy's own stats port (`proxy waypoint` binds
+    /// 0.0.0.0:15090 as istiod's template expects; `run` binds none unless given).
+    #[arg(long, env = "WAYPOINT_ENVOY_PROM_ADDR")]
+    envoy_prom_addr: Option<SocketAddr>,
     /// Admin listener (/config_dump, /clusters, /ready, /stats); keep it on localhost.
     #[arg(long, env = "WAYPOINT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
@@ -289,7 +293,7 @@ fn main() -> ExitCode {
 /// by the template's environment (protocol.md 4.1, 9): POD_NAMESPACE, the Gateway's name from
 /// the pod label `gateway.networking.k8s.io/gateway-name` (downward API file
 /// `/etc/istio/pod/labels`), TRUST_DOMAIN, CA_ADDR, SERVICE_ACCOUNT, ISTIO_META_CLUSTER_ID;
-/// the template's ports (15008 HBONE, 15021 readiness, 15020 metrics).
+/// the template's ports (15008 HBONE, 15021 readiness, 15020 metrics, 15090 Envoy's stats).
 fn pod(args: PodArgs) -> ExitCode {
     if args.kind != "waypoint" {
         eprintln!(
@@ -324,6 +328,9 @@ fn pod(args: PodArgs) -> ExitCode {
         "--trust-domain".into(),
         trust_domain,
     ];
+    if std::env::var_os("WAYPOINT_ENVOY_PROM_ADDR").is_none() {
+        argv.extend(["--envoy-prom-addr".into(), "0.0.0.0:15090".into()]);
+    }
     if std::env::var_os("SERVICE_ACCOUNT").is_none() {
         // istiod names the ServiceAccount after the Gateway unless annotated otherwise.
         argv.extend(["--service-account".into(), gateway.clone()]);
@@ -513,6 +520,7 @@ fn run(args: RunArgs) -> ExitCode {
     config.hbone_addr = args.hbone_addr;
     config.ready_addr = args.ready_addr;
     config.metrics_addr = args.metrics_addr;
+    config.envoy_prom_addr = args.envoy_prom_addr;
     config.admin_addr = args.admin_addr;
     config.drain_timeout = args.drain_timeout;
     config.server.handshake_timeout = args.handshake_timeout;

@@ -291,6 +291,71 @@ status: {{podIP: 127.0.0.1, podIPs: [{{ip: 127.0.0.1}}]}}
     })
     .await;
 
+    // Destination labels come from the Pod behind the chosen endpoint (the slice's
+    // `targetRef`), as Istio's waypoint takes them from the upstream endpoint's workload; a
+    // Pod relabelled through the API relabels the series, without a recompile.
+    m.api.apply_yaml(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: reviews-v1-6d8f7-q2w3e
+  namespace: default
+  labels: {app: reviews, version: v1, pod-template-hash: 6d8f7}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: reviews-v1-6d8f7, uid: u2}]
+spec: {serviceAccountName: bookinfo-reviews}
+status: {podIP: 10.1.0.5, podIPs: [{ip: 10.1.0.5}]}
+",
+    );
+    m.api.apply_yaml(&format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: reviews-0, namespace: default, labels: {{kubernetes.io/service-name: reviews}}}}
+addressType: IPv4
+endpoints: [{{addresses: [\"127.0.0.1\"], targetRef: {{kind: Pod, name: reviews-v1-6d8f7-q2w3e, namespace: default}}}}]
+ports: [{{name: http, port: {}}}]
+",
+        v1.port()
+    ));
+    let dest = "destination_workload=\"reviews-v1\",destination_workload_namespace=\"default\",destination_principal=\"unknown\",destination_app=\"reviews\",destination_version=\"v1\",destination_service=\"reviews.default.svc.cluster.local\",destination_canonical_service=\"reviews\",destination_canonical_revision=\"v1\",destination_service_name=\"reviews\",destination_service_namespace=\"default\",destination_cluster=\"Kubernetes\"";
+    within(
+        Duration::from_secs(5),
+        "destination labels from the endpoint's Pod",
+        || async {
+            get(&conn, "10.0.0.10:9080").await;
+            let (_, text) = http_get(m.wp.metrics, "/stats/prometheus").await;
+            text.contains(dest).then_some(())
+        },
+    )
+    .await;
+    let compiles = metric(&m, "waypoint_config_reloads_ok_total").await;
+    m.api.apply_yaml(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: reviews-v1-6d8f7-q2w3e
+  namespace: default
+  labels: {app: reviews, version: v1-patched, pod-template-hash: 6d8f7}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: reviews-v1-6d8f7, uid: u2}]
+spec: {serviceAccountName: bookinfo-reviews}
+status: {podIP: 10.1.0.5, podIPs: [{ip: 10.1.0.5}]}
+",
+    );
+    within(
+        Duration::from_secs(5),
+        "destination labels follow the Pod",
+        || async {
+            get(&conn, "10.0.0.10:9080").await;
+            let (_, text) = http_get(m.wp.metrics, "/stats/prometheus").await;
+            text.contains("destination_version=\"v1-patched\"")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        metric(&m, "waypoint_config_reloads_ok_total").await,
+        compiles
+    );
+
     // An HTTPRoute created through the API: traffic follows it.
     m.api.apply_yaml(
         "apiVersion: gateway.networking.k8s.io/v1
@@ -780,6 +845,7 @@ async fn as_istiods_waypoint_pod() {
             ("WAYPOINT_HBONE_ADDR", "127.0.0.1:0"),
             ("WAYPOINT_READY_ADDR", "127.0.0.1:0"),
             ("WAYPOINT_METRICS_ADDR", "127.0.0.1:0"),
+            ("WAYPOINT_ENVOY_PROM_ADDR", "127.0.0.1:0"),
             ("WAYPOINT_ADMIN_ADDR", "127.0.0.1:0"),
         ])
         .stdout(std::process::Stdio::null())
@@ -796,4 +862,12 @@ async fn as_istiods_waypoint_pod() {
     ready(&m).await;
     let conn = m.connect().await;
     assert_eq!(get(&conn, "10.0.0.10:9080").await, (200, "v1".into()));
+    // Envoy's stats port (the template's `http-envoy-prom`, 15090) serves the same metrics.
+    let prom = m.wp.envoy_prom.expect("the pod binds Envoy's stats port");
+    let (status, text) = http_get(prom, "/stats/prometheus").await;
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("istio_requests_total{reporter=\"waypoint\""),
+        "{text}"
+    );
 }

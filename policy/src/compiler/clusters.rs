@@ -77,10 +77,11 @@ impl<'a> Compiler<'a> {
             endpoint_list: arc_swap::ArcSwap::from_pointee(
                 addrs
                     .into_iter()
-                    .map(|(addr, tunnel)| Endpoint {
-                        addr,
+                    .map(|e| Endpoint {
+                        addr: e.addr,
                         load: Arc::new(EndpointLoad::default()),
-                        tunnel,
+                        tunnel: e.tunnel,
+                        workload: e.workload,
                     })
                     .collect(),
             ),
@@ -89,15 +90,11 @@ impl<'a> Compiler<'a> {
 
     /// The endpoints of one Service port: for each ready address of the Service's slices, the
     /// slice port with the Service port's name, else the numeric targetPort, else the Service
-    /// port itself; a tunnel identity when the Pod is ambient.
-    pub(super) fn endpoint_addrs(
-        &self,
-        key: SvcKey<'a>,
-        port: u16,
-    ) -> Option<Vec<(SocketAddr, Option<Arc<str>>)>> {
+    /// port itself; a tunnel identity when the Pod is ambient; the Pod's workload names.
+    pub(super) fn endpoint_addrs(&self, key: SvcKey<'a>, port: u16) -> Option<Vec<EndpointSpec>> {
         let svc = self.services.get(&key)?;
         let sp = svc.ports.iter().find(|p| p.port == port)?;
-        let mut addrs = BTreeSet::new();
+        let mut addrs = BTreeMap::new();
         for slice in self.slices.get(&key).map(Vec::as_slice).unwrap_or_default() {
             let target = slice
                 .ports
@@ -107,10 +104,25 @@ impl<'a> Compiler<'a> {
                 .or(sp.target)
                 .unwrap_or(sp.port);
             for (ip, pod) in &slice.ready {
-                let tunnel = self.ambient_identity(*ip, pod.as_ref());
-                addrs.insert((SocketAddr::new(*ip, target), tunnel));
+                let addr = SocketAddr::new(*ip, target);
+                if addrs.contains_key(&addr) {
+                    continue;
+                }
+                let info = self.endpoint_pod(*ip, pod.as_ref());
+                let tunnel = info
+                    .filter(|i| self.pod_is_ambient(i))
+                    .map(|i| self.pod_identity(i));
+                let workload = info.map(|i| self.endpoint_workload(i, tunnel.clone()));
+                addrs.insert(
+                    addr,
+                    EndpointSpec {
+                        addr,
+                        tunnel,
+                        workload,
+                    },
+                );
             }
         }
-        Some(addrs.into_iter().collect())
+        Some(addrs.into_values().collect())
     }
 }

@@ -6,7 +6,8 @@
 //! nothing, so errors do not depend on labels), then assemble the VIP index. Errors never stop
 //! the walk: every resource is checked and all errors are returned together.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -22,18 +23,18 @@ use crate::resources::{
     Gateway, GatewayClass, HeaderModifierSpec, HttpBackendRef, HttpRoute, HttpRouteFilter,
     HttpRouteMatch, HttpRouteRule, HttpValueMatch, IntOrString, LabelSelector, Labels, MirrorSpec,
     ObjectMeta, ParentReference, PathModifierSpec, RedirectSpec, ReferenceGrant, Resource, Service,
-    ServicePortSpec, TcpRoute, TlsRoute,
+    ServicePortSpec, TcpRoute, TlsRoute, WorkloadNames,
 };
 use crate::route::{
     Backend, BackendRef, Filters, HeaderMatch, HeaderModifier, MatchKind, Mirror, PathMatch,
     PathModifier, Precedence, QueryMatch, Redirect, RetryPolicy, Rewrite, RouteMatch, RouteRule,
     RouteTable, TcpRouteRule, TlsRoutes, WeightedBackends,
 };
-use crate::snapshot::Workload;
 use crate::snapshot::{
     AppProtocol, BindingInfo, BindingSource, BindingState, Cluster, CompileOptions, Endpoint,
     EndpointLoad, GatewayInfo, ServiceInfo, ServicePort, ServicePortInfo, Snapshot, WaypointFor,
 };
+use crate::snapshot::{EndpointSpec, EndpointWorkload, Workload};
 
 const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
@@ -119,6 +120,8 @@ struct RulePlan<'a> {
 }
 
 type SvcKey<'a> = (&'a str, &'a str);
+/// (namespace, workload names, principal) of an endpoint's Pod.
+type WorkloadKey = (String, WorkloadNames, Option<Arc<str>>);
 type Candidates = Vec<(Precedence, RouteMatch, Arc<RouteRule>)>;
 /// ((absent timestamp, timestamp, namespace/name), rule) of TCPRoutes on one port.
 type TcpCandidates = Vec<((bool, String, String), Arc<TcpRouteRule>)>;
@@ -136,6 +139,8 @@ struct Compiler<'a> {
     clusters: HashMap<(String, String, u16), Arc<Cluster>>,
     pods: HashMap<SvcKey<'a>, PodInfo<'a>>,
     pods_by_ip: HashMap<IpAddr, SvcKey<'a>>,
+    /// Endpoint workloads made so far (one per workload and principal).
+    endpoint_workloads: RefCell<HashMap<WorkloadKey, Arc<EndpointWorkload>>>,
     /// Every ReferenceGrant (cross-namespace backendRefs).
     grants: Vec<&'a ReferenceGrant>,
     /// Kind of the route being compiled (`HTTPRoute`, `GRPCRoute`, `TCPRoute`), for errors.
@@ -185,6 +190,7 @@ pub(crate) fn refresh_endpoints(
         clusters: HashMap::new(),
         pods: HashMap::new(),
         pods_by_ip: HashMap::new(),
+        endpoint_workloads: RefCell::default(),
         grants: Vec::new(),
         route_kind: "HTTPRoute",
     };
@@ -257,6 +263,7 @@ pub(crate) fn compile(
         clusters: HashMap::new(),
         pods: HashMap::new(),
         pods_by_ip: HashMap::new(),
+        endpoint_workloads: RefCell::default(),
         grants: Vec::new(),
         route_kind: "HTTPRoute",
     };

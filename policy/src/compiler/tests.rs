@@ -1860,3 +1860,91 @@ fn refresh_endpoints_matches_a_full_compile_and_keeps_what_stays() {
     );
     assert!(web.cluster.endpoints().is_empty());
 }
+
+/// An endpoint carries the workload of its Pod (the `destination_*` metric labels): found by
+/// `targetRef`, else by IP; the replicas of one workload share one value; the principal is
+/// the tunnel identity of an ambient Pod only; an endpoint with no Pod has none; endpoint
+/// churn keeps the value of an endpoint whose Pod did not change.
+#[test]
+fn endpoints_carry_their_pods_workload() {
+    let replica = |name: &str, ip: &str, mode: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{app: web, version: v2, pod-template-hash: 5f7c9, {mode}}}\n  ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: web-v2-5f7c9, uid: u}}]\nspec: {{serviceAccountName: web}}\nstatus: {{podIP: \"{ip}\"}}\n"
+        )
+    };
+    let eps = "endpoints:\n- addresses: [\"10.1.0.1\"]\n  targetRef: {kind: Pod, name: web-v2-5f7c9-aaaaa, namespace: default}\n- addresses: [\"10.1.0.2\"]\n- addresses: [\"10.1.0.3\"]\n- addresses: [\"10.1.0.9\"]\nports: [{name: http, port: 8080}]\n";
+    let input = docs(&[
+        &ns("istio.io/use-waypoint: waypoint"),
+        &gateway("", ""),
+        &service("default", "web", "10.0.0.50", "", HTTP_PORT),
+        &replica(
+            "web-v2-5f7c9-aaaaa",
+            "10.1.0.1",
+            "istio.io/dataplane-mode: ambient",
+        ),
+        &replica(
+            "web-v2-5f7c9-bbbbb",
+            "10.1.0.2",
+            "istio.io/dataplane-mode: ambient",
+        ),
+        &replica(
+            "web-v2-5f7c9-ccccc",
+            "10.1.0.3",
+            "istio.io/dataplane-mode: none",
+        ),
+        &slice("default", "web", "web-1", eps),
+    ]);
+    let snap = ok(&input);
+    let web = bound(&snap, "10.0.0.50:9080");
+    let e = web.cluster.endpoints();
+    let w: Vec<_> = e.iter().map(|e| e.workload.clone()).collect();
+    let first = w[0].as_ref().expect("Pod by targetRef");
+    assert_eq!(&*first.namespace, "default");
+    assert_eq!(first.names.workload, "web-v2");
+    assert_eq!(first.names.canonical_service, "web");
+    assert_eq!(first.names.canonical_revision, "v2");
+    assert_eq!(
+        first.principal.as_deref(),
+        Some("spiffe://cluster.local/ns/default/sa/web")
+    );
+    // Found by IP, same workload and principal: the same value.
+    assert!(Arc::ptr_eq(first, w[1].as_ref().expect("Pod by IP")));
+    // Not ambient: no tunnel, so no principal (Istio's `unknown`).
+    let plain = w[2].as_ref().expect("Pod by IP");
+    assert_eq!(plain.names.workload, "web-v2");
+    assert_eq!(plain.principal, None);
+    // No Pod at 10.1.0.9.
+    assert!(w[3].is_none());
+
+    // Refreshed with the same Pods: nothing changes, the values stay (and their metrics ids).
+    let partial = parse_manifests(&input, "partial.yaml").expect("parses");
+    assert_eq!(
+        snap.refresh_endpoints(&partial, &CompileOptions::default()),
+        0
+    );
+    // A Pod relabelled (a new revision behind the same IP): the endpoint follows.
+    let relabelled = input.replace(
+        "version: v2, pod-template-hash: 5f7c9, istio.io/dataplane-mode: none",
+        "version: v3, pod-template-hash: 5f7c9, istio.io/dataplane-mode: none",
+    );
+    assert_ne!(relabelled, input);
+    let partial = parse_manifests(&relabelled, "partial.yaml").expect("parses");
+    assert_eq!(
+        snap.refresh_endpoints(&partial, &CompileOptions::default()),
+        1
+    );
+    let after = web.cluster.endpoints();
+    assert!(Arc::ptr_eq(
+        first,
+        after[0].workload.as_ref().expect("still there")
+    ));
+    assert_eq!(
+        after[2]
+            .workload
+            .as_ref()
+            .expect("Pod")
+            .names
+            .canonical_revision,
+        "v3"
+    );
+}

@@ -69,13 +69,12 @@ impl<'a> Compiler<'a> {
         .into()
     }
 
-    /// The SPIFFE identity to expect when the endpoint is an ambient pod (then reached over
-    /// HBONE), found by the endpoint's `targetRef`, else by IP.
-    pub(super) fn ambient_identity(
-        &self,
+    /// The Pod behind an endpoint: by the endpoint's `targetRef`, else by IP.
+    pub(super) fn endpoint_pod<'s>(
+        &'s self,
         ip: IpAddr,
-        pod: Option<&(String, String)>,
-    ) -> Option<Arc<str>> {
+        pod: Option<&'s (String, String)>,
+    ) -> Option<&'s PodInfo<'s>> {
         let key = match pod {
             // A map lookup, not a scan: this runs once per endpoint.
             Some((ns, name)) => self
@@ -84,8 +83,30 @@ impl<'a> Compiler<'a> {
                 .map(|(k, _)| *k),
             None => self.pods_by_ip.get(&ip).copied(),
         }?;
-        let info = self.pods.get(&key)?;
-        self.pod_is_ambient(info).then(|| self.pod_identity(info))
+        self.pods.get(&key)
+    }
+
+    /// The `destination_*` metric labels of a Pod's endpoints, one shared value per workload
+    /// and principal within this compile (a Deployment's replicas share it).
+    pub(super) fn endpoint_workload(
+        &self,
+        pod: &PodInfo<'_>,
+        principal: Option<Arc<str>>,
+    ) -> Arc<EndpointWorkload> {
+        let names = WorkloadNames::of(pod.meta);
+        let key = (pod.meta.namespace.clone(), names, principal);
+        let mut interned = self.endpoint_workloads.borrow_mut();
+        interned
+            .entry(key)
+            .or_insert_with_key(|(ns, names, principal)| {
+                Arc::new(EndpointWorkload {
+                    namespace: ns.as_str().into(),
+                    names: names.clone(),
+                    principal: principal.clone(),
+                    metrics_id: Default::default(),
+                })
+            })
+            .clone()
     }
 
     /// Pods whose workload traffic this waypoint serves (protocol.md 2.10): the Gateway's
@@ -136,10 +157,12 @@ impl<'a> Compiler<'a> {
                 ));
                 continue;
             }
+            let identity = self.pod_identity(info);
             let w = Arc::new(Workload {
                 namespace: meta.namespace.as_str().into(),
                 name: meta.name.as_str().into(),
-                identity: self.pod_identity(info),
+                labels: self.endpoint_workload(info, Some(identity.clone())),
+                identity,
                 ambient: true,
             });
             for ip in &info.ips {

@@ -147,7 +147,12 @@ pub(super) async fn proxy_tcp(
         Some(a) => a.to_string(),
         None => "envoy://internal_client_address/".to_string(),
     });
-    shared.metrics.tcp_opened(t.source, Some(&cluster));
+    let dest = shared.metrics.destination(
+        endpoint.workload.as_deref(),
+        &shared.cluster_id,
+        shared.limits.max_metric_sources,
+    );
+    shared.metrics.tcp_opened(t.source, dest, Some(&cluster));
     endpoint.load.inc();
     // Envoy's tcp_proxy closes a connection idle for its `idle_timeout` (1 h by default, as
     // our `--idle-timeout`); half-close is passed through.
@@ -167,6 +172,8 @@ pub(super) async fn proxy_tcp(
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
     }
     r.duration = started.elapsed().as_millis() as u64;
-    shared.metrics.tcp_closed(t.source, Some(&cluster), &r);
+    shared
+        .metrics
+        .tcp_closed(t.source, dest, Some(&cluster), &r);
     emit(shared, r);
 }

@@ -160,6 +160,11 @@ fn prometheus(shared: &Shared) -> String {
             shared.metrics.sources_overflowed(),
         ),
         (
+            "waypoint_metrics_destination_overflow_total",
+            "Endpoint workloads that found the destination label table full (counted as destination_workload=\"overflow\").",
+            shared.metrics.destinations_overflowed(),
+        ),
+        (
             "waypoint_mirrors_skipped_total",
             "RequestMirror copies not sent because too many were in flight.",
             shared.mirrors_skipped.load(Ordering::Relaxed),

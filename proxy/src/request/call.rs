@@ -75,6 +75,7 @@ pub(super) async fn call(
         };
         let addr = endpoint.addr;
         attempts.start();
+        ctx.log.set_endpoint(endpoint);
         // Istio renders HBONE endpoints as `envoy://connect_originate/<ip>:<port>`.
         ctx.record().upstream_host = Some(if endpoint.tunnel.is_some() {
             format!("envoy://connect_originate/{addr}")

@@ -12,7 +12,7 @@ use accesslog::{AccessLogRecord, ResponseFlag};
 use tokio::time::Instant;
 
 use crate::state::Shared;
-use crate::telemetry::metrics::SourceId;
+use crate::telemetry::metrics::{DestId, NO_DESTINATION, SourceId};
 use http::HeaderMap;
 use policy::{AccessLogPolicy, Cluster, LogAttributes, RequestAttributes};
 
@@ -27,6 +27,8 @@ struct Inner {
     received: Arc<crate::upstream::BodyProgress>,
     shared: Arc<Shared>,
     source: SourceId,
+    /// The chosen endpoint's workload (the `destination_*` metric labels).
+    dest: DestId,
     cluster: Option<Arc<Cluster>>,
     grpc: bool,
     /// Held until the record is emitted: the request counts as in flight until then.
@@ -109,6 +111,7 @@ impl PendingLog {
                 received,
                 shared,
                 source,
+                dest: NO_DESTINATION,
                 cluster: None,
                 grpc,
                 _in_flight: None,
@@ -129,6 +132,18 @@ impl PendingLog {
         if let Some(i) = self.inner.as_mut() {
             i.record.upstream_cluster = Some(cluster.name.clone());
             i.cluster = Some(cluster);
+        }
+    }
+
+    /// The endpoint chosen (the last one tried, on retries): its Pod's workload labels the
+    /// metrics' `destination_*`.
+    pub fn set_endpoint(&mut self, endpoint: &policy::Endpoint) {
+        if let Some(i) = self.inner.as_mut() {
+            i.dest = i.shared.metrics.destination(
+                endpoint.workload.as_deref(),
+                &i.shared.cluster_id,
+                i.shared.limits.max_metric_sources,
+            );
         }
     }
 
@@ -195,10 +210,13 @@ impl PendingLog {
         r.duration = inner.started.elapsed().as_millis() as u64;
         r.bytes_received = inner.received.received();
         r.bytes_sent = bytes_sent;
-        inner
-            .shared
-            .metrics
-            .record_http(inner.source, inner.cluster.as_ref(), r, inner.grpc);
+        inner.shared.metrics.record_http(
+            inner.source,
+            inner.dest,
+            inner.cluster.as_ref(),
+            r,
+            inner.grpc,
+        );
         if let Some(logger) = &inner.shared.access_log {
             let write = inner.filter.as_ref().is_none_or(|f| {
                 log_allowed(

@@ -7,19 +7,25 @@
 //!   `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total`.
 //!
 //! Labels follow Istio with `reporter="waypoint"`: `source_*` from the tunnel (the peer
-//! certificate's SPIFFE identity and ztunnel's CONNECT `baggage`), `destination_*` from the
-//! chosen Service. Missing values are `unknown`, canonical revisions default to `latest`.
+//! certificate's SPIFFE identity and ztunnel's CONNECT `baggage`, or the client's Pod),
+//! `destination_service*` from the chosen Service and the other `destination_*` from the Pod
+//! behind the chosen endpoint (Istio's waypoint reads the upstream endpoint's workload
+//! metadata, protocol.md 4.3). Missing values are `unknown`, canonical revisions default to
+//! `latest`.
 //!
 //! Cost: the ~25 labels are not built per request. Source labels are interned once per tunnel
-//! ([`Metrics::source`]), destination labels once per cluster; a request only hashes
-//! (source id, cluster name, code, flags) under its own thread's lock ([`Sharded`]).
+//! ([`Metrics::source`]), destination workloads once per compiled endpoint workload
+//! ([`Metrics::destination`]), Service labels once per cluster; a request only hashes
+//! (source id, destination id, cluster name, code, flags) under its own thread's lock
+//! ([`Sharded`]).
 
 use std::collections::HashMap;
 use std::fmt::Write;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use accesslog::{AccessLogRecord, ResponseFlags};
-use policy::Cluster;
+use policy::{Cluster, EndpointWorkload};
 
 use crate::sharded::Sharded;
 
@@ -118,6 +124,73 @@ pub type SourceId = u32;
 /// Sources beyond the bound share this id; rendered with `source_workload="overflow"`.
 const OVERFLOW: SourceId = SourceId::MAX;
 
+/// Interned [`DestinationLabels`]: the workload behind the chosen endpoint.
+pub type DestId = u32;
+
+/// No endpoint chosen, or an endpoint whose Pod the configuration does not have: the
+/// workload labels are `unknown` (the namespace is the Service's).
+pub const NO_DESTINATION: DestId = DestId::MAX;
+
+/// Destination workloads beyond the bound share this id (`destination_workload="overflow"`).
+const DEST_OVERFLOW: DestId = DestId::MAX - 1;
+
+/// The `destination_*` labels that come from the endpoint's Pod.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct DestinationLabels {
+    workload: String,
+    namespace: String,
+    principal: String,
+    app: String,
+    version: String,
+    canonical_service: String,
+    canonical_revision: String,
+    cluster: String,
+}
+
+impl DestinationLabels {
+    /// No Pod known behind the endpoint: Istio's `unknown`, the workload namespace and
+    /// canonical service taken from the Service (`ns`, `name`), as before a Pod is known.
+    fn unknown(ns: &str, name: &str) -> DestinationLabels {
+        let unknown = || "unknown".to_string();
+        DestinationLabels {
+            workload: unknown(),
+            namespace: ns.to_string(),
+            principal: unknown(),
+            app: unknown(),
+            version: unknown(),
+            canonical_service: name.to_string(),
+            canonical_revision: "latest".into(),
+            cluster: unknown(),
+        }
+    }
+
+    fn of(w: &EndpointWorkload, cluster: &str) -> DestinationLabels {
+        let unknown = || "unknown".to_string();
+        DestinationLabels {
+            workload: w.names.workload.clone(),
+            namespace: w.namespace.to_string(),
+            principal: w.principal.as_deref().map_or_else(unknown, str::to_string),
+            app: w.names.app.clone().unwrap_or_else(unknown),
+            version: w.names.version.clone().unwrap_or_else(unknown),
+            canonical_service: w.names.canonical_service.clone(),
+            canonical_revision: w.names.canonical_revision.clone(),
+            cluster: cluster.to_string(),
+        }
+    }
+}
+
+/// Interned destination label sets, written when an endpoint workload is first counted.
+#[derive(Default)]
+struct DestTable {
+    overflowed: u64,
+    labels: Vec<DestinationLabels>,
+    ids: HashMap<DestinationLabels, DestId>,
+}
+
+/// Tells [`Metrics`] tables apart in an [`EndpointWorkload::metrics_id`] (a test process
+/// runs several waypoints; an id is only meaningful in the table that gave it).
+static TABLES: AtomicU32 = AtomicU32::new(0);
+
 #[derive(Debug, Clone)]
 struct DestLabels {
     service: Arc<str>,
@@ -128,6 +201,7 @@ struct DestLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct HttpKey {
     source: SourceId,
+    dest: DestId,
     cluster: Option<Arc<str>>,
     grpc: bool,
     code: u16,
@@ -137,6 +211,7 @@ struct HttpKey {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct TcpKey {
     source: SourceId,
+    dest: DestId,
     cluster: Option<Arc<str>>,
     flags: ResponseFlags,
 }
@@ -235,8 +310,8 @@ struct Merged {
 /// every worker shares, which is what per-thread series are for).
 struct ClusterSeries {
     dest: Option<DestLabels>,
-    http: HashMap<(SourceId, bool, u16, ResponseFlags), HttpStats>,
-    tcp: HashMap<(SourceId, ResponseFlags), TcpStats>,
+    http: HashMap<(SourceId, DestId, bool, u16, ResponseFlags), HttpStats>,
+    tcp: HashMap<(SourceId, DestId, ResponseFlags), TcpStats>,
 }
 
 /// The series one thread has counted (see [`Metrics`]), by cluster name (`""`: no cluster).
@@ -274,9 +349,10 @@ impl Series {
             if let Some(d) = &cs.dest {
                 total.dests.entry(name.clone()).or_insert_with(|| d.clone());
             }
-            for (&(source, grpc, code, flags), v) in &cs.http {
+            for (&(source, dest, grpc, code, flags), v) in &cs.http {
                 let key = HttpKey {
                     source,
+                    dest,
                     cluster: cluster.clone(),
                     grpc,
                     code,
@@ -284,9 +360,10 @@ impl Series {
                 };
                 total.http.entry(key).or_default().merge(v);
             }
-            for (&(source, flags), v) in &cs.tcp {
+            for (&(source, dest, flags), v) in &cs.tcp {
                 let key = TcpKey {
                     source,
+                    dest,
                     cluster: cluster.clone(),
                     flags,
                 };
@@ -302,10 +379,18 @@ impl Series {
 /// are: two workers finishing requests at the same moment never wait for each other or
 /// share a cache line (benches/benches/contention.rs measures it). A series lives in each
 /// thread that counted it, so the table is at most the shard count times the series.
-#[derive(Default)]
 pub struct Metrics {
     sources: Mutex<SourceTable>,
+    destinations: Mutex<DestTable>,
+    /// This table's tag in [`EndpointWorkload::metrics_id`].
+    table: u32,
     series: Sharded<Series>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::with_shards(crate::sharded::default_shards())
+    }
 }
 
 impl Metrics {
@@ -315,8 +400,50 @@ impl Metrics {
     pub fn with_shards(shards: usize) -> Metrics {
         Metrics {
             sources: Mutex::default(),
+            destinations: Mutex::default(),
+            table: TABLES.fetch_add(1, Ordering::Relaxed),
             series: Sharded::new(shards),
         }
+    }
+
+    /// The id of the destination workload labels of an endpoint (`cluster`: our cluster ID,
+    /// `destination_cluster`). Interned by value the first time a compiled endpoint workload
+    /// is counted, then remembered on it: a request reads a number, takes no lock and hashes
+    /// no names. At most `max` distinct sets; further ones share the overflow set.
+    pub fn destination(
+        &self,
+        workload: Option<&EndpointWorkload>,
+        cluster: &str,
+        max: usize,
+    ) -> DestId {
+        let Some(w) = workload else {
+            return NO_DESTINATION;
+        };
+        if let Some(&tagged) = w.metrics_id.get()
+            && (tagged >> 32) as u32 == self.table
+        {
+            return tagged as DestId;
+        }
+        let labels = DestinationLabels::of(w, cluster);
+        let Ok(mut table) = self.destinations.lock() else {
+            return DEST_OVERFLOW;
+        };
+        let id = match table.ids.get(&labels) {
+            Some(id) => *id,
+            None if table.labels.len() >= max.min(DEST_OVERFLOW as usize) => {
+                table.overflowed += 1;
+                DEST_OVERFLOW
+            }
+            None => {
+                let id = table.labels.len() as DestId;
+                table.labels.push(labels.clone());
+                table.ids.insert(labels, id);
+                id
+            }
+        };
+        // First table to count this workload keeps the slot; others look it up by value.
+        let _ = w.metrics_id.set(((self.table as u64) << 32) | id as u64);
+        id
     }
 
     /// Intern the labels of a tunnel's source (once per tunnel). At most `max` distinct
@@ -344,15 +471,21 @@ impl Metrics {
         self.sources.lock().map(|t| t.overflowed).unwrap_or(0)
     }
 
+    /// Endpoint workloads that found the destination table full (`destination_workload="overflow"`).
+    pub fn destinations_overflowed(&self) -> u64 {
+        self.destinations.lock().map(|t| t.overflowed).unwrap_or(0)
+    }
+
     /// Count one finished HTTP request.
     pub fn record_http(
         &self,
         source: SourceId,
+        dest: DestId,
         cluster: Option<&Arc<Cluster>>,
         r: &AccessLogRecord,
         grpc: bool,
     ) {
-        let key = (source, grpc, r.response_code, r.response_flags);
+        let key = (source, dest, grpc, r.response_code, r.response_flags);
         self.series.local().with_cluster(cluster, |cs| {
             let s = cs.http.entry(key).or_default();
             s.requests += 1;
@@ -363,10 +496,10 @@ impl Metrics {
     }
 
     /// A TCP connection through the waypoint opened.
-    pub fn tcp_opened(&self, source: SourceId, cluster: Option<&Arc<Cluster>>) {
+    pub fn tcp_opened(&self, source: SourceId, dest: DestId, cluster: Option<&Arc<Cluster>>) {
         self.series.local().with_cluster(cluster, |cs| {
             cs.tcp
-                .entry((source, ResponseFlags::default()))
+                .entry((source, dest, ResponseFlags::default()))
                 .or_default()
                 .opened += 1;
         });
@@ -376,11 +509,12 @@ impl Metrics {
     pub fn tcp_closed(
         &self,
         source: SourceId,
+        dest: DestId,
         cluster: Option<&Arc<Cluster>>,
         r: &AccessLogRecord,
     ) {
         self.series.local().with_cluster(cluster, |cs| {
-            let s = cs.tcp.entry((source, r.response_flags)).or_default();
+            let s = cs.tcp.entry((source, dest, r.response_flags)).or_default();
             s.closed += 1;
             s.sent += r.bytes_sent;
             s.received += r.bytes_received;
@@ -397,6 +531,10 @@ impl Metrics {
             Ok(t) => t.sources.clone(),
             Err(_) => return out,
         };
+        let destinations = match self.destinations.lock() {
+            Ok(t) => t.labels.clone(),
+            Err(_) => return out,
+        };
         let mut inner = Merged::default();
         self.series.for_each(|shard| shard.merge_into(&mut inner));
         let unknown = SourceLabels::from_tunnel(None, None);
@@ -404,7 +542,11 @@ impl Metrics {
             workload: "overflow".into(),
             ..unknown.clone()
         };
-        let labels = |source: SourceId, cluster: &Option<Arc<str>>, protocol: &str| -> String {
+        let labels = |source: SourceId,
+                      dest: DestId,
+                      cluster: &Option<Arc<str>>,
+                      protocol: &str|
+         -> String {
             let s = match source {
                 OVERFLOW => &overflow,
                 id => sources.get(id as usize).unwrap_or(&unknown),
@@ -414,13 +556,30 @@ impl Metrics {
                 Some(d) => (&*d.service, &*d.name, &*d.namespace),
                 None => ("unknown", "unknown", "unknown"),
             };
+            let unknown_dest;
+            let w = match dest {
+                DEST_OVERFLOW => {
+                    unknown_dest = DestinationLabels {
+                        workload: "overflow".into(),
+                        ..DestinationLabels::unknown(ns, name)
+                    };
+                    &unknown_dest
+                }
+                id => match destinations.get(id as usize) {
+                    Some(w) => w,
+                    None => {
+                        unknown_dest = DestinationLabels::unknown(ns, name);
+                        &unknown_dest
+                    }
+                },
+            };
             format!(
                 "reporter=\"waypoint\",source_workload=\"{}\",source_canonical_service=\"{}\",source_canonical_revision=\"{}\",\
 source_workload_namespace=\"{}\",source_principal=\"{}\",source_app=\"{}\",source_version=\"{}\",source_cluster=\"{}\",\
-destination_workload=\"unknown\",destination_workload_namespace=\"{ns}\",destination_principal=\"unknown\",\
-destination_app=\"unknown\",destination_version=\"unknown\",destination_service=\"{svc}\",\
-destination_canonical_service=\"{name}\",destination_canonical_revision=\"latest\",destination_service_name=\"{name}\",\
-destination_service_namespace=\"{ns}\",destination_cluster=\"unknown\",request_protocol=\"{protocol}\",\
+destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_principal=\"{}\",\
+destination_app=\"{}\",destination_version=\"{}\",destination_service=\"{svc}\",\
+destination_canonical_service=\"{}\",destination_canonical_revision=\"{}\",destination_service_name=\"{name}\",\
+destination_service_namespace=\"{ns}\",destination_cluster=\"{}\",request_protocol=\"{protocol}\",\
 connection_security_policy=\"mutual_tls\"",
                 esc(&s.workload),
                 esc(&s.canonical_service),
@@ -430,16 +589,34 @@ connection_security_policy=\"mutual_tls\"",
                 esc(&s.app),
                 esc(&s.version),
                 esc(&s.cluster),
+                esc(&w.workload),
+                esc(&w.namespace),
+                esc(&w.principal),
+                esc(&w.app),
+                esc(&w.version),
+                esc(&w.canonical_service),
+                esc(&w.canonical_revision),
+                esc(&w.cluster),
             )
         };
         let mut http: Vec<(&HttpKey, &HttpStats)> = inner.http.iter().collect();
         http.sort_by(|a, b| {
-            (a.0.source, &a.0.cluster, a.0.code).cmp(&(b.0.source, &b.0.cluster, b.0.code))
+            (a.0.source, &a.0.cluster, a.0.dest, a.0.code).cmp(&(
+                b.0.source,
+                &b.0.cluster,
+                b.0.dest,
+                b.0.code,
+            ))
         });
         let per = |k: &HttpKey| {
             format!(
                 "{},response_code=\"{}\",grpc_response_status=\"\",response_flags=\"{}\"",
-                labels(k.source, &k.cluster, if k.grpc { "grpc" } else { "http" }),
+                labels(
+                    k.source,
+                    k.dest,
+                    &k.cluster,
+                    if k.grpc { "grpc" } else { "http" }
+                ),
                 k.code,
                 k.flags
             )
@@ -470,7 +647,9 @@ connection_security_policy=\"mutual_tls\"",
             }
         }
         let mut tcp: Vec<(&TcpKey, &TcpStats)> = inner.tcp.iter().collect();
-        tcp.sort_by(|a, b| (a.0.source, &a.0.cluster).cmp(&(b.0.source, &b.0.cluster)));
+        tcp.sort_by(|a, b| {
+            (a.0.source, &a.0.cluster, a.0.dest).cmp(&(b.0.source, &b.0.cluster, b.0.dest))
+        });
         for (name, pick) in [
             ("istio_tcp_connections_opened_total", 0usize),
             ("istio_tcp_connections_closed_total", 1),
@@ -483,7 +662,7 @@ connection_security_policy=\"mutual_tls\"",
                 let _ = writeln!(
                     out,
                     "{name}{{{},response_flags=\"{}\"}} {v}",
-                    labels(k.source, &k.cluster, "tcp"),
+                    labels(k.source, k.dest, &k.cluster, "tcp"),
                     k.flags
                 );
             }
@@ -566,6 +745,75 @@ mod tests {
         );
     }
 
+    fn workload(name: &str, principal: Option<&str>) -> policy::EndpointWorkload {
+        policy::EndpointWorkload {
+            namespace: "shop".into(),
+            names: policy::resources::WorkloadNames {
+                workload: name.into(),
+                canonical_service: "web".into(),
+                canonical_revision: "v2".into(),
+                app: Some("web".into()),
+                version: None,
+            },
+            principal: principal.map(Into::into),
+            metrics_id: Default::default(),
+        }
+    }
+
+    #[test]
+    fn destination_labels_come_from_the_endpoint_workload_and_are_bounded() {
+        let m = Metrics::default();
+        let w = workload("web-v2", Some("spiffe://cluster.local/ns/shop/sa/web"));
+        let id = m.destination(Some(&w), "Kubernetes", 2);
+        // Remembered on the workload: the same id without the table.
+        assert_eq!(m.destination(Some(&w), "Kubernetes", 2), id);
+        // Equal labels in another compiled value: the same series.
+        let same = workload("web-v2", Some("spiffe://cluster.local/ns/shop/sa/web"));
+        assert_eq!(m.destination(Some(&same), "Kubernetes", 2), id);
+        // Another table (another waypoint in this process) has its own ids.
+        let other = Metrics::default();
+        let plain = workload("other", None);
+        let other_id = other.destination(Some(&plain), "Kubernetes", 2);
+        assert_eq!(other.destination(Some(&w), "Kubernetes", 2), other_id + 1);
+        assert_eq!(m.destination(Some(&w), "Kubernetes", 2), id);
+        assert_eq!(m.destination(None, "Kubernetes", 2), NO_DESTINATION);
+        m.record_http(
+            0,
+            id,
+            None,
+            &AccessLogRecord::new(std::time::SystemTime::now()),
+            false,
+        );
+        m.record_http(
+            0,
+            NO_DESTINATION,
+            None,
+            &AccessLogRecord::new(std::time::SystemTime::now()),
+            false,
+        );
+        let text = m.render(&[]);
+        assert!(
+            text.contains("destination_workload=\"web-v2\",destination_workload_namespace=\"shop\",destination_principal=\"spiffe://cluster.local/ns/shop/sa/web\",destination_app=\"web\",destination_version=\"unknown\",destination_service=\"unknown\",destination_canonical_service=\"web\",destination_canonical_revision=\"v2\",destination_service_name=\"unknown\",destination_service_namespace=\"unknown\",destination_cluster=\"Kubernetes\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("destination_workload=\"unknown\",destination_workload_namespace=\"unknown\",destination_principal=\"unknown\""),
+            "{text}"
+        );
+        // Bounded: a third distinct set shares the overflow set.
+        let third = workload("third", None);
+        assert_eq!(m.destination(Some(&plain), "Kubernetes", 2), 1);
+        assert_eq!(m.destination(Some(&third), "Kubernetes", 2), DEST_OVERFLOW);
+        m.record_http(
+            0,
+            DEST_OVERFLOW,
+            None,
+            &AccessLogRecord::new(std::time::SystemTime::now()),
+            false,
+        );
+        assert!(m.render(&[]).contains("destination_workload=\"overflow\""));
+    }
+
     #[test]
     fn counts_from_many_threads_are_summed_when_scraped() {
         let m = Metrics::default();
@@ -577,7 +825,7 @@ mod tests {
             for _ in 0..4 {
                 s.spawn(|| {
                     for _ in 0..250 {
-                        m.record_http(0, None, &r, false);
+                        m.record_http(0, NO_DESTINATION, None, &r, false);
                     }
                 });
             }

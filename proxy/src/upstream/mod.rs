@@ -960,6 +960,7 @@ mod tests {
                 addr: format!("127.0.0.{}:80", i + 1).parse().unwrap(),
                 load: Arc::new(EndpointLoad::default()),
                 tunnel: None,
+                workload: None,
             })
             .collect()
     }

@@ -36,6 +36,8 @@ pub struct Waypoint {
     pub hbone: SocketAddr,
     pub ready: SocketAddr,
     pub metrics: SocketAddr,
+    /// The Envoy-compatible metrics listener (`--envoy-prom-addr`), when bound.
+    pub envoy_prom: Option<SocketAddr>,
     pub admin: SocketAddr,
     /// The child's stderr lines after "waypoint serving".
     pub stderr: std::sync::mpsc::Receiver<String>,
@@ -113,6 +115,7 @@ pub fn attach(mut child: Child) -> Waypoint {
                 hbone: field(&line, "hbone_addr").unwrap(),
                 ready: field(&line, "ready_addr").unwrap(),
                 metrics: field(&line, "metrics_addr").unwrap(),
+                envoy_prom: field(&line, "envoy_prom"),
                 admin: field(&line, "admin_addr").unwrap(),
                 child,
                 stderr: rx,
