@@ -15,8 +15,10 @@
 //! - Emitting exactly once per request is the caller's job (the proxy's log guard).
 
 mod flags;
+pub mod format;
 
 pub use flags::{ResponseFlag, ResponseFlags};
+pub use format::{CapturedHeaders, LogFormat};
 
 use std::borrow::Cow;
 use std::io::Write;
@@ -79,6 +81,10 @@ pub struct AccessLogRecord {
     pub downstream_remote_address: Option<String>,
     /// `%REQUESTED_SERVER_NAME%`: SNI of the inner connection (none for plaintext HTTP).
     pub requested_server_name: Option<String>,
+    /// Headers a configured format reads beyond these fields (`%REQ(X-TENANT)%`); not part
+    /// of Istio's JSON line. `None` unless a format asks.
+    #[serde(skip)]
+    pub captured: Option<Box<CapturedHeaders>>,
 }
 
 impl AccessLogRecord {
@@ -109,6 +115,7 @@ impl AccessLogRecord {
             downstream_local_address: None,
             downstream_remote_address: None,
             requested_server_name: None,
+            captured: None,
         }
     }
 
@@ -142,16 +149,41 @@ pub const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis
 /// (2,500 at 50k req/s), for one thread wake-up per batch.
 pub const WAKE_EVERY: u64 = 256;
 
-fn write_out(sink: &mut Box<dyn Write + Send>, buf: &mut Vec<u8>) {
-    if let Err(e) = sink.write_all(buf).and_then(|_| sink.flush()) {
-        tracing::warn!(error = %e, "writing access log failed");
+/// Where lines go and in which format; swapped whole when the mesh config changes.
+pub struct Output {
+    format: LogFormat,
+    request_headers: Vec<String>,
+    response_headers: Vec<String>,
+    /// Only the writer thread writes; the lock is never contended. Shared with the output
+    /// that replaces this one when only the format changes.
+    sink: Arc<std::sync::Mutex<Box<dyn Write + Send>>>,
+}
+
+impl Output {
+    pub fn new(format: LogFormat, sink: Box<dyn Write + Send>) -> Output {
+        Output {
+            request_headers: format.request_headers(),
+            response_headers: format.response_headers(),
+            format,
+            sink: Arc::new(std::sync::Mutex::new(sink)),
+        }
     }
-    buf.clear();
+
+    /// The same sink with another format.
+    fn with_format(&self, format: LogFormat) -> Output {
+        Output {
+            request_headers: format.request_headers(),
+            response_headers: format.response_headers(),
+            format,
+            sink: self.sink.clone(),
+        }
+    }
 }
 
 /// Handle for emitting records; cheap to clone.
 #[derive(Clone)]
 pub struct AccessLogger {
+    output: Arc<arc_swap::ArcSwap<Output>>,
     tx: tokio::sync::mpsc::Sender<Box<AccessLogRecord>>,
     dropped: Arc<AtomicU64>,
     queued: Arc<AtomicU64>,
@@ -168,10 +200,26 @@ impl std::fmt::Debug for AccessLogger {
     }
 }
 
+fn write_out(sink: &std::sync::Mutex<Box<dyn Write + Send>>, buf: &mut Vec<u8>) {
+    if let Ok(mut sink) = sink.lock()
+        && let Err(e) = sink.write_all(buf).and_then(|_| sink.flush())
+    {
+        tracing::warn!(error = %e, "writing access log failed");
+    }
+    buf.clear();
+}
+
 impl AccessLogger {
-    /// Start the writer thread writing lines to `sink` (stdout in production).
+    /// Start the writer thread writing Istio's JSON lines to `sink` (stdout in production).
     pub fn spawn(sink: Box<dyn Write + Send>) -> AccessLogger {
+        AccessLogger::spawn_with(Output::new(LogFormat::IstioJson, sink))
+    }
+
+    /// Start the writer thread writing to `output`.
+    pub fn spawn_with(output: Output) -> AccessLogger {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Box<AccessLogRecord>>(QUEUE_CAPACITY);
+        let output = Arc::new(arc_swap::ArcSwap::from_pointee(output));
+        let writer_output = output.clone();
         let written = Arc::new(AtomicU64::new(0));
         let counter = written.clone();
         let spawned = std::thread::Builder::new()
@@ -180,18 +228,19 @@ impl AccessLogger {
                 // Drain on a short period instead of waking per record: a request only pays
                 // for a non-blocking queue push (no thread wake-up, no syscall), and lines go
                 // out in batches (Envoy flushes its access log every second; we use 50 ms).
-                let mut sink = sink;
                 let mut buf = Vec::with_capacity(64 * 1024);
                 loop {
                     let mut n = 0u64;
                     let mut closed = false;
+                    // One output per batch: a swap applies from the next batch on.
+                    let out = writer_output.load_full();
                     loop {
                         match rx.try_recv() {
                             Ok(rec) => {
-                                rec.write_line(&mut buf);
+                                out.format.render(&rec, &mut buf);
                                 n += 1;
                                 if buf.len() >= 64 * 1024 {
-                                    write_out(&mut sink, &mut buf);
+                                    write_out(&out.sink, &mut buf);
                                 }
                             }
                             Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
@@ -202,7 +251,7 @@ impl AccessLogger {
                         }
                     }
                     if !buf.is_empty() {
-                        write_out(&mut sink, &mut buf);
+                        write_out(&out.sink, &mut buf);
                     }
                     counter.fetch_add(n, Ordering::Relaxed);
                     if closed {
@@ -210,7 +259,9 @@ impl AccessLogger {
                     }
                     std::thread::park_timeout(FLUSH_INTERVAL);
                 }
-                let _ = sink.flush();
+                if let Ok(mut sink) = writer_output.load().sink.lock() {
+                    let _ = sink.flush();
+                }
             });
         let writer = match spawned {
             Ok(handle) => Some(handle.thread().clone()),
@@ -220,6 +271,7 @@ impl AccessLogger {
             }
         };
         AccessLogger {
+            output,
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
             queued: Arc::new(AtomicU64::new(0)),
@@ -231,6 +283,36 @@ impl AccessLogger {
     /// Write to the process's stdout.
     pub fn stdout() -> AccessLogger {
         AccessLogger::spawn(Box::new(std::io::stdout()))
+    }
+
+    /// Write to `output` from the next batch on (records queued before are written with it).
+    pub fn set_output(&self, output: Output) {
+        self.output.store(Arc::new(output));
+    }
+
+    /// Write in `format` from the next batch on, to the same sink.
+    pub fn set_format(&self, format: LogFormat) {
+        let next = self.output.load().with_format(format);
+        self.output.store(Arc::new(next));
+    }
+
+    /// Whether the format is `format` now.
+    pub fn format_is(&self, format: &LogFormat) -> bool {
+        self.output.load().format == *format
+    }
+
+    /// The request headers the format reads beyond the record's fields (`%REQ(X-TENANT)%`),
+    /// looked up with `get`; empty (and nothing allocated) when it reads none.
+    pub fn capture_request(&self, get: impl Fn(&str) -> Option<String>) -> Vec<(Box<str>, String)> {
+        capture(&self.output.load().request_headers, get)
+    }
+
+    /// The same for response headers (`%RESP(CONTENT-TYPE)%`).
+    pub fn capture_response(
+        &self,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Vec<(Box<str>, String)> {
+        capture(&self.output.load().response_headers, get)
     }
 
     /// Queue a record; never blocks.
@@ -273,6 +355,13 @@ impl AccessLogger {
     pub fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
     }
+}
+
+fn capture(names: &[String], get: impl Fn(&str) -> Option<String>) -> Vec<(Box<str>, String)> {
+    names
+        .iter()
+        .filter_map(|n| get(n).map(|v| (n.as_str().into(), v)))
+        .collect()
 }
 
 /// A `Write` sink that forwards each complete line to a channel (for in-process tests and the demo).

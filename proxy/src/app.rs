@@ -268,7 +268,18 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
             });
             u
         },
-        access_log: Some(inputs.access_log.unwrap_or_else(AccessLogger::stdout)),
+        // The mesh config's accessLogFile / accessLogEncoding / accessLogFormat; an injected
+        // logger (tests, the demo) keeps its sink and takes the format.
+        access_log: Some(match inputs.access_log {
+            Some(l) => {
+                l.set_format(config.mesh.access_log.format.clone());
+                l
+            }
+            None => AccessLogger::spawn_with(accesslog::Output::new(
+                config.mesh.access_log.format.clone(),
+                config.mesh.access_log.output()?,
+            )),
+        }),
         metrics: Metrics::default(),
         limits: config.limits.clone(),
         draining: AtomicBool::new(false),

@@ -55,7 +55,8 @@ pub struct Limits {
     /// default): client-supplied, so only when the operator trusts its ztunnels to set it.
     pub metrics_baggage: bool,
     /// Distinct source label sets kept for metrics; beyond it new sources are counted under
-    /// one `overflow` set (`waypoint_metrics_source_overflow_total`).
+    /// one `overflow` set (`waypoint_metrics_source_overflow_total`); the same bound applies
+    /// to destination workload sets (`waypoint_metrics_destination_overflow_total`).
     pub max_metric_sources: usize,
 }
 

@@ -8,6 +8,7 @@
 proxy::install_allocator!();
 
 mod abuse;
+mod access_log_formats;
 mod authn;
 mod envoy_interop;
 mod gamma;

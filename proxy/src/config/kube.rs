@@ -118,6 +118,7 @@ fn drop_named(loaded: &mut policy::LoadedResources, errors: &[ConfigError]) {
 
 /// Install a compiled snapshot as [`crate::app::reload_config`] does.
 fn install(shared: &Shared, snapshot: Snapshot, mesh: MeshConfig) {
+    apply_access_log(shared, &mesh);
     for w in &snapshot.warnings {
         warn!("config: {w}");
     }
@@ -252,4 +253,22 @@ pub async fn snapshot_once(
     };
     source.stop();
     result
+}
+
+/// The mesh config's access-log settings changed (the `istio` ConfigMap): write with them
+/// from the next batch on. A file that cannot be opened keeps the current output.
+fn apply_access_log(shared: &Shared, mesh: &MeshConfig) {
+    let (Some(logger), current) = (&shared.access_log, shared.mesh.load()) else {
+        return;
+    };
+    if current.access_log == mesh.access_log {
+        return;
+    }
+    match mesh.access_log.output() {
+        Ok(sink) => {
+            logger.set_output(accesslog::Output::new(mesh.access_log.format.clone(), sink));
+            tracing::info!(file = %mesh.access_log.file, "access log: mesh config settings applied");
+        }
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "access log: kept the current output"),
+    }
 }

@@ -1,5 +1,6 @@
 //! Istio MeshConfig (`--mesh-config`): the parts a waypoint uses. `rootNamespace`,
-//! `trustDomainAliases`, and `extensionProviders` for CUSTOM AuthorizationPolicies
+//! `trustDomainAliases`, `accessLogFile` / `accessLogEncoding` / `accessLogFormat`, and
+//! `extensionProviders` for CUSTOM AuthorizationPolicies
 //! (`istio/api` `mesh/v1alpha1/config.proto`, `policy.md` 1.14). The file is the MeshConfig
 //! YAML istiod reads (`/etc/istio/config/mesh`), or the `istio` ConfigMap holding it under
 //! `data.mesh`. Unknown fields are ignored, as istiod ignores them.
@@ -24,6 +25,75 @@ pub struct MeshConfig {
     pub extension_providers: Vec<ExtensionProvider>,
     /// `pathNormalization.normalization` (default BASE).
     pub path_normalization: policy::PathNormalization,
+    /// Where and how access-log lines are written ([`AccessLogSettings`]).
+    pub access_log: AccessLogSettings,
+}
+
+/// MeshConfig's access-log settings, compiled (istiod `FileAccessLogFromMeshConfig`).
+///
+/// Differences from Istio's Envoy, on purpose: with no access-log field in the mesh config
+/// this waypoint still writes Istio's JSON line to stdout (Envoy writes no mesh-wide log
+/// without `accessLogFile`; a waypoint you cannot see is harder to debug), and Telemetry
+/// `accessLogging` `disabled: true` turns it off as before. As soon as any of the three
+/// fields is set, Istio's rules apply: `accessLogEncoding` defaults to TEXT, an empty
+/// `accessLogFormat` means Istio's default format of that encoding, and the file is
+/// `accessLogFile` (`/dev/stdout` when empty).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogSettings {
+    /// `/dev/stdout`, `/dev/stderr` or a file path (opened for append, created if missing).
+    pub file: String,
+    pub format: accesslog::LogFormat,
+}
+
+impl Default for AccessLogSettings {
+    fn default() -> AccessLogSettings {
+        AccessLogSettings {
+            file: "/dev/stdout".into(),
+            format: accesslog::LogFormat::IstioJson,
+        }
+    }
+}
+
+impl AccessLogSettings {
+    fn parse(
+        file: Option<String>,
+        encoding: Option<String>,
+        format: Option<String>,
+    ) -> anyhow::Result<AccessLogSettings> {
+        if file.is_none() && encoding.is_none() && format.is_none() {
+            return Ok(AccessLogSettings::default());
+        }
+        let file = file
+            .filter(|f| !f.is_empty())
+            .unwrap_or_else(|| "/dev/stdout".into());
+        let format = format.unwrap_or_default();
+        let format = match encoding.as_deref().unwrap_or("TEXT") {
+            "TEXT" | "" if format.is_empty() => {
+                accesslog::LogFormat::text(accesslog::format::ISTIO_TEXT_FORMAT)
+            }
+            "TEXT" | "" => accesslog::LogFormat::text(&format),
+            "JSON" if format.is_empty() => Ok(accesslog::LogFormat::IstioJson),
+            "JSON" => accesslog::LogFormat::json_text(&format),
+            other => anyhow::bail!("accessLogEncoding: {other:?} is not TEXT or JSON"),
+        }
+        .map_err(|e| anyhow::anyhow!("accessLogFormat: {e}"))?;
+        Ok(AccessLogSettings { file, format })
+    }
+
+    /// Open the sink.
+    pub fn output(&self) -> anyhow::Result<accesslog::format::OutputSink> {
+        Ok(match self.file.as_str() {
+            "/dev/stdout" => Box::new(std::io::stdout()),
+            "/dev/stderr" => Box::new(std::io::stderr()),
+            path => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("accessLogFile: cannot open {path}"))?,
+            ),
+        })
+    }
 }
 
 /// One `extensionProviders[]` entry.
@@ -116,6 +186,9 @@ struct RawMesh {
     trust_domain_aliases: Vec<String>,
     extension_providers: Vec<RawProvider>,
     path_normalization: Option<RawPathNormalization>,
+    access_log_file: Option<String>,
+    access_log_encoding: Option<String>,
+    access_log_format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,6 +253,11 @@ impl MeshConfig {
             root_namespace: raw.root_namespace.filter(|s| !s.is_empty()),
             trust_domain_aliases: raw.trust_domain_aliases,
             extension_providers: Vec::new(),
+            access_log: AccessLogSettings::parse(
+                raw.access_log_file,
+                raw.access_log_encoding,
+                raw.access_log_format,
+            )?,
             path_normalization: match raw.path_normalization.and_then(|p| p.normalization) {
                 None => policy::PathNormalization::Base,
                 Some(n) => policy::PathNormalization::parse(&n).with_context(|| {
@@ -331,5 +409,50 @@ mod tests {
             MeshConfig::parse("extensionProviders: [{name: x, envoyExtAuthzHttp: {service: s}}]")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn access_log_settings_follow_istio_once_any_is_set() {
+        use accesslog::LogFormat;
+        let parse = |yaml: &str| MeshConfig::parse(yaml).map(|m| m.access_log);
+        // Nothing set: our default, Istio's JSON line on stdout.
+        assert_eq!(
+            parse("rootNamespace: x").unwrap(),
+            AccessLogSettings::default()
+        );
+        // accessLogFile alone: Istio's TEXT default format (istiod's default encoding).
+        let s = parse("accessLogFile: /dev/stdout").unwrap();
+        assert_eq!(
+            s.format,
+            LogFormat::text(accesslog::format::ISTIO_TEXT_FORMAT).unwrap()
+        );
+        // JSON without a format: Istio's JSON line.
+        let s = parse("accessLogFile: /tmp/x.log\naccessLogEncoding: JSON").unwrap();
+        assert_eq!(
+            (s.file.as_str(), s.format),
+            ("/tmp/x.log", LogFormat::IstioJson)
+        );
+        // A format: compiled for its encoding (TEXT gets the newline Istio appends).
+        let s = parse("accessLogFormat: '%RESPONSE_CODE% %REQ(X-TENANT)%'").unwrap();
+        assert_eq!(
+            s.format,
+            LogFormat::text("%RESPONSE_CODE% %REQ(X-TENANT)%\n").unwrap()
+        );
+        assert_eq!(s.file, "/dev/stdout");
+        let s =
+            parse("accessLogEncoding: JSON\naccessLogFormat: '{\"code\": \"%RESPONSE_CODE%\"}'")
+                .unwrap();
+        assert!(matches!(s.format, LogFormat::Json(_)));
+        // Errors name the field and the operator.
+        let e = format!(
+            "{:#}",
+            parse("accessLogFormat: '%GRPC_STATUS%'").unwrap_err()
+        );
+        assert!(
+            e.contains("accessLogFormat") && e.contains("%GRPC_STATUS%"),
+            "{e}"
+        );
+        let e = format!("{:#}", parse("accessLogEncoding: XML").unwrap_err());
+        assert!(e.contains("accessLogEncoding"), "{e}");
     }
 }

@@ -84,6 +84,20 @@ impl RequestCtx {
         r.user_agent = header_string(headers, &header::USER_AGENT);
         r.x_forwarded_for = header_string(headers, &X_FORWARDED_FOR);
         r.request_id = header_string(headers, &X_REQUEST_ID);
+        // Headers a configured log format reads beyond these (`%REQ(X-TENANT)%`): only those.
+        if let Some(logger) = &t.shared.access_log {
+            let captured = logger.capture_request(|name| {
+                headers
+                    .get(name)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            });
+            if !captured.is_empty() {
+                r.captured = Some(Box::new(accesslog::CapturedHeaders {
+                    request: captured,
+                    response: Vec::new(),
+                }));
+            }
+        }
         r.downstream_local_address = Some(t.service.vip_text.clone());
         // use_remote_address is false on waypoints, so Envoy takes the rightmost
         // x-forwarded-for entry as the downstream address, with port 0 (envoy-observed.md 1).

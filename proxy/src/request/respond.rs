@@ -71,7 +71,18 @@ pub(super) fn respond(
     for (name, value) in ctx.response_headers.drain(..) {
         parts.headers.append(name, value);
     }
+    let captured = ctx.shared.access_log.as_ref().map(|l| {
+        l.capture_response(|name| {
+            parts
+                .headers
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        })
+    });
     let r = ctx.record();
+    if let Some(c) = captured.filter(|c| !c.is_empty()) {
+        r.captured.get_or_insert_with(Default::default).response = c;
+    }
     r.response_code = parts.status.as_u16();
     r.response_code_details = Some("via_upstream".into());
     r.upstream_service_time = Some(service_time_ms.to_string());
