@@ -137,6 +137,7 @@ fn pool_checkout(c: &mut Criterion) {
         load: Arc::new(EndpointLoad::default()),
         tunnel: None,
         workload: None,
+        health: Default::default(),
     };
     let mut g = c.benchmark_group("contention/pool_checkout");
     for (layout, shards) in [
@@ -183,7 +184,10 @@ async fn checkouts(
             let (u, e) = (upstreams.clone(), endpoint.clone());
             tokio::spawn(async move {
                 for _ in 0..iters {
-                    match u.checkout(&e, UpstreamProtocol::Http1).await {
+                    match u
+                        .checkout(&e, UpstreamProtocol::Http1, Default::default())
+                        .await
+                    {
                         Ok(conn) => conn.give_back(),
                         Err(_) => panic!("loopback connect failed"),
                     }

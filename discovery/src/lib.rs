@@ -104,6 +104,7 @@ pub const KINDS: &[KindSpec] = &[
     KindSpec { group: "security.istio.io", version: "v1", kind: "AuthorizationPolicy", plural: "authorizationpolicies", need: Need::Policy },
     KindSpec { group: "security.istio.io", version: "v1", kind: "RequestAuthentication", plural: "requestauthentications", need: Need::Policy },
     KindSpec { group: "telemetry.istio.io", version: "v1", kind: "Telemetry", plural: "telemetries", need: Need::Optional },
+    KindSpec { group: "networking.istio.io", version: "v1", kind: "DestinationRule", plural: "destinationrules", need: Need::Optional },
 ];
 
 /// The mesh config: ConfigMap `istio` (key `mesh`) in the Istio namespace. It names the

@@ -105,6 +105,13 @@ const KINDS: &[(&str, &str, &str, &str, bool)] = &[
         true,
     ),
     ("telemetries", "telemetry.istio.io", "v1", "Telemetry", true),
+    (
+        "destinationrules",
+        "networking.istio.io",
+        "v1",
+        "DestinationRule",
+        true,
+    ),
 ];
 
 fn kind_info(kind: &str) -> (&'static str, &'static str, &'static str, bool) {

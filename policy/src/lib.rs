@@ -28,6 +28,7 @@ pub mod resources;
 pub mod route;
 pub mod snapshot;
 pub mod telemetry;
+pub mod traffic;
 
 pub use authn::{
     Authenticated, Authn, AuthnSet, CLOCK_SKEW_SECS, Jwks, JwksRef, JwksSource, JwtProvider,
@@ -49,8 +50,8 @@ pub use route::{
 };
 pub use snapshot::{
     AppProtocol, BindingInfo, BindingSource, BindingState, Cluster, CompileOptions, Endpoint,
-    EndpointLoad, EndpointSpec, EndpointWorkload, GatewayInfo, ServiceInfo, ServicePort,
-    ServicePortInfo, Snapshot, VipLookup, WaypointFor, Workload, compile,
+    EndpointHealth, EndpointLoad, EndpointSpec, EndpointWorkload, GatewayInfo, ServiceInfo,
+    ServicePort, ServicePortInfo, Snapshot, VipLookup, WaypointFor, Workload, compile,
 };
 pub use telemetry::{AccessLogPolicy, LogAttributes, RequestAttributes};
 

@@ -741,6 +741,113 @@ pub struct TelemetrySpec {
     pub tracing: Option<Value>,
 }
 
+/// Istio DestinationRule (`networking.istio.io/v1`): the traffic policy of a Service's
+/// clusters on this waypoint (istiod `cluster_waypoint.go` applies connectionPool,
+/// outlierDetection, loadBalancer and tls to waypoint clusters).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DestinationRule {
+    pub metadata: ObjectMeta,
+    pub spec: DestinationRuleSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    pub traffic_policy: Option<TrafficPolicySpec>,
+    pub subsets: Vec<Value>,
+    pub export_to: Vec<String>,
+    pub workload_selector: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TrafficPolicySpec {
+    pub load_balancer: Option<LoadBalancerSpec>,
+    pub connection_pool: Option<ConnectionPoolSpec>,
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+    pub tls: Option<Value>,
+    pub port_level_settings: Vec<PortTrafficPolicySpec>,
+    pub tunnel: Option<Value>,
+    pub proxy_protocol: Option<Value>,
+    pub retry_budget: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PortTrafficPolicySpec {
+    pub port: Option<PortSelectorSpec>,
+    pub load_balancer: Option<LoadBalancerSpec>,
+    pub connection_pool: Option<ConnectionPoolSpec>,
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+    pub tls: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PortSelectorSpec {
+    pub number: i64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LoadBalancerSpec {
+    pub simple: Option<String>,
+    pub consistent_hash: Option<Value>,
+    pub locality_lb_setting: Option<Value>,
+    pub warmup_duration_secs: Option<Value>,
+    pub warmup: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ConnectionPoolSpec {
+    pub tcp: Option<TcpPoolSpec>,
+    pub http: Option<HttpPoolSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TcpPoolSpec {
+    pub max_connections: Option<i64>,
+    pub connect_timeout: Option<String>,
+    pub tcp_keepalive: Option<Value>,
+    pub max_connection_duration: Option<String>,
+    pub idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HttpPoolSpec {
+    #[serde(rename = "http1MaxPendingRequests")]
+    pub http1_max_pending_requests: Option<i64>,
+    #[serde(rename = "http2MaxRequests")]
+    pub http2_max_requests: Option<i64>,
+    pub max_requests_per_connection: Option<i64>,
+    pub max_retries: Option<i64>,
+    pub idle_timeout: Option<String>,
+    pub h2_upgrade_policy: Option<String>,
+    pub use_client_protocol: Option<bool>,
+    pub max_concurrent_streams: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OutlierDetectionSpec {
+    /// Deprecated alias of `consecutive5xxErrors` (before Istio 1.5 it meant gateway errors).
+    pub consecutive_errors: Option<i64>,
+    #[serde(rename = "consecutive5xxErrors")]
+    pub consecutive_5xx_errors: Option<i64>,
+    pub consecutive_gateway_errors: Option<i64>,
+    pub consecutive_local_origin_failures: Option<i64>,
+    pub split_external_local_origin_errors: Option<bool>,
+    pub interval: Option<String>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<i64>,
+    pub min_health_percent: Option<i64>,
+}
+
 /// One `accessLogging[]` entry (`istio.telemetry.v1.AccessLogging`).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
@@ -926,6 +1033,7 @@ pub enum Resource {
     AuthorizationPolicy(AuthorizationPolicy),
     RequestAuthentication(RequestAuthentication),
     Telemetry(Telemetry),
+    DestinationRule(Box<DestinationRule>),
     /// A kind (or apiVersion) the waypoint does not use; skipped with a warning.
     Unknown {
         api_version: String,
@@ -953,6 +1061,7 @@ impl Resource {
             Resource::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Resource::RequestAuthentication(_) => "RequestAuthentication",
             Resource::Telemetry(_) => "Telemetry",
+            Resource::DestinationRule(_) => "DestinationRule",
             Resource::Unknown { kind, .. } => kind,
         }
     }
@@ -973,6 +1082,7 @@ impl Resource {
             Resource::AuthorizationPolicy(r) => Some(&r.metadata),
             Resource::RequestAuthentication(r) => Some(&r.metadata),
             Resource::Telemetry(r) => Some(&r.metadata),
+            Resource::DestinationRule(r) => Some(&r.metadata),
             Resource::Unknown { .. } => None,
         }
     }
@@ -1019,6 +1129,9 @@ impl Resource {
                 group == SECURITY_GROUP && matches!(version, "v1" | "v1beta1")
             }
             "Telemetry" => group == TELEMETRY_GROUP && matches!(version, "v1" | "v1alpha1"),
+            "DestinationRule" => {
+                group == "networking.istio.io" && matches!(version, "v1" | "v1beta1" | "v1alpha3")
+            }
             _ => false,
         };
         if !known {
@@ -1097,6 +1210,10 @@ impl Resource {
                 metadata,
                 spec: strict_part(spec, &err, &ignored)?,
             }),
+            "DestinationRule" => Resource::DestinationRule(Box::new(DestinationRule {
+                metadata,
+                spec: strict_part(spec, &err, &ignored)?,
+            })),
             "GRPCRoute" => {
                 let g: GrpcRouteSpec = strict_part(spec, &err, &ignored)?;
                 Resource::GrpcRoute(HttpRoute {

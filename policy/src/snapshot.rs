@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::ConfigError;
 use crate::authn::{AuthnIndex, AuthnSet, JwksRef};
@@ -215,6 +215,28 @@ pub struct Endpoint {
     /// labels of Istio's metrics, which Istio's waypoint takes from the upstream endpoint's
     /// workload metadata (protocol.md 4.3). Shared by the endpoints of one workload.
     pub workload: Option<Arc<EndpointWorkload>>,
+    /// Outlier detection state (kept across endpoint updates, like `load`).
+    pub health: Arc<EndpointHealth>,
+}
+
+/// An endpoint's outlier-detection state (DestinationRule `outlierDetection`): consecutive
+/// failures and, while ejected, until when (milliseconds on the proxy's clock; the caller
+/// passes the time, this crate reads no clock).
+#[derive(Debug, Default)]
+pub struct EndpointHealth {
+    pub consecutive_5xx: AtomicU32,
+    pub consecutive_gateway: AtomicU32,
+    /// 0: not ejected.
+    pub ejected_until_ms: AtomicU64,
+    /// Times ejected (the ejection time is `baseEjectionTime` times this).
+    pub ejections: AtomicU32,
+}
+
+impl EndpointHealth {
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && until > now_ms
+    }
 }
 
 /// The workload of an endpoint's Pod, as the `destination_*` labels of Istio's metrics name it.
@@ -280,6 +302,8 @@ pub struct Cluster {
     /// change all day, routes and policies rarely, so a pod coming or going does not recompile
     /// the snapshot.
     pub(crate) endpoint_list: arc_swap::ArcSwap<Vec<Endpoint>>,
+    /// The DestinationRule traffic policy of this cluster (`None`: Envoy's defaults).
+    pub traffic: Option<Arc<crate::traffic::TrafficPolicy>>,
 }
 
 impl Cluster {
@@ -312,6 +336,7 @@ impl Cluster {
                 let old = current.iter().find(|e| e.addr == n.addr);
                 Endpoint {
                     load: old.map(|e| e.load.clone()).unwrap_or_default(),
+                    health: old.map(|e| e.health.clone()).unwrap_or_default(),
                     addr: n.addr,
                     tunnel: n.tunnel,
                     workload: match old {
@@ -432,7 +457,9 @@ impl Snapshot {
                     load: Arc::new(EndpointLoad::default()),
                     tunnel: w.ambient.then(|| w.identity.clone()),
                     workload: Some(w.labels.clone()),
+                    health: Default::default(),
                 }]),
+                traffic: None,
             }),
             routes: None,
             tcp_route: None,

@@ -18,4 +18,5 @@ mod mesh;
 mod operations;
 mod routing;
 mod telemetry;
+mod traffic_policy;
 mod upstream;

@@ -69,7 +69,7 @@ impl<'a> Compiler<'a> {
         let addrs = self.endpoint_addrs(key, port)?;
         Some(Cluster {
             name: name.into(),
-            hostname: hostname.into(),
+            hostname: hostname.clone().into(),
             service_name: key.1.into(),
             service_namespace: key.0.into(),
             port,
@@ -82,8 +82,16 @@ impl<'a> Compiler<'a> {
                         load: Arc::new(EndpointLoad::default()),
                         tunnel: e.tunnel,
                         workload: e.workload,
+                        health: Default::default(),
                     })
                     .collect(),
+            ),
+            traffic: crate::traffic::cluster_policy(
+                &self.traffic_rules,
+                &hostname,
+                key.0,
+                &self.opts.root_namespace,
+                port,
             ),
         })
     }

@@ -139,6 +139,8 @@ struct Compiler<'a> {
     clusters: HashMap<(String, String, u16), Arc<Cluster>>,
     pods: HashMap<SvcKey<'a>, PodInfo<'a>>,
     pods_by_ip: HashMap<IpAddr, SvcKey<'a>>,
+    /// DestinationRules, compiled (applied as clusters are built).
+    traffic_rules: Vec<crate::traffic::CompiledRule>,
     /// Endpoint workloads made so far (one per workload and principal).
     endpoint_workloads: RefCell<HashMap<WorkloadKey, Arc<EndpointWorkload>>>,
     /// Every ReferenceGrant (cross-namespace backendRefs).
@@ -190,6 +192,7 @@ pub(crate) fn refresh_endpoints(
         clusters: HashMap::new(),
         pods: HashMap::new(),
         pods_by_ip: HashMap::new(),
+        traffic_rules: Vec::new(),
         endpoint_workloads: RefCell::default(),
         grants: Vec::new(),
         route_kind: "HTTPRoute",
@@ -263,6 +266,7 @@ pub(crate) fn compile(
         clusters: HashMap::new(),
         pods: HashMap::new(),
         pods_by_ip: HashMap::new(),
+        traffic_rules: Vec::new(),
         endpoint_workloads: RefCell::default(),
         grants: Vec::new(),
         route_kind: "HTTPRoute",
@@ -282,6 +286,7 @@ pub(crate) fn compile(
     let mut tcp_routes = Vec::new();
     let mut tls_routes = Vec::new();
     let mut telemetries = Vec::new();
+    let mut destination_rules = Vec::new();
     for r in &resources.resources {
         let Some(meta) = r.metadata() else { continue };
         if !seen.insert((r.kind(), meta.namespace.as_str(), meta.name.as_str())) {
@@ -307,6 +312,7 @@ pub(crate) fn compile(
             Resource::AuthorizationPolicy(p) => policies.push(p),
             Resource::RequestAuthentication(p) => request_authns.push(p),
             Resource::Telemetry(t) => telemetries.push(t),
+            Resource::DestinationRule(d) => destination_rules.push(d),
             Resource::Unknown { .. } => {}
         }
     }
@@ -354,6 +360,13 @@ pub(crate) fn compile(
     }
     for s in slices {
         c.slice(s);
+    }
+    for d in destination_rules {
+        if let Some(rule) =
+            crate::traffic::compile_rule(d, &options.cluster_domain, &mut c.errors, &mut c.warnings)
+        {
+            c.traffic_rules.push(rule);
+        }
     }
     let mut tables = HashMap::new();
     for r in routes {

@@ -1948,3 +1948,122 @@ fn endpoints_carry_their_pods_workload() {
         "v3"
     );
 }
+
+fn destination_rule(ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
+    )
+}
+
+/// DestinationRule traffic policy reaches the Service's clusters: host by short name, FQDN
+/// or wildcard (exact wins, the Service's namespace before the root namespace), port-level
+/// settings replacing the top-level part, unsupported fields warned about by path, bad
+/// values errors naming the field.
+#[test]
+fn destination_rules_set_the_cluster_traffic_policy() {
+    use crate::traffic::LbPolicy;
+    use std::time::Duration;
+    let base = |rules: &[&str]| {
+        let mut d = vec![
+            ns("istio.io/use-waypoint: waypoint"),
+            gateway("", ""),
+            service(
+                "default",
+                "web",
+                "10.0.0.50",
+                "",
+                "[{name: http, port: 9080}, {name: admin, port: 9090}]",
+            ),
+            service("default", "api", "10.0.0.51", "", HTTP_PORT),
+        ];
+        d.extend(rules.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = d.iter().map(String::as_str).collect();
+        docs(&refs)
+    };
+    let snap = ok(&base(&[
+        &destination_rule(
+            "default",
+            "web",
+            "{host: web, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}, connectionPool: {http: {http2MaxRequests: 10, maxRequestsPerConnection: 5, maxRetries: 2}, tcp: {connectTimeout: 2s, maxConnections: 7}}, outlierDetection: {consecutiveGatewayErrors: 3, baseEjectionTime: 10s}, portLevelSettings: [{port: {number: 9090}, loadBalancer: {simple: RANDOM}}], tls: {mode: SIMPLE}}}",
+        ),
+        &destination_rule(
+            "default",
+            "all",
+            "{host: '*.default.svc.cluster.local', trafficPolicy: {loadBalancer: {simple: RANDOM}}}",
+        ),
+        &destination_rule(
+            "istio-system",
+            "web-root",
+            "{host: web.default.svc.cluster.local, trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}}",
+        ),
+    ]));
+    let web = bound(&snap, "10.0.0.50:9080");
+    let t = web.cluster.traffic.as_ref().expect("web has a policy");
+    assert_eq!(t.source, "DestinationRule default/web");
+    assert_eq!(t.lb, LbPolicy::RoundRobin);
+    assert_eq!(
+        (t.max_requests, t.max_requests_per_connection, t.max_retries),
+        (Some(10), Some(5), Some(2))
+    );
+    assert_eq!(t.connect_timeout, Some(Duration::from_secs(2)));
+    let o = t.outlier.as_ref().expect("outlier detection");
+    // consecutive5xxErrors defaults to 5 when the block is present (Istio).
+    assert_eq!(
+        (o.consecutive_5xx, o.consecutive_gateway),
+        (Some(5), Some(3))
+    );
+    assert_eq!(o.base_ejection_time, Duration::from_secs(10));
+    assert_eq!((o.max_ejection_percent, o.min_health_percent), (10, 0));
+    // The admin port's load balancer comes from portLevelSettings; the rest from the top.
+    let admin = bound(&snap, "10.0.0.50:9090");
+    let ta = admin.cluster.traffic.as_ref().expect("admin port policy");
+    assert_eq!(ta.lb, LbPolicy::Random);
+    assert_eq!(ta.max_requests, Some(10));
+    // api has only the wildcard rule.
+    let api = bound(&snap, "10.0.0.51:9080");
+    let tapi = api.cluster.traffic.as_ref().expect("wildcard applies");
+    assert_eq!(tapi.source, "DestinationRule default/all");
+    // Unsupported fields are named.
+    for needle in [
+        "DestinationRule default/web: spec.trafficPolicy.tls: TLS origination",
+        "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+    ] {
+        assert!(has_warning(&snap, needle), "{needle}: {:?}", snap.warnings);
+    }
+    // No rule: no policy.
+    let plain = ok(&base(&[]));
+    assert!(bound(&plain, "10.0.0.50:9080").cluster.traffic.is_none());
+    // Bad values are errors naming the field.
+    let e = errs(&base(&[&destination_rule(
+        "default",
+        "bad",
+        "{host: web, trafficPolicy: {loadBalancer: {simple: FASTEST}, connectionPool: {tcp: {connectTimeout: soon}}, outlierDetection: {maxEjectionPercent: 150}}}",
+    )]));
+    assert_error(
+        &e,
+        "DestinationRule",
+        "default",
+        "bad",
+        "spec.trafficPolicy.loadBalancer.simple",
+    );
+    assert_error(
+        &e,
+        "DestinationRule",
+        "default",
+        "bad",
+        "spec.trafficPolicy.connectionPool.tcp.connectTimeout",
+    );
+    assert_error(
+        &e,
+        "DestinationRule",
+        "default",
+        "bad",
+        "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+    );
+    let e = errs(&base(&[&destination_rule(
+        "default",
+        "nohost",
+        "{trafficPolicy: {}}",
+    )]));
+    assert_error(&e, "DestinationRule", "default", "nohost", "spec.host");
+}

@@ -12,7 +12,7 @@ use tracing::debug;
 
 use crate::request::conn::TunnelCtx;
 use crate::state::Shared;
-use crate::upstream::pick_endpoint;
+use crate::upstream::balance::{Outcome, report};
 
 use super::tls_hello::read_sni;
 use super::*;
@@ -116,7 +116,9 @@ pub(super) async fn proxy_tcp(
         }
     }
     let endpoints = cluster.endpoints();
-    let Some(endpoint) = pick_endpoint(&endpoints, &[], rand::random::<u64>()) else {
+    let Some(endpoint) =
+        crate::upstream::balance::choose(&cluster, &endpoints, &[], rand::random::<u64>())
+    else {
         r.response_flags.set(ResponseFlag::UH);
         r.duration = started.elapsed().as_millis() as u64;
         emit(shared, r);
@@ -128,9 +130,18 @@ pub(super) async fn proxy_tcp(
     } else {
         endpoint.addr.to_string()
     });
-    let (mut upstream, local) = match shared.upstreams.connect(endpoint).await {
-        Ok(c) => c,
+    let connect_timeout = cluster.traffic.as_ref().and_then(|t| t.connect_timeout);
+    let (mut upstream, local) = match shared
+        .upstreams
+        .connect_with(endpoint, connect_timeout)
+        .await
+    {
+        Ok(c) => {
+            report(&cluster, endpoint, Outcome::Status(200));
+            c
+        }
         Err(failure) => {
+            report(&cluster, endpoint, Outcome::LocalFailure);
             r.response_flags.set(ResponseFlag::UF);
             if let crate::request::error::UpstreamFailure::Connect { detail, .. } = &failure
                 && !detail.is_empty()
@@ -156,9 +167,14 @@ pub(super) async fn proxy_tcp(
     endpoint.load.inc();
     // Envoy's tcp_proxy closes a connection idle for its `idle_timeout` (1 h by default, as
     // our `--idle-timeout`); half-close is passed through.
-    let spliced =
-        crate::request::upgrade::splice(&mut stream, &mut upstream, shared.limits.idle_timeout)
-            .await;
+    // DestinationRule `connectionPool.tcp.idleTimeout` replaces it for the cluster (istiod
+    // sets tcp_proxy's idle_timeout from it, protocol.md 2.6).
+    let idle_timeout = cluster
+        .traffic
+        .as_ref()
+        .and_then(|t| t.tcp_idle_timeout)
+        .unwrap_or(shared.limits.idle_timeout);
+    let spliced = crate::request::upgrade::splice(&mut stream, &mut upstream, idle_timeout).await;
     endpoint.load.dec();
     r.bytes_received = spliced.from_down;
     r.bytes_sent = spliced.from_up;

@@ -411,17 +411,38 @@ fn logging(req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Envoy `/clusters` style: `<cluster>::<endpoint>::rq_active::<n>`.
+/// Envoy `/clusters` style: `<cluster>::<endpoint>::rq_active::<n>` and
+/// `<cluster>::<endpoint>::health_flags::healthy` (or `/failed_outlier_check` while an
+/// outlier ejection lasts, as Envoy prints it); with a DestinationRule, the cluster's
+/// `<cluster>::circuit_breakers::max_requests::<n>`, `::rq_overflow::<n>` and
+/// `::outlier_ejections::<n>`.
 fn clusters(shared: &Shared) -> String {
     let snap = shared.snapshot.load();
+    let now = crate::upstream::balance::now_ms();
     let mut out = String::new();
     for c in snap.clusters() {
-        for e in c.endpoints().iter() {
+        if let Some(t) = &c.traffic {
+            let max = t
+                .max_requests
+                .map_or_else(|| "4294967295".to_string(), |m| m.to_string());
             out.push_str(&format!(
-                "{}::{}::rq_active::{}\n",
-                c.name,
-                e.addr,
-                e.load.get()
+                "{name}::default_priority::max_requests::{max}\n{name}::rq_overflow::{}\n{name}::outlier_ejections::{}\n",
+                t.overflows.load(Ordering::Relaxed),
+                t.ejections_total.load(Ordering::Relaxed),
+                name = c.name,
+            ));
+        }
+        for e in c.endpoints().iter() {
+            let health = if e.health.is_ejected(now) {
+                "/failed_outlier_check"
+            } else {
+                "healthy"
+            };
+            out.push_str(&format!(
+                "{name}::{addr}::rq_active::{}\n{name}::{addr}::health_flags::{health}\n",
+                e.load.get(),
+                name = c.name,
+                addr = e.addr,
             ));
         }
     }

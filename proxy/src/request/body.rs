@@ -19,7 +19,9 @@ use crate::request::log::PendingLog;
 use crate::upstream::PoolReturn;
 
 /// Decrements an endpoint's outstanding-request count when the exchange is over.
-pub struct LoadGuard(pub Arc<EndpointLoad>);
+/// The endpoint's in-flight count (least-request choice) and the cluster's circuit-breaker
+/// slot, held until the response body ends.
+pub struct LoadGuard(pub Arc<EndpointLoad>, pub Option<policy::traffic::Slot>);
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {

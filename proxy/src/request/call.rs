@@ -19,7 +19,8 @@ use super::ctx::RequestCtx;
 use super::error::ProxyError;
 use super::forward::{Outbound, rebuild};
 use super::headers::GRPC_STATUS;
-use crate::upstream::{BodyProgress, PoolReturn, RetryBuffer, pick_endpoint};
+use crate::upstream::balance::{Outcome, choose, report};
+use crate::upstream::{BodyProgress, PoolReturn, RetryBuffer};
 
 /// Envoy's retry back-off ceiling: 10 x the base interval.
 const BACKOFF_MAX_FACTOR: u32 = 10;
@@ -66,11 +67,18 @@ pub(super) async fn call(
     };
     let per_try = rule.as_ref().and_then(|r| r.per_try_timeout);
     let mut tried: Vec<SocketAddr> = Vec::with_capacity(max_attempts as usize);
-    let mut attempts = Attempts::new(max_attempts);
+    let mut attempts = Attempts::new(max_attempts, cluster.traffic.clone());
+    // DestinationRule `http2MaxRequests` (Envoy's `max_requests` circuit breaker): counted
+    // until the response body ends; over it, 503 `UO` at once.
+    let mut slot = match &cluster.traffic {
+        Some(t) => Some(t.request_slot().ok_or(ProxyError::Overflow)?),
+        None => None,
+    };
+    let conn_opts = crate::upstream::ConnOptions::of(cluster);
     let retry_backoff = policy.as_ref().map(|p| p.backoff);
     loop {
         let endpoints = cluster.endpoints();
-        let Some(endpoint) = pick_endpoint(&endpoints, &tried, rand::random::<u64>()) else {
+        let Some(endpoint) = choose(cluster, &endpoints, &tried, rand::random::<u64>()) else {
             return Err(ProxyError::NoHealthyUpstream);
         };
         let addr = endpoint.addr;
@@ -83,11 +91,15 @@ pub(super) async fn call(
             addr.to_string()
         });
         let checkout = match timers
-            .run(ctx.shared.upstreams.checkout(endpoint, proto), None)
+            .run(
+                ctx.shared.upstreams.checkout(endpoint, proto, conn_opts),
+                None,
+            )
             .await?
         {
             Ok(c) => c,
             Err(failure) => {
+                report(cluster, endpoint, Outcome::LocalFailure);
                 tried.push(addr);
                 if failure.retriable() && policy.is_some() && attempts.may_retry() {
                     if !back_off(&timers, retry_backoff, attempts.count).await {
@@ -109,11 +121,12 @@ pub(super) async fn call(
             None => "envoy://internal_client_address/".to_string(),
         });
         endpoint.load.inc();
-        let load = LoadGuard(endpoint.load.clone());
+        let mut load = LoadGuard(endpoint.load.clone(), None);
         let try_timer = per_try.map(|d| (Instant::now(), d));
         let sent = timers.run(checkout.send(upstream_req), try_timer).await?;
         match sent {
             Ok((resp, pool)) => {
+                report(cluster, endpoint, Outcome::Status(resp.status().as_u16()));
                 let retriable = retriable_response(&resp, retry_codes) && policy.is_some();
                 if retriable
                     && attempts.may_retry()
@@ -143,6 +156,7 @@ pub(super) async fn call(
                         .response_flags
                         .set(accesslog::ResponseFlag::URX);
                 }
+                load.1 = slot.take();
                 return Ok(Answer {
                     resp,
                     pool,
@@ -160,6 +174,9 @@ pub(super) async fn call(
             }
             Err(e) => {
                 drop(load);
+                if e.request.is_none() || !e.reused {
+                    report(cluster, endpoint, Outcome::LocalFailure);
+                }
                 let can_retry = e.failure.retriable() && policy.is_some() && attempts.may_retry();
                 match e.request {
                     // Not sent on a *reused* connection the upstream had just closed: try
@@ -222,17 +239,23 @@ struct Attempts {
     free_resends: u32,
     /// The next attempt is a free resend.
     resend: bool,
+    /// The cluster's DestinationRule, for its `maxRetries` circuit breaker.
+    breaker: Option<std::sync::Arc<policy::traffic::TrafficPolicy>>,
+    /// The retry in flight, counted against `maxRetries`.
+    retry_slot: Option<policy::traffic::Slot>,
 }
 
 impl Attempts {
     const FREE_RESENDS: u32 = 2;
 
-    fn new(max: u32) -> Attempts {
+    fn new(max: u32, breaker: Option<std::sync::Arc<policy::traffic::TrafficPolicy>>) -> Attempts {
         Attempts {
             count: 0,
             max,
             free_resends: 0,
             resend: false,
+            breaker,
+            retry_slot: None,
         }
     }
 
@@ -243,9 +266,20 @@ impl Attempts {
         }
     }
 
-    /// Another attempt fits in the budget.
-    fn may_retry(&self) -> bool {
-        self.count < self.max
+    /// Another attempt fits in the budget, and in the cluster's `maxRetries` (Envoy's
+    /// `max_retries` circuit breaker: over it, the retry is not made).
+    fn may_retry(&mut self) -> bool {
+        if self.count >= self.max {
+            return false;
+        }
+        match &self.breaker {
+            None => true,
+            Some(t) => {
+                self.retry_slot = None;
+                self.retry_slot = t.retry_slot();
+                self.retry_slot.is_some()
+            }
+        }
     }
 
     /// The last attempt's request never left: resend it for free if the allowance lasts.
@@ -344,7 +378,7 @@ mod tests {
     /// default budget (2 retries) ends after three counted attempts.
     #[test]
     fn every_attempt_after_a_free_resend_counts() {
-        let mut a = Attempts::new(3);
+        let mut a = Attempts::new(3, None);
         a.start(); // pooled connection: request came back unsent
         assert!(a.resend_unsent());
         let mut counted_failures = 0;
@@ -362,7 +396,7 @@ mod tests {
 
     #[test]
     fn free_resends_are_bounded() {
-        let mut a = Attempts::new(1);
+        let mut a = Attempts::new(1, None);
         a.start();
         assert!(a.resend_unsent());
         a.start();

@@ -26,6 +26,9 @@ pub enum ProxyError {
     ClusterNotFound,
     /// The cluster has no ready endpoint: 503 UH `no healthy upstream`.
     NoHealthyUpstream,
+    /// A DestinationRule circuit breaker is full (`http2MaxRequests`): Envoy's router
+    /// answers 503 `UO` with the overflow reset reason (docs/envoy-observed.md 14).
+    Overflow,
     /// The upstream failed before response headers. `retried` = at least one retry happened
     /// (Envoy's "retried and the latest" wording); `retry_limit` = the failure was retriable
     /// under the route's retry policy and the budget ran out (flag `URX`; Envoy sets it even
@@ -164,6 +167,12 @@ impl ProxyError {
                 "no healthy upstream",
                 ResponseFlag::UH.into(),
                 "no_healthy_upstream",
+            ),
+            ProxyError::Overflow => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                ResponseFlag::UO.into(),
+                "upstream_reset_before_response_started{overflow}",
             ),
             ProxyError::Http10 => reply(
                 StatusCode::UPGRADE_REQUIRED,

@@ -114,7 +114,11 @@ async fn send_mirror(
         req = Request::from_parts(parts, body);
     }
     prepare_request(&mut req, proto);
-    let Ok(checkout) = shared.upstreams.checkout(endpoint, proto).await else {
+    let Ok(checkout) = shared
+        .upstreams
+        .checkout(endpoint, proto, crate::upstream::ConnOptions::default())
+        .await
+    else {
         return;
     };
     if let Ok((resp, pool)) = checkout.send(req).await {

@@ -7,6 +7,7 @@
 //! retry policy (`connect-failure`, previous hosts avoided) can try another endpoint without
 //! buffering the body.
 
+pub mod balance;
 pub mod extauthz;
 
 use std::collections::HashMap;
@@ -451,6 +452,33 @@ struct IdleConn {
     sender: http1::SendRequest<RequestBody>,
     local_addr: Option<SocketAddr>,
     since: tokio::time::Instant,
+    /// Requests this connection has carried (DestinationRule `maxRequestsPerConnection`).
+    served: u32,
+    /// How long it may stay idle (the cluster's `connectionPool.http.idleTimeout`, else
+    /// `--`'s pool idle timeout).
+    idle_timeout: Duration,
+}
+
+/// Per-cluster connection settings from a DestinationRule `connectionPool` (`None`: the
+/// waypoint's own settings).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnOptions {
+    pub connect_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub max_requests_per_connection: Option<u32>,
+}
+
+impl ConnOptions {
+    pub fn of(cluster: &policy::Cluster) -> ConnOptions {
+        match &cluster.traffic {
+            None => ConnOptions::default(),
+            Some(t) => ConnOptions {
+                connect_timeout: t.connect_timeout,
+                idle_timeout: t.idle_timeout,
+                max_requests_per_connection: t.max_requests_per_connection,
+            },
+        }
+    }
 }
 
 struct EndpointPool {
@@ -477,6 +505,10 @@ pub struct Upstreams {
 pub struct Checkout {
     sender: Sender,
     pool: Arc<EndpointPool>,
+    /// Requests the connection carried before this one.
+    served: u32,
+    opts: ConnOptions,
+    default_idle: Duration,
     /// Our side of the upstream TCP connection (`%UPSTREAM_LOCAL_ADDRESS%`); `None` for an
     /// HBONE tunnel (Envoy logs `envoy://internal_client_address/` there).
     pub local_addr: Option<SocketAddr>,
@@ -490,11 +522,23 @@ pub struct PoolReturn {
     sender: http1::SendRequest<RequestBody>,
     local_addr: Option<SocketAddr>,
     pool: Arc<EndpointPool>,
+    /// Requests carried, this one included.
+    served: u32,
+    opts: ConnOptions,
+    default_idle: Duration,
 }
 
 impl PoolReturn {
     pub fn release(self) {
         if self.sender.is_closed() {
+            return;
+        }
+        // Envoy closes a connection that carried `max_requests_per_connection` requests.
+        if self
+            .opts
+            .max_requests_per_connection
+            .is_some_and(|max| self.served >= max)
+        {
             return;
         }
         if let Ok(mut idle) = self.pool.idle.lock()
@@ -504,6 +548,8 @@ impl PoolReturn {
                 sender: self.sender,
                 local_addr: self.local_addr,
                 since: tokio::time::Instant::now(),
+                served: self.served,
+                idle_timeout: self.opts.idle_timeout.unwrap_or(self.default_idle),
             });
         }
     }
@@ -567,11 +613,10 @@ impl Upstreams {
     /// configuration; requests still using them keep their connection to the end), and the
     /// HBONE pool's idle connections. Run periodically by the owner.
     pub fn sweep(&self, live: impl Fn(&SocketAddr) -> bool) {
-        let idle_timeout = self.settings.pool_idle_timeout;
         self.pools.for_each(|pools| {
             pools.retain(|addr, pool| {
                 if let Ok(mut idle) = pool.idle.lock() {
-                    idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < idle_timeout);
+                    idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < c.idle_timeout);
                 }
                 if let Ok(mut h2) = pool.h2.lock()
                     && h2.as_ref().is_some_and(|(s, _)| s.is_closed())
@@ -611,6 +656,7 @@ impl Upstreams {
         &self,
         endpoint: &Endpoint,
         proto: UpstreamProtocol,
+        opts: ConnOptions,
     ) -> Result<Checkout, UpstreamFailure> {
         let addr = endpoint.addr;
         let pool = self.pool(addr);
@@ -622,17 +668,22 @@ impl Upstreams {
                         mut sender,
                         local_addr,
                         since,
+                        served,
+                        idle_timeout,
                     }) = candidate
                     else {
                         break;
                     };
-                    if sender.is_closed() || since.elapsed() >= self.settings.pool_idle_timeout {
+                    if sender.is_closed() || since.elapsed() >= idle_timeout {
                         continue;
                     }
                     if sender.ready().await.is_ok() {
                         return Ok(Checkout {
                             sender: Sender::H1(sender),
                             pool,
+                            served,
+                            opts,
+                            default_idle: self.settings.pool_idle_timeout,
                             local_addr,
                             reused: true,
                         });
@@ -641,7 +692,7 @@ impl Upstreams {
                 // Boxed: connecting (TCP, or TLS + HTTP/2 for an HBONE tunnel) makes a large
                 // future that only a request opening a connection needs; the request's own
                 // future stays small for the pooled case.
-                Box::pin(self.new_connection(endpoint, pool, proto)).await
+                Box::pin(self.new_connection(endpoint, pool, proto, opts)).await
             }
             UpstreamProtocol::Http2 => {
                 let existing = pool.h2.lock().ok().and_then(|g| g.clone());
@@ -652,11 +703,14 @@ impl Upstreams {
                     return Ok(Checkout {
                         sender: Sender::H2(sender),
                         pool,
+                        served: 0,
+                        opts,
+                        default_idle: self.settings.pool_idle_timeout,
                         local_addr,
                         reused: true,
                     });
                 }
-                Box::pin(self.new_connection(endpoint, pool, proto)).await
+                Box::pin(self.new_connection(endpoint, pool, proto, opts)).await
             }
         }
     }
@@ -667,11 +721,12 @@ impl Upstreams {
         endpoint: &Endpoint,
         pool: Arc<EndpointPool>,
         proto: UpstreamProtocol,
+        opts: ConnOptions,
     ) -> Result<Checkout, UpstreamFailure> {
         let addr = endpoint.addr;
         match proto {
             UpstreamProtocol::Http1 => {
-                let (io, local_addr) = self.connect(endpoint).await?;
+                let (io, local_addr) = self.connect_with(endpoint, opts.connect_timeout).await?;
                 // A response body is never read ahead more than this of what the client
                 // takes: a client that stops reading back-pressures the backend instead of
                 // growing our buffers (hyper's adaptive reads grow to ~400 KiB). Only the read
@@ -690,12 +745,15 @@ impl Upstreams {
                 Ok(Checkout {
                     sender: Sender::H1(sender),
                     pool,
+                    served: 0,
+                    opts,
+                    default_idle: self.settings.pool_idle_timeout,
                     local_addr,
                     reused: false,
                 })
             }
             UpstreamProtocol::Http2 => {
-                let (io, local_addr) = self.connect(endpoint).await?;
+                let (io, local_addr) = self.connect_with(endpoint, opts.connect_timeout).await?;
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .initial_stream_window_size(4 * 1024 * 1024)
                     .initial_connection_window_size(16 * 1024 * 1024)
@@ -713,6 +771,9 @@ impl Upstreams {
                 Ok(Checkout {
                     sender: Sender::H2(sender),
                     pool,
+                    served: 0,
+                    opts,
+                    default_idle: self.settings.pool_idle_timeout,
                     local_addr,
                     reused: false,
                 })
@@ -726,13 +787,24 @@ impl Upstreams {
         &self,
         endpoint: &Endpoint,
     ) -> Result<(Box<dyn UpstreamIo>, Option<SocketAddr>), UpstreamFailure> {
+        self.connect_with(endpoint, None).await
+    }
+
+    /// As [`Upstreams::connect`], within `timeout` (a DestinationRule's
+    /// `connectionPool.tcp.connectTimeout`) instead of `--connect-timeout`.
+    pub async fn connect_with(
+        &self,
+        endpoint: &Endpoint,
+        timeout: Option<Duration>,
+    ) -> Result<(Box<dyn UpstreamIo>, Option<SocketAddr>), UpstreamFailure> {
+        let timeout = timeout.unwrap_or(self.settings.connect_timeout);
         if let Some(identity) = &endpoint.tunnel {
             return self
-                .connect_hbone(endpoint.addr, identity)
+                .connect_hbone(endpoint.addr, identity, timeout)
                 .await
                 .map(|s| (s, None));
         }
-        let (tcp, local) = self.connect_tcp(endpoint.addr).await?;
+        let (tcp, local) = self.connect_tcp(endpoint.addr, timeout).await?;
         Ok((Box::new(tcp), Some(local)))
     }
 
@@ -740,6 +812,7 @@ impl Upstreams {
         &self,
         addr: SocketAddr,
         identity: &Arc<str>,
+        timeout: Duration,
     ) -> Result<Box<dyn UpstreamIo>, UpstreamFailure> {
         let Some(h) = &self.hbone else {
             return Err(UpstreamFailure::Connect {
@@ -749,7 +822,7 @@ impl Upstreams {
         };
         let dest = SocketAddr::new(addr.ip(), self.settings.hbone_port);
         let opened = tokio::time::timeout(
-            self.settings.connect_timeout,
+            timeout,
             h.pool.open(
                 dest,
                 identity.clone(),
@@ -778,25 +851,23 @@ impl Upstreams {
     async fn connect_tcp(
         &self,
         addr: SocketAddr,
+        timeout: Duration,
     ) -> Result<(TcpStream, SocketAddr), UpstreamFailure> {
-        let tcp =
-            match tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(addr))
-                .await
-            {
-                Ok(Ok(tcp)) => tcp,
-                Ok(Err(e)) => {
-                    return Err(UpstreamFailure::Connect {
-                        timeout: false,
-                        detail: connect_detail(&e),
-                    });
-                }
-                Err(_) => {
-                    return Err(UpstreamFailure::Connect {
-                        timeout: true,
-                        detail: String::new(),
-                    });
-                }
-            };
+        let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                return Err(UpstreamFailure::Connect {
+                    timeout: false,
+                    detail: connect_detail(&e),
+                });
+            }
+            Err(_) => {
+                return Err(UpstreamFailure::Connect {
+                    timeout: true,
+                    detail: String::new(),
+                });
+            }
+        };
         let _ = tcp.set_nodelay(true);
         self.connections_opened.fetch_add(1, Ordering::Relaxed);
         let local = tcp.local_addr().unwrap_or(addr);
@@ -834,6 +905,9 @@ impl Checkout {
                         sender,
                         local_addr: self.local_addr,
                         pool: self.pool,
+                        served: self.served.saturating_add(1),
+                        opts: self.opts,
+                        default_idle: self.default_idle,
                     }),
                 )),
                 Err(mut e) => {
@@ -876,6 +950,9 @@ impl Checkout {
                 sender,
                 local_addr: self.local_addr,
                 pool: self.pool,
+                served: self.served,
+                opts: self.opts,
+                default_idle: self.default_idle,
             }
             .release();
         }
@@ -961,6 +1038,7 @@ mod tests {
                 load: Arc::new(EndpointLoad::default()),
                 tunnel: None,
                 workload: None,
+                health: Default::default(),
             })
             .collect()
     }

@@ -1,0 +1,312 @@
+//! DestinationRule traffic policy through the real waypoint: the `http2MaxRequests` circuit
+//! breaker answered as real Envoy 1.40 answers its `max_requests` overflow (same backend,
+//! compared status, body, flags and details), outlier ejection of a failing endpoint, and
+//! `maxRequestsPerConnection`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use tokio::sync::{Notify, mpsc};
+use waypoint_tests::envoy::Envoy;
+use waypoint_tests::*;
+
+const CLUSTER: &str = "inbound-vip|9080|http|reviews.default.svc.cluster.local";
+
+/// A backend: `/hold` reports its arrival and answers only when `release` is notified;
+/// `/fail` answers 503; anything else 200 `ok`. Counts the connections it accepted.
+struct Gate {
+    addr: SocketAddr,
+    arrived: tokio::sync::Mutex<mpsc::Receiver<()>>,
+    release: Arc<Notify>,
+    connections: Arc<AtomicUsize>,
+}
+
+async fn gate() -> Gate {
+    gate_answering(None).await
+}
+
+/// A gate that answers every request with `status` when given.
+async fn gate_answering(fixed: Option<u16>) -> Gate {
+    gate_on("127.0.0.1:0".parse().unwrap(), fixed).await
+}
+
+async fn gate_on(at: SocketAddr, fixed: Option<u16>) -> Gate {
+    let listener = tokio::net::TcpListener::bind(at).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    let release = Arc::new(Notify::new());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (r, c) = (release.clone(), connections.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::Relaxed);
+            let (tx, r) = (tx.clone(), r.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<_>| {
+                    let (tx, r) = (tx.clone(), r.clone());
+                    async move {
+                        let status = match req.uri().path() {
+                            _ if fixed.is_some() => fixed.unwrap_or(500),
+                            "/hold" => {
+                                let _ = tx.send(()).await;
+                                r.notified().await;
+                                200
+                            }
+                            "/fail" => 503,
+                            _ => 200,
+                        };
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::from_static(b"ok")))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Gate {
+        addr,
+        arrived: tokio::sync::Mutex::new(rx),
+        release,
+        connections,
+    }
+}
+
+impl Gate {
+    async fn wait_arrival(&self) {
+        tokio::time::timeout(Duration::from_secs(10), self.arrived.lock().await.recv())
+            .await
+            .expect("the held request reached the backend")
+            .expect("backend alive");
+    }
+}
+
+fn request(path: &str) -> http::Request<Full<Bytes>> {
+    http::Request::builder()
+        .uri(path)
+        .header("host", "reviews:9080")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+fn destination_rule(policy: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\nspec: {{host: reviews, trafficPolicy: {policy}}}\n"
+    )
+}
+
+async fn waypoint(backends: &[SocketAddr], policy: &str) -> TestWaypoint {
+    let mut m = Manifests::new();
+    m.service("reviews", "10.0.0.10", 9080, "http", backends)
+        .push(&destination_rule(policy));
+    TestWaypoint::start(&m.yaml()).await
+}
+
+/// (status, body, flags, details) of the overflowed request.
+type Answer = (u16, String, String, String);
+
+async fn ours_overflow(g: &Gate) -> Answer {
+    let wp = waypoint(&[g.addr], "{connectionPool: {http: {http2MaxRequests: 1}}}").await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut held = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    let first = tokio::spawn(async move { held.send(request("/hold")).await.unwrap().status });
+    g.wait_arrival().await;
+    let mut second = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    let r = second.send(request("/other")).await.unwrap();
+    let log = wp.next_logs(1).remove(0);
+    g.release.notify_one();
+    assert_eq!(first.await.unwrap(), 200, "the held request completes");
+    // The slot is given back when the first response ends: the next request passes.
+    let after = eventually(Duration::from_secs(5), || async {
+        let mut c = TunnelHttp::open(&conn, "10.0.0.10:9080").await.ok()?;
+        (c.send(request("/other")).await.ok()?.status == 200).then_some(())
+    })
+    .await;
+    assert!(after.is_some(), "the breaker lets requests through again");
+    (
+        r.status.as_u16(),
+        String::from_utf8_lossy(&r.body).into_owned(),
+        log["response_flags"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        log["response_code_details"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+async fn envoys_overflow(g: &Gate) -> Answer {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let config = format!(
+        r#"admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+static_resources:
+  listeners:
+  - name: http
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: http
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: "{log}"
+              log_format: {{text_format_source: {{inline_string: "%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%\n"}}}}
+          route_config:
+            virtual_hosts:
+            - name: reviews
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                route: {{cluster: "{CLUSTER}"}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: "{CLUSTER}"
+    type: STATIC
+    connect_timeout: 5s
+    # What istiod renders for connectionPool.http.http2MaxRequests: 1.
+    circuit_breakers: {{thresholds: [{{max_requests: 1}}]}}
+    load_assignment:
+      cluster_name: "{CLUSTER}"
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: "{ip}", port_value: {port}}}}}}}
+"#,
+        log = log.display(),
+        ip = g.addr.ip(),
+        port = g.addr.port(),
+    );
+    let envoy = Envoy::start(&config).await.expect("envoy starts");
+    let addr = envoy.listener("http").await.unwrap();
+    let client = |path: &'static str| async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut s, d) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(d);
+        let resp = s.send_request(request(path)).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    let first = tokio::spawn(client("/hold"));
+    g.wait_arrival().await;
+    let (status, body) = client("/other").await;
+    g.release.notify_one();
+    assert_eq!(first.await.unwrap().0, 200);
+    let line = eventually(Duration::from_secs(10), || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.lines()
+                .find(|l| l.starts_with("503 "))
+                .map(str::to_string)
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("no 503 line; envoy log:\n{}", envoy.log()));
+    let mut f = line.splitn(3, ' ');
+    let (_, flags, details) = (f.next(), f.next(), f.next());
+    (
+        status,
+        body,
+        flags.unwrap_or_default().to_string(),
+        details.unwrap_or_default().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn the_max_requests_circuit_breaker_overflows_as_envoys_does() {
+    let g = gate().await;
+    let ours = ours_overflow(&g).await;
+    let envoys = envoys_overflow(&g).await;
+    eprintln!("ours:  {ours:?}\nenvoy: {envoys:?}");
+    assert_eq!(ours, envoys, "ours first, Envoy's second");
+    assert_eq!(ours.0, 503);
+    assert_eq!(ours.2, "UO");
+}
+
+#[tokio::test]
+async fn outlier_detection_ejects_the_failing_endpoint() {
+    // One endpoint answers 200, the other 503 to everything (Istio's default retry policy
+    // does not retry a 503 since 1.24, so each of its answers reaches the client). They
+    // share a port on two loopback addresses (a Service's endpoints share a target port).
+    let good = gate().await;
+    let bad = gate_on(
+        SocketAddr::new([127, 0, 0, 2].into(), good.addr.port()),
+        Some(503),
+    )
+    .await;
+    let wp = waypoint(
+        &[good.addr, bad.addr],
+        "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 2, maxEjectionPercent: 50, baseEjectionTime: 60s}}",
+    )
+    .await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    let mut failures = 0;
+    for _ in 0..12 {
+        let s = http.send(request("/x")).await.unwrap().status.as_u16();
+        if s != 200 {
+            assert_eq!(s, 503, "the bad endpoint's answer");
+            failures += 1;
+        }
+    }
+    // Two consecutive 5xx eject the bad endpoint; every later request goes to the good one.
+    assert_eq!(
+        failures, 2,
+        "ejected after the threshold, not before or later"
+    );
+    // `/clusters` shows it, as Envoy's admin shows `health_flags::/failed_outlier_check`.
+    let text = http_get(wp.running().admin_addr, "/clusters")
+        .await
+        .unwrap()
+        .text();
+    let line = text
+        .lines()
+        .find(|l| l.contains(&bad.addr.to_string()) && l.contains("health_flags"))
+        .unwrap_or_else(|| panic!("no health line for {}:\n{text}", bad.addr));
+    assert!(line.ends_with("/failed_outlier_check"), "{line}");
+    let healthy = text
+        .lines()
+        .find(|l| l.contains(&good.addr.to_string()) && l.contains("health_flags"))
+        .unwrap();
+    assert!(healthy.ends_with("healthy"), "{healthy}");
+}
+
+#[tokio::test]
+async fn max_requests_per_connection_closes_connections_after_the_count() {
+    for (policy, want) in [
+        ("{connectionPool: {http: {maxRequestsPerConnection: 1}}}", 3),
+        ("{connectionPool: {http: {maxRequestsPerConnection: 3}}}", 1),
+    ] {
+        let g = gate().await;
+        let wp = waypoint(&[g.addr], policy).await;
+        let conn = wp.connect_as("default", "sleep").await;
+        let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+        for _ in 0..3 {
+            assert_eq!(http.send(request("/x")).await.unwrap().status, 200);
+        }
+        assert_eq!(g.connections.load(Ordering::Relaxed), want, "{policy}");
+    }
+}
