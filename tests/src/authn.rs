@@ -283,6 +283,68 @@ async fn jwks_not_fetched_yet_refuses_tokens_but_not_token_less_requests() {
     assert!(ok.is_some(), "the token is accepted after the retry");
 }
 
+/// RequestAuthentication `fromCookies` through the real waypoint: the token in the `session`
+/// cookie authenticates (and feeds authorization), a bad one is refused with Envoy's 401,
+/// the cookie reaches the backend.
+#[tokio::test]
+async fn a_jwt_in_a_cookie_authenticates() {
+    let key = TestKey::generate(TestAlg::ES256, "c1");
+    let keys = jwks_server(jwks(&[&key]), Arc::new(AtomicBool::new(true))).await;
+    let backend = Backend::echo("reviews").await;
+    let yaml = jwt_manifests(backend.addr, &format!("http://{}/jwks", keys.addr)).replace(
+        "    outputClaimToHeaders: [{header: x-jwt-sub, claim: sub}]\n",
+        "    outputClaimToHeaders: [{header: x-jwt-sub, claim: sub}]\n    fromCookies: [session]\n",
+    );
+    assert!(yaml.contains("fromCookies"));
+    let wp = TestWaypoint::start(&yaml).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let http = Mutex::new(
+        TunnelHttp::open(&conn, "10.0.0.10:9080")
+            .await
+            .expect("tunnel"),
+    );
+    let token = key.sign(&claims("carol", &["ops"]));
+    let cookie = vec![("cookie", format!("theme=dark; session={token}"))];
+    // The key set is fetched in the background: bounded wait for the first success.
+    let ok = eventually(Duration::from_secs(10), || async {
+        let r = http
+            .lock()
+            .await
+            .send(get("/secure", &cookie))
+            .await
+            .unwrap();
+        (r.status == 200).then_some(())
+    })
+    .await;
+    assert!(ok.is_some(), "the cookie's token is accepted");
+    let r = http
+        .lock()
+        .await
+        .send(get("/debug/headers", &cookie))
+        .await
+        .unwrap();
+    let echoed: Value = serde_json::from_slice(&r.body).expect("echo JSON");
+    assert_eq!(echoed["headers"]["x-jwt-sub"], "carol");
+    assert!(
+        echoed["headers"]["cookie"]
+            .as_str()
+            .is_some_and(|c| c.contains("session=")),
+        "the cookie is forwarded: {echoed}"
+    );
+    // A bad token in the cookie: 401 as Envoy answers it.
+    let bad = vec![("cookie", "session=a.b.c".to_string())];
+    let r = http.lock().await.send(get("/", &bad)).await.unwrap();
+    assert_eq!(r.status, 401);
+    // A bearer token is not a location any more: /secure is denied without the cookie.
+    let r = http
+        .lock()
+        .await
+        .send(get("/secure", &bearer(&token)))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403);
+}
+
 // === CUSTOM (ext_authz) ===
 
 /// An authorizer at `/check/...`: `x-ext-authz: allow` -> 200 with `x-user` (allowed

@@ -202,14 +202,15 @@ fn provider(
             );
         }
     }
-    if !rule.from_cookies.is_empty() {
-        // Istio passes `fromCookies` to Envoy; not implemented here. Refuse rather than
-        // silently ignore a token location (a token there would be neither checked nor
-        // rejected).
-        fail(
-            ".fromCookies",
-            "fromCookies is not supported by this waypoint".into(),
-        );
+    for (i, c) in rule.from_cookies.iter().enumerate() {
+        // A cookie name is an RFC 6265 token.
+        let token_char = |ch: char| ch.is_ascii_graphic() && !"()<>@,;:\\\"/[]?={}".contains(ch);
+        if c.is_empty() || !c.chars().all(token_char) {
+            fail(
+                &format!(".fromCookies[{i}]"),
+                format!("{c:?} is not a cookie name"),
+            );
+        }
     }
     let output_payload_to_header = if rule.output_payload_to_header.is_empty() {
         None
@@ -302,6 +303,7 @@ fn provider(
         jwks,
         from_headers,
         from_params: rule.from_params.clone(),
+        from_cookies: rule.from_cookies.clone(),
         forward_original_token: rule.forward_original_token,
         output_payload_to_header,
         output_claim_to_headers,

@@ -82,6 +82,7 @@ pub struct JwtProvider {
     pub jwks: JwksSource,
     from_headers: Vec<(HeaderName, String)>,
     from_params: Vec<String>,
+    from_cookies: Vec<String>,
     forward_original_token: bool,
     output_payload_to_header: Option<HeaderName>,
     /// (header, claim path split at `.`).
@@ -112,6 +113,9 @@ struct AuthnInner {
     headers: Vec<HeaderLocation>,
     /// Sorted by name.
     params: Vec<ParamLocation>,
+    /// Cookie locations (RequestAuthentication `fromCookies`), sorted by name; the same
+    /// shape as a query parameter location.
+    cookies: Vec<ParamLocation>,
     /// `outputPayloadToHeader` and `outputClaimToHeaders` headers: removed from every request
     /// before extraction so a client cannot forge them (Envoy `sanitizePayloadHeaders`).
     sanitize: Vec<HeaderName>,
@@ -127,6 +131,7 @@ impl AuthnSet {
         providers.sort_by(|a, b| a.issuer.cmp(&b.issuer));
         let mut headers: BTreeMap<(String, String), HeaderLocation> = BTreeMap::new();
         let mut params: BTreeMap<String, ParamLocation> = BTreeMap::new();
+        let mut cookies: BTreeMap<String, ParamLocation> = BTreeMap::new();
         let mut sanitize = Vec::new();
         for p in &providers {
             let mut add_header = |h: &HeaderName, prefix: &str| {
@@ -150,7 +155,17 @@ impl AuthnSet {
                     .issuers
                     .push(p.issuer.clone());
             };
-            if p.from_headers.is_empty() && p.from_params.is_empty() {
+            for name in &p.from_cookies {
+                cookies
+                    .entry(name.clone())
+                    .or_insert_with(|| ParamLocation {
+                        name: name.clone(),
+                        issuers: Vec::new(),
+                    })
+                    .issuers
+                    .push(p.issuer.clone());
+            }
+            if p.from_headers.is_empty() && p.from_params.is_empty() && p.from_cookies.is_empty() {
                 // Envoy's default locations: `Authorization: Bearer <token>`, then the
                 // `access_token` query parameter.
                 add_header(&http::header::AUTHORIZATION, "Bearer ");
@@ -171,6 +186,7 @@ impl AuthnSet {
             providers,
             headers: headers.into_values().collect(),
             params: params.into_values().collect(),
+            cookies: cookies.into_values().collect(),
             sanitize,
         }))
     }
@@ -216,6 +232,9 @@ struct Token<'a> {
 enum Location<'a> {
     Header(&'a HeaderName),
     Param(&'a str),
+    /// A cookie: never removed from the request (Envoy's `JwtCookieLocation::removeJwt` is
+    /// a no-op).
+    Cookie,
 }
 
 /// Authenticate a request against `set` (Envoy `jwt_authn`, istiod's requirement "each
@@ -272,6 +291,7 @@ pub fn authenticate(
                     path = remove_query_param(&path, name);
                     out.path = Some(path.clone());
                 }
+                Location::Cookie => {}
             }
         }
         if out.verified.is_none() {
@@ -324,7 +344,41 @@ fn extract<'a>(inner: &'a AuthnInner, headers: &HeaderMap, path_and_query: &str)
             }
         }
     }
+    if !inner.cookies.is_empty() {
+        for loc in &inner.cookies {
+            if let Some(value) = cookie(headers, &loc.name) {
+                tokens.push(Token {
+                    value,
+                    issuers: &loc.issuers,
+                    location: Location::Cookie,
+                });
+            }
+        }
+    }
     tokens
+}
+
+/// The value of cookie `name` across every `cookie` header (Envoy
+/// `Http::Utility::parseCookieValue`: `;`-separated pairs, whitespace trimmed, surrounding
+/// double quotes removed, the first occurrence wins).
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    for h in headers.get_all(http::header::COOKIE) {
+        let Ok(text) = h.to_str() else { continue };
+        for pair in text.split(';') {
+            let Some((k, v)) = pair.trim().split_once('=') else {
+                continue;
+            };
+            if k.trim() == name {
+                let v = v.trim();
+                let v = v
+                    .strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(v);
+                return Some(v.to_string());
+            }
+        }
+    }
+    None
 }
 
 /// Envoy `extractJWT`: from the first base64url-or-dot character at or after `after` to the

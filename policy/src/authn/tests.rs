@@ -350,6 +350,46 @@ fn from_headers_with_prefix() {
     assert_eq!(auth(&s, &mut h, "/"), Err(JwtStatus::JwtBadFormat));
 }
 
+/// RequestAuthentication `fromCookies` (Envoy `from_cookies`): the token is read from the
+/// named cookie of any `cookie` header (quotes removed), kept in the request, and then the
+/// default locations are not used.
+#[test]
+fn from_cookies_reads_the_named_cookie_and_replaces_the_default_locations() {
+    let token = keys().rs256.sign(&claims());
+    let s = set(&[ra_rule("fromCookies: [session, jwt]")]);
+    let cookie = |v: &str| {
+        let mut h = HeaderMap::new();
+        h.append(http::header::COOKIE, HeaderValue::from_static("theme=dark"));
+        h.append(http::header::COOKIE, HeaderValue::from_str(v).expect("v"));
+        h
+    };
+    let mut h = cookie(&format!("a=1; session=\"{token}\"; b=2"));
+    let a = auth(&s, &mut h, "/").expect("verifies");
+    assert_eq!(
+        a.verified.expect("verified").principal,
+        format!("{ISS}/alice")
+    );
+    assert_eq!(
+        h.get_all(http::header::COOKIE).iter().count(),
+        2,
+        "cookies kept"
+    );
+    // Another listed cookie works too; a bad token there is rejected.
+    let mut h = cookie(&format!("jwt={token}"));
+    assert!(auth(&s, &mut h, "/").expect("verifies").verified.is_some());
+    let mut h = cookie("jwt=a.b.c");
+    assert!(auth(&s, &mut h, "/").is_err());
+    // The default locations are replaced: a bearer token is not looked at.
+    let mut h = bearer("garbage");
+    assert_eq!(auth(&s, &mut h, "/").expect("passes"), Authn::default());
+    // A bad cookie name is a config error naming the field.
+    let found = errs(&[ra_rule("fromCookies: [\"bad name\"]")]);
+    assert!(
+        found.iter().any(|e| e.field.ends_with(".fromCookies[0]")),
+        "{found:?}"
+    );
+}
+
 #[test]
 fn from_params_and_the_default_access_token_param() {
     let token = keys().rs256.sign(&claims());
