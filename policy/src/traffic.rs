@@ -2,7 +2,9 @@
 //! waypoint (`cluster_waypoint.go`, `cluster_traffic_policy.go`; protocol.md 2.7):
 //!
 //! - `loadBalancer.simple`: `LEAST_REQUEST` (Envoy's default, two random choices, also for
-//!   `UNSPECIFIED`), `ROUND_ROBIN`, `RANDOM`.
+//!   `UNSPECIFIED`), `ROUND_ROBIN`, `RANDOM`; `loadBalancer.consistentHash` by header,
+//!   cookie (generated with its `ttl` when absent), source IP or query parameter, on a ring
+//!   (`ringHash`, default) or a Maglev table ([`HashRing`]).
 //! - `connectionPool`: `http.http2MaxRequests` (Envoy `max_requests`: requests in flight to
 //!   the cluster; beyond it 503 `UO`), `http.maxRequestsPerConnection`, `http.maxRetries`
 //!   (retries in flight; beyond it no retry), `http.idleTimeout` (idle pooled connections),
@@ -17,7 +19,7 @@
 //! namespace) or a `*.` wildcard suffix; an exact host beats a wildcard, a rule in the
 //! Service's namespace beats one in the root namespace, an older rule beats a newer one, as
 //! istiod merges them. Fields a waypoint would apply but this one does not yet (`tls`,
-//! `subsets`, `consistentHash`, `localityLbSetting`, `warmup`, `tcp.maxConnections`,
+//! `subsets`, `localityLbSetting`, `warmup`, `tcp.maxConnections`,
 //! `http1MaxPendingRequests`, ...) are warnings naming the field, never silently dropped.
 
 use std::sync::Arc;
@@ -34,12 +36,48 @@ use crate::resources::{
 pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
 
 /// How a cluster picks an endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum LbPolicy {
     #[default]
     LeastRequest,
     RoundRobin,
     Random,
+    /// `consistentHash`: a key from the request picks the endpoint on a ring (ring hash) or
+    /// a lookup table (Maglev), so the same key keeps reaching the same endpoint while the
+    /// endpoints stay, and few keys move when one comes or goes.
+    ConsistentHash(HashPolicy),
+}
+
+/// What `consistentHash` hashes and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashPolicy {
+    pub key: HashKey,
+    pub table: HashTable,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// `httpHeaderName` (lower case).
+    Header(String),
+    /// `httpCookie`: with a `ttl`, a missing cookie is generated and set on the response
+    /// (Envoy: `name="<16 hex>"; Max-Age=<ttl>; Path=<path>; HttpOnly`).
+    Cookie {
+        name: String,
+        path: String,
+        ttl: Option<Duration>,
+    },
+    /// `useSourceIp`.
+    SourceIp,
+    /// `httpQueryParameterName`.
+    QueryParam(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashTable {
+    /// `ringHash.minimumRingSize` (Istio's default 1024), or the deprecated `minimumRingSize`.
+    Ring { min_size: u64 },
+    /// `maglev.tableSize` (Envoy's default 65537, a prime).
+    Maglev { table_size: u64 },
 }
 
 /// Outlier detection settings (defaults as Istio documents them).
@@ -76,6 +114,8 @@ pub struct TrafficPolicy {
     pub overflows: AtomicU64,
     /// Endpoints ejected by outlier detection, ever.
     pub ejections_total: AtomicU64,
+    /// The consistent-hash table of the current endpoint list (`ConsistentHash` only).
+    pub ring: arc_swap::ArcSwapOption<RingCache>,
     /// Next round-robin position.
     pub rr: AtomicU64,
 }
@@ -192,7 +232,7 @@ impl CompiledRule {
         let pool = pick(|p| p.pool.is_some()).pool.clone().unwrap_or_default();
         TrafficPolicy {
             source: format!("DestinationRule {}/{}", self.namespace, self.name),
-            lb: pick(|p| p.lb.is_some()).lb.unwrap_or_default(),
+            lb: pick(|p| p.lb.is_some()).lb.clone().unwrap_or_default(),
             max_requests: pool.max_requests,
             max_requests_per_connection: pool.max_requests_per_connection,
             max_retries: pool.max_retries,
@@ -389,12 +429,19 @@ fn parts(
                 None
             }
         };
+        if let Some(ch) = &lb.consistent_hash {
+            let f = format!("{f}.consistentHash");
+            match consistent_hash(ch, &f) {
+                Ok((policy, ignored)) => {
+                    out.lb = Some(LbPolicy::ConsistentHash(policy));
+                    for field in ignored {
+                        warn(&format!("{f}.{field}"), "this hash option");
+                    }
+                }
+                Err((field, message)) => fail(field, message),
+            }
+        }
         for (present, field, what) in [
-            (
-                lb.consistent_hash.is_some(),
-                "consistentHash",
-                "consistent hashing",
-            ),
             (
                 lb.locality_lb_setting.is_some(),
                 "localityLbSetting",
@@ -559,6 +606,124 @@ fn parts(
     out
 }
 
+/// `loadBalancer.consistentHash` (istio `LoadBalancerSettings.ConsistentHashLB`): one key
+/// (`httpHeaderName`, `httpCookie`, `useSourceIp`, `httpQueryParameterName`) and the table
+/// (`ringHash`, `maglev`, else the deprecated `minimumRingSize`, else a ring of 1024).
+/// Returns the policy and the fields present but not applied.
+fn consistent_hash(
+    v: &serde_json::Value,
+    at: &str,
+) -> Result<(HashPolicy, Vec<String>), (String, String)> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| (at.to_string(), "must be a mapping".to_string()))?;
+    let mut keys = Vec::new();
+    if let Some(h) = obj.get("httpHeaderName") {
+        let name = h.as_str().unwrap_or_default().to_ascii_lowercase();
+        if name.is_empty() || http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err((
+                format!("{at}.httpHeaderName"),
+                format!("{h} is not a header name"),
+            ));
+        }
+        keys.push(HashKey::Header(name));
+    }
+    if let Some(c) = obj.get("httpCookie") {
+        let name = c.get("name").and_then(|n| n.as_str()).unwrap_or_default();
+        if name.is_empty() {
+            return Err((format!("{at}.httpCookie.name"), "is required".into()));
+        }
+        let ttl = match c.get("ttl").and_then(|t| t.as_str()) {
+            None => None,
+            Some(t) => Some(parse_proto_duration(t).ok_or_else(|| {
+                (
+                    format!("{at}.httpCookie.ttl"),
+                    format!("{t:?} is not a duration"),
+                )
+            })?),
+        };
+        keys.push(HashKey::Cookie {
+            name: name.to_string(),
+            path: c
+                .get("path")
+                .and_then(|p| p.as_str())
+                .unwrap_or_default()
+                .to_string(),
+            ttl: ttl.filter(|t| !t.is_zero()),
+        });
+    }
+    if obj.get("useSourceIp").and_then(|v| v.as_bool()) == Some(true) {
+        keys.push(HashKey::SourceIp);
+    }
+    if let Some(q) = obj.get("httpQueryParameterName") {
+        let name = q.as_str().unwrap_or_default();
+        if name.is_empty() {
+            return Err((
+                format!("{at}.httpQueryParameterName"),
+                "must not be empty".into(),
+            ));
+        }
+        keys.push(HashKey::QueryParam(name.to_string()));
+    }
+    if keys.len() != 1 {
+        return Err((
+            at.to_string(),
+            "exactly one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName is required".into(),
+        ));
+    }
+    let size = |v: Option<&serde_json::Value>| {
+        v.and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()))
+    };
+    let table = if let Some(m) = obj.get("maglev") {
+        HashTable::Maglev {
+            table_size: size(m.get("tableSize")).filter(|n| *n > 0).unwrap_or(65537),
+        }
+    } else if let Some(r) = obj.get("ringHash") {
+        HashTable::Ring {
+            min_size: size(r.get("minimumRingSize"))
+                .filter(|n| *n > 0)
+                .unwrap_or(1024),
+        }
+    } else {
+        HashTable::Ring {
+            min_size: size(obj.get("minimumRingSize"))
+                .filter(|n| *n > 0)
+                .unwrap_or(1024),
+        }
+    };
+    let (HashTable::Maglev { table_size: n } | HashTable::Ring { min_size: n }) = table;
+    if n > MAX_HASH_TABLE {
+        return Err((
+            at.to_string(),
+            format!("table size {n} is above {MAX_HASH_TABLE}"),
+        ));
+    }
+    let known = [
+        "httpHeaderName",
+        "httpCookie",
+        "useSourceIp",
+        "httpQueryParameterName",
+        "ringHash",
+        "maglev",
+        "minimumRingSize",
+    ];
+    let ignored = obj
+        .keys()
+        .filter(|k| !known.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    Ok((
+        HashPolicy {
+            key: keys.remove(0),
+            table,
+        },
+        ignored,
+    ))
+}
+
+/// The largest ring or Maglev table accepted (a table is built per cluster: at most 16 MiB).
+pub const MAX_HASH_TABLE: u64 = 1_048_576;
+
 /// The rule that applies to the Service `ns/name` (FQDN `fqdn`), if any, by Istio's
 /// precedence (see the module doc).
 pub(crate) fn rule_for<'r>(
@@ -604,4 +769,139 @@ pub(crate) fn cluster_policy(
     port: u16,
 ) -> Option<Arc<TrafficPolicy>> {
     rule_for(rules, fqdn, service_namespace, root_namespace).map(|r| Arc::new(r.policy(port)))
+}
+
+/// A consistent-hash table over a cluster's endpoints (by index into the endpoint list it
+/// was built from). Built once per endpoint list, looked up per request.
+#[derive(Debug)]
+pub enum HashRing {
+    /// Sorted (point, endpoint index): a key goes to the first point at or after its hash.
+    Ring(Vec<(u64, u32)>),
+    /// Maglev's lookup table: a key goes to `table[hash % len]`.
+    Maglev(Vec<u32>),
+}
+
+/// The hash every consistent-hash decision uses: SipHash-1-3 with fixed keys (std's
+/// `DefaultHasher::new()`), the same in every process, so two waypoint replicas send a key to
+/// the same endpoint. (Envoy uses xxHash64; the mapping differs, the property is the same.)
+pub fn stable_hash(data: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    #[allow(deprecated)]
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(data);
+    h.finish()
+}
+
+impl HashRing {
+    /// Build the table for endpoints named by `addrs` (their order is the index).
+    pub fn build(table: HashTable, addrs: &[String]) -> HashRing {
+        let n = addrs.len() as u64;
+        match table {
+            HashTable::Ring { min_size } => {
+                // Envoy gives each host ceil(min_size / hosts) points; rounded up to a power
+                // of two here, so a host coming or going changes the other hosts' points
+                // only when the count crosses a power of two (fewer keys move).
+                let per_host = if n == 0 {
+                    0
+                } else {
+                    min_size.div_ceil(n).next_power_of_two()
+                };
+                let mut ring = Vec::with_capacity((per_host * n) as usize);
+                for (i, a) in addrs.iter().enumerate() {
+                    for j in 0..per_host {
+                        ring.push((stable_hash(format!("{a}_{j}").as_bytes()), i as u32));
+                    }
+                }
+                ring.sort_unstable();
+                HashRing::Ring(ring)
+            }
+            HashTable::Maglev { table_size } => {
+                let m = table_size as usize;
+                let mut table = vec![u32::MAX; m];
+                if n == 0 {
+                    return HashRing::Maglev(Vec::new());
+                }
+                // Maglev (Eisenbud et al., 2016): each host walks its own permutation
+                // (offset, skip) and takes the next free slot, in turns, until full.
+                let perms: Vec<(usize, usize)> = addrs
+                    .iter()
+                    .map(|a| {
+                        let offset = stable_hash(format!("{a}#o").as_bytes()) as usize % m;
+                        let skip = if m > 1 {
+                            stable_hash(format!("{a}#s").as_bytes()) as usize % (m - 1) + 1
+                        } else {
+                            1
+                        };
+                        (offset, skip)
+                    })
+                    .collect();
+                let mut next = vec![0usize; perms.len()];
+                let mut filled = 0;
+                'fill: loop {
+                    for (i, &(offset, skip)) in perms.iter().enumerate() {
+                        // Bounded: a permutation visits every slot within m steps when skip
+                        // and m are coprime (m prime); otherwise give up on this host.
+                        let mut tries = 0;
+                        loop {
+                            let slot = (offset + next[i] * skip) % m;
+                            next[i] += 1;
+                            if table[slot] == u32::MAX {
+                                table[slot] = i as u32;
+                                filled += 1;
+                                break;
+                            }
+                            tries += 1;
+                            if tries > m {
+                                break;
+                            }
+                        }
+                        if filled == m {
+                            break 'fill;
+                        }
+                    }
+                    if next.iter().all(|t| *t > 2 * m) {
+                        break;
+                    }
+                }
+                // Slots no permutation reached (non-prime sizes) go round-robin.
+                for (k, slot) in table.iter_mut().enumerate() {
+                    if *slot == u32::MAX {
+                        *slot = (k as u64 % n) as u32;
+                    }
+                }
+                HashRing::Maglev(table)
+            }
+        }
+    }
+
+    /// The endpoint indexes in the order a key visits them (the first is its endpoint; the
+    /// next ones are where it goes when that one is ejected). No allocation.
+    pub fn walk(&self, key: u64) -> impl Iterator<Item = u32> + '_ {
+        let (len, start) = match self {
+            HashRing::Ring(r) => (r.len(), r.partition_point(|(p, _)| *p < key)),
+            HashRing::Maglev(t) => (
+                t.len(),
+                if t.is_empty() {
+                    0
+                } else {
+                    (key % t.len() as u64) as usize
+                },
+            ),
+        };
+        (0..len).map(move |k| {
+            let at = (start + k) % len;
+            match self {
+                HashRing::Ring(r) => r[at].1,
+                HashRing::Maglev(t) => t[at],
+            }
+        })
+    }
+}
+
+/// The table built for one endpoint list (kept while the list is current).
+#[derive(Debug)]
+pub struct RingCache {
+    /// The list the table indexes (its address identifies it; held so it cannot be reused).
+    pub endpoints: Arc<Vec<crate::Endpoint>>,
+    pub ring: HashRing,
 }

@@ -17,7 +17,8 @@ use waypoint_tests::*;
 const CLUSTER: &str = "inbound-vip|9080|http|reviews.default.svc.cluster.local";
 
 /// A backend: `/hold` reports its arrival and answers only when `release` is notified;
-/// `/fail` answers 503; anything else 200 `ok`. Counts the connections it accepted.
+/// `/fail` answers 503; anything else 200. The body is its own address. Counts the
+/// connections it accepted.
 struct Gate {
     addr: SocketAddr,
     arrived: tokio::sync::Mutex<mpsc::Receiver<()>>,
@@ -41,13 +42,14 @@ async fn gate_on(at: SocketAddr, fixed: Option<u16>) -> Gate {
     let release = Arc::new(Notify::new());
     let connections = Arc::new(AtomicUsize::new(0));
     let (r, c) = (release.clone(), connections.clone());
+    let me = Bytes::from(addr.to_string());
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             c.fetch_add(1, Ordering::Relaxed);
-            let (tx, r) = (tx.clone(), r.clone());
+            let (tx, r, me) = (tx.clone(), r.clone(), me.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: http::Request<_>| {
-                    let (tx, r) = (tx.clone(), r.clone());
+                    let (tx, r, me) = (tx.clone(), r.clone(), me.clone());
                     async move {
                         let status = match req.uri().path() {
                             _ if fixed.is_some() => fixed.unwrap_or(500),
@@ -62,7 +64,7 @@ async fn gate_on(at: SocketAddr, fixed: Option<u16>) -> Gate {
                         Ok::<_, std::convert::Infallible>(
                             http::Response::builder()
                                 .status(status)
-                                .body(Full::new(Bytes::from_static(b"ok")))
+                                .body(Full::new(me))
                                 .unwrap(),
                         )
                     }
@@ -308,5 +310,72 @@ async fn max_requests_per_connection_closes_connections_after_the_count() {
             assert_eq!(http.send(request("/x")).await.unwrap().status, 200);
         }
         assert_eq!(g.connections.load(Ordering::Relaxed), want, "{policy}");
+    }
+}
+
+#[tokio::test]
+async fn consistent_hash_keeps_a_user_on_one_endpoint_and_sets_the_sticky_cookie() {
+    let a = gate().await;
+    let b = gate_on(SocketAddr::new([127, 0, 0, 2].into(), a.addr.port()), None).await;
+    let c = gate_on(SocketAddr::new([127, 0, 0, 3].into(), a.addr.port()), None).await;
+    let all = [a.addr, b.addr, c.addr];
+    let wp = waypoint(
+        &all,
+        "{loadBalancer: {consistentHash: {httpHeaderName: x-user}}}",
+    )
+    .await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    let mut served = std::collections::HashSet::new();
+    for user in [
+        "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
+    ] {
+        let mut first = None;
+        for _ in 0..5 {
+            let req = http::Request::builder()
+                .uri("/x")
+                .header("host", "reviews:9080")
+                .header("x-user", user)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let body = http.send(req).await.unwrap().text();
+            match &first {
+                None => first = Some(body),
+                Some(f) => assert_eq!(&body, f, "{user} stays on one endpoint"),
+            }
+        }
+        served.insert(first.unwrap());
+    }
+    assert!(served.len() > 1, "users spread over endpoints: {served:?}");
+
+    // A cookie key with a ttl: the first response sets it; sent back, it pins the endpoint.
+    let wp = waypoint(
+        &all,
+        "{loadBalancer: {consistentHash: {httpCookie: {name: sticky, path: /, ttl: 3600s}}}}",
+    )
+    .await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    let r = http.send(request("/x")).await.unwrap();
+    let set = r
+        .headers
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .expect("a sticky cookie is set")
+        .to_string();
+    assert!(set.starts_with("sticky=\""), "{set}");
+    assert!(set.ends_with("; Max-Age=3600; Path=/; HttpOnly"), "{set}");
+    let cookie = set.split(';').next().unwrap().to_string();
+    let pinned = r.text();
+    for _ in 0..5 {
+        let req = http::Request::builder()
+            .uri("/x")
+            .header("host", "reviews:9080")
+            .header("cookie", &cookie)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let r = http.send(req).await.unwrap();
+        assert!(r.headers.get("set-cookie").is_none(), "not set again");
+        assert_eq!(r.text(), pinned);
     }
 }

@@ -116,9 +116,13 @@ pub(super) async fn proxy_tcp(
         }
     }
     let endpoints = cluster.endpoints();
-    let Some(endpoint) =
-        crate::upstream::balance::choose(&cluster, &endpoints, &[], rand::random::<u64>())
-    else {
+    let Some(endpoint) = crate::upstream::balance::choose(
+        &cluster,
+        &endpoints,
+        &[],
+        rand::random::<u64>(),
+        tcp_hash_key(&cluster, t.peer.remote.ip()),
+    ) else {
         r.response_flags.set(ResponseFlag::UH);
         r.duration = started.elapsed().as_millis() as u64;
         emit(shared, r);
@@ -192,4 +196,16 @@ pub(super) async fn proxy_tcp(
         .metrics
         .tcp_closed(t.source, dest, Some(&cluster), &r);
     emit(shared, r);
+}
+
+/// The consistent-hash key of a TCP connection: only `useSourceIp` applies (no headers).
+fn tcp_hash_key(cluster: &policy::Cluster, source: std::net::IpAddr) -> Option<u64> {
+    match cluster.traffic.as_ref().map(|t| &t.lb) {
+        Some(policy::traffic::LbPolicy::ConsistentHash(h))
+            if h.key == policy::traffic::HashKey::SourceIp =>
+        {
+            Some(policy::traffic::stable_hash(source.to_string().as_bytes()))
+        }
+        _ => None,
+    }
 }

@@ -75,10 +75,34 @@ pub(super) async fn call(
         None => None,
     };
     let conn_opts = crate::upstream::ConnOptions::of(cluster);
+    // DestinationRule `consistentHash`: the key, and a generated cookie to set.
+    let hash = match cluster.traffic.as_ref().map(|t| &t.lb) {
+        Some(policy::traffic::LbPolicy::ConsistentHash(h)) => {
+            let source = ctx
+                .record()
+                .downstream_remote_address
+                .as_deref()
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+                .map(|a| a.ip());
+            let path = upstream_req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            let (key, set_cookie) =
+                crate::upstream::balance::hash_key(h, upstream_req.headers(), &path, source);
+            if let Some(v) = set_cookie.and_then(|c| http::HeaderValue::from_str(&c).ok()) {
+                ctx.response_headers.push((http::header::SET_COOKIE, v));
+            }
+            key
+        }
+        _ => None,
+    };
     let retry_backoff = policy.as_ref().map(|p| p.backoff);
     loop {
         let endpoints = cluster.endpoints();
-        let Some(endpoint) = choose(cluster, &endpoints, &tried, rand::random::<u64>()) else {
+        let Some(endpoint) = choose(cluster, &endpoints, &tried, rand::random::<u64>(), hash)
+        else {
             return Err(ProxyError::NoHealthyUpstream);
         };
         let addr = endpoint.addr;

@@ -18,7 +18,12 @@ use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use policy::traffic::{LbPolicy, MAX_EJECTION_TIME, OutlierPolicy, TrafficPolicy};
+use std::sync::Arc;
+
+use policy::traffic::{
+    HashKey, HashPolicy, HashRing, LbPolicy, MAX_EJECTION_TIME, OutlierPolicy, RingCache,
+    TrafficPolicy, stable_hash,
+};
 use policy::{Cluster, Endpoint};
 
 use super::pick_endpoint;
@@ -29,18 +34,33 @@ pub fn now_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
-/// Choose an endpoint of `cluster` among `endpoints`, avoiding `tried` where possible.
+/// Choose an endpoint of `cluster` among `endpoints` (the cluster's current list), avoiding
+/// `tried` where possible; `key` is the request's consistent-hash key, when the cluster
+/// hashes and the request has one (without one, Envoy picks at random).
 pub fn choose<'a>(
     cluster: &Cluster,
-    endpoints: &'a [Endpoint],
+    endpoints: &'a Arc<Vec<Endpoint>>,
     tried: &[SocketAddr],
     r: u64,
+    key: Option<u64>,
 ) -> Option<&'a Endpoint> {
     let Some(t) = &cluster.traffic else {
         return pick_endpoint(endpoints, tried, r);
     };
     let now = t.outlier.as_ref().map(|_| now_ms());
     let healthy = |e: &Endpoint| now.is_none_or(|now| !e.health.is_ejected(now));
+    if let (LbPolicy::ConsistentHash(h), Some(key)) = (&t.lb, key)
+        && !endpoints.is_empty()
+    {
+        // Retries keep the key's endpoint (istiod drops `previous_hosts` with a hash
+        // policy); an ejected endpoint's keys go to the next healthy one on the table.
+        let ring = ring_for(t, h, endpoints);
+        return ring
+            .ring
+            .walk(key)
+            .filter_map(|i| endpoints.get(i as usize))
+            .find(|e| healthy(e));
+    }
     let mut usable: Vec<&Endpoint> = endpoints.iter().filter(|e| healthy(e)).collect();
     if let Some(o) = &t.outlier
         && !endpoints.is_empty()
@@ -63,7 +83,9 @@ pub fn choose<'a>(
             let i = t.rr.fetch_add(1, Ordering::Relaxed) as usize;
             pool.get(i % pool.len()).copied()
         }
-        LbPolicy::Random => pool.get((r % pool.len() as u64) as usize).copied(),
+        LbPolicy::Random | LbPolicy::ConsistentHash(_) => {
+            pool.get((r % pool.len() as u64) as usize).copied()
+        }
         LbPolicy::LeastRequest => {
             if pool.len() == 1 {
                 return pool.first().copied();
@@ -81,6 +103,94 @@ pub fn choose<'a>(
             })
         }
     }
+}
+
+/// The table for the current endpoint list: built on the first request after the list
+/// changed (a racing request may build it too; one of them is kept).
+fn ring_for(t: &TrafficPolicy, h: &HashPolicy, endpoints: &Arc<Vec<Endpoint>>) -> Arc<RingCache> {
+    if let Some(c) = t.ring.load_full()
+        && Arc::ptr_eq(&c.endpoints, endpoints)
+    {
+        return c;
+    }
+    let addrs: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
+    let cache = Arc::new(RingCache {
+        endpoints: endpoints.clone(),
+        ring: HashRing::build(h.table, &addrs),
+    });
+    t.ring.store(Some(cache.clone()));
+    cache
+}
+
+/// A `Set-Cookie` value to add to the response (a generated hash cookie).
+pub type SetCookie = String;
+
+/// The request's consistent-hash key under `h`: the header's value, the cookie's, the
+/// source IP, the query parameter's. A missing cookie with a `ttl` is generated from the
+/// client's address, as Envoy does, and returned to be set on the response.
+pub fn hash_key(
+    h: &HashPolicy,
+    headers: &http::HeaderMap,
+    path_and_query: &str,
+    source: Option<std::net::IpAddr>,
+) -> (Option<u64>, Option<SetCookie>) {
+    match &h.key {
+        HashKey::Header(name) => {
+            let mut values = headers.get_all(name.as_str()).iter().peekable();
+            if values.peek().is_none() {
+                return (None, None);
+            }
+            // Every value, in order (Envoy hashes the header's values joined).
+            let mut bytes = Vec::new();
+            for v in values {
+                bytes.extend_from_slice(v.as_bytes());
+            }
+            (Some(stable_hash(&bytes)), None)
+        }
+        HashKey::SourceIp => (
+            source.map(|ip| stable_hash(ip.to_string().as_bytes())),
+            None,
+        ),
+        HashKey::QueryParam(name) => {
+            let value = path_and_query.split_once('?').and_then(|(_, q)| {
+                q.split('&').find_map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (k == name).then_some(v)
+                })
+            });
+            (value.map(|v| stable_hash(v.as_bytes())), None)
+        }
+        HashKey::Cookie { name, path, ttl } => {
+            if let Some(v) = cookie_value(headers, name) {
+                return (Some(stable_hash(v.as_bytes())), None);
+            }
+            let Some(ttl) = ttl else {
+                return (None, None);
+            };
+            let seed = source.map(|ip| ip.to_string()).unwrap_or_default();
+            let value = format!("{:016x}", stable_hash(seed.as_bytes()));
+            let mut set = format!("{name}=\"{value}\"; Max-Age={}", ttl.as_secs());
+            if !path.is_empty() {
+                set.push_str("; Path=");
+                set.push_str(path);
+            }
+            set.push_str("; HttpOnly");
+            (Some(stable_hash(value.as_bytes())), Some(set))
+        }
+    }
+}
+
+/// A cookie's value from the `cookie` headers (surrounding quotes removed).
+fn cookie_value(headers: &http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|h| h.to_str().ok())
+        .flat_map(|h| h.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k.trim() == name).then(|| v.trim().trim_matches('"').to_string())
+        })
 }
 
 /// What one attempt to an endpoint came to, for outlier detection.
@@ -179,7 +289,7 @@ mod tests {
         let c = cluster("{loadBalancer: {simple: ROUND_ROBIN}}", 3);
         let eps = c.endpoints();
         let seen: Vec<_> = (0..6)
-            .map(|_| choose(&c, &eps, &[], 7).unwrap().addr)
+            .map(|_| choose(&c, &eps, &[], 7, None).unwrap().addr)
             .collect();
         assert_eq!(seen[..3], seen[3..]);
         let distinct: std::collections::HashSet<_> = seen.iter().collect();
@@ -202,7 +312,7 @@ mod tests {
         assert!(eps[0].health.is_ejected(now_ms()));
         // Never chosen while ejected.
         for _ in 0..8 {
-            assert_ne!(choose(&c, &eps, &[], 1).unwrap().addr, eps[0].addr);
+            assert_ne!(choose(&c, &eps, &[], 1, None).unwrap().addr, eps[0].addr);
         }
         // 50% of 4: a second may go, a third may not.
         for _ in 0..3 {
@@ -224,7 +334,7 @@ mod tests {
         let eps = c.endpoints();
         report(&c, &eps[0], Outcome::Status(500));
         report(&c, &eps[1], Outcome::Status(500));
-        assert!(choose(&c, &eps, &[], 3).is_none());
+        assert!(choose(&c, &eps, &[], 3, None).is_none());
         // With minHealthPercent 50, fewer than half healthy: every host is used again.
         let c = cluster(
             "{outlierDetection: {consecutive5xxErrors: 1, maxEjectionPercent: 100, minHealthPercent: 50}}",
@@ -233,6 +343,99 @@ mod tests {
         let eps = c.endpoints();
         report(&c, &eps[0], Outcome::Status(500));
         report(&c, &eps[1], Outcome::Status(500));
-        assert!(choose(&c, &eps, &[], 3).is_some());
+        assert!(choose(&c, &eps, &[], 3, None).is_some());
+    }
+
+    #[test]
+    fn a_hash_key_keeps_its_endpoint_and_few_keys_move_when_one_leaves() {
+        for table in [
+            "{ringHash: {minimumRingSize: 1024}}",
+            "{maglev: {tableSize: 65537}}",
+        ] {
+            let policy = format!(
+                "{{loadBalancer: {{consistentHash: {{httpHeaderName: x-user, {} }}}}}}",
+                &table[1..table.len() - 1]
+            );
+            let c = cluster(&policy, 5);
+            let eps = c.endpoints();
+            let pick =
+                |eps: &Arc<Vec<Endpoint>>, k: u64| choose(&c, eps, &[], k, Some(k)).unwrap().addr;
+            let keys: Vec<u64> = (0..2000u64)
+                .map(|i| stable_hash(&i.to_le_bytes()))
+                .collect();
+            let before: Vec<_> = keys.iter().map(|k| pick(&eps, *k)).collect();
+            // Stable: the same key, the same endpoint, whatever `r` is.
+            for (k, b) in keys.iter().zip(&before) {
+                assert_eq!(choose(&c, &eps, &[], 99, Some(*k)).unwrap().addr, *b);
+            }
+            // Spread: every endpoint gets a share (at least half its fair share).
+            for e in eps.iter() {
+                let n = before.iter().filter(|a| **a == e.addr).count();
+                assert!(n > 2000 / 5 / 2, "{table}: {} got {n}", e.addr);
+            }
+            // One endpoint leaves: only its keys move (Maglev allows a little more churn).
+            let fewer: Arc<Vec<Endpoint>> = Arc::new(eps[..4].to_vec());
+            let gone = eps[4].addr;
+            let moved = keys
+                .iter()
+                .zip(&before)
+                .filter(|(k, b)| **b != gone && pick(&fewer, **k) != **b)
+                .count();
+            assert!(moved < 2000 / 20, "{table}: {moved} keys moved");
+        }
+    }
+
+    #[test]
+    fn hash_keys_come_from_headers_cookies_query_and_source() {
+        let c = cluster(
+            "{loadBalancer: {consistentHash: {httpCookie: {name: sticky, path: /app, ttl: 60s}}}}",
+            2,
+        );
+        let Some(t) = &c.traffic else { panic!() };
+        let LbPolicy::ConsistentHash(h) = &t.lb else {
+            panic!("{:?}", t.lb)
+        };
+        let ip: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        // No cookie: one is generated from the client address and set.
+        let (k1, set) = hash_key(h, &http::HeaderMap::new(), "/", Some(ip));
+        let set = set.expect("a cookie to set");
+        let value = set
+            .strip_prefix("sticky=\"")
+            .and_then(|r| r.split_once('"'))
+            .map(|(v, rest)| (v.to_string(), rest.to_string()))
+            .expect("name=\"value\"");
+        assert_eq!(value.0.len(), 16);
+        assert_eq!(value.1, "; Max-Age=60; Path=/app; HttpOnly");
+        // The client sends it back: the same key, nothing set.
+        let mut hm = http::HeaderMap::new();
+        hm.insert(
+            http::header::COOKIE,
+            format!("a=b; sticky=\"{}\"", value.0).parse().unwrap(),
+        );
+        assert_eq!(hash_key(h, &hm, "/", Some(ip)), (k1, None));
+        // Query parameter and source IP keys.
+        let q = cluster(
+            "{loadBalancer: {consistentHash: {httpQueryParameterName: u}}}",
+            2,
+        );
+        let LbPolicy::ConsistentHash(hq) = &q.traffic.as_ref().unwrap().lb else {
+            panic!()
+        };
+        let a = hash_key(hq, &http::HeaderMap::new(), "/p?x=1&u=alice", None).0;
+        assert!(a.is_some());
+        assert_eq!(
+            a,
+            hash_key(hq, &http::HeaderMap::new(), "/q?u=alice", None).0
+        );
+        assert_eq!(hash_key(hq, &http::HeaderMap::new(), "/q", None).0, None);
+        let s = cluster("{loadBalancer: {consistentHash: {useSourceIp: true}}}", 2);
+        let LbPolicy::ConsistentHash(hs) = &s.traffic.as_ref().unwrap().lb else {
+            panic!()
+        };
+        assert!(
+            hash_key(hs, &http::HeaderMap::new(), "/", Some(ip))
+                .0
+                .is_some()
+        );
     }
 }
