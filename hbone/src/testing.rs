@@ -153,6 +153,18 @@ impl Pki {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
+    /// Issue a plain TLS server certificate for a DNS name (DNS SAN), e.g. for an HTTPS
+    /// backend the waypoint originates TLS to. Returns (cert-chain PEM, key PEM).
+    pub fn issue_server_pem_for_dns(&self, name: &str) -> Result<(String, String), Error> {
+        let mut params = CertificateParams::new(vec![name.to_string()]).map_err(rc)?;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().map_err(rc)?;
+        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
+        let cert = params.signed_by(&key, &issuer).map_err(rc)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     /// A TLS server configuration (no client auth) for an HTTPS stand-in on `ip` with a
     /// certificate from this CA: the in-test API server, istiod's CA, a JWKS endpoint.
     pub fn server_tls_for_ip(&self, ip: std::net::IpAddr) -> Result<rustls::ServerConfig, Error> {

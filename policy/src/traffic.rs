@@ -13,13 +13,15 @@
 //!   `consecutiveGatewayErrors`, `baseEjectionTime` (times the host's ejection count, at most
 //!   300 s as Envoy's `max_ejection_time`), `maxEjectionPercent` (Istio's default 10),
 //!   `minHealthPercent` (Envoy's panic threshold: below it every host is used again).
-//! - `portLevelSettings`: per Service port, each of the three replaces the top-level one.
+//! - `tls`: SIMPLE and MUTUAL origination to plaintext endpoints ([`TlsOrigination`]);
+//!   `credentialName` is an error (Secrets are not read; files are), DISABLE turns it off.
+//! - `portLevelSettings`: per Service port, each part replaces the top-level one.
 //!
 //! Which rule applies to a Service: `host` is its FQDN, its short name (in the rule's
 //! namespace) or a `*.` wildcard suffix; an exact host beats a wildcard, a rule in the
 //! Service's namespace beats one in the root namespace, an older rule beats a newer one, as
-//! istiod merges them. Fields a waypoint would apply but this one does not yet (`tls`,
-//! `subsets`, `localityLbSetting`, `warmup`, `tcp.maxConnections`,
+//! istiod merges them. Fields a waypoint would apply but this one does not yet
+//! (`subsets`, `localityLbSetting`, `warmup`, `tcp.maxConnections`,
 //! `http1MaxPendingRequests`, ...) are warnings naming the field, never silently dropped.
 
 use std::sync::Arc;
@@ -114,6 +116,8 @@ pub struct TrafficPolicy {
     pub overflows: AtomicU64,
     /// Endpoints ejected by outlier detection, ever.
     pub ejections_total: AtomicU64,
+    /// DestinationRule `tls` (SIMPLE or MUTUAL origination to plaintext endpoints).
+    pub tls: Option<Arc<TlsOrigination>>,
     /// The consistent-hash table of the current endpoint list (`ConsistentHash` only).
     pub ring: arc_swap::ArcSwapOption<RingCache>,
     /// Next round-robin position.
@@ -193,12 +197,35 @@ pub(crate) enum HostMatch {
     Suffix(String),
 }
 
-/// The three parts port-level settings can override.
+/// The parts port-level settings can override.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Parts {
     pub lb: Option<LbPolicy>,
     pub pool: Option<PoolParts>,
     pub outlier: Option<OutlierPolicy>,
+    /// `Some(None)`: `tls.mode: DISABLE` (overrides a top-level origination).
+    pub tls: Option<Option<Arc<TlsOrigination>>>,
+}
+
+/// DestinationRule `tls` with mode SIMPLE or MUTUAL: the waypoint originates TLS to the
+/// cluster's plaintext endpoints (not to HBONE ones, which carry mTLS already: istiod's
+/// `supportTunnel`). Files are paths in the waypoint's filesystem, as for Envoy.
+#[derive(Debug)]
+pub struct TlsOrigination {
+    pub mutual: bool,
+    /// PEM roots to verify the server with; `None`: the system's roots.
+    pub ca_certificates: Option<String>,
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    /// The SNI sent and the name verified (when `subject_alt_names` is empty); `None`: the
+    /// Service's hostname.
+    pub sni: Option<String>,
+    /// The server certificate must carry one of these names.
+    pub subject_alt_names: Vec<String>,
+    pub insecure_skip_verify: bool,
+    /// The TLS client configuration the proxy builds on first use (files read then), kept
+    /// here so it is built once per compiled rule.
+    pub client_config: std::sync::OnceLock<Result<Arc<dyn std::any::Any + Send + Sync>, String>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -240,6 +267,7 @@ impl CompiledRule {
             idle_timeout: pool.idle_timeout,
             tcp_idle_timeout: pool.tcp_idle_timeout,
             outlier: pick(|p| p.outlier.is_some()).outlier.clone(),
+            tls: pick(|p| p.tls.is_some()).tls.clone().flatten(),
             ..TrafficPolicy::default()
         }
     }
@@ -313,7 +341,6 @@ pub(crate) fn compile_rule(
     };
     let at = "spec.trafficPolicy";
     for (present, field, what) in [
-        (tp.tls.is_some(), "tls", "TLS origination"),
         (tp.tunnel.is_some(), "tunnel", "tunnel settings"),
         (
             tp.proxy_protocol.is_some(),
@@ -337,6 +364,14 @@ pub(crate) fn compile_rule(
         &mut warn,
         &mut ok,
     );
+    out.top.tls = tls(
+        meta,
+        &format!("{at}.tls"),
+        tp.tls.as_ref(),
+        errors,
+        &mut warn,
+        &mut ok,
+    );
     for (i, p) in tp.port_level_settings.iter().enumerate() {
         let at = format!("{at}.portLevelSettings[{i}]");
         let Some(port) = p
@@ -353,10 +388,15 @@ pub(crate) fn compile_rule(
             ok = false;
             continue;
         };
-        if p.tls.is_some() {
-            warn(&format!("{at}.tls"), "TLS origination");
-        }
-        let parts = parts(
+        let tls = tls(
+            meta,
+            &format!("{at}.tls"),
+            p.tls.as_ref(),
+            errors,
+            &mut warn,
+            &mut ok,
+        );
+        let mut parts = parts(
             meta,
             &at,
             p.load_balancer.as_ref(),
@@ -366,9 +406,106 @@ pub(crate) fn compile_rule(
             &mut warn,
             &mut ok,
         );
+        parts.tls = tls;
         out.ports.push((port, parts));
     }
     ok.then_some(out)
+}
+
+/// `tls` (istio `ClientTLSSettings`): `None` when absent, `Some(None)` for DISABLE (and for
+/// ISTIO_MUTUAL, which HBONE endpoints already have and others cannot: warned).
+fn tls(
+    meta: &ObjectMeta,
+    at: &str,
+    v: Option<&serde_json::Value>,
+    errors: &mut Vec<ConfigError>,
+    warn: &mut impl FnMut(&str, &str),
+    ok: &mut bool,
+) -> Option<Option<Arc<TlsOrigination>>> {
+    let v = v?;
+    let mut fail = |field: &str, message: String| {
+        errors.push(err(meta, &format!("{at}.{field}"), message));
+        *ok = false;
+    };
+    let Some(obj) = v.as_object() else {
+        fail("", "must be a mapping".into());
+        return None;
+    };
+    let s = |k: &str| {
+        obj.get(k)
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    let mutual = match s("mode").as_deref() {
+        None | Some("DISABLE") => return Some(None),
+        Some("SIMPLE") => false,
+        Some("MUTUAL") => true,
+        Some("ISTIO_MUTUAL") => {
+            warn(
+                &format!("{at}.mode"),
+                "ISTIO_MUTUAL (mesh endpoints are reached over HBONE, which is mutual TLS)",
+            );
+            return Some(None);
+        }
+        Some(other) => {
+            fail(
+                "mode",
+                format!("{other:?} is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL"),
+            );
+            return None;
+        }
+    };
+    if s("credentialName").is_some() {
+        // Sending plaintext where TLS was asked for is never an option: refuse.
+        fail(
+            "credentialName",
+            "a Kubernetes Secret is not read by this waypoint; give caCertificates (and clientCertificate, privateKey for MUTUAL) as files".into(),
+        );
+        return None;
+    }
+    if s("caCrl").is_some() {
+        warn(&format!("{at}.caCrl"), "a certificate revocation list");
+    }
+    let client_certificate = s("clientCertificate");
+    let private_key = s("privateKey");
+    if mutual && (client_certificate.is_none() || private_key.is_none()) {
+        fail(
+            if client_certificate.is_none() {
+                "clientCertificate"
+            } else {
+                "privateKey"
+            },
+            "is required for MUTUAL".into(),
+        );
+        return None;
+    }
+    let subject_alt_names = obj
+        .get("subjectAltNames")
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let insecure_skip_verify = match obj.get("insecureSkipVerify") {
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(serde_json::Value::Object(o)) => {
+            o.get("value").and_then(|v| v.as_bool()) == Some(true)
+        }
+        _ => false,
+    };
+    Some(Some(Arc::new(TlsOrigination {
+        mutual,
+        ca_certificates: s("caCertificates"),
+        client_certificate,
+        private_key,
+        sni: s("sni"),
+        subject_alt_names,
+        insecure_skip_verify,
+        client_config: Default::default(),
+    })))
 }
 
 #[allow(clippy::too_many_arguments)]

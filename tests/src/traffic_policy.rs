@@ -379,3 +379,155 @@ async fn consistent_hash_keeps_a_user_on_one_endpoint_and_sets_the_sticky_cookie
         assert_eq!(r.text(), pinned);
     }
 }
+
+/// Real Envoy as an HTTPS backend (its own CA, a certificate for the Service's hostname;
+/// client certificates required when `mutual`), answering 200 `secure`.
+async fn https_envoy(
+    pki: &hbone::testing::Pki,
+    dir: &std::path::Path,
+    mutual: bool,
+) -> (Envoy, SocketAddr) {
+    let (cert, key) = pki
+        .issue_server_pem_for_dns("reviews.default.svc.cluster.local")
+        .unwrap();
+    std::fs::write(dir.join("server.pem"), cert).unwrap();
+    std::fs::write(dir.join("server-key.pem"), key).unwrap();
+    std::fs::write(dir.join("ca.pem"), pki.root_pem()).unwrap();
+    let client_auth = if mutual {
+        format!(
+            "require_client_certificate: true\n          common_tls_context:\n            validation_context: {{trusted_ca: {{filename: \"{}\"}}}}\n            tls_certificates: [{{certificate_chain: {{filename: \"{}\"}}, private_key: {{filename: \"{}\"}}}}]",
+            dir.join("ca.pem").display(),
+            dir.join("server.pem").display(),
+            dir.join("server-key.pem").display()
+        )
+    } else {
+        format!(
+            "common_tls_context:\n            tls_certificates: [{{certificate_chain: {{filename: \"{}\"}}, private_key: {{filename: \"{}\"}}}}]",
+            dir.join("server.pem").display(),
+            dir.join("server-key.pem").display()
+        )
+    };
+    let config = format!(
+        r#"admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+static_resources:
+  listeners:
+  - name: https
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          {client_auth}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: https
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                direct_response: {{status: 200, body: {{inline_string: secure}}}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#
+    );
+    let envoy = Envoy::start(&config).await.expect("envoy starts");
+    let addr = envoy.listener("https").await.unwrap();
+    (envoy, addr)
+}
+
+#[tokio::test]
+async fn tls_origination_simple_and_mutual_to_a_real_https_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend_pki = hbone::testing::Pki::new("example.test").unwrap();
+    let ca = dir.path().join("ca.pem");
+    // SIMPLE, verified against the backend's CA, SNI and name = the Service hostname.
+    let (_simple, addr) = https_envoy(&backend_pki, dir.path(), false).await;
+    let wp = waypoint(
+        &[addr],
+        &format!(
+            "{{tls: {{mode: SIMPLE, caCertificates: \"{}\"}}}}",
+            ca.display()
+        ),
+    )
+    .await;
+    assert_eq!(send_one(&wp).await, (200, "secure".to_string()));
+    let line = wp.next_logs(1).remove(0);
+    assert_eq!(line["response_code"], 200);
+    // A name the certificate does not carry: refused, the reason logged, nothing in clear.
+    let wrong = waypoint(
+        &[addr],
+        &format!(
+            "{{tls: {{mode: SIMPLE, caCertificates: \"{}\", subjectAltNames: [other.example]}}}}",
+            ca.display()
+        ),
+    )
+    .await;
+    assert_eq!(send_one(&wrong).await.0, 503);
+    let line = wrong.next_logs(1).remove(0);
+    // A connect failure, retried by the mesh default retry policy (Envoy: `URX,UF`).
+    assert_eq!(line["response_flags"], "URX,UF");
+    let reason = line["upstream_transport_failure_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.starts_with("TLS_error:"), "{line}");
+    // Another CA: the chain does not verify.
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(
+        &other,
+        hbone::testing::Pki::new("x.test").unwrap().root_pem(),
+    )
+    .unwrap();
+    let untrusted = waypoint(
+        &[addr],
+        &format!(
+            "{{tls: {{mode: SIMPLE, caCertificates: \"{}\"}}}}",
+            other.display()
+        ),
+    )
+    .await;
+    assert_eq!(send_one(&untrusted).await.0, 503);
+
+    // MUTUAL: Envoy requires a client certificate from the same CA.
+    let mdir = tempfile::tempdir().unwrap();
+    let (_mutual, maddr) = https_envoy(&backend_pki, mdir.path(), true).await;
+    let (cert, key) = backend_pki
+        .issue_pem("spiffe://example.test/ns/default/sa/waypoint")
+        .unwrap();
+    std::fs::write(mdir.path().join("client.pem"), cert).unwrap();
+    std::fs::write(mdir.path().join("client-key.pem"), key).unwrap();
+    let wp = waypoint(
+        &[maddr],
+        &format!(
+            "{{tls: {{mode: MUTUAL, caCertificates: \"{}\", clientCertificate: \"{}\", privateKey: \"{}\"}}}}",
+            mdir.path().join("ca.pem").display(),
+            mdir.path().join("client.pem").display(),
+            mdir.path().join("client-key.pem").display()
+        ),
+    )
+    .await;
+    assert_eq!(send_one(&wp).await, (200, "secure".to_string()));
+    // SIMPLE to the same backend: no client certificate, refused by Envoy.
+    let no_cert = waypoint(
+        &[maddr],
+        &format!(
+            "{{tls: {{mode: SIMPLE, caCertificates: \"{}\"}}}}",
+            mdir.path().join("ca.pem").display()
+        ),
+    )
+    .await;
+    assert_ne!(send_one(&no_cert).await.0, 200);
+}
+
+async fn send_one(wp: &TestWaypoint) -> (u16, String) {
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    let r = http.send(request("/x")).await.unwrap();
+    (r.status.as_u16(), r.text())
+}

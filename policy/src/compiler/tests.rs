@@ -2006,6 +2006,7 @@ fn destination_rules_set_the_cluster_traffic_policy() {
         (Some(10), Some(5), Some(2))
     );
     assert_eq!(t.connect_timeout, Some(Duration::from_secs(2)));
+    assert!(t.tls.as_ref().is_some_and(|tls| !tls.mutual), "tls SIMPLE");
     let o = t.outlier.as_ref().expect("outlier detection");
     // consecutive5xxErrors defaults to 5 when the block is present (Istio).
     assert_eq!(
@@ -2024,12 +2025,9 @@ fn destination_rules_set_the_cluster_traffic_policy() {
     let tapi = api.cluster.traffic.as_ref().expect("wildcard applies");
     assert_eq!(tapi.source, "DestinationRule default/all");
     // Unsupported fields are named.
-    for needle in [
-        "DestinationRule default/web: spec.trafficPolicy.tls: TLS origination",
-        "spec.trafficPolicy.connectionPool.tcp.maxConnections",
-    ] {
-        assert!(has_warning(&snap, needle), "{needle}: {:?}", snap.warnings);
-    }
+    let needle =
+        "DestinationRule default/web: spec.trafficPolicy.connectionPool.tcp.maxConnections";
+    assert!(has_warning(&snap, needle), "{needle}: {:?}", snap.warnings);
     // No rule: no policy.
     let plain = ok(&base(&[]));
     assert!(bound(&plain, "10.0.0.50:9080").cluster.traffic.is_none());
@@ -2066,4 +2064,49 @@ fn destination_rules_set_the_cluster_traffic_policy() {
         "{trafficPolicy: {}}",
     )]));
     assert_error(&e, "DestinationRule", "default", "nohost", "spec.host");
+    // TLS origination: never silently plaintext.
+    let e = errs(&base(&[&destination_rule(
+        "default",
+        "tls",
+        "{host: web, trafficPolicy: {tls: {mode: MUTUAL, caCertificates: /ca.pem}, portLevelSettings: [{port: {number: 9090}, tls: {mode: SIMPLE, credentialName: web-tls}}]}}",
+    )]));
+    assert_error(
+        &e,
+        "DestinationRule",
+        "default",
+        "tls",
+        "spec.trafficPolicy.tls.clientCertificate",
+    );
+    assert_error(
+        &e,
+        "DestinationRule",
+        "default",
+        "tls",
+        "spec.trafficPolicy.portLevelSettings[0].tls.credentialName",
+    );
+    let snap = ok(&base(&[&destination_rule(
+        "default",
+        "tls",
+        "{host: web, trafficPolicy: {tls: {mode: SIMPLE, sni: web.example, subjectAltNames: [web.example]}, portLevelSettings: [{port: {number: 9090}, tls: {mode: DISABLE}}]}}",
+    )]));
+    let t = bound(&snap, "10.0.0.50:9080")
+        .cluster
+        .traffic
+        .clone()
+        .expect("policy");
+    let tls = t.tls.as_ref().expect("tls");
+    assert_eq!(
+        (tls.mutual, tls.sni.as_deref()),
+        (false, Some("web.example"))
+    );
+    assert!(
+        bound(&snap, "10.0.0.50:9090")
+            .cluster
+            .traffic
+            .as_ref()
+            .expect("policy")
+            .tls
+            .is_none(),
+        "DISABLE on the port wins"
+    );
 }

@@ -134,12 +134,8 @@ pub(super) async fn proxy_tcp(
     } else {
         endpoint.addr.to_string()
     });
-    let connect_timeout = cluster.traffic.as_ref().and_then(|t| t.connect_timeout);
-    let (mut upstream, local) = match shared
-        .upstreams
-        .connect_with(endpoint, connect_timeout)
-        .await
-    {
+    let opts = crate::upstream::ConnOptions::of(&cluster);
+    let (mut upstream, local) = match shared.upstreams.connect_with(endpoint, &opts).await {
         Ok(c) => {
             report(&cluster, endpoint, Outcome::Status(200));
             c

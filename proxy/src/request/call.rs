@@ -116,7 +116,9 @@ pub(super) async fn call(
         });
         let checkout = match timers
             .run(
-                ctx.shared.upstreams.checkout(endpoint, proto, conn_opts),
+                ctx.shared
+                    .upstreams
+                    .checkout(endpoint, proto, conn_opts.clone()),
                 None,
             )
             .await?

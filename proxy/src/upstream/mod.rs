@@ -9,6 +9,7 @@
 
 pub mod balance;
 pub mod extauthz;
+pub mod origination;
 
 use std::collections::HashMap;
 use std::future::Future as _;
@@ -455,17 +456,22 @@ struct IdleConn {
     /// Requests this connection has carried (DestinationRule `maxRequestsPerConnection`).
     served: u32,
     /// How long it may stay idle (the cluster's `connectionPool.http.idleTimeout`, else
-    /// `--`'s pool idle timeout).
+    /// the pool idle timeout).
     idle_timeout: Duration,
+    /// Which TLS origination it carries (0: none): a connection is reused only by a
+    /// cluster with the same one.
+    tls_id: usize,
 }
 
 /// Per-cluster connection settings from a DestinationRule `connectionPool` (`None`: the
 /// waypoint's own settings).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ConnOptions {
     pub connect_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub max_requests_per_connection: Option<u32>,
+    /// DestinationRule `tls` origination, with the Service hostname (the default SNI).
+    pub tls: Option<(Arc<policy::traffic::TlsOrigination>, Arc<str>)>,
 }
 
 impl ConnOptions {
@@ -476,8 +482,15 @@ impl ConnOptions {
                 connect_timeout: t.connect_timeout,
                 idle_timeout: t.idle_timeout,
                 max_requests_per_connection: t.max_requests_per_connection,
+                tls: t.tls.clone().map(|tls| (tls, cluster.hostname.clone())),
             },
         }
+    }
+
+    fn tls_id(&self) -> usize {
+        self.tls
+            .as_ref()
+            .map_or(0, |(t, _)| Arc::as_ptr(t) as *const () as usize)
     }
 }
 
@@ -550,6 +563,7 @@ impl PoolReturn {
                 since: tokio::time::Instant::now(),
                 served: self.served,
                 idle_timeout: self.opts.idle_timeout.unwrap_or(self.default_idle),
+                tls_id: self.opts.tls_id(),
             });
         }
     }
@@ -670,11 +684,15 @@ impl Upstreams {
                         since,
                         served,
                         idle_timeout,
+                        tls_id,
                     }) = candidate
                     else {
                         break;
                     };
-                    if sender.is_closed() || since.elapsed() >= idle_timeout {
+                    if sender.is_closed()
+                        || since.elapsed() >= idle_timeout
+                        || tls_id != opts.tls_id()
+                    {
                         continue;
                     }
                     if sender.ready().await.is_ok() {
@@ -726,7 +744,7 @@ impl Upstreams {
         let addr = endpoint.addr;
         match proto {
             UpstreamProtocol::Http1 => {
-                let (io, local_addr) = self.connect_with(endpoint, opts.connect_timeout).await?;
+                let (io, local_addr) = self.connect_with(endpoint, &opts).await?;
                 // A response body is never read ahead more than this of what the client
                 // takes: a client that stops reading back-pressures the backend instead of
                 // growing our buffers (hyper's adaptive reads grow to ~400 KiB). Only the read
@@ -753,7 +771,7 @@ impl Upstreams {
                 })
             }
             UpstreamProtocol::Http2 => {
-                let (io, local_addr) = self.connect_with(endpoint, opts.connect_timeout).await?;
+                let (io, local_addr) = self.connect_with(endpoint, &opts).await?;
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .initial_stream_window_size(4 * 1024 * 1024)
                     .initial_connection_window_size(16 * 1024 * 1024)
@@ -787,17 +805,20 @@ impl Upstreams {
         &self,
         endpoint: &Endpoint,
     ) -> Result<(Box<dyn UpstreamIo>, Option<SocketAddr>), UpstreamFailure> {
-        self.connect_with(endpoint, None).await
+        self.connect_with(endpoint, &ConnOptions::default()).await
     }
 
-    /// As [`Upstreams::connect`], within `timeout` (a DestinationRule's
-    /// `connectionPool.tcp.connectTimeout`) instead of `--connect-timeout`.
+    /// As [`Upstreams::connect`] with a cluster's DestinationRule settings: its
+    /// `connectionPool.tcp.connectTimeout` instead of `--connect-timeout`, and TLS originated
+    /// to a plaintext endpoint when the rule has `tls` (an HBONE endpoint is mTLS already).
     pub async fn connect_with(
         &self,
         endpoint: &Endpoint,
-        timeout: Option<Duration>,
+        opts: &ConnOptions,
     ) -> Result<(Box<dyn UpstreamIo>, Option<SocketAddr>), UpstreamFailure> {
-        let timeout = timeout.unwrap_or(self.settings.connect_timeout);
+        let timeout = opts
+            .connect_timeout
+            .unwrap_or(self.settings.connect_timeout);
         if let Some(identity) = &endpoint.tunnel {
             return self
                 .connect_hbone(endpoint.addr, identity, timeout)
@@ -805,6 +826,17 @@ impl Upstreams {
                 .map(|s| (s, None));
         }
         let (tcp, local) = self.connect_tcp(endpoint.addr, timeout).await?;
+        if let Some((tls, hostname)) = &opts.tls {
+            let handshake = origination::connect(tcp, tls, hostname);
+            return match tokio::time::timeout(timeout, handshake).await {
+                Ok(Ok(s)) => Ok((Box::new(s), Some(local))),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(UpstreamFailure::Connect {
+                    timeout: true,
+                    detail: String::new(),
+                }),
+            };
+        }
         Ok((Box::new(tcp), Some(local)))
     }
 
