@@ -6,7 +6,8 @@
 //!   cookie (generated with its `ttl` when absent), source IP or query parameter, on a ring
 //!   (`ringHash`, default) or a Maglev table ([`HashRing`]).
 //! - `connectionPool`: `http.http2MaxRequests` (Envoy `max_requests`: requests in flight to
-//!   the cluster; beyond it 503 `UO`), `http.maxRequestsPerConnection`, `http.maxRetries`
+//!   the cluster; beyond it 503 `UO`), `tcp.maxConnections` and `http.http1MaxPendingRequests`
+//!   (Envoy `max_connections`, `max_pending_requests`), `http.maxRequestsPerConnection`, `http.maxRetries`
 //!   (retries in flight; beyond it no retry), `http.idleTimeout` (idle pooled connections),
 //!   `tcp.connectTimeout`, `tcp.idleTimeout` (TCP proxying).
 //! - `outlierDetection`: `consecutive5xxErrors` (and the deprecated `consecutiveErrors`),
@@ -21,8 +22,7 @@
 //! namespace) or a `*.` wildcard suffix; an exact host beats a wildcard, a rule in the
 //! Service's namespace beats one in the root namespace, an older rule beats a newer one, as
 //! istiod merges them. Fields a waypoint would apply but this one does not yet
-//! (`subsets`, `localityLbSetting`, `warmup`, `tcp.maxConnections`,
-//! `http1MaxPendingRequests`, ...) are warnings naming the field, never silently dropped.
+//! (`subsets`, `localityLbSetting`, `warmup`, `tcpKeepalive`, ...) are warnings naming the field, never silently dropped.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -104,10 +104,16 @@ pub struct TrafficPolicy {
     pub max_requests: Option<u32>,
     pub max_requests_per_connection: Option<u32>,
     pub max_retries: Option<u32>,
+    /// `tcp.maxConnections` (Envoy `max_connections`).
+    pub max_connections: Option<u32>,
+    /// `http.http1MaxPendingRequests` (Envoy `max_pending_requests`).
+    pub max_pending_requests: Option<u32>,
     pub connect_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub tcp_idle_timeout: Option<Duration>,
     pub outlier: Option<OutlierPolicy>,
+    /// The proxy's connection breaker for `max_connections`, made on first use.
+    pub breaker: std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
     /// Requests in flight to the cluster (for `max_requests`).
     pub active_requests: AtomicU32,
     /// Retries in flight (for `max_retries`).
@@ -230,6 +236,8 @@ pub struct TlsOrigination {
 
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PoolParts {
+    pub max_connections: Option<u32>,
+    pub max_pending_requests: Option<u32>,
     pub max_requests: Option<u32>,
     pub max_requests_per_connection: Option<u32>,
     pub max_retries: Option<u32>,
@@ -263,6 +271,8 @@ impl CompiledRule {
             max_requests: pool.max_requests,
             max_requests_per_connection: pool.max_requests_per_connection,
             max_retries: pool.max_retries,
+            max_connections: pool.max_connections,
+            max_pending_requests: pool.max_pending_requests,
             connect_timeout: pool.connect_timeout,
             idle_timeout: pool.idle_timeout,
             tcp_idle_timeout: pool.tcp_idle_timeout,
@@ -606,12 +616,12 @@ fn parts(
             );
             p.tcp_idle_timeout =
                 duration(format!("{f}.tcp.idleTimeout"), &tcp.idle_timeout, &mut fail);
+            p.max_connections = count(
+                format!("{f}.tcp.maxConnections"),
+                tcp.max_connections,
+                &mut fail,
+            );
             for (present, field, what) in [
-                (
-                    tcp.max_connections.is_some(),
-                    "maxConnections",
-                    "a connection limit",
-                ),
                 (tcp.tcp_keepalive.is_some(), "tcpKeepalive", "TCP keepalive"),
                 (
                     tcp.max_connection_duration.is_some(),
@@ -636,6 +646,11 @@ fn parts(
                 &mut fail,
             )
             .filter(|n| *n != 0);
+            p.max_pending_requests = count(
+                format!("{f}.http.http1MaxPendingRequests"),
+                http.http1_max_pending_requests,
+                &mut fail,
+            );
             p.max_retries = count(format!("{f}.http.maxRetries"), http.max_retries, &mut fail);
             p.idle_timeout = duration(
                 format!("{f}.http.idleTimeout"),
@@ -643,11 +658,6 @@ fn parts(
                 &mut fail,
             );
             for (present, field, what) in [
-                (
-                    http.http1_max_pending_requests.is_some(),
-                    "http1MaxPendingRequests",
-                    "a pending-request limit",
-                ),
                 (
                     http.h2_upgrade_policy.is_some(),
                     "h2UpgradePolicy",

@@ -531,3 +531,159 @@ async fn send_one(wp: &TestWaypoint) -> (u16, String) {
     let r = http.send(request("/x")).await.unwrap();
     (r.status.as_u16(), r.text())
 }
+
+/// What the third of three requests gets when one connection is allowed and one request may
+/// wait for it: (status, body, flags, details); the first two complete with 200.
+async fn ours_pending_overflow(g: &Gate) -> Answer {
+    let wp = waypoint(
+        &[g.addr],
+        "{connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}}",
+    )
+    .await;
+    let conn = Arc::new(wp.connect_as("default", "sleep").await);
+    let open = |conn: Arc<hbone::client::Connection>, path: &'static str| async move {
+        let mut h = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+        h.send(request(path)).await.unwrap().status.as_u16()
+    };
+    let first = tokio::spawn(open(conn.clone(), "/hold"));
+    g.wait_arrival().await;
+    let second = tokio::spawn(open(conn.clone(), "/other"));
+    // Bounded wait until the second request is pending (admin `/clusters`).
+    let admin = wp.running().admin_addr;
+    let pending = eventually(Duration::from_secs(10), || async move {
+        let text = http_get(admin, "/clusters").await.ok()?.text();
+        text.contains("::rq_pending_active::1").then_some(())
+    })
+    .await;
+    assert!(pending.is_some(), "the second request waits as pending");
+    let mut third = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    let r = third.send(request("/other")).await.unwrap();
+    let log = wp.next_logs(1).remove(0);
+    g.release.notify_one();
+    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(
+        second.await.unwrap(),
+        200,
+        "the pending request got the connection"
+    );
+    (
+        r.status.as_u16(),
+        String::from_utf8_lossy(&r.body).into_owned(),
+        log["response_flags"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        log["response_code_details"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+async fn envoys_pending_overflow(g: &Gate) -> Answer {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let config = format!(
+        r#"admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+static_resources:
+  listeners:
+  - name: http
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: http
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: "{log}"
+              log_format: {{text_format_source: {{inline_string: "%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%\n"}}}}
+          route_config:
+            virtual_hosts:
+            - name: reviews
+              domains: ["*"]
+              routes:
+              - match: {{prefix: /}}
+                route: {{cluster: "{CLUSTER}"}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: "{CLUSTER}"
+    type: STATIC
+    connect_timeout: 5s
+    # What istiod renders for tcp.maxConnections: 1, http.http1MaxPendingRequests: 1.
+    circuit_breakers: {{thresholds: [{{max_connections: 1, max_pending_requests: 1}}]}}
+    load_assignment:
+      cluster_name: "{CLUSTER}"
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: "{ip}", port_value: {port}}}}}}}
+"#,
+        log = log.display(),
+        ip = g.addr.ip(),
+        port = g.addr.port(),
+    );
+    let envoy = Envoy::start(&config).await.expect("envoy starts");
+    let addr = envoy.listener("http").await.unwrap();
+    let client = |path: &'static str| async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut s, d) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(d);
+        let resp = s.send_request(request(path)).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    let first = tokio::spawn(client("/hold"));
+    g.wait_arrival().await;
+    let second = tokio::spawn(client("/other"));
+    let stat = format!("cluster.{CLUSTER}.upstream_rq_pending_active");
+    let queued = eventually(Duration::from_secs(10), || {
+        let (envoy, stat) = (&envoy, &stat);
+        async move { (envoy.stat(stat).await == 1).then_some(()) }
+    })
+    .await;
+    assert!(queued.is_some(), "envoy queued the second request");
+    let (status, body) = client("/other").await;
+    g.release.notify_one();
+    assert_eq!(first.await.unwrap().0, 200);
+    assert_eq!(second.await.unwrap().0, 200);
+    let line = eventually(Duration::from_secs(10), || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.lines()
+                .find(|l| l.starts_with("503 "))
+                .map(str::to_string)
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("no 503 line; envoy log:\n{}", envoy.log()));
+    let mut f = line.splitn(3, ' ');
+    let (_, flags, details) = (f.next(), f.next(), f.next());
+    (
+        status,
+        body,
+        flags.unwrap_or_default().to_string(),
+        details.unwrap_or_default().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn the_connection_breaker_queues_one_then_overflows_as_envoys_does() {
+    let g = gate().await;
+    let ours = ours_pending_overflow(&g).await;
+    let envoys = envoys_pending_overflow(&g).await;
+    eprintln!("ours:  {ours:?}\nenvoy: {envoys:?}");
+    assert_eq!(ours, envoys, "ours first, Envoy's second");
+    assert_eq!((ours.0, ours.2.as_str()), (503, "UO"));
+}

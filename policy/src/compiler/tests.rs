@@ -2024,10 +2024,23 @@ fn destination_rules_set_the_cluster_traffic_policy() {
     let api = bound(&snap, "10.0.0.51:9080");
     let tapi = api.cluster.traffic.as_ref().expect("wildcard applies");
     assert_eq!(tapi.source, "DestinationRule default/all");
+    assert_eq!((t.max_connections, t.max_pending_requests), (Some(7), None));
     // Unsupported fields are named.
-    let needle =
-        "DestinationRule default/web: spec.trafficPolicy.connectionPool.tcp.maxConnections";
-    assert!(has_warning(&snap, needle), "{needle}: {:?}", snap.warnings);
+    let snap2 = ok(&base(&[&destination_rule(
+        "default",
+        "web",
+        "{host: web, trafficPolicy: {connectionPool: {tcp: {tcpKeepalive: {time: 7200s}}}, loadBalancer: {localityLbSetting: {enabled: true}}}}",
+    )]));
+    for needle in [
+        "DestinationRule default/web: spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+        "DestinationRule default/web: spec.trafficPolicy.loadBalancer.localityLbSetting",
+    ] {
+        assert!(
+            has_warning(&snap2, needle),
+            "{needle}: {:?}",
+            snap2.warnings
+        );
+    }
     // No rule: no policy.
     let plain = ok(&base(&[]));
     assert!(bound(&plain, "10.0.0.50:9080").cluster.traffic.is_none());

@@ -135,6 +135,21 @@ pub(super) async fn proxy_tcp(
         endpoint.addr.to_string()
     });
     let opts = crate::upstream::ConnOptions::of(&cluster);
+    // DestinationRule `tcp.maxConnections` (Envoy tcp_proxy's `max_connections` breaker):
+    // beyond it the connection is refused, flag `UO`.
+    let _conn_slot = match &opts.breaker {
+        None => None,
+        Some(b) => match b.try_open() {
+            Some(slot) => Some(slot),
+            None => {
+                r.response_flags.set(ResponseFlag::UO);
+                r.duration = started.elapsed().as_millis() as u64;
+                emit(shared, r);
+                stream.inner.reset(h2::Reason::CONNECT_ERROR);
+                return;
+            }
+        },
+    };
     let (mut upstream, local) = match shared.upstreams.connect_with(endpoint, &opts).await {
         Ok(c) => {
             report(&cluster, endpoint, Outcome::Status(200));

@@ -431,6 +431,16 @@ fn clusters(shared: &Shared) -> String {
                 t.ejections_total.load(Ordering::Relaxed),
                 name = c.name,
             ));
+            if let Some(b) = crate::upstream::breaker::of(t) {
+                out.push_str(&format!(
+                    "{name}::default_priority::max_connections::{}\n{name}::cx_active::{}\n{name}::rq_pending_active::{}\n{name}::rq_pending_overflow::{}\n",
+                    b.max_connections(),
+                    b.connections(),
+                    b.pending(),
+                    b.overflows.load(Ordering::Relaxed),
+                    name = c.name,
+                ));
+            }
         }
         for e in c.endpoints().iter() {
             let health = if e.health.is_ejected(now) {

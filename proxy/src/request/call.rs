@@ -125,7 +125,9 @@ pub(super) async fn call(
         {
             Ok(c) => c,
             Err(failure) => {
-                report(cluster, endpoint, Outcome::LocalFailure);
+                if !matches!(failure, crate::upstream::UpstreamFailure::Overflow) {
+                    report(cluster, endpoint, Outcome::LocalFailure);
+                }
                 tried.push(addr);
                 if failure.retriable() && policy.is_some() && attempts.may_retry() {
                     if !back_off(&timers, retry_backoff, attempts.count).await {

@@ -349,6 +349,7 @@ impl ProxyError {
                     UpstreamFailure::Termination => ResponseFlag::UC,
                     UpstreamFailure::RefusedStream => ResponseFlag::UR,
                     UpstreamFailure::Protocol => ResponseFlag::UPE,
+                    UpstreamFailure::Overflow => ResponseFlag::UO,
                 });
                 // `upstream_reset_before_response_started{<reason>[|<detail>]}`, spaces as `_`.
                 let mut details = String::from("upstream_reset_before_response_started{");

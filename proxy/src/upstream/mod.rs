@@ -8,6 +8,7 @@
 //! buffering the body.
 
 pub mod balance;
+pub mod breaker;
 pub mod extauthz;
 pub mod origination;
 
@@ -44,6 +45,9 @@ pub enum UpstreamFailure {
     Termination,
     /// HTTP/2 stream refused by the upstream: `remote refused stream reset`.
     RefusedStream,
+    /// A connection circuit breaker is full (`maxConnections` with
+    /// `http1MaxPendingRequests` pending): `overflow`, 503 `UO`.
+    Overflow,
     /// The upstream spoke something that is not HTTP: `protocol error` (502).
     Protocol,
 }
@@ -57,6 +61,7 @@ impl UpstreamFailure {
             UpstreamFailure::Termination => "connection termination",
             UpstreamFailure::RefusedStream => "remote refused stream reset",
             UpstreamFailure::Protocol => "protocol error",
+            UpstreamFailure::Overflow => "overflow",
         }
     }
 
@@ -472,6 +477,8 @@ pub struct ConnOptions {
     pub max_requests_per_connection: Option<u32>,
     /// DestinationRule `tls` origination, with the Service hostname (the default SNI).
     pub tls: Option<(Arc<policy::traffic::TlsOrigination>, Arc<str>)>,
+    /// The cluster's connection breaker (`maxConnections`).
+    pub breaker: Option<Arc<breaker::ConnBreaker>>,
 }
 
 impl ConnOptions {
@@ -483,6 +490,7 @@ impl ConnOptions {
                 idle_timeout: t.idle_timeout,
                 max_requests_per_connection: t.max_requests_per_connection,
                 tls: t.tls.clone().map(|tls| (tls, cluster.hostname.clone())),
+                breaker: breaker::of(t),
             },
         }
     }
@@ -565,6 +573,9 @@ impl PoolReturn {
                 idle_timeout: self.opts.idle_timeout.unwrap_or(self.default_idle),
                 tls_id: self.opts.tls_id(),
             });
+        }
+        if let Some(b) = &self.opts.breaker {
+            b.released();
         }
     }
 }
@@ -707,10 +718,32 @@ impl Upstreams {
                         });
                     }
                 }
+                // The cluster's connection budget (`maxConnections`): beyond it, wait as a
+                // pending request for a connection of this endpoint to come back, or the
+                // count to drop (bounded by `http1MaxPendingRequests` and the caller's timers).
+                let slot = match &opts.breaker {
+                    None => None,
+                    Some(b) => match b.try_open() {
+                        Some(slot) => Some(slot),
+                        None => {
+                            let idle_here =
+                                || pool.idle.lock().map(|i| i.is_empty()).unwrap_or(true);
+                            if !b
+                                .wait_pending(|| {
+                                    idle_here() && b.connections() >= b.max_connections()
+                                })
+                                .await
+                            {
+                                return Err(UpstreamFailure::Overflow);
+                            }
+                            return Box::pin(self.checkout(endpoint, proto, opts)).await;
+                        }
+                    },
+                };
                 // Boxed: connecting (TCP, or TLS + HTTP/2 for an HBONE tunnel) makes a large
                 // future that only a request opening a connection needs; the request's own
                 // future stays small for the pooled case.
-                Box::pin(self.new_connection(endpoint, pool, proto, opts)).await
+                Box::pin(self.new_connection(endpoint, pool, proto, opts, slot)).await
             }
             UpstreamProtocol::Http2 => {
                 let existing = pool.h2.lock().ok().and_then(|g| g.clone());
@@ -728,7 +761,11 @@ impl Upstreams {
                         reused: true,
                     });
                 }
-                Box::pin(self.new_connection(endpoint, pool, proto, opts)).await
+                let slot = match &opts.breaker {
+                    None => None,
+                    Some(b) => Some(b.try_open().ok_or(UpstreamFailure::Overflow)?),
+                };
+                Box::pin(self.new_connection(endpoint, pool, proto, opts, slot)).await
             }
         }
     }
@@ -740,6 +777,7 @@ impl Upstreams {
         pool: Arc<EndpointPool>,
         proto: UpstreamProtocol,
         opts: ConnOptions,
+        slot: Option<breaker::ConnSlot>,
     ) -> Result<Checkout, UpstreamFailure> {
         let addr = endpoint.addr;
         match proto {
@@ -759,6 +797,8 @@ impl Upstreams {
                     if let Err(e) = conn.with_upgrades().await {
                         debug!(upstream = %addr, error = %e, "upstream HTTP/1.1 connection ended");
                     }
+                    // Counted against the cluster until it closes.
+                    drop(slot);
                 });
                 Ok(Checkout {
                     sender: Sender::H1(sender),
@@ -782,6 +822,7 @@ impl Upstreams {
                     if let Err(e) = conn.await {
                         debug!(upstream = %addr, error = %e, "upstream HTTP/2 connection ended");
                     }
+                    drop(slot);
                 });
                 if let Ok(mut g) = pool.h2.lock() {
                     *g = Some((sender.clone(), local_addr));
