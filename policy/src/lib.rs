@@ -53,7 +53,7 @@ pub use snapshot::{
     EndpointHealth, EndpointLoad, EndpointSpec, EndpointWorkload, GatewayInfo, ServiceInfo,
     ServicePort, ServicePortInfo, Snapshot, VipLookup, WaypointFor, Workload, compile,
 };
-pub use telemetry::{AccessLogPolicy, LogAttributes, RequestAttributes};
+pub use telemetry::{AccessLogPolicy, LogAttributes, LogSinks, RequestAttributes};
 
 use std::fmt;
 

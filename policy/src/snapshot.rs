@@ -34,6 +34,9 @@ pub struct CompileOptions {
     /// `port`: each gets an `outbound|<port>||<host>` cluster, found with
     /// [`Snapshot::extension_cluster`].
     pub extension_services: Vec<(String, u16)>,
+    /// MeshConfig `envoyFileAccessLog` extension providers by name: Telemetry
+    /// `accessLogging` may select them (others but `envoy` are warned about and ignored).
+    pub log_providers: Vec<String>,
 }
 
 impl Default for CompileOptions {
@@ -46,6 +49,7 @@ impl Default for CompileOptions {
             root_namespace: "istio-system".into(),
             trust_domain_aliases: Vec::new(),
             extension_services: Vec::new(),
+            log_providers: Vec::new(),
         }
     }
 }

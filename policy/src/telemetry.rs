@@ -70,6 +70,25 @@ impl std::fmt::Debug for Filter {
 struct Entry {
     disabled: bool,
     filter: Option<Filter>,
+    /// Writes to the mesh-wide log (provider `envoy`, or no provider named).
+    mesh: bool,
+    /// `envoyFileAccessLog` providers it writes to.
+    named: Vec<Arc<str>>,
+}
+
+/// Where one request's line goes ([`AccessLogPolicy::sinks`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogSinks {
+    /// The mesh-wide log (Istio's `envoy` provider: MeshConfig `accessLogFile` and format).
+    pub mesh: bool,
+    /// MeshConfig `envoyFileAccessLog` providers, by name.
+    pub named: Vec<Arc<str>>,
+}
+
+impl LogSinks {
+    pub fn any(&self) -> bool {
+        self.mesh || !self.named.is_empty()
+    }
 }
 
 /// The `accessLogging` of one Telemetry, compiled.
@@ -175,23 +194,39 @@ impl AccessLogPolicy {
     /// evaluates to `true` (Istio configures one Envoy access log per entry; the waypoint has
     /// one sink, so the line is written once when any of them would write it).
     pub fn should_log(&self, attrs: &LogAttributes<'_>) -> bool {
+        self.sinks(attrs).any()
+    }
+
+    /// Where this request's line goes: every enabled entry whose filter passes (or that has
+    /// none) adds its providers, as Istio configures one Envoy access log per entry and
+    /// provider; a sink named twice gets one line.
+    pub fn sinks(&self, attrs: &LogAttributes<'_>) -> LogSinks {
         let Some(config) = &self.0 else {
-            return true;
+            return LogSinks {
+                mesh: true,
+                named: Vec::new(),
+            };
         };
+        let mut out = LogSinks::default();
         let mut ctx: Option<Context<'_, '_>> = None;
         for e in &config.entries {
             if e.disabled {
                 continue;
             }
-            let Some(filter) = &e.filter else {
-                return true;
-            };
-            let ctx = ctx.get_or_insert_with(|| context(attrs));
-            if matches!(filter.program.execute(ctx), Ok(CelValue::Bool(true))) {
-                return true;
+            if let Some(filter) = &e.filter {
+                let ctx = ctx.get_or_insert_with(|| context(attrs));
+                if !matches!(filter.program.execute(ctx), Ok(CelValue::Bool(true))) {
+                    continue;
+                }
+            }
+            out.mesh |= e.mesh;
+            for n in &e.named {
+                if !out.named.contains(n) {
+                    out.named.push(n.clone());
+                }
             }
         }
-        false
+        out
     }
 }
 
@@ -351,7 +386,7 @@ pub(crate) fn compile_telemetry(
         let id = format!("{KIND} {}/{}", meta.namespace, meta.name);
         // Compiled (and so validated) whether or not it applies here, so errors do not
         // depend on where a Telemetry attaches.
-        let config = compile_access_logging(t, &id, errors, warnings);
+        let config = compile_access_logging(t, &id, &opts.log_providers, errors, warnings);
         let spec = &t.spec;
         let has_targets = spec.target_ref.is_some() || !spec.target_refs.is_empty();
         let mut places: Vec<(Level, Option<String>)> = Vec::new();
@@ -431,6 +466,7 @@ pub(crate) fn compile_telemetry(
 fn compile_access_logging(
     t: &Telemetry,
     id: &str,
+    log_providers: &[String],
     errors: &mut Vec<ConfigError>,
     warnings: &mut Vec<String>,
 ) -> Option<Arc<AccessLogConfig>> {
@@ -439,12 +475,19 @@ fn compile_access_logging(
     let mut entries = Vec::new();
     for (i, e) in list.iter().enumerate() {
         let field = format!("spec.accessLogging[{i}]");
+        // No provider named: the mesh-wide log (Istio's `envoy` default provider).
+        let mut mesh = e.providers.is_empty();
+        let mut named: Vec<Arc<str>> = Vec::new();
         for (j, p) in e.providers.iter().enumerate() {
-            if p.name != DEFAULT_PROVIDER {
-                // The waypoint has one access log (JSON lines on stdout), Istio's `envoy`
-                // file provider; other providers (OpenTelemetry, ALS) are not implemented.
+            if p.name == DEFAULT_PROVIDER {
+                mesh = true;
+            } else if log_providers.contains(&p.name) {
+                named.push(p.name.as_str().into());
+            } else {
+                // Istio skips a provider it cannot find; OpenTelemetry and ALS providers
+                // are not implemented here.
                 warnings.push(format!(
-                    "{id}: {field}.providers[{j}]: provider {:?} is not implemented; this entry applies to the stdout JSON access log",
+                    "{id}: {field}.providers[{j}]: provider {:?} is not an envoyFileAccessLog provider of the mesh config (or `envoy`); ignored",
                     p.name
                 ));
             }
@@ -476,6 +519,8 @@ fn compile_access_logging(
         entries.push(Entry {
             disabled: e.disabled.unwrap_or(false),
             filter,
+            mesh,
+            named,
         });
     }
     let needs_headers = entries
@@ -502,6 +547,8 @@ mod tests {
                     program: Program::compile(e).expect("valid"),
                     needs_headers: e.contains("headers"),
                 }),
+                mesh: true,
+                named: Vec::new(),
             })
             .collect();
         AccessLogPolicy(Some(Arc::new(AccessLogConfig {

@@ -119,6 +119,12 @@ impl Config {
                 .unwrap_or(defaults.root_namespace),
             trust_domain_aliases: self.mesh.trust_domain_aliases.clone(),
             extension_services: self.mesh.extension_services(),
+            log_providers: self
+                .mesh
+                .file_log_providers()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect(),
         }
     }
 
@@ -280,6 +286,10 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
                 config.mesh.access_log.output()?,
             )),
         }),
+        log_providers: arc_swap::ArcSwap::from_pointee(crate::state::log_providers(
+            &config.mesh,
+            &[],
+        )),
         metrics: Metrics::default(),
         limits: config.limits.clone(),
         draining: AtomicBool::new(false),

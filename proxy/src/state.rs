@@ -83,6 +83,8 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub upstreams: Upstreams,
     pub access_log: Option<AccessLogger>,
+    /// MeshConfig `envoyFileAccessLog` providers Telemetry may select, with their loggers.
+    pub log_providers: arc_swap::ArcSwap<Vec<LogProvider>>,
     pub metrics: Metrics,
     pub limits: Limits,
     /// Set once draining started (readiness answers 503).
@@ -147,4 +149,64 @@ pub fn cert_seconds_left(shared: &Shared) -> i64 {
         .cert_not_after
         .load(std::sync::atomic::Ordering::Relaxed)
         .saturating_sub(now)
+}
+
+/// One `envoyFileAccessLog` provider and the logger writing it.
+pub struct LogProvider {
+    pub name: Arc<str>,
+    pub provider: crate::config::meshconfig::FileAccessLogProvider,
+    pub logger: AccessLogger,
+}
+
+/// Open the loggers of `mesh`'s file providers, keeping the running ones that did not change
+/// (`current`). A provider whose file cannot be opened is skipped with an error logged
+/// (Telemetry naming it then writes nothing there).
+pub fn log_providers(
+    mesh: &crate::config::meshconfig::MeshConfig,
+    current: &[LogProvider],
+) -> Vec<LogProvider> {
+    mesh.file_log_providers()
+        .into_iter()
+        .filter_map(|(name, provider)| {
+            if let Some(p) = current
+                .iter()
+                .find(|p| *p.name == *name && p.provider == provider)
+            {
+                return Some(LogProvider {
+                    name: p.name.clone(),
+                    provider,
+                    logger: p.logger.clone(),
+                });
+            }
+            match provider.logger() {
+                Ok(logger) => Some(LogProvider {
+                    name: name.as_str().into(),
+                    provider,
+                    logger,
+                }),
+                Err(e) => {
+                    tracing::error!(provider = %name, error = %format!("{e:#}"), "access-log provider not opened");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Write a finished record where the Telemetry decision sends it: the mesh-wide log and
+/// each selected provider (a copy each).
+pub fn write_log(shared: &Shared, sinks: &policy::LogSinks, record: accesslog::AccessLogRecord) {
+    if !sinks.named.is_empty() {
+        let providers = shared.log_providers.load();
+        for name in &sinks.named {
+            if let Some(p) = providers.iter().find(|p| p.name == *name) {
+                p.logger.log(record.clone());
+            }
+        }
+    }
+    if sinks.mesh
+        && let Some(l) = &shared.access_log
+    {
+        l.log(record);
+    }
 }

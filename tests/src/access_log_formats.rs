@@ -267,3 +267,65 @@ async fn a_json_format_keeps_envoys_types() {
     assert_eq!(second["code"], 404);
     assert_eq!(second["flags"], "NR");
 }
+
+/// Telemetry `accessLogging` selecting MeshConfig `envoyFileAccessLog` providers: each entry
+/// writes to its providers (a JSON `labels` format and a text format, each to its own file),
+/// its filter deciding for its own providers; `envoy` is the mesh-wide log.
+#[tokio::test]
+async fn telemetry_selects_file_access_log_providers() {
+    let backend = plain_backend().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (json_file, text_file) = (dir.path().join("errors.json"), dir.path().join("all.txt"));
+    let mesh = format!(
+        "extensionProviders:\n- name: errors-json\n  envoyFileAccessLog:\n    path: {}\n    logFormat:\n      labels: {{code: \"%RESPONSE_CODE%\", path: \"%REQ(:PATH)%\"}}\n- name: all-text\n  envoyFileAccessLog:\n    path: {}\n    logFormat:\n      text: \"%RESPONSE_CODE% %REQ(:PATH)%\"\n",
+        json_file.display(),
+        text_file.display()
+    );
+    let mesh_path = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh_path, mesh).unwrap();
+    let mut m = Manifests::new();
+    m.service("reviews", "10.0.0.10", 9080, "http", &[backend]).route(
+        "reviews",
+        "reviews",
+        9080,
+        "  - matches: [{path: {type: PathPrefix, value: /ok}}]\n    backendRefs: [{name: reviews, port: 9080}]\n",
+    );
+    m.push(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: logs, namespace: default}\nspec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]\n  accessLogging:\n  - providers: [{name: errors-json}]\n    filter: {expression: \"response.code >= 400\"}\n  - providers: [{name: all-text}, {name: nowhere}]\n",
+    );
+    let wp = TestWaypoint::start_with(&m.yaml(), |c| c.mesh_config = Some(mesh_path)).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    for r in requests() {
+        http.send(r).await.unwrap();
+    }
+    let read = |p: std::path::PathBuf, n: usize| async move {
+        eventually(Duration::from_secs(10), || {
+            let p = p.clone();
+            async move {
+                let text = std::fs::read_to_string(&p).ok()?;
+                (text.lines().count() >= n).then_some(text)
+            }
+        })
+        .await
+        .unwrap_or_else(|| panic!("{} lines in {}", n, p.display()))
+    };
+    assert_eq!(read(text_file, 2).await, "200 /ok/1?q=x\n404 /missing\n");
+    let json = read(json_file, 1).await;
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        vec![serde_json::json!({"code": 404, "path": "/missing"})],
+        "only the error, in the labels format"
+    );
+    // No entry names `envoy`: the mesh-wide log gets nothing.
+    assert!(wp.drain_logs(Duration::from_millis(200)).is_empty());
+    let warnings = &wp.running().shared.snapshot.load().warnings;
+    assert!(
+        warnings.iter().any(|w| w.contains("\"nowhere\"")),
+        "{warnings:?}"
+    );
+}

@@ -258,6 +258,13 @@ pub async fn snapshot_once(
 /// The mesh config's access-log settings changed (the `istio` ConfigMap): write with them
 /// from the next batch on. A file that cannot be opened keeps the current output.
 fn apply_access_log(shared: &Shared, mesh: &MeshConfig) {
+    // The `envoyFileAccessLog` providers: loggers kept for those that did not change.
+    if mesh.file_log_providers() != shared.mesh.load().file_log_providers() {
+        let current = shared.log_providers.load();
+        shared
+            .log_providers
+            .store(Arc::new(crate::state::log_providers(mesh, &current)));
+    }
     let (Some(logger), current) = (&shared.access_log, shared.mesh.load()) else {
         return;
     };

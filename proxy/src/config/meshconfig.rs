@@ -108,10 +108,21 @@ pub struct ExtensionProvider {
 pub enum ProviderKind {
     /// `envoyExtAuthzHttp`: called by CUSTOM policies on HTTP traffic.
     ExtAuthzHttp(ExtAuthzHttp),
+    /// `envoyFileAccessLog`: an access log Telemetry `accessLogging` may select.
+    FileAccessLog(FileAccessLogProvider),
     /// Another type (`envoyExtAuthzGrpc`, tracing, logging, ...). CUSTOM policies naming it
     /// are denied as Istio denies a provider it cannot use (gRPC ext_authz is not
     /// implemented by this waypoint).
     Other(String),
+}
+
+/// `envoyFileAccessLog` (istio `EnvoyFileAccessLogProvider`): `path` and `logFormat`
+/// (`text`, an Envoy format string, or `labels`, a JSON format; neither: Istio's text
+/// format).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileAccessLogProvider {
+    pub path: String,
+    pub format: accesslog::LogFormat,
 }
 
 /// A header name pattern of the provider lists, as istiod's `generateHeaders` builds Envoy
@@ -202,8 +213,23 @@ struct RawPathNormalization {
 struct RawProvider {
     name: String,
     envoy_ext_authz_http: Option<RawExtAuthzHttp>,
+    envoy_file_access_log: Option<RawFileAccessLog>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawFileAccessLog {
+    path: String,
+    log_format: Option<RawLogFormat>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawLogFormat {
+    text: Option<String>,
+    labels: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -275,9 +301,12 @@ impl MeshConfig {
             if out.extension_providers.iter().any(|e| e.name == p.name) {
                 anyhow::bail!("{at}: duplicate provider name");
             }
-            let kind = match p.envoy_ext_authz_http {
-                Some(h) => ProviderKind::ExtAuthzHttp(ext_authz_http(h).context(at)?),
-                None => ProviderKind::Other(p.other.keys().next().cloned().unwrap_or_default()),
+            let kind = match (p.envoy_ext_authz_http, p.envoy_file_access_log) {
+                (Some(h), _) => ProviderKind::ExtAuthzHttp(ext_authz_http(h).context(at)?),
+                (None, Some(f)) => ProviderKind::FileAccessLog(file_access_log(f).context(at)?),
+                (None, None) => {
+                    ProviderKind::Other(p.other.keys().next().cloned().unwrap_or_default())
+                }
             };
             out.extension_providers
                 .push(ExtensionProvider { name: p.name, kind });
@@ -295,9 +324,57 @@ impl MeshConfig {
             .iter()
             .filter_map(|p| match &p.kind {
                 ProviderKind::ExtAuthzHttp(h) => Some((h.service.clone(), h.port)),
-                ProviderKind::Other(_) => None,
+                ProviderKind::FileAccessLog(_) | ProviderKind::Other(_) => None,
             })
             .collect()
+    }
+}
+
+fn file_access_log(f: RawFileAccessLog) -> anyhow::Result<FileAccessLogProvider> {
+    if f.path.is_empty() {
+        anyhow::bail!("envoyFileAccessLog.path is required");
+    }
+    let format = match f.log_format {
+        Some(RawLogFormat {
+            text: Some(t),
+            labels: None,
+        }) if !t.is_empty() => accesslog::LogFormat::text(&t),
+        Some(RawLogFormat {
+            labels: Some(l), ..
+        }) => accesslog::LogFormat::json(&l),
+        _ => accesslog::LogFormat::text(accesslog::format::ISTIO_TEXT_FORMAT),
+    }
+    .map_err(|e| anyhow::anyhow!("envoyFileAccessLog.logFormat: {e}"))?;
+    Ok(FileAccessLogProvider {
+        path: f.path,
+        format,
+    })
+}
+
+impl MeshConfig {
+    /// The `envoyFileAccessLog` providers, by name.
+    pub fn file_log_providers(&self) -> Vec<(String, FileAccessLogProvider)> {
+        self.extension_providers
+            .iter()
+            .filter_map(|p| match &p.kind {
+                ProviderKind::FileAccessLog(f) => Some((p.name.clone(), f.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl FileAccessLogProvider {
+    /// Open its file (`/dev/stdout`, `/dev/stderr` or a path, appended).
+    pub fn logger(&self) -> anyhow::Result<accesslog::AccessLogger> {
+        let settings = AccessLogSettings {
+            file: self.path.clone(),
+            format: self.format.clone(),
+        };
+        Ok(accesslog::AccessLogger::spawn_with(accesslog::Output::new(
+            self.format.clone(),
+            settings.output()?,
+        )))
     }
 }
 

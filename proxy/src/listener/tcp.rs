@@ -31,9 +31,8 @@ pub(super) async fn proxy_tcp(
             VipLookup::Bound(sp) => sp.access_log.clone(),
             _ => t.service.access_log.clone(),
         };
-        if crate::request::log::log_allowed(&policy, &r, None, t.principal()) {
-            emit(shared, r);
-        }
+        let sinks = crate::request::log::log_sinks(&policy, &r, None, t.principal());
+        crate::state::write_log(shared, &sinks, r);
     };
     let mut r = AccessLogRecord::new(start);
     // TCPRoute: a weighted draw among its backends (Istio `convertTCPRoute`). An invalid

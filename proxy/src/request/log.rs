@@ -53,11 +53,25 @@ pub fn log_allowed(
     headers: Option<&HeaderMap>,
     principal: Option<&str>,
 ) -> bool {
+    log_sinks(policy, r, headers, principal).any()
+}
+
+/// Where a finished record goes under `policy`: the mesh-wide log and/or the
+/// `envoyFileAccessLog` providers its entries name.
+pub fn log_sinks(
+    policy: &AccessLogPolicy,
+    r: &AccessLogRecord,
+    headers: Option<&HeaderMap>,
+    principal: Option<&str>,
+) -> policy::LogSinks {
     if policy.is_default() {
-        return true;
+        return policy::LogSinks {
+            mesh: true,
+            named: Vec::new(),
+        };
     }
     if policy.is_disabled() {
-        return false;
+        return policy::LogSinks::default();
     }
     let port = |a: Option<&str>| {
         a.and_then(|a| a.parse::<std::net::SocketAddr>().ok())
@@ -92,7 +106,7 @@ pub fn log_allowed(
         route_name: r.route_name.as_deref().unwrap_or(""),
         connection_termination_details: r.connection_termination_details.as_deref().unwrap_or(""),
     };
-    policy.should_log(&attrs)
+    policy.sinks(&attrs)
 }
 
 impl PendingLog {
@@ -217,17 +231,21 @@ impl PendingLog {
             r,
             inner.grpc,
         );
-        if let Some(logger) = &inner.shared.access_log {
-            let write = inner.filter.as_ref().is_none_or(|f| {
-                log_allowed(
+        match inner.filter.as_ref() {
+            // No Telemetry: the mesh-wide log, nothing evaluated.
+            None => {
+                if let Some(logger) = &inner.shared.access_log {
+                    logger.log(inner.record);
+                }
+            }
+            Some(f) => {
+                let sinks = log_sinks(
                     &f.policy,
                     &inner.record,
                     f.headers.as_ref(),
                     f.principal.as_deref(),
-                )
-            });
-            if write {
-                logger.log(inner.record);
+                );
+                crate::state::write_log(&inner.shared, &sinks, inner.record);
             }
         }
     }

@@ -226,7 +226,7 @@ mod tests {
         .expect("mesh");
         match &m.extension_providers[0].kind {
             ProviderKind::ExtAuthzHttp(h) => h.clone(),
-            ProviderKind::Other(_) => panic!("http"),
+            _ => panic!("http"),
         }
     }
 
