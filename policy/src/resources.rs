@@ -921,6 +921,9 @@ pub struct AuthzSource {
     pub not_namespaces: Vec<String>,
     pub service_accounts: Vec<String>,
     pub not_service_accounts: Vec<String>,
+    /// Istio 1.31 (extended channel): the peer's trust domain.
+    pub trust_domains: Vec<String>,
+    pub not_trust_domains: Vec<String>,
     pub ip_blocks: Vec<String>,
     pub not_ip_blocks: Vec<String>,
     pub remote_ip_blocks: Vec<String>,

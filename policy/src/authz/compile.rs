@@ -473,6 +473,8 @@ impl PolicyCompiler<'_> {
             ("notNamespaces", &s.not_namespaces),
             ("serviceAccounts", &s.service_accounts),
             ("notServiceAccounts", &s.not_service_accounts),
+            ("trustDomains", &s.trust_domains),
+            ("notTrustDomains", &s.not_trust_domains),
             ("requestPrincipals", &s.request_principals),
             ("notRequestPrincipals", &s.not_request_principals),
         ];
@@ -527,6 +529,12 @@ impl PolicyCompiler<'_> {
                 &mut |v| namespace_check(v).map(|c| vec![c]),
             ),
             self.service_accounts(path, s, &ns),
+            self.field(
+                path,
+                ("trustDomains", &s.trust_domains),
+                ("notTrustDomains", &s.not_trust_domains),
+                &mut |v| trust_domain_checks(v, opts),
+            ),
             self.field(
                 path,
                 ("ipBlocks", &s.ip_blocks),
@@ -798,6 +806,8 @@ fn has_tcp_source_fields(s: &AuthzSource) -> bool {
         &s.not_remote_ip_blocks,
         &s.service_accounts,
         &s.not_service_accounts,
+        &s.trust_domains,
+        &s.not_trust_domains,
     ]
     .iter()
     .any(|l| !l.is_empty())
@@ -874,6 +884,42 @@ fn prefix_match(a: &str, pattern: &str) -> bool {
 
 fn suffix_match(a: &str, pattern: &str) -> bool {
     pattern.strip_prefix('*').is_some_and(|p| a.ends_with(p))
+}
+
+/// `trustDomains` (Istio 1.31): the peer principal starts with `spiffe://<td>/`; `*` is any
+/// peer identity, `*x` / `x*` a regex over the trust domain part; a trust domain that is ours,
+/// an alias or `cluster.local` is expanded to every trust domain of the bundle, as principals
+/// are (policy.md 1.4).
+fn trust_domain_checks(v: &str, opts: &CompileOptions) -> Result<Vec<Check>, String> {
+    if v.is_empty() || v.contains('/') {
+        return Err(format!("{v:?} is not a trust domain"));
+    }
+    if v == "*" {
+        return Ok(vec![Check::PeerPrincipal(StrMatch::NonEmpty)]);
+    }
+    if v.starts_with('*') || v.ends_with('*') {
+        let re = regex::escape(v.trim_matches('*'));
+        let pattern = match (v.starts_with('*'), v.ends_with('*')) {
+            (true, true) => format!("spiffe://[^/]*{re}[^/]*/.*"),
+            (true, false) => format!("spiffe://[^/]*{re}/.*"),
+            _ => format!("spiffe://{re}[^/]*/.*"),
+        };
+        return Ok(vec![Check::PeerPrincipal(StrMatch::Regex(full_regex(
+            &pattern,
+        )?))]);
+    }
+    let bundle: Vec<&str> = std::iter::once(opts.trust_domain.as_str())
+        .chain(opts.trust_domain_aliases.iter().map(String::as_str))
+        .collect();
+    let tds: Vec<&str> = if bundle.contains(&v) || v == CLUSTER_LOCAL {
+        bundle
+    } else {
+        vec![v]
+    };
+    Ok(tds
+        .into_iter()
+        .map(|td| Check::PeerPrincipal(StrMatch::Prefix(format!("spiffe://{td}/").into())))
+        .collect())
 }
 
 /// `namespaces` / `source.namespace`: Istio's regex `.*/ns/<ns>/.*` over the peer principal,

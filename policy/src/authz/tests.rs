@@ -897,6 +897,45 @@ fn namespaces_match_principal_namespace_segment() {
     );
 }
 
+/// `trustDomains` / `notTrustDomains` (Istio 1.31): the peer's trust domain, exact or with
+/// a `*` at either end; ours (and `cluster.local`) expanded to the trust-domain aliases.
+#[test]
+fn trust_domains_match_the_peer_trust_domain() {
+    matches_table(
+        "{from: [{source: {trustDomains: [cluster.local, '*.partner.example']}}]}",
+        &[
+            ("ours", Req::get("/"), true),
+            (
+                "a partner's",
+                Req::get("/").from("spiffe://eu.partner.example/ns/x/sa/y"),
+                true,
+            ),
+            (
+                "a prefix of ours is not ours",
+                Req::get("/").from("spiffe://cluster.localhost/ns/default/sa/x"),
+                false,
+            ),
+            (
+                "the trust domain named in a path is not the trust domain",
+                Req::get("/").from("spiffe://evil.example/ns/cluster.local/sa/x"),
+                false,
+            ),
+            ("no identity", Req::get("/").from(""), false),
+        ],
+    );
+    matches_table(
+        "{from: [{source: {notTrustDomains: [other.example]}}]}",
+        &[
+            ("ours", Req::get("/"), true),
+            (
+                "excluded",
+                Req::get("/").from("spiffe://other.example/ns/default/sa/x"),
+                false,
+            ),
+        ],
+    );
+}
+
 #[test]
 fn service_accounts_match_namespace_and_name() {
     matches_table(

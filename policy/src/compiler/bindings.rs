@@ -357,14 +357,40 @@ impl<'a> Compiler<'a> {
             );
         }
         let waypoint_ns = waypoint_ns.unwrap_or_else(|| ns.to_string());
-        let named = Some(format!("{waypoint_ns}/{waypoint}"));
+        let mut named = Some(format!("{waypoint_ns}/{waypoint}"));
+        let mut via = USE_WAYPOINT;
         if waypoint != *gw.name || waypoint_ns != *gw.namespace {
-            return info(
-                BindingState::OtherWaypoint,
-                kind,
-                named,
-                format!("{svc} is bound to waypoint {waypoint_ns}/{waypoint} (label on {source})"),
-            );
+            // Istio 1.31 weighted canary (policy.md 3): the object that names the primary
+            // waypoint may name a canary with `istio.io/use-waypoint-canary` (+`-namespace`);
+            // ztunnel sends it a share of new connections, so the canary serves the Service
+            // as the primary does. A canary equal to the primary is ignored
+            // (`CanarySameAsPrimary`).
+            let labels = if kind == BindingSource::ServiceLabel {
+                &meta.labels
+            } else {
+                &ns_labels
+            };
+            let canary = get(labels, USE_WAYPOINT_CANARY).map(|c| {
+                let cns =
+                    get(labels, USE_WAYPOINT_CANARY_NAMESPACE).unwrap_or_else(|| ns.to_string());
+                (c, cns)
+            });
+            match canary {
+                Some((c, cns)) if c == *gw.name && cns == *gw.namespace => {
+                    named = Some(format!("{cns}/{c}"));
+                    via = USE_WAYPOINT_CANARY;
+                }
+                _ => {
+                    return info(
+                        BindingState::OtherWaypoint,
+                        kind,
+                        named,
+                        format!(
+                            "{svc} is bound to waypoint {waypoint_ns}/{waypoint} (label on {source})"
+                        ),
+                    );
+                }
+            }
         }
         let gw_id = format!("{}/{}", gw.namespace, gw.name);
         let wf = match gw.waypoint_for {
@@ -401,7 +427,7 @@ impl<'a> Compiler<'a> {
             BindingState::Bound,
             kind,
             named,
-            format!("{svc} uses waypoint {gw_id} ({USE_WAYPOINT} label on {source})"),
+            format!("{svc} uses waypoint {gw_id} ({via} label on {source})"),
         )
     }
 }

@@ -38,6 +38,9 @@ use crate::snapshot::{EndpointSpec, EndpointWorkload, Workload};
 
 const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+/// Istio 1.31 weighted waypoint canary (the weight is ztunnel's business).
+const USE_WAYPOINT_CANARY: &str = "istio.io/use-waypoint-canary";
+const USE_WAYPOINT_CANARY_NAMESPACE: &str = "istio.io/use-waypoint-canary-namespace";
 const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Set on the Service of every Gateway API gateway; waypoints never get a waypoint.

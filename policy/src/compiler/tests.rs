@@ -2123,3 +2123,43 @@ fn destination_rules_set_the_cluster_traffic_policy() {
         "DISABLE on the port wins"
     );
 }
+
+/// Istio 1.31's weighted canary: a Service whose `use-waypoint` names another waypoint and
+/// whose `use-waypoint-canary` names this one is served here (ztunnel sends this waypoint its
+/// share of connections); a canary naming another waypoint or namespace is not.
+#[test]
+fn a_service_naming_this_waypoint_as_its_canary_is_served() {
+    let snap = ok(&docs(&[
+        &ns(""),
+        &gateway("", ""),
+        &service(
+            "default",
+            "canaried",
+            "10.0.0.60",
+            "istio.io/use-waypoint: envoy-waypoint, istio.io/use-waypoint-canary: waypoint",
+            HTTP_PORT,
+        ),
+        &service(
+            "default",
+            "elsewhere",
+            "10.0.0.61",
+            "istio.io/use-waypoint: envoy-waypoint, istio.io/use-waypoint-canary: waypoint, istio.io/use-waypoint-canary-namespace: other",
+            HTTP_PORT,
+        ),
+        &service(
+            "default",
+            "primary-only",
+            "10.0.0.62",
+            "istio.io/use-waypoint: envoy-waypoint",
+            HTTP_PORT,
+        ),
+    ]));
+    let sp = bound(&snap, "10.0.0.60:9080");
+    assert_eq!(&*sp.cluster.service_name, "canaried");
+    for vip in ["10.0.0.61:9080", "10.0.0.62:9080"] {
+        assert!(
+            !matches!(snap.lookup_vip(addr(vip)), VipLookup::Bound(_)),
+            "{vip} is not served here"
+        );
+    }
+}
