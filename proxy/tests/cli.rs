@@ -645,3 +645,26 @@ spec:
         "{warning}"
     );
 }
+
+#[test]
+fn explain_shows_the_destination_rule_of_the_chosen_cluster() {
+    let dir = ops_dir(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: default}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {consistentHash: {httpHeaderName: x-user}}\n    connectionPool: {http: {http2MaxRequests: 10}}\n    outlierDetection: {consecutiveGatewayErrors: 3}\n",
+    );
+    let (ok, out, err) = run_cmd(
+        &[
+            "explain",
+            "--from",
+            SLEEP,
+            "--to",
+            "10.0.0.10:9080",
+            "/reviews/1",
+        ],
+        dir.path(),
+    );
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("traffic policy: DestinationRule default/reviews, consistent hash by header x-user, max requests 10, outlier detection (5xx 5, gateway errors 3, ejection 30s, max 10%)"),
+        "{out}"
+    );
+}

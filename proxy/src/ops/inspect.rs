@@ -266,6 +266,9 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
                         c.name,
                         eps.join(", ")
                     );
+                    if let Some(t) = &c.traffic {
+                        let _ = writeln!(o, "    traffic policy: {}", traffic_summary(t));
+                    }
                 }
                 Backend::Invalid { reason } => {
                     let _ = writeln!(o, "  weight {} ({share:.1}%): invalid: {reason}", b.weight);
@@ -422,4 +425,57 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
     }
     o.push('\n');
     out
+}
+
+/// One line on a cluster's DestinationRule policy, for `explain`.
+fn traffic_summary(t: &policy::traffic::TrafficPolicy) -> String {
+    use policy::traffic::{HashKey, LbPolicy};
+    let mut parts = vec![t.source.clone()];
+    parts.push(match &t.lb {
+        LbPolicy::LeastRequest => "LEAST_REQUEST".to_string(),
+        LbPolicy::RoundRobin => "ROUND_ROBIN".to_string(),
+        LbPolicy::Random => "RANDOM".to_string(),
+        LbPolicy::ConsistentHash(h) => format!(
+            "consistent hash by {}",
+            match &h.key {
+                HashKey::Header(n) => format!("header {n}"),
+                HashKey::Cookie { name, .. } => format!("cookie {name}"),
+                HashKey::SourceIp => "source IP".to_string(),
+                HashKey::QueryParam(q) => format!("query parameter {q}"),
+            }
+        ),
+    });
+    let limit = |name: &str, v: Option<u32>| v.map(|n| format!("{name} {n}"));
+    parts.extend(
+        [
+            limit("max requests", t.max_requests),
+            limit("max connections", t.max_connections),
+            limit("max pending", t.max_pending_requests),
+            limit("max retries", t.max_retries),
+            limit("max requests per connection", t.max_requests_per_connection),
+        ]
+        .into_iter()
+        .flatten(),
+    );
+    if let Some(o) = &t.outlier {
+        parts.push(format!(
+            "outlier detection (5xx {}, gateway errors {}, ejection {:?}, max {}%)",
+            o.consecutive_5xx.map_or("off".into(), |n| n.to_string()),
+            o.consecutive_gateway
+                .map_or("off".into(), |n| n.to_string()),
+            o.base_ejection_time,
+            o.max_ejection_percent
+        ));
+    }
+    if let Some(tls) = &t.tls {
+        parts.push(format!(
+            "TLS {}{}",
+            if tls.mutual { "MUTUAL" } else { "SIMPLE" },
+            tls.sni
+                .as_deref()
+                .map(|s| format!(" sni {s}"))
+                .unwrap_or_default()
+        ));
+    }
+    parts.join(", ")
 }
