@@ -148,11 +148,21 @@ async fn ours_overflow(g: &Gate) -> Answer {
     )
 }
 
-async fn envoys_overflow(g: &Gate) -> Answer {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let config = format!(
-        r#"admin:
+/// Real Envoy in front of `g` with the cluster's circuit-breaker `thresholds` (as istiod
+/// renders them), logging `code flags details` per request to a file.
+struct BreakerEnvoy {
+    envoy: Envoy,
+    addr: SocketAddr,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl BreakerEnvoy {
+    async fn start(g: &Gate, thresholds: &str) -> BreakerEnvoy {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("access.log");
+        let config = format!(
+            r#"admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
 static_resources:
   listeners:
@@ -184,21 +194,29 @@ static_resources:
   - name: "{CLUSTER}"
     type: STATIC
     connect_timeout: 5s
-    # What istiod renders for connectionPool.http.http2MaxRequests: 1.
-    circuit_breakers: {{thresholds: [{{max_requests: 1}}]}}
+    circuit_breakers: {{thresholds: [{thresholds}]}}
     load_assignment:
       cluster_name: "{CLUSTER}"
       endpoints:
       - lb_endpoints:
         - endpoint: {{address: {{socket_address: {{address: "{ip}", port_value: {port}}}}}}}
 "#,
-        log = log.display(),
-        ip = g.addr.ip(),
-        port = g.addr.port(),
-    );
-    let envoy = Envoy::start(&config).await.expect("envoy starts");
-    let addr = envoy.listener("http").await.unwrap();
-    let client = |path: &'static str| async move {
+            log = log.display(),
+            ip = g.addr.ip(),
+            port = g.addr.port(),
+        );
+        let envoy = Envoy::start(&config).await.expect("envoy starts");
+        let addr = envoy.listener("http").await.unwrap();
+        BreakerEnvoy {
+            envoy,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// One request on its own connection: (status, body).
+    async fn get(addr: SocketAddr, path: &'static str) -> (u16, String) {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (mut s, d) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
             hyper_util::rt::TokioIo::new(tcp),
@@ -210,31 +228,40 @@ static_resources:
         let status = resp.status().as_u16();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8_lossy(&body).into_owned())
-    };
-    let first = tokio::spawn(client("/hold"));
+    }
+
+    /// (flags, details) of the logged 503 (Envoy flushes its log every second).
+    async fn refused_line(&self) -> (String, String) {
+        let line = eventually(Duration::from_secs(10), || {
+            let log = self.log.clone();
+            async move {
+                let text = std::fs::read_to_string(&log).ok()?;
+                text.lines()
+                    .find(|l| l.starts_with("503 "))
+                    .map(str::to_string)
+            }
+        })
+        .await
+        .unwrap_or_else(|| panic!("no 503 line; envoy log:\n{}", self.envoy.log()));
+        let mut f = line.splitn(3, ' ').skip(1);
+        (
+            f.next().unwrap_or_default().to_string(),
+            f.next().unwrap_or_default().to_string(),
+        )
+    }
+}
+
+/// Envoy's answer to a second request while one is held, with `max_requests: 1` (istiod's
+/// rendering of `connectionPool.http.http2MaxRequests: 1`).
+async fn envoys_overflow(g: &Gate) -> Answer {
+    let e = BreakerEnvoy::start(g, "{max_requests: 1}").await;
+    let first = tokio::spawn(BreakerEnvoy::get(e.addr, "/hold"));
     g.wait_arrival().await;
-    let (status, body) = client("/other").await;
+    let (status, body) = BreakerEnvoy::get(e.addr, "/other").await;
     g.release.notify_one();
     assert_eq!(first.await.unwrap().0, 200);
-    let line = eventually(Duration::from_secs(10), || {
-        let log = log.clone();
-        async move {
-            let text = std::fs::read_to_string(&log).ok()?;
-            text.lines()
-                .find(|l| l.starts_with("503 "))
-                .map(str::to_string)
-        }
-    })
-    .await
-    .unwrap_or_else(|| panic!("no 503 line; envoy log:\n{}", envoy.log()));
-    let mut f = line.splitn(3, ' ');
-    let (_, flags, details) = (f.next(), f.next(), f.next());
-    (
-        status,
-        body,
-        flags.unwrap_or_default().to_string(),
-        details.unwrap_or_default().to_string(),
-    )
+    let (flags, details) = e.refused_line().await;
+    (status, body, flags, details)
 }
 
 #[tokio::test]
@@ -580,102 +607,26 @@ async fn ours_pending_overflow(g: &Gate) -> Answer {
     )
 }
 
+/// Envoy's answer to a third request while one holds the only connection and one waits for
+/// it (istiod's rendering of `tcp.maxConnections: 1`, `http.http1MaxPendingRequests: 1`).
 async fn envoys_pending_overflow(g: &Gate) -> Answer {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let config = format!(
-        r#"admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-static_resources:
-  listeners:
-  - name: http
-    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: "{log}"
-              log_format: {{text_format_source: {{inline_string: "%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%\n"}}}}
-          route_config:
-            virtual_hosts:
-            - name: reviews
-              domains: ["*"]
-              routes:
-              - match: {{prefix: /}}
-                route: {{cluster: "{CLUSTER}"}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: "{CLUSTER}"
-    type: STATIC
-    connect_timeout: 5s
-    # What istiod renders for tcp.maxConnections: 1, http.http1MaxPendingRequests: 1.
-    circuit_breakers: {{thresholds: [{{max_connections: 1, max_pending_requests: 1}}]}}
-    load_assignment:
-      cluster_name: "{CLUSTER}"
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: "{ip}", port_value: {port}}}}}}}
-"#,
-        log = log.display(),
-        ip = g.addr.ip(),
-        port = g.addr.port(),
-    );
-    let envoy = Envoy::start(&config).await.expect("envoy starts");
-    let addr = envoy.listener("http").await.unwrap();
-    let client = |path: &'static str| async move {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut s, d) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(d);
-        let resp = s.send_request(request(path)).await.unwrap();
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&body).into_owned())
-    };
-    let first = tokio::spawn(client("/hold"));
+    let e = BreakerEnvoy::start(g, "{max_connections: 1, max_pending_requests: 1}").await;
+    let first = tokio::spawn(BreakerEnvoy::get(e.addr, "/hold"));
     g.wait_arrival().await;
-    let second = tokio::spawn(client("/other"));
+    let second = tokio::spawn(BreakerEnvoy::get(e.addr, "/other"));
     let stat = format!("cluster.{CLUSTER}.upstream_rq_pending_active");
     let queued = eventually(Duration::from_secs(10), || {
-        let (envoy, stat) = (&envoy, &stat);
+        let (envoy, stat) = (&e.envoy, &stat);
         async move { (envoy.stat(stat).await == 1).then_some(()) }
     })
     .await;
     assert!(queued.is_some(), "envoy queued the second request");
-    let (status, body) = client("/other").await;
+    let (status, body) = BreakerEnvoy::get(e.addr, "/other").await;
     g.release.notify_one();
     assert_eq!(first.await.unwrap().0, 200);
     assert_eq!(second.await.unwrap().0, 200);
-    let line = eventually(Duration::from_secs(10), || {
-        let log = log.clone();
-        async move {
-            let text = std::fs::read_to_string(&log).ok()?;
-            text.lines()
-                .find(|l| l.starts_with("503 "))
-                .map(str::to_string)
-        }
-    })
-    .await
-    .unwrap_or_else(|| panic!("no 503 line; envoy log:\n{}", envoy.log()));
-    let mut f = line.splitn(3, ' ');
-    let (_, flags, details) = (f.next(), f.next(), f.next());
-    (
-        status,
-        body,
-        flags.unwrap_or_default().to_string(),
-        details.unwrap_or_default().to_string(),
-    )
+    let (flags, details) = e.refused_line().await;
+    (status, body, flags, details)
 }
 
 #[tokio::test]

@@ -61,41 +61,39 @@ pub fn choose<'a>(
             .filter_map(|i| endpoints.get(i as usize))
             .find(|e| healthy(e));
     }
-    let mut usable: Vec<&Endpoint> = endpoints.iter().filter(|e| healthy(e)).collect();
-    if let Some(o) = &t.outlier
-        && !endpoints.is_empty()
-        && (usable.len() * 100) < (o.min_health_percent as usize * endpoints.len())
-    {
-        // Panic mode: too few healthy hosts; use them all.
-        usable = endpoints.iter().collect();
-    }
-    if usable.is_empty() {
+    // No allocation per request: the candidates are a filter over the list, counted and
+    // indexed by scanning (endpoint lists are short next to a request's other work).
+    let healthy_count = endpoints.iter().filter(|e| healthy(e)).count();
+    // Panic mode: fewer than minHealthPercent healthy hosts; use them all.
+    let panic = t
+        .outlier
+        .as_ref()
+        .is_some_and(|o| healthy_count * 100 < o.min_health_percent as usize * endpoints.len());
+    let usable = |e: &Endpoint| panic || healthy(e);
+    let fresh = |e: &Endpoint| usable(e) && !tried.contains(&e.addr);
+    let fresh_count = endpoints.iter().filter(|e| fresh(e)).count();
+    let (count, pool): (usize, &dyn Fn(&Endpoint) -> bool) = if fresh_count > 0 {
+        (fresh_count, &fresh)
+    } else {
+        (endpoints.iter().filter(|e| usable(e)).count(), &usable)
+    };
+    if count == 0 {
         return None;
     }
-    let fresh: Vec<&Endpoint> = usable
-        .iter()
-        .copied()
-        .filter(|e| !tried.contains(&e.addr))
-        .collect();
-    let pool = if fresh.is_empty() { usable } else { fresh };
+    let nth = |k: usize| endpoints.iter().filter(|e| pool(e)).nth(k);
     match t.lb {
-        LbPolicy::RoundRobin => {
-            let i = t.rr.fetch_add(1, Ordering::Relaxed) as usize;
-            pool.get(i % pool.len()).copied()
-        }
-        LbPolicy::Random | LbPolicy::ConsistentHash(_) => {
-            pool.get((r % pool.len() as u64) as usize).copied()
-        }
+        LbPolicy::RoundRobin => nth(t.rr.fetch_add(1, Ordering::Relaxed) as usize % count),
+        LbPolicy::Random | LbPolicy::ConsistentHash(_) => nth((r % count as u64) as usize),
         LbPolicy::LeastRequest => {
-            if pool.len() == 1 {
-                return pool.first().copied();
+            if count == 1 {
+                return nth(0);
             }
-            let a = (r % pool.len() as u64) as usize;
-            let mut b = ((r >> 32) % (pool.len() as u64 - 1)) as usize;
+            let a = (r % count as u64) as usize;
+            let mut b = ((r >> 32) % (count as u64 - 1)) as usize;
             if b >= a {
                 b += 1;
             }
-            let (ea, eb) = (pool[a], pool[b]);
+            let (ea, eb) = (nth(a)?, nth(b)?);
             Some(if eb.load.get() < ea.load.get() {
                 eb
             } else {

@@ -40,23 +40,20 @@ pub fn client_config(t: &TlsOrigination) -> Result<Arc<rustls::ClientConfig>, Up
 }
 
 fn read_pem_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls_pki_types::pem::PemObject;
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-    let certs: Vec<_> = rustls_pemfile_certs(&pem);
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .filter_map(Result::ok)
+        .collect();
     if certs.is_empty() {
         return Err(format!("no PEM certificate in {path}"));
     }
     Ok(certs)
 }
 
-fn rustls_pemfile_certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
-    use rustls_pki_types::pem::PemObject;
-    CertificateDer::pem_slice_iter(pem)
-        .filter_map(Result::ok)
-        .collect()
-}
-
 fn build(t: &TlsOrigination) -> Result<rustls::ClientConfig, String> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    // The process's one crypto provider (aws-lc-rs), as for HBONE.
+    let provider = hbone::tls::provider();
     let mut roots = rustls::RootCertStore::empty();
     match &t.ca_certificates {
         Some(path) => {
@@ -81,7 +78,6 @@ fn build(t: &TlsOrigination) -> Result<rustls::ClientConfig, String> {
         inner: webpki,
         names: t.subject_alt_names.clone(),
         skip: t.insecure_skip_verify,
-        provider: provider.clone(),
     });
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -114,7 +110,6 @@ struct Verifier {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
     names: Vec<String>,
     skip: bool,
-    provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
 impl ServerCertVerifier for Verifier {
@@ -154,18 +149,14 @@ impl ServerCertVerifier for Verifier {
         Err(last)
     }
 
+    // Handshake signatures: webpki's own checks, whatever the name policy.
     fn verify_tls12_signature(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -174,18 +165,11 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.inner.supported_verify_schemes()
     }
 }
 
