@@ -533,183 +533,226 @@ fn parts(
         errors.push(err(meta, &field, message));
         *ok = false;
     };
-    let duration = |field: String, v: &Option<String>, fail: &mut dyn FnMut(String, String)| {
-        let v = v.as_deref()?;
-        match parse_proto_duration(v) {
-            Some(d) => Some(d),
-            None => {
-                fail(field, format!("{v:?} is not a duration (e.g. 10s, 0.5s)"));
-                None
-            }
-        }
-    };
-    let count = |field: String, v: Option<i64>, fail: &mut dyn FnMut(String, String)| {
-        let v = v?;
-        match u32::try_from(v) {
-            Ok(n) => Some(n),
-            Err(_) => {
-                fail(field, format!("{v} is not a count (0-4294967295)"));
-                None
-            }
-        }
-    };
     let mut out = Parts::default();
     if let Some(lb) = lb {
-        let f = format!("{at}.loadBalancer");
-        out.lb = match lb.simple.as_deref() {
-            None | Some("UNSPECIFIED") | Some("LEAST_REQUEST") | Some("LEAST_CONN") => {
-                Some(LbPolicy::LeastRequest)
-            }
-            Some("ROUND_ROBIN") => Some(LbPolicy::RoundRobin),
-            Some("RANDOM") => Some(LbPolicy::Random),
-            Some("PASSTHROUGH") => {
-                warn(&format!("{f}.simple"), "PASSTHROUGH");
-                None
-            }
-            Some(other) => {
-                fail(
-                    format!("{f}.simple"),
-                    format!(
-                        "{other:?} is not one of UNSPECIFIED, LEAST_REQUEST, ROUND_ROBIN, RANDOM, PASSTHROUGH"
-                    ),
-                );
-                None
-            }
-        };
-        if let Some(ch) = &lb.consistent_hash {
-            let f = format!("{f}.consistentHash");
-            match consistent_hash(ch, &f) {
-                Ok((policy, ignored)) => {
-                    out.lb = Some(LbPolicy::ConsistentHash(policy));
-                    for field in ignored {
-                        warn(&format!("{f}.{field}"), "this hash option");
-                    }
-                }
-                Err((field, message)) => fail(field, message),
-            }
+        lb_part(at, lb, &mut out, &mut fail, warn);
+    }
+    if let Some(pool) = pool {
+        pool_part(at, pool, &mut out, &mut fail, warn);
+    }
+    if let Some(o) = outlier {
+        outlier_part(at, o, &mut out, &mut fail, warn);
+    }
+    out
+}
+
+type Fail<'a> = dyn FnMut(String, String) + 'a;
+type Warn<'a> = dyn FnMut(&str, &str) + 'a;
+
+/// A protobuf duration field; a bad value is reported through `fail`.
+fn duration(field: String, v: &Option<String>, fail: &mut Fail<'_>) -> Option<Duration> {
+    let v = v.as_deref()?;
+    match parse_proto_duration(v) {
+        Some(d) => Some(d),
+        None => {
+            fail(field, format!("{v:?} is not a duration (e.g. 10s, 0.5s)"));
+            None
         }
+    }
+}
+
+/// A uint32 count field; a bad value is reported through `fail`.
+fn count(field: String, v: Option<i64>, fail: &mut Fail<'_>) -> Option<u32> {
+    let v = v?;
+    match u32::try_from(v) {
+        Ok(n) => Some(n),
+        Err(_) => {
+            fail(field, format!("{v} is not a count (0-4294967295)"));
+            None
+        }
+    }
+}
+
+/// `loadBalancer`.
+fn lb_part(
+    at: &str,
+    lb: &LoadBalancerSpec,
+    out: &mut Parts,
+    fail: &mut Fail<'_>,
+    warn: &mut Warn<'_>,
+) {
+    let f = format!("{at}.loadBalancer");
+    out.lb = match lb.simple.as_deref() {
+        None | Some("UNSPECIFIED") | Some("LEAST_REQUEST") | Some("LEAST_CONN") => {
+            Some(LbPolicy::LeastRequest)
+        }
+        Some("ROUND_ROBIN") => Some(LbPolicy::RoundRobin),
+        Some("RANDOM") => Some(LbPolicy::Random),
+        Some("PASSTHROUGH") => {
+            warn(&format!("{f}.simple"), "PASSTHROUGH");
+            None
+        }
+        Some(other) => {
+            fail(
+                format!("{f}.simple"),
+                format!(
+                    "{other:?} is not one of UNSPECIFIED, LEAST_REQUEST, ROUND_ROBIN, RANDOM, PASSTHROUGH"
+                ),
+            );
+            None
+        }
+    };
+    if let Some(ch) = &lb.consistent_hash {
+        let f = format!("{f}.consistentHash");
+        match consistent_hash(ch, &f) {
+            Ok((policy, ignored)) => {
+                out.lb = Some(LbPolicy::ConsistentHash(policy));
+                for field in ignored {
+                    warn(&format!("{f}.{field}"), "this hash option");
+                }
+            }
+            Err((field, message)) => fail(field, message),
+        }
+    }
+    for (present, field, what) in [
+        (
+            lb.locality_lb_setting.is_some(),
+            "localityLbSetting",
+            "locality load balancing",
+        ),
+        (
+            lb.warmup_duration_secs.is_some() || lb.warmup.is_some(),
+            "warmupDurationSecs",
+            "slow start",
+        ),
+    ] {
+        if present {
+            warn(&format!("{f}.{field}"), what);
+        }
+    }
+}
+
+/// `connectionPool`.
+fn pool_part(
+    at: &str,
+    pool: &ConnectionPoolSpec,
+    out: &mut Parts,
+    fail: &mut Fail<'_>,
+    warn: &mut Warn<'_>,
+) {
+    let f = format!("{at}.connectionPool");
+    let mut p = PoolParts::default();
+    if let Some(tcp) = &pool.tcp {
+        p.connect_timeout = duration(
+            format!("{f}.tcp.connectTimeout"),
+            &tcp.connect_timeout,
+            &mut *fail,
+        );
+        p.tcp_idle_timeout = duration(
+            format!("{f}.tcp.idleTimeout"),
+            &tcp.idle_timeout,
+            &mut *fail,
+        );
+        p.max_connections = count(
+            format!("{f}.tcp.maxConnections"),
+            tcp.max_connections,
+            &mut *fail,
+        );
         for (present, field, what) in [
+            (tcp.tcp_keepalive.is_some(), "tcpKeepalive", "TCP keepalive"),
             (
-                lb.locality_lb_setting.is_some(),
-                "localityLbSetting",
-                "locality load balancing",
-            ),
-            (
-                lb.warmup_duration_secs.is_some() || lb.warmup.is_some(),
-                "warmupDurationSecs",
-                "slow start",
+                tcp.max_connection_duration.is_some(),
+                "maxConnectionDuration",
+                "a connection lifetime",
             ),
         ] {
             if present {
-                warn(&format!("{f}.{field}"), what);
+                warn(&format!("{f}.tcp.{field}"), what);
             }
         }
     }
-    if let Some(pool) = pool {
-        let f = format!("{at}.connectionPool");
-        let mut p = PoolParts::default();
-        if let Some(tcp) = &pool.tcp {
-            p.connect_timeout = duration(
-                format!("{f}.tcp.connectTimeout"),
-                &tcp.connect_timeout,
-                &mut fail,
-            );
-            p.tcp_idle_timeout =
-                duration(format!("{f}.tcp.idleTimeout"), &tcp.idle_timeout, &mut fail);
-            p.max_connections = count(
-                format!("{f}.tcp.maxConnections"),
-                tcp.max_connections,
-                &mut fail,
-            );
-            for (present, field, what) in [
-                (tcp.tcp_keepalive.is_some(), "tcpKeepalive", "TCP keepalive"),
-                (
-                    tcp.max_connection_duration.is_some(),
-                    "maxConnectionDuration",
-                    "a connection lifetime",
-                ),
-            ] {
-                if present {
-                    warn(&format!("{f}.tcp.{field}"), what);
-                }
-            }
-        }
-        if let Some(http) = &pool.http {
-            p.max_requests = count(
-                format!("{f}.http.http2MaxRequests"),
-                http.http2_max_requests,
-                &mut fail,
-            );
-            p.max_requests_per_connection = count(
-                format!("{f}.http.maxRequestsPerConnection"),
-                http.max_requests_per_connection,
-                &mut fail,
-            )
-            .filter(|n| *n != 0);
-            p.max_pending_requests = count(
-                format!("{f}.http.http1MaxPendingRequests"),
-                http.http1_max_pending_requests,
-                &mut fail,
-            );
-            p.max_retries = count(format!("{f}.http.maxRetries"), http.max_retries, &mut fail);
-            p.idle_timeout = duration(
-                format!("{f}.http.idleTimeout"),
-                &http.idle_timeout,
-                &mut fail,
-            );
-            for (present, field, what) in [
-                (
-                    http.h2_upgrade_policy.is_some(),
-                    "h2UpgradePolicy",
-                    "upgrading to HTTP/2",
-                ),
-                (
-                    http.use_client_protocol.is_some(),
-                    "useClientProtocol",
-                    "the client's protocol upstream",
-                ),
-                (
-                    http.max_concurrent_streams.is_some(),
-                    "maxConcurrentStreams",
-                    "an upstream stream limit",
-                ),
-            ] {
-                if present {
-                    warn(&format!("{f}.http.{field}"), what);
-                }
-            }
-        }
-        out.pool = Some(p);
-    }
-    if let Some(o) = outlier {
-        let f = format!("{at}.outlierDetection");
-        if o.consecutive_local_origin_failures.is_some()
-            || o.split_external_local_origin_errors == Some(true)
-        {
-            warn(
-                &format!("{f}.consecutiveLocalOriginFailures"),
-                "separate local-origin failure counting",
-            );
-        }
-        let five = count(
-            format!("{f}.consecutive5xxErrors"),
-            o.consecutive_5xx_errors,
-            &mut fail,
-        )
-        .or(count(
-            format!("{f}.consecutiveErrors"),
-            o.consecutive_errors,
-            &mut fail,
-        ));
-        let gateway = count(
-            format!("{f}.consecutiveGatewayErrors"),
-            o.consecutive_gateway_errors,
-            &mut fail,
+    if let Some(http) = &pool.http {
+        p.max_requests = count(
+            format!("{f}.http.http2MaxRequests"),
+            http.http2_max_requests,
+            &mut *fail,
         );
-        let percent = |field: &str,
-                       v: Option<i64>,
-                       default: u32,
-                       fail: &mut dyn FnMut(String, String)| match v {
+        p.max_requests_per_connection = count(
+            format!("{f}.http.maxRequestsPerConnection"),
+            http.max_requests_per_connection,
+            &mut *fail,
+        )
+        .filter(|n| *n != 0);
+        p.max_pending_requests = count(
+            format!("{f}.http.http1MaxPendingRequests"),
+            http.http1_max_pending_requests,
+            &mut *fail,
+        );
+        p.max_retries = count(format!("{f}.http.maxRetries"), http.max_retries, &mut *fail);
+        p.idle_timeout = duration(
+            format!("{f}.http.idleTimeout"),
+            &http.idle_timeout,
+            &mut *fail,
+        );
+        for (present, field, what) in [
+            (
+                http.h2_upgrade_policy.is_some(),
+                "h2UpgradePolicy",
+                "upgrading to HTTP/2",
+            ),
+            (
+                http.use_client_protocol.is_some(),
+                "useClientProtocol",
+                "the client's protocol upstream",
+            ),
+            (
+                http.max_concurrent_streams.is_some(),
+                "maxConcurrentStreams",
+                "an upstream stream limit",
+            ),
+        ] {
+            if present {
+                warn(&format!("{f}.http.{field}"), what);
+            }
+        }
+    }
+    out.pool = Some(p);
+}
+
+/// `outlierDetection`.
+fn outlier_part(
+    at: &str,
+    o: &OutlierDetectionSpec,
+    out: &mut Parts,
+    fail: &mut Fail<'_>,
+    warn: &mut Warn<'_>,
+) {
+    let f = format!("{at}.outlierDetection");
+    if o.consecutive_local_origin_failures.is_some()
+        || o.split_external_local_origin_errors == Some(true)
+    {
+        warn(
+            &format!("{f}.consecutiveLocalOriginFailures"),
+            "separate local-origin failure counting",
+        );
+    }
+    let five = count(
+        format!("{f}.consecutive5xxErrors"),
+        o.consecutive_5xx_errors,
+        &mut *fail,
+    )
+    .or(count(
+        format!("{f}.consecutiveErrors"),
+        o.consecutive_errors,
+        &mut *fail,
+    ));
+    let gateway = count(
+        format!("{f}.consecutiveGatewayErrors"),
+        o.consecutive_gateway_errors,
+        &mut *fail,
+    );
+    let percent =
+        |field: &str, v: Option<i64>, default: u32, fail: &mut dyn FnMut(String, String)| match v {
             None => default,
             Some(n @ 0..=100) => n as u32,
             Some(n) => {
@@ -720,37 +763,30 @@ fn parts(
                 default
             }
         };
-        if o.interval.is_some() {
-            // Ejection is decided when the threshold is reached (Envoy's consecutive
-            // detectors do not wait for the interval); the interval only paces
-            // success-rate detection, which Istio does not configure.
-            duration(format!("{f}.interval"), &o.interval, &mut fail);
-        }
-        out.outlier = Some(OutlierPolicy {
-            // Istio: consecutive5xxErrors defaults to 5 when the block is present; 0 turns
-            // the detector off.
-            consecutive_5xx: match five {
-                None => Some(5),
-                Some(0) => None,
-                Some(n) => Some(n),
-            },
-            consecutive_gateway: gateway.filter(|n| *n != 0),
-            base_ejection_time: duration(
-                format!("{f}.baseEjectionTime"),
-                &o.base_ejection_time,
-                &mut fail,
-            )
-            .unwrap_or(Duration::from_secs(30)),
-            max_ejection_percent: percent(
-                "maxEjectionPercent",
-                o.max_ejection_percent,
-                10,
-                &mut fail,
-            ),
-            min_health_percent: percent("minHealthPercent", o.min_health_percent, 0, &mut fail),
-        });
+    if o.interval.is_some() {
+        // Ejection is decided when the threshold is reached (Envoy's consecutive
+        // detectors do not wait for the interval); the interval only paces
+        // success-rate detection, which Istio does not configure.
+        duration(format!("{f}.interval"), &o.interval, &mut *fail);
     }
-    out
+    out.outlier = Some(OutlierPolicy {
+        // Istio: consecutive5xxErrors defaults to 5 when the block is present; 0 turns
+        // the detector off.
+        consecutive_5xx: match five {
+            None => Some(5),
+            Some(0) => None,
+            Some(n) => Some(n),
+        },
+        consecutive_gateway: gateway.filter(|n| *n != 0),
+        base_ejection_time: duration(
+            format!("{f}.baseEjectionTime"),
+            &o.base_ejection_time,
+            &mut *fail,
+        )
+        .unwrap_or(Duration::from_secs(30)),
+        max_ejection_percent: percent("maxEjectionPercent", o.max_ejection_percent, 10, &mut *fail),
+        min_health_percent: percent("minHealthPercent", o.min_health_percent, 0, &mut *fail),
+    });
 }
 
 /// `loadBalancer.consistentHash` (istio `LoadBalancerSettings.ConsistentHashLB`): one key
