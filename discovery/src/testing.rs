@@ -112,6 +112,13 @@ const KINDS: &[(&str, &str, &str, &str, bool)] = &[
         "DestinationRule",
         true,
     ),
+    (
+        "serviceentries",
+        "networking.istio.io",
+        "v1",
+        "ServiceEntry",
+        true,
+    ),
 ];
 
 fn kind_info(kind: &str) -> (&'static str, &'static str, &'static str, bool) {

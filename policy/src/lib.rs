@@ -49,9 +49,10 @@ pub use route::{
     normalize_path_with,
 };
 pub use snapshot::{
-    AppProtocol, BindingInfo, BindingSource, BindingState, Cluster, CompileOptions, Endpoint,
-    EndpointHealth, EndpointLoad, EndpointSpec, EndpointWorkload, GatewayInfo, ServiceInfo,
-    ServicePort, ServicePortInfo, Snapshot, VipLookup, WaypointFor, Workload, compile,
+    AppProtocol, BindingInfo, BindingSource, BindingState, Cluster, CompileOptions, DnsTargets,
+    Endpoint, EndpointHealth, EndpointLoad, EndpointSpec, EndpointWorkload, GatewayInfo,
+    Resolution, ServiceInfo, ServicePort, ServicePortInfo, Snapshot, VipLookup, WaypointFor,
+    Workload, compile,
 };
 pub use telemetry::{AccessLogPolicy, LogAttributes, LogSinks, RequestAttributes};
 

@@ -741,6 +741,62 @@ pub struct TelemetrySpec {
     pub tracing: Option<Value>,
 }
 
+/// Istio ServiceEntry (`networking.istio.io/v1`): a service the Kubernetes registry does not
+/// have (an external API, VMs), bound to a waypoint like a Service (`istio.io/use-waypoint` on
+/// it or its namespace). Each host is one service (istiod `serviceentry/conversion.go`
+/// `convertServices`): its VIPs are `spec.addresses` plus the ones istiod allocates into
+/// `status.addresses`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceEntry {
+    pub metadata: ObjectMeta,
+    pub spec: ServiceEntrySpec,
+    /// `status.addresses[]` (istiod's automatic allocation): (value, host).
+    pub allocated: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ServiceEntrySpec {
+    pub hosts: Vec<String>,
+    pub addresses: Vec<String>,
+    pub ports: Vec<ServiceEntryPort>,
+    pub location: Option<String>,
+    pub resolution: Option<String>,
+    pub endpoints: Vec<WorkloadEntrySpec>,
+    pub workload_selector: Option<WorkloadSelectorSpec>,
+    pub export_to: Vec<String>,
+    pub subject_alt_names: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ServiceEntryPort {
+    pub number: i64,
+    pub protocol: Option<String>,
+    pub name: String,
+    pub target_port: Option<i64>,
+}
+
+/// A ServiceEntry endpoint (the WorkloadEntry spec): an IP (`STATIC`) or a host name (`DNS`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct WorkloadEntrySpec {
+    pub address: String,
+    /// Port name -> the endpoint's port for it.
+    pub ports: BTreeMap<String, i64>,
+    pub labels: BTreeMap<String, String>,
+    pub network: Option<String>,
+    pub locality: Option<String>,
+    pub weight: Option<i64>,
+    pub service_account: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct WorkloadSelectorSpec {
+    pub labels: BTreeMap<String, String>,
+}
+
 /// Istio DestinationRule (`networking.istio.io/v1`): the traffic policy of a Service's
 /// clusters on this waypoint (istiod `cluster_waypoint.go` applies connectionPool,
 /// outlierDetection, loadBalancer and tls to waypoint clusters).
@@ -1037,6 +1093,7 @@ pub enum Resource {
     RequestAuthentication(RequestAuthentication),
     Telemetry(Telemetry),
     DestinationRule(Box<DestinationRule>),
+    ServiceEntry(Box<ServiceEntry>),
     /// A kind (or apiVersion) the waypoint does not use; skipped with a warning.
     Unknown {
         api_version: String,
@@ -1065,6 +1122,7 @@ impl Resource {
             Resource::RequestAuthentication(_) => "RequestAuthentication",
             Resource::Telemetry(_) => "Telemetry",
             Resource::DestinationRule(_) => "DestinationRule",
+            Resource::ServiceEntry(_) => "ServiceEntry",
             Resource::Unknown { kind, .. } => kind,
         }
     }
@@ -1086,6 +1144,7 @@ impl Resource {
             Resource::RequestAuthentication(r) => Some(&r.metadata),
             Resource::Telemetry(r) => Some(&r.metadata),
             Resource::DestinationRule(r) => Some(&r.metadata),
+            Resource::ServiceEntry(r) => Some(&r.metadata),
             Resource::Unknown { .. } => None,
         }
     }
@@ -1132,7 +1191,7 @@ impl Resource {
                 group == SECURITY_GROUP && matches!(version, "v1" | "v1beta1")
             }
             "Telemetry" => group == TELEMETRY_GROUP && matches!(version, "v1" | "v1alpha1"),
-            "DestinationRule" => {
+            "DestinationRule" | "ServiceEntry" => {
                 group == "networking.istio.io" && matches!(version, "v1" | "v1beta1" | "v1alpha3")
             }
             _ => false,
@@ -1217,6 +1276,29 @@ impl Resource {
                 metadata,
                 spec: strict_part(spec, &err, &ignored)?,
             })),
+            "ServiceEntry" => {
+                // `status.addresses` is written by istiod (automatic allocation); read leniently.
+                let allocated = object
+                    .get("status")
+                    .and_then(|s| s.get("addresses"))
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .map(|v| {
+                                let f = |k: &str| {
+                                    v.get(k).and_then(Value::as_str).unwrap_or("").to_string()
+                                };
+                                (f("value"), f("host"))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Resource::ServiceEntry(Box::new(ServiceEntry {
+                    metadata,
+                    spec: strict_part(spec, &err, &ignored)?,
+                    allocated,
+                }))
+            }
             "GRPCRoute" => {
                 let g: GrpcRouteSpec = strict_part(spec, &err, &ignored)?;
                 Resource::GrpcRoute(HttpRoute {

@@ -180,13 +180,53 @@ pub struct ServicePortInfo {
 }
 
 /// A Service as `waypoint services` lists it (like `istioctl x ztunnel-config service`).
+/// A ServiceEntry is listed once per host, as istiod makes one service of each host.
 #[derive(Debug, Clone)]
 pub struct ServiceInfo {
+    /// `Service` or `ServiceEntry`.
+    pub kind: &'static str,
     pub namespace: Arc<str>,
+    /// The Service's name; a ServiceEntry's host (Istio's service name for it).
     pub name: Arc<str>,
+    /// `name.namespace.svc.<domain>`, or the ServiceEntry host.
+    pub hostname: Arc<str>,
+    /// ServiceEntry: its name and `resolution` (`None` for a Service).
+    pub entry: Option<(Arc<str>, Resolution)>,
     pub vips: Vec<std::net::IpAddr>,
     pub ports: Vec<ServicePortInfo>,
     pub binding: BindingInfo,
+}
+
+/// ServiceEntry `resolution` (istiod `convertResolution`: STATIC -> EDS, DNS -> STRICT_DNS,
+/// DNS_ROUND_ROBIN -> LOGICAL_DNS, NONE -> ORIGINAL_DST).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    Static,
+    Dns,
+    DnsRoundRobin,
+    None,
+}
+
+impl Resolution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resolution::Static => "STATIC",
+            Resolution::Dns => "DNS",
+            Resolution::DnsRoundRobin => "DNS_ROUND_ROBIN",
+            Resolution::None => "NONE",
+        }
+    }
+}
+
+/// The names a DNS cluster's endpoints come from (ServiceEntry `resolution: DNS` or
+/// `DNS_ROUND_ROBIN`): the proxy resolves them, refreshes them at their TTL and stores the
+/// answers with [`Cluster::set_endpoints`]. Compiling does no I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsTargets {
+    /// (host name, port) of each endpoint: the ServiceEntry's endpoints, else its host.
+    pub names: Vec<(Arc<str>, u16)>,
+    /// `DNS_ROUND_ROBIN` (Envoy LOGICAL_DNS): only the first address of each answer is used.
+    pub first_only: bool,
 }
 
 /// Outstanding-request counter of one endpoint, for least-request balancing.
@@ -308,6 +348,11 @@ pub struct Cluster {
     pub(crate) endpoint_list: arc_swap::ArcSwap<Vec<Endpoint>>,
     /// The DestinationRule traffic policy of this cluster (`None`: Envoy's defaults).
     pub traffic: Option<Arc<crate::traffic::TrafficPolicy>>,
+    /// A DNS cluster: the names its endpoints are resolved from (by the proxy).
+    pub dns: Option<Arc<DnsTargets>>,
+    /// ServiceEntry `resolution: NONE` (Envoy ORIGINAL_DST): the one endpoint of each
+    /// tunnel is the address it was sent to (the CONNECT authority).
+    pub passthrough: bool,
 }
 
 impl Cluster {
@@ -386,6 +431,45 @@ pub struct ServicePort {
     pub access_log: AccessLogPolicy,
 }
 
+impl ServicePort {
+    /// ServiceEntry `resolution: NONE`: this port with a cluster whose one endpoint is the
+    /// address the tunnel was sent to (Envoy's ORIGINAL_DST cluster, `CLUSTER_PROVIDED`
+    /// balancing). Built per tunnel; the compiled cluster has no endpoints.
+    fn passthrough_to(&self, addr: SocketAddr) -> ServicePort {
+        let c = &self.cluster;
+        let cluster = Arc::new(Cluster {
+            name: c.name.clone(),
+            hostname: c.hostname.clone(),
+            service_name: c.service_name.clone(),
+            service_namespace: c.service_namespace.clone(),
+            port: c.port,
+            protocol: c.protocol,
+            endpoint_list: arc_swap::ArcSwap::from_pointee(vec![Endpoint {
+                addr,
+                load: Arc::new(EndpointLoad::default()),
+                tunnel: None,
+                workload: None,
+                health: Default::default(),
+            }]),
+            traffic: c.traffic.clone(),
+            dns: None,
+            passthrough: false,
+        });
+        ServicePort {
+            vip: self.vip,
+            vip_text: self.vip_text.clone(),
+            protocol: self.protocol,
+            cluster,
+            routes: self.routes.clone(),
+            tcp_route: self.tcp_route.clone(),
+            tls_routes: self.tls_routes.clone(),
+            authz: self.authz.clone(),
+            authn: self.authn.clone(),
+            access_log: self.access_log.clone(),
+        }
+    }
+}
+
 /// Result of looking up a CONNECT authority.
 #[derive(Debug)]
 pub enum VipLookup {
@@ -430,6 +514,9 @@ impl Snapshot {
     /// Find what a CONNECT `:authority` (already parsed to ip:port) designates.
     pub fn lookup_vip(&self, addr: SocketAddr) -> VipLookup {
         if let Some(sp) = self.bound.get(&addr) {
+            if sp.cluster.passthrough {
+                return VipLookup::Bound(Arc::new(sp.passthrough_to(addr)));
+            }
             return VipLookup::Bound(sp.clone());
         }
         if let Some(reason) = self.not_bound.get(&addr) {
@@ -464,6 +551,8 @@ impl Snapshot {
                     health: Default::default(),
                 }]),
                 traffic: None,
+                dns: None,
+                passthrough: false,
             }),
             routes: None,
             tcp_route: None,

@@ -31,7 +31,7 @@ use cel::{Context, Env, Program, Value as CelValue};
 use http::HeaderMap;
 
 use crate::ConfigError;
-use crate::authz::{Attached, Targets, attach};
+use crate::authz::{Attached, TargetIndex, Targets, attach};
 use crate::resources::Telemetry;
 use crate::snapshot::CompileOptions;
 
@@ -370,7 +370,7 @@ type Placed = (String, Option<Arc<AccessLogConfig>>);
 pub(crate) fn compile_telemetry(
     telemetries: &[&Telemetry],
     opts: &CompileOptions,
-    service_exists: &dyn Fn(&str, &str) -> bool,
+    service_exists: &TargetIndex<'_>,
     errors: &mut Vec<ConfigError>,
     warnings: &mut Vec<String>,
 ) -> TelemetryIndex {

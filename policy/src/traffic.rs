@@ -200,6 +200,9 @@ pub(crate) struct CompiledRule {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum HostMatch {
     Exact(String),
+    /// `a.b` / `a.b.svc`: a Service completed as `a.b.svc.<domain>`, or the name as written
+    /// (a ServiceEntry host such as `example.com`).
+    ExactOr(String, String),
     Suffix(String),
 }
 
@@ -251,6 +254,7 @@ impl CompiledRule {
     pub fn matches(&self, fqdn: &str) -> Option<bool> {
         match &self.host {
             HostMatch::Exact(h) => (h == fqdn).then_some(true),
+            HostMatch::ExactOr(a, b) => (a == fqdn || b == fqdn).then_some(true),
             HostMatch::Suffix(s) => fqdn.ends_with(s.as_str()).then_some(false),
         }
     }
@@ -319,8 +323,10 @@ pub(crate) fn compile_rule(
         // `name.namespace` and `name.namespace.svc` are completed as istiod completes them.
         let parts: Vec<&str> = host.split('.').collect();
         match parts.len() {
-            2 => HostMatch::Exact(format!("{host}.svc.{cluster_domain}")),
-            3 if parts[2] == "svc" => HostMatch::Exact(format!("{host}.{cluster_domain}")),
+            2 => HostMatch::ExactOr(format!("{host}.svc.{cluster_domain}"), host.to_string()),
+            3 if parts[2] == "svc" => {
+                HostMatch::ExactOr(format!("{host}.{cluster_domain}"), host.to_string())
+            }
             _ => HostMatch::Exact(host.to_string()),
         }
     } else {

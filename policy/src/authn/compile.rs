@@ -13,7 +13,7 @@ use super::{
     JwtProvider, sanitize_audience,
 };
 use crate::ConfigError;
-use crate::authz::{Attached, Targets, attach};
+use crate::authz::{Attached, TargetIndex, Targets, attach};
 use crate::resources::{JwtRule, RequestAuthentication};
 use crate::snapshot::CompileOptions;
 
@@ -46,7 +46,7 @@ impl AuthnIndex {
 pub(crate) fn compile_request_authentications(
     policies: &[&RequestAuthentication],
     opts: &CompileOptions,
-    service_exists: &dyn Fn(&str, &str) -> bool,
+    service_exists: &TargetIndex<'_>,
     errors: &mut Vec<ConfigError>,
     warnings: &mut Vec<String>,
 ) -> AuthnIndex {

@@ -59,6 +59,14 @@ pub(crate) struct Targets<'a> {
     pub(crate) target_refs: &'a [PolicyTargetReference],
 }
 
+/// What a policy's targetRefs can name besides the Gateway: `Service` namespace/name (does it
+/// exist?) and `ServiceEntry` namespace/name (its hosts, each one service as istiod makes
+/// them; `None`: no such ServiceEntry).
+pub(crate) struct TargetIndex<'x> {
+    pub(crate) service_exists: &'x dyn Fn(&str, &str) -> bool,
+    pub(crate) entry_hosts: &'x dyn Fn(&str, &str) -> Option<Vec<String>>,
+}
+
 /// Read a policy's `targetRefs` the way Istio attaches policies to a waypoint (`policy.md`
 /// 1.11); shared by AuthorizationPolicy and RequestAuthentication. Errors and warnings name
 /// the policy as `kind namespace/name`.
@@ -67,7 +75,7 @@ pub(crate) fn attach(
     meta: &ObjectMeta,
     targets: &Targets<'_>,
     opts: &CompileOptions,
-    service_exists: &dyn Fn(&str, &str) -> bool,
+    service_exists: &TargetIndex<'_>,
     errors: &mut Vec<ConfigError>,
     warnings: &mut Vec<String>,
 ) -> Attached {
@@ -89,7 +97,7 @@ pub(crate) fn attach(
 pub(crate) fn compile_policies(
     policies: &[&AuthorizationPolicy],
     opts: &CompileOptions,
-    service_exists: &dyn Fn(&str, &str) -> bool,
+    service_exists: &TargetIndex<'_>,
     errors: &mut Vec<ConfigError>,
     warnings: &mut Vec<String>,
 ) -> AuthzIndex {
@@ -189,11 +197,7 @@ impl PolicyCompiler<'_> {
     }
 
     /// Where `targetRef`/`targetRefs` attach the policy.
-    fn attachment(
-        &mut self,
-        spec: &Targets<'_>,
-        service_exists: &dyn Fn(&str, &str) -> bool,
-    ) -> Attached {
+    fn attachment(&mut self, spec: &Targets<'_>, service_exists: &TargetIndex<'_>) -> Attached {
         let kind = self.kind;
         let refs: Vec<(String, &PolicyTargetReference)> = spec
             .target_ref
@@ -260,7 +264,7 @@ impl PolicyCompiler<'_> {
             let group = if group.is_empty() { "core" } else { group };
             match (group, r.kind.as_str()) {
                 ("core", "Service") => {
-                    if !service_exists(&ns, &r.name) {
+                    if !(service_exists.service_exists)(&ns, &r.name) {
                         self.warn(format!(
                             "{field}: Service {ns}/{} not found; the policy does not apply to it",
                             r.name
@@ -290,9 +294,21 @@ impl PolicyCompiler<'_> {
                     }
                 }
                 ("networking.istio.io", "ServiceEntry") => {
-                    self.warn(format!(
-                        "{field}: ServiceEntry targets are not supported by this waypoint; ignored"
-                    ));
+                    // Istio makes one service of each host of a ServiceEntry; the policy
+                    // applies to all of them.
+                    match (service_exists.entry_hosts)(&ns, &r.name) {
+                        Some(hosts) => {
+                            for h in hosts {
+                                if !out.services.contains(&h) {
+                                    out.services.push(h);
+                                }
+                            }
+                        }
+                        None => self.warn(format!(
+                            "{field}: ServiceEntry {ns}/{} not found; the policy does not apply to it",
+                            r.name
+                        )),
+                    }
                 }
                 (_, kind) => self.error(
                     format!("{field}.kind"),

@@ -32,7 +32,7 @@ use serde_json::Value;
 
 use matcher::Clause;
 
-pub(crate) use compile::{Attached, Targets, attach, compile_policies};
+pub(crate) use compile::{Attached, TargetIndex, Targets, attach, compile_policies};
 
 /// Annotation that turns a policy into a dry run (Envoy shadow rules; never enforced).
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";

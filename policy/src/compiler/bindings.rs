@@ -280,7 +280,7 @@ impl<'a> Compiler<'a> {
             });
         }
         let info = if gateway_found {
-            self.binding(s, gw, allowed)
+            self.binding("Service", meta, gw, allowed)
         } else {
             BindingInfo {
                 state: BindingState::NoGateway,
@@ -293,19 +293,30 @@ impl<'a> Compiler<'a> {
             BindingState::Bound => Ok(()),
             _ => Err(info.reason.clone()),
         };
+        let hostname = format!(
+            "{}.{}.svc.{}",
+            meta.name, meta.namespace, self.opts.cluster_domain
+        );
         Svc {
             vips,
             ports,
             binding,
             info,
+            hostname,
+            entry: None,
         }
     }
 
-    /// Istio `fetchWaypointForTarget` for a Service, seen from this waypoint: bound here, or
-    /// why not, and which label decided.
-    pub(super) fn binding(&self, s: &Service, gw: &GatewayInfo, allowed: &Allowed) -> BindingInfo {
-        let meta = &s.metadata;
-        let svc = format!("Service {}", id(meta));
+    /// Istio `fetchWaypointForTarget` for a Service or ServiceEntry (`kind`), seen from this
+    /// waypoint: bound here, or why not, and which label decided.
+    pub(super) fn binding(
+        &self,
+        kind: &str,
+        meta: &ObjectMeta,
+        gw: &GatewayInfo,
+        allowed: &Allowed,
+    ) -> BindingInfo {
+        let svc = format!("{kind} {}", id(meta));
         let info = |state, source, waypoint: Option<String>, reason: String| BindingInfo {
             state,
             source,

@@ -13,7 +13,7 @@ impl<'a> Compiler<'a> {
         }
         let svc = self.services.get(&key)?;
         let sp = svc.ports.iter().find(|p| p.port == port)?;
-        let hostname = format!("{}.{}.svc.{}", key.1, key.0, self.opts.cluster_domain);
+        let hostname = &svc.hostname;
         let name = match (&svc.binding, sp.protocol) {
             (Ok(()), AppProtocol::Tcp) => format!("inbound-vip|{port}|tcp|{hostname}"),
             (Ok(()), _) => format!("inbound-vip|{port}|http|{hostname}"),
@@ -65,7 +65,7 @@ impl<'a> Compiler<'a> {
     ) -> Option<Cluster> {
         let svc = self.services.get(&key)?;
         let sp = svc.ports.iter().find(|p| p.port == port)?;
-        let hostname = format!("{}.{}.svc.{}", key.1, key.0, self.opts.cluster_domain);
+        let hostname = svc.hostname.clone();
         let addrs = self.endpoint_addrs(key, port)?;
         Some(Cluster {
             name: name.into(),
@@ -93,6 +93,11 @@ impl<'a> Compiler<'a> {
                 &self.opts.root_namespace,
                 port,
             ),
+            dns: self.dns_targets(key, port).map(Arc::new),
+            passthrough: svc
+                .entry
+                .as_ref()
+                .is_some_and(|e| e.resolution == crate::snapshot::Resolution::None),
         })
     }
 
@@ -102,6 +107,9 @@ impl<'a> Compiler<'a> {
     pub(super) fn endpoint_addrs(&self, key: SvcKey<'a>, port: u16) -> Option<Vec<EndpointSpec>> {
         let svc = self.services.get(&key)?;
         let sp = svc.ports.iter().find(|p| p.port == port)?;
+        if let Some(entry) = &svc.entry {
+            return Some(self.entry_endpoints(entry, sp));
+        }
         let mut addrs = BTreeMap::new();
         for slice in self.slices.get(&key).map(Vec::as_slice).unwrap_or_default() {
             let target = slice

@@ -120,12 +120,17 @@ impl<'a> Compiler<'a> {
     pub(super) fn resolve(&mut self, target: Result<(SvcKey<'a>, u16), String>) -> Backend {
         match target {
             Ok(((ns, name), port)) => match self.services.get_key_value(&(ns, name)) {
-                Some((key, _)) => {
+                Some((key, svc)) => {
                     let key = *key;
+                    let what = if svc.entry.is_some() {
+                        "ServiceEntry host"
+                    } else {
+                        "Service"
+                    };
                     match self.cluster(key, port) {
                         Some(cl) => Backend::Cluster(cl),
                         None => Backend::Invalid {
-                            reason: format!("Service {ns}/{name} has no port {port}").into(),
+                            reason: format!("{what} {ns}/{name} has no port {port}").into(),
                         },
                     }
                 }
@@ -666,9 +671,10 @@ impl<'a> Compiler<'a> {
                 .as_deref()
                 .unwrap_or(crate::resources::GATEWAY_GROUP);
             let kind = p.kind.as_deref().unwrap_or("Gateway");
-            if !(group.is_empty() && kind == "Service") {
+            let entry = group == "networking.istio.io" && kind == "ServiceEntry";
+            if !(group.is_empty() && kind == "Service") && !entry {
                 self.warnings.push(format!(
-                    "{rk} {rid}: {field}: parent {kind} {} (group {group:?}) is not a mesh Service parent (set group: \"\" and kind: Service); skipped",
+                    "{rk} {rid}: {field}: parent {kind} {} (group {group:?}) is not a mesh Service parent (set group: \"\" and kind: Service, or group: networking.istio.io and kind: ServiceEntry); skipped",
                     p.name
                 ));
                 continue;
@@ -696,18 +702,65 @@ impl<'a> Compiler<'a> {
                 ));
                 continue;
             }
-            let Some((key, svc)) = self.services.get_key_value(&(ns, p.name.as_str())) else {
-                self.warnings.push(format!(
-                    "{rk} {rid}: {field}: parent Service {ns}/{} not found; skipped",
-                    p.name
-                ));
-                continue;
+            // A ServiceEntry parent is each of its hosts (one service each).
+            let keys: Vec<SvcKey<'a>> = if entry {
+                match self.entry_keys(ns, &p.name) {
+                    Some(keys) => keys,
+                    None => {
+                        self.warnings.push(format!(
+                            "{rk} {rid}: {field}: parent ServiceEntry {ns}/{} not found; skipped",
+                            p.name
+                        ));
+                        continue;
+                    }
+                }
+            } else {
+                match self.services.get_key_value(&(ns, p.name.as_str())) {
+                    Some((key, svc)) if svc.entry.is_none() => vec![*key],
+                    _ => {
+                        self.warnings.push(format!(
+                            "{rk} {rid}: {field}: parent Service {ns}/{} not found; skipped",
+                            p.name
+                        ));
+                        continue;
+                    }
+                }
             };
+            for key in keys {
+                self.parent_ports(&mut out, key, p, port, tcp, &field, &rid);
+            }
+        }
+        out
+    }
+
+    /// The ports of one parent service a parentRef selects (by `port`, `sectionName`).
+    #[allow(clippy::too_many_arguments)]
+    fn parent_ports(
+        &mut self,
+        out: &mut Vec<(SvcKey<'a>, u16)>,
+        key: SvcKey<'a>,
+        p: &ParentReference,
+        port: Option<u16>,
+        tcp: bool,
+        field: &str,
+        rid: &str,
+    ) {
+        let rk = self.route_kind;
+        let (ns, name) = key;
+        let Some(svc) = self.services.get(&key) else {
+            return;
+        };
+        let what = if svc.entry.is_some() {
+            "ServiceEntry host"
+        } else {
+            "Service"
+        };
+        {
             if let Err(reason) = &svc.binding {
                 self.warnings.push(format!(
                     "{rk} {rid}: {field}: {USE_WAYPOINT} label missing from parent and parent namespace; in ambient mode, route will not be respected ({reason})"
                 ));
-                continue;
+                return;
             }
             let explicit = port.is_some() || p.section_name.is_some();
             let mut matched = false;
@@ -728,24 +781,21 @@ impl<'a> Compiler<'a> {
                 if !fits {
                     if explicit {
                         self.warnings.push(format!(
-                            "{rk} {rid}: {field}: Service {ns}/{} port {} is {}; {rk} ignored there",
-                            p.name,
+                            "{rk} {rid}: {field}: {what} {ns}/{name} port {} is {}; {rk} ignored there",
                             sp.port,
                             if tcp { "HTTP" } else { "TCP" }
                         ));
                     }
-                } else if !out.contains(&(*key, sp.port)) {
-                    out.push((*key, sp.port));
+                } else if !out.contains(&(key, sp.port)) {
+                    out.push((key, sp.port));
                 }
             }
             if !matched {
                 self.warnings.push(format!(
-                    "{rk} {rid}: {field}: no port of Service {ns}/{} matches; skipped",
-                    p.name
+                    "{rk} {rid}: {field}: no port of {what} {ns}/{name} matches; skipped"
                 ));
             }
         }
-        out
     }
 
     pub(super) fn route_match(
@@ -929,9 +979,12 @@ impl<'a> Compiler<'a> {
         let group = group.unwrap_or("");
         let kind = kind.unwrap_or("Service");
         let ns = namespace.unwrap_or(&meta.namespace);
+        if group == "networking.istio.io" && matches!(kind, "Hostname" | "ServiceEntry") {
+            return Some(self.entry_backend(meta, kind, name, ns, port));
+        }
         Some(if !(group.is_empty() && kind == "Service") {
             Err(format!(
-                "unsupported backendRef kind {kind} (group {group:?})"
+                "unsupported backendRef kind {kind} (group {group:?}; supported: Service, and Hostname or ServiceEntry in networking.istio.io)"
             ))
         } else if ns != meta.namespace && !self.granted(&meta.namespace, ns, name) {
             Err(format!(
@@ -945,6 +998,40 @@ impl<'a> Compiler<'a> {
                 "backendRef to Service {ns}/{name} has no port (port is required for Service backends)"
             ))
         })
+    }
+
+    /// A backendRef to a ServiceEntry host, Istio's way: `kind: Hostname` names the host (in
+    /// any namespace; the route's own first), `kind: ServiceEntry` the entry (its first host;
+    /// same namespace or a ReferenceGrant). The port is required as for Services.
+    fn entry_backend(
+        &self,
+        meta: &'a ObjectMeta,
+        kind: &str,
+        name: &'a str,
+        ns: &'a str,
+        port: Option<u16>,
+    ) -> Result<(SvcKey<'a>, u16), String> {
+        let key = if kind == "Hostname" {
+            self.host_key(&meta.namespace, name).ok_or_else(|| {
+                format!("backendRef to Hostname {name}: no ServiceEntry has that host")
+            })?
+        } else {
+            if ns != meta.namespace && !self.granted(&meta.namespace, ns, name) {
+                return Err(format!(
+                    "backendRef to ServiceEntry {ns}/{name} from namespace {} is not permitted by a ReferenceGrant (RefNotPermitted)",
+                    meta.namespace
+                ));
+            }
+            self.entry_keys(ns, name)
+                .and_then(|k| k.first().copied())
+                .ok_or_else(|| format!("backendRef to ServiceEntry {ns}/{name}: not found"))?
+        };
+        match port {
+            Some(port) => Ok((key, port)),
+            None => Err(format!(
+                "backendRef to {kind} {name} has no port (port is required)"
+            )),
+        }
     }
 
     /// Whether a ReferenceGrant in `to_ns` lets routes of the current kind in `from_ns`

@@ -58,7 +58,8 @@ enum Allowed {
     Selector(LabelSelector),
 }
 
-/// A validated Service.
+/// A validated Service, or one host of a validated ServiceEntry (istiod makes one service of
+/// each host: `serviceentry/conversion.go` `convertServices`).
 struct Svc {
     vips: Vec<IpAddr>,
     ports: Vec<SvcPort>,
@@ -66,6 +67,19 @@ struct Svc {
     binding: Result<(), String>,
     /// The same decision with the label that made it (for `waypoint services`).
     info: BindingInfo,
+    /// `name.namespace.svc.<domain>`; a ServiceEntry's host.
+    hostname: String,
+    /// A ServiceEntry host: where its endpoints come from.
+    entry: Option<EntryPlan>,
+}
+
+/// The endpoints of one ServiceEntry host.
+struct EntryPlan {
+    name: String,
+    resolution: crate::snapshot::Resolution,
+    /// `spec.endpoints`: (address, port name -> port), validated for the resolution (IPs for
+    /// STATIC; IPs or host names for DNS).
+    endpoints: Vec<(String, BTreeMap<String, u16>)>,
 }
 
 struct SvcPort {
@@ -146,6 +160,8 @@ struct Compiler<'a> {
     traffic_rules: Vec<crate::traffic::CompiledRule>,
     /// Endpoint workloads made so far (one per workload and principal).
     endpoint_workloads: RefCell<HashMap<WorkloadKey, Arc<EndpointWorkload>>>,
+    /// ServiceEntries by (namespace, name): the keys `(namespace, host)` of their hosts.
+    entries: HashMap<SvcKey<'a>, Vec<SvcKey<'a>>>,
     /// Every ReferenceGrant (cross-namespace backendRefs).
     grants: Vec<&'a ReferenceGrant>,
     /// Kind of the route being compiled (`HTTPRoute`, `GRPCRoute`, `TCPRoute`), for errors.
@@ -197,6 +213,7 @@ pub(crate) fn refresh_endpoints(
         pods_by_ip: HashMap::new(),
         traffic_rules: Vec::new(),
         endpoint_workloads: RefCell::default(),
+        entries: HashMap::new(),
         grants: Vec::new(),
         route_kind: "HTTPRoute",
     };
@@ -271,6 +288,7 @@ pub(crate) fn compile(
         pods_by_ip: HashMap::new(),
         traffic_rules: Vec::new(),
         endpoint_workloads: RefCell::default(),
+        entries: HashMap::new(),
         grants: Vec::new(),
         route_kind: "HTTPRoute",
     };
@@ -290,6 +308,7 @@ pub(crate) fn compile(
     let mut tls_routes = Vec::new();
     let mut telemetries = Vec::new();
     let mut destination_rules = Vec::new();
+    let mut service_entries = Vec::new();
     for r in &resources.resources {
         let Some(meta) = r.metadata() else { continue };
         if !seen.insert((r.kind(), meta.namespace.as_str(), meta.name.as_str())) {
@@ -316,6 +335,7 @@ pub(crate) fn compile(
             Resource::RequestAuthentication(p) => request_authns.push(p),
             Resource::Telemetry(t) => telemetries.push(t),
             Resource::DestinationRule(d) => destination_rules.push(d),
+            Resource::ServiceEntry(e) => service_entries.push(&**e),
             Resource::Unknown { .. } => {}
         }
     }
@@ -361,6 +381,9 @@ pub(crate) fn compile(
         let key = (s.metadata.namespace.as_str(), s.metadata.name.as_str());
         c.services.insert(key, svc);
     }
+    for e in service_entries {
+        c.service_entry(e, &info, &allowed, ours.is_some(), &mut vip_owner);
+    }
     for s in slices {
         c.slice(s);
     }
@@ -383,33 +406,40 @@ pub(crate) fn compile(
     for r in tls_routes {
         c.tls_route(r, &mut tls_tables);
     }
-    let authz = {
-        let services = &c.services;
-        let exists = |ns: &str, name: &str| services.contains_key(&(ns, name));
-        crate::authz::compile_policies(&policies, options, &exists, &mut c.errors, &mut c.warnings)
+    let (services_ref, entries_ref) = (&c.services, &c.entries);
+    let service_exists = |ns: &str, name: &str| {
+        services_ref
+            .get(&(ns, name))
+            .is_some_and(|s| s.entry.is_none())
     };
-    let authn = {
-        let services = &c.services;
-        let exists = |ns: &str, name: &str| services.contains_key(&(ns, name));
-        crate::authn::compile_request_authentications(
-            &request_authns,
-            options,
-            &exists,
-            &mut c.errors,
-            &mut c.warnings,
-        )
+    let entry_hosts = |ns: &str, name: &str| {
+        entries_ref
+            .get(&(ns, name))
+            .map(|keys| keys.iter().map(|k| k.1.to_string()).collect())
     };
-    let telemetry = {
-        let services = &c.services;
-        let exists = |ns: &str, name: &str| services.contains_key(&(ns, name));
-        crate::telemetry::compile_telemetry(
-            &telemetries,
-            options,
-            &exists,
-            &mut c.errors,
-            &mut c.warnings,
-        )
+    let targets = crate::authz::TargetIndex {
+        service_exists: &service_exists,
+        entry_hosts: &entry_hosts,
     };
+    let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+    let authz =
+        crate::authz::compile_policies(&policies, options, &targets, &mut errors, &mut warnings);
+    let authn = crate::authn::compile_request_authentications(
+        &request_authns,
+        options,
+        &targets,
+        &mut errors,
+        &mut warnings,
+    );
+    let telemetry = crate::telemetry::compile_telemetry(
+        &telemetries,
+        options,
+        &targets,
+        &mut errors,
+        &mut warnings,
+    );
+    c.errors.append(&mut errors);
+    c.warnings.append(&mut warnings);
     let (bound, not_bound) =
         c.vip_index(tables, tcp_tables, tls_tables, &authz, &authn, &telemetry);
     let services = c
@@ -417,8 +447,18 @@ pub(crate) fn compile(
         .iter()
         .map(|((ns, name), svc)| {
             Arc::new(ServiceInfo {
+                kind: if svc.entry.is_some() {
+                    "ServiceEntry"
+                } else {
+                    "Service"
+                },
                 namespace: (*ns).into(),
                 name: (*name).into(),
+                hostname: svc.hostname.as_str().into(),
+                entry: svc
+                    .entry
+                    .as_ref()
+                    .map(|e| (e.name.as_str().into(), e.resolution)),
                 vips: svc.vips.clone(),
                 ports: svc
                     .ports
@@ -512,6 +552,7 @@ fn parse_protocol(p: &str) -> Option<AppProtocol> {
 
 mod bindings;
 mod clusters;
+mod entries;
 mod http_routes;
 mod l4_routes;
 mod workloads;

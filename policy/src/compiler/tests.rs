@@ -901,7 +901,7 @@ fn invalid_backends_are_kept_with_a_reason() {
             "Service default/ghost not found",
             "backendRef to Service default/reviews has no port (port is required for Service backends)",
             "Service default/reviews has no port 1234",
-            "unsupported backendRef kind ServiceImport (group \"multicluster.x-k8s.io\")",
+            "unsupported backendRef kind ServiceImport (group \"multicluster.x-k8s.io\"; supported: Service, and Hostname or ServiceEntry in networking.istio.io)",
         ]
     );
     assert!(has_warning(&snap, "ReferenceGrant"));
@@ -2162,4 +2162,195 @@ fn a_service_naming_this_waypoint_as_its_canary_is_served() {
             "{vip} is not served here"
         );
     }
+}
+
+// --- ServiceEntry --------------------------------------------------------------------------
+
+fn entry(name: &str, labels: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: default, labels: {{{labels}}}}}\nspec: {spec}\n"
+    )
+}
+
+#[test]
+fn service_entry_hosts_are_services_bound_by_label() {
+    // The namespace label binds it; each host is its own service (own VIPs, own cluster named
+    // as istiod names it), STATIC endpoints with the endpoint's port of that name.
+    let se = entry(
+        "external",
+        "",
+        "{hosts: [api.example.com], addresses: [240.240.0.1/32], ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}, {number: 5432, name: pg, protocol: TCP}], resolution: STATIC, location: MESH_EXTERNAL, endpoints: [{address: 127.0.0.7, ports: {pg: 15432}}, {address: 127.0.0.8}]}",
+    );
+    let snap = ok(&base(&[&se]));
+    let http = bound(&snap, "240.240.0.1:80");
+    assert!(
+        http.cluster.name.starts_with("inbound-vip|80|http|"),
+        "{}",
+        http.cluster.name
+    );
+    let eps: Vec<_> = http.cluster.endpoints().iter().map(|e| e.addr).collect();
+    assert_eq!(eps, vec![addr("127.0.0.7:8080"), addr("127.0.0.8:8080")]);
+    assert!(http.cluster.endpoints().iter().all(|e| e.tunnel.is_none()));
+    let tcp = bound(&snap, "240.240.0.1:5432");
+    assert_eq!(
+        &*tcp.cluster.name,
+        format!("inbound-vip|5432|tcp|{}", tcp.cluster.hostname)
+    );
+    let eps: Vec<_> = tcp.cluster.endpoints().iter().map(|e| e.addr).collect();
+    assert_eq!(eps, vec![addr("127.0.0.7:15432"), addr("127.0.0.8:5432")]);
+    let info: Vec<_> = snap
+        .services()
+        .iter()
+        .filter(|s| s.kind == "ServiceEntry")
+        .map(|s| (s.name.to_string(), s.entry.clone().map(|e| e.1)))
+        .collect();
+    assert_eq!(
+        info,
+        vec![(
+            "api.example.com".to_string(),
+            Some(crate::Resolution::Static)
+        )]
+    );
+}
+
+#[test]
+fn service_entry_allocated_addresses_are_per_host_and_dns_names_are_planned() {
+    let se = format!(
+        "{}status: {{addresses: [{{value: 240.240.0.2, host: api.example.com}}, {{value: 240.240.0.3, host: other.example.com}}]}}\n",
+        entry(
+            "external",
+            "istio.io/use-waypoint: waypoint",
+            "{hosts: [api.example.com, other.example.com], ports: [{number: 80, name: http, protocol: HTTP, targetPort: 443}], resolution: DNS}",
+        )
+    );
+    let snap = ok(&docs(&[NS_PLAIN, &gateway("", ""), &se]));
+    let a = bound(&snap, "240.240.0.2:80");
+    assert_eq!(&*a.cluster.name, "inbound-vip|80|http|api.example.com");
+    assert_eq!(&*a.cluster.hostname, "api.example.com");
+    assert_eq!(&*a.cluster.service_name, "api.example.com");
+    let dns = a.cluster.dns.as_ref().expect("a DNS cluster");
+    assert_eq!(dns.names, vec![("api.example.com".into(), 443)]);
+    assert!(!dns.first_only);
+    assert!(a.cluster.endpoints().is_empty(), "resolved at run time");
+    let b = bound(&snap, "240.240.0.3:80");
+    assert_eq!(&*b.cluster.hostname, "other.example.com");
+    assert!(matches!(
+        snap.lookup_vip(addr("240.240.0.3:81")),
+        VipLookup::Unknown
+    ));
+}
+
+#[test]
+fn service_entry_none_resolution_passes_through_to_the_tunnel_address() {
+    let se = entry(
+        "passthrough",
+        "",
+        "{hosts: [db.example.com], addresses: [127.0.0.9], ports: [{number: 5432, name: tcp, protocol: TCP}], resolution: NONE}",
+    );
+    let snap = ok(&base(&[&se]));
+    let sp = bound(&snap, "127.0.0.9:5432");
+    let eps: Vec<_> = sp.cluster.endpoints().iter().map(|e| e.addr).collect();
+    assert_eq!(eps, vec![addr("127.0.0.9:5432")]);
+}
+
+#[test]
+fn service_entry_errors_name_the_field() {
+    let bad = entry(
+        "bad",
+        "",
+        "{hosts: [\"not a host\"], addresses: [nope], ports: [{number: 0, name: http, protocol: HTTP}, {number: 81, name: x, protocol: SMTP}], resolution: STATIC, endpoints: [{address: api.example.com}]}",
+    );
+    let e = errs(&base(&[&bad]));
+    for field in [
+        "spec.hosts[0]",
+        "spec.addresses[0]",
+        "spec.ports[0].number",
+        "spec.ports[1].protocol",
+        "spec.endpoints[0].address",
+    ] {
+        assert_error(&e, "ServiceEntry", "default", "bad", field);
+    }
+    let none_eps = entry(
+        "none",
+        "",
+        "{hosts: [a.example.com], ports: [{number: 80, name: http, protocol: HTTP}], resolution: NONE, endpoints: [{address: 1.2.3.4}]}",
+    );
+    assert_error(
+        &errs(&base(&[&none_eps])),
+        "ServiceEntry",
+        "default",
+        "none",
+        "spec.endpoints",
+    );
+    let resolution = entry(
+        "res",
+        "",
+        "{hosts: [a.example.com], ports: [{number: 80, name: http}], resolution: DNSX}",
+    );
+    assert_error(
+        &errs(&base(&[&resolution])),
+        "ServiceEntry",
+        "default",
+        "res",
+        "spec.resolution",
+    );
+    // Two ServiceEntries claiming one VIP:port.
+    let one = entry(
+        "one",
+        "",
+        "{hosts: [a.example.com], addresses: [240.0.0.1], ports: [{number: 80, name: http}], resolution: DNS}",
+    );
+    let two = entry(
+        "two",
+        "",
+        "{hosts: [b.example.com], addresses: [240.0.0.1], ports: [{number: 80, name: http}], resolution: DNS}",
+    );
+    assert_error(
+        &errs(&base(&[&one, &two])),
+        "ServiceEntry",
+        "default",
+        "two",
+        "spec.addresses",
+    );
+}
+
+#[test]
+fn routes_policies_and_destination_rules_attach_to_service_entries() {
+    let se = entry(
+        "httpbin",
+        "",
+        "{hosts: [httpbin.org], addresses: [240.240.0.5], ports: [{number: 80, name: http, protocol: HTTP}, {number: 443, name: https, protocol: HTTPS}], resolution: DNS}",
+    );
+    let r = route(
+        "default",
+        "to-tls",
+        "",
+        "{parentRefs: [{group: networking.istio.io, kind: ServiceEntry, name: httpbin, port: 80}], rules: [{backendRefs: [{group: networking.istio.io, kind: Hostname, name: httpbin.org, port: 443}]}]}",
+    );
+    let ap = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-admin, namespace: default}\nspec: {targetRefs: [{group: networking.istio.io, kind: ServiceEntry, name: httpbin}], action: DENY, rules: [{to: [{operation: {paths: [/admin]}}]}]}\n";
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: httpbin-tls, namespace: default}\nspec: {host: httpbin.org, trafficPolicy: {portLevelSettings: [{port: {number: 443}, tls: {mode: SIMPLE}}]}}\n";
+    let snap = ok(&base(&[&se, &r, ap, dr]));
+    let sp = bound(&snap, "240.240.0.5:80");
+    let table = sp
+        .routes
+        .as_ref()
+        .expect("the HTTPRoute attached to the entry");
+    let hit = table
+        .select(&Method::GET, "/", None, &HeaderMap::new())
+        .expect("the rule matches");
+    let Backend::Cluster(c) = &hit.backends.pick(0).expect("a backend").backend else {
+        panic!("expected a cluster backend");
+    };
+    // Istio `portToSubset`: an HTTPS port is a `tcp` cluster even for HTTP routes.
+    assert_eq!(&*c.name, "inbound-vip|443|tcp|httpbin.org");
+    let tls = c.traffic.as_ref().and_then(|t| t.tls.clone());
+    assert!(tls.is_some(), "the DestinationRule's port 443 tls applies");
+    assert!(
+        !sp.authz.is_empty(),
+        "the ServiceEntry-targeted policy applies"
+    );
+    assert!(
+        bound(&snap, "10.0.0.10:9080").authz.is_empty(),
+        "and not to the Service"
+    );
 }

@@ -1,0 +1,443 @@
+//! ServiceEntry: each host becomes one service, as istiod makes them
+//! (`serviceentry/conversion.go` `convertServices`), keyed `(namespace, host)` beside the
+//! Kubernetes Services and bound to this waypoint by the same labels (`istio.io/use-waypoint`
+//! on the ServiceEntry or its namespace). Its VIPs are `spec.addresses` plus the addresses
+//! istiod allocated for the host (`status.addresses`); its endpoints come from `resolution`:
+//! `STATIC` inline IPs, `DNS`/`DNS_ROUND_ROBIN` names the proxy resolves
+//! ([`crate::DnsTargets`]), `NONE` the address each tunnel was sent to.
+
+use super::*;
+use crate::resources::ServiceEntry;
+use crate::snapshot::{DnsTargets, Resolution};
+
+const KIND: &str = "ServiceEntry";
+
+impl<'a> Compiler<'a> {
+    /// Validate one ServiceEntry and add a [`Svc`] for each of its hosts.
+    pub(super) fn service_entry(
+        &mut self,
+        se: &'a ServiceEntry,
+        gw: &GatewayInfo,
+        allowed: &Allowed,
+        gateway_found: bool,
+        vip_owner: &mut HashMap<SocketAddr, String>,
+    ) {
+        let meta = &se.metadata;
+        let spec = &se.spec;
+        let sid = id(meta);
+        let errors_before = self.errors.len();
+        let err = |errors: &mut Vec<ConfigError>, field: String, msg: String| {
+            errors.push(error(KIND, meta, field, msg));
+        };
+
+        let resolution = match spec.resolution.as_deref() {
+            // The proto's default (0) is NONE.
+            None | Some("NONE") => Resolution::None,
+            Some("STATIC") => Resolution::Static,
+            Some("DNS") => Resolution::Dns,
+            Some("DNS_ROUND_ROBIN") => Resolution::DnsRoundRobin,
+            Some("DYNAMIC_DNS") => {
+                self.warnings.push(format!(
+                    "{KIND} {sid}: spec.resolution: DYNAMIC_DNS (wildcard egress) is not served by this waypoint yet; the ServiceEntry is ignored"
+                ));
+                return;
+            }
+            Some(other) => {
+                err(
+                    &mut self.errors,
+                    "spec.resolution".into(),
+                    format!(
+                        "invalid value {other:?} (expected NONE, STATIC, DNS, DNS_ROUND_ROBIN or DYNAMIC_DNS)"
+                    ),
+                );
+                return;
+            }
+        };
+        match spec.location.as_deref() {
+            None | Some("MESH_EXTERNAL") | Some("MESH_INTERNAL") => {}
+            Some(other) => err(
+                &mut self.errors,
+                "spec.location".into(),
+                format!("invalid value {other:?} (expected MESH_EXTERNAL or MESH_INTERNAL)"),
+            ),
+        }
+
+        // Hosts: DNS names; a wildcard host needs DYNAMIC_DNS (or NONE) in Istio.
+        let mut hosts: Vec<&'a str> = Vec::new();
+        if spec.hosts.is_empty() {
+            err(
+                &mut self.errors,
+                "spec.hosts".into(),
+                "at least one host is required".into(),
+            );
+        }
+        for (i, h) in spec.hosts.iter().enumerate() {
+            let field = format!("spec.hosts[{i}]");
+            if h.starts_with('*') {
+                self.warnings.push(format!(
+                    "{KIND} {sid}: {field}: wildcard host {h:?} is not served by this waypoint yet; skipped"
+                ));
+                continue;
+            }
+            if !valid_host(h) {
+                err(
+                    &mut self.errors,
+                    field,
+                    format!("{h:?} is not a valid host name"),
+                );
+                continue;
+            }
+            if hosts.contains(&h.as_str()) {
+                err(&mut self.errors, field, format!("duplicate host {h:?}"));
+                continue;
+            }
+            hosts.push(h);
+        }
+
+        // Addresses: IPs (a /32 or /128 CIDR is one IP); wider ranges are warned about.
+        let mut vips = Vec::new();
+        for (i, a) in spec.addresses.iter().enumerate() {
+            let field = format!("spec.addresses[{i}]");
+            match parse_vip(a) {
+                Ok(Some(ip)) if !vips.contains(&ip) => vips.push(ip),
+                Ok(Some(_)) => {}
+                Ok(None) => self.warnings.push(format!(
+                    "{KIND} {sid}: {field}: the range {a:?} is not matched by this waypoint yet (only single addresses); ignored"
+                )),
+                Err(()) => err(
+                    &mut self.errors,
+                    field,
+                    format!("{a:?} is not an IP address or CIDR range"),
+                ),
+            }
+        }
+
+        // Ports: a number, a name, a protocol (Istio's names, upper case), a targetPort.
+        let mut ports: Vec<SvcPort> = Vec::new();
+        if spec.ports.is_empty() {
+            err(
+                &mut self.errors,
+                "spec.ports".into(),
+                "at least one port is required".into(),
+            );
+        }
+        for (i, p) in spec.ports.iter().enumerate() {
+            let field = format!("spec.ports[{i}]");
+            let Some(number) = port_number(p.number) else {
+                err(
+                    &mut self.errors,
+                    format!("{field}.number"),
+                    format!("{} is not a valid port (1-65535)", p.number),
+                );
+                continue;
+            };
+            let target = match p.target_port {
+                None => number,
+                Some(t) => match port_number(t) {
+                    Some(t) => t,
+                    None => {
+                        err(
+                            &mut self.errors,
+                            format!("{field}.targetPort"),
+                            format!("{t} is not a valid port (1-65535)"),
+                        );
+                        continue;
+                    }
+                },
+            };
+            let protocol = match p.protocol.as_deref() {
+                None | Some("") => AppProtocol::Unknown,
+                Some(proto) => match parse_protocol(&proto.to_ascii_lowercase()) {
+                    Some(p) => p,
+                    None if matches!(proto, "UDP" | "UNSUPPORTED") => {
+                        // Waypoints carry no UDP (istiod skips these ports too).
+                        continue;
+                    }
+                    None => {
+                        err(
+                            &mut self.errors,
+                            format!("{field}.protocol"),
+                            format!(
+                                "unknown protocol {proto:?} (expected HTTP, HTTPS, GRPC, HTTP2, MONGO, TCP or TLS)"
+                            ),
+                        );
+                        continue;
+                    }
+                },
+            };
+            if ports.iter().any(|q| q.port == number) {
+                err(
+                    &mut self.errors,
+                    format!("{field}.number"),
+                    format!("duplicate port {number}"),
+                );
+                continue;
+            }
+            ports.push(SvcPort {
+                name: p.name.clone(),
+                port: number,
+                target: Some(target),
+                protocol,
+            });
+        }
+
+        // Endpoints, checked against the resolution (Istio `ValidateServiceEntry`).
+        let mut endpoints = Vec::new();
+        if spec.workload_selector.is_some() {
+            if !spec.endpoints.is_empty() {
+                err(
+                    &mut self.errors,
+                    "spec.workloadSelector".into(),
+                    "only one of workloadSelector or endpoints can be set".into(),
+                );
+            } else {
+                self.warnings.push(format!(
+                    "{KIND} {sid}: spec.workloadSelector: selecting Pods and WorkloadEntries is not applied by this waypoint yet; the entry has no endpoints"
+                ));
+            }
+        }
+        if resolution == Resolution::None && !spec.endpoints.is_empty() {
+            err(
+                &mut self.errors,
+                "spec.endpoints".into(),
+                "no endpoints should be provided for resolution type NONE".into(),
+            );
+        }
+        for (i, e) in spec.endpoints.iter().enumerate() {
+            let field = format!("spec.endpoints[{i}]");
+            if e.address.starts_with("unix://") {
+                self.warnings.push(format!(
+                    "{KIND} {sid}: {field}.address: unix domain sockets are not reachable from a waypoint; skipped"
+                ));
+                continue;
+            }
+            let is_ip = e.address.parse::<IpAddr>().is_ok();
+            let ok = match resolution {
+                Resolution::Static => is_ip,
+                _ => is_ip || valid_host(&e.address),
+            };
+            if !ok {
+                let want = if resolution == Resolution::Static {
+                    "an IP address (resolution STATIC)"
+                } else {
+                    "an IP address or host name"
+                };
+                err(
+                    &mut self.errors,
+                    format!("{field}.address"),
+                    format!("{:?} is not {want}", e.address),
+                );
+                continue;
+            }
+            let mut by_name = BTreeMap::new();
+            for (name, p) in &e.ports {
+                match port_number(*p) {
+                    Some(p) => {
+                        by_name.insert(name.clone(), p);
+                    }
+                    None => err(
+                        &mut self.errors,
+                        format!("{field}.ports.{name}"),
+                        format!("{p} is not a valid port (1-65535)"),
+                    ),
+                }
+            }
+            if e.network.is_some() || e.locality.is_some() || e.weight.is_some() {
+                self.warnings.push(format!(
+                    "{KIND} {sid}: {field}: network, locality and weight are not applied by this waypoint yet; ignored"
+                ));
+            }
+            endpoints.push((e.address.clone(), by_name));
+        }
+        if self.errors.len() > errors_before {
+            return;
+        }
+
+        let info = if gateway_found {
+            self.binding(KIND, meta, gw, allowed)
+        } else {
+            BindingInfo {
+                state: BindingState::NoGateway,
+                source: BindingSource::None,
+                waypoint: None,
+                reason: "the waypoint Gateway is not configured".into(),
+            }
+        };
+        let binding = match info.state {
+            BindingState::Bound => Ok(()),
+            _ => Err(info.reason.clone()),
+        };
+        let ns = meta.namespace.as_str();
+        let mut keys = Vec::new();
+        for (i, host) in hosts.into_iter().enumerate() {
+            let key = (ns, host);
+            if self.services.contains_key(&key) {
+                let msg = format!(
+                    "host {host:?} is already a service in namespace {ns} (a Service or another ServiceEntry)"
+                );
+                err(&mut self.errors, format!("spec.hosts[{i}]"), msg);
+                continue;
+            }
+            // istiod's allocation is per host (`status.addresses[].host`).
+            let mut host_vips = vips.clone();
+            for (value, h) in &se.allocated {
+                if (h.is_empty() || h == host)
+                    && let Ok(Some(ip)) = parse_vip(value)
+                    && !host_vips.contains(&ip)
+                {
+                    host_vips.push(ip);
+                }
+            }
+            let mut shared = Vec::new();
+            for p in &ports {
+                for vip in &host_vips {
+                    let addr = SocketAddr::new(*vip, p.port);
+                    if let Some(owner) = vip_owner.get(&addr) {
+                        if owner.starts_with(&format!("{KIND} {sid} host ")) {
+                            // Several hosts of one entry on one address: a tunnel names an
+                            // address, not a host, so the first host listed serves it.
+                            self.warnings.push(format!(
+                                "{KIND} {sid}: host {host}: {addr} is already served for {owner}; this host is not reachable there"
+                            ));
+                            shared.push(*vip);
+                        } else {
+                            let msg = format!("{addr} is already used by {owner}");
+                            err(&mut self.errors, "spec.addresses".into(), msg);
+                        }
+                    } else {
+                        vip_owner.insert(addr, format!("{KIND} {sid} host {host}"));
+                    }
+                }
+            }
+            host_vips.retain(|v| !shared.contains(v));
+            if binding.is_ok() && host_vips.is_empty() {
+                self.warnings.push(format!(
+                    "{KIND} {sid}: host {host}: no address (spec.addresses, or one istiod allocates into status.addresses); ztunnel sends a waypoint only traffic for an address, so none reaches this one"
+                ));
+            }
+            let svc = Svc {
+                vips: host_vips,
+                ports: ports
+                    .iter()
+                    .map(|p| SvcPort {
+                        name: p.name.clone(),
+                        port: p.port,
+                        target: p.target,
+                        protocol: p.protocol,
+                    })
+                    .collect(),
+                binding: binding.clone(),
+                info: info.clone(),
+                hostname: host.to_string(),
+                entry: Some(EntryPlan {
+                    name: meta.name.clone(),
+                    resolution,
+                    endpoints: endpoints.clone(),
+                }),
+            };
+            self.services.insert(key, svc);
+            keys.push(key);
+        }
+        self.entries.insert((ns, meta.name.as_str()), keys);
+    }
+
+    /// The endpoints compiled in for one port of a ServiceEntry host: the inline IPs of a
+    /// `STATIC` entry (port: the endpoint's port of that name, else the targetPort, else the
+    /// port), plain TCP (no HBONE: istiod `supportTunnel` is false for them). DNS and NONE
+    /// entries get theirs at run time.
+    pub(super) fn entry_endpoints(&self, entry: &EntryPlan, sp: &SvcPort) -> Vec<EndpointSpec> {
+        if entry.resolution != Resolution::Static {
+            return Vec::new();
+        }
+        let mut out: Vec<EndpointSpec> = Vec::new();
+        for (address, ports) in &entry.endpoints {
+            let Ok(ip) = address.parse::<IpAddr>() else {
+                continue;
+            };
+            let port = ports
+                .get(&sp.name)
+                .copied()
+                .or(sp.target)
+                .unwrap_or(sp.port);
+            let addr = SocketAddr::new(ip, port);
+            if !out.iter().any(|e| e.addr == addr) {
+                out.push(EndpointSpec {
+                    addr,
+                    tunnel: None,
+                    workload: None,
+                });
+            }
+        }
+        out
+    }
+
+    /// The names a `DNS`/`DNS_ROUND_ROBIN` host's endpoints are resolved from: its endpoints'
+    /// addresses, else the host itself (istiod: "the hosts are resolved when no endpoints are
+    /// given"), each with its port.
+    pub(super) fn dns_targets(&self, key: SvcKey<'a>, port: u16) -> Option<DnsTargets> {
+        let svc = self.services.get(&key)?;
+        let entry = svc.entry.as_ref()?;
+        let first_only = match entry.resolution {
+            Resolution::Dns => false,
+            Resolution::DnsRoundRobin => true,
+            _ => return None,
+        };
+        let sp = svc.ports.iter().find(|p| p.port == port)?;
+        let target = sp.target.unwrap_or(sp.port);
+        let mut names: Vec<(Arc<str>, u16)> = Vec::new();
+        if entry.endpoints.is_empty() {
+            names.push((svc.hostname.as_str().into(), target));
+        }
+        for (address, ports) in &entry.endpoints {
+            let p = ports.get(&sp.name).copied().unwrap_or(target);
+            if !names.iter().any(|(n, q)| **n == **address && *q == p) {
+                names.push((address.as_str().into(), p));
+            }
+        }
+        Some(DnsTargets { names, first_only })
+    }
+
+    /// The Service or ServiceEntry host keys a `ServiceEntry` reference names.
+    pub(super) fn entry_keys(&self, ns: &str, name: &str) -> Option<Vec<SvcKey<'a>>> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k.0 == ns && k.1 == name)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// A `Hostname` backendRef (group `networking.istio.io`): the ServiceEntry host of that
+    /// name, in the route's namespace first, else any namespace (first by name).
+    pub(super) fn host_key(&self, route_ns: &str, host: &str) -> Option<SvcKey<'a>> {
+        self.services
+            .iter()
+            .filter(|(k, s)| k.1 == host && s.entry.is_some())
+            .map(|(k, _)| *k)
+            .min_by_key(|k| (k.0 != route_ns, k.0))
+    }
+}
+
+/// An address of `spec.addresses`: `Some(ip)`; `None` for a range wider than one address.
+fn parse_vip(a: &str) -> Result<Option<IpAddr>, ()> {
+    if let Ok(ip) = a.parse::<IpAddr>() {
+        return Ok(Some(ip));
+    }
+    match a.parse::<ipnet::IpNet>() {
+        Ok(net) if net.prefix_len() == net.max_prefix_len() => Ok(Some(net.addr())),
+        Ok(_) => Ok(None),
+        Err(_) => Err(()),
+    }
+}
+
+/// A DNS name as Istio validates ServiceEntry hosts (labels of letters, digits and `-`, at
+/// most 63 bytes each, 253 in all); a short name (no dot) is allowed.
+fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.trim_end_matches('.').split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
