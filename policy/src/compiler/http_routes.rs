@@ -672,7 +672,8 @@ impl<'a> Compiler<'a> {
                 .unwrap_or(crate::resources::GATEWAY_GROUP);
             let kind = p.kind.as_deref().unwrap_or("Gateway");
             let entry = group == "networking.istio.io" && kind == "ServiceEntry";
-            if !(group.is_empty() && kind == "Service") && !entry {
+            let service = group.is_empty() && kind == "Service";
+            if !(service || entry) {
                 self.warnings.push(format!(
                     "{rk} {rid}: {field}: parent {kind} {} (group {group:?}) is not a mesh Service parent (set group: \"\" and kind: Service, or group: networking.istio.io and kind: ServiceEntry); skipped",
                     p.name
