@@ -66,6 +66,8 @@ pub struct Config {
     /// `ISTIO_META_CLUSTER_ID`: the cluster of the workloads this waypoint sees
     /// (`source_cluster` of metrics for clients found in the Kubernetes API).
     pub cluster_id: String,
+    /// Name servers and refresh timing for ServiceEntry `resolution: DNS`.
+    pub dns: crate::upstream::dns::DnsSettings,
 }
 
 /// How to reach the Kubernetes API (`--kube`).
@@ -100,6 +102,7 @@ impl Default for Config {
             kube: None,
             ca: None,
             cluster_id: "Kubernetes".into(),
+            dns: Default::default(),
         }
     }
 }
@@ -313,8 +316,15 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         reclaim: Default::default(),
         mirrors_in_flight: Default::default(),
         mirrors_skipped: AtomicU64::new(0),
+        dns: crate::upstream::dns::DnsEndpoints::new(config.dns.clone()),
     });
     shared.jwks.sync(shared.snapshot.load().remote_jwks());
+    // DNS clusters (ServiceEntry `resolution: DNS`) warm before the listeners open, as
+    // Envoy's STRICT_DNS clusters do before its listeners serve; bounded by the lookup
+    // timeout, after which an unresolved name answers 503 UH until it resolves.
+    shared.dns.sync(&shared.snapshot.load());
+    let dns_task = tokio::spawn(shared.dns.clone().run());
+    shared.dns.warm(config.dns.timeout).await;
 
     let hbone_listener = bind(config.hbone_addr, "HBONE").await?;
     let ready_listener = bind(config.ready_addr, "readiness").await?;
@@ -346,6 +356,7 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         move |req| crate::listener::handle_tunnel(handler_shared.clone(), req),
         watcher,
     )));
+    tasks.push(dns_task);
     tasks.push(tokio::spawn(crate::memory::run(shared.reclaim.clone())));
     tasks.push(tokio::spawn(sweep_upstreams(shared.clone())));
     tasks.push(tokio::spawn(admin::serve(
@@ -457,6 +468,7 @@ pub fn reload_config(shared: &Shared, config: &Config) -> Result<(), Vec<ConfigE
                 warn!("config: {w}");
             }
             shared.jwks.sync(s.remote_jwks());
+            shared.dns.sync(&s);
             shared.snapshot.store(Arc::new(s));
             shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
             shared.config_version.fetch_add(1, Ordering::Relaxed);

@@ -171,6 +171,18 @@ struct RunArgs {
     /// Certificate lifetime asked of the CA (Istio's SECRET_TTL).
     #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: Duration,
+    /// Name server for ServiceEntry `resolution: DNS`, IP:PORT (repeatable); default: the
+    /// ones in /etc/resolv.conf.
+    #[arg(
+        long = "dns-server",
+        env = "WAYPOINT_DNS_SERVERS",
+        value_delimiter = ','
+    )]
+    dns_servers: Vec<std::net::SocketAddr>,
+    /// Shortest time between two lookups of a name (Envoy's dns_min_refresh_rate); a name is
+    /// looked up again when its TTL runs out, but not sooner.
+    #[arg(long, env = "WAYPOINT_DNS_MIN_REFRESH", default_value = "5s", value_parser = humantime::parse_duration)]
+    dns_min_refresh: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -537,6 +549,8 @@ fn run(args: RunArgs) -> ExitCode {
     config.limits.max_memory =
         (args.max_memory_mib > 0).then_some(args.max_memory_mib * 1024 * 1024);
     config.cluster_id = args.cluster_id.clone();
+    config.dns.servers = args.dns_servers.clone();
+    config.dns.min_refresh = args.dns_min_refresh;
     if let Some(addr) = &args.ca_addr {
         let sa = args
             .service_account

@@ -81,6 +81,8 @@ impl Default for Limits {
 /// See the module docs.
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
+    /// The endpoints of DNS clusters (ServiceEntry `resolution: DNS`), kept fresh.
+    pub dns: Arc<crate::upstream::dns::DnsEndpoints>,
     pub upstreams: Upstreams,
     pub access_log: Option<AccessLogger>,
     /// MeshConfig `envoyFileAccessLog` providers Telemetry may select, with their loggers.

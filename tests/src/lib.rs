@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+pub mod dns;
 pub mod envoy;
 pub mod rawh2;
 
@@ -60,10 +61,15 @@ impl Drop for Backend {
 
 impl Backend {
     pub async fn echo(name: &str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Backend::echo_at(name, "127.0.0.1:0")
             .await
-            .expect("bind backend");
-        let addr = listener.local_addr().expect("backend addr");
+            .expect("bind backend")
+    }
+
+    /// An echo backend bound to `bind` (another loopback address, a chosen port).
+    pub async fn echo_at(name: &str, bind: &str) -> std::io::Result<Backend> {
+        let listener = TcpListener::bind(bind).await?;
+        let addr = listener.local_addr()?;
         let name: Arc<str> = name.into();
         let task = tokio::spawn(async move {
             loop {
@@ -121,7 +127,7 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, task }
+        Ok(Backend { addr, task })
     }
 
     /// A TCP echo server (bytes in, same bytes out).

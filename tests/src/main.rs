@@ -17,6 +17,7 @@ mod http_semantics;
 mod mesh;
 mod operations;
 mod routing;
+mod service_entry;
 mod telemetry;
 mod traffic_policy;
 mod upstream;

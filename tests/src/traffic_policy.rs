@@ -414,9 +414,17 @@ async fn https_envoy(
     dir: &std::path::Path,
     mutual: bool,
 ) -> (Envoy, SocketAddr) {
-    let (cert, key) = pki
-        .issue_server_pem_for_dns("reviews.default.svc.cluster.local")
-        .unwrap();
+    https_envoy_for(pki, dir, mutual, "reviews.default.svc.cluster.local").await
+}
+
+/// As [`https_envoy`], with a certificate for `host`.
+pub(crate) async fn https_envoy_for(
+    pki: &hbone::testing::Pki,
+    dir: &std::path::Path,
+    mutual: bool,
+    host: &str,
+) -> (Envoy, SocketAddr) {
+    let (cert, key) = pki.issue_server_pem_for_dns(host).unwrap();
     std::fs::write(dir.join("server.pem"), cert).unwrap();
     std::fs::write(dir.join("server-key.pem"), key).unwrap();
     std::fs::write(dir.join("ca.pem"), pki.root_pem()).unwrap();

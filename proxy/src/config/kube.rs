@@ -123,6 +123,7 @@ fn install(shared: &Shared, snapshot: Snapshot, mesh: MeshConfig) {
         warn!("config: {w}");
     }
     shared.jwks.sync(snapshot.remote_jwks());
+    shared.dns.sync(&snapshot);
     shared.mesh.store(Arc::new(mesh));
     shared.snapshot.store(Arc::new(snapshot));
     shared.reloads_ok.fetch_add(1, Ordering::Relaxed);

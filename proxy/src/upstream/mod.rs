@@ -9,6 +9,7 @@
 
 pub mod balance;
 pub mod breaker;
+pub mod dns;
 pub mod extauthz;
 pub mod origination;
 

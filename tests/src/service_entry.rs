@@ -1,0 +1,224 @@
+//! ServiceEntry through the waypoint (egress): a STATIC entry with its route and policies, a
+//! NONE entry passed through to the tunnel's address, and DNS entries resolved by the
+//! waypoint against a real DNS server (dnslib), refreshed at the answer's TTL, with TLS
+//! originated by a DestinationRule to a real HTTPS server (Envoy) checking the hostname:
+//! the egress pattern of Istio's ambient egress docs.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use waypoint_tests::dns::{DnsServer, Record};
+use waypoint_tests::{Backend, Manifests, TestWaypoint, TunnelHttp, eventually};
+
+fn get(path: &str, host: &str) -> http::Request<Full<Bytes>> {
+    http::Request::builder()
+        .uri(path)
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+fn entry(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: default}}\nspec: {spec}\n"
+    )
+}
+
+async fn send(wp: &TestWaypoint, vip: &str, path: &str, host: &str) -> (u16, String) {
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, vip).await.unwrap();
+    let r = http.send(get(path, host)).await.unwrap();
+    (r.status.as_u16(), r.text())
+}
+
+#[tokio::test]
+async fn static_entry_is_routed_authorized_and_logged_like_a_service() {
+    let a = Backend::echo("external-a").await;
+    let b = Backend::echo("external-b").await;
+    let mut m = Manifests::new();
+    m.push(&entry(
+        "external",
+        &format!(
+            "{{hosts: [api.example.test], addresses: [240.240.0.1], ports: [{{number: 80, name: http, protocol: HTTP}}], resolution: STATIC, location: MESH_EXTERNAL, endpoints: [{{address: 127.0.0.1, ports: {{http: {}}}}}]}}",
+            a.addr.port()
+        ),
+    ))
+    // A second entry: the route's /b backend, named by host (`kind: Hostname`).
+    .push(&entry(
+        "other",
+        &format!(
+            "{{hosts: [b.example.test], ports: [{{number: 8080, name: http, protocol: HTTP, targetPort: {}}}], resolution: STATIC, endpoints: [{{address: 127.0.0.1}}]}}",
+            b.addr.port()
+        ),
+    ))
+    .push(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: split, namespace: default}\nspec:\n  parentRefs: [{group: networking.istio.io, kind: ServiceEntry, name: external, port: 80}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /b}}]\n    backendRefs: [{group: networking.istio.io, kind: Hostname, name: b.example.test, port: 8080}]\n  - backendRefs: [{group: networking.istio.io, kind: ServiceEntry, name: external, port: 80}]\n",
+    )
+    .push(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: default}\nspec:\n  targetRefs: [{group: networking.istio.io, kind: ServiceEntry, name: external}]\n  action: DENY\n  rules: [{to: [{operation: {paths: [/admin]}}]}]\n",
+    );
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    assert_eq!(
+        send(&wp, "240.240.0.1:80", "/", "api.example.test").await,
+        (200, "external-a\n".into())
+    );
+    let line = wp.next_logs(1).remove(0);
+    assert_eq!(
+        line["upstream_cluster"],
+        "inbound-vip|80|http|api.example.test"
+    );
+    assert_eq!(line["upstream_host"], a.addr.to_string());
+    assert_eq!(line["route_name"], "default.split.1");
+    assert_eq!(
+        send(&wp, "240.240.0.1:80", "/b", "api.example.test").await,
+        (200, "external-b\n".into())
+    );
+    let line = wp.next_logs(1).remove(0);
+    assert_eq!(
+        line["upstream_cluster"],
+        "inbound-vip|8080|http|b.example.test"
+    );
+    let (status, body) = send(&wp, "240.240.0.1:80", "/admin", "api.example.test").await;
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
+    // The policy targets the entry, not the waypoint: a bound Service is not affected.
+    let services = wp.running().shared.snapshot.load().services().to_vec();
+    let entry = services
+        .iter()
+        .find(|s| &*s.name == "api.example.test")
+        .expect("the entry is listed");
+    assert_eq!(entry.kind, "ServiceEntry");
+}
+
+#[tokio::test]
+async fn none_resolution_forwards_to_the_address_the_tunnel_names() {
+    let a = Backend::echo("original-destination").await;
+    let mut m = Manifests::new();
+    m.push(&entry(
+        "passthrough",
+        &format!(
+            "{{hosts: [db.example.test], addresses: [127.0.0.1], ports: [{{number: {}, name: http, protocol: HTTP}}], resolution: NONE}}",
+            a.addr.port()
+        ),
+    ));
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let vip = a.addr.to_string();
+    assert_eq!(
+        send(&wp, &vip, "/", "db.example.test").await,
+        (200, "original-destination\n".into())
+    );
+    let line = wp.next_logs(1).remove(0);
+    assert_eq!(line["upstream_host"], vip);
+}
+
+/// The ambient egress pattern (istio.io `ambient/usage/egress-gateway`): port 80 in the
+/// mesh, `targetPort` the HTTPS port, `resolution: DNS`, and a DestinationRule originating
+/// TLS with the entry's host as SNI and the name checked.
+#[tokio::test]
+async fn dns_entry_with_tls_origination_reaches_a_real_https_server_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = hbone::testing::Pki::new("example.test").unwrap();
+    let (_envoy, https) =
+        crate::traffic_policy::https_envoy_for(&pki, dir.path(), false, "api.example.test").await;
+    let dns = DnsServer::start(&[Record {
+        name: "api.example.test",
+        ip: "127.0.0.1",
+        ttl: 30,
+    }])
+    .unwrap();
+    let mut m = Manifests::new();
+    m.push(&entry(
+        "egress",
+        &format!(
+            "{{hosts: [api.example.test], addresses: [240.240.0.9], ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {}}}], resolution: DNS}}",
+            https.port()
+        ),
+    ))
+    .push(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: egress-tls, namespace: default}}\nspec: {{host: api.example.test, trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: \"{}\"}}}}}}\n",
+        dir.path().join("ca.pem").display()
+    ));
+    let servers = vec![dns.addr];
+    let wp = TestWaypoint::start_with(&m.yaml(), |c| c.dns.servers = servers).await;
+    assert_eq!(
+        send(&wp, "240.240.0.9:80", "/", "api.example.test").await,
+        (200, "secure".into())
+    );
+    let line = wp.next_logs(1).remove(0);
+    assert_eq!(
+        line["upstream_cluster"],
+        "inbound-vip|80|http|api.example.test"
+    );
+    assert_eq!(line["upstream_host"], format!("127.0.0.1:{}", https.port()));
+    assert!(dns.queries("api.example.test") >= 1);
+
+    // A name the DNS server does not know: no endpoints, Envoy's empty-cluster answer.
+    let mut m = Manifests::new();
+    m.push(&entry(
+        "unknown",
+        "{hosts: [nowhere.example.test], addresses: [240.240.0.10], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DNS}",
+    ));
+    let servers = vec![dns.addr];
+    let wp = TestWaypoint::start_with(&m.yaml(), |c| c.dns.servers = servers).await;
+    let (status, body) = send(&wp, "240.240.0.10:80", "/", "nowhere.example.test").await;
+    assert_eq!((status, body.as_str()), (503, "no healthy upstream"));
+    assert_eq!(wp.next_logs(1).remove(0)["response_flags"], "UH");
+}
+
+/// A new answer is used once the old one's TTL runs out, and the name is not asked again
+/// sooner than the minimum refresh; requests never fail across the change.
+#[tokio::test]
+async fn dns_answers_are_refreshed_when_their_ttl_runs_out() {
+    let old = Backend::echo_at("old", "127.0.0.2:0").await.unwrap();
+    let port = old.addr.port();
+    let Ok(new) = Backend::echo_at("new", &format!("127.0.0.3:{port}")).await else {
+        panic!("127.0.0.3:{port} is taken; rerun");
+    };
+    let dns = DnsServer::start(&[Record {
+        name: "svc.example.test",
+        ip: "127.0.0.2",
+        ttl: 1,
+    }])
+    .unwrap();
+    let mut m = Manifests::new();
+    m.push(&entry(
+        "moving",
+        &format!(
+            "{{hosts: [svc.example.test], addresses: [240.240.0.20], ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {port}}}], resolution: DNS}}"
+        ),
+    ));
+    let servers = vec![dns.addr];
+    let wp = TestWaypoint::start_with(&m.yaml(), |c| {
+        c.dns.servers = servers;
+        c.dns.min_refresh = Duration::from_secs(1);
+    })
+    .await;
+    assert_eq!(
+        send(&wp, "240.240.0.20:80", "/", "svc.example.test").await,
+        (200, "old\n".into())
+    );
+    let started = std::time::Instant::now();
+    dns.set(&[Record {
+        name: "svc.example.test",
+        ip: "127.0.0.3",
+        ttl: 1,
+    }])
+    .unwrap();
+    let moved = eventually(Duration::from_secs(10), || async {
+        let (status, body) = send(&wp, "240.240.0.20:80", "/", "svc.example.test").await;
+        assert_eq!(status, 200, "no request fails while the answer changes");
+        (body == "new\n").then_some(())
+    })
+    .await;
+    assert!(moved.is_some(), "the new answer is used after the TTL");
+    let elapsed = started.elapsed();
+    // One lookup per refresh (>= 1 s apart), not one per request: bounded by elapsed time.
+    let asked = dns.queries("svc.example.test");
+    assert!(
+        asked <= 2 * (2 + elapsed.as_secs() as usize),
+        "{asked} queries in {elapsed:?}"
+    );
+    drop(new);
+    let _: SocketAddr = old.addr;
+}
