@@ -356,6 +356,30 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// For a `passthrough` cluster (ServiceEntry `resolution: NONE`, Envoy ORIGINAL_DST): a
+    /// copy whose one endpoint is `addr`, the address the tunnel was sent to, whichever
+    /// route chose the cluster.
+    pub fn original_destination(&self, addr: SocketAddr) -> Cluster {
+        Cluster {
+            name: self.name.clone(),
+            hostname: self.hostname.clone(),
+            service_name: self.service_name.clone(),
+            service_namespace: self.service_namespace.clone(),
+            port: self.port,
+            protocol: self.protocol,
+            endpoint_list: arc_swap::ArcSwap::from_pointee(vec![Endpoint {
+                addr,
+                load: Arc::new(EndpointLoad::default()),
+                tunnel: None,
+                workload: None,
+                health: Default::default(),
+            }]),
+            traffic: self.traffic.clone(),
+            dns: None,
+            passthrough: false,
+        }
+    }
+
     /// The endpoints now (lock-free: one reference count).
     pub fn endpoints(&self) -> Arc<Vec<Endpoint>> {
         self.endpoint_list.load_full()
@@ -431,45 +455,6 @@ pub struct ServicePort {
     pub access_log: AccessLogPolicy,
 }
 
-impl ServicePort {
-    /// ServiceEntry `resolution: NONE`: this port with a cluster whose one endpoint is the
-    /// address the tunnel was sent to (Envoy's ORIGINAL_DST cluster, `CLUSTER_PROVIDED`
-    /// balancing). Built per tunnel; the compiled cluster has no endpoints.
-    fn passthrough_to(&self, addr: SocketAddr) -> ServicePort {
-        let c = &self.cluster;
-        let cluster = Arc::new(Cluster {
-            name: c.name.clone(),
-            hostname: c.hostname.clone(),
-            service_name: c.service_name.clone(),
-            service_namespace: c.service_namespace.clone(),
-            port: c.port,
-            protocol: c.protocol,
-            endpoint_list: arc_swap::ArcSwap::from_pointee(vec![Endpoint {
-                addr,
-                load: Arc::new(EndpointLoad::default()),
-                tunnel: None,
-                workload: None,
-                health: Default::default(),
-            }]),
-            traffic: c.traffic.clone(),
-            dns: None,
-            passthrough: false,
-        });
-        ServicePort {
-            vip: self.vip,
-            vip_text: self.vip_text.clone(),
-            protocol: self.protocol,
-            cluster,
-            routes: self.routes.clone(),
-            tcp_route: self.tcp_route.clone(),
-            tls_routes: self.tls_routes.clone(),
-            authz: self.authz.clone(),
-            authn: self.authn.clone(),
-            access_log: self.access_log.clone(),
-        }
-    }
-}
-
 /// Result of looking up a CONNECT authority.
 #[derive(Debug)]
 pub enum VipLookup {
@@ -514,9 +499,6 @@ impl Snapshot {
     /// Find what a CONNECT `:authority` (already parsed to ip:port) designates.
     pub fn lookup_vip(&self, addr: SocketAddr) -> VipLookup {
         if let Some(sp) = self.bound.get(&addr) {
-            if sp.cluster.passthrough {
-                return VipLookup::Bound(Arc::new(sp.passthrough_to(addr)));
-            }
             return VipLookup::Bound(sp.clone());
         }
         if let Some(reason) = self.not_bound.get(&addr) {

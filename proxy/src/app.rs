@@ -654,6 +654,12 @@ pub fn sweep_upstreams_now(shared: &Shared) {
     for c in snapshot.clusters() {
         live.extend(c.endpoints().iter().map(|e| e.addr));
     }
+    // ServiceEntry `resolution: NONE`: the endpoint is the bound address itself.
+    for sp in snapshot.bound_services() {
+        if sp.cluster.passthrough {
+            live.insert(sp.vip);
+        }
+    }
     let pods: std::collections::HashSet<std::net::IpAddr> =
         snapshot.workloads().into_iter().map(|(ip, _)| ip).collect();
     shared

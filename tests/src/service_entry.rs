@@ -83,12 +83,32 @@ async fn static_entry_is_routed_authorized_and_logged_like_a_service() {
     let (status, body) = send(&wp, "240.240.0.1:80", "/admin", "api.example.test").await;
     assert_eq!((status, body.as_str()), (403, "RBAC: access denied"));
     // The policy targets the entry, not the waypoint: a bound Service is not affected.
-    let services = wp.running().shared.snapshot.load().services().to_vec();
-    let entry = services
+    let snapshot = wp.running().shared.snapshot.load_full();
+    let entry = snapshot
+        .services()
         .iter()
         .find(|s| &*s.name == "api.example.test")
         .expect("the entry is listed");
     assert_eq!(entry.kind, "ServiceEntry");
+    // `waypoint services` and `waypoint explain` show the entry for what it is.
+    let table = proxy::ops::inspect::services_table(&snapshot);
+    assert!(
+        table.contains("api.example.test (ServiceEntry external, STATIC)"),
+        "{table}"
+    );
+    let req = proxy::ops::inspect::ExplainRequest {
+        from: Some("spiffe://cluster.local/ns/default/sa/sleep".into()),
+        to: "240.240.0.1:80".parse().unwrap(),
+        method: http::Method::GET,
+        headers: http::HeaderMap::new(),
+        path: "/admin".into(),
+    };
+    let text = proxy::ops::inspect::explain(&snapshot, &Default::default(), &req);
+    assert!(
+        text.contains("ServiceEntry default/external host api.example.test port 80 (http), resolution STATIC"),
+        "{text}"
+    );
+    assert!(text.contains("403"), "{text}");
 }
 
 #[tokio::test]
@@ -152,6 +172,23 @@ async fn dns_entry_with_tls_origination_reaches_a_real_https_server_by_name() {
     );
     assert_eq!(line["upstream_host"], format!("127.0.0.1:{}", https.port()));
     assert!(dns.queries("api.example.test") >= 1);
+    let snapshot = wp.running().shared.snapshot.load_full();
+    let req = proxy::ops::inspect::ExplainRequest {
+        from: None,
+        to: "240.240.0.9:80".parse().unwrap(),
+        method: http::Method::GET,
+        headers: http::HeaderMap::new(),
+        path: "/".into(),
+    };
+    let text = proxy::ops::inspect::explain(&snapshot, &Default::default(), &req);
+    assert!(
+        text.contains(&format!("endpoints from DNS (DNS): api.example.test:{}", https.port())),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("127.0.0.1:{}", https.port())),
+        "resolved in the running waypoint: {text}"
+    );
 
     // A name the DNS server does not know: no endpoints, Envoy's empty-cluster answer.
     let mut m = Manifests::new();

@@ -2249,8 +2249,11 @@ fn service_entry_none_resolution_passes_through_to_the_tunnel_address() {
     );
     let snap = ok(&base(&[&se]));
     let sp = bound(&snap, "127.0.0.9:5432");
-    let eps: Vec<_> = sp.cluster.endpoints().iter().map(|e| e.addr).collect();
+    assert!(sp.cluster.passthrough && sp.cluster.endpoints().is_empty());
+    let at = sp.cluster.original_destination(addr("127.0.0.9:5432"));
+    let eps: Vec<_> = at.endpoints().iter().map(|e| e.addr).collect();
     assert_eq!(eps, vec![addr("127.0.0.9:5432")]);
+    assert_eq!(at.name, sp.cluster.name);
 }
 
 #[test]

@@ -81,6 +81,12 @@ pub(super) async fn proxy_tcp(
             }
         },
     };
+    // ServiceEntry `resolution: NONE`: the endpoint is the tunnel's own address.
+    let cluster = if cluster.passthrough {
+        Arc::new(cluster.original_destination(t.vip))
+    } else {
+        cluster
+    };
     // A sniffed-TCP tunnel on an undeclared port uses istiod's `tcp` cluster name.
     r.upstream_cluster = Some(if cluster.protocol == AppProtocol::Unknown {
         cluster.name.replacen("|http|", "|tcp|", 1).into()

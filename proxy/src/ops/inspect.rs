@@ -40,9 +40,18 @@ pub fn services_table(snapshot: &Snapshot) -> String {
             BindingState::OptedOut => "none".to_string(),
             _ => b.waypoint.clone().unwrap_or_else(|| "-".into()),
         };
+        // A ServiceEntry is listed once per host (one service each, as istiod makes them).
+        let name = match &s.entry {
+            Some((entry, resolution)) => format!(
+                "{} (ServiceEntry {entry}, {})",
+                s.name,
+                resolution.as_str()
+            ),
+            None => s.name.to_string(),
+        };
         rows.push([
             s.namespace.to_string(),
-            s.name.to_string(),
+            name,
             if vips.is_empty() {
                 "None".into()
             } else {
@@ -133,14 +142,29 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
     match &info {
         Some(s) => {
             let port = s.ports.iter().find(|p| p.port == req.to.port());
-            let _ = writeln!(
-                o,
-                "  Service {}/{} port {} ({})",
-                s.namespace,
-                s.name,
-                req.to.port(),
-                port.map_or("unknown", |p| p.protocol.as_str())
-            );
+            match &s.entry {
+                Some((entry, resolution)) => {
+                    let _ = writeln!(
+                        o,
+                        "  ServiceEntry {}/{entry} host {} port {} ({}), resolution {}",
+                        s.namespace,
+                        s.name,
+                        req.to.port(),
+                        port.map_or("unknown", |p| p.protocol.as_str()),
+                        resolution.as_str()
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        o,
+                        "  Service {}/{} port {} ({})",
+                        s.namespace,
+                        s.name,
+                        req.to.port(),
+                        port.map_or("unknown", |p| p.protocol.as_str())
+                    );
+                }
+            }
             let _ = writeln!(
                 o,
                 "  binding: {} (decided by: {})",
@@ -268,6 +292,31 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
                     );
                     if let Some(t) = &c.traffic {
                         let _ = writeln!(o, "    traffic policy: {}", traffic_summary(t));
+                    }
+                    if let Some(d) = &c.dns {
+                        let names: Vec<String> =
+                            d.names.iter().map(|(n, p)| format!("{n}:{p}")).collect();
+                        let _ = writeln!(
+                            o,
+                            "    endpoints from DNS ({}): {}{}",
+                            if d.first_only {
+                                "DNS_ROUND_ROBIN"
+                            } else {
+                                "DNS"
+                            },
+                            names.join(", "),
+                            if c.endpoints().is_empty() {
+                                " (not resolved here; the running waypoint resolves them)"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                    if c.passthrough {
+                        let _ = writeln!(
+                            o,
+                            "    resolution NONE: the endpoint is the address the tunnel names"
+                        );
                     }
                 }
                 Backend::Invalid { reason } => {

@@ -63,6 +63,12 @@ pub(super) fn backend(
         Some((Backend::Invalid { .. }, _)) => return Err(ProxyError::ClusterNotFound),
         None => return Err(ProxyError::NoBackendWeight),
     };
+    // ServiceEntry `resolution: NONE`: the endpoint is the tunnel's own address.
+    let cluster = if cluster.passthrough {
+        Arc::new(cluster.original_destination(t.vip))
+    } else {
+        cluster
+    };
     if cluster.endpoints().is_empty() {
         return Err(ProxyError::NoHealthyUpstream);
     }
