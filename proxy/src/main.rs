@@ -179,10 +179,10 @@ struct RunArgs {
         value_delimiter = ','
     )]
     dns_servers: Vec<std::net::SocketAddr>,
-    /// Shortest time between two lookups of a name (Envoy's dns_min_refresh_rate); a name is
-    /// looked up again when its TTL runs out, but not sooner.
-    #[arg(long, env = "WAYPOINT_DNS_MIN_REFRESH", default_value = "5s", value_parser = humantime::parse_duration)]
-    dns_min_refresh: Duration,
+    /// When a name is asked again after a negative answer or a TTL of 0 (MeshConfig
+    /// dnsRefreshRate, Envoy's dns_refresh_rate); other answers are asked again at their TTL.
+    #[arg(long, env = "WAYPOINT_DNS_REFRESH_RATE", default_value = "60s", value_parser = humantime::parse_duration)]
+    dns_refresh_rate: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -550,7 +550,7 @@ fn run(args: RunArgs) -> ExitCode {
         (args.max_memory_mib > 0).then_some(args.max_memory_mib * 1024 * 1024);
     config.cluster_id = args.cluster_id.clone();
     config.dns.servers = args.dns_servers.clone();
-    config.dns.min_refresh = args.dns_min_refresh;
+    config.dns.refresh_rate = args.dns_refresh_rate;
     if let Some(addr) = &args.ca_addr {
         let sa = args
             .service_account

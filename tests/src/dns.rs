@@ -41,7 +41,7 @@ fn dnslib() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// One A (or AAAA) record.
+/// One A (or AAAA) record; `ip: "SERVFAIL"` makes every query for the name fail.
 pub struct Record<'a> {
     pub name: &'a str,
     pub ip: &'a str,
@@ -118,7 +118,13 @@ fn write_records(path: &Path, records: &[Record<'_>]) -> anyhow::Result<()> {
     let list: Vec<_> = records
         .iter()
         .map(|r| {
-            let kind = if r.ip.contains(':') { "AAAA" } else { "A" };
+            let kind = if r.ip == "SERVFAIL" {
+                "SERVFAIL"
+            } else if r.ip.contains(':') {
+                "AAAA"
+            } else {
+                "A"
+            };
             serde_json::json!({"name": r.name, "type": kind, "ip": r.ip, "ttl": r.ttl})
         })
         .collect();

@@ -1,5 +1,5 @@
 """A real DNS server for the tests: dnslib's DNSServer (PyPI `dnslib`, nobody here wrote it)
-answering A/AAAA queries from a JSON file re-read on every query, so a test changes an
+answering A/AAAA queries (or SERVFAIL, for a record of that type) from a JSON file re-read on every query, so a test changes an
 answer by rewriting the file. Binds 127.0.0.1 port 0 (UDP), prints the port, appends every
 query name to `<records>.queries`, and stops when its stdin closes."""
 import json
@@ -25,6 +25,9 @@ class FileResolver(BaseResolver):
             if r["name"].lower() != qname:
                 continue
             known = True
+            if r["type"] == "SERVFAIL":
+                reply.header.rcode = RCODE.SERVFAIL
+                return reply
             if r["type"] == "A" and request.q.qtype == QTYPE.A:
                 reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(r["ip"]), ttl=r["ttl"]))
             if r["type"] == "AAAA" and request.q.qtype == QTYPE.AAAA:

@@ -105,7 +105,9 @@ async fn static_entry_is_routed_authorized_and_logged_like_a_service() {
     };
     let text = proxy::ops::inspect::explain(&snapshot, &Default::default(), &req);
     assert!(
-        text.contains("ServiceEntry default/external host api.example.test port 80 (http), resolution STATIC"),
+        text.contains(
+            "ServiceEntry default/external host api.example.test port 80 (http), resolution STATIC"
+        ),
         "{text}"
     );
     assert!(text.contains("403"), "{text}");
@@ -182,7 +184,10 @@ async fn dns_entry_with_tls_origination_reaches_a_real_https_server_by_name() {
     };
     let text = proxy::ops::inspect::explain(&snapshot, &Default::default(), &req);
     assert!(
-        text.contains(&format!("endpoints from DNS (DNS): api.example.test:{}", https.port())),
+        text.contains(&format!(
+            "endpoints from DNS (DNS): api.example.test:{}",
+            https.port()
+        )),
         "{text}"
     );
     assert!(
@@ -203,8 +208,8 @@ async fn dns_entry_with_tls_origination_reaches_a_real_https_server_by_name() {
     assert_eq!(wp.next_logs(1).remove(0)["response_flags"], "UH");
 }
 
-/// A new answer is used once the old one's TTL runs out, and the name is not asked again
-/// sooner than the minimum refresh; requests never fail across the change.
+/// A new answer is used once the old one's TTL runs out, and the name is asked once per TTL,
+/// not per request; requests never fail across the change.
 #[tokio::test]
 async fn dns_answers_are_refreshed_when_their_ttl_runs_out() {
     let old = Backend::echo_at("old", "127.0.0.2:0").await.unwrap();
@@ -226,11 +231,7 @@ async fn dns_answers_are_refreshed_when_their_ttl_runs_out() {
         ),
     ));
     let servers = vec![dns.addr];
-    let wp = TestWaypoint::start_with(&m.yaml(), |c| {
-        c.dns.servers = servers;
-        c.dns.min_refresh = Duration::from_secs(1);
-    })
-    .await;
+    let wp = TestWaypoint::start_with(&m.yaml(), |c| c.dns.servers = servers).await;
     assert_eq!(
         send(&wp, "240.240.0.20:80", "/", "svc.example.test").await,
         (200, "old\n".into())
@@ -258,4 +259,147 @@ async fn dns_answers_are_refreshed_when_their_ttl_runs_out() {
     );
     drop(new);
     let _: SocketAddr = old.addr;
+}
+
+/// Real Envoy with the clusters istiod renders for `resolution: DNS` entries (STRICT_DNS,
+/// `respect_dns_ttl`, `dns_refresh_rate` 60 s as from MeshConfig's default `dnsRefreshRate`),
+/// resolving against the same DNS server; a plain HTTP listener routes `/<name>` to the
+/// cluster of that name, since only the clusters' behaviour is compared here.
+async fn envoy_strict_dns(dns: SocketAddr, names: &[(&str, u16)]) -> waypoint_tests::envoy::Envoy {
+    let mut routes = String::new();
+    let mut clusters = String::new();
+    for (name, port) in names {
+        routes.push_str(&format!(
+            "              - match: {{prefix: /{name}}}\n                route: {{cluster: \"inbound-vip|80|http|{name}\"}}\n"
+        ));
+        clusters.push_str(&format!(
+            r#"  - name: "inbound-vip|80|http|{name}"
+    type: STRICT_DNS
+    respect_dns_ttl: true
+    dns_refresh_rate: 60s
+    dns_lookup_family: V4_ONLY
+    typed_dns_resolver_config:
+      name: envoy.network.dns_resolver.cares
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig
+        resolvers: [{{socket_address: {{address: 127.0.0.1, port_value: {dns_port}}}}}]
+        use_resolvers_as_fallback: false
+    load_assignment:
+      cluster_name: "inbound-vip|80|http|{name}"
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {name}, port_value: {port}}}}}}}}}]}}]
+"#,
+            dns_port = dns.port()
+        ));
+    }
+    let config = format!(
+        r#"admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+static_resources:
+  listeners:
+  - name: plain
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: plain
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+{routes}          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+{clusters}"#
+    );
+    waypoint_tests::envoy::Envoy::start(&config)
+        .await
+        .expect("envoy starts")
+}
+
+/// Side by side with Envoy 1.40 (docs/envoy-observed.md 16): a positive answer is used until
+/// its TTL runs out (1 s here, no floor); a failed lookup (SERVFAIL) keeps the last answer; a
+/// negative one (NXDOMAIN) empties the cluster: 503 `no healthy upstream`, `UH`.
+#[tokio::test]
+async fn dns_entries_resolve_refresh_and_fail_as_envoys_strict_dns_clusters_do() {
+    let old = Backend::echo_at("old", "127.0.0.4:0").await.unwrap();
+    let port = old.addr.port();
+    let Ok(_new) = Backend::echo_at("new", &format!("127.0.0.5:{port}")).await else {
+        panic!("127.0.0.5:{port} is taken; rerun");
+    };
+    let (a, b) = ("moves.example.test", "fails.example.test");
+    let record = |name, ip| Record { name, ip, ttl: 1 };
+    let dns = DnsServer::start(&[record(a, "127.0.0.4"), record(b, "127.0.0.4")]).unwrap();
+    let envoy = envoy_strict_dns(dns.addr, &[(a, port), (b, port)]).await;
+    let envoy_addr = envoy.listener("plain").await.unwrap();
+    let mut m = Manifests::new();
+    for (i, host) in [a, b].iter().enumerate() {
+        m.push(&entry(
+            &format!("entry-{i}"),
+            &format!(
+                "{{hosts: [{host}], addresses: [240.240.0.{}], ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {port}}}], resolution: DNS}}",
+                30 + i
+            ),
+        ));
+    }
+    let servers = vec![dns.addr];
+    let wp = TestWaypoint::start_with(&m.yaml(), |c| c.dns.servers = servers).await;
+    let ours = |host: &'static str| {
+        let vip = if host == a {
+            "240.240.0.30:80"
+        } else {
+            "240.240.0.31:80"
+        };
+        let wp = &wp;
+        async move { send(wp, vip, &format!("/{host}"), host).await }
+    };
+    let envoys = |host: &'static str| async move {
+        let r = waypoint_tests::http_get(envoy_addr, &format!("/{host}"))
+            .await
+            .unwrap();
+        (r.status.as_u16(), r.text())
+    };
+    // Envoy's first resolution runs as it starts; wait (bounded) for its clusters to warm.
+    let warm = eventually(Duration::from_secs(10), || async {
+        (envoys(a).await.0 == 200 && envoys(b).await.0 == 200).then_some(())
+    })
+    .await;
+    assert!(warm.is_some(), "Envoy resolved the names");
+    for host in [a, b] {
+        assert_eq!(ours(host).await, (200, "old\n".into()));
+        assert_eq!(envoys(host).await, (200, "old\n".into()));
+    }
+
+    // `a` moves and `b` starts failing: both follow `a` once its 1 s TTL runs out, and both
+    // keep serving `b` from its last answer.
+    let qb = dns.queries(b);
+    dns.set(&[record(a, "127.0.0.5"), record(b, "SERVFAIL")])
+        .unwrap();
+    let moved = eventually(Duration::from_secs(10), || async {
+        (ours(a).await.1 == "new\n" && envoys(a).await.1 == "new\n").then_some(())
+    })
+    .await;
+    assert!(moved.is_some(), "both follow the new answer at the TTL");
+    let failed = eventually(Duration::from_secs(10), || async {
+        (dns.queries(b) >= qb + 2).then_some(())
+    })
+    .await;
+    assert!(failed.is_some(), "both asked for {b} again");
+    assert_eq!(ours(b).await, (200, "old\n".into()));
+    assert_eq!(envoys(b).await, (200, "old\n".into()));
+
+    // `a` disappears (NXDOMAIN): both empty the cluster.
+    let qa = dns.queries(a);
+    dns.set(&[record(b, "SERVFAIL")]).unwrap();
+    let gone = eventually(Duration::from_secs(10), || async {
+        (dns.queries(a) >= qa + 2 && envoys(a).await.0 == 503 && ours(a).await.0 == 503)
+            .then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "both answer 503 once the name is gone");
+    assert_eq!(envoys(a).await, (503, "no healthy upstream".into()));
+    assert_eq!(ours(a).await, (503, "no healthy upstream".into()));
 }

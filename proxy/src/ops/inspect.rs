@@ -42,11 +42,9 @@ pub fn services_table(snapshot: &Snapshot) -> String {
         };
         // A ServiceEntry is listed once per host (one service each, as istiod makes them).
         let name = match &s.entry {
-            Some((entry, resolution)) => format!(
-                "{} (ServiceEntry {entry}, {})",
-                s.name,
-                resolution.as_str()
-            ),
+            Some((entry, resolution)) => {
+                format!("{} (ServiceEntry {entry}, {})", s.name, resolution.as_str())
+            }
             None => s.name.to_string(),
         };
         rows.push([

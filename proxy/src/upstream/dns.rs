@@ -1,10 +1,15 @@
 //! DNS endpoints: ServiceEntry `resolution: DNS` (Envoy STRICT_DNS: every address of every
 //! name is an endpoint) and `DNS_ROUND_ROBIN` (LOGICAL_DNS: the first address of each
-//! answer). istiod sets `respect_dns_ttl` on these clusters, so a name is resolved again when
-//! its answer expires, but not sooner than `min_refresh` (Envoy's `dns_min_refresh_rate`,
-//! 5 s by default). A failed lookup keeps the last answer (Envoy keeps the hosts of a
-//! STRICT_DNS cluster when a refresh fails) and is retried after `min_refresh`; a name never
-//! resolved has no endpoints, so requests get 503 `UH` as from Envoy's empty cluster.
+//! answer), answered as real Envoy 1.40 answers with istiod's settings (`respect_dns_ttl`,
+//! `dns_refresh_rate` from MeshConfig `dnsRefreshRate`, 60 s), compared side by side in
+//! tests/src/service_entry.rs (docs/envoy-observed.md 16):
+//! - an answer is used until its TTL runs out, then the name is asked again (a TTL of 0:
+//!   after the refresh rate);
+//! - a negative answer (NXDOMAIN, or no address records) empties the cluster (503 `UH`) and
+//!   the name is asked again after the refresh rate;
+//! - a failed lookup (timeout, SERVFAIL, no server) keeps the last answer; it is retried
+//!   after `failure_retry` (5 s; Envoy waits the refresh rate: we retry sooner, which only
+//!   shortens an outage).
 //!
 //! One task owns the answers. [`DnsEndpoints::sync`] runs before each snapshot is published:
 //! the clusters of the new snapshot get the answers already known (a reload never empties a
@@ -31,8 +36,11 @@ use tracing::{debug, warn};
 pub struct DnsSettings {
     /// Name servers (`--dns-server`); empty: the system's (`/etc/resolv.conf`).
     pub servers: Vec<SocketAddr>,
-    /// The shortest time between two lookups of a name (Envoy `dns_min_refresh_rate`).
-    pub min_refresh: Duration,
+    /// When to ask again after a negative answer or a TTL of 0 (MeshConfig `dnsRefreshRate`,
+    /// Envoy `dns_refresh_rate`).
+    pub refresh_rate: Duration,
+    /// When to retry a failed lookup.
+    pub failure_retry: Duration,
     /// How long one lookup may take (all servers and attempts).
     pub timeout: Duration,
 }
@@ -41,7 +49,8 @@ impl Default for DnsSettings {
     fn default() -> Self {
         DnsSettings {
             servers: Vec::new(),
-            min_refresh: Duration::from_secs(5),
+            refresh_rate: Duration::from_secs(60),
+            failure_retry: Duration::from_secs(5),
             timeout: Duration::from_secs(5),
         }
     }
@@ -188,7 +197,7 @@ impl DnsEndpoints {
                     lookups.spawn(async move {
                         let result = match resolver {
                             Ok(r) => lookup(&r, &name, timeout).await,
-                            Err(e) => Err(e),
+                            Err(e) => Lookup::Failed(e),
                         };
                         (name, result)
                     });
@@ -217,29 +226,43 @@ impl DnsEndpoints {
         }
     }
 
-    fn store(&self, name: &Arc<str>, result: Result<(Vec<IpAddr>, Duration), String>) {
+    fn store(&self, name: &Arc<str>, result: Lookup) {
         let Ok(mut st) = self.state.lock() else {
             return;
         };
-        let min = self.settings.min_refresh;
+        let settings = &self.settings;
         let Some(answer) = st.answers.get_mut(name) else {
             return; // no longer configured
         };
+        let now = Instant::now();
         match result {
-            Ok((addrs, ttl)) => {
+            Lookup::Addresses(addrs, ttl) => {
                 if addrs != answer.addrs {
                     debug!(%name, ?addrs, "DNS answer changed");
                 }
                 answer.addrs = addrs;
                 answer.failures = 0;
-                answer.refresh_at = Some(Instant::now() + ttl.max(min));
+                let after = if ttl.is_zero() {
+                    settings.refresh_rate
+                } else {
+                    ttl
+                };
+                answer.refresh_at = Some(now + after);
             }
-            Err(e) => {
+            Lookup::Negative(why) => {
+                if !answer.addrs.is_empty() {
+                    warn!(%name, %why, "DNS: the name has no addresses any more; its endpoints are removed");
+                }
+                answer.addrs.clear();
+                answer.failures = 0;
+                answer.refresh_at = Some(now + settings.refresh_rate);
+            }
+            Lookup::Failed(e) => {
                 answer.failures += 1;
                 if answer.failures == 1 {
                     warn!(%name, error = %e, kept = answer.addrs.len(), "DNS lookup failed; keeping the last answer");
                 }
-                answer.refresh_at = Some(Instant::now() + min);
+                answer.refresh_at = Some(now + settings.failure_retry);
             }
         }
         let answers = &st.answers;
@@ -309,22 +332,38 @@ fn build_resolver(s: &DnsSettings) -> Result<TokioResolver, String> {
     builder.build().map_err(|e| format!("DNS resolver: {e}"))
 }
 
-/// One lookup: the addresses and how long the answer is valid.
-async fn lookup(
-    r: &TokioResolver,
-    name: &str,
-    timeout: Duration,
-) -> Result<(Vec<IpAddr>, Duration), String> {
-    let answer = tokio::time::timeout(timeout, r.lookup_ip(name))
-        .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
-        .map_err(|e| e.to_string())?;
+/// The outcome of one lookup.
+enum Lookup {
+    /// The addresses and how long they are valid.
+    Addresses(Vec<IpAddr>, Duration),
+    /// The server says the name has no addresses (NXDOMAIN, or no A/AAAA records).
+    Negative(String),
+    /// No answer (timeout, SERVFAIL, refused, no server).
+    Failed(String),
+}
+
+async fn lookup(r: &TokioResolver, name: &str, timeout: Duration) -> Lookup {
+    use hickory_resolver::net::{DnsError, NetError};
+    use hickory_resolver::proto::op::ResponseCode;
+    let answer = match tokio::time::timeout(timeout, r.lookup_ip(name)).await {
+        Err(_) => return Lookup::Failed(format!("no answer within {timeout:?}")),
+        Ok(Err(NetError::Dns(DnsError::NoRecordsFound(nr))))
+            if matches!(
+                nr.response_code,
+                ResponseCode::NXDomain | ResponseCode::NoError
+            ) =>
+        {
+            return Lookup::Negative(nr.response_code.to_string());
+        }
+        Ok(Err(e)) => return Lookup::Failed(e.to_string()),
+        Ok(Ok(answer)) => answer,
+    };
     let addrs: Vec<IpAddr> = answer.iter().collect();
     if addrs.is_empty() {
-        return Err("no addresses".into());
+        return Lookup::Negative("no address records".into());
     }
     let ttl = answer
         .valid_until()
         .saturating_duration_since(std::time::Instant::now());
-    Ok((addrs, ttl))
+    Lookup::Addresses(addrs, ttl)
 }
