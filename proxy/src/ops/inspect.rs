@@ -460,6 +460,14 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
         }
         let line = match &b.backend {
             Backend::Invalid { .. } => reply_line(&ProxyError::ClusterNotFound),
+            Backend::Cluster(c) if c.passthrough => {
+                format!("proxied to {} at {} (resolution NONE)", c.name, req.to)
+            }
+            Backend::Cluster(c) if c.endpoints().is_empty() && c.dns.is_some() => format!(
+                "proxied to {} once its DNS names resolve (else {})",
+                c.name,
+                reply_line(&ProxyError::NoHealthyUpstream)
+            ),
             Backend::Cluster(c) if c.endpoints().is_empty() => {
                 reply_line(&ProxyError::NoHealthyUpstream)
             }
