@@ -827,7 +827,16 @@ pub struct TrafficPolicySpec {
     pub port_level_settings: Vec<PortTrafficPolicySpec>,
     pub tunnel: Option<Value>,
     pub proxy_protocol: Option<Value>,
-    pub retry_budget: Option<Value>,
+    pub retry_budget: Option<RetryBudgetSpec>,
+}
+
+/// `trafficPolicy.retryBudget` (Istio 1.28): concurrent retries as a share of the requests in
+/// flight, with a floor.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RetryBudgetSpec {
+    pub percent: Option<f64>,
+    pub min_retry_concurrency: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -104,6 +104,9 @@ pub struct TrafficPolicy {
     pub max_requests: Option<u32>,
     pub max_requests_per_connection: Option<u32>,
     pub max_retries: Option<u32>,
+    /// `retryBudget` as Envoy receives it from istiod: (budget percent, min retry
+    /// concurrency); replaces `max_retries` when set.
+    pub retry_budget: Option<(f64, u32)>,
     /// `tcp.maxConnections` (Envoy `max_connections`).
     pub max_connections: Option<u32>,
     /// `http.http1MaxPendingRequests` (Envoy `max_pending_requests`).
@@ -161,6 +164,21 @@ fn take(counter: &AtomicU32, max: Option<u32>) -> bool {
 }
 
 impl TrafficPolicy {
+    /// Retries allowed in flight now: with a retry budget, Envoy's
+    /// `max(budget_percent/100 x (active + pending requests), min_retry_concurrency)`
+    /// (`ResourceManagerImpl::RetryBudgetImpl::max`; requests waiting for a connection are
+    /// in `active_requests` here), else `maxRetries`.
+    pub fn retry_limit(&self) -> Option<u32> {
+        match self.retry_budget {
+            Some((percent, min)) => {
+                let active = f64::from(self.active_requests.load(Ordering::Relaxed));
+                let share = (percent / 100.0 * active) as u32;
+                Some(share.max(min))
+            }
+            None => self.max_retries,
+        }
+    }
+
     /// A request slot, or `None` when `http2MaxRequests` requests are in flight (Envoy's
     /// `max_requests` circuit breaker: 503 `UO`).
     pub fn request_slot(self: &Arc<Self>) -> Option<Slot> {
@@ -177,7 +195,7 @@ impl TrafficPolicy {
     /// A retry slot, or `None` when `maxRetries` retries are in flight (Envoy's
     /// `max_retries`: the retry is not made).
     pub fn retry_slot(self: &Arc<Self>) -> Option<Slot> {
-        take(&self.active_retries, self.max_retries).then(|| Slot {
+        take(&self.active_retries, self.retry_limit()).then(|| Slot {
             policy: self.clone(),
             retry: true,
         })
@@ -195,6 +213,8 @@ pub(crate) struct CompiledRule {
     pub age: (bool, String),
     pub top: Parts,
     pub ports: Vec<(u16, Parts)>,
+    /// `trafficPolicy.retryBudget` (top level only, as in Istio's API).
+    pub retry_budget: Option<(f64, u32)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -275,6 +295,7 @@ impl CompiledRule {
             max_requests: pool.max_requests,
             max_requests_per_connection: pool.max_requests_per_connection,
             max_retries: pool.max_retries,
+            retry_budget: self.retry_budget,
             max_connections: pool.max_connections,
             max_pending_requests: pool.max_pending_requests,
             connect_timeout: pool.connect_timeout,
@@ -351,6 +372,7 @@ pub(crate) fn compile_rule(
         ),
         top: Parts::default(),
         ports: Vec::new(),
+        retry_budget: None,
     };
     let Some(tp) = &spec.traffic_policy else {
         return Some(out);
@@ -363,13 +385,42 @@ pub(crate) fn compile_rule(
             "proxyProtocol",
             "PROXY protocol",
         ),
-        (tp.retry_budget.is_some(), "retryBudget", "a retry budget"),
     ] {
         if present {
             warn(&format!("{at}.{field}"), what);
         }
     }
     let mut ok = true;
+    if let Some(rb) = &tp.retry_budget {
+        // istiod's `applyRetryBudget`: the percent passed as Envoy's Percent (0-100), default
+        // 0.2 (istiod writes `Percent{Value: 0.2}` meaning 20%, which Envoy reads as 0.2%);
+        // minRetryConcurrency 0 or unset -> 3.
+        let percent = rb.percent.unwrap_or(0.2);
+        if !(0.0..=100.0).contains(&percent) || percent.is_nan() {
+            errors.push(err(
+                meta,
+                &format!("{at}.retryBudget.percent"),
+                format!("{percent} is out of range (0-100)"),
+            ));
+            ok = false;
+        }
+        let min = match rb.min_retry_concurrency {
+            None | Some(0) => 3,
+            Some(n) => match u32::try_from(n) {
+                Ok(n) => n,
+                Err(_) => {
+                    errors.push(err(
+                        meta,
+                        &format!("{at}.retryBudget.minRetryConcurrency"),
+                        format!("{n} is out of range (0-4294967295)"),
+                    ));
+                    ok = false;
+                    3
+                }
+            },
+        };
+        out.retry_budget = Some((percent, min));
+    }
     out.top = parts(
         meta,
         at,

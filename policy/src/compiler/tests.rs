@@ -2357,3 +2357,56 @@ fn routes_policies_and_destination_rules_attach_to_service_entries() {
         "and not to the Service"
     );
 }
+
+#[test]
+fn retry_budget_bounds_retries_by_the_requests_in_flight() {
+    let dr = destination_rule(
+        "default",
+        "budget",
+        "{host: reviews, trafficPolicy: {retryBudget: {percent: 50, minRetryConcurrency: 2}}}",
+    );
+    let snap = ok(&base(&[&dr]));
+    let t = bound(&snap, "10.0.0.10:9080")
+        .cluster
+        .traffic
+        .clone()
+        .expect("a traffic policy");
+    assert_eq!(t.retry_budget, Some((50.0, 2)));
+    // Nothing in flight: the floor (2) allows two retries, not three.
+    let r1 = t.retry_slot().expect("first retry");
+    let r2 = t.retry_slot().expect("second retry");
+    assert!(t.retry_slot().is_none(), "the floor is 2");
+    drop((r1, r2));
+    // Ten requests in flight: 50% of them, five retries.
+    let requests: Vec<_> = (0..10).map(|_| t.request_slot().unwrap()).collect();
+    let retries: Vec<_> = (0..5)
+        .map(|_| t.retry_slot().expect("within budget"))
+        .collect();
+    assert!(t.retry_slot().is_none(), "the sixth is over budget");
+    drop((requests, retries));
+    // istiod's defaults: Envoy gets 0.2 percent and a floor of 3.
+    let dr = destination_rule(
+        "default",
+        "budget",
+        "{host: reviews, trafficPolicy: {retryBudget: {}}}",
+    );
+    let snap = ok(&base(&[&dr]));
+    let t = bound(&snap, "10.0.0.10:9080")
+        .cluster
+        .traffic
+        .clone()
+        .unwrap();
+    assert_eq!(t.retry_budget, Some((0.2, 3)));
+    let bad = destination_rule(
+        "default",
+        "bad",
+        "{host: reviews, trafficPolicy: {retryBudget: {percent: 150}}}",
+    );
+    assert_error(
+        &errs(&base(&[&bad])),
+        "DestinationRule",
+        "default",
+        "bad",
+        "spec.trafficPolicy.retryBudget.percent",
+    );
+}

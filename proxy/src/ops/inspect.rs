@@ -512,6 +512,11 @@ fn traffic_summary(t: &policy::traffic::TrafficPolicy) -> String {
         .into_iter()
         .flatten(),
     );
+    if let Some((percent, min)) = t.retry_budget {
+        parts.push(format!(
+            "retry budget {percent}% of requests in flight, at least {min}"
+        ));
+    }
     if let Some(o) = &t.outlier {
         parts.push(format!(
             "outlier detection (5xx {}, gateway errors {}, ejection {:?}, max {}%)",
