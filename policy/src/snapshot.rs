@@ -274,6 +274,9 @@ pub struct EndpointHealth {
     pub ejected_until_ms: AtomicU64,
     /// Times ejected (the ejection time is `baseEjectionTime` times this).
     pub ejections: AtomicU32,
+    /// When the balancer first saw the endpoint, on the proxy's clock (0: not yet), for
+    /// DestinationRule warmup (slow start).
+    pub added_ms: AtomicU64,
 }
 
 impl EndpointHealth {

@@ -101,6 +101,8 @@ pub struct TrafficPolicy {
     /// `DestinationRule ns/name`, for `/config_dump` and `explain`.
     pub source: String,
     pub lb: LbPolicy,
+    /// Slow start for new endpoints (ROUND_ROBIN and LEAST_REQUEST only, as in Istio).
+    pub warmup: Option<Warmup>,
     pub max_requests: Option<u32>,
     pub max_requests_per_connection: Option<u32>,
     pub max_retries: Option<u32>,
@@ -202,6 +204,29 @@ impl TrafficPolicy {
     }
 }
 
+/// DestinationRule `loadBalancer.warmup` (or `warmupDurationSecs`), rendered by istiod as
+/// Envoy's `slow_start_config`: an endpoint added less than `window` ago gets
+/// `max(min_percent/100, (age/window)^(1/aggression))` of its share
+/// (`source/common/upstream/load_balancer_impl.cc` `applySlowStartFactor`; Envoy's defaults:
+/// aggression 1.0, minimum weight 10%).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Warmup {
+    pub window: Duration,
+    pub min_percent: f64,
+    pub aggression: f64,
+}
+
+impl Warmup {
+    /// The weight factor (0..=1] of an endpoint `age` after it was added.
+    pub fn factor(&self, age: Duration) -> f64 {
+        if age >= self.window || self.window.is_zero() {
+            return 1.0;
+        }
+        let t = age.as_secs_f64() / self.window.as_secs_f64();
+        t.powf(1.0 / self.aggression).max(self.min_percent / 100.0)
+    }
+}
+
 /// One DestinationRule, compiled: its top-level policy parts and its per-port overrides.
 #[derive(Debug, Clone)]
 pub(crate) struct CompiledRule {
@@ -230,6 +255,8 @@ pub(crate) enum HostMatch {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Parts {
     pub lb: Option<LbPolicy>,
+    /// `loadBalancer.warmup` / `warmupDurationSecs` (goes with `lb`).
+    pub warmup: Option<Warmup>,
     pub pool: Option<PoolParts>,
     pub outlier: Option<OutlierPolicy>,
     /// `Some(None)`: `tls.mode: DISABLE` (overrides a top-level origination).
@@ -292,6 +319,7 @@ impl CompiledRule {
         TrafficPolicy {
             source: format!("DestinationRule {}/{}", self.namespace, self.name),
             lb: pick(|p| p.lb.is_some()).lb.clone().unwrap_or_default(),
+            warmup: pick(|p| p.lb.is_some()).warmup,
             max_requests: pool.max_requests,
             max_requests_per_connection: pool.max_requests_per_connection,
             max_retries: pool.max_retries,
@@ -671,22 +699,79 @@ fn lb_part(
             Err((field, message)) => fail(field, message),
         }
     }
-    for (present, field, what) in [
-        (
-            lb.locality_lb_setting.is_some(),
-            "localityLbSetting",
-            "locality load balancing",
-        ),
-        (
-            lb.warmup_duration_secs.is_some() || lb.warmup.is_some(),
-            "warmupDurationSecs",
-            "slow start",
-        ),
-    ] {
-        if present {
-            warn(&format!("{f}.{field}"), what);
-        }
+    if lb.locality_lb_setting.is_some() {
+        warn(&format!("{f}.localityLbSetting"), "locality load balancing");
     }
+    out.warmup = warmup(lb, &f, fail);
+    if out.warmup.is_some()
+        && !matches!(
+            out.lb,
+            Some(LbPolicy::RoundRobin) | Some(LbPolicy::LeastRequest)
+        )
+    {
+        // Istio: "currently this is only supported for ROUND_ROBIN and LEAST_REQUEST".
+        warn(
+            &format!("{f}.warmup"),
+            "slow start with this load balancer (only ROUND_ROBIN and LEAST_REQUEST have it)",
+        );
+        out.warmup = None;
+    }
+}
+
+/// `warmup: {duration, minimumPercent, aggression}`, else the deprecated
+/// `warmupDurationSecs` (a duration despite its name).
+fn warmup(lb: &LoadBalancerSpec, f: &str, fail: &mut Fail<'_>) -> Option<Warmup> {
+    let duration = |v: &serde_json::Value, field: String, fail: &mut Fail<'_>| match v
+        .as_str()
+        .and_then(parse_proto_duration)
+    {
+        Some(d) => Some(d),
+        None => {
+            fail(field, format!("{v} is not a duration (e.g. 30s)"));
+            None
+        }
+    };
+    let number = |v: Option<&serde_json::Value>, field: String, max: f64, fail: &mut Fail<'_>| {
+        let v = v?;
+        match v.as_f64().filter(|n| (0.0..=max).contains(n)) {
+            Some(n) => Some(n),
+            None => {
+                fail(field, format!("{v} is not a number from 0 to {max}"));
+                None
+            }
+        }
+    };
+    if let Some(w) = &lb.warmup {
+        let window = duration(
+            w.get("duration").unwrap_or(&serde_json::Value::Null),
+            format!("{f}.warmup.duration"),
+            fail,
+        )?;
+        let min_percent = number(
+            w.get("minimumPercent"),
+            format!("{f}.warmup.minimumPercent"),
+            100.0,
+            fail,
+        );
+        let aggression = number(
+            w.get("aggression"),
+            format!("{f}.warmup.aggression"),
+            f64::MAX,
+            fail,
+        )
+        .filter(|a| *a > 0.0);
+        return Some(Warmup {
+            window,
+            min_percent: min_percent.unwrap_or(10.0),
+            aggression: aggression.unwrap_or(1.0),
+        });
+    }
+    let d = lb.warmup_duration_secs.as_ref()?;
+    Some(Warmup {
+        window: duration(d, format!("{f}.warmupDurationSecs"), fail)?,
+        min_percent: 10.0,
+        aggression: 1.0,
+    })
 }
 
 /// `connectionPool`.

@@ -512,6 +512,12 @@ fn traffic_summary(t: &policy::traffic::TrafficPolicy) -> String {
         .into_iter()
         .flatten(),
     );
+    if let Some(w) = &t.warmup {
+        parts.push(format!(
+            "warmup {:?} (minimum {}%, aggression {})",
+            w.window, w.min_percent, w.aggression
+        ));
+    }
     if let Some((percent, min)) = t.retry_budget {
         parts.push(format!(
             "retry budget {percent}% of requests in flight, at least {min}"

@@ -81,6 +81,12 @@ pub fn choose<'a>(
         return None;
     }
     let nth = |k: usize| endpoints.iter().filter(|e| pool(e)).nth(k);
+    if let Some(w) = &t.warmup
+        && count > 1
+        && let Some(e) = warming_choice(w, &t.lb, endpoints, pool, r, now_ms())
+    {
+        return Some(e);
+    }
     match t.lb {
         LbPolicy::RoundRobin => nth(t.rr.fetch_add(1, Ordering::Relaxed) as usize % count),
         LbPolicy::Random | LbPolicy::ConsistentHash(_) => nth((r % count as u64) as usize),
@@ -100,6 +106,68 @@ pub fn choose<'a>(
                 ea
             })
         }
+    }
+}
+
+/// DestinationRule warmup (Envoy's slow start): while an endpoint of the pool is younger
+/// than the window, ROUND_ROBIN draws endpoints in proportion to their slow-start factor and
+/// LEAST_REQUEST compares two such draws by load over factor. `None` when every endpoint is
+/// past its window (the ordinary choice applies).
+fn warming_choice<'a>(
+    w: &policy::traffic::Warmup,
+    lb: &LbPolicy,
+    endpoints: &'a [Endpoint],
+    pool: &dyn Fn(&Endpoint) -> bool,
+    r: u64,
+    now: u64,
+) -> Option<&'a Endpoint> {
+    let factor = |e: &Endpoint| {
+        let added = match e.health.added_ms.load(Ordering::Relaxed) {
+            0 => {
+                // First seen now: its window starts (a racing request may stamp it too).
+                let _ = e.health.added_ms.compare_exchange(
+                    0,
+                    now,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                e.health.added_ms.load(Ordering::Relaxed)
+            }
+            t => t,
+        };
+        w.factor(std::time::Duration::from_millis(now.saturating_sub(added)))
+    };
+    let mut total = 0.0;
+    let mut warming = false;
+    for e in endpoints.iter().filter(|e| pool(e)) {
+        let f = factor(e);
+        warming |= f < 1.0;
+        total += f;
+    }
+    if !warming || total <= 0.0 {
+        return None;
+    }
+    // A weighted draw from 32 random bits.
+    let draw = |bits: u64| {
+        let mut x = (bits & 0xffff_ffff) as f64 / 4_294_967_296.0 * total;
+        let mut last = None;
+        for e in endpoints.iter().filter(|e| pool(e)) {
+            let f = factor(e);
+            if x < f {
+                return Some(e);
+            }
+            x -= f;
+            last = Some(e);
+        }
+        last
+    };
+    match lb {
+        LbPolicy::LeastRequest => {
+            let (a, b) = (draw(r)?, draw(r >> 32)?);
+            let score = |e: &Endpoint| (e.load.get() as f64 + 1.0) / factor(e);
+            Some(if score(b) < score(a) { b } else { a })
+        }
+        _ => draw(r),
     }
 }
 
@@ -280,6 +348,62 @@ mod tests {
             panic!("bound")
         };
         sp.cluster.clone()
+    }
+
+    #[test]
+    fn warmup_gives_a_new_endpoint_its_slow_start_share() {
+        for lb in ["ROUND_ROBIN", "LEAST_REQUEST"] {
+            let c = cluster(
+                &format!(
+                    "{{loadBalancer: {{simple: {lb}, warmup: {{duration: 600s, minimumPercent: 20}}}}}}"
+                ),
+                2,
+            );
+            let eps = c.endpoints();
+            let w = c.traffic.as_ref().unwrap().warmup.expect("warmup compiled");
+            // On a clock at 10,000 s: endpoint 0 has served since 1 ms, past the 600 s
+            // window; endpoint 1 arrives now (factor: the 20% minimum).
+            let now = 10_000_000;
+            eps[0].health.added_ms.store(1, Ordering::Relaxed);
+            eps[1].health.added_ms.store(now, Ordering::Relaxed);
+            let lb_policy = c.traffic.as_ref().unwrap().lb.clone();
+            let n = 10_000u64;
+            let new = (0..n)
+                .filter(|i| {
+                    let r = stable_hash(&i.to_le_bytes());
+                    warming_choice(&w, &lb_policy, &eps, &|_| true, r, now)
+                        .unwrap()
+                        .addr
+                        == eps[1].addr
+                })
+                .count();
+            let share = new as f64 / n as f64;
+            // Weights 1 and 0.2: round robin draws the new one 0.2/1.2 = 16.7% of the time;
+            // least request compares two draws by load over weight (all idle here: the
+            // heavier weight wins unless both draws are the new one, 2.8%).
+            let (lo, hi) = if lb == "ROUND_ROBIN" {
+                (0.15, 0.185)
+            } else {
+                (0.02, 0.04)
+            };
+            assert!(share > lo && share < hi, "{lb}: new endpoint share {share}");
+            // Once every endpoint is past its window, the ordinary choice applies.
+            eps[1].health.added_ms.store(1, Ordering::Relaxed);
+            assert!(warming_choice(&w, &lb_policy, &eps, &|_| true, 7, now).is_none());
+        }
+        let w = policy::traffic::Warmup {
+            window: std::time::Duration::from_secs(100),
+            min_percent: 10.0,
+            aggression: 1.0,
+        };
+        assert_eq!(w.factor(std::time::Duration::ZERO), 0.1);
+        assert_eq!(w.factor(std::time::Duration::from_secs(50)), 0.5);
+        assert_eq!(w.factor(std::time::Duration::from_secs(100)), 1.0);
+        let steep = policy::traffic::Warmup {
+            aggression: 2.0,
+            ..w
+        };
+        assert!((steep.factor(std::time::Duration::from_secs(25)) - 0.5).abs() < 1e-9);
     }
 
     #[test]
