@@ -114,6 +114,8 @@ pub struct Shared {
     pub cluster_id: Arc<str>,
     /// Client for CUSTOM (ext_authz HTTP) authorizers.
     pub ext_authz: ExtAuthzClient,
+    /// Client for CUSTOM gRPC (`envoyExtAuthzGrpc`) authorizers.
+    pub ext_authz_grpc: crate::upstream::extauthz_grpc::GrpcAuthzClient,
     /// Generation of the configuration in force: 1 at start, +1 on every accepted reload.
     pub config_version: AtomicU64,
     /// Requests in flight (overload shedding).

@@ -108,11 +108,12 @@ pub struct ExtensionProvider {
 pub enum ProviderKind {
     /// `envoyExtAuthzHttp`: called by CUSTOM policies on HTTP traffic.
     ExtAuthzHttp(ExtAuthzHttp),
+    /// `envoyExtAuthzGrpc`: called by CUSTOM policies on HTTP traffic over gRPC.
+    ExtAuthzGrpc(ExtAuthzGrpc),
     /// `envoyFileAccessLog`: an access log Telemetry `accessLogging` may select.
     FileAccessLog(FileAccessLogProvider),
-    /// Another type (`envoyExtAuthzGrpc`, tracing, logging, ...). CUSTOM policies naming it
-    /// are denied as Istio denies a provider it cannot use (gRPC ext_authz is not
-    /// implemented by this waypoint).
+    /// Another type (tracing, other loggers, ...). CUSTOM policies naming it are denied as
+    /// Istio denies a provider it cannot use.
     Other(String),
 }
 
@@ -188,6 +189,18 @@ pub struct ExtAuthzHttp {
     pub headers_to_downstream_on_allow: Vec<HeaderPattern>,
 }
 
+/// `envoyExtAuthzGrpc` (`EnvoyExternalAuthorizationGrpcProvider`): every request header is
+/// sent (the gRPC provider has no include lists).
+#[derive(Debug, Clone)]
+pub struct ExtAuthzGrpc {
+    /// `[<Namespace>/]<Hostname>` of the authorizer's Service.
+    pub service: String,
+    pub port: u16,
+    pub timeout: Duration,
+    pub fail_open: bool,
+    pub status_on_error: StatusCode,
+}
+
 // === serde mirror of the YAML ===
 
 #[derive(Debug, Default, Deserialize)]
@@ -213,9 +226,22 @@ struct RawPathNormalization {
 struct RawProvider {
     name: String,
     envoy_ext_authz_http: Option<RawExtAuthzHttp>,
+    envoy_ext_authz_grpc: Option<RawExtAuthzGrpc>,
     envoy_file_access_log: Option<RawFileAccessLog>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawExtAuthzGrpc {
+    service: String,
+    port: i64,
+    timeout: Option<String>,
+    fail_open: bool,
+    status_on_error: Option<serde_json::Value>,
+    clear_route_cache: bool,
+    include_request_body_in_check: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -301,10 +327,17 @@ impl MeshConfig {
             if out.extension_providers.iter().any(|e| e.name == p.name) {
                 anyhow::bail!("{at}: duplicate provider name");
             }
-            let kind = match (p.envoy_ext_authz_http, p.envoy_file_access_log) {
-                (Some(h), _) => ProviderKind::ExtAuthzHttp(ext_authz_http(h).context(at)?),
-                (None, Some(f)) => ProviderKind::FileAccessLog(file_access_log(f).context(at)?),
-                (None, None) => {
+            let kind = match (
+                p.envoy_ext_authz_http,
+                p.envoy_ext_authz_grpc,
+                p.envoy_file_access_log,
+            ) {
+                (Some(h), _, _) => ProviderKind::ExtAuthzHttp(ext_authz_http(h).context(at)?),
+                (None, Some(g), _) => ProviderKind::ExtAuthzGrpc(ext_authz_grpc(g).context(at)?),
+                (None, None, Some(f)) => {
+                    ProviderKind::FileAccessLog(file_access_log(f).context(at)?)
+                }
+                (None, None, None) => {
                     ProviderKind::Other(p.other.keys().next().cloned().unwrap_or_default())
                 }
             };
@@ -324,6 +357,7 @@ impl MeshConfig {
             .iter()
             .filter_map(|p| match &p.kind {
                 ProviderKind::ExtAuthzHttp(h) => Some((h.service.clone(), h.port)),
+                ProviderKind::ExtAuthzGrpc(g) => Some((g.service.clone(), g.port)),
                 ProviderKind::FileAccessLog(_) | ProviderKind::Other(_) => None,
             })
             .collect()
@@ -378,6 +412,55 @@ impl FileAccessLogProvider {
     }
 }
 
+fn ext_authz_grpc(g: RawExtAuthzGrpc) -> anyhow::Result<ExtAuthzGrpc> {
+    if g.service.is_empty() {
+        anyhow::bail!("envoyExtAuthzGrpc.service is required");
+    }
+    let port = u16::try_from(g.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .with_context(|| format!("envoyExtAuthzGrpc.port: {} is not a port", g.port))?;
+    let timeout = match g.timeout.as_deref() {
+        None | Some("") => DEFAULT_EXT_AUTHZ_TIMEOUT,
+        Some(t) => parse_duration(t)
+            .with_context(|| format!("envoyExtAuthzGrpc.timeout: invalid duration {t:?}"))?,
+    };
+    let status_on_error = status_on_error(&g.status_on_error, "envoyExtAuthzGrpc")?;
+    if g.include_request_body_in_check.is_some() {
+        tracing::warn!(
+            "mesh config: envoyExtAuthzGrpc.includeRequestBodyInCheck is not supported; the check request carries no body"
+        );
+    }
+    // clearRouteCache: routes are chosen before the check here, as Envoy's are unless the
+    // cache is cleared; header changes by the authorizer do not re-route.
+    let _ = g.clear_route_cache;
+    Ok(ExtAuthzGrpc {
+        service: g.service,
+        port,
+        timeout,
+        fail_open: g.fail_open,
+        status_on_error,
+    })
+}
+
+/// `statusOnError`: a string in the API ("403"); a number is accepted too.
+fn status_on_error(v: &Option<serde_json::Value>, what: &str) -> anyhow::Result<StatusCode> {
+    let Some(v) = v else {
+        return Ok(StatusCode::FORBIDDEN);
+    };
+    let s = match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if s.is_empty() {
+        return Ok(StatusCode::FORBIDDEN);
+    }
+    s.parse::<u16>()
+        .ok()
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .with_context(|| format!("{what}.statusOnError: {s:?} is not a status code"))
+}
+
 fn ext_authz_http(h: RawExtAuthzHttp) -> anyhow::Result<ExtAuthzHttp> {
     if h.service.is_empty() {
         anyhow::bail!("envoyExtAuthzHttp.service is required");
@@ -394,26 +477,7 @@ fn ext_authz_http(h: RawExtAuthzHttp) -> anyhow::Result<ExtAuthzHttp> {
     if !h.path_prefix.is_empty() && !h.path_prefix.starts_with('/') {
         anyhow::bail!("envoyExtAuthzHttp.pathPrefix must start with '/'");
     }
-    // `statusOnError` is a string in the API ("403"); accept a number too.
-    let status_on_error = match &h.status_on_error {
-        None => StatusCode::FORBIDDEN,
-        Some(v) => {
-            let s = match v {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            if s.is_empty() {
-                StatusCode::FORBIDDEN
-            } else {
-                s.parse::<u16>()
-                    .ok()
-                    .and_then(|c| StatusCode::from_u16(c).ok())
-                    .with_context(|| {
-                        format!("envoyExtAuthzHttp.statusOnError: {s:?} is not a status code")
-                    })?
-            }
-        }
-    };
+    let status_on_error = status_on_error(&h.status_on_error, "envoyExtAuthzHttp")?;
     if h.include_request_body_in_check.is_some() {
         tracing::warn!(
             "mesh config: envoyExtAuthzHttp.includeRequestBodyInCheck is not supported; the check request carries no body"
@@ -470,11 +534,14 @@ mod tests {
         assert!(any_matches(&h.headers_to_downstream_on_deny, "x-ext-code"));
         assert!(!any_matches(&h.headers_to_downstream_on_deny, "x-other"));
         assert!(
-            matches!(m.provider("grpc").expect("grpc").kind, ProviderKind::Other(ref k) if k == "envoyExtAuthzGrpc")
+            matches!(m.provider("grpc").expect("grpc").kind, ProviderKind::ExtAuthzGrpc(ref g) if g.port == 9000 && g.service == "g")
         );
         assert_eq!(
             m.extension_services(),
-            vec![("ext-authz.foo.svc.cluster.local".to_string(), 8000)]
+            vec![
+                ("ext-authz.foo.svc.cluster.local".to_string(), 8000),
+                ("g".to_string(), 9000)
+            ]
         );
         // The ConfigMap form.
         let cm = MeshConfig::parse(

@@ -382,7 +382,7 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
     if let Some(m) = policy::custom_match(&service.authz, &areq) {
         let usable = matches!(
             mesh.provider(&m.provider).map(|p| &p.kind),
-            Some(ProviderKind::ExtAuthzHttp(_))
+            Some(ProviderKind::ExtAuthzHttp(_)) | Some(ProviderKind::ExtAuthzGrpc(_))
         ) && !m.conflicting_providers
             && areq.http.is_some();
         if usable {

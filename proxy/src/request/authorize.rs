@@ -2,7 +2,7 @@
 //! each on the policies attached to this waypoint or Service, all before "no route" is
 //! answered (Envoy's HTTP filters run before its router):
 //! - 4a **ext_authz**: a matching CUSTOM AuthorizationPolicy calls its MeshConfig
-//!   `envoyExtAuthzHttp` provider; denied: the authorizer's status and body, `UAEX`;
+//!   `envoyExtAuthzHttp` or `envoyExtAuthzGrpc` provider; denied: the authorizer's status and body, `UAEX`;
 //!   unreachable: 403 `UAEX` unless `failOpen`; a provider that cannot be used: 403 `RBAC:
 //!   access denied` as Istio's bad-CUSTOM deny rules.
 //! - 4b **jwt_authn**: RequestAuthentication; no token passes, a bad one gets 401 (403 for the
@@ -53,8 +53,14 @@ pub(super) async fn authorize(
         {
             let mesh = shared.mesh.load();
             let provider = mesh.provider(&m.provider).map(|p| &p.kind);
-            let http_provider = match provider {
-                Some(ProviderKind::ExtAuthzHttp(h)) if !m.conflicting_providers => h,
+            // (fail open, status on error) of the provider called.
+            let (fail_open, status_on_error) = match provider {
+                Some(ProviderKind::ExtAuthzHttp(h)) if !m.conflicting_providers => {
+                    (h.fail_open, h.status_on_error)
+                }
+                Some(ProviderKind::ExtAuthzGrpc(g)) if !m.conflicting_providers => {
+                    (g.fail_open, g.status_on_error)
+                }
                 _ => {
                     tracing::warn!(provider = %m.provider, policy = %m.policy, "CUSTOM policy names no usable extension provider; denying as Istio does");
                     let d = m.bad_provider_denial();
@@ -67,28 +73,86 @@ pub(super) async fn authorize(
                 .map(|p| p.as_str())
                 .unwrap_or("/")
                 .to_string();
-            let cluster = snapshot.extension_cluster(&http_provider.service, http_provider.port);
             // Boxed: only requests under a CUSTOM policy carry the authorizer call's future.
-            let result = Box::pin(shared.ext_authz.check(
-                http_provider,
-                cluster.as_ref(),
-                &CheckRequest {
-                    method: req.method(),
-                    path_and_query: &pq,
-                    authority: &host,
-                    headers: req.headers(),
-                },
-            ))
-            .await;
+            let result = match provider {
+                Some(ProviderKind::ExtAuthzGrpc(g)) => {
+                    let cluster = snapshot.extension_cluster(&g.service, g.port);
+                    let request_id = ctx.record().request_id.clone().unwrap_or_default();
+                    let protocol = match req.version() {
+                        http::Version::HTTP_2 => "HTTP/2",
+                        http::Version::HTTP_10 => "HTTP/1.0",
+                        _ => "HTTP/1.1",
+                    };
+                    let source = ctx
+                        .record()
+                        .downstream_remote_address
+                        .as_deref()
+                        .and_then(|a| a.parse::<SocketAddr>().ok());
+                    let check = crate::upstream::extauthz_grpc::GrpcCheck {
+                        method: req.method(),
+                        path_and_query: &pq,
+                        authority: &host,
+                        headers: req.headers(),
+                        protocol,
+                        request_id: &request_id,
+                        source,
+                        source_principal: t.principal().unwrap_or(""),
+                        destination: t.vip,
+                        destination_principal: "",
+                    };
+                    Box::pin(shared.ext_authz_grpc.check(
+                        cluster.as_ref(),
+                        &g.service,
+                        g.port,
+                        g.timeout,
+                        &check,
+                    ))
+                    .await
+                }
+                Some(ProviderKind::ExtAuthzHttp(h)) => {
+                    let cluster = snapshot.extension_cluster(&h.service, h.port);
+                    Box::pin(shared.ext_authz.check(
+                        h,
+                        cluster.as_ref(),
+                        &CheckRequest {
+                            method: req.method(),
+                            path_and_query: &pq,
+                            authority: &host,
+                            headers: req.headers(),
+                        },
+                    ))
+                    .await
+                }
+                _ => CheckResult::Error("no provider".into()),
+            };
             match result {
                 CheckResult::Allowed {
                     upstream_set,
+                    upstream_append,
                     upstream_remove,
                     downstream_add,
                 } => {
                     let h = req.headers_mut();
                     for (name, value) in upstream_set {
                         h.insert(name, value);
+                    }
+                    // Envoy's ext_authz appends to an existing header in place, joined
+                    // with `,` (`HeaderMap::appendCopy`), checked against Envoy 1.40.
+                    for (name, value) in upstream_append {
+                        let joined = h.get(&name).map(|old| {
+                            let mut v = old.as_bytes().to_vec();
+                            v.push(b',');
+                            v.extend_from_slice(value.as_bytes());
+                            v
+                        });
+                        match joined.and_then(|v| http::HeaderValue::from_bytes(&v).ok()) {
+                            Some(v) => {
+                                h.insert(name, v);
+                            }
+                            None => {
+                                h.insert(name, value);
+                            }
+                        }
                     }
                     for name in upstream_remove {
                         h.remove(name);
@@ -106,13 +170,13 @@ pub(super) async fn authorize(
                         headers,
                     });
                 }
-                CheckResult::Error(reason) if http_provider.fail_open => {
+                CheckResult::Error(reason) if fail_open => {
                     tracing::warn!(provider = %m.provider, "ext_authz failed, failOpen lets the request through: {reason}");
                 }
                 CheckResult::Error(reason) => {
                     tracing::warn!(provider = %m.provider, "ext_authz failed: {reason}");
                     return Err(ProxyError::ExtAuthzError {
-                        status: http_provider.status_on_error,
+                        status: status_on_error,
                     });
                 }
             }

@@ -44,6 +44,8 @@ pub enum CheckResult {
     Allowed {
         /// Set on the upstream request (replacing).
         upstream_set: Vec<(HeaderName, HeaderValue)>,
+        /// Appended to the upstream request (gRPC `append: true`).
+        upstream_append: Vec<(HeaderName, HeaderValue)>,
         /// Removed from the upstream request.
         upstream_remove: Vec<HeaderName>,
         /// Added to the client response.
@@ -181,6 +183,7 @@ fn interpret(
             .filter_map(|n| HeaderName::from_bytes(n.trim().to_ascii_lowercase().as_bytes()).ok())
             .collect();
         return CheckResult::Allowed {
+            upstream_append: Vec::new(),
             upstream_set: pairs()
                 .filter(|(n, _)| any_matches(&provider.headers_to_upstream_on_allow, n.as_str()))
                 .collect(),
@@ -283,6 +286,7 @@ mod tests {
             upstream_set,
             upstream_remove,
             downstream_add,
+            ..
         } = r
         else {
             panic!("allowed")

@@ -11,6 +11,7 @@ pub mod balance;
 pub mod breaker;
 pub mod dns;
 pub mod extauthz;
+pub mod extauthz_grpc;
 pub mod origination;
 
 use std::collections::HashMap;
