@@ -491,6 +491,9 @@ fn check(args: CheckArgs) -> ExitCode {
             for w in &snapshot.warnings {
                 println!("warning: {w}");
             }
+            for w in custom_provider_warnings(&snapshot, &config.mesh) {
+                println!("warning: {w}");
+            }
             let services = snapshot.bound_services();
             println!(
                 "ok: Gateway {}/{} serves {} Service port(s):",
@@ -518,6 +521,34 @@ fn check(args: CheckArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// CUSTOM AuthorizationPolicies whose provider the mesh config does not define as an
+/// ext_authz provider: Istio denies the requests they match, so say so before deploying.
+fn custom_provider_warnings(
+    snapshot: &policy::Snapshot,
+    mesh: &proxy::config::meshconfig::MeshConfig,
+) -> Vec<String> {
+    use proxy::config::meshconfig::ProviderKind;
+    let mut out = Vec::new();
+    for p in snapshot.authz_policies() {
+        let Some(name) = &p.provider else { continue };
+        let usable = matches!(
+            mesh.provider(name).map(|x| &x.kind),
+            Some(ProviderKind::ExtAuthzHttp(_)) | Some(ProviderKind::ExtAuthzGrpc(_))
+        );
+        if !usable {
+            let what = match mesh.provider(name) {
+                None => "is not defined in the mesh config's extensionProviders".to_string(),
+                Some(_) => "is not an envoyExtAuthzHttp or envoyExtAuthzGrpc provider".to_string(),
+            };
+            out.push(format!(
+                "AuthorizationPolicy {}/{}: spec.provider.name: {name:?} {what}; the requests it matches are denied (as Istio denies them)",
+                p.namespace, p.name
+            ));
+        }
+    }
+    out
 }
 
 fn run(args: RunArgs) -> ExitCode {

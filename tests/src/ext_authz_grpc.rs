@@ -351,6 +351,25 @@ async fn grpc_authorizer_decides_as_with_envoy() {
         "spiffe://cluster.local/ns/default/sa/sleep",
         "the tunnel's peer identity"
     );
+    // `waypoint explain` names the provider and what it is sent.
+    let shared = &wp.running().shared;
+    let text = proxy::ops::inspect::explain(
+        &shared.snapshot.load(),
+        &shared.mesh.load(),
+        &proxy::ops::inspect::ExplainRequest {
+            from: Some("spiffe://cluster.local/ns/default/sa/sleep".into()),
+            to: "10.0.0.10:9080".parse().unwrap(),
+            method: http::Method::GET,
+            headers: http::HeaderMap::new(),
+            path: "/".into(),
+        },
+    );
+    assert!(
+        text.contains(
+            "asked: gRPC Authorization/Check to authz.default.svc.cluster.local:9000 (timeout 2s)"
+        ),
+        "{text}"
+    );
     let dest = a.destination.as_ref().unwrap().address.as_ref().unwrap();
     assert_eq!(
         dest.socket_address

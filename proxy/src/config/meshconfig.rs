@@ -147,6 +147,15 @@ impl HeaderPattern {
         }
     }
 
+    /// The pattern as written in the mesh config (`x-a`, `x-*`, `*-a`).
+    pub fn text(&self) -> String {
+        match self {
+            HeaderPattern::Exact(v) => v.clone(),
+            HeaderPattern::Prefix(v) => format!("{v}*"),
+            HeaderPattern::Suffix(v) => format!("*{v}"),
+        }
+    }
+
     /// `name` is a lower-case header name (as `http::HeaderName` keeps them).
     pub fn matches(&self, name: &str) -> bool {
         match self {

@@ -391,6 +391,33 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
                 "  CUSTOM {} matched: ext_authz provider {} decides first (explain assumes it allows)",
                 m.policy, m.provider
             );
+            let asked = match mesh.provider(&m.provider).map(|p| &p.kind) {
+                Some(ProviderKind::ExtAuthzGrpc(g)) => format!(
+                    "gRPC Authorization/Check to {}:{} (timeout {:?}) with every request header, the client's principal and address",
+                    g.service, g.port, g.timeout
+                ),
+                Some(ProviderKind::ExtAuthzHttp(h)) => format!(
+                    "HTTP {} {}{} to {}:{} (timeout {:?}) with the request's Host, authorization{}",
+                    req.method,
+                    h.path_prefix,
+                    req.path,
+                    h.service,
+                    h.port,
+                    h.timeout,
+                    if h.include_request_headers_in_check.is_empty() {
+                        String::new()
+                    } else {
+                        let names: Vec<String> = h
+                            .include_request_headers_in_check
+                            .iter()
+                            .map(|p| p.text())
+                            .collect();
+                        format!(" and the headers matching {}", names.join(", "))
+                    }
+                ),
+                _ => String::new(),
+            };
+            let _ = writeln!(o, "    asked: {asked}");
             decision = policy::evaluate_rbac(&service.authz, &areq);
         } else {
             let _ = writeln!(
