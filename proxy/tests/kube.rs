@@ -871,3 +871,55 @@ async fn as_istiods_waypoint_pod() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_entries_come_and_go_with_the_api() {
+    let (v1, external) = (backend("v1").await, backend("external").await);
+    let objects = format!(
+        "{BASE}---\n{}{}",
+        service("reviews", "10.0.0.10"),
+        slice("reviews", &[v1.port()])
+    );
+    let m = start_mesh(&objects, |_| {}, Duration::from_secs(24 * 3600)).await;
+    ready(&m).await;
+    // Egress through the waypoint: an entry labelled for it, with an address istiod
+    // allocated (status.addresses), appears through the watch.
+    m.api.apply_yaml(&format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: external, namespace: default, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec:
+  hosts: [api.example.com]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {}}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1}}]
+status:
+  addresses: [{{value: 240.240.0.1, host: api.example.com}}]
+",
+        external.port()
+    ));
+    within(Duration::from_secs(5), "the entry served", || async {
+        let conn = m.connect().await;
+        let ok = conn
+            .open("240.240.0.1:80", http::HeaderMap::new())
+            .await
+            .is_ok();
+        if !ok {
+            return None;
+        }
+        (get(&conn, "240.240.0.1:80").await == (200, "external".into())).then_some(())
+    })
+    .await;
+    // Deleted: its address is refused again, the Service is untouched.
+    m.api.delete("ServiceEntry", "default", "external");
+    within(Duration::from_secs(5), "the entry gone", || async {
+        let conn = m.connect().await;
+        conn.open("240.240.0.1:80", http::HeaderMap::new())
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    let conn = m.connect().await;
+    assert_eq!(get(&conn, "10.0.0.10:9080").await, (200, "v1".into()));
+}
