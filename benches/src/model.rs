@@ -27,6 +27,8 @@ pub struct Backends {
     pub reviews_v1: SocketAddr,
     pub reviews_v2: SocketAddr,
     pub ratings: SocketAddr,
+    /// The HTTPS backend of Service `secure` (variant `tlsorig`).
+    pub secure: SocketAddr,
 }
 
 impl Default for Backends {
@@ -36,6 +38,7 @@ impl Default for Backends {
             reviews_v1: (lo, 19081).into(),
             reviews_v2: (lo, 19082).into(),
             ratings: (lo, 19083).into(),
+            secure: (lo, 19084).into(),
         }
     }
 }
@@ -52,6 +55,10 @@ pub struct Variant {
     /// The decoys share the request's path prefix and differ only in a header, and the request
     /// matches the last of them by its header: no path index can skip any rule.
     pub header_decoys: bool,
+    /// Service `secure` (10.0.0.14), whose endpoint speaks HTTPS: both proxies originate TLS
+    /// to it (a DestinationRule `tls: SIMPLE` for ours, the UpstreamTlsContext istiod renders
+    /// from it for Envoy).
+    pub tls_origination: bool,
 }
 
 impl Variant {
@@ -60,10 +67,18 @@ impl Variant {
         policies: 1,
         extra_services: 0,
         header_decoys: false,
+        tls_origination: false,
     };
 
-    /// `base`, `routes<N>`, `routes<N>h` (header decoys), `authz<N>`, `services<N>`.
+    /// `base`, `routes<N>`, `routes<N>h` (header decoys), `authz<N>`, `services<N>`,
+    /// `tlsorig`.
     pub fn parse(name: &str) -> Option<Variant> {
+        if name == "tlsorig" {
+            return Some(Variant {
+                tls_origination: true,
+                ..Variant::BASE
+            });
+        }
         let num = |prefix: &str| {
             name.strip_prefix(prefix)
                 .and_then(|n| n.parse::<usize>().ok())
@@ -174,6 +189,8 @@ pub struct Model {
     pub reviews_rules: Vec<Rule>,
     pub policies: Vec<Policy>,
     pub trust_domain: String,
+    /// CA file that verifies Service `secure`'s certificate (variant `tlsorig`).
+    pub tls_ca: Option<String>,
 }
 
 /// The VIP of extra Service `i`: 10.16.0.1, 10.16.0.2, ... (never .0 or .255).
@@ -283,11 +300,15 @@ impl Model {
             methods: Vec::new(),
         });
 
+        if variant.tls_origination {
+            services.push(svc("secure", [10, 0, 0, 14], vec![backends.secure]));
+        }
         Model {
             services,
             reviews_rules,
             policies,
             trust_domain: "cluster.local".into(),
+            tls_ca: None,
         }
     }
 
@@ -339,6 +360,15 @@ impl Model {
                 }
                 let _ = writeln!(out, "ports: [{{name: http, port: {port}, protocol: TCP}}]");
             }
+        }
+        if let (Some(ca), Some(_)) = (&self.tls_ca, self.service("secure")) {
+            // TLS origination to `secure`'s HTTPS endpoint: SNI and checked name are the
+            // Service hostname (our default; Envoy's config says the same explicitly).
+            let _ = write!(
+                out,
+                "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: secure, namespace: {NAMESPACE}}}\n\
+                 spec: {{host: secure, trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: \"{ca}\"}}}}}}\n"
+            );
         }
         out.push_str(
             "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: reviews\n  namespace: default\n\

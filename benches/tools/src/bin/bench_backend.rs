@@ -3,7 +3,8 @@
 //! `<name>\n`, header `x-backend: <name>` and `x-request-body-bytes: <n>` (the request body size
 //! it received). A request with `x-response-bytes: <n>` (at most 16 MiB) gets a body of exactly
 //! `n` bytes instead: `<name>\n` repeated and cut at `n`. Keep-alive, no logging, loopback only
-//! unless --allow-remote.
+//! unless --allow-remote. `--tls-listen [NAME=]ADDR` listeners serve the same over TLS
+//! (`--tls-cert`/`--tls-key`), the HTTPS backend of the TLS origination scenario.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,8 +26,17 @@ use tokio::net::TcpListener;
 )]
 struct Args {
     /// `ADDR` or `NAME=ADDR`; repeatable (one listener each).
-    #[arg(long, required = true)]
+    #[arg(long)]
     listen: Vec<String>,
+    /// `ADDR` or `NAME=ADDR`, served over TLS with --tls-cert and --tls-key; repeatable.
+    #[arg(long)]
+    tls_listen: Vec<String>,
+    /// PEM certificate chain of the TLS listeners.
+    #[arg(long)]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of the TLS listeners.
+    #[arg(long)]
+    tls_key: Option<std::path::PathBuf>,
     /// Runtime worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -95,7 +105,28 @@ async fn handle(
     Ok(resp)
 }
 
-async fn serve(listener: TcpListener, backend: Arc<Backend>) {
+/// TLS (aws-lc-rs, the project's one provider) from PEM files.
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn serve(
+    listener: TcpListener,
+    backend: Arc<Backend>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(x) => x,
@@ -108,20 +139,48 @@ async fn serve(listener: TcpListener, backend: Arc<Backend>) {
         };
         let _ = tcp.set_nodelay(true);
         let backend = backend.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| handle(backend.clone(), req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            match tls {
+                None => {
+                    let _ = builder
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                }
+                Some(acceptor) => {
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let _ = builder
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                }
+            }
         });
     }
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.listen.is_empty() && args.tls_listen.is_empty() {
+        bail!("give at least one --listen or --tls-listen");
+    }
+    let acceptor = if args.tls_listen.is_empty() {
+        None
+    } else {
+        let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+            bail!("--tls-listen needs --tls-cert and --tls-key");
+        };
+        Some(tls_acceptor(cert, key)?)
+    };
     let mut specs = Vec::new();
-    for l in &args.listen {
+    let plain = args.listen.iter().map(|l| (l, false));
+    let secure = args.tls_listen.iter().map(|l| (l, true));
+    for (l, tls) in plain.chain(secure) {
         let (name, addr) = match l.split_once('=') {
             Some((n, a)) => (n.to_string(), a),
             None => (String::new(), l.as_str()),
@@ -135,7 +194,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             name
         };
-        specs.push((name, addr));
+        specs.push((name, addr, tls));
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
@@ -143,7 +202,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let mut tasks = Vec::new();
-        for (name, addr) in specs {
+        for (name, addr, tls) in specs {
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding {addr}"))?;
@@ -153,7 +212,8 @@ fn main() -> anyhow::Result<()> {
                 body: Bytes::from(format!("{name}\n")),
                 large: std::sync::OnceLock::new(),
             });
-            tasks.push(tokio::spawn(serve(listener, backend)));
+            let tls = if tls { acceptor.clone() } else { None };
+            tasks.push(tokio::spawn(serve(listener, backend, tls)));
         }
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

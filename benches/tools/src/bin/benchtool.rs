@@ -30,6 +30,9 @@ struct Cli {
 enum Cmd {
     /// Write waypoint-<variant>.yaml and envoy-<variant>.yaml into --out-dir.
     Gen(GenArgs),
+    /// Write a CA (ca.pem) and a server certificate for --dns (server.pem, server-key.pem)
+    /// into --out-dir: the HTTPS backend of the TLS origination scenario.
+    TlsCerts(TlsCertsArgs),
     /// Run a command (after `--`), bounded by --timeout; print JSON with wall/CPU/peak RSS.
     Measure(MeasureArgs),
     /// Build results.json, results.md and chart.svg in --dir.
@@ -79,6 +82,20 @@ struct GenArgs {
     /// Where Envoy writes its JSON access log.
     #[arg(long)]
     envoy_access_log: PathBuf,
+    /// The HTTPS backend of Service `secure` (variant tlsorig).
+    #[arg(long, default_value = "127.0.0.1:29084")]
+    tls_backend: SocketAddr,
+    /// The CA that verifies it (variant tlsorig; see `tls-certs`).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+}
+
+#[derive(Parser, Debug)]
+struct TlsCertsArgs {
+    #[arg(long)]
+    out_dir: PathBuf,
+    #[arg(long, default_value = "secure.default.svc.cluster.local")]
+    dns: String,
 }
 
 #[derive(Parser, Debug)]
@@ -110,6 +127,7 @@ struct ReportArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Gen(a) => generate(a),
+        Cmd::TlsCerts(a) => tls_certs(a),
         Cmd::Measure(a) => measure(a),
         Cmd::Report(a) => make_report(a),
         Cmd::Scaling(a) => scaling_report(a),
@@ -170,6 +188,19 @@ fn scaling_report(a: ScalingArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn tls_certs(a: TlsCertsArgs) -> anyhow::Result<()> {
+    let pki = hbone::testing::Pki::new("bench.test").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (cert, key) = pki
+        .issue_server_pem_for_dns(&a.dns)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::create_dir_all(&a.out_dir)?;
+    std::fs::write(a.out_dir.join("ca.pem"), pki.root_pem())?;
+    std::fs::write(a.out_dir.join("server.pem"), cert)?;
+    std::fs::write(a.out_dir.join("server-key.pem"), key)?;
+    println!("{}", a.out_dir.display());
+    Ok(())
+}
+
 fn generate(a: GenArgs) -> anyhow::Result<()> {
     let variant =
         Variant::parse(&a.variant).with_context(|| format!("unknown variant {:?}", a.variant))?;
@@ -181,14 +212,23 @@ fn generate(a: GenArgs) -> anyhow::Result<()> {
             bail!("backend {b} is not on loopback");
         }
     }
-    let model = Model::new(
+    let mut model = Model::new(
         variant,
         &Backends {
             reviews_v1: v1,
             reviews_v2: v2,
             ratings,
+            secure: a.tls_backend,
         },
     );
+    if variant.tls_origination {
+        let ca = a
+            .tls_ca
+            .as_ref()
+            .context("variant tlsorig needs --tls-ca (see `benchtool tls-certs`)")?;
+        let ca = std::fs::canonicalize(ca).unwrap_or_else(|_| ca.clone());
+        model.tls_ca = Some(ca.display().to_string());
+    }
     std::fs::create_dir_all(&a.out_dir)?;
     let abs = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
     let certs = abs(a.certs.clone());
