@@ -148,20 +148,6 @@ impl DnsEndpoints {
         }
     }
 
-    /// The table for `/clusters`: (name, addresses, failures since the last success).
-    pub fn answers(&self) -> Vec<(Arc<str>, Vec<IpAddr>, u32)> {
-        let Ok(st) = self.state.lock() else {
-            return Vec::new();
-        };
-        let mut out: Vec<_> = st
-            .answers
-            .iter()
-            .map(|(n, a)| (n.clone(), a.addrs.clone(), a.failures))
-            .collect();
-        out.sort();
-        out
-    }
-
     fn resolver(&self) -> Result<TokioResolver, String> {
         let mut slot = self
             .resolver

@@ -245,28 +245,28 @@ pub struct GrpcAuthzClient {
 }
 
 impl GrpcAuthzClient {
-    fn channel(&self, addr: SocketAddr, timeout: Duration) -> tonic::transport::Channel {
+    fn channel(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<tonic::transport::Channel, String> {
         let mut channels = self
             .channels
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(c) = channels.get(&addr) {
-            return c.clone();
+            return Ok(c.clone());
         }
         if channels.len() >= MAX_CHANNELS {
             channels.clear();
         }
         // A lazy channel: it connects on first use, reconnects after failures.
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map(|e| e.connect_timeout(timeout).connect_lazy());
-        match channel {
-            Ok(c) => {
-                channels.insert(addr, c.clone());
-                c
-            }
-            // An IP:port URI always parses; keep a fresh channel per call if it ever fails.
-            Err(_) => tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
-        }
+            .map_err(|e| format!("{addr}: {e}"))?
+            .connect_timeout(timeout)
+            .connect_lazy();
+        channels.insert(addr, channel.clone());
+        Ok(channel)
     }
 
     /// Ask the provider (reached through `cluster`) about a request, within `timeout`.
@@ -287,7 +287,10 @@ impl GrpcAuthzClient {
         let Some(endpoint) = pick_endpoint(&endpoints, &[], rand::random::<u64>()) else {
             return CheckResult::Error(format!("{}: no healthy upstream", cluster.name));
         };
-        let channel = self.channel(endpoint.addr, timeout);
+        let channel = match self.channel(endpoint.addr, timeout) {
+            Ok(c) => c,
+            Err(e) => return CheckResult::Error(e),
+        };
         let message = check_request(req);
         let call = async move {
             let mut grpc = tonic::client::Grpc::new(channel);
