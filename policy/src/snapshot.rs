@@ -476,6 +476,10 @@ pub struct Snapshot {
     pub trust_domain: Arc<str>,
     /// Bound Service ports by VIP:port.
     pub(crate) bound: HashMap<SocketAddr, Arc<ServicePort>>,
+    /// ServiceEntry address ranges (`spec.addresses` CIDRs, with `resolution: NONE`): (range,
+    /// port, the port served); tried in order when no exact VIP:port matches. Bounded by the
+    /// configuration.
+    pub(crate) bound_ranges: Vec<(ipnet::IpNet, u16, Arc<ServicePort>)>,
     /// Known-but-not-bound VIP:ports, with the reason (for logs and `waypoint check`).
     pub(crate) not_bound: HashMap<SocketAddr, String>,
     /// Every cluster, by name (for admin dumps and tests).
@@ -503,6 +507,25 @@ impl Snapshot {
     pub fn lookup_vip(&self, addr: SocketAddr) -> VipLookup {
         if let Some(sp) = self.bound.get(&addr) {
             return VipLookup::Bound(sp.clone());
+        }
+        if let Some((_, _, sp)) = self
+            .bound_ranges
+            .iter()
+            .find(|(net, port, _)| *port == addr.port() && net.contains(&addr.ip()))
+        {
+            // The tunnel's own address is its destination (NONE: Envoy's ORIGINAL_DST).
+            return VipLookup::Bound(Arc::new(ServicePort {
+                vip: addr,
+                vip_text: addr.to_string(),
+                protocol: sp.protocol,
+                cluster: sp.cluster.clone(),
+                routes: sp.routes.clone(),
+                tcp_route: sp.tcp_route.clone(),
+                tls_routes: sp.tls_routes.clone(),
+                authz: sp.authz.clone(),
+                authn: sp.authn.clone(),
+                access_log: sp.access_log.clone(),
+            }));
         }
         if let Some(reason) = self.not_bound.get(&addr) {
             return VipLookup::NotBound(reason.clone());

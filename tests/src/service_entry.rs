@@ -132,6 +132,27 @@ async fn none_resolution_forwards_to_the_address_the_tunnel_names() {
     );
     let line = wp.next_logs(1).remove(0);
     assert_eq!(line["upstream_host"], vip);
+
+    // A range (the usual NONE entry: a subnet of external hosts): every address in it is
+    // served, each tunnel going where it was sent.
+    let other = Backend::echo_at("in-range", "127.0.0.6:0").await.unwrap();
+    let mut m = Manifests::new();
+    m.push(&entry(
+        "subnet",
+        &format!(
+            "{{hosts: [subnet.example.test], addresses: [127.0.0.0/8], ports: [{{number: {}, name: http, protocol: HTTP}}], resolution: NONE}}",
+            other.addr.port()
+        ),
+    ));
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let vip = other.addr.to_string();
+    assert_eq!(
+        send(&wp, &vip, "/", "subnet.example.test").await,
+        (200, "in-range\n".into())
+    );
+    let line = wp.next_logs(1).remove(0);
+    assert_eq!(line["upstream_host"], vip);
+    assert_eq!(line["downstream_local_address"], vip);
 }
 
 /// The ambient egress pattern (istio.io `ambient/usage/egress-gateway`): port 80 in the

@@ -104,8 +104,10 @@ impl<'a> Compiler<'a> {
     ) -> (
         HashMap<SocketAddr, Arc<ServicePort>>,
         HashMap<SocketAddr, String>,
+        Vec<(ipnet::IpNet, u16, Arc<ServicePort>)>,
     ) {
         let mut bound = HashMap::new();
+        let mut ranges = Vec::new();
         let mut not_bound = HashMap::new();
         let keys: Vec<SvcKey<'a>> = self.services.keys().copied().collect();
         for key in keys {
@@ -113,6 +115,7 @@ impl<'a> Compiler<'a> {
                 continue;
             };
             let (vips, binding) = (svc.vips.clone(), svc.binding.clone());
+            let nets = svc.ranges.clone();
             let ports: Vec<(u16, AppProtocol)> =
                 svc.ports.iter().map(|p| (p.port, p.protocol)).collect();
             for (port, protocol) in ports {
@@ -140,6 +143,26 @@ impl<'a> Compiler<'a> {
                         let authz = authz.for_service(key.0, key.1);
                         let authn = authn.for_service(key.0, key.1);
                         let access_log = telemetry.for_service(key.0, key.1);
+                        for net in &nets {
+                            // Logged with the tunnel's own address (see `lookup_vip`).
+                            let vip = SocketAddr::new(net.network(), port);
+                            ranges.push((
+                                *net,
+                                port,
+                                Arc::new(ServicePort {
+                                    vip,
+                                    vip_text: vip.to_string(),
+                                    protocol,
+                                    cluster: cluster.clone(),
+                                    routes: routes.clone(),
+                                    tcp_route: tcp_route.clone(),
+                                    tls_routes: tls_routes.clone(),
+                                    authz: authz.clone(),
+                                    authn: authn.clone(),
+                                    access_log: access_log.clone(),
+                                }),
+                            ));
+                        }
                         for vip in &vips {
                             let vip = SocketAddr::new(*vip, port);
                             let (cluster, routes) = (cluster.clone(), routes.clone());
@@ -167,7 +190,7 @@ impl<'a> Compiler<'a> {
                 }
             }
         }
-        (bound, not_bound)
+        (bound, not_bound, ranges)
     }
 
     /// Namespace labels, plus the `kubernetes.io/metadata.name` label the API server adds to
@@ -299,6 +322,7 @@ impl<'a> Compiler<'a> {
         );
         Svc {
             vips,
+            ranges: Vec::new(),
             ports,
             binding,
             info,

@@ -94,15 +94,25 @@ impl<'a> Compiler<'a> {
             hosts.push(h);
         }
 
-        // Addresses: IPs (a /32 or /128 CIDR is one IP); wider ranges are warned about.
+        // Addresses: IPs (a /32 or /128 CIDR is one IP); wider ranges serve every address in
+        // them with `resolution: NONE` (each tunnel goes where it was sent), and are warned
+        // about otherwise (a range has no single endpoint to resolve to).
         let mut vips = Vec::new();
+        let mut ranges: Vec<ipnet::IpNet> = Vec::new();
         for (i, a) in spec.addresses.iter().enumerate() {
             let field = format!("spec.addresses[{i}]");
             match parse_vip(a) {
                 Ok(Some(ip)) if !vips.contains(&ip) => vips.push(ip),
                 Ok(Some(_)) => {}
+                Ok(None) if resolution == Resolution::None => {
+                    if let Ok(net) = a.parse::<ipnet::IpNet>()
+                        && !ranges.contains(&net)
+                    {
+                        ranges.push(net);
+                    }
+                }
                 Ok(None) => self.warnings.push(format!(
-                    "{KIND} {sid}: {field}: the range {a:?} is not matched by this waypoint yet (only single addresses); ignored"
+                    "{KIND} {sid}: {field}: the range {a:?} is served only with resolution NONE; ignored"
                 )),
                 Err(()) => err(
                     &mut self.errors,
@@ -310,13 +320,14 @@ impl<'a> Compiler<'a> {
                 }
             }
             host_vips.retain(|v| !shared.contains(v));
-            if binding.is_ok() && host_vips.is_empty() {
+            if binding.is_ok() && host_vips.is_empty() && (i > 0 || ranges.is_empty()) {
                 self.warnings.push(format!(
                     "{KIND} {sid}: host {host}: no address (spec.addresses, or one istiod allocates into status.addresses); ztunnel sends a waypoint only traffic for an address, so none reaches this one"
                 ));
             }
             let svc = Svc {
                 vips: host_vips,
+                ranges: if i == 0 { ranges.clone() } else { Vec::new() },
                 ports: ports
                     .iter()
                     .map(|p| SvcPort {

@@ -62,6 +62,8 @@ enum Allowed {
 /// each host: `serviceentry/conversion.go` `convertServices`).
 struct Svc {
     vips: Vec<IpAddr>,
+    /// Address ranges (ServiceEntry CIDRs with `resolution: NONE`).
+    ranges: Vec<ipnet::IpNet>,
     ports: Vec<SvcPort>,
     /// `Ok` = bound to this waypoint; `Err` = why not.
     binding: Result<(), String>,
@@ -440,7 +442,7 @@ pub(crate) fn compile(
     );
     c.errors.append(&mut errors);
     c.warnings.append(&mut warnings);
-    let (bound, not_bound) =
+    let (bound, not_bound, bound_ranges) =
         c.vip_index(tables, tcp_tables, tls_tables, &authz, &authn, &telemetry);
     let services = c
         .services
@@ -484,6 +486,7 @@ pub(crate) fn compile(
         gateway: info,
         trust_domain: options.trust_domain.as_str().into(),
         bound,
+        bound_ranges,
         not_bound,
         clusters: clusters.map(|cl| (cl.name.clone(), cl)).collect(),
         authz,

@@ -2410,3 +2410,46 @@ fn retry_budget_bounds_retries_by_the_requests_in_flight() {
         "spec.trafficPolicy.retryBudget.percent",
     );
 }
+
+#[test]
+fn service_entry_none_ranges_serve_every_address_in_them() {
+    let se = entry(
+        "db-subnet",
+        "",
+        "{hosts: [db.example.com], addresses: [10.20.0.0/16], ports: [{number: 5432, name: tcp, protocol: TCP}], resolution: NONE}",
+    );
+    let snap = ok(&base(&[&se]));
+    let sp = bound(&snap, "10.20.3.4:5432");
+    assert_eq!(
+        sp.vip,
+        addr("10.20.3.4:5432"),
+        "logged as the tunnel's address"
+    );
+    assert!(sp.cluster.passthrough);
+    assert!(matches!(
+        snap.lookup_vip(addr("10.21.0.1:5432")),
+        VipLookup::Unknown
+    ));
+    assert!(matches!(
+        snap.lookup_vip(addr("10.20.3.4:5433")),
+        VipLookup::Unknown
+    ));
+    // A range with another resolution has no single endpoint: warned about, not served.
+    let dns = entry(
+        "dns-range",
+        "",
+        "{hosts: [x.example.com], addresses: [10.30.0.0/16], ports: [{number: 80, name: http}], resolution: DNS}",
+    );
+    let snap = ok(&base(&[&dns]));
+    assert!(matches!(
+        snap.lookup_vip(addr("10.30.0.1:80")),
+        VipLookup::Unknown
+    ));
+    assert!(
+        snap.warnings
+            .iter()
+            .any(|w| w.contains("served only with resolution NONE")),
+        "{:?}",
+        snap.warnings
+    );
+}
