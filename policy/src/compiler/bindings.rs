@@ -4,6 +4,13 @@
 
 use super::*;
 
+/// Bound VIP:ports, known-but-not-bound ones (with why), and bound address ranges.
+pub(super) type VipIndex = (
+    HashMap<SocketAddr, Arc<ServicePort>>,
+    HashMap<SocketAddr, String>,
+    Vec<(ipnet::IpNet, u16, Arc<ServicePort>)>,
+);
+
 impl<'a> Compiler<'a> {
     /// Validate our Gateway and resolve `istio.io/waypoint-for`: the Gateway label, else its
     /// GatewayClass label, else `service` (Istio `gatewayToWaypointTransform`).
@@ -101,11 +108,7 @@ impl<'a> Compiler<'a> {
         authz: &AuthzIndex,
         authn: &AuthnIndex,
         telemetry: &crate::telemetry::TelemetryIndex,
-    ) -> (
-        HashMap<SocketAddr, Arc<ServicePort>>,
-        HashMap<SocketAddr, String>,
-        Vec<(ipnet::IpNet, u16, Arc<ServicePort>)>,
-    ) {
+    ) -> VipIndex {
         let mut bound = HashMap::new();
         let mut ranges = Vec::new();
         let mut not_bound = HashMap::new();
