@@ -9,7 +9,8 @@
 #   REPEAT=1           runs per scenario and target (1..5), target order rotated each repeat
 #   SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 hbone2 open idle services"
 #                      (also c64n8: c=64 over 8 HBONE connections, for benches/scaling.sh;
-#                      tlsorig: c=16 GET with TLS originated to an HTTPS backend, waypoint and Envoy)
+#                      tlsorig: c=16 GET with TLS originated to an HTTPS backend, waypoint and Envoy;
+#                      tlsoff: the same Service shape over plaintext, the baseline of tlsorig)
 #   TARGETS="direct waypoint envoy"
 #   PIN=1              proxies on CPU $PROXY_CPU (1), loadgen + backend on CPU $CLIENT_CPU (0); PIN=0: no taskset
 #   WORKERS=1          worker threads of both proxies (waypoint --workers, envoy --concurrency)
@@ -326,6 +327,7 @@ scenario_args() { # SCENARIO -> variant + loadgen args on stdout (first word = v
     authz100) echo "authz100 --concurrency 16" ;;
     open) echo "base --concurrency 64 --rate $RATE" ;;
     tlsorig) echo "tlsorig --concurrency 16 --authority 10.0.0.14:9080 --host secure:9080 --path /" ;;
+    tlsoff) echo "tlsorig --concurrency 16 --authority 10.0.0.15:9080 --host insecure:9080 --path /" ;;
     *) return 1 ;;
   esac
 }
@@ -422,8 +424,8 @@ PY
       proxies_for "$variant"
       for rep in $(seq 1 "$REPEAT"); do
         for target in $(rotate "$rep" "${TARGET_LIST[@]}"); do
-          # The direct path has no TLS client: tlsorig compares the proxies (and c16 beside
-          # it is the same load over plaintext).
+          # The direct path has no TLS client: tlsorig compares the proxies (and tlsoff
+          # beside it is the same load over plaintext).
           [[ "$scen" == tlsorig && "$target" == direct ]] && continue
           run_load "$scen" "$target" "$rep" "${extra_args[@]}"
         done

@@ -57,7 +57,7 @@ pub struct Variant {
     pub header_decoys: bool,
     /// Service `secure` (10.0.0.14), whose endpoint speaks HTTPS: both proxies originate TLS
     /// to it (a DestinationRule `tls: SIMPLE` for ours, the UpstreamTlsContext istiod renders
-    /// from it for Envoy).
+    /// from it for Envoy); and Service `insecure` (10.0.0.15), the same over plaintext.
     pub tls_origination: bool,
 }
 
@@ -302,6 +302,9 @@ impl Model {
 
         if variant.tls_origination {
             services.push(svc("secure", [10, 0, 0, 14], vec![backends.secure]));
+            // The same shape over plaintext (no route, no DestinationRule, the same backend
+            // process): the pair isolates the cost of TLS origination.
+            services.push(svc("insecure", [10, 0, 0, 15], vec![backends.reviews_v1]));
         }
         Model {
             services,

@@ -30,6 +30,7 @@ pub fn describe(scenario: &str) -> String {
         "hbone2" => "two tunnels: client -> waypoint -> HBONE to the pod's ztunnel (stand-in) -> backend, GET c=16 (waypoint only)".into(),
         "open" => "open loop, fixed rate, GET, up to 64 in flight".into(),
         "tlsorig" => "keep-alive GET, c=16, TLS originated by the proxy to an HTTPS backend (DestinationRule tls SIMPLE; Envoy: the UpstreamTlsContext istiod renders), proxies only".into(),
+        "tlsoff" => "as tlsorig over plaintext (same Service shape, no route, same backend process): tlsorig's baseline".into(),
         "idle" => "idle tunnels held open".into(),
         "services" => "config with many Services".into(),
         other => other.into(),
