@@ -346,3 +346,52 @@ static_resources:
         root = root.display(),
     )
 }
+
+/// A bootstrap with the admin and one plain HTTP listener named `plain`, both on 127.0.0.1
+/// port 0: `routes` are the virtual host's route entries, `filters` the HTTP filters before
+/// the router, `clusters` the cluster list; each a YAML list written from column 0 (indented
+/// here to its place).
+pub fn plain_http_bootstrap(routes: &str, filters: &str, clusters: &str) -> String {
+    let indent = |block: &str, by: usize| {
+        block
+            .lines()
+            .map(|l| format!("{:by$}{l}\n", ""))
+            .collect::<String>()
+    };
+    format!(
+        r#"admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+static_resources:
+  listeners:
+  - name: plain
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: plain
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+{routes}          http_filters:
+{filters}          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+{clusters}"#,
+        routes = indent(routes, 14),
+        filters = indent(filters, 10),
+        clusters = indent(clusters, 2),
+    )
+}
+
+/// A plain cluster list entry with one endpoint.
+pub fn static_cluster(name: &str, addr: SocketAddr) -> String {
+    format!(
+        "- name: \"{name}\"\n  load_assignment:\n    cluster_name: \"{name}\"\n    endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}]}}]\n",
+        addr.ip(),
+        addr.port()
+    )
+}

@@ -17,7 +17,7 @@ use proxy::upstream::extauthz_grpc::{
     HeaderValueOption, HttpStatus, OkHttpResponse, RpcStatus,
 };
 use serde_json::Value;
-use waypoint_tests::envoy::Envoy;
+use waypoint_tests::envoy::{Envoy, plain_http_bootstrap, static_cluster};
 use waypoint_tests::{Backend, Manifests, TestWaypoint, TunnelHttp};
 
 type Seen = Arc<Mutex<Vec<CheckRequestMsg>>>;
@@ -159,54 +159,23 @@ async fn waypoint(backend: SocketAddr, authz: SocketAddr) -> (TestWaypoint, temp
 
 /// Envoy with the ext_authz filter istiod renders for the provider, in front of `backend`.
 async fn envoy(backend: SocketAddr, authz: SocketAddr) -> (Envoy, SocketAddr) {
-    let config = format!(
-        r#"admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-static_resources:
-  listeners:
-  - name: plain
-    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: plain
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{prefix: /}}
-                route: {{cluster: backend}}
-          http_filters:
-          - name: envoy.filters.http.ext_authz
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
-              grpc_service:
-                envoy_grpc: {{cluster_name: "outbound|9000||authz.default.svc.cluster.local", authority: authz.default.svc.cluster.local}}
-                timeout: 2s
-              transport_api_version: V3
-              failure_mode_allow: false
-              status_on_error: {{code: Forbidden}}
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: backend
-    load_assignment:
-      cluster_name: backend
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {bport}}}}}}}}}]}}]
-  - name: "outbound|9000||authz.default.svc.cluster.local"
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: authz
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {aport}}}}}}}}}]}}]
-"#,
-        bport = backend.port(),
-        aport = authz.port()
+    // The filter and cluster istiod renders for the provider (`extauthz.go`).
+    let filter = r#"- name: envoy.filters.http.ext_authz
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+    grpc_service:
+      envoy_grpc: {cluster_name: "outbound|9000||authz.default.svc.cluster.local", authority: authz.default.svc.cluster.local}
+      timeout: 2s
+    transport_api_version: V3
+    failure_mode_allow: false
+    status_on_error: {code: Forbidden}
+"#;
+    let authz_cluster = static_cluster("outbound|9000||authz.default.svc.cluster.local", authz)
+        + "  typed_extension_protocol_options:\n    envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n      \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n      explicit_http_config: {http2_protocol_options: {}}\n";
+    let config = plain_http_bootstrap(
+        "- match: {prefix: /}\n  route: {cluster: backend}\n",
+        filter,
+        &(static_cluster("backend", backend) + &authz_cluster),
     );
     let envoy = Envoy::start(&config).await.expect("envoy starts");
     let addr = envoy.listener("plain").await.unwrap();

@@ -278,8 +278,7 @@ async fn dns_answers_are_refreshed_when_their_ttl_runs_out() {
         asked <= 2 * (2 + elapsed.as_secs() as usize),
         "{asked} queries in {elapsed:?}"
     );
-    drop(new);
-    let _: SocketAddr = old.addr;
+    drop((old, new));
 }
 
 /// Real Envoy with the clusters istiod renders for `resolution: DNS` entries (STRICT_DNS,
@@ -290,52 +289,30 @@ async fn envoy_strict_dns(dns: SocketAddr, names: &[(&str, u16)]) -> waypoint_te
     let mut routes = String::new();
     let mut clusters = String::new();
     for (name, port) in names {
+        let cluster = format!("inbound-vip|80|http|{name}");
         routes.push_str(&format!(
-            "              - match: {{prefix: /{name}}}\n                route: {{cluster: \"inbound-vip|80|http|{name}\"}}\n"
+            "- match: {{prefix: /{name}}}\n  route: {{cluster: \"{cluster}\"}}\n"
         ));
         clusters.push_str(&format!(
-            r#"  - name: "inbound-vip|80|http|{name}"
-    type: STRICT_DNS
-    respect_dns_ttl: true
-    dns_refresh_rate: 60s
-    dns_lookup_family: V4_ONLY
-    typed_dns_resolver_config:
-      name: envoy.network.dns_resolver.cares
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig
-        resolvers: [{{socket_address: {{address: 127.0.0.1, port_value: {dns_port}}}}}]
-        use_resolvers_as_fallback: false
-    load_assignment:
-      cluster_name: "inbound-vip|80|http|{name}"
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {name}, port_value: {port}}}}}}}}}]}}]
+            r#"- name: "{cluster}"
+  type: STRICT_DNS
+  respect_dns_ttl: true
+  dns_refresh_rate: 60s
+  dns_lookup_family: V4_ONLY
+  typed_dns_resolver_config:
+    name: envoy.network.dns_resolver.cares
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig
+      resolvers: [{{socket_address: {{address: 127.0.0.1, port_value: {dns_port}}}}}]
+      use_resolvers_as_fallback: false
+  load_assignment:
+    cluster_name: "{cluster}"
+    endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {name}, port_value: {port}}}}}}}}}]}}]
 "#,
             dns_port = dns.port()
         ));
     }
-    let config = format!(
-        r#"admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-static_resources:
-  listeners:
-  - name: plain
-    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: plain
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-{routes}          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-{clusters}"#
-    );
+    let config = waypoint_tests::envoy::plain_http_bootstrap(&routes, "", &clusters);
     waypoint_tests::envoy::Envoy::start(&config)
         .await
         .expect("envoy starts")

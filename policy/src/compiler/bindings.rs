@@ -305,20 +305,7 @@ impl<'a> Compiler<'a> {
                 protocol: port_protocol(p),
             });
         }
-        let info = if gateway_found {
-            self.binding("Service", meta, gw, allowed)
-        } else {
-            BindingInfo {
-                state: BindingState::NoGateway,
-                source: BindingSource::None,
-                waypoint: None,
-                reason: "the waypoint Gateway is not configured".into(),
-            }
-        };
-        let binding = match info.state {
-            BindingState::Bound => Ok(()),
-            _ => Err(info.reason.clone()),
-        };
+        let (info, binding) = self.decide_binding("Service", meta, gw, allowed, gateway_found);
         let hostname = format!(
             "{}.{}.svc.{}",
             meta.name, meta.namespace, self.opts.cluster_domain
@@ -332,6 +319,33 @@ impl<'a> Compiler<'a> {
             hostname,
             entry: None,
         }
+    }
+
+    /// [`Compiler::binding`] when our Gateway is configured (else nothing is bound), with the
+    /// decision as `Ok` (bound here) or the reason it is not.
+    pub(super) fn decide_binding(
+        &self,
+        kind: &str,
+        meta: &ObjectMeta,
+        gw: &GatewayInfo,
+        allowed: &Allowed,
+        gateway_found: bool,
+    ) -> (BindingInfo, Result<(), String>) {
+        let info = if gateway_found {
+            self.binding(kind, meta, gw, allowed)
+        } else {
+            BindingInfo {
+                state: BindingState::NoGateway,
+                source: BindingSource::None,
+                waypoint: None,
+                reason: "the waypoint Gateway is not configured".into(),
+            }
+        };
+        let binding = match info.state {
+            BindingState::Bound => Ok(()),
+            _ => Err(info.reason.clone()),
+        };
+        (info, binding)
     }
 
     /// Istio `fetchWaypointForTarget` for a Service or ServiceEntry (`kind`), seen from this

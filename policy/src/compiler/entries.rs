@@ -22,261 +22,23 @@ impl<'a> Compiler<'a> {
         gateway_found: bool,
         vip_owner: &mut HashMap<SocketAddr, String>,
     ) {
-        let meta = &se.metadata;
-        let spec = &se.spec;
-        let sid = id(meta);
         let errors_before = self.errors.len();
-        let err = |errors: &mut Vec<ConfigError>, field: String, msg: String| {
-            errors.push(error(KIND, meta, field, msg));
+        let Some(resolution) = self.entry_resolution(se) else {
+            return;
         };
-
-        let resolution = match spec.resolution.as_deref() {
-            // The proto's default (0) is NONE.
-            None | Some("NONE") => Resolution::None,
-            Some("STATIC") => Resolution::Static,
-            Some("DNS") => Resolution::Dns,
-            Some("DNS_ROUND_ROBIN") => Resolution::DnsRoundRobin,
-            Some("DYNAMIC_DNS") => {
-                self.warnings.push(format!(
-                    "{KIND} {sid}: spec.resolution: DYNAMIC_DNS (wildcard egress) is not served by this waypoint yet; the ServiceEntry is ignored"
-                ));
-                return;
-            }
-            Some(other) => {
-                err(
-                    &mut self.errors,
-                    "spec.resolution".into(),
-                    format!(
-                        "invalid value {other:?} (expected NONE, STATIC, DNS, DNS_ROUND_ROBIN or DYNAMIC_DNS)"
-                    ),
-                );
-                return;
-            }
-        };
-        match spec.location.as_deref() {
-            None | Some("MESH_EXTERNAL") | Some("MESH_INTERNAL") => {}
-            Some(other) => err(
-                &mut self.errors,
-                "spec.location".into(),
-                format!("invalid value {other:?} (expected MESH_EXTERNAL or MESH_INTERNAL)"),
-            ),
-        }
-
-        // Hosts: DNS names; a wildcard host needs DYNAMIC_DNS (or NONE) in Istio.
-        let mut hosts: Vec<&'a str> = Vec::new();
-        if spec.hosts.is_empty() {
-            err(
-                &mut self.errors,
-                "spec.hosts".into(),
-                "at least one host is required".into(),
-            );
-        }
-        for (i, h) in spec.hosts.iter().enumerate() {
-            let field = format!("spec.hosts[{i}]");
-            if h.starts_with('*') {
-                self.warnings.push(format!(
-                    "{KIND} {sid}: {field}: wildcard host {h:?} is not served by this waypoint yet; skipped"
-                ));
-                continue;
-            }
-            if !valid_host(h) {
-                err(
-                    &mut self.errors,
-                    field,
-                    format!("{h:?} is not a valid host name"),
-                );
-                continue;
-            }
-            if hosts.contains(&h.as_str()) {
-                err(&mut self.errors, field, format!("duplicate host {h:?}"));
-                continue;
-            }
-            hosts.push(h);
-        }
-
-        // Addresses: IPs (a /32 or /128 CIDR is one IP); wider ranges serve every address in
-        // them with `resolution: NONE` (each tunnel goes where it was sent), and are warned
-        // about otherwise (a range has no single endpoint to resolve to).
-        let mut vips = Vec::new();
-        let mut ranges: Vec<ipnet::IpNet> = Vec::new();
-        for (i, a) in spec.addresses.iter().enumerate() {
-            let field = format!("spec.addresses[{i}]");
-            match parse_vip(a) {
-                Ok(Some(ip)) if !vips.contains(&ip) => vips.push(ip),
-                Ok(Some(_)) => {}
-                Ok(None) if resolution == Resolution::None => {
-                    if let Ok(net) = a.parse::<ipnet::IpNet>()
-                        && !ranges.contains(&net)
-                    {
-                        ranges.push(net);
-                    }
-                }
-                Ok(None) => self.warnings.push(format!(
-                    "{KIND} {sid}: {field}: the range {a:?} is served only with resolution NONE; ignored"
-                )),
-                Err(()) => err(
-                    &mut self.errors,
-                    field,
-                    format!("{a:?} is not an IP address or CIDR range"),
-                ),
-            }
-        }
-
-        // Ports: a number, a name, a protocol (Istio's names, upper case), a targetPort.
-        let mut ports: Vec<SvcPort> = Vec::new();
-        if spec.ports.is_empty() {
-            err(
-                &mut self.errors,
-                "spec.ports".into(),
-                "at least one port is required".into(),
-            );
-        }
-        for (i, p) in spec.ports.iter().enumerate() {
-            let field = format!("spec.ports[{i}]");
-            let Some(number) = port_number(p.number) else {
-                err(
-                    &mut self.errors,
-                    format!("{field}.number"),
-                    format!("{} is not a valid port (1-65535)", p.number),
-                );
-                continue;
-            };
-            let target = match p.target_port {
-                None => number,
-                Some(t) => match port_number(t) {
-                    Some(t) => t,
-                    None => {
-                        err(
-                            &mut self.errors,
-                            format!("{field}.targetPort"),
-                            format!("{t} is not a valid port (1-65535)"),
-                        );
-                        continue;
-                    }
-                },
-            };
-            let protocol = match p.protocol.as_deref() {
-                None | Some("") => AppProtocol::Unknown,
-                Some(proto) => match parse_protocol(&proto.to_ascii_lowercase()) {
-                    Some(p) => p,
-                    None if matches!(proto, "UDP" | "UNSUPPORTED") => {
-                        // Waypoints carry no UDP (istiod skips these ports too).
-                        continue;
-                    }
-                    None => {
-                        err(
-                            &mut self.errors,
-                            format!("{field}.protocol"),
-                            format!(
-                                "unknown protocol {proto:?} (expected HTTP, HTTPS, GRPC, HTTP2, MONGO, TCP or TLS)"
-                            ),
-                        );
-                        continue;
-                    }
-                },
-            };
-            if ports.iter().any(|q| q.port == number) {
-                err(
-                    &mut self.errors,
-                    format!("{field}.number"),
-                    format!("duplicate port {number}"),
-                );
-                continue;
-            }
-            ports.push(SvcPort {
-                name: p.name.clone(),
-                port: number,
-                target: Some(target),
-                protocol,
-            });
-        }
-
-        // Endpoints, checked against the resolution (Istio `ValidateServiceEntry`).
-        let mut endpoints = Vec::new();
-        if spec.workload_selector.is_some() {
-            if !spec.endpoints.is_empty() {
-                err(
-                    &mut self.errors,
-                    "spec.workloadSelector".into(),
-                    "only one of workloadSelector or endpoints can be set".into(),
-                );
-            } else {
-                self.warnings.push(format!(
-                    "{KIND} {sid}: spec.workloadSelector: selecting Pods and WorkloadEntries is not applied by this waypoint yet; the entry has no endpoints"
-                ));
-            }
-        }
-        if resolution == Resolution::None && !spec.endpoints.is_empty() {
-            err(
-                &mut self.errors,
-                "spec.endpoints".into(),
-                "no endpoints should be provided for resolution type NONE".into(),
-            );
-        }
-        for (i, e) in spec.endpoints.iter().enumerate() {
-            let field = format!("spec.endpoints[{i}]");
-            if e.address.starts_with("unix://") {
-                self.warnings.push(format!(
-                    "{KIND} {sid}: {field}.address: unix domain sockets are not reachable from a waypoint; skipped"
-                ));
-                continue;
-            }
-            let is_ip = e.address.parse::<IpAddr>().is_ok();
-            let ok = match resolution {
-                Resolution::Static => is_ip,
-                _ => is_ip || valid_host(&e.address),
-            };
-            if !ok {
-                let want = if resolution == Resolution::Static {
-                    "an IP address (resolution STATIC)"
-                } else {
-                    "an IP address or host name"
-                };
-                err(
-                    &mut self.errors,
-                    format!("{field}.address"),
-                    format!("{:?} is not {want}", e.address),
-                );
-                continue;
-            }
-            let mut by_name = BTreeMap::new();
-            for (name, p) in &e.ports {
-                match port_number(*p) {
-                    Some(p) => {
-                        by_name.insert(name.clone(), p);
-                    }
-                    None => err(
-                        &mut self.errors,
-                        format!("{field}.ports.{name}"),
-                        format!("{p} is not a valid port (1-65535)"),
-                    ),
-                }
-            }
-            if e.network.is_some() || e.locality.is_some() || e.weight.is_some() {
-                self.warnings.push(format!(
-                    "{KIND} {sid}: {field}: network, locality and weight are not applied by this waypoint yet; ignored"
-                ));
-            }
-            endpoints.push((e.address.clone(), by_name));
-        }
+        let hosts = self.entry_hosts(se);
+        let (vips, ranges) = self.entry_addresses(se, resolution);
+        let ports = self.entry_ports(se);
+        let endpoints = self.entry_endpoint_specs(se, resolution);
         if self.errors.len() > errors_before {
             return;
         }
-
-        let info = if gateway_found {
-            self.binding(KIND, meta, gw, allowed)
-        } else {
-            BindingInfo {
-                state: BindingState::NoGateway,
-                source: BindingSource::None,
-                waypoint: None,
-                reason: "the waypoint Gateway is not configured".into(),
-            }
+        let meta = &se.metadata;
+        let sid = id(meta);
+        let err = |errors: &mut Vec<ConfigError>, field: String, msg: String| {
+            errors.push(error(KIND, meta, field, msg));
         };
-        let binding = match info.state {
-            BindingState::Bound => Ok(()),
-            _ => Err(info.reason.clone()),
-        };
+        let (info, binding) = self.decide_binding(KIND, meta, gw, allowed, gateway_found);
         let ns = meta.namespace.as_str();
         let mut keys = Vec::new();
         for (i, host) in hosts.into_iter().enumerate() {
@@ -352,6 +114,297 @@ impl<'a> Compiler<'a> {
         self.entries.insert((ns, meta.name.as_str()), keys);
     }
 
+    /// `spec.resolution` (and `spec.location`, checked here); `None`: the entry is not served.
+    fn entry_resolution(&mut self, se: &'a ServiceEntry) -> Option<Resolution> {
+        let meta = &se.metadata;
+        let spec = &se.spec;
+        let sid = id(meta);
+        let err = |errors: &mut Vec<ConfigError>, field: String, msg: String| {
+            errors.push(error(KIND, meta, field, msg));
+        };
+        let resolution = match spec.resolution.as_deref() {
+            // The proto's default (0) is NONE.
+            None | Some("NONE") => Resolution::None,
+            Some("STATIC") => Resolution::Static,
+            Some("DNS") => Resolution::Dns,
+            Some("DNS_ROUND_ROBIN") => Resolution::DnsRoundRobin,
+            Some("DYNAMIC_DNS") => {
+                self.warnings.push(format!(
+                    "{KIND} {sid}: spec.resolution: DYNAMIC_DNS (wildcard egress) is not served by this waypoint yet; the ServiceEntry is ignored"
+                ));
+                return None;
+            }
+            Some(other) => {
+                err(
+                    &mut self.errors,
+                    "spec.resolution".into(),
+                    format!(
+                        "invalid value {other:?} (expected NONE, STATIC, DNS, DNS_ROUND_ROBIN or DYNAMIC_DNS)"
+                    ),
+                );
+                return None;
+            }
+        };
+        match spec.location.as_deref() {
+            None | Some("MESH_EXTERNAL") | Some("MESH_INTERNAL") => {}
+            Some(other) => err(
+                &mut self.errors,
+                "spec.location".into(),
+                format!("invalid value {other:?} (expected MESH_EXTERNAL or MESH_INTERNAL)"),
+            ),
+        }
+
+        Some(resolution)
+    }
+
+    /// `spec.hosts`: DNS names (wildcards are warned about and skipped).
+    fn entry_hosts(&mut self, se: &'a ServiceEntry) -> Vec<&'a str> {
+        let meta = &se.metadata;
+        let spec = &se.spec;
+        let sid = id(meta);
+        let err = |errors: &mut Vec<ConfigError>, field: String, msg: String| {
+            errors.push(error(KIND, meta, field, msg));
+        };
+        // Hosts: DNS names; a wildcard host needs DYNAMIC_DNS (or NONE) in Istio.
+        let mut hosts: Vec<&'a str> = Vec::new();
+        if spec.hosts.is_empty() {
+            err(
+                &mut self.errors,
+                "spec.hosts".into(),
+                "at least one host is required".into(),
+            );
+        }
+        for (i, h) in spec.hosts.iter().enumerate() {
+            let field = format!("spec.hosts[{i}]");
+            if h.starts_with('*') {
+                self.warnings.push(format!(
+                    "{KIND} {sid}: {field}: wildcard host {h:?} is not served by this waypoint yet; skipped"
+                ));
+                continue;
+            }
+            if !valid_host(h) {
+                err(
+                    &mut self.errors,
+                    field,
+                    format!("{h:?} is not a valid host name"),
+                );
+                continue;
+            }
+            if hosts.contains(&h.as_str()) {
+                err(&mut self.errors, field, format!("duplicate host {h:?}"));
+                continue;
+            }
+            hosts.push(h);
+        }
+
+        hosts
+    }
+
+    /// `spec.addresses`: (single addresses, ranges served with resolution NONE).
+    fn entry_addresses(
+        &mut self,
+        se: &'a ServiceEntry,
+        resolution: Resolution,
+    ) -> (Vec<IpAddr>, Vec<ipnet::IpNet>) {
+        let meta = &se.metadata;
+        let spec = &se.spec;
+        let sid = id(meta);
+        let err = |errors: &mut Vec<ConfigError>, field: String, msg: String| {
+            errors.push(error(KIND, meta, field, msg));
+        };
+        // Addresses: IPs (a /32 or /128 CIDR is one IP); wider ranges serve every address in
+        // them with `resolution: NONE` (each tunnel goes where it was sent), and are warned
+        // about otherwise (a range has no single endpoint to resolve to).
+        let mut vips = Vec::new();
+        let mut ranges: Vec<ipnet::IpNet> = Vec::new();
+        for (i, a) in spec.addresses.iter().enumerate() {
+            let field = format!("spec.addresses[{i}]");
+            match parse_vip(a) {
+                Ok(Some(ip)) if !vips.contains(&ip) => vips.push(ip),
+                Ok(Some(_)) => {}
+                Ok(None) if resolution == Resolution::None => {
+                    if let Ok(net) = a.parse::<ipnet::IpNet>()
+                        && !ranges.contains(&net)
+                    {
+                        ranges.push(net);
+                    }
+                }
+                Ok(None) => self.warnings.push(format!(
+                    "{KIND} {sid}: {field}: the range {a:?} is served only with resolution NONE; ignored"
+                )),
+                Err(()) => err(
+                    &mut self.errors,
+                    field,
+                    format!("{a:?} is not an IP address or CIDR range"),
+                ),
+            }
+        }
+
+        (vips, ranges)
+    }
+
+    /// `spec.ports`: a number, a name, a protocol (Istio's names, upper case), a targetPort.
+    fn entry_ports(&mut self, se: &'a ServiceEntry) -> Vec<SvcPort> {
+        let meta = &se.metadata;
+        let spec = &se.spec;
+        let err = |errors: &mut Vec<ConfigError>, field: String, msg: String| {
+            errors.push(error(KIND, meta, field, msg));
+        };
+        // Ports: a number, a name, a protocol (Istio's names, upper case), a targetPort.
+        let mut ports: Vec<SvcPort> = Vec::new();
+        if spec.ports.is_empty() {
+            err(
+                &mut self.errors,
+                "spec.ports".into(),
+                "at least one port is required".into(),
+            );
+        }
+        for (i, p) in spec.ports.iter().enumerate() {
+            let field = format!("spec.ports[{i}]");
+            let Some(number) = port_number(p.number) else {
+                err(
+                    &mut self.errors,
+                    format!("{field}.number"),
+                    format!("{} is not a valid port (1-65535)", p.number),
+                );
+                continue;
+            };
+            let target = match p.target_port {
+                None => number,
+                Some(t) => match port_number(t) {
+                    Some(t) => t,
+                    None => {
+                        err(
+                            &mut self.errors,
+                            format!("{field}.targetPort"),
+                            format!("{t} is not a valid port (1-65535)"),
+                        );
+                        continue;
+                    }
+                },
+            };
+            let protocol = match p.protocol.as_deref() {
+                None | Some("") => AppProtocol::Unknown,
+                Some(proto) => match parse_protocol(&proto.to_ascii_lowercase()) {
+                    Some(p) => p,
+                    None if matches!(proto, "UDP" | "UNSUPPORTED") => {
+                        // Waypoints carry no UDP (istiod skips these ports too).
+                        continue;
+                    }
+                    None => {
+                        err(
+                            &mut self.errors,
+                            format!("{field}.protocol"),
+                            format!(
+                                "unknown protocol {proto:?} (expected HTTP, HTTPS, GRPC, HTTP2, MONGO, TCP or TLS)"
+                            ),
+                        );
+                        continue;
+                    }
+                },
+            };
+            if ports.iter().any(|q| q.port == number) {
+                err(
+                    &mut self.errors,
+                    format!("{field}.number"),
+                    format!("duplicate port {number}"),
+                );
+                continue;
+            }
+            ports.push(SvcPort {
+                name: p.name.clone(),
+                port: number,
+                target: Some(target),
+                protocol,
+            });
+        }
+
+        ports
+    }
+
+    /// `spec.endpoints` (and `workloadSelector`): (address, port name -> port).
+    fn entry_endpoint_specs(
+        &mut self,
+        se: &'a ServiceEntry,
+        resolution: Resolution,
+    ) -> Vec<(String, BTreeMap<String, u16>)> {
+        let meta = &se.metadata;
+        let spec = &se.spec;
+        let sid = id(meta);
+        let err = |errors: &mut Vec<ConfigError>, field: String, msg: String| {
+            errors.push(error(KIND, meta, field, msg));
+        };
+        // Endpoints, checked against the resolution (Istio `ValidateServiceEntry`).
+        let mut endpoints = Vec::new();
+        if spec.workload_selector.is_some() {
+            if !spec.endpoints.is_empty() {
+                err(
+                    &mut self.errors,
+                    "spec.workloadSelector".into(),
+                    "only one of workloadSelector or endpoints can be set".into(),
+                );
+            } else {
+                self.warnings.push(format!(
+                    "{KIND} {sid}: spec.workloadSelector: selecting Pods and WorkloadEntries is not applied by this waypoint yet; the entry has no endpoints"
+                ));
+            }
+        }
+        if resolution == Resolution::None && !spec.endpoints.is_empty() {
+            err(
+                &mut self.errors,
+                "spec.endpoints".into(),
+                "no endpoints should be provided for resolution type NONE".into(),
+            );
+        }
+        for (i, e) in spec.endpoints.iter().enumerate() {
+            let field = format!("spec.endpoints[{i}]");
+            if e.address.starts_with("unix://") {
+                self.warnings.push(format!(
+                    "{KIND} {sid}: {field}.address: unix domain sockets are not reachable from a waypoint; skipped"
+                ));
+                continue;
+            }
+            let is_ip = e.address.parse::<IpAddr>().is_ok();
+            let ok = match resolution {
+                Resolution::Static => is_ip,
+                _ => is_ip || valid_host(&e.address),
+            };
+            if !ok {
+                let want = if resolution == Resolution::Static {
+                    "an IP address (resolution STATIC)"
+                } else {
+                    "an IP address or host name"
+                };
+                err(
+                    &mut self.errors,
+                    format!("{field}.address"),
+                    format!("{:?} is not {want}", e.address),
+                );
+                continue;
+            }
+            let mut by_name = BTreeMap::new();
+            for (name, p) in &e.ports {
+                match port_number(*p) {
+                    Some(p) => {
+                        by_name.insert(name.clone(), p);
+                    }
+                    None => err(
+                        &mut self.errors,
+                        format!("{field}.ports.{name}"),
+                        format!("{p} is not a valid port (1-65535)"),
+                    ),
+                }
+            }
+            if e.network.is_some() || e.locality.is_some() || e.weight.is_some() {
+                self.warnings.push(format!(
+                    "{KIND} {sid}: {field}: network, locality and weight are not applied by this waypoint yet; ignored"
+                ));
+            }
+            endpoints.push((e.address.clone(), by_name));
+        }
+        endpoints
+    }
+
     /// The endpoints compiled in for one port of a ServiceEntry host: the inline IPs of a
     /// `STATIC` entry (port: the endpoint's port of that name, else the targetPort, else the
     /// port), plain TCP (no HBONE: istiod `supportTunnel` is false for them). DNS and NONE
@@ -410,19 +463,20 @@ impl<'a> Compiler<'a> {
 
     /// The Service or ServiceEntry host keys a `ServiceEntry` reference names.
     pub(super) fn entry_keys(&self, ns: &str, name: &str) -> Option<Vec<SvcKey<'a>>> {
-        self.entries
-            .iter()
-            .find(|(k, _)| k.0 == ns && k.1 == name)
-            .map(|(_, v)| v.clone())
+        // The map is covariant in its key: looked up with the caller's shorter-lived strings.
+        let entries: &HashMap<SvcKey<'_>, Vec<SvcKey<'a>>> = &self.entries;
+        entries.get(&(ns, name)).cloned()
     }
 
     /// A `Hostname` backendRef (group `networking.istio.io`): the ServiceEntry host of that
     /// name, in the route's namespace first, else any namespace (first by name).
     pub(super) fn host_key(&self, route_ns: &str, host: &str) -> Option<SvcKey<'a>> {
-        self.services
-            .iter()
-            .filter(|(k, s)| k.1 == host && s.entry.is_some())
-            .map(|(k, _)| *k)
+        // Only ServiceEntry hosts: the entries' keys, not every Service.
+        self.entries
+            .values()
+            .flatten()
+            .filter(|k| k.1 == host)
+            .copied()
             .min_by_key(|k| (k.0 != route_ns, k.0))
     }
 }

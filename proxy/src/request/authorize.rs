@@ -52,14 +52,12 @@ pub(super) async fn authorize(
             )
         {
             let mesh = shared.mesh.load();
-            let provider = mesh.provider(&m.provider).map(|p| &p.kind);
-            // (fail open, status on error) of the provider called.
-            let (fail_open, status_on_error) = match provider {
+            let provider = match mesh.provider(&m.provider).map(|p| &p.kind) {
                 Some(ProviderKind::ExtAuthzHttp(h)) if !m.conflicting_providers => {
-                    (h.fail_open, h.status_on_error)
+                    Authorizer::Http(h)
                 }
                 Some(ProviderKind::ExtAuthzGrpc(g)) if !m.conflicting_providers => {
-                    (g.fail_open, g.status_on_error)
+                    Authorizer::Grpc(g)
                 }
                 _ => {
                     tracing::warn!(provider = %m.provider, policy = %m.policy, "CUSTOM policy names no usable extension provider; denying as Istio does");
@@ -67,64 +65,9 @@ pub(super) async fn authorize(
                     return Err(ProxyError::RbacDenied { details: d.details });
                 }
             };
-            let pq = req
-                .uri()
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/")
-                .to_string();
+            let (fail_open, status_on_error) = provider.on_error();
             // Boxed: only requests under a CUSTOM policy carry the authorizer call's future.
-            let result = match provider {
-                Some(ProviderKind::ExtAuthzGrpc(g)) => {
-                    let cluster = snapshot.extension_cluster(&g.service, g.port);
-                    let request_id = ctx.record().request_id.clone().unwrap_or_default();
-                    let protocol = match req.version() {
-                        http::Version::HTTP_2 => "HTTP/2",
-                        http::Version::HTTP_10 => "HTTP/1.0",
-                        _ => "HTTP/1.1",
-                    };
-                    let source = ctx
-                        .record()
-                        .downstream_remote_address
-                        .as_deref()
-                        .and_then(|a| a.parse::<SocketAddr>().ok());
-                    let check = crate::upstream::extauthz_grpc::GrpcCheck {
-                        method: req.method(),
-                        path_and_query: &pq,
-                        authority: &host,
-                        headers: req.headers(),
-                        protocol,
-                        request_id: &request_id,
-                        source,
-                        source_principal: t.principal().unwrap_or(""),
-                        destination: t.vip,
-                        destination_principal: "",
-                    };
-                    Box::pin(shared.ext_authz_grpc.check(
-                        cluster.as_ref(),
-                        &g.service,
-                        g.port,
-                        g.timeout,
-                        &check,
-                    ))
-                    .await
-                }
-                Some(ProviderKind::ExtAuthzHttp(h)) => {
-                    let cluster = snapshot.extension_cluster(&h.service, h.port);
-                    Box::pin(shared.ext_authz.check(
-                        h,
-                        cluster.as_ref(),
-                        &CheckRequest {
-                            method: req.method(),
-                            path_and_query: &pq,
-                            authority: &host,
-                            headers: req.headers(),
-                        },
-                    ))
-                    .await
-                }
-                _ => CheckResult::Error("no provider".into()),
-            };
+            let result = Box::pin(ask(ctx, t, req, &host, provider, snapshot)).await;
             match result {
                 CheckResult::Allowed {
                     upstream_set,
@@ -132,31 +75,12 @@ pub(super) async fn authorize(
                     upstream_remove,
                     downstream_add,
                 } => {
-                    let h = req.headers_mut();
-                    for (name, value) in upstream_set {
-                        h.insert(name, value);
-                    }
-                    // Envoy's ext_authz appends to an existing header in place, joined
-                    // with `,` (`HeaderMap::appendCopy`), checked against Envoy 1.40.
-                    for (name, value) in upstream_append {
-                        let joined = h.get(&name).map(|old| {
-                            let mut v = old.as_bytes().to_vec();
-                            v.push(b',');
-                            v.extend_from_slice(value.as_bytes());
-                            v
-                        });
-                        match joined.and_then(|v| http::HeaderValue::from_bytes(&v).ok()) {
-                            Some(v) => {
-                                h.insert(name, v);
-                            }
-                            None => {
-                                h.insert(name, value);
-                            }
-                        }
-                    }
-                    for name in upstream_remove {
-                        h.remove(name);
-                    }
+                    apply_allowed(
+                        req.headers_mut(),
+                        upstream_set,
+                        upstream_append,
+                        upstream_remove,
+                    );
                     ctx.response_headers.extend(downstream_add);
                 }
                 CheckResult::Denied {
@@ -234,6 +158,102 @@ pub(super) async fn authorize(
 
 /// What AuthorizationPolicy sees of a request: the tunnel's peer identity and addresses, the
 /// HTTP attributes, and the verified JWT (Envoy `jwt_authn` metadata) if any.
+/// The ext_authz provider a CUSTOM policy names.
+#[derive(Clone, Copy)]
+enum Authorizer<'m> {
+    Http(&'m crate::config::meshconfig::ExtAuthzHttp),
+    Grpc(&'m crate::config::meshconfig::ExtAuthzGrpc),
+}
+
+impl Authorizer<'_> {
+    /// (`failOpen`, `statusOnError`).
+    fn on_error(self) -> (bool, http::StatusCode) {
+        match self {
+            Authorizer::Http(h) => (h.fail_open, h.status_on_error),
+            Authorizer::Grpc(g) => (g.fail_open, g.status_on_error),
+        }
+    }
+}
+
+/// Ask the provider about the request, through the cluster istiod would build for it.
+async fn ask(
+    ctx: &mut RequestCtx,
+    t: &TunnelCtx,
+    req: &Request<Incoming>,
+    host: &str,
+    provider: Authorizer<'_>,
+    snapshot: &Snapshot,
+) -> CheckResult {
+    let shared = ctx.shared.clone();
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    match provider {
+        Authorizer::Grpc(g) => {
+            let cluster = snapshot.extension_cluster(&g.service, g.port);
+            let request_id = ctx.record().request_id.clone().unwrap_or_default();
+            let protocol = match req.version() {
+                http::Version::HTTP_2 => "HTTP/2",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            };
+            let check = crate::upstream::extauthz_grpc::GrpcCheck {
+                method: req.method(),
+                path_and_query: pq,
+                authority: host,
+                headers: req.headers(),
+                protocol,
+                request_id: &request_id,
+                source: Some(t.peer.remote),
+                source_principal: t.principal().unwrap_or(""),
+                destination: t.vip,
+                destination_principal: "",
+            };
+            let check = shared.ext_authz_grpc.check(
+                cluster.as_ref(),
+                &g.service,
+                g.port,
+                g.timeout,
+                &check,
+            );
+            check.await
+        }
+        Authorizer::Http(h) => {
+            let cluster = snapshot.extension_cluster(&h.service, h.port);
+            let check = CheckRequest {
+                method: req.method(),
+                path_and_query: pq,
+                authority: host,
+                headers: req.headers(),
+            };
+            shared.ext_authz.check(h, cluster.as_ref(), &check).await
+        }
+    }
+}
+
+/// An allowing authorizer's changes to the upstream request: set, append (in place, joined
+/// with `,`, as Envoy's `HeaderMap::appendCopy`; checked against Envoy 1.40), remove.
+fn apply_allowed(
+    h: &mut HeaderMap,
+    set: Vec<(http::HeaderName, http::HeaderValue)>,
+    append: Vec<(http::HeaderName, http::HeaderValue)>,
+    remove: Vec<http::HeaderName>,
+) {
+    for (name, value) in set {
+        h.insert(name, value);
+    }
+    for (name, value) in append {
+        let joined = h.get(&name).and_then(|old| {
+            let mut v = old.as_bytes().to_vec();
+            v.push(b',');
+            v.extend_from_slice(value.as_bytes());
+            http::HeaderValue::from_bytes(&v).ok()
+        });
+        h.insert(name, joined.unwrap_or(value));
+    }
+    for name in remove {
+        h.remove(name);
+    }
+}
+
 fn authz_request<'a>(
     t: &'a TunnelCtx,
     remote_ip: Option<std::net::IpAddr>,
