@@ -20,7 +20,7 @@ use serde_json::Value;
 use waypoint_tests::envoy::{Envoy, plain_http_bootstrap, static_cluster};
 use waypoint_tests::{Backend, Manifests, TestWaypoint, TunnelHttp};
 
-type Seen = Arc<Mutex<Vec<CheckRequestMsg>>>;
+pub(crate) type Seen = Arc<Mutex<Vec<CheckRequestMsg>>>;
 
 fn header(key: &str, value: &str, append: Option<bool>) -> HeaderValueOption {
     HeaderValueOption {
@@ -102,7 +102,7 @@ impl tonic::server::UnaryService<CheckRequestMsg> for Authorizer {
 }
 
 /// The authorizer on 127.0.0.1:0 (h2c, as Envoy's `envoy_grpc` client speaks it).
-async fn authorizer() -> (SocketAddr, Seen) {
+pub(crate) async fn authorizer() -> (SocketAddr, Seen) {
     let seen: Seen = Arc::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -11,6 +11,7 @@ mod abuse;
 mod access_log_formats;
 mod authn;
 mod envoy_interop;
+mod ext_authz_body;
 mod ext_authz_grpc;
 mod gamma;
 mod hbone_listener;

@@ -196,6 +196,22 @@ pub struct ExtAuthzHttp {
     pub headers_to_downstream_on_deny: Vec<HeaderPattern>,
     /// Authorizer response headers added to the client response when allowed.
     pub headers_to_downstream_on_allow: Vec<HeaderPattern>,
+    /// `includeRequestBodyInCheck`: the check carries the request body.
+    pub body: Option<BodyInCheck>,
+}
+
+/// `includeRequestBodyInCheck` (`EnvoyExternalAuthorizationRequestBody`), rendered by istiod
+/// as the ext_authz filter's `with_request_body` (`extauthz.go` `withBodyRequest`): the body is
+/// held until `max_request_bytes`; the check carries it (or its first `max_request_bytes`)
+/// with `x-envoy-auth-partial-body: true|false`. Over the limit without
+/// `allow_partial_message`: 413 `Payload Too Large`, even with `failOpen`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyInCheck {
+    pub max_request_bytes: u32,
+    pub allow_partial_message: bool,
+    /// gRPC: the body goes in `raw_body` (bytes) instead of `body`. The HTTP provider sends
+    /// the bytes as they are either way.
+    pub pack_as_bytes: bool,
 }
 
 /// `envoyExtAuthzGrpc` (`EnvoyExternalAuthorizationGrpcProvider`): every request header is
@@ -208,6 +224,8 @@ pub struct ExtAuthzGrpc {
     pub timeout: Duration,
     pub fail_open: bool,
     pub status_on_error: StatusCode,
+    /// `includeRequestBodyInCheck`: the check carries the request body.
+    pub body: Option<BodyInCheck>,
 }
 
 // === serde mirror of the YAML ===
@@ -250,7 +268,15 @@ struct RawExtAuthzGrpc {
     fail_open: bool,
     status_on_error: Option<serde_json::Value>,
     clear_route_cache: bool,
-    include_request_body_in_check: Option<serde_json::Value>,
+    include_request_body_in_check: Option<RawBodyInCheck>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawBodyInCheck {
+    max_request_bytes: Option<i64>,
+    allow_partial_message: bool,
+    pack_as_bytes: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -283,7 +309,7 @@ struct RawExtAuthzHttp {
     headers_to_upstream_on_allow: Vec<String>,
     headers_to_downstream_on_deny: Vec<String>,
     headers_to_downstream_on_allow: Vec<String>,
-    include_request_body_in_check: Option<serde_json::Value>,
+    include_request_body_in_check: Option<RawBodyInCheck>,
 }
 
 impl MeshConfig {
@@ -435,11 +461,7 @@ fn ext_authz_grpc(g: RawExtAuthzGrpc) -> anyhow::Result<ExtAuthzGrpc> {
             .with_context(|| format!("envoyExtAuthzGrpc.timeout: invalid duration {t:?}"))?,
     };
     let status_on_error = status_on_error(&g.status_on_error, "envoyExtAuthzGrpc")?;
-    if g.include_request_body_in_check.is_some() {
-        tracing::warn!(
-            "mesh config: envoyExtAuthzGrpc.includeRequestBodyInCheck is not supported; the check request carries no body"
-        );
-    }
+    let body = body_in_check(g.include_request_body_in_check, "envoyExtAuthzGrpc")?;
     // clearRouteCache: routes are chosen before the check here, as Envoy's are unless the
     // cache is cleared; header changes by the authorizer do not re-route.
     let _ = g.clear_route_cache;
@@ -449,7 +471,31 @@ fn ext_authz_grpc(g: RawExtAuthzGrpc) -> anyhow::Result<ExtAuthzGrpc> {
         timeout,
         fail_open: g.fail_open,
         status_on_error,
+        body,
     })
+}
+
+/// `includeRequestBodyInCheck`: `maxRequestBytes` is required and positive (Envoy's
+/// `BufferSettings.max_request_bytes` is validated `gt: 0`; istiod passes it through, so a
+/// missing or zero value is a config Envoy rejects).
+fn body_in_check(raw: Option<RawBodyInCheck>, what: &str) -> anyhow::Result<Option<BodyInCheck>> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    let max = raw.max_request_bytes.unwrap_or(0);
+    let max_request_bytes = u32::try_from(max)
+        .ok()
+        .filter(|m| *m > 0)
+        .with_context(|| {
+            format!(
+                "{what}.includeRequestBodyInCheck.maxRequestBytes: {max} is not a byte count above 0 (Envoy rejects a missing or zero limit)"
+            )
+        })?;
+    Ok(Some(BodyInCheck {
+        max_request_bytes,
+        allow_partial_message: raw.allow_partial_message,
+        pack_as_bytes: raw.pack_as_bytes,
+    }))
 }
 
 /// `statusOnError`: a string in the API ("403"); a number is accepted too.
@@ -487,11 +533,7 @@ fn ext_authz_http(h: RawExtAuthzHttp) -> anyhow::Result<ExtAuthzHttp> {
         anyhow::bail!("envoyExtAuthzHttp.pathPrefix must start with '/'");
     }
     let status_on_error = status_on_error(&h.status_on_error, "envoyExtAuthzHttp")?;
-    if h.include_request_body_in_check.is_some() {
-        tracing::warn!(
-            "mesh config: envoyExtAuthzHttp.includeRequestBodyInCheck is not supported; the check request carries no body"
-        );
-    }
+    let body = body_in_check(h.include_request_body_in_check, "envoyExtAuthzHttp")?;
     let patterns = |v: &[String]| v.iter().map(|p| HeaderPattern::new(p)).collect::<Vec<_>>();
     let mut additional = Vec::new();
     for (k, v) in &h.include_additional_headers_in_check {
@@ -515,6 +557,7 @@ fn ext_authz_http(h: RawExtAuthzHttp) -> anyhow::Result<ExtAuthzHttp> {
         headers_to_upstream_on_allow: patterns(&h.headers_to_upstream_on_allow),
         headers_to_downstream_on_deny: patterns(&h.headers_to_downstream_on_deny),
         headers_to_downstream_on_allow: patterns(&h.headers_to_downstream_on_allow),
+        body,
     })
 }
 
@@ -551,6 +594,22 @@ mod tests {
                 ("ext-authz.foo.svc.cluster.local".to_string(), 8000),
                 ("g".to_string(), 9000)
             ]
+        );
+        // includeRequestBodyInCheck, as istiod passes it to Envoy's `with_request_body`.
+        let b = MeshConfig::parse(
+            "extensionProviders:\n- name: b\n  envoyExtAuthzHttp: {service: s, port: 80, includeRequestBodyInCheck: {maxRequestBytes: 4096, allowPartialMessage: true}}\n",
+        )
+        .expect("body");
+        let ProviderKind::ExtAuthzHttp(h) = &b.provider("b").expect("b").kind else {
+            panic!("http provider")
+        };
+        assert_eq!(
+            h.body,
+            Some(BodyInCheck {
+                max_request_bytes: 4096,
+                allow_partial_message: true,
+                pack_as_bytes: false
+            })
         );
         // The ConfigMap form.
         let cm = MeshConfig::parse(

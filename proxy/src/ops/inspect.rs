@@ -393,8 +393,11 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
             );
             let asked = match mesh.provider(&m.provider).map(|p| &p.kind) {
                 Some(ProviderKind::ExtAuthzGrpc(g)) => format!(
-                    "gRPC Authorization/Check to {}:{} (timeout {:?}) with every request header, the client's principal and address",
-                    g.service, g.port, g.timeout
+                    "gRPC Authorization/Check to {}:{} (timeout {:?}) with every request header, the client's principal and address{}",
+                    g.service,
+                    g.port,
+                    g.timeout,
+                    body_in_check(g.body)
                 ),
                 Some(ProviderKind::ExtAuthzHttp(h)) => format!(
                     "HTTP {} {}{} to {}:{} (timeout {:?}) with the request's Host, authorization{}",
@@ -413,7 +416,7 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
                             .map(|p| p.text())
                             .collect();
                         format!(" and the headers matching {}", names.join(", "))
-                    }
+                    } + &body_in_check(h.body)
                 ),
                 _ => String::new(),
             };
@@ -571,4 +574,19 @@ fn traffic_summary(t: &policy::traffic::TrafficPolicy) -> String {
         ));
     }
     parts.join(", ")
+}
+
+/// How `explain` words `includeRequestBodyInCheck`.
+fn body_in_check(body: Option<crate::config::meshconfig::BodyInCheck>) -> String {
+    match body {
+        None => String::new(),
+        Some(b) if b.allow_partial_message => format!(
+            ", and the body's first {} bytes (held until then; x-envoy-auth-partial-body says if cut)",
+            b.max_request_bytes
+        ),
+        Some(b) => format!(
+            ", and the body (held; over {} bytes: 413 Payload Too Large)",
+            b.max_request_bytes
+        ),
+    }
 }

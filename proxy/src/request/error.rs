@@ -113,6 +113,11 @@ pub enum ProxyError {
         body: String,
         headers: Vec<(HeaderName, HeaderValue)>,
     },
+    /// ext_authz `includeRequestBodyInCheck` without `allowPartialMessage` and a body over
+    /// `maxRequestBytes`: the stream's buffer limit overflows and Envoy's connection manager
+    /// answers 413 `Payload Too Large`, no flag, details `request_payload_too_large`
+    /// (before any check, even with `failOpen`).
+    PayloadTooLarge,
     /// The CUSTOM authorizer could not be asked (connect failure, timeout, 5xx) and the
     /// provider does not `failOpen`: `statusOnError` (403 by default), empty body, flag UAEX,
     /// details `ext_authz_error`.
@@ -305,6 +310,12 @@ impl ProxyError {
                 } else {
                     "response_timeout"
                 },
+            ),
+            ProxyError::PayloadTooLarge => reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Payload Too Large",
+                ResponseFlags::default(),
+                "request_payload_too_large",
             ),
             ProxyError::StreamIdleTimeout => reply(
                 StatusCode::REQUEST_TIMEOUT,

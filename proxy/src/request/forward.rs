@@ -18,6 +18,7 @@ use super::headers::{
     X_ENVOY_ORIGINAL_PATH, prepare_request, replace_path_and_query, set_authority,
 };
 use super::mirror::{MIRROR_TIMEOUT_CAP, MirrorJob};
+use crate::upstream::prefix::BodyPrefix;
 use crate::upstream::{BodyProgress, RequestBody, RetryBuffer, UpstreamProtocol};
 
 /// How much of a request body is kept for retries (and mirrors). Envoy keeps what it sent
@@ -41,6 +42,7 @@ pub(super) struct Outbound {
 pub(super) fn forward(
     ctx: &RequestCtx,
     req: Request<Incoming>,
+    held: Option<BodyPrefix>,
     target: &Target,
     normalized: &str,
     received: &Arc<BodyProgress>,
@@ -110,7 +112,8 @@ pub(super) fn forward(
             body,
             received.clone(),
             ctx.shared.limits.stream_idle_timeout,
-        ),
+        )
+        .with_prefix(held),
     );
     prepare_request(&mut upstream_req, proto);
     let buffered = max_attempts > 1 || mirror_head.is_some();

@@ -120,11 +120,22 @@ async fn run_phases(
     let service = route::service_of(&mut ctx, t, &snapshot, &req);
     let routed = route::route(&mut ctx, &service, &req, &normalized);
     phase!(route::check_upgrade(&mut ctx, &req, &conn));
-    if !service.authz.is_empty() || !service.authn.is_empty() {
-        phase!(authorize::authorize(&mut ctx, t, &mut req, &normalized, &service, &snapshot).await);
-    }
+    let held = if !service.authz.is_empty() || !service.authn.is_empty() {
+        let authorized = authorize::authorize(
+            &mut ctx,
+            t,
+            &mut req,
+            &received,
+            &normalized,
+            &service,
+            &snapshot,
+        );
+        phase!(authorized.await)
+    } else {
+        None
+    };
     let target = phase!(backend::backend(&mut ctx, t, &req, &normalized, routed));
-    let outbound = forward::forward(&ctx, req, &target, &normalized, &received);
+    let outbound = forward::forward(&ctx, req, held, &target, &normalized, &received);
     let answer = phase!(call::call(&mut ctx, outbound, &target, &received).await);
     Ok(respond::respond(ctx, answer, &target))
 }

@@ -5,7 +5,9 @@
 //! - The check request has the original method, `pathPrefix` + the original path (with query),
 //!   `content-length: 0` and no body, the original `Host`/`:authority` and `authorization`,
 //!   the request headers matching `includeRequestHeadersInCheck`, and
-//!   `includeAdditionalHeadersInCheck`.
+//!   `includeAdditionalHeadersInCheck`. With `includeRequestBodyInCheck` and a request body:
+//!   the body (its first `maxRequestBytes`), its `content-length`, and
+//!   `x-envoy-auth-partial-body: true|false` (checked against Envoy 1.40).
 //! - `200`: allowed. Response headers matching `headersToUpstreamOnAllow` are set on the
 //!   upstream request (replacing), those named by `x-envoy-auth-headers-to-remove` are removed
 //!   from it, those matching `headersToDownstreamOnAllow` are added to the client response.
@@ -38,6 +40,25 @@ const MAX_BODY: usize = 64 * 1024;
 
 static HEADERS_TO_REMOVE: HeaderName = HeaderName::from_static("x-envoy-auth-headers-to-remove");
 
+/// Envoy `Headers::EnvoyAuthPartialBody`: whether the check's body was cut at
+/// `maxRequestBytes`. A client's own is never passed on.
+pub static PARTIAL_BODY: HeaderName = HeaderName::from_static("x-envoy-auth-partial-body");
+
+/// The request body a check carries (`includeRequestBodyInCheck`).
+#[derive(Debug, Clone)]
+pub struct CheckBody {
+    /// The first `maxRequestBytes` of what was held.
+    pub bytes: Bytes,
+    /// More was held than sent (Envoy: `length != decoding_buffer->length()`).
+    pub partial: bool,
+}
+
+impl CheckBody {
+    pub fn partial_flag(&self) -> &'static str {
+        if self.partial { "true" } else { "false" }
+    }
+}
+
 /// What the authorizer decided.
 #[derive(Debug)]
 pub enum CheckResult {
@@ -68,6 +89,8 @@ pub struct CheckRequest<'a> {
     /// `:authority` or `Host`.
     pub authority: &'a str,
     pub headers: &'a HeaderMap,
+    /// `includeRequestBodyInCheck`: the body sent with the check.
+    pub body: Option<&'a CheckBody>,
 }
 
 /// A pooled HTTP/1.1 client for authorizers.
@@ -133,12 +156,14 @@ fn build_check(
     req: &CheckRequest<'_>,
 ) -> Result<Request<Full<Bytes>>, http::Error> {
     let path = format!("{}{}", provider.path_prefix, req.path_and_query);
+    let body = req.body.map(|b| b.bytes.clone()).unwrap_or_default();
+    let length = HeaderValue::from(body.len());
     let mut check = Request::builder()
         .method(req.method.clone())
         .uri(format!("http://{endpoint}{path}"))
-        .body(Full::new(Bytes::new()))?;
+        .body(Full::new(body))?;
     let h = check.headers_mut();
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    h.insert(header::CONTENT_LENGTH, length);
     if let Ok(host) = HeaderValue::from_str(req.authority) {
         h.insert(header::HOST, host);
     }
@@ -147,10 +172,17 @@ fn build_check(
         if name == header::AUTHORIZATION
             || (n != "host"
                 && n != "content-length"
+                && *name != PARTIAL_BODY
                 && any_matches(&provider.include_request_headers_in_check, n))
         {
             h.append(name.clone(), value.clone());
         }
+    }
+    if let Some(b) = req.body {
+        h.insert(
+            PARTIAL_BODY.clone(),
+            HeaderValue::from_static(b.partial_flag()),
+        );
     }
     for (name, value) in &provider.include_additional_headers_in_check {
         h.insert(name.clone(), value.clone());

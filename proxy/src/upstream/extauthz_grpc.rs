@@ -6,7 +6,9 @@
 //! - The CheckRequest carries the source (the client's address and SPIFFE principal), the
 //!   destination (the address the tunnel named, our principal), the request time and the HTTP
 //!   attributes: `x-request-id`, method, every header (lower-case, repeated ones joined with
-//!   `,`), path with query, host, scheme, protocol, size.
+//!   `,`), path with query, host, scheme, protocol, size (body bytes received so far), and
+//!   with `includeRequestBodyInCheck` the body (`body`, or `raw_body` with `packAsBytes`)
+//!   and `x-envoy-auth-partial-body`.
 //! - `status.code` OK: allowed; `ok_response` headers are set on the upstream request
 //!   (appended instead when their `append` is true: "`append` defaults to false when used in
 //!   this message"), `headers_to_remove` removed (never pseudo-headers or `host`),
@@ -29,7 +31,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode};
 use policy::Cluster;
 
-use super::extauthz::CheckResult;
+use super::extauthz::{CheckBody, CheckResult, PARTIAL_BODY};
 use crate::upstream::pick_endpoint;
 
 /// The RPC's path.
@@ -134,8 +136,10 @@ pub struct HttpRequest {
     pub size: i64,
     #[prost(string, tag = "10")]
     pub protocol: String,
-    #[prost(string, tag = "11")]
-    pub body: String,
+    /// A `string` in the proto; carried as bytes (the same wire type) because Envoy copies the
+    /// client's bytes into it unchecked, and they need not be UTF-8.
+    #[prost(bytes = "vec", tag = "11")]
+    pub body: Vec<u8>,
     #[prost(bytes = "vec", tag = "12")]
     pub raw_body: Vec<u8>,
 }
@@ -236,6 +240,13 @@ pub struct GrpcCheck<'a> {
     pub source_principal: &'a str,
     pub destination: SocketAddr,
     pub destination_principal: &'a str,
+    /// Bytes of the request body received when the check is sent (Envoy
+    /// `stream_info.bytesReceived()`).
+    pub size: u64,
+    /// `includeRequestBodyInCheck`: the body (or its first `maxRequestBytes`).
+    pub body: Option<&'a CheckBody>,
+    /// `packAsBytes`: the body goes in `raw_body`.
+    pub pack_as_bytes: bool,
 }
 
 /// One h2c channel per authorizer endpoint, kept for reuse (tonic multiplexes calls on it).
@@ -352,12 +363,18 @@ pub fn check_request(req: &GrpcCheck<'_>) -> CheckRequestMsg {
         .entry("x-forwarded-proto".into())
         .or_insert_with(|| "http".into());
     headers.remove("host");
-    let size = req
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i64>().ok())
-        .unwrap_or(0);
+    // "Skip any client EnvoyAuthPartialBody header, which could interfere with internal use"
+    // (check_request_utils.cc); the filter's own goes in when a body is sent.
+    headers.remove(PARTIAL_BODY.as_str());
+    let (mut body, mut raw_body) = (Vec::new(), Vec::new());
+    if let Some(b) = req.body {
+        headers.insert(PARTIAL_BODY.to_string(), b.partial_flag().to_string());
+        if req.pack_as_bytes {
+            raw_body = b.bytes.to_vec();
+        } else {
+            body = b.bytes.to_vec();
+        }
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -385,8 +402,10 @@ pub fn check_request(req: &GrpcCheck<'_>) -> CheckRequestMsg {
                     path: req.path_and_query.to_string(),
                     host: req.authority.to_string(),
                     scheme: "http".into(),
-                    size,
+                    size: i64::try_from(req.size).unwrap_or(i64::MAX),
                     protocol: req.protocol.to_string(),
+                    body,
+                    raw_body,
                     ..Default::default()
                 }),
             }),

@@ -13,6 +13,7 @@ pub mod dns;
 pub mod extauthz;
 pub mod extauthz_grpc;
 pub mod origination;
+pub mod prefix;
 
 use std::collections::HashMap;
 use std::future::Future as _;
@@ -109,6 +110,8 @@ pub struct RequestBody(Box<BodyState>);
 
 struct BodyState {
     inner: Source,
+    /// Frames read before the upstream call (ext_authz with the body), sent first.
+    prefix: Option<Box<prefix::BodyPrefix>>,
     received: Option<Arc<BodyProgress>>,
     tee: Option<Arc<Mutex<Tee>>>,
     /// Envoy's stream idle timeout for a body the client stops sending (`--stream-idle-timeout`).
@@ -206,6 +209,16 @@ impl BodyProgress {
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
     }
+
+    fn mark_failed(&self) {
+        self.failed.store(true, Ordering::Relaxed);
+        self.mark_complete();
+    }
+
+    fn mark_idle_timed_out(&self) {
+        self.idle_timed_out.store(true, Ordering::Relaxed);
+        self.mark_complete();
+    }
 }
 
 /// What the retry buffer holds.
@@ -219,6 +232,32 @@ struct Tee {
     /// The whole body has been seen.
     ended: bool,
     trailers: Option<http::HeaderMap>,
+}
+
+/// Copy one step of the body into the retry buffer: `None` = the body ended, `Some(None)` =
+/// it failed (never replayed), `Some(Some(frame))` = a frame.
+fn record_in_tee(tee: &Mutex<Tee>, step: Option<Option<&Frame<Bytes>>>, at_end: bool) {
+    let Ok(mut tee) = tee.lock() else {
+        return;
+    };
+    match step {
+        Some(Some(frame)) => {
+            if let Some(d) = frame.data_ref() {
+                tee.size += d.len();
+                if tee.size > tee.limit {
+                    tee.overflow = true;
+                    tee.data.clear();
+                } else if !tee.overflow {
+                    tee.data.push(d.clone());
+                }
+            } else if let Some(t) = frame.trailers_ref() {
+                tee.trailers = Some(t.clone());
+            }
+            tee.ended = at_end;
+        }
+        None => tee.ended = true,
+        Some(None) => tee.overflow = true,
+    }
 }
 
 /// A handle on a request body's retry copy.
@@ -238,6 +277,7 @@ impl RetryBuffer {
             received: None,
             tee: None,
             idle: None,
+            prefix: None,
         })))
     }
 
@@ -277,7 +317,14 @@ impl RequestBody {
             inner: Source::Incoming(inner),
             received: Some(received),
             tee: None,
+            prefix: None,
         }))
+    }
+
+    /// Send `prefix` (already read from the client and counted) before the rest of the body.
+    pub fn with_prefix(mut self, prefix: Option<prefix::BodyPrefix>) -> RequestBody {
+        self.0.prefix = prefix.filter(|p| !p.frames.is_empty()).map(Box::new);
+        self
     }
 
     /// An empty body (mirrored requests whose body cannot be copied are not sent; this is
@@ -288,6 +335,7 @@ impl RequestBody {
             received: None,
             tee: None,
             idle: None,
+            prefix: None,
         }))
     }
 
@@ -298,6 +346,7 @@ impl RequestBody {
             received: None,
             tee: None,
             idle: None,
+            prefix: None,
         }))
     }
 
@@ -329,6 +378,18 @@ impl Body for RequestBody {
                 None => trailers.take().map(|t| Ok(Frame::trailers(t))),
             }),
             Source::Incoming(inner) => {
+                if let Some(prefix) = &mut this.prefix
+                    && let Some(frame) = prefix.frames.pop_front()
+                {
+                    if prefix.frames.is_empty() {
+                        this.prefix = None;
+                    }
+                    let at_end = this.prefix.is_none() && inner.is_end_stream();
+                    if let Some(tee) = &this.tee {
+                        record_in_tee(tee, Some(Some(&frame)), at_end);
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
                 let r = Pin::new(&mut *inner).poll_frame(cx);
                 let at_end = inner.is_end_stream();
                 if let Some(idle) = &mut this.idle {
@@ -369,27 +430,8 @@ impl Body for RequestBody {
                     {
                         received.add(d.len() as u64);
                     }
-                    if let Some(tee) = &this.tee
-                        && let Ok(mut tee) = tee.lock()
-                    {
-                        match frame {
-                            Some(Ok(frame)) => {
-                                if let Some(d) = frame.data_ref() {
-                                    tee.size += d.len();
-                                    if tee.size > tee.limit {
-                                        tee.overflow = true;
-                                        tee.data.clear();
-                                    } else if !tee.overflow {
-                                        tee.data.push(d.clone());
-                                    }
-                                } else if let Some(t) = frame.trailers_ref() {
-                                    tee.trailers = Some(t.clone());
-                                }
-                                tee.ended = at_end;
-                            }
-                            None => tee.ended = true,
-                            Some(Err(_)) => tee.overflow = true,
-                        }
+                    if let Some(tee) = &this.tee {
+                        record_in_tee(tee, frame.as_ref().map(|f| f.as_ref().ok()), at_end);
                     }
                 }
                 r
@@ -399,14 +441,26 @@ impl Body for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.0.inner {
-            Source::Incoming(i) => i.is_end_stream(),
+            Source::Incoming(i) => self.0.prefix.is_none() && i.is_end_stream(),
             Source::Replay(d, t) => d.is_empty() && t.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.0.inner {
-            Source::Incoming(i) => i.size_hint(),
+            Source::Incoming(i) => match &self.0.prefix {
+                None => i.size_hint(),
+                Some(p) => {
+                    let held = p.len() as u64;
+                    let rest = i.size_hint();
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(rest.lower() + held);
+                    if let Some(upper) = rest.upper() {
+                        hint.set_upper(upper + held);
+                    }
+                    hint
+                }
+            },
             Source::Replay(d, _) => SizeHint::with_exact(d.iter().map(|b| b.len() as u64).sum()),
         }
     }
