@@ -310,6 +310,7 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         cluster_id: config.cluster_id.as_str().into(),
         ext_authz: Default::default(),
         ext_authz_grpc: Default::default(),
+        ext_authz_stats: Default::default(),
         config_version: AtomicU64::new(1),
         in_flight: std::sync::atomic::AtomicUsize::new(0),
         memory_pressure: AtomicBool::new(false),

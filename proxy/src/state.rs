@@ -116,6 +116,8 @@ pub struct Shared {
     pub ext_authz: ExtAuthzClient,
     /// Client for CUSTOM gRPC (`envoyExtAuthzGrpc`) authorizers.
     pub ext_authz_grpc: crate::upstream::extauthz_grpc::GrpcAuthzClient,
+    /// CUSTOM check outcomes and latency.
+    pub ext_authz_stats: crate::telemetry::authz::ExtAuthzStats,
     /// Generation of the configuration in force: 1 at start, +1 on every accepted reload.
     pub config_version: AtomicU64,
     /// Requests in flight (overload shedding).

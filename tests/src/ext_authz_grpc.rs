@@ -339,6 +339,19 @@ async fn grpc_authorizer_decides_as_with_envoy() {
         ),
         "{text}"
     );
+    // Outcomes and latency, scraped as Prometheus would.
+    let metrics = waypoint_tests::http_get(wp.running().metrics_addr, "/stats/prometheus")
+        .await
+        .unwrap()
+        .text();
+    for line in [
+        "waypoint_ext_authz_checks_total{result=\"ok\"} 2",
+        "waypoint_ext_authz_checks_total{result=\"denied\"} 2",
+        "waypoint_ext_authz_checks_total{result=\"error\"} 0",
+        "waypoint_ext_authz_duration_milliseconds_count 4",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
     let dest = a.destination.as_ref().unwrap().address.as_ref().unwrap();
     assert_eq!(
         dest.socket_address
@@ -361,4 +374,12 @@ async fn an_unreachable_grpc_authorizer_is_the_providers_error_as_with_envoy() {
     let line = wp.next_logs(1).remove(0);
     assert_eq!(line["response_flags"], "UAEX");
     assert_eq!(line["response_code_details"], "ext_authz_error");
+    let metrics = waypoint_tests::http_get(wp.running().metrics_addr, "/stats/prometheus")
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains("waypoint_ext_authz_checks_total{result=\"error\"} 1"),
+        "{metrics}"
+    );
 }

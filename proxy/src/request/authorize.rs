@@ -25,6 +25,7 @@ use super::error::ProxyError;
 use super::headers::{X_FORWARDED_PROTO, replace_path_and_query};
 use crate::config::meshconfig::BodyInCheck;
 use crate::config::meshconfig::ProviderKind;
+use crate::telemetry::authz::Outcome;
 use crate::upstream::BodyProgress;
 use crate::upstream::extauthz::CheckBody;
 use crate::upstream::extauthz::{CheckRequest, CheckResult};
@@ -88,7 +89,17 @@ pub(super) async fn authorize(
                 body: body.as_ref(),
             };
             // Boxed: only requests under a CUSTOM policy carry the authorizer call's future.
+            let asked = std::time::Instant::now();
             let result = Box::pin(ask(ctx, t, req, &check, provider, snapshot)).await;
+            shared.ext_authz_stats.record(
+                match &result {
+                    CheckResult::Allowed { .. } => Outcome::Ok,
+                    CheckResult::Denied { .. } => Outcome::Denied,
+                    CheckResult::Error(_) if fail_open => Outcome::FailureModeAllowed,
+                    CheckResult::Error(_) => Outcome::Error,
+                },
+                asked.elapsed(),
+            );
             match result {
                 CheckResult::Allowed {
                     upstream_set,

@@ -2,5 +2,6 @@
 //! ([`logging`]).
 //! The access-log record itself belongs to the request path (`request::log`).
 
+pub mod authz;
 pub mod logging;
 pub mod metrics;

@@ -4,7 +4,7 @@
 //! header is sent, no include lists):
 //!
 //! - The CheckRequest carries the source (the client's address and SPIFFE principal), the
-//!   destination (the address the tunnel named, our principal), the request time and the HTTP
+//!   destination (the address the tunnel named), the request time and the HTTP
 //!   attributes: `x-request-id`, method, every header (lower-case, repeated ones joined with
 //!   `,`), path with query, host, scheme, protocol, size (body bytes received so far), and
 //!   with `includeRequestBodyInCheck` the body (`body`, or `raw_body` with `packAsBytes`)
@@ -16,6 +16,13 @@
 //! - Any other code: denied with `denied_response` (status, default 403; headers; body).
 //! - A transport error, a timeout or a gRPC error status: the provider's error
 //!   (`statusOnError`, or through with `failOpen`).
+//!
+//! Principals: Envoy's waypoint runs ext_authz on its inner (internal-listener) connection,
+//! which has no TLS, so it sends both principals empty (istio/istio#56379, where users ask
+//! for them back). Ours sends the tunnel's peer principal as `source.principal`, as Envoy
+//! does from a sidecar; `destination.principal` stays empty (the destination workload is not
+//! chosen yet). An authorizer written for Envoy's waypoint ignores the field; one written for
+//! sidecars finds it.
 //!
 //! The messages are written with prost's derive from the field numbers of Envoy's
 //! `external_auth.proto`, `attribute_context.proto`, `address.proto`, `base.proto`,
