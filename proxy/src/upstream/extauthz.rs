@@ -35,6 +35,9 @@ use tracing::debug;
 use crate::config::meshconfig::{ExtAuthzHttp, any_matches};
 use crate::upstream::pick_endpoint;
 
+/// Idle connections kept per authorizer endpoint.
+const MAX_IDLE_PER_AUTHORIZER: usize = 64;
+
 /// Largest authorizer response body kept for a denial.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -101,8 +104,13 @@ pub struct ExtAuthzClient {
 
 impl Default for ExtAuthzClient {
     fn default() -> Self {
+        // Bounded: idle connections per authorizer endpoint, closed after a minute unused.
         ExtAuthzClient {
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(MAX_IDLE_PER_AUTHORIZER)
+                .pool_idle_timeout(std::time::Duration::from_secs(60))
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .build_http(),
         }
     }
 }
