@@ -877,9 +877,18 @@ pub struct ConnectionPoolSpec {
 pub struct TcpPoolSpec {
     pub max_connections: Option<i64>,
     pub connect_timeout: Option<String>,
-    pub tcp_keepalive: Option<Value>,
+    pub tcp_keepalive: Option<TcpKeepaliveSpec>,
     pub max_connection_duration: Option<String>,
     pub idle_timeout: Option<String>,
+}
+
+/// `connectionPool.tcp.tcpKeepalive` (`ConnectionPoolSettings.TCPSettings.TcpKeepalive`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TcpKeepaliveSpec {
+    pub probes: Option<i64>,
+    pub time: Option<String>,
+    pub interval: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

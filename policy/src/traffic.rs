@@ -22,7 +22,7 @@
 //! namespace) or a `*.` wildcard suffix; an exact host beats a wildcard, a rule in the
 //! Service's namespace beats one in the root namespace, an older rule beats a newer one, as
 //! istiod merges them. Fields a waypoint would apply but this one does not yet
-//! (`subsets`, `localityLbSetting`, `warmup`, `tcpKeepalive`, ...) are warnings naming the field, never silently dropped.
+//! (`subsets`, `localityLbSetting`, `h2UpgradePolicy`, ...) are warnings naming the field, never silently dropped.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -116,6 +116,13 @@ pub struct TrafficPolicy {
     pub connect_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub tcp_idle_timeout: Option<Duration>,
+    /// `tcp.tcpKeepalive`: Envoy's cluster `upstream_connection_options.tcp_keepalive`, on
+    /// the sockets to plaintext (or TLS-originated) endpoints.
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    /// `tcp.maxConnectionDuration`: Envoy's `common_http_protocol_options.max_connection_duration`;
+    /// an upstream HTTP connection older than this takes no new request and closes when its
+    /// requests are done.
+    pub max_connection_duration: Option<Duration>,
     pub outlier: Option<OutlierPolicy>,
     /// The proxy's connection breaker for `max_connections`, made on first use.
     pub breaker: std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
@@ -133,6 +140,15 @@ pub struct TrafficPolicy {
     pub ring: arc_swap::ArcSwapOption<RingCache>,
     /// Next round-robin position.
     pub rr: AtomicU64,
+}
+
+/// TCP keepalive as istiod renders it (`applyConnectionPool`): SO_KEEPALIVE on, and each
+/// parameter set only when given (else the kernel's); times in whole seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    pub probes: Option<u32>,
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
 }
 
 /// A request (or retry) counted in flight against a circuit breaker; given back when dropped
@@ -294,6 +310,8 @@ pub(crate) struct PoolParts {
     pub connect_timeout: Option<Duration>,
     pub idle_timeout: Option<Duration>,
     pub tcp_idle_timeout: Option<Duration>,
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    pub max_connection_duration: Option<Duration>,
 }
 
 impl CompiledRule {
@@ -329,6 +347,8 @@ impl CompiledRule {
             connect_timeout: pool.connect_timeout,
             idle_timeout: pool.idle_timeout,
             tcp_idle_timeout: pool.tcp_idle_timeout,
+            tcp_keepalive: pool.tcp_keepalive,
+            max_connection_duration: pool.max_connection_duration,
             outlier: pick(|p| p.outlier.is_some()).outlier.clone(),
             tls: pick(|p| p.tls.is_some()).tls.clone().flatten(),
             ..TrafficPolicy::default()
@@ -800,18 +820,22 @@ fn pool_part(
             tcp.max_connections,
             &mut *fail,
         );
-        for (present, field, what) in [
-            (tcp.tcp_keepalive.is_some(), "tcpKeepalive", "TCP keepalive"),
-            (
-                tcp.max_connection_duration.is_some(),
-                "maxConnectionDuration",
-                "a connection lifetime",
-            ),
-        ] {
-            if present {
-                warn(&format!("{f}.tcp.{field}"), what);
-            }
+        if let Some(k) = &tcp.tcp_keepalive {
+            let at = format!("{f}.tcp.tcpKeepalive");
+            // Whole seconds, as istiod converts them (`uint32(seconds)`); at least one.
+            let secs = |d: Duration| Duration::from_secs(d.as_secs().max(1));
+            p.tcp_keepalive = Some(TcpKeepalive {
+                probes: count(format!("{at}.probes"), k.probes, &mut *fail).filter(|n| *n > 0),
+                time: duration(format!("{at}.time"), &k.time, &mut *fail).map(secs),
+                interval: duration(format!("{at}.interval"), &k.interval, &mut *fail).map(secs),
+            });
         }
+        p.max_connection_duration = duration(
+            format!("{f}.tcp.maxConnectionDuration"),
+            &tcp.max_connection_duration,
+            &mut *fail,
+        )
+        .filter(|d| !d.is_zero());
     }
     if let Some(http) = &pool.http {
         p.max_requests = count(

@@ -646,3 +646,95 @@ async fn the_connection_breaker_queues_one_then_overflows_as_envoys_does() {
     assert_eq!(ours, envoys, "ours first, Envoy's second");
     assert_eq!((ours.0, ours.2.as_str()), (503, "UO"));
 }
+
+#[tokio::test]
+async fn max_connection_duration_retires_upstream_connections() {
+    let g = gate().await;
+    let wp = waypoint(
+        &[g.addr],
+        "{connectionPool: {tcp: {maxConnectionDuration: 1s}}}",
+    )
+    .await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    let first = tokio::time::Instant::now();
+    for _ in 0..2 {
+        assert_eq!(http.send(request("/x")).await.unwrap().status, 200);
+    }
+    assert_eq!(
+        g.connections.load(Ordering::Relaxed),
+        1,
+        "reused while young"
+    );
+    // Requests keep coming; the pooled connection is retired once it is a second old and
+    // the next request opens another (bounded: 5 s).
+    let mut retired_after = None;
+    while first.elapsed() < Duration::from_secs(5) {
+        assert_eq!(http.send(request("/x")).await.unwrap().status, 200);
+        if g.connections.load(Ordering::Relaxed) == 2 {
+            retired_after = Some(first.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = retired_after.expect("a second connection within 5 s");
+    assert!(
+        after >= Duration::from_secs(1),
+        "retired too early: {after:?}"
+    );
+}
+
+/// The kernel's timer on our upstream socket `local` (`/proc/net/tcp` `tr:tm->when`):
+/// (timer kind, clock ticks left). Kind 2 is the keepalive timer.
+fn socket_timer(local: SocketAddr) -> Option<(u8, u64)> {
+    let SocketAddr::V4(v4) = local else {
+        return None;
+    };
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.get(1) != Some(&want.as_str()) {
+            return None;
+        }
+        let (kind, when) = cols.get(5)?.split_once(':')?;
+        Some((
+            u8::from_str_radix(kind, 16).ok()?,
+            u64::from_str_radix(when, 16).ok()?,
+        ))
+    })
+}
+
+#[tokio::test]
+async fn tcp_keepalive_is_set_on_upstream_sockets() {
+    let g = gate().await;
+    for (policy, keepalive) in [
+        (
+            "{connectionPool: {tcp: {tcpKeepalive: {time: 7s, interval: 2s, probes: 3}}}}",
+            true,
+        ),
+        ("{connectionPool: {http: {idleTimeout: 60s}}}", false),
+    ] {
+        let wp = waypoint(&[g.addr], policy).await;
+        assert_eq!(send_one(&wp).await.0, 200);
+        let log = wp.next_logs(1).remove(0);
+        let local: SocketAddr = log["upstream_local_address"]
+            .as_str()
+            .expect("upstream local address")
+            .parse()
+            .unwrap();
+        // The connection now idles in the pool: with keepalive, the kernel's keepalive
+        // timer runs on it, due in about the 7 s idle time (USER_HZ ticks).
+        let (kind, when) = socket_timer(local).expect("our upstream socket in /proc/net/tcp");
+        if keepalive {
+            assert_eq!(kind, 2, "{policy}: keepalive timer");
+            assert!((400..=800).contains(&when), "{policy}: due in {when} ticks");
+        } else {
+            assert_eq!(kind, 0, "{policy}: no timer on an idle socket");
+        }
+    }
+}

@@ -1,5 +1,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Method};
 use proptest::prelude::*;
@@ -2451,5 +2452,49 @@ fn service_entry_none_ranges_serve_every_address_in_them() {
             .any(|w| w.contains("served only with resolution NONE")),
         "{:?}",
         snap.warnings
+    );
+}
+
+#[test]
+fn tcp_keepalive_and_connection_lifetime_compile_as_istiod_renders_them() {
+    let dr = destination_rule(
+        "default",
+        "pool",
+        "{host: reviews, trafficPolicy: {connectionPool: {tcp: {tcpKeepalive: {probes: 3, time: 7.5s, interval: 500ms}, maxConnectionDuration: 30s}}}}",
+    );
+    let snap = ok(&base(&[&dr]));
+    assert!(
+        snap.warnings
+            .iter()
+            .all(|w| !w.contains("tcpKeepalive") && !w.contains("maxConnectionDuration")),
+        "applied, not warned: {:?}",
+        snap.warnings
+    );
+    let t = bound(&snap, "10.0.0.10:9080")
+        .cluster
+        .traffic
+        .clone()
+        .expect("a traffic policy");
+    // Whole seconds, at least one (istiod's `uint32(seconds)`).
+    assert_eq!(
+        t.tcp_keepalive,
+        Some(crate::traffic::TcpKeepalive {
+            probes: Some(3),
+            time: Some(Duration::from_secs(7)),
+            interval: Some(Duration::from_secs(1)),
+        })
+    );
+    assert_eq!(t.max_connection_duration, Some(Duration::from_secs(30)));
+    let bad = destination_rule(
+        "default",
+        "bad",
+        "{host: reviews, trafficPolicy: {connectionPool: {tcp: {tcpKeepalive: {time: soon}}}}}",
+    );
+    assert_error(
+        &errs(&base(&[&bad])),
+        "DestinationRule",
+        "default",
+        "bad",
+        "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive.time",
     );
 }

@@ -514,6 +514,10 @@ struct IdleConn {
     sender: http1::SendRequest<RequestBody>,
     local_addr: Option<SocketAddr>,
     since: tokio::time::Instant,
+    /// When the connection was opened (`maxConnectionDuration`).
+    opened: tokio::time::Instant,
+    /// The lifetime it was given back with (checked by the sweep).
+    lifetime: Option<Duration>,
     /// Requests this connection has carried (DestinationRule `maxRequestsPerConnection`).
     served: u32,
     /// How long it may stay idle (the cluster's `connectionPool.http.idleTimeout`, else
@@ -535,6 +539,10 @@ pub struct ConnOptions {
     pub tls: Option<(Arc<policy::traffic::TlsOrigination>, Arc<str>)>,
     /// The cluster's connection breaker (`maxConnections`).
     pub breaker: Option<Arc<breaker::ConnBreaker>>,
+    /// `tcp.tcpKeepalive` on the sockets to plaintext (or TLS-originated) endpoints.
+    pub tcp_keepalive: Option<policy::traffic::TcpKeepalive>,
+    /// `tcp.maxConnectionDuration`: a connection this old takes no new request.
+    pub max_connection_duration: Option<Duration>,
 }
 
 impl ConnOptions {
@@ -547,8 +555,17 @@ impl ConnOptions {
                 max_requests_per_connection: t.max_requests_per_connection,
                 tls: t.tls.clone().map(|tls| (tls, cluster.hostname.clone())),
                 breaker: breaker::of(t),
+                tcp_keepalive: t.tcp_keepalive,
+                max_connection_duration: t.max_connection_duration,
             },
         }
+    }
+
+    /// A connection opened at `opened` is past `maxConnectionDuration` (Envoy then drains
+    /// it: no new request, closed once idle).
+    fn expired(&self, opened: tokio::time::Instant) -> bool {
+        self.max_connection_duration
+            .is_some_and(|d| opened.elapsed() >= d)
     }
 
     fn tls_id(&self) -> usize {
@@ -562,8 +579,16 @@ struct EndpointPool {
     addr: SocketAddr,
     /// Idle keep-alive connections, newest last, with when each was given back.
     idle: Mutex<Vec<IdleConn>>,
-    h2: Mutex<Option<(http2::SendRequest<RequestBody>, Option<SocketAddr>)>>,
+    /// The shared h2c connection, if one is open.
+    h2: Mutex<Option<SharedH2>>,
 }
+
+/// The shared h2c connection to an endpoint: sender, our address, when it was opened.
+type SharedH2 = (
+    http2::SendRequest<RequestBody>,
+    Option<SocketAddr>,
+    tokio::time::Instant,
+);
 
 /// All upstream pools. Shared by every request.
 pub struct Upstreams {
@@ -591,6 +616,8 @@ pub struct Checkout {
     pub local_addr: Option<SocketAddr>,
     /// Taken from the pool rather than freshly connected.
     pub reused: bool,
+    /// When the connection was opened.
+    opened: tokio::time::Instant,
 }
 
 /// Gives an HTTP/1.1 connection back to its pool once the response body has been read to
@@ -603,6 +630,7 @@ pub struct PoolReturn {
     served: u32,
     opts: ConnOptions,
     default_idle: Duration,
+    opened: tokio::time::Instant,
 }
 
 impl PoolReturn {
@@ -610,11 +638,13 @@ impl PoolReturn {
         if self.sender.is_closed() {
             return;
         }
-        // Envoy closes a connection that carried `max_requests_per_connection` requests.
+        // Envoy closes a connection that carried `max_requests_per_connection` requests, or
+        // that outlived `max_connection_duration`.
         if self
             .opts
             .max_requests_per_connection
             .is_some_and(|max| self.served >= max)
+            || self.opts.expired(self.opened)
         {
             return;
         }
@@ -625,6 +655,8 @@ impl PoolReturn {
                 sender: self.sender,
                 local_addr: self.local_addr,
                 since: tokio::time::Instant::now(),
+                opened: self.opened,
+                lifetime: self.opts.max_connection_duration,
                 served: self.served,
                 idle_timeout: self.opts.idle_timeout.unwrap_or(self.default_idle),
                 tls_id: self.opts.tls_id(),
@@ -697,10 +729,14 @@ impl Upstreams {
         self.pools.for_each(|pools| {
             pools.retain(|addr, pool| {
                 if let Ok(mut idle) = pool.idle.lock() {
-                    idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < c.idle_timeout);
+                    idle.retain(|c| {
+                        !c.sender.is_closed()
+                            && c.since.elapsed() < c.idle_timeout
+                            && c.lifetime.is_none_or(|l| c.opened.elapsed() < l)
+                    });
                 }
                 if let Ok(mut h2) = pool.h2.lock()
-                    && h2.as_ref().is_some_and(|(s, _)| s.is_closed())
+                    && h2.as_ref().is_some_and(|(s, _, _)| s.is_closed())
                 {
                     *h2 = None;
                 }
@@ -749,9 +785,11 @@ impl Upstreams {
                         mut sender,
                         local_addr,
                         since,
+                        opened,
                         served,
                         idle_timeout,
                         tls_id,
+                        ..
                     }) = candidate
                     else {
                         break;
@@ -759,6 +797,7 @@ impl Upstreams {
                     if sender.is_closed()
                         || since.elapsed() >= idle_timeout
                         || tls_id != opts.tls_id()
+                        || opts.expired(opened)
                     {
                         continue;
                     }
@@ -771,6 +810,7 @@ impl Upstreams {
                             default_idle: self.settings.pool_idle_timeout,
                             local_addr,
                             reused: true,
+                            opened,
                         });
                     }
                 }
@@ -803,9 +843,12 @@ impl Upstreams {
             }
             UpstreamProtocol::Http2 => {
                 let existing = pool.h2.lock().ok().and_then(|g| g.clone());
-                if let Some((sender, local_addr)) = existing
+                // An expired shared connection takes no new stream: a new one replaces it in
+                // the pool, and it closes when its last stream ends and its senders are gone.
+                if let Some((sender, local_addr, opened)) = existing
                     && !sender.is_closed()
                     && sender.is_ready()
+                    && !opts.expired(opened)
                 {
                     return Ok(Checkout {
                         sender: Sender::H2(sender),
@@ -815,6 +858,7 @@ impl Upstreams {
                         default_idle: self.settings.pool_idle_timeout,
                         local_addr,
                         reused: true,
+                        opened,
                     });
                 }
                 let slot = match &opts.breaker {
@@ -864,6 +908,7 @@ impl Upstreams {
                     default_idle: self.settings.pool_idle_timeout,
                     local_addr,
                     reused: false,
+                    opened: tokio::time::Instant::now(),
                 })
             }
             UpstreamProtocol::Http2 => {
@@ -880,8 +925,9 @@ impl Upstreams {
                     }
                     drop(slot);
                 });
+                let opened = tokio::time::Instant::now();
                 if let Ok(mut g) = pool.h2.lock() {
-                    *g = Some((sender.clone(), local_addr));
+                    *g = Some((sender.clone(), local_addr, opened));
                 }
                 Ok(Checkout {
                     sender: Sender::H2(sender),
@@ -891,6 +937,7 @@ impl Upstreams {
                     default_idle: self.settings.pool_idle_timeout,
                     local_addr,
                     reused: false,
+                    opened,
                 })
             }
         }
@@ -923,6 +970,9 @@ impl Upstreams {
                 .map(|s| (s, None));
         }
         let (tcp, local) = self.connect_tcp(endpoint.addr, timeout).await?;
+        if let Some(k) = &opts.tcp_keepalive {
+            set_keepalive(&tcp, k);
+        }
         if let Some((tls, hostname)) = &opts.tls {
             let handshake = origination::connect(tcp, tls, hostname);
             return match tokio::time::timeout(timeout, handshake).await {
@@ -1004,6 +1054,26 @@ impl Upstreams {
     }
 }
 
+/// DestinationRule `tcpKeepalive` on an upstream socket: SO_KEEPALIVE, and the idle time,
+/// probe interval and probe count given (the kernel's defaults otherwise), as Envoy applies
+/// `upstream_connection_options.tcp_keepalive`.
+fn set_keepalive(tcp: &TcpStream, k: &policy::traffic::TcpKeepalive) {
+    let mut ka = socket2::TcpKeepalive::new();
+    if let Some(t) = k.time {
+        ka = ka.with_time(t);
+    }
+    if let Some(i) = k.interval {
+        ka = ka.with_interval(i);
+    }
+    #[cfg(any(target_os = "linux", target_os = "macos"))]
+    if let Some(n) = k.probes {
+        ka = ka.with_retries(n);
+    }
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        debug!(error = %e, "setting TCP keepalive on an upstream socket");
+    }
+}
+
 /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%` for a failed HBONE origination, in Envoy's shapes:
 /// `TLS_error:...` for handshake/verification failures, `delayed connect error: ...` for TCP,
 /// `tunnel_response:<status>` when the CONNECT is refused.
@@ -1037,6 +1107,7 @@ impl Checkout {
                         served: self.served.saturating_add(1),
                         opts: self.opts,
                         default_idle: self.default_idle,
+                        opened: self.opened,
                     }),
                 )),
                 Err(mut e) => {
@@ -1053,7 +1124,7 @@ impl Checkout {
                 Err(mut e) => {
                     let failure = classify(e.error());
                     if let Ok(mut g) = self.pool.h2.lock()
-                        && g.as_ref().is_some_and(|(s, _)| s.is_closed())
+                        && g.as_ref().is_some_and(|(s, _, _)| s.is_closed())
                     {
                         *g = None;
                     }
@@ -1082,6 +1153,7 @@ impl Checkout {
                 served: self.served,
                 opts: self.opts,
                 default_idle: self.default_idle,
+                opened: self.opened,
             }
             .release();
         }
