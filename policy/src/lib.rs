@@ -28,6 +28,7 @@ pub mod resources;
 pub mod route;
 pub mod snapshot;
 pub mod telemetry;
+pub mod trace_policy;
 pub mod traffic;
 
 pub use authn::{
@@ -55,6 +56,7 @@ pub use snapshot::{
     Workload, compile,
 };
 pub use telemetry::{AccessLogPolicy, LogAttributes, LogSinks, RequestAttributes};
+pub use trace_policy::{CustomTag, TracingPolicy, TracingSpec};
 
 use std::fmt;
 

@@ -456,6 +456,8 @@ pub struct ServicePort {
     pub authn: AuthnSet,
     /// Telemetry `accessLogging` for this Service's traffic; the default logs everything.
     pub access_log: AccessLogPolicy,
+    /// Telemetry `tracing` for this Service's traffic (merged; MeshConfig fills the rest).
+    pub tracing: crate::TracingPolicy,
 }
 
 /// Result of looking up a CONNECT authority.
@@ -525,6 +527,7 @@ impl Snapshot {
                 authz: sp.authz.clone(),
                 authn: sp.authn.clone(),
                 access_log: sp.access_log.clone(),
+                tracing: sp.tracing.clone(),
             }));
         }
         if let Some(reason) = self.not_bound.get(&addr) {
@@ -568,6 +571,7 @@ impl Snapshot {
             authz: self.authz.for_service("", ""),
             authn: self.authn.for_service("", ""),
             access_log: self.telemetry.for_service("", ""),
+            tracing: self.telemetry.tracing_for("", ""),
         })
     }
 
@@ -606,6 +610,11 @@ impl Snapshot {
     /// The access-log policy (Telemetry) for Service `namespace/name`'s traffic.
     pub fn access_log_for(&self, service_namespace: &str, service_name: &str) -> AccessLogPolicy {
         self.telemetry.for_service(service_namespace, service_name)
+    }
+
+    /// The tracing policy (Telemetry) for Service `namespace/name`'s traffic.
+    pub fn tracing_for(&self, service_namespace: &str, service_name: &str) -> crate::TracingPolicy {
+        self.telemetry.tracing_for(service_namespace, service_name)
     }
 
     /// `Telemetry ns/name` of every Telemetry that applies to this waypoint, sorted.

@@ -34,6 +34,7 @@ use crate::ConfigError;
 use crate::authz::{Attached, TargetIndex, Targets, attach};
 use crate::resources::Telemetry;
 use crate::snapshot::CompileOptions;
+use crate::trace_policy::TracingPolicy;
 
 const KIND: &str = "Telemetry";
 
@@ -349,7 +350,9 @@ fn context<'a>(a: &LogAttributes<'_>) -> Context<'a, 'a> {
 pub(crate) struct TelemetryIndex {
     /// The waypoint-wide policy (Gateway/GatewayClass, else namespace-wide, else mesh-wide).
     waypoint: AccessLogPolicy,
-    by_service: HashMap<(String, String), AccessLogPolicy>,
+    /// The waypoint-wide tracing (every level merged).
+    waypoint_tracing: TracingPolicy,
+    by_service: HashMap<(String, String), (AccessLogPolicy, TracingPolicy)>,
     /// `Telemetry ns/name` of every Telemetry that applies somewhere, sorted.
     pub(crate) applied: Vec<String>,
 }
@@ -358,13 +361,26 @@ impl TelemetryIndex {
     pub(crate) fn for_service(&self, namespace: &str, name: &str) -> AccessLogPolicy {
         self.by_service
             .get(&(namespace.to_string(), name.to_string()))
-            .unwrap_or(&self.waypoint)
+            .map_or(&self.waypoint, |(a, _)| a)
+            .clone()
+    }
+
+    pub(crate) fn tracing_for(&self, namespace: &str, name: &str) -> TracingPolicy {
+        self.by_service
+            .get(&(namespace.to_string(), name.to_string()))
+            .map_or(&self.waypoint_tracing, |(_, t)| t)
             .clone()
     }
 }
 
 /// A Telemetry chosen at one level: its `Telemetry ns/name` and its `accessLogging`.
-type Placed = (String, Option<Arc<AccessLogConfig>>);
+/// The Telemetry chosen at one place: its id, `accessLogging` and `tracing` (each `None`
+/// when absent).
+type Placed = (
+    String,
+    Option<Arc<AccessLogConfig>>,
+    Option<Arc<[crate::trace_policy::TracingEntry]>>,
+);
 
 /// Validate every Telemetry and index those that reach this waypoint.
 pub(crate) fn compile_telemetry(
@@ -387,6 +403,7 @@ pub(crate) fn compile_telemetry(
         // Compiled (and so validated) whether or not it applies here, so errors do not
         // depend on where a Telemetry attaches.
         let config = compile_access_logging(t, &id, &opts.log_providers, errors, warnings);
+        let tracing = crate::trace_policy::compile_tracing(t, errors);
         let spec = &t.spec;
         let has_targets = spec.target_ref.is_some() || !spec.target_refs.is_empty();
         let mut places: Vec<(Level, Option<String>)> = Vec::new();
@@ -415,10 +432,10 @@ pub(crate) fn compile_telemetry(
             }
         }
         for (level, service) in places {
-            let slot = (id.clone(), config.clone());
+            let slot = (id.clone(), config.clone(), tracing.clone());
             match service {
                 Some(svc) => match services.get(&(meta.namespace.clone(), svc.clone())) {
-                    Some((first, _)) => warnings.push(format!(
+                    Some((first, _, _)) => warnings.push(format!(
                         "{id}: Service {}/{svc} already has {first}; ignored for it",
                         meta.namespace
                     )),
@@ -427,7 +444,7 @@ pub(crate) fn compile_telemetry(
                     }
                 },
                 None => match waypoint_levels.get(&level) {
-                    Some((first, _)) => warnings.push(format!(
+                    Some((first, _, _)) => warnings.push(format!(
                         "{id}: {first} already applies to this waypoint at the same level; ignored"
                     )),
                     None => {
@@ -442,21 +459,31 @@ pub(crate) fn compile_telemetry(
         extra
             .into_iter()
             .chain(waypoint_levels.values().rev())
-            .find_map(|(_, c)| c.clone())
+            .find_map(|(_, c, _)| c.clone())
             .map_or_else(AccessLogPolicy::default, |c| AccessLogPolicy(Some(c)))
+    };
+    // Tracing merges field by field, least specific first (istiod `Telemetries.Tracing`).
+    let resolve_tracing = |extra: Option<&Placed>| -> TracingPolicy {
+        crate::trace_policy::merge(
+            waypoint_levels
+                .values()
+                .chain(extra)
+                .filter_map(|(id, _, t)| t.as_ref().map(|t| (id.as_str(), t))),
+        )
     };
     let mut applied: Vec<String> = waypoint_levels
         .values()
         .chain(services.values())
-        .map(|(id, _)| id.clone())
+        .map(|(id, _, _)| id.clone())
         .collect();
     applied.sort();
     applied.dedup();
     TelemetryIndex {
         waypoint: resolve(None),
+        waypoint_tracing: resolve_tracing(None),
         by_service: services
             .iter()
-            .map(|(k, v)| (k.clone(), resolve(Some(v))))
+            .map(|(k, v)| (k.clone(), (resolve(Some(v)), resolve_tracing(Some(v)))))
             .collect(),
         applied,
     }

@@ -319,7 +319,9 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         mirrors_in_flight: Default::default(),
         mirrors_skipped: AtomicU64::new(0),
         dns: crate::upstream::dns::DnsEndpoints::new(config.dns.clone()),
+        tracing: Default::default(),
     });
+    crate::state::install_tracing(&shared);
     shared.jwks.sync(shared.snapshot.load().remote_jwks());
     // DNS clusters (ServiceEntry `resolution: DNS`) warm before the listeners open, as
     // Envoy's STRICT_DNS clusters do before its listeners serve; bounded by the lookup

@@ -132,6 +132,35 @@ pub struct Shared {
     pub mirrors_in_flight: std::sync::atomic::AtomicUsize,
     /// Mirror copies not sent because the bound was reached.
     pub mirrors_skipped: AtomicU64,
+    /// The tracing providers of the MeshConfig in force, with their exporters
+    /// ([`install_tracing`]).
+    pub tracing: ArcSwap<crate::telemetry::trace::Tracing>,
+}
+
+/// Build (or rebuild, after a MeshConfig change) the tracers; exporters of unchanged
+/// providers carry on. Collectors are found in the snapshot in force at export time.
+pub fn install_tracing(shared: &Arc<Shared>) {
+    let weak = Arc::downgrade(shared);
+    let resolver: crate::telemetry::trace::export::Resolver =
+        Arc::new(move |service: &str, port| {
+            let shared = weak.upgrade()?;
+            let snapshot = shared.snapshot.load();
+            let cluster = snapshot.extension_cluster(service, port)?;
+            let endpoints = cluster.endpoints();
+            let e = crate::upstream::pick_endpoint(&endpoints, &[], rand::random::<u64>())?;
+            Some((e.addr, cluster.hostname.to_string()))
+        });
+    let snapshot = shared.snapshot.load();
+    let node = crate::telemetry::trace::NodeInfo::from_env(
+        &snapshot.gateway.name,
+        &snapshot.gateway.namespace,
+        &shared.cluster_id,
+        &snapshot.trust_domain,
+    );
+    let mesh = shared.mesh.load();
+    let previous = shared.tracing.load();
+    let built = crate::telemetry::trace::Tracing::build(&mesh, node, &previous, resolver);
+    shared.tracing.store(Arc::new(built));
 }
 
 /// Counts one request in flight for its whole life (overload shedding).

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+pub mod collector;
 pub mod dns;
 pub mod envoy;
 pub mod rawh2;

@@ -21,5 +21,6 @@ mod operations;
 mod routing;
 mod service_entry;
 mod telemetry;
+mod tracing;
 mod traffic_policy;
 mod upstream;

@@ -146,6 +146,7 @@ impl<'a> Compiler<'a> {
                         let authz = authz.for_service(key.0, key.1);
                         let authn = authn.for_service(key.0, key.1);
                         let access_log = telemetry.for_service(key.0, key.1);
+                        let tracing = telemetry.tracing_for(key.0, key.1);
                         for net in &nets {
                             // Logged with the tunnel's own address (see `lookup_vip`).
                             let vip = SocketAddr::new(net.network(), port);
@@ -163,6 +164,7 @@ impl<'a> Compiler<'a> {
                                     authz: authz.clone(),
                                     authn: authn.clone(),
                                     access_log: access_log.clone(),
+                                    tracing: tracing.clone(),
                                 }),
                             ));
                         }
@@ -182,6 +184,7 @@ impl<'a> Compiler<'a> {
                                     authz: authz.clone(),
                                     authn: authn.clone(),
                                     access_log: access_log.clone(),
+                                    tracing: tracing.clone(),
                                 }),
                             );
                         }

@@ -2030,10 +2030,10 @@ fn destination_rules_set_the_cluster_traffic_policy() {
     let snap2 = ok(&base(&[&destination_rule(
         "default",
         "web",
-        "{host: web, trafficPolicy: {connectionPool: {tcp: {tcpKeepalive: {time: 7200s}}}, loadBalancer: {localityLbSetting: {enabled: true}}}}",
+        "{host: web, trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: UPGRADE}}, loadBalancer: {localityLbSetting: {enabled: true}}}}",
     )]));
     for needle in [
-        "DestinationRule default/web: spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+        "DestinationRule default/web: spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
         "DestinationRule default/web: spec.trafficPolicy.loadBalancer.localityLbSetting",
     ] {
         assert!(
@@ -2496,5 +2496,63 @@ fn tcp_keepalive_and_connection_lifetime_compile_as_istiod_renders_them() {
         "default",
         "bad",
         "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive.time",
+    );
+}
+
+// --- Telemetry tracing --------------------------------------------------------------------
+
+#[test]
+fn telemetry_tracing_merges_field_by_field_as_istiod() {
+    let mesh = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: mesh-default, namespace: istio-system}\nspec:\n  tracing:\n  - providers: [{name: otel}]\n    randomSamplingPercentage: 10\n    customTags:\n      team: {literal: {value: payments}}\n";
+    let svc = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: reviews, namespace: default}\nspec:\n  targetRefs: [{kind: Service, group: '', name: reviews}]\n  tracing:\n  - randomSamplingPercentage: 100\n    useRequestIdForTraceSampling: false\n  - match: {mode: CLIENT}\n    disableSpanReporting: true\n";
+    let snap = ok(&base(&[mesh, svc]));
+    let reviews = bound(&snap, "10.0.0.10:9080");
+    let spec = reviews.tracing.spec().expect("tracing applies");
+    assert_eq!(
+        spec.provider.as_deref(),
+        Some("otel"),
+        "inherited from the mesh"
+    );
+    assert_eq!(spec.random_sampling_percentage, Some(100.0));
+    assert_eq!(spec.use_request_id_for_trace_sampling, Some(false));
+    assert_eq!(
+        spec.disable_span_reporting, None,
+        "a CLIENT-mode entry does not apply to the waypoint (server side)"
+    );
+    assert_eq!(
+        spec.custom_tags,
+        Some(vec![(
+            "team".to_string(),
+            crate::CustomTag::Literal("payments".into())
+        )])
+    );
+    assert_eq!(
+        spec.sources,
+        [
+            "Telemetry istio-system/mesh-default",
+            "Telemetry default/reviews"
+        ]
+    );
+    // Without Telemetry: nothing from policy.
+    assert!(bound(&ok(&base(&[])), "10.0.0.10:9080").tracing.is_none());
+}
+
+#[test]
+fn telemetry_tracing_is_validated_as_istio_webhook() {
+    let bad = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: default}\nspec:\n  tracing:\n  - randomSamplingPercentage: 120\n  - customTags:\n      a: {literal: {value: x}, header: {name: x-team}}\n";
+    let e = errs(&base(&[bad]));
+    assert_error(
+        &e,
+        "Telemetry",
+        "default",
+        "t",
+        "spec.tracing[0].randomSamplingPercentage",
+    );
+    assert_error(
+        &e,
+        "Telemetry",
+        "default",
+        "t",
+        "spec.tracing[1].customTags.a",
     );
 }

@@ -117,7 +117,7 @@ fn drop_named(loaded: &mut policy::LoadedResources, errors: &[ConfigError]) {
 }
 
 /// Install a compiled snapshot as [`crate::app::reload_config`] does.
-fn install(shared: &Shared, snapshot: Snapshot, mesh: MeshConfig) {
+fn install(shared: &Arc<Shared>, snapshot: Snapshot, mesh: MeshConfig) {
     apply_access_log(shared, &mesh);
     for w in &snapshot.warnings {
         warn!("config: {w}");
@@ -126,6 +126,7 @@ fn install(shared: &Shared, snapshot: Snapshot, mesh: MeshConfig) {
     shared.dns.sync(&snapshot);
     shared.mesh.store(Arc::new(mesh));
     shared.snapshot.store(Arc::new(snapshot));
+    crate::state::install_tracing(shared);
     shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
     shared.config_version.fetch_add(1, Ordering::Relaxed);
     if let Ok(mut e) = shared.last_reload_error.lock() {

@@ -27,6 +27,78 @@ pub struct MeshConfig {
     pub path_normalization: policy::PathNormalization,
     /// Where and how access-log lines are written ([`AccessLogSettings`]).
     pub access_log: AccessLogSettings,
+    /// The tracing settings outside Telemetry ([`TracingSettings`]).
+    pub tracing: TracingSettings,
+}
+
+/// MeshConfig's tracing fields (istiod `configureTracingFromTelemetry`): which provider
+/// applies without a Telemetry naming one, and ProxyConfig's defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingSettings {
+    /// `defaultProviders.tracing` (istiod uses only the first).
+    pub default_providers: Vec<String>,
+    /// `enableTracing` (default true). Without Telemetry and default provider Envoy gets a
+    /// tracing block with no provider: no span is ever reported, so this waypoint does
+    /// nothing then.
+    pub enable_tracing: bool,
+    /// `defaultConfig.tracing.sampling` (0 = unset: `PILOT_TRACE_SAMPLING`, 1%; above 100:
+    /// 1%, as istiod clamps it).
+    pub sampling: f64,
+    /// `defaultConfig.tracing.maxPathTagLength` (0 = Envoy's 256).
+    pub max_path_tag_length: u32,
+    /// `defaultConfig.tracing.customTags`, used when Telemetry sets none.
+    pub custom_tags: Vec<(String, policy::CustomTag)>,
+}
+
+impl Default for TracingSettings {
+    fn default() -> TracingSettings {
+        TracingSettings {
+            default_providers: Vec::new(),
+            enable_tracing: true,
+            sampling: 1.0,
+            max_path_tag_length: 0,
+            custom_tags: Vec::new(),
+        }
+    }
+}
+
+/// A tracing extension provider (`opentelemetry` or `zipkin`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingProvider {
+    /// `[<namespace>/]<hostname>` as written.
+    pub service: String,
+    pub port: u16,
+    /// `maxTagLength` (0: unset).
+    pub max_tag_length: u32,
+    pub kind: TracingProviderKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TracingProviderKind {
+    /// OTLP over gRPC (`opentelemetry` without `http`): `grpc.timeout`,
+    /// `grpc.initialMetadata`.
+    OtlpGrpc {
+        timeout: Option<Duration>,
+        metadata: Vec<(HeaderName, HeaderValue)>,
+    },
+    /// OTLP over HTTP (`opentelemetry.http`): `path` (joined to the hostname), `timeout`,
+    /// `headers`.
+    OtlpHttp {
+        path: String,
+        timeout: Option<Duration>,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    },
+    /// Zipkin v2 JSON: `path` (default `/api/v2/spans`), 128-bit trace ids unless
+    /// `enable64bitTraceId`, `timeout` (default 5 s, as istiod sets it), `headers`.
+    Zipkin {
+        path: String,
+        trace_id_128: bool,
+        timeout: Duration,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        /// `traceContextOption: USE_B3_WITH_W3C_PROPAGATION`: also read and write W3C
+        /// `traceparent`.
+        w3c: bool,
+    },
 }
 
 /// MeshConfig's access-log settings, compiled (istiod `FileAccessLogFromMeshConfig`).
@@ -112,6 +184,8 @@ pub enum ProviderKind {
     ExtAuthzGrpc(ExtAuthzGrpc),
     /// `envoyFileAccessLog`: an access log Telemetry `accessLogging` may select.
     FileAccessLog(FileAccessLogProvider),
+    /// `opentelemetry` or `zipkin`: a tracer Telemetry `tracing` may select.
+    Tracing(TracingProvider),
     /// Another type (tracing, other loggers, ...). CUSTOM policies naming it are denied as
     /// Istio denies a provider it cannot use.
     Other(String),
@@ -240,6 +314,97 @@ struct RawMesh {
     access_log_file: Option<String>,
     access_log_encoding: Option<String>,
     access_log_format: Option<String>,
+    default_providers: Option<RawDefaultProviders>,
+    enable_tracing: Option<bool>,
+    default_config: Option<RawProxyConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawDefaultProviders {
+    tracing: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawProxyConfig {
+    tracing: Option<RawProxyTracing>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawProxyTracing {
+    sampling: Option<f64>,
+    max_path_tag_length: Option<u32>,
+    custom_tags: BTreeMap<String, RawTag>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawTag {
+    literal: Option<RawTagLiteral>,
+    environment: Option<RawTagFrom>,
+    header: Option<RawTagFrom>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawTagLiteral {
+    value: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawTagFrom {
+    name: String,
+    default_value: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawHttpHeader {
+    name: String,
+    value: Option<String>,
+    env_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawOtel {
+    service: String,
+    port: i64,
+    max_tag_length: u32,
+    http: Option<RawOtelHttp>,
+    grpc: Option<RawOtelGrpc>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawOtelHttp {
+    path: String,
+    timeout: Option<String>,
+    headers: Vec<RawHttpHeader>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawOtelGrpc {
+    timeout: Option<String>,
+    initial_metadata: Vec<RawHttpHeader>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct RawZipkin {
+    service: String,
+    port: i64,
+    max_tag_length: u32,
+    #[serde(rename = "enable64bitTraceId")]
+    enable_64bit_trace_id: bool,
+    path: String,
+    timeout: Option<String>,
+    headers: Vec<RawHttpHeader>,
+    trace_context_option: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -255,6 +420,8 @@ struct RawProvider {
     envoy_ext_authz_http: Option<RawExtAuthzHttp>,
     envoy_ext_authz_grpc: Option<RawExtAuthzGrpc>,
     envoy_file_access_log: Option<RawFileAccessLog>,
+    opentelemetry: Option<RawOtel>,
+    zipkin: Option<RawZipkin>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_json::Value>,
 }
@@ -345,6 +512,11 @@ impl MeshConfig {
                 raw.access_log_encoding,
                 raw.access_log_format,
             )?,
+            tracing: tracing_settings(
+                raw.default_providers,
+                raw.enable_tracing,
+                raw.default_config,
+            )?,
             path_normalization: match raw.path_normalization.and_then(|p| p.normalization) {
                 None => policy::PathNormalization::Base,
                 Some(n) => policy::PathNormalization::parse(&n).with_context(|| {
@@ -372,9 +544,13 @@ impl MeshConfig {
                 (None, None, Some(f)) => {
                     ProviderKind::FileAccessLog(file_access_log(f).context(at)?)
                 }
-                (None, None, None) => {
-                    ProviderKind::Other(p.other.keys().next().cloned().unwrap_or_default())
-                }
+                (None, None, None) => match (p.opentelemetry, p.zipkin) {
+                    (Some(o), _) => ProviderKind::Tracing(otel_provider(o).context(at)?),
+                    (None, Some(z)) => ProviderKind::Tracing(zipkin_provider(z).context(at)?),
+                    (None, None) => {
+                        ProviderKind::Other(p.other.keys().next().cloned().unwrap_or_default())
+                    }
+                },
             };
             out.extension_providers
                 .push(ExtensionProvider { name: p.name, kind });
@@ -393,10 +569,167 @@ impl MeshConfig {
             .filter_map(|p| match &p.kind {
                 ProviderKind::ExtAuthzHttp(h) => Some((h.service.clone(), h.port)),
                 ProviderKind::ExtAuthzGrpc(g) => Some((g.service.clone(), g.port)),
+                ProviderKind::Tracing(t) => Some((t.service.clone(), t.port)),
                 ProviderKind::FileAccessLog(_) | ProviderKind::Other(_) => None,
             })
             .collect()
     }
+
+    /// A tracing provider by name (istiod's `fetchProvider`: names compare case-insensitively).
+    pub fn tracing_provider(&self, name: &str) -> Option<(&str, &TracingProvider)> {
+        self.extension_providers
+            .iter()
+            .filter(|p| p.name.eq_ignore_ascii_case(name))
+            .find_map(|p| match &p.kind {
+                ProviderKind::Tracing(t) => Some((p.name.as_str(), t)),
+                _ => None,
+            })
+    }
+}
+
+fn tracing_settings(
+    defaults: Option<RawDefaultProviders>,
+    enable: Option<bool>,
+    proxy: Option<RawProxyConfig>,
+) -> anyhow::Result<TracingSettings> {
+    let mut out = TracingSettings {
+        default_providers: defaults.map(|d| d.tracing).unwrap_or_default(),
+        enable_tracing: enable.unwrap_or(true),
+        ..TracingSettings::default()
+    };
+    if let Some(t) = proxy.and_then(|p| p.tracing) {
+        // istiod `proxyConfigSamplingValue`: 0 means unset; above 100 becomes 1.
+        match t.sampling {
+            Some(s) if s < 0.0 => {
+                anyhow::bail!("defaultConfig.tracing.sampling: {s} must not be negative")
+            }
+            Some(s) if s > 100.0 => out.sampling = 1.0,
+            Some(s) if s > 0.0 => out.sampling = s,
+            _ => {}
+        }
+        out.max_path_tag_length = t.max_path_tag_length.unwrap_or(0);
+        for (name, tag) in t.custom_tags {
+            let tag = match (tag.literal, tag.environment, tag.header) {
+                (Some(l), None, None) => policy::CustomTag::Literal(l.value),
+                (None, Some(e), None) => policy::CustomTag::Environment {
+                    name: e.name,
+                    default: e.default_value,
+                },
+                (None, None, Some(h)) => policy::CustomTag::Header {
+                    name: h.name.to_ascii_lowercase(),
+                    default: h.default_value,
+                },
+                _ => anyhow::bail!(
+                    "defaultConfig.tracing.customTags.{name}: needs exactly one of literal, environment, header"
+                ),
+            };
+            out.custom_tags.push((name, tag));
+        }
+    }
+    Ok(out)
+}
+
+/// Headers for a provider (`name` with `value`, or the value of environment variable
+/// `envName`, as istiod's `getHeaderValue` reads it).
+fn provider_headers(
+    list: Vec<RawHttpHeader>,
+    what: &str,
+) -> anyhow::Result<Vec<(HeaderName, HeaderValue)>> {
+    list.into_iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let value = match (h.value, h.env_name) {
+                (Some(v), _) => v,
+                (None, Some(env)) => std::env::var(env).unwrap_or_default(),
+                (None, None) => String::new(),
+            };
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .with_context(|| format!("{what}[{i}].name: {:?} is not a header name", h.name))?;
+            let value = HeaderValue::from_str(&value)
+                .with_context(|| format!("{what}[{i}]: the value is not a valid header value"))?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
+fn provider_port(port: i64, what: &str) -> anyhow::Result<u16> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .with_context(|| format!("{what}.port: {port} is not a port"))
+}
+
+fn otel_provider(o: RawOtel) -> anyhow::Result<TracingProvider> {
+    if o.service.is_empty() {
+        anyhow::bail!("opentelemetry.service is required");
+    }
+    let port = provider_port(o.port, "opentelemetry")?;
+    let timeout = |t: Option<String>, what: &str| -> anyhow::Result<Option<Duration>> {
+        t.map(|t| parse_duration(&t).with_context(|| format!("{what}: {t:?} is not a duration")))
+            .transpose()
+    };
+    let kind = match o.http {
+        Some(h) => TracingProviderKind::OtlpHttp {
+            path: if h.path.starts_with('/') || h.path.is_empty() {
+                h.path
+            } else {
+                format!("/{}", h.path)
+            },
+            timeout: timeout(h.timeout, "opentelemetry.http.timeout")?,
+            headers: provider_headers(h.headers, "opentelemetry.http.headers")?,
+        },
+        None => {
+            let g = o.grpc.unwrap_or_default();
+            TracingProviderKind::OtlpGrpc {
+                timeout: timeout(g.timeout, "opentelemetry.grpc.timeout")?,
+                metadata: provider_headers(
+                    g.initial_metadata,
+                    "opentelemetry.grpc.initialMetadata",
+                )?,
+            }
+        }
+    };
+    Ok(TracingProvider {
+        service: o.service,
+        port,
+        max_tag_length: o.max_tag_length,
+        kind,
+    })
+}
+
+fn zipkin_provider(z: RawZipkin) -> anyhow::Result<TracingProvider> {
+    if z.service.is_empty() {
+        anyhow::bail!("zipkin.service is required");
+    }
+    let port = provider_port(z.port, "zipkin")?;
+    let timeout = match z.timeout {
+        Some(t) => parse_duration(&t)
+            .with_context(|| format!("zipkin.timeout: {t:?} is not a duration"))?,
+        None => Duration::from_secs(5),
+    };
+    let w3c = match z.trace_context_option.as_deref() {
+        None | Some("USE_B3") | Some("") => false,
+        Some("USE_B3_WITH_W3C_PROPAGATION") => true,
+        Some(other) => anyhow::bail!(
+            "zipkin.traceContextOption: {other:?} is not USE_B3 or USE_B3_WITH_W3C_PROPAGATION"
+        ),
+    };
+    Ok(TracingProvider {
+        service: z.service,
+        port,
+        max_tag_length: z.max_tag_length,
+        kind: TracingProviderKind::Zipkin {
+            path: if z.path.is_empty() {
+                "/api/v2/spans".into()
+            } else {
+                z.path
+            },
+            trace_id_128: !z.enable_64bit_trace_id,
+            timeout,
+            headers: provider_headers(z.headers, "zipkin.headers")?,
+            w3c,
+        },
+    })
 }
 
 fn file_access_log(f: RawFileAccessLog) -> anyhow::Result<FileAccessLogProvider> {

@@ -249,6 +249,7 @@ fn prometheus(shared: &Shared) -> String {
     ];
     let mut out = shared.metrics.render(&extra);
     shared.ext_authz_stats.render(&mut out);
+    crate::telemetry::trace::render(&shared.tracing.load(), &mut out);
     if let Some(source) = &shared.discovery {
         discovery_metrics(&mut out, source);
     }

@@ -38,6 +38,8 @@ pub struct RequestCtx {
     pub(super) route_response: Vec<policy::HeaderModifier>,
     /// A WebSocket upgrade request: where a `101` hands the session to the inner connection.
     pub(super) upgrade: Option<Arc<InnerCounters>>,
+    /// Trace context headers for the upstream request (phase 3b), set in phase 6.
+    pub(super) trace_upstream: Vec<(http::HeaderName, HeaderValue)>,
 }
 
 /// The rightmost `x-forwarded-for` entry as `ip:0`, if it is an IP.
@@ -124,6 +126,7 @@ impl RequestCtx {
             grpc,
             route_response: Vec::new(),
             upgrade: None,
+            trace_upstream: Vec::new(),
         }
     }
 

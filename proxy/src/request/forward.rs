@@ -86,6 +86,10 @@ pub(super) fn forward(
             }
         }
     }
+    // Our span's context (Envoy's tracer injects it into the upstream request).
+    for (name, value) in &ctx.trace_upstream {
+        parts.headers.insert(name.clone(), value.clone());
+    }
     let mirrors: Vec<policy::Mirror> = rule
         .iter()
         .flat_map(|r| r.filters.mirrors.iter())

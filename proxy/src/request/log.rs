@@ -35,6 +35,8 @@ struct Inner {
     _in_flight: Option<crate::state::InFlight>,
     /// `None` (no Telemetry applies): every request is logged, nothing evaluated.
     filter: Option<Box<LogFilter>>,
+    /// A sampled request's span, finished from the record.
+    span: Option<Box<crate::telemetry::trace::SpanStart>>,
 }
 
 /// What a Telemetry access-log decision needs beyond the record.
@@ -130,6 +132,7 @@ impl PendingLog {
                 grpc,
                 _in_flight: None,
                 filter: None,
+                span: None,
             }),
         }
     }
@@ -190,6 +193,13 @@ impl PendingLog {
         }));
     }
 
+    /// Finish `span` with the record when it is emitted.
+    pub fn set_span(&mut self, span: Box<crate::telemetry::trace::SpanStart>) {
+        if let Some(i) = self.inner.as_mut() {
+            i.span = Some(span);
+        }
+    }
+
     /// The record, for phases to fill in. `None` only after it was emitted.
     pub fn record(&mut self) -> Option<&mut AccessLogRecord> {
         self.inner.as_mut().map(|i| &mut i.record)
@@ -231,6 +241,9 @@ impl PendingLog {
             r,
             inner.grpc,
         );
+        if let Some(span) = inner.span.take() {
+            span.finish(&inner.record);
+        }
         match inner.filter.as_ref() {
             // No Telemetry: the mesh-wide log, nothing evaluated.
             None => {

@@ -12,6 +12,9 @@
 //!    protocol.md 2.6); its HTTPRoutes pick a rule, or the implicit `default` route applies.
 //!    No rule matches: 404 `NR` (answered in phase 5). An `Upgrade` other than `websocket` or
 //!    `h2c` is refused here (403 `upgrade_failed`), before any filter, as Envoy's HCM does.
+//!    Then **trace** (3b): Telemetry `tracing` decides whether the request is traced
+//!    (`x-request-id` may get Envoy's trace reason), the headers carrying our span wait for
+//!    phase 6, and a sampled request's span is finished with its log record.
 //! 4. **authz**: the waypoint's security filters in istiod's order (protocol.md 2.8), each
 //!    on the policies attached to this waypoint or Service, all before "no route" is
 //!    answered (Envoy's HTTP filters run before its router):
@@ -40,7 +43,7 @@
 //! place that turns it into a response.
 //!
 //! Files: `ctx` (1 and the local reply), `validate` (2), `route` (3), `authorize` (4),
-//! `backend` (5), `forward` and `call` (6: the request as it goes upstream; the one function
+//! `trace` (3b), `backend` (5), `forward` and `call` (6: the request as it goes upstream; the one function
 //! that owns attempts, retries, timeouts and back-off), `respond` (7), `mirror`, `headers`;
 //! beside them what a request carries: `conn` (its tunnel and inner connection), `body`
 //! (response body, log at its end), `log` (the access-log record), `error` (failures ->
@@ -62,6 +65,7 @@ mod headers;
 mod mirror;
 mod respond;
 mod route;
+mod trace;
 mod validate;
 
 use std::convert::Infallible;
@@ -119,6 +123,7 @@ async fn run_phases(
     let snapshot = ctx.shared.snapshot.load_full();
     let service = route::service_of(&mut ctx, t, &snapshot, &req);
     let routed = route::route(&mut ctx, &service, &req, &normalized);
+    trace::start(&mut ctx, t, &service, &routed, &mut req);
     phase!(route::check_upgrade(&mut ctx, &req, &conn));
     let held = if !service.authz.is_empty() || !service.authn.is_empty() {
         let authorized = authorize::authorize(

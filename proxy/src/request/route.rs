@@ -26,6 +26,9 @@ pub(super) struct Selected {
     pub(super) prefix: Option<String>,
     /// The drawn backend and its backendRef-level filters; `None` = every weight is zero.
     pub(super) backend: Option<(Backend, Option<Arc<Filters>>)>,
+    /// The path part of the route's tracing operation (istiod `getRouteOperation`: an exact
+    /// path, a regex; `None` for prefixes, which istiod renders `/*`).
+    pub(super) operation_path: Option<String>,
 }
 
 /// The Service port this request is for: the one bound now, or (unbound by a reload while
@@ -107,6 +110,7 @@ fn select(
             rule: None,
             prefix: None,
             backend: Some((Backend::Cluster(service.cluster.clone()), None)),
+            operation_path: None,
         });
     };
     let (m, rule) = table
@@ -117,9 +121,10 @@ fn select(
             req.headers(),
         )
         .ok_or(ProxyError::RouteNotFound)?;
-    let prefix = match &m.path {
-        PathMatch::Prefix(p) => Some(p.clone()),
-        _ => None,
+    let (prefix, operation_path) = match &m.path {
+        PathMatch::Prefix(p) => (Some(p.clone()), None),
+        PathMatch::Exact(p) => (None, Some(p.clone())),
+        PathMatch::Regex(r) => (None, Some(r.as_str().to_string())),
     };
     let backend = rule.backends.pick(rand::random::<u64>()).map(|b| {
         (
@@ -132,6 +137,7 @@ fn select(
         rule: Some(rule.clone()),
         prefix,
         backend,
+        operation_path,
     })
 }
 

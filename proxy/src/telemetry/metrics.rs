@@ -466,6 +466,12 @@ impl Metrics {
         id
     }
 
+    /// The labels behind a source id (`None` for the overflow set).
+    pub fn source_labels(&self, id: SourceId) -> Option<SourceLabels> {
+        let table = self.sources.lock().ok()?;
+        table.sources.get(id as usize).cloned()
+    }
+
     /// Sources that found the table full and were counted under `overflow`.
     pub fn sources_overflowed(&self) -> u64 {
         self.sources.lock().map(|t| t.overflowed).unwrap_or(0)
