@@ -85,6 +85,14 @@ pub struct AccessLogRecord {
     /// of Istio's JSON line. `None` unless a format asks.
     #[serde(skip)]
     pub captured: Option<Box<CapturedHeaders>>,
+    /// The response's `grpc-status` (its headers, else its trailers): Istio's
+    /// `grpc_response_status` metric label and the span's `grpc.status_code`. Not a field of
+    /// Istio's JSON line.
+    #[serde(skip)]
+    pub grpc_status: Option<u16>,
+    /// The response's `grpc-message` (span tag `grpc.message`).
+    #[serde(skip)]
+    pub grpc_message: Option<String>,
 }
 
 impl AccessLogRecord {
@@ -116,6 +124,8 @@ impl AccessLogRecord {
             downstream_remote_address: None,
             requested_server_name: None,
             captured: None,
+            grpc_status: None,
+            grpc_message: None,
         }
     }
 

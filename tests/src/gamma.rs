@@ -800,6 +800,23 @@ async fn grpc_local_replies_are_grpc_status() {
     assert_eq!(logs[0]["response_code"], 200);
     assert_eq!(logs[0]["response_flags"], "NR");
     assert_eq!(logs[1]["response_flags"], "NC");
+    // Istio's `grpc_response_status`: the gRPC status of each gRPC request.
+    let metrics = http_get(wp.running().metrics_addr, "/stats/prometheus")
+        .await
+        .unwrap()
+        .text();
+    for (status, flags) in [("12", "NR"), ("2", "NC")] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("istio_requests_total{")
+                    && l.contains("request_protocol=\"grpc\"")
+                    && l.contains(&format!(
+                        "grpc_response_status=\"{status}\",response_flags=\"{flags}\""
+                    ))),
+            "{status} {flags}: {metrics}"
+        );
+    }
 }
 
 // --- backends, timeouts, retries, mirrors -------------------------------------------------

@@ -126,11 +126,12 @@ static_resources:
               - name: down
                 match: {{prefix: /down}}
                 decorator: {{operation: "reviews.default.svc.cluster.local:9080/*"}}
-                route: {{cluster: "inbound-vip|9080|http|down.default.svc.cluster.local"}}
+                # Istio's mesh default retry policy, as on every waypoint route.
+                route: {{cluster: "inbound-vip|9080|http|down.default.svc.cluster.local", retry_policy: {{retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes", num_retries: 2}}}}
               - name: default
                 match: {{prefix: /}}
                 decorator: {{operation: "reviews.default.svc.cluster.local:9080/*"}}
-                route: {{cluster: "inbound-vip|9080|http|reviews.default.svc.cluster.local"}}
+                route: {{cluster: "inbound-vip|9080|http|reviews.default.svc.cluster.local", retry_policy: {{retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes", num_retries: 2}}}}
           http_filters:
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
@@ -571,4 +572,95 @@ async fn sampling_otlp_http_and_a_failing_collector() {
     })
     .await;
     assert!(failed.is_some(), "three spans counted as failed");
+}
+
+/// A gRPC call (h2c, `application/grpc`) on `sender`; the response's gRPC status.
+async fn grpc_call(
+    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    authority: &str,
+    path: &str,
+) -> Option<String> {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{authority}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "5S")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_string());
+    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+    status
+}
+
+async fn h2c_sender<S>(io: S) -> hyper::client::conn::http2::SendRequest<Full<Bytes>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, driver) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(driver);
+    sender
+}
+
+/// gRPC: Envoy's request tags (`grpc.path`, `grpc.authority`, `grpc.content_type`,
+/// `grpc.timeout`) and response tags (`grpc.status_code`; `error` for UNAVAILABLE) on a
+/// call whose upstream is down (a gRPC local reply: HTTP 200, grpc-status 14).
+#[tokio::test]
+async fn grpc_span_tags_match_envoy() {
+    let backend = Backend::echo("reviews").await;
+    let collector = Collector::start().await;
+    let (wp, _dir) = waypoint("otel", 100.0, backend.addr, collector.addr).await;
+    let (_envoy, envoy_addr) = envoy("otel", 100.0, backend.addr, collector.addr).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let stream = conn
+        .open("10.0.0.11:9080", http::HeaderMap::new())
+        .await
+        .unwrap();
+    let mut ours = h2c_sender(stream).await;
+    let mut theirs = h2c_sender(tokio::net::TcpStream::connect(envoy_addr).await.unwrap()).await;
+    assert_eq!(
+        grpc_call(&mut ours, "down:9080", "/down").await.as_deref(),
+        Some("14")
+    );
+    assert_eq!(
+        grpc_call(&mut theirs, "down:9080", "/down")
+            .await
+            .as_deref(),
+        Some("14")
+    );
+    let spans = collector.wait_otlp(2, Duration::from_secs(15)).await;
+    assert_eq!(spans.len(), 2);
+    let (a, b) = if spans[0]
+        .resource
+        .iter()
+        .any(|(k, v)| k == "telemetry.sdk.name" && v == "waypoint")
+    {
+        (&spans[0], &spans[1])
+    } else {
+        (&spans[1], &spans[0])
+    };
+    let grpc = |s: &waypoint_tests::collector::OtlpSpan| -> Vec<(String, String)> {
+        s.attrs()
+            .into_iter()
+            .filter(|(k, _)| {
+                k.starts_with("grpc.")
+                    || k == "error"
+                    || k == "http.status_code"
+                    || k == "http.protocol"
+            })
+            .collect()
+    };
+    assert_eq!(grpc(a), grpc(b), "ours (left), Envoy's (right)");
+    assert_eq!(a.attr("grpc.status_code").as_deref(), Some("14"));
+    assert_eq!(a.attr("grpc.path").as_deref(), Some("/down"));
+    assert_eq!(a.attr("error").as_deref(), Some("true"));
 }

@@ -182,6 +182,10 @@ impl Body for ResponseBody {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(d) = frame.data_ref() {
                         this.sent += d.len() as u64;
+                    } else if let Some(t) = frame.trailers_ref()
+                        && let Some(r) = this.log.as_mut().and_then(|l| l.record())
+                    {
+                        super::headers::record_grpc_status(r, t);
                     }
                     if this.at_end() {
                         this.complete();

@@ -182,6 +182,8 @@ impl RequestCtx {
         let grpc_status = super::error::grpc_status_for(reply.status);
         let r = self.record();
         r.response_code = 200;
+        r.grpc_status = Some(u16::from(grpc_status));
+        r.grpc_message = (!reply.body.is_empty()).then(|| super::error::grpc_message(&reply.body));
         r.response_flags = r.response_flags.union(reply.flags);
         r.response_code_details = Some(reply.details);
         r.upstream_transport_failure_reason = reply.transport_failure_reason;

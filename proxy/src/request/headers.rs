@@ -172,3 +172,18 @@ pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
         h.remove(header::TE);
     }
 }
+
+/// Record a response's `grpc-status` / `grpc-message` (headers of a trailers-only response,
+/// or trailers), as Envoy's gRPC stats and tracer read them.
+pub fn record_grpc_status(r: &mut accesslog::AccessLogRecord, h: &http::HeaderMap) {
+    if let Some(code) = h
+        .get(&GRPC_STATUS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u16>().ok())
+    {
+        r.grpc_status = Some(code);
+        r.grpc_message = h
+            .get(&GRPC_MESSAGE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    }
+}

@@ -85,6 +85,7 @@ pub(super) fn respond(
     }
     r.response_code = parts.status.as_u16();
     r.response_code_details = Some("via_upstream".into());
+    super::headers::record_grpc_status(r, &parts.headers);
     r.upstream_service_time = Some(service_time_ms.to_string());
     if let (Some(upstream), Some(conn)) = (upstream_upgrade, ctx.upgrade.take()) {
         // The backend's connection now belongs to the session (never back to the pool); the

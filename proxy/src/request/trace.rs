@@ -66,11 +66,11 @@ pub(super) fn start(
         &http::HeaderName::from_static("x-forwarded-proto"),
     )
     .unwrap_or_else(|| "http".into());
-    let peer = ctx
-        .record()
-        .downstream_remote_address
-        .as_deref()
-        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+    // Envoy's `peer.address` is the direct peer (never `x-forwarded-for`).
+    let peer = t
+        .remote_str()
+        .parse::<std::net::SocketAddr>()
+        .ok()
         .map(|a| a.ip());
     let started = active.start(
         req.headers_mut(),

@@ -203,10 +203,16 @@ struct HttpKey {
     source: SourceId,
     dest: DestId,
     cluster: Option<Arc<str>>,
-    grpc: bool,
+    grpc: GrpcLabel,
     code: u16,
     flags: ResponseFlags,
 }
+
+/// `request_protocol` and `grpc_response_status` of a request's series: [`NOT_GRPC`],
+/// [`GRPC_NO_STATUS`], or the gRPC status code.
+type GrpcLabel = u16;
+const NOT_GRPC: GrpcLabel = u16::MAX;
+const GRPC_NO_STATUS: GrpcLabel = u16::MAX - 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct TcpKey {
@@ -310,7 +316,7 @@ struct Merged {
 /// every worker shares, which is what per-thread series are for).
 struct ClusterSeries {
     dest: Option<DestLabels>,
-    http: HashMap<(SourceId, DestId, bool, u16, ResponseFlags), HttpStats>,
+    http: HashMap<(SourceId, DestId, GrpcLabel, u16, ResponseFlags), HttpStats>,
     tcp: HashMap<(SourceId, DestId, ResponseFlags), TcpStats>,
 }
 
@@ -491,6 +497,12 @@ impl Metrics {
         r: &AccessLogRecord,
         grpc: bool,
     ) {
+        // Istio's stats filter: `grpc_response_status` is the gRPC status of a gRPC request.
+        let grpc = match (grpc, r.grpc_status) {
+            (false, _) => NOT_GRPC,
+            (true, None) => GRPC_NO_STATUS,
+            (true, Some(code)) => code.min(GRPC_NO_STATUS - 1),
+        };
         let key = (source, dest, grpc, r.response_code, r.response_flags);
         self.series.local().with_cluster(cluster, |cs| {
             let s = cs.http.entry(key).or_default();
@@ -615,13 +627,17 @@ connection_security_policy=\"mutual_tls\"",
             ))
         });
         let per = |k: &HttpKey| {
+            let status = match k.grpc {
+                NOT_GRPC | GRPC_NO_STATUS => String::new(),
+                code => code.to_string(),
+            };
             format!(
-                "{},response_code=\"{}\",grpc_response_status=\"\",response_flags=\"{}\"",
+                "{},response_code=\"{}\",grpc_response_status=\"{status}\",response_flags=\"{}\"",
                 labels(
                     k.source,
                     k.dest,
                     &k.cluster,
-                    if k.grpc { "grpc" } else { "http" }
+                    if k.grpc == NOT_GRPC { "http" } else { "grpc" }
                 ),
                 k.code,
                 k.flags

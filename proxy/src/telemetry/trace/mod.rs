@@ -414,6 +414,24 @@ impl Active<'_> {
         if let Some(ip) = info.peer {
             tags.push(("peer.address".into(), ip.to_string()));
         }
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
+        if let Some(id) = text("x-client-trace-id") {
+            tags.push(("guid:x-client-trace-id".into(), id));
+        }
+        // Envoy `addGrpcRequestTags` for gRPC requests.
+        let grpc = headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if grpc {
+            tags.push(("grpc.path".into(), info.path.to_string()));
+            tags.push(("grpc.authority".into(), info.authority.to_string()));
+            tags.extend(text("content-type").map(|v| ("grpc.content_type".to_string(), v)));
+            tags.extend(text("grpc-timeout").map(|v| ("grpc.timeout".to_string(), v)));
+        }
         Started {
             upstream,
             span: Some(Box::new(SpanStart {
@@ -477,7 +495,9 @@ impl SpanStart {
         let code = r.response_code;
         let flags = r.response_flags.to_string();
         tags.push(("component".into(), "proxy".into()));
-        tags.push(("guid:x-request-id".into(), dash(r.request_id.as_deref())));
+        if let Some(id) = &r.request_id {
+            tags.push(("guid:x-request-id".into(), id.clone()));
+        }
         tags.push(("http.method".into(), dash(r.method.as_deref())));
         tags.push(("http.protocol".into(), dash(r.protocol)));
         tags.push(("http.status_code".into(), code.to_string()));
@@ -485,16 +505,21 @@ impl SpanStart {
         tags.push(("request_size".into(), r.bytes_received.to_string()));
         tags.push(("response_flags".into(), dash(Some(flags.as_str()))));
         tags.push(("response_size".into(), r.bytes_sent.to_string()));
-        tags.push((
-            "upstream_cluster".into(),
-            dash(r.upstream_cluster.as_deref()),
-        ));
-        tags.push((
-            "upstream_cluster.name".into(),
-            dash(r.upstream_cluster.as_deref()),
-        ));
+        // Only with a cluster (Envoy `setCommonTags`): a 404 NR has none.
+        if let Some(c) = &r.upstream_cluster {
+            tags.push(("upstream_cluster".into(), c.to_string()));
+            tags.push(("upstream_cluster.name".into(), c.to_string()));
+        }
         tags.push(("user_agent".into(), dash(r.user_agent.as_deref())));
-        let error = code == 0 || code >= 500;
+        let mut error = code == 0 || code >= 500;
+        // Envoy `addGrpcResponseTags`: a server-side gRPC failure is an error too.
+        if let Some(status) = r.grpc_status {
+            tags.push(("grpc.status_code".into(), status.to_string()));
+            if let Some(m) = &r.grpc_message {
+                tags.push(("grpc.message".into(), m.clone()));
+            }
+            error |= matches!(status, 2 | 4 | 8 | 12 | 13 | 14 | 15);
+        }
         if error {
             tags.push(("error".into(), "true".into()));
         }
