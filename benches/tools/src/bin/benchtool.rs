@@ -60,7 +60,7 @@ struct ScalingArgs {
 
 #[derive(Parser, Debug)]
 struct GenArgs {
-    /// base | routes<N> | authz<N> | services<N>
+    /// base | routes<N> | routes<N>h | authz<N> | services<N> | tlsorig | trace<N>
     #[arg(long)]
     variant: String,
     #[arg(long)]
@@ -88,6 +88,9 @@ struct GenArgs {
     /// The CA that verifies it (variant tlsorig; see `tls-certs`).
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// The OTLP/gRPC span sink (variant trace<N>; see `otlp-sink`).
+    #[arg(long, default_value = "127.0.0.1:29085")]
+    otel_sink: SocketAddr,
 }
 
 #[derive(Parser, Debug)]
@@ -229,7 +232,16 @@ fn generate(a: GenArgs) -> anyhow::Result<()> {
         let ca = std::fs::canonicalize(ca).unwrap_or_else(|_| ca.clone());
         model.tls_ca = Some(ca.display().to_string());
     }
+    if let Some(p) = variant.tracing {
+        if !a.otel_sink.ip().is_loopback() {
+            bail!("--otel-sink {} is not on loopback", a.otel_sink);
+        }
+        model.tracing = Some((p, a.otel_sink));
+    }
     std::fs::create_dir_all(&a.out_dir)?;
+    if let Some(mesh) = model.mesh_config() {
+        std::fs::write(a.out_dir.join(format!("mesh-{}.yaml", a.variant)), mesh)?;
+    }
     let abs = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
     let certs = abs(a.certs.clone());
     let params = EnvoyParams {

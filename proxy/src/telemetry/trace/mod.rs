@@ -166,22 +166,10 @@ impl Tracing {
     pub fn resolve<'a>(&'a self, policy: &'a TracingPolicy) -> Option<Active<'a>> {
         let node = self.node.as_ref()?;
         let spec = policy.spec();
-        // istiod: no Telemetry tracing and no default provider -> the MeshConfig fallback,
-        // a tracing block without a provider: nothing is ever reported.
-        let provider = spec.and_then(|s| s.provider.as_deref()).or(self
-            .settings
-            .default_providers
-            .first()
-            .map(String::as_str))?;
-        if spec.and_then(|s| s.disable_span_reporting) == Some(true) {
-            return None;
-        }
+        let provider = provider_name(policy, &self.settings)?;
         // istiod warns and configures no tracing when the provider cannot be found.
         let tracer = self.tracer(provider)?;
-        let percent = spec
-            .and_then(|s| s.random_sampling_percentage)
-            .unwrap_or(self.settings.sampling)
-            .clamp(0.0, 100.0);
+        let percent = sampling_percent(policy, &self.settings);
         let custom_tags = match spec.and_then(|s| s.custom_tags.as_deref()) {
             Some(tags) if !tags.is_empty() => tags,
             _ => &self.settings.custom_tags,
@@ -206,6 +194,54 @@ impl Tracing {
             max_path,
         })
     }
+}
+
+/// The provider that applies (istiod: Telemetry's, else `defaultProviders.tracing[0]`;
+/// none, or `disableSpanReporting`: no tracing at all).
+fn provider_name<'a>(policy: &'a TracingPolicy, settings: &'a TracingSettings) -> Option<&'a str> {
+    let spec = policy.spec();
+    let provider = spec
+        .and_then(|s| s.provider.as_deref())
+        .or(settings.default_providers.first().map(String::as_str))?;
+    (spec.and_then(|s| s.disable_span_reporting) != Some(true)).then_some(provider)
+}
+
+/// Telemetry `randomSamplingPercentage`, else `defaultConfig.tracing.sampling` (1%).
+fn sampling_percent(policy: &TracingPolicy, settings: &TracingSettings) -> f64 {
+    policy
+        .spec()
+        .and_then(|s| s.random_sampling_percentage)
+        .unwrap_or(settings.sampling)
+        .clamp(0.0, 100.0)
+}
+
+/// What `waypoint explain` says about a Service's tracing.
+pub fn describe(policy: &TracingPolicy, mesh: &MeshConfig) -> Option<String> {
+    let from = policy
+        .spec()
+        .map(|s| s.sources.join(", "))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "MeshConfig defaultProviders".into());
+    if policy.spec().and_then(|s| s.disable_span_reporting) == Some(true) {
+        return Some(format!("{from}: span reporting disabled"));
+    }
+    let name = provider_name(policy, &mesh.tracing)?;
+    let Some((name, p)) = mesh.tracing_provider(name) else {
+        return Some(format!(
+            "{from}: provider {name:?} is not an opentelemetry or zipkin provider of the mesh config: no tracing"
+        ));
+    };
+    let how = match &p.kind {
+        TracingProviderKind::OtlpGrpc { .. } => "OTLP/gRPC",
+        TracingProviderKind::OtlpHttp { .. } => "OTLP/HTTP",
+        TracingProviderKind::Zipkin { .. } => "Zipkin",
+    };
+    Some(format!(
+        "{from}: {name} ({how} to {}:{}), {}% sampled",
+        p.service,
+        p.port,
+        sampling_percent(policy, &mesh.tracing)
+    ))
 }
 
 /// Everything about the request the span needs before its end.
