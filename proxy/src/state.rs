@@ -51,6 +51,9 @@ pub struct Limits {
     /// a slow mirror target never grows the waypoint's state (Envoy's shadows are best
     /// effort too).
     pub max_mirrors_in_flight: usize,
+    /// Finished spans waiting for export, per tracing provider; beyond it spans are dropped
+    /// and counted (`waypoint_tracing_spans_total{outcome="dropped"}`).
+    pub max_queued_spans: usize,
     /// Source labels from the CONNECT `baggage` (Istio AMBIENT_ENABLE_BAGGAGE, off by
     /// default): client-supplied, so only when the operator trusts its ztunnels to set it.
     pub metrics_baggage: bool,
@@ -71,6 +74,7 @@ impl Default for Limits {
             stream_idle_timeout: Some(Duration::from_secs(300)),
             max_requests: 100_000,
             max_mirrors_in_flight: 1024,
+            max_queued_spans: crate::telemetry::trace::export::QUEUE,
             metrics_baggage: false,
             max_metric_sources: 10_000,
             max_memory: None,
@@ -141,15 +145,17 @@ pub struct Shared {
 /// providers carry on. Collectors are found in the snapshot in force at export time.
 pub fn install_tracing(shared: &Arc<Shared>) {
     let weak = Arc::downgrade(shared);
-    let resolver: crate::telemetry::trace::export::Resolver =
-        Arc::new(move |service: &str, port| {
+    let resolver = crate::telemetry::trace::export::Resolver {
+        find: Arc::new(move |service: &str, port| {
             let shared = weak.upgrade()?;
             let snapshot = shared.snapshot.load();
             let cluster = snapshot.extension_cluster(service, port)?;
             let endpoints = cluster.endpoints();
             let e = crate::upstream::pick_endpoint(&endpoints, &[], rand::random::<u64>())?;
             Some((e.addr, cluster.hostname.to_string()))
-        });
+        }),
+        dns: shared.dns.clone(),
+    };
     let snapshot = shared.snapshot.load();
     let node = crate::telemetry::trace::NodeInfo::from_env(
         &snapshot.gateway.name,
@@ -159,7 +165,13 @@ pub fn install_tracing(shared: &Arc<Shared>) {
     );
     let mesh = shared.mesh.load();
     let previous = shared.tracing.load();
-    let built = crate::telemetry::trace::Tracing::build(&mesh, node, &previous, resolver);
+    let built = crate::telemetry::trace::Tracing::build(
+        &mesh,
+        node,
+        &previous,
+        resolver,
+        shared.limits.max_queued_spans,
+    );
     shared.tracing.store(Arc::new(built));
 }
 

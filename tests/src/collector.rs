@@ -41,6 +41,8 @@ struct Inner {
     /// `(path, content-type, extra header values)` of each HTTP export.
     requests: Mutex<Vec<HttpExport>>,
     failing: AtomicBool,
+    /// Never answer (a collector that accepted the connection and hangs).
+    hanging: AtomicBool,
 }
 
 /// A running collector on 127.0.0.1:0.
@@ -59,6 +61,9 @@ impl TraceService for Otlp {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if self.0.hanging.load(Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
         if self.0.failing.load(Ordering::Relaxed) {
             return Err(tonic::Status::unavailable("collector down"));
         }
@@ -210,6 +215,11 @@ impl Collector {
     /// Answer every export with an error from now on (`false`: accept again).
     pub fn fail(&self, failing: bool) {
         self.inner.failing.store(failing, Ordering::Relaxed);
+    }
+
+    /// Accept exports and never answer them from now on.
+    pub fn hang(&self) {
+        self.inner.hanging.store(true, Ordering::Relaxed);
     }
 
     pub fn otlp_spans(&self) -> Vec<OtlpSpan> {

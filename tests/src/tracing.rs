@@ -184,6 +184,16 @@ async fn waypoint(
     backend: SocketAddr,
     collector: SocketAddr,
 ) -> (TestWaypoint, tempfile::TempDir) {
+    waypoint_with(provider, sampling, backend, collector, |_| {}).await
+}
+
+async fn waypoint_with(
+    provider: &str,
+    sampling: f64,
+    backend: SocketAddr,
+    collector: SocketAddr,
+    tweak: impl FnOnce(&mut proxy::app::Config),
+) -> (TestWaypoint, tempfile::TempDir) {
     let mut m = Manifests::new();
     m.service("reviews", "10.0.0.10", 9080, "http", &[backend])
         .service(
@@ -201,7 +211,11 @@ async fn waypoint(
     let dir = tempfile::tempdir().unwrap();
     let mesh = dir.path().join("mesh.yaml");
     std::fs::write(&mesh, MESH).unwrap();
-    let wp = TestWaypoint::start_with(&m.yaml(), |c| c.mesh_config = Some(mesh)).await;
+    let wp = TestWaypoint::start_with(&m.yaml(), |c| {
+        c.mesh_config = Some(mesh);
+        tweak(c);
+    })
+    .await;
     (wp, dir)
 }
 
@@ -680,4 +694,94 @@ async fn grpc_span_tags_match_envoy() {
     assert_eq!(a.attr("grpc.status_code").as_deref(), Some("14"));
     assert_eq!(a.attr("grpc.path").as_deref(), Some("/down"));
     assert_eq!(a.attr("error").as_deref(), Some("true"));
+}
+
+/// A collector that accepts and never answers: the export in flight waits for its timeout,
+/// the bounded queue fills, further spans are dropped and counted; requests are served
+/// all along.
+#[tokio::test]
+async fn a_hanging_collector_drops_spans_never_requests() {
+    let backend = Backend::echo("reviews").await;
+    let collector = Collector::start().await;
+    collector.hang();
+    let (wp, _dir) = waypoint_with("otel", 100.0, backend.addr, collector.addr, |c| {
+        c.limits.max_queued_spans = 4;
+    })
+    .await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut tunnel = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    let addr = wp.running().metrics_addr;
+    let mut dropped = false;
+    // Bounded: one batch (at most 512 spans) hangs in flight, the queue holds 4; the 517th
+    // span at the latest finds it full, however fast the requests come.
+    for _ in 0..1000 {
+        let r = tunnel
+            .send(
+                http::Request::builder()
+                    .uri("/debug/headers")
+                    .header("host", "reviews:9080")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status.as_u16(), 200);
+        let m = waypoint_tests::http_get(addr, "/stats/prometheus")
+            .await
+            .unwrap()
+            .text();
+        if !m.contains("waypoint_tracing_spans_total{provider=\"otel\",outcome=\"dropped\"} 0") {
+            dropped = true;
+            break;
+        }
+    }
+    assert!(dropped, "spans beyond the queue are dropped and counted");
+}
+
+/// A provider whose `service` is no Service of the configuration is reached as istiod's
+/// Envoy would not be able to, but as users expect: through DNS (here a real DNS server,
+/// the waypoint's `--dns-server`), with the hostname as `Host`.
+#[tokio::test]
+async fn a_collector_outside_the_configuration_is_found_through_dns() {
+    let backend = Backend::echo("reviews").await;
+    let collector = Collector::start().await;
+    let dns = waypoint_tests::dns::DnsServer::start(&[waypoint_tests::dns::Record {
+        name: "collector.example.test",
+        ip: "127.0.0.1",
+        ttl: 30,
+    }])
+    .unwrap();
+    let mut m = Manifests::new();
+    m.service("reviews", "10.0.0.10", 9080, "http", &[backend.addr]);
+    m.push("apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: mesh-default, namespace: istio-system}\nspec:\n  tracing:\n  - randomSamplingPercentage: 100\n");
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        format!(
+            "defaultProviders: {{tracing: [external]}}\nextensionProviders:\n- name: external\n  zipkin: {{service: collector.example.test, port: {}}}\n",
+            collector.addr.port()
+        ),
+    )
+    .unwrap();
+    let servers = vec![dns.addr];
+    let wp = TestWaypoint::start_with(&m.yaml(), |c| {
+        c.mesh_config = Some(mesh);
+        c.dns.servers = servers;
+    })
+    .await;
+    let (status, _, up) = ours(&wp, "10.0.0.10:9080", "/debug/headers", &[]).await;
+    assert_eq!(status, 200);
+    let spans = collector.wait_zipkin(1, Duration::from_secs(15)).await;
+    assert_eq!(
+        spans.len(),
+        1,
+        "the span reached the collector found by DNS"
+    );
+    assert_eq!(spans[0]["id"], up["headers"]["x-b3-spanid"]);
+    assert!(dns.queries("collector.example.test") >= 1);
+    assert!(collector.http_requests().iter().any(|(_, _, h)| {
+        h.iter()
+            .any(|(k, v)| k == "host" && v == "collector.example.test")
+    }));
 }

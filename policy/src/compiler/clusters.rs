@@ -49,7 +49,7 @@ impl<'a> Compiler<'a> {
                     out.insert((service.clone(), port), Arc::new(c));
                 }
                 None => self.warnings.push(format!(
-                    "mesh config: extension provider service {service:?} port {port} is not a known Service port; requests that need it are handled as the provider's failure"
+                    "mesh config: extension provider service {service:?} port {port} is not a known Service port; a CUSTOM check that needs it is handled as the provider's failure, a tracer resolves the hostname through DNS"
                 )),
             }
         }

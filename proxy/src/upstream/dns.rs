@@ -161,6 +161,16 @@ impl DnsEndpoints {
         built
     }
 
+    /// One lookup with the same servers and timeout, outside the DNS clusters (a tracing
+    /// collector outside the configuration): the addresses, or why there are none.
+    pub async fn resolve_once(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+        let resolver = self.resolver()?;
+        match lookup(&resolver, name, self.settings.timeout).await {
+            Lookup::Addresses(addrs, _) => Ok(addrs),
+            Lookup::Negative(why) | Lookup::Failed(why) => Err(format!("{name}: {why}")),
+        }
+    }
+
     /// The task: resolve what is due, store the answers, sleep until the next is due.
     pub async fn run(self: Arc<Self>) {
         loop {

@@ -38,7 +38,8 @@ use super::context::hex;
 use super::{FinishedSpan, NodeInfo};
 use crate::config::meshconfig::{TracingProvider, TracingProviderKind};
 
-/// Spans waiting for export per provider (the OpenTelemetry SDK's batch processor default).
+/// Spans waiting for export per provider by default (the OpenTelemetry SDK's batch
+/// processor default; `Limits::max_queued_spans`).
 pub const QUEUE: usize = 2048;
 /// Spans per export request.
 pub const MAX_BATCH: usize = 512;
@@ -47,8 +48,14 @@ pub const FLUSH: Duration = Duration::from_secs(1);
 /// Export timeout when the provider sets none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Finds the collector: `(service, port)` -> an endpoint and the hostname to present.
-pub type Resolver = Arc<dyn Fn(&str, u16) -> Option<(SocketAddr, String)> + Send + Sync>;
+/// Finds the collector: `find` maps `(service, port)` to an endpoint of the Service of that
+/// name and the hostname to present; `dns` resolves a host outside the configuration (the
+/// waypoint's resolver: `--dns-server` or the system's).
+#[derive(Clone)]
+pub struct Resolver {
+    pub find: Arc<dyn Fn(&str, u16) -> Option<(SocketAddr, String)> + Send + Sync>,
+    pub dns: Arc<crate::upstream::dns::DnsEndpoints>,
+}
 
 /// Spans per outcome.
 #[derive(Debug, Default)]
@@ -83,8 +90,9 @@ impl SpanExporter {
         provider: TracingProvider,
         node: NodeInfo,
         resolver: Resolver,
+        queue: usize,
     ) -> SpanExporter {
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (tx, rx) = mpsc::channel(queue.max(1));
         let stats = Arc::new(TraceStats::default());
         let task = Task {
             name: name.to_string(),
@@ -171,16 +179,23 @@ impl Task {
     /// The collector's address and the hostname to present.
     async fn collector(&self) -> anyhow::Result<(SocketAddr, String)> {
         let (service, port) = (self.provider.service.as_str(), self.provider.port);
-        if let Some(found) = (self.resolver)(service, port) {
+        if let Some(found) = (self.resolver.find)(service, port) {
             return Ok(found);
         }
         // Outside the configuration: the hostname through DNS.
         let host = service.rsplit('/').next().unwrap_or(service).to_string();
-        let addr = tokio::net::lookup_host((host.as_str(), port))
-            .await?
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("{host}: no address"))?;
-        Ok((addr, host))
+        let ip = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip,
+            Err(_) => *self
+                .resolver
+                .dns
+                .resolve_once(&host)
+                .await
+                .map_err(anyhow::Error::msg)?
+                .first()
+                .ok_or_else(|| anyhow::anyhow!("{host}: no address"))?,
+        };
+        Ok((SocketAddr::new(ip, port), host))
     }
 
     async fn export(&mut self, batch: &[FinishedSpan]) -> anyhow::Result<()> {

@@ -118,6 +118,7 @@ impl Tracing {
         node: NodeInfo,
         previous: &Tracing,
         resolver: export::Resolver,
+        queue: usize,
     ) -> Tracing {
         let mut tracers = Vec::new();
         for p in &mesh.extension_providers {
@@ -139,6 +140,7 @@ impl Tracing {
                         t.clone(),
                         node.clone(),
                         resolver.clone(),
+                        queue,
                     ),
                 }),
             };
