@@ -48,12 +48,15 @@ pub const FLUSH: Duration = Duration::from_secs(1);
 /// Export timeout when the provider sets none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// `(service, port)` -> an endpoint of that Service and its hostname.
+pub type FindCollector = Arc<dyn Fn(&str, u16) -> Option<(SocketAddr, String)> + Send + Sync>;
+
 /// Finds the collector: `find` maps `(service, port)` to an endpoint of the Service of that
 /// name and the hostname to present; `dns` resolves a host outside the configuration (the
 /// waypoint's resolver: `--dns-server` or the system's).
 #[derive(Clone)]
 pub struct Resolver {
-    pub find: Arc<dyn Fn(&str, u16) -> Option<(SocketAddr, String)> + Send + Sync>,
+    pub find: FindCollector,
     pub dns: Arc<crate::upstream::dns::DnsEndpoints>,
 }
 
