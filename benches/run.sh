@@ -287,6 +287,13 @@ run_load() { # SCENARIO TARGET REP loadgen-args...
   fi
   log "  $(tail -n 1 "$RUN/logs/loadgen-${scen}-${target}-${rep}.log")"
   [[ -n "$access_log" ]] && check_access_log "$out" "$target" "$access_log" "$lines_before" "$dropped_before"
+  if [[ "$scen" == trace* ]]; then
+    # Spans are only worth their CPU if they arrive: what the sink has received so far, and
+    # our exporter's own count (exported / dropped / failed, cumulative for this proxy).
+    log "  spans at the sink so far: $(curl -s --max-time 2 "http://127.0.0.1:$P_OTEL/spans" || echo '?')"
+    [[ "$target" == waypoint ]] && log "  $(curl -s --max-time 2 "http://127.0.0.1:$WP_METRICS/stats/prometheus" \
+      | awk '/^waypoint_tracing_spans_total/ { printf "%s ", $0 }')"
+  fi
   return 0
 }
 

@@ -126,9 +126,11 @@ impl SpanExporter {
 }
 
 /// The export tasks' own thread and runtime: encoding a batch of spans and talking to the
-/// collector never take a request worker's turn (measured: at 100% sampling, exporting on
-/// the worker put the encoding of each batch in front of requests, p99 5x). `None` when the
-/// thread cannot be started (then the caller's runtime is used).
+/// collector never wait for a request worker's turn, nor make requests wait behind a whole
+/// batch on the worker (on a machine with a free core, they run beside it). At the normal
+/// priority: a lower one starved the export on a saturated single core and dropped two
+/// thirds of the spans at 100% sampling (benches, 2026-12-07). `None` when the thread cannot
+/// be started (then the caller's runtime is used).
 fn export_runtime() -> Option<tokio::runtime::Handle> {
     static RUNTIME: std::sync::OnceLock<Option<tokio::runtime::Handle>> =
         std::sync::OnceLock::new();
