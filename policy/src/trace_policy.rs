@@ -108,12 +108,32 @@ struct RawProviderRef {
     name: String,
 }
 
+/// A custom tag as Telemetry `tracing[].customTags` and ProxyConfig `tracing.customTags`
+/// write it (the same shape in both).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
-struct RawCustomTag {
+pub struct RawCustomTag {
     literal: Option<RawLiteral>,
     environment: Option<RawFrom>,
     header: Option<RawFrom>,
+}
+
+impl RawCustomTag {
+    /// The tag, or what is wrong with it (exactly one source is allowed).
+    pub fn compile(&self) -> Result<CustomTag, &'static str> {
+        match (&self.literal, &self.environment, &self.header) {
+            (Some(l), None, None) => Ok(CustomTag::Literal(l.value.clone())),
+            (None, Some(e), None) => Ok(CustomTag::Environment {
+                name: e.name.clone(),
+                default: e.default_value.clone(),
+            }),
+            (None, None, Some(h)) => Ok(CustomTag::Header {
+                name: h.name.to_ascii_lowercase(),
+                default: h.default_value.clone(),
+            }),
+            _ => Err("needs exactly one of literal, environment, header"),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -184,35 +204,13 @@ pub(crate) fn compile_tracing(
         let mut tags = Vec::new();
         let mut bad = false;
         for (name, tag) in raw.custom_tags.iter().flatten() {
-            let set = [
-                tag.literal.is_some(),
-                tag.environment.is_some(),
-                tag.header.is_some(),
-            ]
-            .iter()
-            .filter(|b| **b)
-            .count();
-            if set != 1 {
-                errors.push(error(
-                    format!("{field}.customTags.{name}"),
-                    "needs exactly one of literal, environment, header".into(),
-                ));
-                bad = true;
-                continue;
+            match tag.compile() {
+                Ok(tag) => tags.push((name.clone(), tag)),
+                Err(why) => {
+                    errors.push(error(format!("{field}.customTags.{name}"), why.into()));
+                    bad = true;
+                }
             }
-            let tag = match (&tag.literal, &tag.environment, &tag.header) {
-                (Some(l), _, _) => CustomTag::Literal(l.value.clone()),
-                (_, Some(e), _) => CustomTag::Environment {
-                    name: e.name.clone(),
-                    default: e.default_value.clone(),
-                },
-                (_, _, Some(h)) => CustomTag::Header {
-                    name: h.name.to_ascii_lowercase(),
-                    default: h.default_value.clone(),
-                },
-                _ => continue,
-            };
-            tags.push((name.clone(), tag));
         }
         if bad {
             continue;

@@ -237,30 +237,25 @@ impl Collector {
 
     /// Wait (bounded) until at least `n` OTLP spans arrived; returns them all.
     pub async fn wait_otlp(&self, n: usize, timeout: Duration) -> Vec<OtlpSpan> {
-        let this = self.clone();
-        crate::eventually(timeout, || {
-            let this = this.clone();
-            async move {
-                let spans = this.otlp_spans();
-                (spans.len() >= n).then_some(spans)
-            }
-        })
-        .await
-        .unwrap_or_else(|| self.otlp_spans())
+        self.wait(n, timeout, Collector::otlp_spans).await
     }
 
     /// Wait (bounded) until at least `n` Zipkin spans arrived; returns them all.
     pub async fn wait_zipkin(&self, n: usize, timeout: Duration) -> Vec<Value> {
+        self.wait(n, timeout, Collector::zipkin_spans).await
+    }
+
+    async fn wait<T>(&self, n: usize, timeout: Duration, get: fn(&Collector) -> Vec<T>) -> Vec<T> {
         let this = self.clone();
         crate::eventually(timeout, || {
             let this = this.clone();
             async move {
-                let spans = this.zipkin_spans();
+                let spans = get(&this);
                 (spans.len() >= n).then_some(spans)
             }
         })
         .await
-        .unwrap_or_else(|| self.zipkin_spans())
+        .unwrap_or_else(|| get(self))
     }
 }
 

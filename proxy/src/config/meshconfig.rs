@@ -336,28 +336,7 @@ struct RawProxyConfig {
 struct RawProxyTracing {
     sampling: Option<f64>,
     max_path_tag_length: Option<u32>,
-    custom_tags: BTreeMap<String, RawTag>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-struct RawTag {
-    literal: Option<RawTagLiteral>,
-    environment: Option<RawTagFrom>,
-    header: Option<RawTagFrom>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct RawTagLiteral {
-    value: String,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-struct RawTagFrom {
-    name: String,
-    default_value: String,
+    custom_tags: BTreeMap<String, policy::trace_policy::RawCustomTag>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -609,20 +588,9 @@ fn tracing_settings(
         }
         out.max_path_tag_length = t.max_path_tag_length.unwrap_or(0);
         for (name, tag) in t.custom_tags {
-            let tag = match (tag.literal, tag.environment, tag.header) {
-                (Some(l), None, None) => policy::CustomTag::Literal(l.value),
-                (None, Some(e), None) => policy::CustomTag::Environment {
-                    name: e.name,
-                    default: e.default_value,
-                },
-                (None, None, Some(h)) => policy::CustomTag::Header {
-                    name: h.name.to_ascii_lowercase(),
-                    default: h.default_value,
-                },
-                _ => anyhow::bail!(
-                    "defaultConfig.tracing.customTags.{name}: needs exactly one of literal, environment, header"
-                ),
-            };
+            let tag = tag
+                .compile()
+                .map_err(|why| anyhow::anyhow!("defaultConfig.tracing.customTags.{name}: {why}"))?;
             out.custom_tags.push((name, tag));
         }
     }

@@ -61,11 +61,8 @@ pub fn decide(
             None => Reason::NotTraceable,
         };
     }
-    let Some(id) = headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-    else {
+    // Read from the header in place: a request that is not traced allocates nothing here.
+    let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) else {
         return Reason::NotTraceable;
     };
     // Envoy `getInteger`: the first 8 characters as hex; anything else is not traceable.
@@ -85,14 +82,17 @@ pub fn decide(
             reason = Reason::Sampling;
         }
         if reason.traced() {
-            pack_reason(headers, &id, reason);
+            pack_reason(headers, reason);
         }
     }
     reason
 }
 
 /// Write `reason` into the request id's trace byte (UUID-length ids only).
-fn pack_reason(headers: &mut HeaderMap, id: &str, reason: Reason) {
+fn pack_reason(headers: &mut HeaderMap, reason: Reason) {
+    let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) else {
+        return;
+    };
     if id.len() != UUID_LEN
         || !id.is_char_boundary(TRACE_BYTE)
         || !id.is_char_boundary(TRACE_BYTE + 1)
