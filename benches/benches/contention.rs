@@ -98,7 +98,7 @@ fn metrics(c: &mut Criterion) {
                     b.iter_custom(|iters| {
                         on_threads(threads, iters, &m, |m, _, _| {
                             let dest = m.destination(Some(black_box(&workload)), "Kubernetes", 16);
-                            m.record_http(source, dest, Some(&cluster), black_box(&r), false)
+                            m.record_http(source, dest, Some(&cluster), black_box(&r), false, None)
                         })
                     })
                 },

@@ -24,6 +24,7 @@ pub mod authz;
 mod compiler;
 pub mod duration;
 pub mod load;
+pub mod metrics_policy;
 pub mod resources;
 pub mod route;
 pub mod snapshot;
@@ -43,6 +44,7 @@ pub use load::{
     LoadedResources, ResourceSource, load_paths, load_paths_partial, parse_manifests,
     parse_manifests_partial,
 };
+pub use metrics_policy::{IstioMetric, MetricProviders, MetricsPolicy, MetricsSpec, TagRule};
 pub use route::{
     Backend, BackendRef, Filters, HeaderMatch, HeaderModifier, MatchKind, MatchTrace, Mirror,
     PathMatch, PathModifier, PathNormalization, QueryMatch, Redirect, RetryPolicy, Rewrite,

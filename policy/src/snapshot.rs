@@ -37,6 +37,9 @@ pub struct CompileOptions {
     /// MeshConfig `envoyFileAccessLog` extension providers by name: Telemetry
     /// `accessLogging` may select them (others but `envoy` are warned about and ignored).
     pub log_providers: Vec<String>,
+    /// MeshConfig's Prometheus-kind providers and `defaultProviders.metrics`: Telemetry
+    /// `metrics` selecting none of them turns the istio_* metrics off.
+    pub metric_providers: crate::metrics_policy::MetricProviders,
 }
 
 impl Default for CompileOptions {
@@ -50,6 +53,7 @@ impl Default for CompileOptions {
             trust_domain_aliases: Vec::new(),
             extension_services: Vec::new(),
             log_providers: Vec::new(),
+            metric_providers: Default::default(),
         }
     }
 }
@@ -458,6 +462,9 @@ pub struct ServicePort {
     pub access_log: AccessLogPolicy,
     /// Telemetry `tracing` for this Service's traffic (merged; MeshConfig fills the rest).
     pub tracing: crate::TracingPolicy,
+    /// Telemetry `metrics` overrides for this Service's traffic; the default reports every
+    /// istio_* metric with Istio's tags.
+    pub metrics: crate::MetricsPolicy,
 }
 
 /// Result of looking up a CONNECT authority.
@@ -528,6 +535,7 @@ impl Snapshot {
                 authn: sp.authn.clone(),
                 access_log: sp.access_log.clone(),
                 tracing: sp.tracing.clone(),
+                metrics: sp.metrics.clone(),
             }));
         }
         if let Some(reason) = self.not_bound.get(&addr) {
@@ -572,6 +580,7 @@ impl Snapshot {
             authn: self.authn.for_service("", ""),
             access_log: self.telemetry.for_service("", ""),
             tracing: self.telemetry.tracing_for("", ""),
+            metrics: self.telemetry.metrics_for("", ""),
         })
     }
 
@@ -615,6 +624,11 @@ impl Snapshot {
     /// The tracing policy (Telemetry) for Service `namespace/name`'s traffic.
     pub fn tracing_for(&self, service_namespace: &str, service_name: &str) -> crate::TracingPolicy {
         self.telemetry.tracing_for(service_namespace, service_name)
+    }
+
+    /// The metrics overrides (Telemetry) for Service `namespace/name`'s traffic.
+    pub fn metrics_for(&self, service_namespace: &str, service_name: &str) -> crate::MetricsPolicy {
+        self.telemetry.metrics_for(service_namespace, service_name)
     }
 
     /// `Telemetry ns/name` of every Telemetry that applies to this waypoint, sorted.

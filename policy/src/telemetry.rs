@@ -32,6 +32,7 @@ use http::HeaderMap;
 
 use crate::ConfigError;
 use crate::authz::{Attached, TargetIndex, Targets, attach};
+use crate::metrics_policy::MetricsPolicy;
 use crate::resources::Telemetry;
 use crate::snapshot::CompileOptions;
 use crate::trace_policy::TracingPolicy;
@@ -253,7 +254,7 @@ fn int(v: u64) -> CelValue {
 }
 
 /// The CEL activation: Envoy attribute names (envoy `extensions/filters/common/expr`).
-fn context<'a>(a: &LogAttributes<'_>) -> Context<'a, 'a> {
+pub(crate) fn context<'a>(a: &LogAttributes<'_>) -> Context<'a, 'a> {
     let mut ctx = Context::with_env(env());
     if let Some(r) = &a.request {
         let url_path = r.path.split_once('?').map_or(r.path, |(p, _)| p);
@@ -352,7 +353,9 @@ pub(crate) struct TelemetryIndex {
     waypoint: AccessLogPolicy,
     /// The waypoint-wide tracing (every level merged).
     waypoint_tracing: TracingPolicy,
-    by_service: HashMap<(String, String), (AccessLogPolicy, TracingPolicy)>,
+    /// The waypoint-wide metrics overrides (every level merged).
+    waypoint_metrics: MetricsPolicy,
+    by_service: HashMap<(String, String), (AccessLogPolicy, TracingPolicy, MetricsPolicy)>,
     /// `Telemetry ns/name` of every Telemetry that applies somewhere, sorted.
     pub(crate) applied: Vec<String>,
 }
@@ -361,14 +364,21 @@ impl TelemetryIndex {
     pub(crate) fn for_service(&self, namespace: &str, name: &str) -> AccessLogPolicy {
         self.by_service
             .get(&(namespace.to_string(), name.to_string()))
-            .map_or(&self.waypoint, |(a, _)| a)
+            .map_or(&self.waypoint, |(a, _, _)| a)
             .clone()
     }
 
     pub(crate) fn tracing_for(&self, namespace: &str, name: &str) -> TracingPolicy {
         self.by_service
             .get(&(namespace.to_string(), name.to_string()))
-            .map_or(&self.waypoint_tracing, |(_, t)| t)
+            .map_or(&self.waypoint_tracing, |(_, t, _)| t)
+            .clone()
+    }
+
+    pub(crate) fn metrics_for(&self, namespace: &str, name: &str) -> MetricsPolicy {
+        self.by_service
+            .get(&(namespace.to_string(), name.to_string()))
+            .map_or(&self.waypoint_metrics, |(_, _, m)| m)
             .clone()
     }
 }
@@ -380,6 +390,7 @@ type Placed = (
     String,
     Option<Arc<AccessLogConfig>>,
     Option<Arc<[crate::trace_policy::TracingEntry]>>,
+    Option<Arc<[crate::metrics_policy::MetricsEntry]>>,
 );
 
 /// Validate every Telemetry and index those that reach this waypoint.
@@ -404,6 +415,7 @@ pub(crate) fn compile_telemetry(
         // depend on where a Telemetry attaches.
         let config = compile_access_logging(t, &id, &opts.log_providers, errors, warnings);
         let tracing = crate::trace_policy::compile_tracing(t, errors);
+        let metrics = crate::metrics_policy::compile_metrics(t, errors, warnings);
         let spec = &t.spec;
         let has_targets = spec.target_ref.is_some() || !spec.target_refs.is_empty();
         let mut places: Vec<(Level, Option<String>)> = Vec::new();
@@ -432,10 +444,10 @@ pub(crate) fn compile_telemetry(
             }
         }
         for (level, service) in places {
-            let slot = (id.clone(), config.clone(), tracing.clone());
+            let slot = (id.clone(), config.clone(), tracing.clone(), metrics.clone());
             match service {
                 Some(svc) => match services.get(&(meta.namespace.clone(), svc.clone())) {
-                    Some((first, _, _)) => warnings.push(format!(
+                    Some((first, _, _, _)) => warnings.push(format!(
                         "{id}: Service {}/{svc} already has {first}; ignored for it",
                         meta.namespace
                     )),
@@ -444,7 +456,7 @@ pub(crate) fn compile_telemetry(
                     }
                 },
                 None => match waypoint_levels.get(&level) {
-                    Some((first, _, _)) => warnings.push(format!(
+                    Some((first, _, _, _)) => warnings.push(format!(
                         "{id}: {first} already applies to this waypoint at the same level; ignored"
                     )),
                     None => {
@@ -459,7 +471,7 @@ pub(crate) fn compile_telemetry(
         extra
             .into_iter()
             .chain(waypoint_levels.values().rev())
-            .find_map(|(_, c, _)| c.clone())
+            .find_map(|(_, c, _, _)| c.clone())
             .map_or_else(AccessLogPolicy::default, |c| AccessLogPolicy(Some(c)))
     };
     // Tracing merges field by field, least specific first (istiod `Telemetries.Tracing`).
@@ -468,22 +480,40 @@ pub(crate) fn compile_telemetry(
             waypoint_levels
                 .values()
                 .chain(extra)
-                .filter_map(|(id, _, t)| t.as_ref().map(|t| (id.as_str(), t))),
+                .filter_map(|(id, _, t, _)| t.as_ref().map(|t| (id.as_str(), t))),
+        )
+    };
+    // Metrics overrides apply in order, least specific first (istiod `mergeMetrics`).
+    let resolve_metrics = |extra: Option<&Placed>| -> MetricsPolicy {
+        crate::metrics_policy::merge(
+            waypoint_levels
+                .values()
+                .chain(extra)
+                .filter_map(|(id, _, _, m)| m.as_ref().map(|m| (id.as_str(), m))),
+            &opts.metric_providers,
         )
     };
     let mut applied: Vec<String> = waypoint_levels
         .values()
         .chain(services.values())
-        .map(|(id, _, _)| id.clone())
+        .map(|(id, _, _, _)| id.clone())
         .collect();
     applied.sort();
     applied.dedup();
     TelemetryIndex {
         waypoint: resolve(None),
         waypoint_tracing: resolve_tracing(None),
+        waypoint_metrics: resolve_metrics(None),
         by_service: services
             .iter()
-            .map(|(k, v)| (k.clone(), (resolve(Some(v)), resolve_tracing(Some(v)))))
+            .map(|(k, v)| {
+                let policies = (
+                    resolve(Some(v)),
+                    resolve_tracing(Some(v)),
+                    resolve_metrics(Some(v)),
+                );
+                (k.clone(), policies)
+            })
             .collect(),
         applied,
     }

@@ -128,6 +128,7 @@ impl Config {
                 .into_iter()
                 .map(|(n, _)| n)
                 .collect(),
+            metric_providers: self.mesh.metric_providers(),
         }
     }
 

@@ -14,6 +14,7 @@ mod envoy_interop;
 mod ext_authz_body;
 mod ext_authz_grpc;
 mod gamma;
+mod grpc_metrics;
 mod hbone_listener;
 mod http_semantics;
 mod mesh;

@@ -139,3 +139,86 @@ async fn a_telemetry_added_by_reload_applies_to_tunnels_already_open() {
     let lines = wp.drain_logs(Duration::from_millis(500));
     assert!(lines.is_empty(), "{lines:?}");
 }
+
+/// The `istio_*` lines of one metric: (labels, value).
+async fn series(wp: &TestWaypoint, metric: &str) -> Vec<(String, u64)> {
+    let text = http_get(wp.running().metrics_addr, "/stats/prometheus")
+        .await
+        .unwrap()
+        .text();
+    text.lines()
+        .filter_map(|l| l.strip_prefix(metric)?.strip_prefix('{'))
+        .filter_map(|l| {
+            let (labels, value) = l.rsplit_once("} ")?;
+            Some((labels.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_overrides_remove_replace_add_and_drop_tags_per_service() {
+    let b = Backend::echo("reviews").await;
+    // Waypoint-wide: requests_total loses response_code and source_principal (series that
+    // differ only there merge), request_protocol becomes the method, a new tag comes from a
+    // request header; the duration histogram is off.
+    let waypoint = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: shaped, namespace: default}\nspec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]\n  metrics:\n  - providers: [{name: prometheus}]\n    overrides:\n    - match: {metric: REQUEST_COUNT, mode: SERVER}\n      tagOverrides:\n        response_code: {operation: REMOVE}\n        source_principal: {operation: REMOVE}\n        request_protocol: {value: request.method}\n        user_tier: {value: \"request.headers['x-tier']\"}\n    - match: {metric: REQUEST_DURATION}\n      disabled: true\n    - match: {metric: REQUEST_SIZE, mode: CLIENT}\n      disabled: true\n".to_string();
+    // Service-targeted: every metric of ratings off (Istio's documented way to turn them off).
+    let ratings = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: ratings-off, namespace: default}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: ratings}]\n  metrics:\n  - overrides:\n    - match: {metric: ALL_METRICS, mode: CLIENT_AND_SERVER}\n      disabled: true\n".to_string();
+    let wp = TestWaypoint::start(&mesh(b.addr, &[waypoint, ratings])).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut reviews = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    assert_eq!(
+        get_with(&mut reviews, "/ok", &[("x-tier", "gold")]).await,
+        200
+    );
+    assert_eq!(get_with(&mut reviews, "/ok", &[]).await, 200);
+    let other = wp.connect_as("default", "productpage").await;
+    let mut from_other = TunnelHttp::open(&other, "10.0.0.10:9080").await.unwrap();
+    assert_eq!(
+        get_with(&mut from_other, "/ok", &[("x-tier", "gold")]).await,
+        200
+    );
+    let mut ratings = TunnelHttp::open(&conn, "10.0.0.11:9080").await.unwrap();
+    assert_eq!(get_with(&mut ratings, "/a", &[]).await, 200);
+    assert_eq!(wp.next_logs(4).len(), 4, "every request is still logged");
+
+    let counted = eventually(Duration::from_secs(5), || async {
+        let s = series(&wp, "istio_requests_total").await;
+        (s.iter().map(|(_, v)| v).sum::<u64>() == 3).then_some(s)
+    })
+    .await
+    .expect("reviews' 3 requests counted, ratings' none");
+    assert_eq!(counted.len(), 2, "{counted:?}");
+    for (labels, value) in &counted {
+        assert!(!labels.contains("response_code="), "{labels}");
+        assert!(!labels.contains("source_principal="), "{labels}");
+        assert!(labels.contains("request_protocol=\"GET\""), "{labels}");
+        assert!(
+            labels.contains("destination_service_name=\"reviews\""),
+            "{labels}"
+        );
+        // New tags come after Istio's.
+        let expected = if *value == 2 {
+            ",user_tier=\"gold\""
+        } else {
+            ",user_tier=\"unknown\""
+        };
+        assert!(labels.ends_with(expected), "{labels} = {value}");
+    }
+    assert!(
+        series(&wp, "istio_request_duration_milliseconds_count")
+            .await
+            .is_empty(),
+        "REQUEST_DURATION is dropped"
+    );
+    // CLIENT-mode overrides do not apply to a waypoint; other metrics keep Istio's tags.
+    let sizes = series(&wp, "istio_request_bytes_count").await;
+    assert_eq!(sizes.len(), 2, "one per source principal: {sizes:?}");
+    assert!(
+        sizes
+            .iter()
+            .all(|(l, _)| l.contains("request_protocol=\"http\"")
+                && l.contains("response_code=\"200\"")
+                && !l.contains("ratings"))
+    );
+}

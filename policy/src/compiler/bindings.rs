@@ -147,6 +147,7 @@ impl<'a> Compiler<'a> {
                         let authn = authn.for_service(key.0, key.1);
                         let access_log = telemetry.for_service(key.0, key.1);
                         let tracing = telemetry.tracing_for(key.0, key.1);
+                        let metrics = telemetry.metrics_for(key.0, key.1);
                         for net in &nets {
                             // Logged with the tunnel's own address (see `lookup_vip`).
                             let vip = SocketAddr::new(net.network(), port);
@@ -165,6 +166,7 @@ impl<'a> Compiler<'a> {
                                     authn: authn.clone(),
                                     access_log: access_log.clone(),
                                     tracing: tracing.clone(),
+                                    metrics: metrics.clone(),
                                 }),
                             ));
                         }
@@ -185,6 +187,7 @@ impl<'a> Compiler<'a> {
                                     authn: authn.clone(),
                                     access_log: access_log.clone(),
                                     tracing: tracing.clone(),
+                                    metrics: metrics.clone(),
                                 }),
                             );
                         }

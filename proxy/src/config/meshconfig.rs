@@ -29,6 +29,8 @@ pub struct MeshConfig {
     pub access_log: AccessLogSettings,
     /// The tracing settings outside Telemetry ([`TracingSettings`]).
     pub tracing: TracingSettings,
+    /// `defaultProviders.metrics`; `None` when absent (Istio's chart then sets `[prometheus]`).
+    pub default_metrics_providers: Option<Vec<String>>,
 }
 
 /// MeshConfig's tracing fields (istiod `configureTracingFromTelemetry`): which provider
@@ -323,6 +325,7 @@ struct RawMesh {
 #[serde(rename_all = "camelCase", default)]
 struct RawDefaultProviders {
     tracing: Vec<String>,
+    metrics: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -482,7 +485,12 @@ impl MeshConfig {
             return MeshConfig::parse(mesh);
         }
         let raw: RawMesh = serde_json::from_value(value).context("unexpected field type")?;
+        let default_metrics_providers = raw
+            .default_providers
+            .as_ref()
+            .and_then(|d| d.metrics.clone());
         let mut out = MeshConfig {
+            default_metrics_providers,
             root_namespace: raw.root_namespace.filter(|s| !s.is_empty()),
             trust_domain_aliases: raw.trust_domain_aliases,
             extension_providers: Vec::new(),
@@ -535,6 +543,26 @@ impl MeshConfig {
                 .push(ExtensionProvider { name: p.name, kind });
         }
         Ok(out)
+    }
+
+    /// The providers Telemetry `metrics` may select that produce the istio_* metrics:
+    /// Prometheus-kind ones (`prometheus: {}`) and Istio's built-in `prometheus` unless the
+    /// mesh config gives that name to another kind.
+    pub fn metric_providers(&self) -> policy::MetricProviders {
+        let mut prometheus: Vec<String> = self
+            .extension_providers
+            .iter()
+            .filter(|p| matches!(&p.kind, ProviderKind::Other(k) if k == "prometheus"))
+            .map(|p| p.name.clone())
+            .collect();
+        if self.provider("prometheus").is_none() {
+            prometheus.push("prometheus".into());
+        }
+        let defaults = policy::MetricProviders::default().defaults;
+        policy::MetricProviders {
+            prometheus,
+            defaults: self.default_metrics_providers.clone().unwrap_or(defaults),
+        }
     }
 
     pub fn provider(&self, name: &str) -> Option<&ExtensionProvider> {

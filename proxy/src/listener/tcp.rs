@@ -183,7 +183,12 @@ pub(super) async fn proxy_tcp(
         &shared.cluster_id,
         shared.limits.max_metric_sources,
     );
-    shared.metrics.tcp_opened(t.source, dest, Some(&cluster));
+    // Telemetry overrides of a TCP connection are evaluated once, before its first metric
+    // (Istio's stats filter).
+    let over = crate::request::log::metric_overrides(&t.service.metrics, &r, None, t.principal());
+    shared
+        .metrics
+        .tcp_opened(t.source, dest, Some(&cluster), over.clone());
     endpoint.load.inc();
     // Envoy's tcp_proxy closes a connection idle for its `idle_timeout` (1 h by default, as
     // our `--idle-timeout`); half-close is passed through.
@@ -210,7 +215,7 @@ pub(super) async fn proxy_tcp(
     r.duration = started.elapsed().as_millis() as u64;
     shared
         .metrics
-        .tcp_closed(t.source, dest, Some(&cluster), &r);
+        .tcp_closed(t.source, dest, Some(&cluster), &r, over);
     emit(shared, r);
 }
 

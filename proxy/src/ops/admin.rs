@@ -165,6 +165,11 @@ fn prometheus(shared: &Shared) -> String {
             shared.metrics.destinations_overflowed(),
         ),
         (
+            "waypoint_metrics_override_overflow_total",
+            "Requests and connections counted under an overflow series because the Telemetry override series table was full (tag values \"overflow\").",
+            shared.metrics.overrides_overflowed(),
+        ),
+        (
             "waypoint_mirrors_skipped_total",
             "RequestMirror copies not sent because too many were in flight.",
             shared.mirrors_skipped.load(Ordering::Relaxed),

@@ -467,6 +467,9 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
     if let Some(t) = crate::telemetry::trace::describe(&service.tracing, mesh) {
         let _ = writeln!(o, "tracing: {t}");
     }
+    if let Some(m) = crate::telemetry::metrics::describe(&service.metrics) {
+        let _ = writeln!(o, "metrics: {m}");
+    }
 
     // 5. The reply.
     let _ = write!(o, "\nresult: ");

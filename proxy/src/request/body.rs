@@ -15,6 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use policy::EndpointLoad;
 
+use crate::request::grpc_messages::{Direction, FrameCounter, GrpcMessages};
 use crate::request::log::PendingLog;
 use crate::upstream::PoolReturn;
 
@@ -61,6 +62,16 @@ pub struct ResponseBody {
     sent: u64,
     /// Counts finished exchanges of the inner connection (request-head deadline bookkeeping).
     done: Option<Arc<InnerCounters>>,
+    /// A gRPC response's messages, and the timer of their periodic report.
+    grpc: Option<Box<GrpcCount>>,
+}
+
+/// Response-side gRPC message counting of a stream (see `grpc_messages`).
+struct GrpcCount {
+    counter: FrameCounter,
+    messages: Arc<GrpcMessages>,
+    every: std::time::Duration,
+    report: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl ResponseBody {
@@ -70,6 +81,15 @@ impl ResponseBody {
         pool: Option<PoolReturn>,
         load: LoadGuard,
     ) -> ResponseBody {
+        let grpc = log.grpc_messages().map(|messages| {
+            let every = log.grpc_report_interval();
+            Box::new(GrpcCount {
+                counter: FrameCounter::new(Direction::Response),
+                messages,
+                every,
+                report: Box::pin(tokio::time::sleep(every)),
+            })
+        });
         ResponseBody {
             kind: Kind::Upstream(inner),
             deadline: None,
@@ -78,6 +98,7 @@ impl ResponseBody {
             load: Some(load),
             sent: 0,
             done: None,
+            grpc,
         }
     }
 
@@ -90,6 +111,7 @@ impl ResponseBody {
             load: None,
             sent: 0,
             done: None,
+            grpc: None,
         }
     }
 
@@ -104,6 +126,7 @@ impl ResponseBody {
             load: None,
             sent: 0,
             done: None,
+            grpc: None,
         }
     }
 
@@ -165,6 +188,18 @@ impl Body for ResponseBody {
             }
             return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
         }
+        // A long gRPC stream reports its messages every interval, not only at its end.
+        if let Some(g) = &mut this.grpc
+            && !ended
+            && g.report.as_mut().poll(cx).is_ready()
+        {
+            let next = tokio::time::Instant::now() + g.every;
+            g.report.as_mut().reset(next);
+            let _ = g.report.as_mut().poll(cx);
+            if let Some(log) = this.log.as_mut() {
+                log.report_grpc_messages();
+            }
+        }
         match &mut this.kind {
             Kind::Local(b) => match b.take() {
                 Some(bytes) => {
@@ -182,6 +217,9 @@ impl Body for ResponseBody {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(d) = frame.data_ref() {
                         this.sent += d.len() as u64;
+                        if let Some(g) = &mut this.grpc {
+                            g.counter.feed(d, &g.messages);
+                        }
                     } else if let Some(t) = frame.trailers_ref()
                         && let Some(r) = this.log.as_mut().and_then(|l| l.record())
                     {

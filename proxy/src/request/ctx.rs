@@ -115,9 +115,9 @@ impl RequestCtx {
         let mut log = PendingLog::new(r, started, received, t.shared.clone(), t.source, grpc);
         // Telemetry of the Service as the tunnel was opened (replies before routing); phase 3
         // replaces it with the current snapshot's.
-        let access_log = &t.service.access_log;
-        if !access_log.is_default() {
-            log.set_access_log(access_log, t.principal(), || headers.clone());
+        let (access_log, metrics) = (&t.service.access_log, &t.service.metrics);
+        if !access_log.is_default() || !metrics.is_default() {
+            log.set_telemetry(access_log, metrics, t.principal(), || headers.clone());
         }
         RequestCtx {
             log,

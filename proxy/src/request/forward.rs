@@ -117,7 +117,8 @@ pub(super) fn forward(
             received.clone(),
             ctx.shared.limits.stream_idle_timeout,
         )
-        .with_prefix(held),
+        .with_prefix(held)
+        .with_grpc_messages(ctx.log.grpc_messages()),
     );
     prepare_request(&mut upstream_req, proto);
     let buffered = max_attempts > 1 || mirror_head.is_some();

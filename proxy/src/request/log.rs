@@ -11,10 +11,11 @@ use std::sync::Arc;
 use accesslog::{AccessLogRecord, ResponseFlag};
 use tokio::time::Instant;
 
+use crate::request::grpc_messages::GrpcMessages;
 use crate::state::Shared;
-use crate::telemetry::metrics::{DestId, NO_DESTINATION, SourceId};
+use crate::telemetry::metrics::{DestId, NO_DESTINATION, Overrides, SourceId};
 use http::HeaderMap;
-use policy::{AccessLogPolicy, Cluster, LogAttributes, RequestAttributes};
+use policy::{AccessLogPolicy, Cluster, LogAttributes, MetricsPolicy, RequestAttributes};
 
 /// A record being filled in across the request's phases.
 pub struct PendingLog {
@@ -33,15 +34,23 @@ struct Inner {
     grpc: bool,
     /// Held until the record is emitted: the request counts as in flight until then.
     _in_flight: Option<crate::state::InFlight>,
-    /// `None` (no Telemetry applies): every request is logged, nothing evaluated.
+    /// `None` (no Telemetry applies): every request is logged and counted with Istio's
+    /// standard metrics, nothing evaluated.
     filter: Option<Box<LogFilter>>,
     /// A sampled request's span, finished from the record.
     span: Option<Box<crate::telemetry::trace::SpanStart>>,
+    /// A gRPC stream's message counts, and how many were reported already.
+    grpc_messages: Option<(Arc<GrpcMessages>, (u64, u64))>,
 }
 
-/// What a Telemetry access-log decision needs beyond the record.
+/// Istio's stats filter reports a gRPC stream's messages this often by default
+/// (`tcp_reporting_duration`, 5 s; Telemetry `reportingInterval` changes it).
+const GRPC_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What Telemetry decisions (access log, metrics overrides) need beyond the record.
 struct LogFilter {
     policy: AccessLogPolicy,
+    metrics: MetricsPolicy,
     headers: Option<HeaderMap>,
     principal: Option<String>,
 }
@@ -75,6 +84,35 @@ pub fn log_sinks(
     if policy.is_disabled() {
         return policy::LogSinks::default();
     }
+    policy.sinks(&attributes(r, headers, principal))
+}
+
+/// The Telemetry metrics overrides of a finished (HTTP) or opening (TCP) record: the
+/// expressions evaluated over Envoy's attributes. `None` for the default policy.
+pub fn metric_overrides(
+    policy: &MetricsPolicy,
+    r: &AccessLogRecord,
+    headers: Option<&HeaderMap>,
+    principal: Option<&str>,
+) -> Option<Overrides> {
+    let spec = policy.spec()?;
+    let values = if spec.disabled || spec.expressions.is_empty() {
+        Box::default()
+    } else {
+        spec.evaluate(&attributes(r, headers, principal))
+    };
+    Some(Overrides {
+        spec: spec.clone(),
+        values,
+    })
+}
+
+/// Envoy's CEL attributes of a record.
+fn attributes<'a>(
+    r: &'a AccessLogRecord,
+    headers: Option<&'a HeaderMap>,
+    principal: Option<&'a str>,
+) -> LogAttributes<'a> {
     let port = |a: Option<&str>| {
         a.and_then(|a| a.parse::<std::net::SocketAddr>().ok())
             .map_or(0, |a| a.port())
@@ -90,7 +128,7 @@ pub fn log_sinks(
         size: r.bytes_received,
         duration_ms: r.duration,
     });
-    let attrs = LogAttributes {
+    LogAttributes {
         request,
         response_code: r.response_code,
         response_code_details: r.response_code_details.as_deref().unwrap_or(""),
@@ -107,8 +145,7 @@ pub fn log_sinks(
         cluster_name: r.upstream_cluster.as_deref().unwrap_or(""),
         route_name: r.route_name.as_deref().unwrap_or(""),
         connection_termination_details: r.connection_termination_details.as_deref().unwrap_or(""),
-    };
-    policy.sinks(&attrs)
+    }
 }
 
 impl PendingLog {
@@ -133,6 +170,7 @@ impl PendingLog {
                 _in_flight: None,
                 filter: None,
                 span: None,
+                grpc_messages: grpc.then(|| (Arc::default(), (0, 0))),
             }),
         }
     }
@@ -164,30 +202,34 @@ impl PendingLog {
         }
     }
 
-    /// The Telemetry access-log policy of the Service (from the current snapshot). The
-    /// default policy clears any filter (fast path); `headers` is called only when a filter
-    /// reads request headers and none were kept yet.
-    pub fn set_access_log(
+    /// The Telemetry access-log and metrics policies of the Service (from the current
+    /// snapshot). Both default clears any filter (fast path); `headers` is called only when
+    /// an expression reads request headers and none were kept yet.
+    pub fn set_telemetry(
         &mut self,
         policy: &AccessLogPolicy,
+        metrics: &MetricsPolicy,
         principal: Option<&str>,
         headers: impl FnOnce() -> HeaderMap,
     ) {
         let Some(i) = self.inner.as_mut() else {
             return;
         };
-        if policy.is_default() {
+        if policy.is_default() && metrics.is_default() {
             i.filter = None;
             return;
         }
         let kept = i.filter.take().and_then(|f| f.headers);
         let headers = match kept {
             Some(h) => Some(h),
-            None if policy.needs_request_headers() => Some(headers()),
+            None if policy.needs_request_headers() || metrics.needs_request_headers() => {
+                Some(headers())
+            }
             None => None,
         };
         i.filter = Some(Box::new(LogFilter {
             policy: policy.clone(),
+            metrics: metrics.clone(),
             headers,
             principal: principal.map(str::to_string),
         }));
@@ -197,6 +239,39 @@ impl PendingLog {
     pub fn set_span(&mut self, span: Box<crate::telemetry::trace::SpanStart>) {
         if let Some(i) = self.inner.as_mut() {
             i.span = Some(span);
+        }
+    }
+
+    /// The message counters of a gRPC request (`None` for other requests): the request
+    /// and response bodies count into them.
+    pub fn grpc_messages(&self) -> Option<Arc<GrpcMessages>> {
+        let (m, _) = self.inner.as_ref()?.grpc_messages.as_ref()?;
+        Some(m.clone())
+    }
+
+    /// How often a long gRPC stream's messages are reported before it ends.
+    pub fn grpc_report_interval(&self) -> std::time::Duration {
+        self.inner
+            .as_ref()
+            .and_then(|i| i.filter.as_ref())
+            .and_then(|f| f.metrics.spec())
+            .and_then(|s| s.reporting_interval)
+            .unwrap_or(GRPC_REPORT_INTERVAL)
+    }
+
+    /// Report the gRPC messages counted since the last report (periodic, as Istio's stats
+    /// filter does for streams).
+    pub fn report_grpc_messages(&mut self) {
+        if let Some(i) = self.inner.as_mut() {
+            let over = i.filter.as_ref().and_then(|f| {
+                metric_overrides(
+                    &f.metrics,
+                    &i.record,
+                    f.headers.as_ref(),
+                    f.principal.as_deref(),
+                )
+            });
+            report_grpc(i, over);
         }
     }
 
@@ -234,12 +309,20 @@ impl PendingLog {
         r.duration = inner.started.elapsed().as_millis() as u64;
         r.bytes_received = inner.received.received();
         r.bytes_sent = bytes_sent;
+        let over = inner.filter.as_ref().and_then(|f| {
+            metric_overrides(&f.metrics, r, f.headers.as_ref(), f.principal.as_deref())
+        });
+        if inner.grpc_messages.is_some() {
+            report_grpc(&mut inner, over.clone());
+        }
+        let r = &inner.record;
         inner.shared.metrics.record_http(
             inner.source,
             inner.dest,
             inner.cluster.as_ref(),
             r,
             inner.grpc,
+            over,
         );
         if let Some(span) = inner.span.take() {
             span.finish(&inner.record);
@@ -247,6 +330,11 @@ impl PendingLog {
         match inner.filter.as_ref() {
             // No Telemetry: the mesh-wide log, nothing evaluated.
             None => {
+                if let Some(logger) = &inner.shared.access_log {
+                    logger.log(inner.record);
+                }
+            }
+            Some(f) if f.policy.is_default() => {
                 if let Some(logger) = &inner.shared.access_log {
                     logger.log(inner.record);
                 }
@@ -267,6 +355,24 @@ impl PendingLog {
     pub fn abandon(mut self, bytes_sent: u64) {
         self.emit(bytes_sent, true);
     }
+}
+
+/// Count a gRPC stream's messages since its last report.
+fn report_grpc(i: &mut Inner, over: Option<Overrides>) {
+    let Some((messages, reported)) = &mut i.grpc_messages else {
+        return;
+    };
+    let (requests, responses) = messages.counts();
+    let delta = (requests - reported.0, responses - reported.1);
+    *reported = (requests, responses);
+    i.shared.metrics.record_grpc_messages(
+        i.source,
+        i.dest,
+        i.cluster.as_ref(),
+        delta.0,
+        delta.1,
+        over,
+    );
 }
 
 impl Drop for PendingLog {

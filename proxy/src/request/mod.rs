@@ -53,6 +53,7 @@ pub mod body;
 pub mod codec;
 pub mod conn;
 pub mod error;
+pub mod grpc_messages;
 pub mod log;
 pub mod upgrade;
 

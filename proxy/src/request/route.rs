@@ -44,9 +44,12 @@ pub(super) fn service_of(
         VipLookup::Bound(sp) => sp,
         _ => t.service.clone(),
     };
-    if !service.access_log.is_default() || !t.service.access_log.is_default() {
+    let telemetry = |s: &ServicePort| !s.access_log.is_default() || !s.metrics.is_default();
+    if telemetry(&service) || telemetry(&t.service) {
         ctx.log
-            .set_access_log(&service.access_log, t.principal(), || req.headers().clone());
+            .set_telemetry(&service.access_log, &service.metrics, t.principal(), || {
+                req.headers().clone()
+            });
     }
     service
 }

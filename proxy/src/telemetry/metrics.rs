@@ -19,13 +19,14 @@
 //! (source id, destination id, cluster name, code, flags) under its own thread's lock
 //! ([`Sharded`]).
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use accesslog::{AccessLogRecord, ResponseFlags};
-use policy::{Cluster, EndpointWorkload};
+use policy::{Cluster, EndpointWorkload, IstioMetric, MetricsSpec, TagRule};
 
 use crate::sharded::Sharded;
 
@@ -222,6 +223,23 @@ struct TcpKey {
     flags: ResponseFlags,
 }
 
+/// A request's (or connection's) Telemetry `metrics` overrides: the merged spec and the
+/// value of each of its expressions, evaluated once (Istio evaluates an HTTP stream's at its
+/// end, a TCP connection's before its first metric).
+#[derive(Debug, Clone)]
+pub struct Overrides {
+    pub spec: Arc<MetricsSpec>,
+    pub values: Box<[Box<str>]>,
+}
+
+/// What tells apart series counted under overrides: the spec (its id) and the values.
+type OverrideKey = (u64, Box<[Box<str>]>);
+
+/// Series with overrides (a thread's) beyond this many share one series per spec whose
+/// values are all `overflow`: an expression over a request header must not let clients
+/// grow the table without bound.
+pub const MAX_OVERRIDE_SERIES: usize = 10_000;
+
 /// One histogram: per-bucket counts (not cumulative: an observation increments one bucket),
 /// made cumulative when rendered, as Prometheus wants them.
 #[derive(Debug, Clone, Default)]
@@ -307,8 +325,10 @@ struct SourceTable {
 #[derive(Default)]
 struct Merged {
     dests: HashMap<Arc<str>, DestLabels>,
-    http: HashMap<HttpKey, HttpStats>,
-    tcp: HashMap<TcpKey, TcpStats>,
+    http: HashMap<(HttpKey, Option<OverrideKey>), HttpStats>,
+    tcp: HashMap<(TcpKey, Option<OverrideKey>), TcpStats>,
+    grpc: HashMap<MergedGrpcKey, GrpcStats>,
+    specs: HashMap<u64, Arc<MetricsSpec>>,
 }
 
 /// The series of one cluster in one thread. Keys without the cluster name are plain
@@ -318,12 +338,63 @@ struct ClusterSeries {
     dest: Option<DestLabels>,
     http: HashMap<(SourceId, DestId, GrpcLabel, u16, ResponseFlags), HttpStats>,
     tcp: HashMap<(SourceId, DestId, ResponseFlags), TcpStats>,
+    /// gRPC messages (`istio_request_messages_total`, `istio_response_messages_total`):
+    /// Istio's stats filter counts them under the peer labels only.
+    grpc: HashMap<(SourceId, DestId), GrpcStats>,
+    /// The same under Telemetry overrides, by overrides first (so that a lookup borrows the
+    /// request's values instead of copying them).
+    http_over: HashMap<OverrideKey, HashMap<HttpSeriesKey, HttpStats>>,
+    tcp_over: HashMap<OverrideKey, HashMap<TcpSeriesKey, TcpStats>>,
+    grpc_over: HashMap<OverrideKey, HashMap<(SourceId, DestId), GrpcStats>>,
+}
+
+/// (source, destination workload, cluster name, overrides) of a merged gRPC message series.
+type MergedGrpcKey = (SourceId, DestId, Option<Arc<str>>, Option<OverrideKey>);
+
+type HttpSeriesKey = (SourceId, DestId, GrpcLabel, u16, ResponseFlags);
+type TcpSeriesKey = (SourceId, DestId, ResponseFlags);
+
+/// gRPC messages of streams, each way.
+#[derive(Debug, Clone, Copy, Default)]
+struct GrpcStats {
+    requests: u64,
+    responses: u64,
 }
 
 /// The series one thread has counted (see [`Metrics`]), by cluster name (`""`: no cluster).
 #[derive(Default)]
 struct Series {
     clusters: HashMap<Arc<str>, ClusterSeries>,
+    /// The override specs series were counted under, by id (kept for rendering).
+    specs: HashMap<u64, Arc<MetricsSpec>>,
+    /// Series under overrides in this thread (bounded by [`MAX_OVERRIDE_SERIES`]).
+    override_series: usize,
+}
+
+/// The key a series under overrides is counted with: `over`'s values, or all `overflow`
+/// when the thread's table is full and the series is new (`exists` tells, given the
+/// cluster's series).
+fn override_key(
+    series: &mut Series,
+    cluster: Option<&Arc<Cluster>>,
+    over: Overrides,
+    exists: impl FnOnce(&ClusterSeries, &OverrideKey) -> bool,
+    overflowed: &std::sync::atomic::AtomicU64,
+) -> OverrideKey {
+    let id = over.spec.id;
+    series.specs.entry(id).or_insert(over.spec);
+    let key = (id, over.values);
+    let name: &str = cluster.map_or("", |c| &c.name);
+    if series.clusters.get(name).is_some_and(|cs| exists(cs, &key)) {
+        return key;
+    }
+    if series.override_series >= MAX_OVERRIDE_SERIES {
+        overflowed.fetch_add(1, Ordering::Relaxed);
+        let values = key.1.iter().map(|_| Box::from("overflow")).collect();
+        return (id, values);
+    }
+    series.override_series += 1;
+    key
 }
 
 impl Series {
@@ -343,6 +414,10 @@ impl Series {
             }),
             http: HashMap::new(),
             tcp: HashMap::new(),
+            grpc: HashMap::new(),
+            http_over: HashMap::new(),
+            tcp_over: HashMap::new(),
+            grpc_over: HashMap::new(),
         };
         f(&mut s);
         let key = cluster.map_or_else(|| Arc::from(""), |c| c.name.clone());
@@ -350,30 +425,69 @@ impl Series {
     }
 
     fn merge_into(&self, total: &mut Merged) {
+        for (id, spec) in &self.specs {
+            total.specs.entry(*id).or_insert_with(|| spec.clone());
+        }
         for (name, cs) in &self.clusters {
             let cluster = (!name.is_empty()).then(|| name.clone());
             if let Some(d) = &cs.dest {
                 total.dests.entry(name.clone()).or_insert_with(|| d.clone());
             }
-            for (&(source, dest, grpc, code, flags), v) in &cs.http {
-                let key = HttpKey {
-                    source,
-                    dest,
-                    cluster: cluster.clone(),
-                    grpc,
-                    code,
-                    flags,
-                };
-                total.http.entry(key).or_default().merge(v);
+            let http_key = |&(source, dest, grpc, code, flags): &(
+                SourceId,
+                DestId,
+                GrpcLabel,
+                u16,
+                ResponseFlags,
+            )| HttpKey {
+                source,
+                dest,
+                cluster: cluster.clone(),
+                grpc,
+                code,
+                flags,
+            };
+            for (k, v) in &cs.http {
+                total.http.entry((http_key(k), None)).or_default().merge(v);
             }
-            for (&(source, dest, flags), v) in &cs.tcp {
-                let key = TcpKey {
-                    source,
-                    dest,
-                    cluster: cluster.clone(),
-                    flags,
-                };
-                total.tcp.entry(key).or_default().merge(v);
+            for (o, m) in &cs.http_over {
+                for (k, v) in m {
+                    let key = (http_key(k), Some(o.clone()));
+                    total.http.entry(key).or_default().merge(v);
+                }
+            }
+            let tcp_key = |&(source, dest, flags): &(SourceId, DestId, ResponseFlags)| TcpKey {
+                source,
+                dest,
+                cluster: cluster.clone(),
+                flags,
+            };
+            for (k, v) in &cs.tcp {
+                total.tcp.entry((tcp_key(k), None)).or_default().merge(v);
+            }
+            for (o, m) in &cs.tcp_over {
+                for (k, v) in m {
+                    let key = (tcp_key(k), Some(o.clone()));
+                    total.tcp.entry(key).or_default().merge(v);
+                }
+            }
+            for (&(source, dest), v) in &cs.grpc {
+                let e = total
+                    .grpc
+                    .entry((source, dest, cluster.clone(), None))
+                    .or_default();
+                e.requests += v.requests;
+                e.responses += v.responses;
+            }
+            for (o, m) in &cs.grpc_over {
+                for (&(source, dest), v) in m {
+                    let e = total
+                        .grpc
+                        .entry((source, dest, cluster.clone(), Some(o.clone())))
+                        .or_default();
+                    e.requests += v.requests;
+                    e.responses += v.responses;
+                }
             }
         }
     }
@@ -386,6 +500,8 @@ impl Series {
 /// share a cache line (benches/benches/contention.rs measures it). A series lives in each
 /// thread that counted it, so the table is at most the shard count times the series.
 pub struct Metrics {
+    /// Requests and connections counted under the overflow series of their overrides.
+    overrides_overflowed: std::sync::atomic::AtomicU64,
     sources: Mutex<SourceTable>,
     destinations: Mutex<DestTable>,
     /// This table's tag in [`EndpointWorkload::metrics_id`].
@@ -405,6 +521,7 @@ impl Metrics {
     /// compares the two).
     pub fn with_shards(shards: usize) -> Metrics {
         Metrics {
+            overrides_overflowed: Default::default(),
             sources: Mutex::default(),
             destinations: Mutex::default(),
             table: TABLES.fetch_add(1, Ordering::Relaxed),
@@ -488,7 +605,13 @@ impl Metrics {
         self.destinations.lock().map(|t| t.overflowed).unwrap_or(0)
     }
 
-    /// Count one finished HTTP request.
+    /// Requests and connections counted under an `overflow` override series.
+    pub fn overrides_overflowed(&self) -> u64 {
+        self.overrides_overflowed.load(Ordering::Relaxed)
+    }
+
+    /// Count one finished HTTP request; `over`: the Service's Telemetry overrides (`None`:
+    /// Istio's standard metrics, the fast path).
     pub fn record_http(
         &self,
         source: SourceId,
@@ -496,6 +619,7 @@ impl Metrics {
         cluster: Option<&Arc<Cluster>>,
         r: &AccessLogRecord,
         grpc: bool,
+        over: Option<Overrides>,
     ) {
         // Istio's stats filter: `grpc_response_status` is the gRPC status of a gRPC request.
         let grpc = match (grpc, r.grpc_status) {
@@ -504,22 +628,79 @@ impl Metrics {
             (true, Some(code)) => code.min(GRPC_NO_STATUS - 1),
         };
         let key = (source, dest, grpc, r.response_code, r.response_flags);
-        self.series.local().with_cluster(cluster, |cs| {
-            let s = cs.http.entry(key).or_default();
+        let count = |s: &mut HttpStats| {
             s.requests += 1;
             s.duration.observe(r.duration as f64);
             s.request_bytes.observe(r.bytes_received as f64);
             s.response_bytes.observe(r.bytes_sent as f64);
-        });
+        };
+        let mut series = self.series.local();
+        match over {
+            None => series.with_cluster(cluster, |cs| count(cs.http.entry(key).or_default())),
+            Some(o) if o.spec.disabled => {}
+            Some(o) => {
+                let o = override_key(
+                    &mut series,
+                    cluster,
+                    o,
+                    |cs, o| cs.http_over.get(o).is_some_and(|m| m.contains_key(&key)),
+                    &self.overrides_overflowed,
+                );
+                series.with_cluster(cluster, |cs| {
+                    count(cs.http_over.entry(o).or_default().entry(key).or_default())
+                });
+            }
+        }
+    }
+
+    /// gRPC messages of a stream since its last report (Istio's stats filter reports them
+    /// every `reportingInterval` and at the end, under the peer labels only).
+    pub fn record_grpc_messages(
+        &self,
+        source: SourceId,
+        dest: DestId,
+        cluster: Option<&Arc<Cluster>>,
+        requests: u64,
+        responses: u64,
+        over: Option<Overrides>,
+    ) {
+        if requests == 0 && responses == 0 {
+            return;
+        }
+        let key = (source, dest);
+        let count = |s: &mut GrpcStats| {
+            s.requests += requests;
+            s.responses += responses;
+        };
+        let mut series = self.series.local();
+        match over {
+            None => series.with_cluster(cluster, |cs| count(cs.grpc.entry(key).or_default())),
+            Some(o) if o.spec.disabled => {}
+            Some(o) => {
+                let o = override_key(
+                    &mut series,
+                    cluster,
+                    o,
+                    |cs, o| cs.grpc_over.get(o).is_some_and(|m| m.contains_key(&key)),
+                    &self.overrides_overflowed,
+                );
+                series.with_cluster(cluster, |cs| {
+                    count(cs.grpc_over.entry(o).or_default().entry(key).or_default())
+                });
+            }
+        }
     }
 
     /// A TCP connection through the waypoint opened.
-    pub fn tcp_opened(&self, source: SourceId, dest: DestId, cluster: Option<&Arc<Cluster>>) {
-        self.series.local().with_cluster(cluster, |cs| {
-            cs.tcp
-                .entry((source, dest, ResponseFlags::default()))
-                .or_default()
-                .opened += 1;
+    pub fn tcp_opened(
+        &self,
+        source: SourceId,
+        dest: DestId,
+        cluster: Option<&Arc<Cluster>>,
+        over: Option<Overrides>,
+    ) {
+        self.tcp(source, dest, cluster, ResponseFlags::default(), over, |s| {
+            s.opened += 1
         });
     }
 
@@ -530,17 +711,51 @@ impl Metrics {
         dest: DestId,
         cluster: Option<&Arc<Cluster>>,
         r: &AccessLogRecord,
+        over: Option<Overrides>,
     ) {
-        self.series.local().with_cluster(cluster, |cs| {
-            let s = cs.tcp.entry((source, dest, r.response_flags)).or_default();
+        self.tcp(source, dest, cluster, r.response_flags, over, |s| {
             s.closed += 1;
             s.sent += r.bytes_sent;
             s.received += r.bytes_received;
         });
     }
 
+    fn tcp(
+        &self,
+        source: SourceId,
+        dest: DestId,
+        cluster: Option<&Arc<Cluster>>,
+        flags: ResponseFlags,
+        over: Option<Overrides>,
+        count: impl FnOnce(&mut TcpStats),
+    ) {
+        let key = (source, dest, flags);
+        let mut series = self.series.local();
+        match over {
+            None => series.with_cluster(cluster, |cs| count(cs.tcp.entry(key).or_default())),
+            Some(o) if o.spec.disabled => {}
+            Some(o) => {
+                let o = override_key(
+                    &mut series,
+                    cluster,
+                    o,
+                    |cs, o| cs.tcp_over.get(o).is_some_and(|m| m.contains_key(&key)),
+                    &self.overrides_overflowed,
+                );
+                series.with_cluster(cluster, |cs| {
+                    count(cs.tcp_over.entry(o).or_default().entry(key).or_default())
+                });
+            }
+        }
+    }
+
     /// Prometheus text exposition, plus the proxy's own gauges/counters in `extra`
     /// (name, help, value).
+    ///
+    /// Every series is written with Istio's labels, then the Telemetry overrides it was
+    /// counted under (if any) are applied per metric: a dropped metric is not written, tags
+    /// are removed, replaced or appended; series whose labels become equal are summed, as
+    /// Envoy's stats are (a removed tag merges its series).
     pub fn render(&self, extra: &[(&str, &str, u64)]) -> String {
         let mut out = String::with_capacity(4096);
         // The sources are copied out (a bounded table) so that tunnels opening during a
@@ -560,11 +775,8 @@ impl Metrics {
             workload: "overflow".into(),
             ..unknown.clone()
         };
-        let labels = |source: SourceId,
-                      dest: DestId,
-                      cluster: &Option<Arc<str>>,
-                      protocol: &str|
-         -> String {
+        // Istio's peer labels of a series, in the stats filter's order.
+        let peer = |source: SourceId, dest: DestId, cluster: &Option<Arc<str>>| -> Labels {
             let s = match source {
                 OVERFLOW => &overflow,
                 id => sources.get(id as usize).unwrap_or(&unknown),
@@ -591,75 +803,87 @@ impl Metrics {
                     }
                 },
             };
-            format!(
-                "reporter=\"waypoint\",source_workload=\"{}\",source_canonical_service=\"{}\",source_canonical_revision=\"{}\",\
-source_workload_namespace=\"{}\",source_principal=\"{}\",source_app=\"{}\",source_version=\"{}\",source_cluster=\"{}\",\
-destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_principal=\"{}\",\
-destination_app=\"{}\",destination_version=\"{}\",destination_service=\"{svc}\",\
-destination_canonical_service=\"{}\",destination_canonical_revision=\"{}\",destination_service_name=\"{name}\",\
-destination_service_namespace=\"{ns}\",destination_cluster=\"{}\",request_protocol=\"{protocol}\",\
-connection_security_policy=\"mutual_tls\"",
-                esc(&s.workload),
-                esc(&s.canonical_service),
-                esc(&s.canonical_revision),
-                esc(&s.namespace),
-                esc(&s.principal),
-                esc(&s.app),
-                esc(&s.version),
-                esc(&s.cluster),
-                esc(&w.workload),
-                esc(&w.namespace),
-                esc(&w.principal),
-                esc(&w.app),
-                esc(&w.version),
-                esc(&w.canonical_service),
-                esc(&w.canonical_revision),
-                esc(&w.cluster),
-            )
+            let l = |n: &'static str, v: &str| (Cow::Borrowed(n), v.to_string());
+            vec![
+                l("reporter", "waypoint"),
+                l("source_workload", &s.workload),
+                l("source_canonical_service", &s.canonical_service),
+                l("source_canonical_revision", &s.canonical_revision),
+                l("source_workload_namespace", &s.namespace),
+                l("source_principal", &s.principal),
+                l("source_app", &s.app),
+                l("source_version", &s.version),
+                l("source_cluster", &s.cluster),
+                l("destination_workload", &w.workload),
+                l("destination_workload_namespace", &w.namespace),
+                l("destination_principal", &w.principal),
+                l("destination_app", &w.app),
+                l("destination_version", &w.version),
+                l("destination_service", svc),
+                l("destination_canonical_service", &w.canonical_service),
+                l("destination_canonical_revision", &w.canonical_revision),
+                l("destination_service_name", name),
+                l("destination_service_namespace", ns),
+                l("destination_cluster", &w.cluster),
+            ]
         };
-        let mut http: Vec<(&HttpKey, &HttpStats)> = inner.http.iter().collect();
-        http.sort_by(|a, b| {
-            (a.0.source, &a.0.cluster, a.0.dest, a.0.code).cmp(&(
-                b.0.source,
-                &b.0.cluster,
-                b.0.dest,
-                b.0.code,
-            ))
-        });
-        let per = |k: &HttpKey| {
+        let specs = &inner.specs;
+        // The labels of `metric` for a series counted under `over`; `None`: not reported.
+        let labelled = |mut labels: Labels, over: &Option<OverrideKey>, metric: IstioMetric| {
+            let over = over
+                .as_ref()
+                .and_then(|(id, values)| specs.get(id).map(|s| (&**s, &values[..])));
+            apply_overrides(&mut labels, over, metric).then(|| label_text(&labels))
+        };
+
+        // HTTP: one counter and three histograms per series.
+        let mut requests: BTreeMap<String, u64> = BTreeMap::new();
+        let mut histograms: [BTreeMap<String, Histogram>; 3] = Default::default();
+        for ((k, over), s) in &inner.http {
             let status = match k.grpc {
                 NOT_GRPC | GRPC_NO_STATUS => String::new(),
                 code => code.to_string(),
             };
-            format!(
-                "{},response_code=\"{}\",grpc_response_status=\"{status}\",response_flags=\"{}\"",
-                labels(
-                    k.source,
-                    k.dest,
-                    &k.cluster,
-                    if k.grpc == NOT_GRPC { "http" } else { "grpc" }
+            let mut labels = peer(k.source, k.dest, &k.cluster);
+            let protocol = if k.grpc == NOT_GRPC { "http" } else { "grpc" };
+            labels.extend([
+                (Cow::Borrowed("request_protocol"), protocol.to_string()),
+                (
+                    Cow::Borrowed("connection_security_policy"),
+                    "mutual_tls".into(),
                 ),
-                k.code,
-                k.flags
-            )
-        };
-        out.push_str("# TYPE istio_requests_total counter\n");
-        for (k, s) in &http {
-            let _ = writeln!(out, "istio_requests_total{{{}}} {}", per(k), s.requests);
+                (Cow::Borrowed("response_code"), k.code.to_string()),
+                (Cow::Borrowed("grpc_response_status"), status),
+                (Cow::Borrowed("response_flags"), k.flags.to_string()),
+            ]);
+            if let Some(l) = labelled(labels.clone(), over, IstioMetric::RequestCount) {
+                *requests.entry(l).or_default() += s.requests;
+            }
+            for (i, (metric, h)) in [
+                (IstioMetric::RequestDuration, &s.duration),
+                (IstioMetric::RequestSize, &s.request_bytes),
+                (IstioMetric::ResponseSize, &s.response_bytes),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                if let Some(l) = labelled(labels.clone(), over, metric) {
+                    histograms[i].entry(l).or_default().merge(h);
+                }
+            }
         }
-        for (name, pick) in [
-            ("istio_request_duration_milliseconds", 0usize),
-            ("istio_request_bytes", 1),
-            ("istio_response_bytes", 2),
-        ] {
+        write_counter(&mut out, IstioMetric::RequestCount, &requests);
+        for (metric, series) in [
+            IstioMetric::RequestDuration,
+            IstioMetric::RequestSize,
+            IstioMetric::ResponseSize,
+        ]
+        .into_iter()
+        .zip(&histograms)
+        {
+            let name = metric.prometheus_name();
             let _ = writeln!(out, "# TYPE {name} histogram");
-            for (k, s) in &http {
-                let h = match pick {
-                    0 => &s.duration,
-                    1 => &s.request_bytes,
-                    _ => &s.response_bytes,
-                };
-                let l = per(k);
+            for (l, h) in series {
                 for (b, n) in BUCKETS.iter().zip(h.cumulative()) {
                     let _ = writeln!(out, "{name}_bucket{{{l},le=\"{b}\"}} {n}");
                 }
@@ -668,26 +892,65 @@ connection_security_policy=\"mutual_tls\"",
                 let _ = writeln!(out, "{name}_count{{{l}}} {}", h.count);
             }
         }
-        let mut tcp: Vec<(&TcpKey, &TcpStats)> = inner.tcp.iter().collect();
-        tcp.sort_by(|a, b| {
-            (a.0.source, &a.0.cluster, a.0.dest).cmp(&(b.0.source, &b.0.cluster, b.0.dest))
-        });
-        for (name, pick) in [
-            ("istio_tcp_connections_opened_total", 0usize),
-            ("istio_tcp_connections_closed_total", 1),
-            ("istio_tcp_sent_bytes_total", 2),
-            ("istio_tcp_received_bytes_total", 3),
-        ] {
-            let _ = writeln!(out, "# TYPE {name} counter");
-            for (k, s) in &tcp {
-                let v = [s.opened, s.closed, s.sent, s.received][pick];
-                let _ = writeln!(
-                    out,
-                    "{name}{{{},response_flags=\"{}\"}} {v}",
-                    labels(k.source, k.dest, &k.cluster, "tcp"),
-                    k.flags
-                );
+
+        // gRPC messages: the peer labels only (the stats filter reports them before it adds
+        // the protocol, code and flags).
+        if !inner.grpc.is_empty() {
+            let mut counts: [BTreeMap<String, u64>; 2] = Default::default();
+            for ((source, dest, cluster, over), s) in &inner.grpc {
+                let labels = peer(*source, *dest, cluster);
+                for (i, (metric, v)) in [
+                    (IstioMetric::GrpcRequestMessages, s.requests),
+                    (IstioMetric::GrpcResponseMessages, s.responses),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    if let Some(l) = labelled(labels.clone(), over, metric) {
+                        *counts[i].entry(l).or_default() += v;
+                    }
+                }
             }
+            write_counter(&mut out, IstioMetric::GrpcRequestMessages, &counts[0]);
+            write_counter(&mut out, IstioMetric::GrpcResponseMessages, &counts[1]);
+        }
+
+        // TCP: four counters per series.
+        let mut tcp: [BTreeMap<String, u64>; 4] = Default::default();
+        for ((k, over), s) in &inner.tcp {
+            let mut labels = peer(k.source, k.dest, &k.cluster);
+            labels.extend([
+                (Cow::Borrowed("request_protocol"), "tcp".to_string()),
+                (
+                    Cow::Borrowed("connection_security_policy"),
+                    "mutual_tls".into(),
+                ),
+                (Cow::Borrowed("response_flags"), k.flags.to_string()),
+            ]);
+            for (i, (metric, v)) in [
+                (IstioMetric::TcpOpenedConnections, s.opened),
+                (IstioMetric::TcpClosedConnections, s.closed),
+                (IstioMetric::TcpSentBytes, s.sent),
+                (IstioMetric::TcpReceivedBytes, s.received),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                if let Some(l) = labelled(labels.clone(), over, metric) {
+                    *tcp[i].entry(l).or_default() += v;
+                }
+            }
+        }
+        for (metric, series) in [
+            IstioMetric::TcpOpenedConnections,
+            IstioMetric::TcpClosedConnections,
+            IstioMetric::TcpSentBytes,
+            IstioMetric::TcpReceivedBytes,
+        ]
+        .into_iter()
+        .zip(&tcp)
+        {
+            write_counter(&mut out, metric, series);
         }
         for (name, help, value) in extra {
             let kind = if name.ends_with("_total") {
@@ -701,6 +964,138 @@ connection_security_policy=\"mutual_tls\"",
             );
         }
         out
+    }
+}
+
+/// What Telemetry `metrics` changes for a Service's traffic, for `waypoint explain`
+/// (`None`: Istio's standard metrics).
+pub fn describe(policy: &policy::MetricsPolicy) -> Option<String> {
+    let spec = policy.spec()?;
+    let from = spec.sources.join(", ");
+    if spec.disabled {
+        return Some(format!("{from}: every istio_* metric off"));
+    }
+    let mut parts = Vec::new();
+    for m in IstioMetric::ALL {
+        let rule = spec.rule(m);
+        if rule.drop {
+            parts.push(format!("{} off", m.prometheus_name()));
+            continue;
+        }
+        if rule.tags.is_empty() {
+            continue;
+        }
+        let tags: Vec<String> = rule
+            .tags
+            .iter()
+            .map(|(tag, r)| match r {
+                TagRule::Remove => format!("-{tag}"),
+                TagRule::Set(i) => format!("{tag}={}", spec.expressions[*i].text),
+            })
+            .collect();
+        parts.push(format!("{} [{}]", m.prometheus_name(), tags.join(", ")));
+    }
+    if let Some(d) = spec.reporting_interval {
+        parts.push(format!("reporting every {}", humantime::format_duration(d)));
+    }
+    Some(format!("{from}: {}", parts.join("; ")))
+}
+
+/// A series' labels, in order: (name, value unescaped).
+type Labels = Vec<(Cow<'static, str>, String)>;
+
+/// Every tag Istio's stats filter writes (`istio_stats.cc` `all_tags_`): `REMOVE` and
+/// `UPSERT` of these act on a metric only where it has the tag; other names are new tags.
+const STANDARD_TAGS: [&str; 25] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+    "response_code",
+    "grpc_response_status",
+];
+
+/// Apply `metric`'s rule of `over` (spec and evaluated values) to `labels`; `false` when
+/// the metric is not reported.
+fn apply_overrides(
+    labels: &mut Labels,
+    over: Option<(&MetricsSpec, &[Box<str>])>,
+    metric: IstioMetric,
+) -> bool {
+    let Some((spec, values)) = over else {
+        return true;
+    };
+    let rule = spec.rule(metric);
+    if spec.disabled || rule.drop {
+        return false;
+    }
+    let value = |i: usize| {
+        values
+            .get(i)
+            .map_or_else(|| "unknown".to_string(), |v| v.to_string())
+    };
+    for (tag, r) in &rule.tags {
+        match (labels.iter().position(|(n, _)| n == tag), r) {
+            (Some(i), TagRule::Remove) => {
+                labels.remove(i);
+            }
+            (Some(i), TagRule::Set(e)) => labels[i].1 = value(*e),
+            (None, _) if STANDARD_TAGS.contains(&tag.as_str()) => {}
+            (None, TagRule::Set(e)) => labels.push((Cow::Owned(label_name(tag)), value(*e))),
+            (None, TagRule::Remove) => {}
+        }
+    }
+    true
+}
+
+/// A tag name as Envoy's Prometheus output writes it: characters outside `[a-zA-Z0-9_]`
+/// become `_`, and a leading digit gets a `_` prefix.
+fn label_name(tag: &str) -> String {
+    let mut out: String = tag
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    if out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert(0, '_');
+    }
+    out
+}
+
+fn label_text(labels: &Labels) -> String {
+    let mut out = String::with_capacity(labels.len() * 40);
+    for (i, (n, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{n}=\"{}\"", esc(v));
+    }
+    out
+}
+
+fn write_counter(out: &mut String, metric: IstioMetric, series: &BTreeMap<String, u64>) {
+    let name = metric.prometheus_name();
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (l, v) in series {
+        let _ = writeln!(out, "{name}{{{l}}} {v}");
     }
 }
 
@@ -805,6 +1200,7 @@ mod tests {
             None,
             &AccessLogRecord::new(std::time::SystemTime::now()),
             false,
+            None,
         );
         m.record_http(
             0,
@@ -812,6 +1208,7 @@ mod tests {
             None,
             &AccessLogRecord::new(std::time::SystemTime::now()),
             false,
+            None,
         );
         let text = m.render(&[]);
         assert!(
@@ -832,6 +1229,7 @@ mod tests {
             None,
             &AccessLogRecord::new(std::time::SystemTime::now()),
             false,
+            None,
         );
         assert!(m.render(&[]).contains("destination_workload=\"overflow\""));
     }
@@ -847,7 +1245,7 @@ mod tests {
             for _ in 0..4 {
                 s.spawn(|| {
                     for _ in 0..250 {
-                        m.record_http(0, NO_DESTINATION, None, &r, false);
+                        m.record_http(0, NO_DESTINATION, None, &r, false, None);
                     }
                 });
             }
@@ -876,6 +1274,69 @@ mod tests {
             value("istio_response_bytes_bucket{", "le=\"+Inf\""),
             ["1000"]
         );
+    }
+
+    fn overrides(yaml: serde_json::Value, r: &AccessLogRecord) -> Overrides {
+        let p = policy::MetricsPolicy::from_spec(yaml, &Default::default()).unwrap();
+        crate::request::log::metric_overrides(&p, r, None, None).unwrap()
+    }
+
+    #[test]
+    fn override_series_are_bounded_per_thread_with_an_overflow_series() {
+        let m = Metrics::default();
+        let spec = serde_json::json!([{"overrides": [
+            {"match": {"metric": "REQUEST_COUNT"}, "tagOverrides": {"path": {"value": "request.path"}}}
+        ]}]);
+        let mut r = AccessLogRecord::new(std::time::SystemTime::now());
+        r.method = Some("GET".into());
+        r.response_code = 200;
+        for i in 0..MAX_OVERRIDE_SERIES + 5 {
+            r.path = Some(format!("/{i}"));
+            let o = overrides(spec.clone(), &r);
+            m.record_http(0, NO_DESTINATION, None, &r, false, Some(o));
+        }
+        // Counting a known series again is not an overflow.
+        r.path = Some("/0".into());
+        let o = overrides(spec.clone(), &r);
+        m.record_http(0, NO_DESTINATION, None, &r, false, Some(o));
+        assert_eq!(m.overrides_overflowed(), 5);
+        let text = m.render(&[]);
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .collect();
+        assert_eq!(lines.len(), MAX_OVERRIDE_SERIES + 1);
+        assert!(lines.iter().any(|l| l.ends_with(",path=\"overflow\"} 5")));
+        assert!(lines.iter().any(|l| l.ends_with(",path=\"/0\"} 2")));
+    }
+
+    #[test]
+    fn tcp_metrics_follow_their_overrides() {
+        let m = Metrics::default();
+        let spec = serde_json::json!([{"overrides": [
+            {"match": {"metric": "TCP_SENT_BYTES"}, "disabled": true},
+            {"match": {"metric": "TCP_OPENED_CONNECTIONS"}, "tagOverrides": {
+                "response_flags": {"operation": "REMOVE"},
+                "destination_port": {"value": "destination.port"}}}
+        ]}]);
+        let mut r = AccessLogRecord::new(std::time::SystemTime::now());
+        r.downstream_local_address = Some("10.0.0.1:9000".into());
+        let o = overrides(spec, &r);
+        m.tcp_opened(0, NO_DESTINATION, None, Some(o.clone()));
+        r.bytes_sent = 10;
+        m.tcp_closed(0, NO_DESTINATION, None, &r, Some(o));
+        let text = m.render(&[]);
+        assert!(!text.contains("istio_tcp_sent_bytes_total{"), "{text}");
+        let opened = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .unwrap();
+        assert!(
+            opened.ends_with(",destination_port=\"9000\"} 1"),
+            "{opened}"
+        );
+        assert!(!opened.contains("response_flags"), "{opened}");
+        assert!(text.contains("istio_tcp_received_bytes_total{"));
     }
 
     #[test]

@@ -35,6 +35,7 @@ use policy::Endpoint;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::request::grpc_messages::{Direction, FrameCounter, GrpcMessages};
 use crate::sharded::Sharded;
 
 /// Why an upstream attempt failed before a response started.
@@ -116,6 +117,9 @@ struct BodyState {
     tee: Option<Arc<Mutex<Tee>>>,
     /// Envoy's stream idle timeout for a body the client stops sending (`--stream-idle-timeout`).
     idle: Option<StreamIdle>,
+    /// A gRPC request's messages, counted once as they come from the client (not again on a
+    /// replay for a retry, as Envoy's grpc_stats filter sits before the router).
+    grpc: Option<Box<(FrameCounter, Arc<GrpcMessages>)>>,
 }
 
 /// How long the client may leave a started request body without a byte: armed when the body
@@ -278,6 +282,7 @@ impl RetryBuffer {
             tee: None,
             idle: None,
             prefix: None,
+            grpc: None,
         })))
     }
 
@@ -318,7 +323,14 @@ impl RequestBody {
             received: Some(received),
             tee: None,
             prefix: None,
+            grpc: None,
         }))
+    }
+
+    /// Count the gRPC messages of this body into `messages`.
+    pub fn with_grpc_messages(mut self, messages: Option<Arc<GrpcMessages>>) -> RequestBody {
+        self.0.grpc = messages.map(|m| Box::new((FrameCounter::new(Direction::Request), m)));
+        self
     }
 
     /// Send `prefix` (already read from the client and counted) before the rest of the body.
@@ -336,6 +348,7 @@ impl RequestBody {
             tee: None,
             idle: None,
             prefix: None,
+            grpc: None,
         }))
     }
 
@@ -347,6 +360,7 @@ impl RequestBody {
             tee: None,
             idle: None,
             prefix: None,
+            grpc: None,
         }))
     }
 
@@ -385,6 +399,9 @@ impl Body for RequestBody {
                         this.prefix = None;
                     }
                     let at_end = this.prefix.is_none() && inner.is_end_stream();
+                    if let (Some(g), Some(d)) = (&mut this.grpc, frame.data_ref()) {
+                        g.0.feed(d, &g.1);
+                    }
                     if let Some(tee) = &this.tee {
                         record_in_tee(tee, Some(Some(&frame)), at_end);
                     }
@@ -429,6 +446,11 @@ impl Body for RequestBody {
                         && let Some(received) = &this.received
                     {
                         received.add(d.len() as u64);
+                    }
+                    if let (Some(Ok(frame)), Some(g)) = (frame, &mut this.grpc)
+                        && let Some(d) = frame.data_ref()
+                    {
+                        g.0.feed(d, &g.1);
                     }
                     if let Some(tee) = &this.tee {
                         record_in_tee(tee, frame.as_ref().map(|f| f.as_ref().ok()), at_end);
