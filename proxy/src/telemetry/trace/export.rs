@@ -45,6 +45,11 @@ pub const QUEUE: usize = 2048;
 pub const MAX_BATCH: usize = 512;
 /// How long a batch waits for more spans after its first.
 pub const FLUSH: Duration = Duration::from_secs(1);
+/// Export requests in flight at once per provider: the queue keeps draining while a batch
+/// waits for the collector's answer (Envoy's OpenTelemetry exporter does not wait for one
+/// answer before sending the next batch either); bounded, so a slow collector holds at most
+/// this many batches besides the queue.
+pub const MAX_IN_FLIGHT: usize = 4;
 /// Export timeout when the provider sets none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -98,12 +103,13 @@ impl SpanExporter {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let stats = Arc::new(TraceStats::default());
         let task = Task {
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             name: name.to_string(),
             provider,
             node,
             resolver,
             stats: stats.clone(),
-            grpc: None,
+            grpc: Arc::new(std::sync::Mutex::new(None)),
             http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_max_idle_per_host(4)
                 .pool_idle_timeout(Duration::from_secs(60))
@@ -164,21 +170,26 @@ type HttpClient = hyper_util::client::legacy::Client<
     Full<Bytes>,
 >;
 
+/// One provider's exporter; cloned into each export in flight.
+#[derive(Clone)]
 struct Task {
     name: String,
     provider: TracingProvider,
     node: NodeInfo,
     resolver: Resolver,
     stats: Arc<TraceStats>,
-    /// The gRPC client and the endpoint it was made for.
-    grpc: Option<(SocketAddr, TraceServiceClient<tonic::transport::Channel>)>,
+    /// The gRPC client and the endpoint it was made for (forgotten after a failure).
+    grpc: Arc<std::sync::Mutex<Option<GrpcClient>>>,
     http: HttpClient,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
+type GrpcClient = (SocketAddr, TraceServiceClient<tonic::transport::Channel>);
+
 impl Task {
-    async fn run(mut self, mut rx: mpsc::Receiver<FinishedSpan>) {
-        let mut batch = Vec::with_capacity(64);
+    async fn run(self, mut rx: mpsc::Receiver<FinishedSpan>) {
         while let Some(first) = rx.recv().await {
+            let mut batch = Vec::with_capacity(64);
             batch.push(first);
             let deadline = tokio::time::Instant::now() + FLUSH;
             while batch.len() < MAX_BATCH {
@@ -187,24 +198,41 @@ impl Task {
                     Ok(None) | Err(_) => break,
                 }
             }
-            let n = batch.len() as u64;
-            let timeout = self.timeout();
-            match tokio::time::timeout(timeout, self.export(&batch)).await {
-                Ok(Ok(())) => {
-                    self.stats.exported.fetch_add(n, Ordering::Relaxed);
-                }
-                Ok(Err(e)) => {
-                    debug!(provider = %self.name, error = %e, spans = n, "span export failed");
-                    self.stats.failed.fetch_add(n, Ordering::Relaxed);
-                    self.grpc = None;
-                }
-                Err(_) => {
-                    debug!(provider = %self.name, spans = n, "span export timed out");
-                    self.stats.failed.fetch_add(n, Ordering::Relaxed);
-                    self.grpc = None;
-                }
+            // At most MAX_IN_FLIGHT exports at once: beyond that the loop waits here and
+            // the bounded queue fills (and drops) instead of memory growing.
+            let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            let task = self.clone();
+            tokio::spawn(async move {
+                task.export_counted(&batch).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn export_counted(&self, batch: &[FinishedSpan]) {
+        let n = batch.len() as u64;
+        match tokio::time::timeout(self.timeout(), self.export(batch)).await {
+            Ok(Ok(())) => {
+                self.stats.exported.fetch_add(n, Ordering::Relaxed);
             }
-            batch.clear();
+            Ok(Err(e)) => {
+                debug!(provider = %self.name, error = %e, spans = n, "span export failed");
+                self.stats.failed.fetch_add(n, Ordering::Relaxed);
+                self.forget_client();
+            }
+            Err(_) => {
+                debug!(provider = %self.name, spans = n, "span export timed out");
+                self.stats.failed.fetch_add(n, Ordering::Relaxed);
+                self.forget_client();
+            }
+        }
+    }
+
+    fn forget_client(&self) {
+        if let Ok(mut g) = self.grpc.lock() {
+            *g = None;
         }
     }
 
@@ -238,25 +266,28 @@ impl Task {
         Ok((SocketAddr::new(ip, port), host))
     }
 
-    async fn export(&mut self, batch: &[FinishedSpan]) -> anyhow::Result<()> {
+    async fn export(&self, batch: &[FinishedSpan]) -> anyhow::Result<()> {
         let (addr, host) = self.collector().await?;
-        match self.provider.kind.clone() {
+        match &self.provider.kind {
             TracingProviderKind::OtlpGrpc { metadata, .. } => {
-                let client = match &self.grpc {
-                    Some((a, c)) if *a == addr => c.clone(),
+                let cached = self.grpc.lock().ok().and_then(|g| g.clone());
+                let client = match cached {
+                    Some((a, c)) if a == addr => c,
                     _ => {
                         let endpoint =
                             tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
                                 .origin(format!("http://{host}").parse()?)
                                 .connect_timeout(DEFAULT_TIMEOUT);
                         let c = TraceServiceClient::new(endpoint.connect_lazy());
-                        self.grpc = Some((addr, c.clone()));
+                        if let Ok(mut g) = self.grpc.lock() {
+                            *g = Some((addr, c.clone()));
+                        }
                         c
                     }
                 };
                 let mut client = client;
                 let mut req = tonic::Request::new(otlp_request(&self.node, batch));
-                for (k, v) in &metadata {
+                for (k, v) in metadata {
                     if let (Ok(k), Ok(v)) = (
                         tonic::metadata::MetadataKey::from_bytes(k.as_str().as_bytes()),
                         v.to_str().map(tonic::metadata::MetadataValue::try_from),
@@ -271,16 +302,16 @@ impl Task {
             TracingProviderKind::OtlpHttp { path, headers, .. } => {
                 let body = otlp_request(&self.node, batch).encode_to_vec();
                 let path = if path.is_empty() {
-                    "/v1/traces".to_string()
+                    "/v1/traces"
                 } else {
-                    path
+                    path.as_str()
                 };
-                self.post(addr, &host, &path, "application/x-protobuf", &headers, body)
+                self.post(addr, &host, path, "application/x-protobuf", headers, body)
                     .await
             }
             TracingProviderKind::Zipkin { path, headers, .. } => {
                 let body = serde_json::to_vec(&zipkin_spans(&self.node, batch))?;
-                self.post(addr, &host, &path, "application/json", &headers, body)
+                self.post(addr, &host, path, "application/json", headers, body)
                     .await
             }
         }
@@ -406,7 +437,7 @@ pub fn zipkin_spans(node: &NodeInfo, batch: &[FinishedSpan]) -> Vec<serde_json::
             let tags: serde_json::Map<String, serde_json::Value> = s
                 .tags
                 .iter()
-                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
                 .collect();
             let mut local = serde_json::json!({"serviceName": node.cluster, "port": 0});
             match node.ip {

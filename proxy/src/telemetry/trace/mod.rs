@@ -258,6 +258,9 @@ pub struct StartInfo<'a> {
     pub peer: Option<std::net::IpAddr>,
 }
 
+/// A span tag: Envoy's names are static (no allocation per span); custom tags' are owned.
+pub type Tag = (std::borrow::Cow<'static, str>, String);
+
 /// A sampled request's span, waiting for the request to end.
 pub struct SpanStart {
     tracer: Arc<Tracer>,
@@ -269,7 +272,7 @@ pub struct SpanStart {
     start: SystemTime,
     name: String,
     /// Tags known at the start: Istio's, the custom ones, `http.url`, ...
-    tags: Vec<(String, String)>,
+    tags: Vec<Tag>,
     node: Arc<NodeInfo>,
 }
 
@@ -402,7 +405,7 @@ impl Active<'_> {
                 span: None,
             };
         }
-        let mut tags: Vec<(String, String)> = Vec::with_capacity(24);
+        let mut tags: Vec<Tag> = Vec::with_capacity(28);
         let node = self.node;
         if self.istio_tags {
             tags.push((
@@ -429,7 +432,7 @@ impl Active<'_> {
                     .or_else(|| (!default.is_empty()).then(|| default.clone())),
             };
             if let Some(v) = value {
-                tags.push((name.clone(), v));
+                tags.push((name.clone().into(), v));
             }
         }
         let mut url = format!("{}://{}{}", info.scheme, info.authority, info.path);
@@ -467,8 +470,8 @@ impl Active<'_> {
         if grpc {
             tags.push(("grpc.path".into(), info.path.to_string()));
             tags.push(("grpc.authority".into(), info.authority.to_string()));
-            tags.extend(text("content-type").map(|v| ("grpc.content_type".to_string(), v)));
-            tags.extend(text("grpc-timeout").map(|v| ("grpc.timeout".to_string(), v)));
+            tags.extend(text("content-type").map(|v| ("grpc.content_type".into(), v)));
+            tags.extend(text("grpc-timeout").map(|v| ("grpc.timeout".into(), v)));
         }
         Started {
             upstream,
@@ -491,7 +494,7 @@ impl Active<'_> {
 impl SpanStart {
     /// Add a tag known only to the caller (the client's workload).
     pub fn tag(&mut self, key: &str, value: &str) {
-        self.tags.push((key.to_string(), value.to_string()));
+        self.tags.push((key.to_string().into(), value.to_string()));
     }
 }
 
@@ -508,7 +511,7 @@ pub struct FinishedSpan {
     pub end: SystemTime,
     /// Envoy's `error` tag: a 5xx or no response at all.
     pub error: bool,
-    pub tags: Vec<(String, String)>,
+    pub tags: Vec<Tag>,
     pub node: Arc<NodeInfo>,
 }
 
