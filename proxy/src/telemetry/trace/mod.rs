@@ -297,114 +297,178 @@ fn header(name: &'static str, value: String) -> Option<(HeaderName, HeaderValue)
         .map(|v| (HeaderName::from_static(name), v))
 }
 
+/// The trace a request's span belongs to, as read from (or started for) the request.
+struct SpanContext {
+    trace_id: TraceId,
+    parent: Option<[u8; 8]>,
+    sampled: bool,
+    tracestate: String,
+}
+
+/// OpenTelemetry (W3C `traceparent`/`tracestate`): Envoy's OpenTelemetry tracer follows a
+/// valid parent's sampled flag; ours is sent upstream as the parent.
+fn w3c_context(
+    headers: &HeaderMap,
+    reason: context::Reason,
+    span_id: [u8; 8],
+    upstream: &mut Vec<(HeaderName, HeaderValue)>,
+) -> SpanContext {
+    // Envoy's OpenTelemetry tracer follows a valid parent's sampled flag.
+    let (trace_id, parent, sampled, state) = match context::w3c_parent(headers) {
+        Some(Parent {
+            trace_id,
+            span_id,
+            sampled,
+            tracestate,
+        }) => (
+            trace_id,
+            Some(span_id),
+            sampled,
+            tracestate.unwrap_or_default(),
+        ),
+        None => (
+            TraceId {
+                bytes: random_id(),
+                narrow: false,
+            },
+            None,
+            reason.traced(),
+            String::new(),
+        ),
+    };
+    upstream.extend(header(
+        "traceparent",
+        format!(
+            "00-{}-{}-{}",
+            trace_id.hex(),
+            hex(&span_id),
+            if sampled { "01" } else { "00" }
+        ),
+    ));
+    upstream.extend(header("tracestate", state.clone()));
+    SpanContext {
+        trace_id,
+        parent,
+        sampled,
+        tracestate: state,
+    }
+}
+
+/// Zipkin (B3 `x-b3-*` or `b3`, W3C as well with `USE_B3_WITH_W3C_PROPAGATION`).
+fn b3_context(
+    headers: &HeaderMap,
+    reason: context::Reason,
+    span_id: [u8; 8],
+    (trace_id_128, w3c): (bool, bool),
+    upstream: &mut Vec<(HeaderName, HeaderValue)>,
+) -> SpanContext {
+    let b3 = context::b3(headers);
+    let w3c_parent = if w3c {
+        context::w3c_parent(headers)
+    } else {
+        None
+    };
+    let sampled = b3
+        .sampled
+        .or(w3c_parent
+            .as_ref()
+            .filter(|_| b3.ids.is_none())
+            .map(|p| p.sampled))
+        .unwrap_or(reason.traced());
+    let (trace_id, parent, span_id) = match (b3.ids, &w3c_parent) {
+        (Some((t, s)), _) => (t, Some(s), span_id),
+        (None, Some(p)) => (p.trace_id, Some(p.span_id), span_id),
+        (None, None) => {
+            // A new root: its id is the trace id's low half (Envoy's Zipkin).
+            let mut bytes: [u8; 16] = random_id();
+            bytes[8..].copy_from_slice(&span_id);
+            if !trace_id_128 {
+                bytes[..8].fill(0);
+            }
+            (
+                TraceId {
+                    bytes,
+                    narrow: !trace_id_128,
+                },
+                None,
+                span_id,
+            )
+        }
+    };
+    upstream.extend(header("x-b3-traceid", trace_id.hex()));
+    upstream.extend(header("x-b3-spanid", hex(&span_id)));
+    if let Some(p) = parent.filter(|_| b3.ids.is_some() || w3c_parent.is_some()) {
+        upstream.extend(header("x-b3-parentspanid", hex(&p)));
+    }
+    upstream.extend(header(
+        "x-b3-sampled",
+        if sampled { "1" } else { "0" }.into(),
+    ));
+    if w3c {
+        upstream.extend(header(
+            "traceparent",
+            format!(
+                "00-{}-{}-{}",
+                hex(&trace_id.bytes),
+                hex(&span_id),
+                if sampled { "01" } else { "00" }
+            ),
+        ));
+    }
+    SpanContext {
+        trace_id,
+        parent,
+        sampled,
+        tracestate: String::new(),
+    }
+}
+
 impl Active<'_> {
     /// Decide, read the caller's context, and make ours (see the module docs).
     pub fn start(&self, headers: &mut HeaderMap, info: StartInfo<'_>) -> Started {
         let reason = context::decide(headers, self.use_request_id, self.per_10000, rand::random);
         let span_id: [u8; 8] = random_id();
         let mut upstream = Vec::new();
-        let (trace_id, parent, sampled, tracestate) = match &self.tracer.provider.kind {
+        let ctx = match &self.tracer.provider.kind {
             TracingProviderKind::OtlpGrpc { .. } | TracingProviderKind::OtlpHttp { .. } => {
-                // Envoy's OpenTelemetry tracer follows a valid parent's sampled flag.
-                let (trace_id, parent, sampled, state) = match context::w3c_parent(headers) {
-                    Some(Parent {
-                        trace_id,
-                        span_id,
-                        sampled,
-                        tracestate,
-                    }) => (
-                        trace_id,
-                        Some(span_id),
-                        sampled,
-                        tracestate.unwrap_or_default(),
-                    ),
-                    None => (
-                        TraceId {
-                            bytes: random_id(),
-                            narrow: false,
-                        },
-                        None,
-                        reason.traced(),
-                        String::new(),
-                    ),
-                };
-                upstream.extend(header(
-                    "traceparent",
-                    format!(
-                        "00-{}-{}-{}",
-                        trace_id.hex(),
-                        hex(&span_id),
-                        if sampled { "01" } else { "00" }
-                    ),
-                ));
-                upstream.extend(header("tracestate", state.clone()));
-                (trace_id, parent, sampled, state)
+                w3c_context(headers, reason, span_id, &mut upstream)
             }
             TracingProviderKind::Zipkin {
                 trace_id_128, w3c, ..
-            } => {
-                let b3 = context::b3(headers);
-                let w3c_parent = if *w3c {
-                    context::w3c_parent(headers)
-                } else {
-                    None
-                };
-                let sampled = b3
-                    .sampled
-                    .or(w3c_parent
-                        .as_ref()
-                        .filter(|_| b3.ids.is_none())
-                        .map(|p| p.sampled))
-                    .unwrap_or(reason.traced());
-                let (trace_id, parent, span_id) = match (b3.ids, &w3c_parent) {
-                    (Some((t, s)), _) => (t, Some(s), span_id),
-                    (None, Some(p)) => (p.trace_id, Some(p.span_id), span_id),
-                    (None, None) => {
-                        // A new root: its id is the trace id's low half (Envoy's Zipkin).
-                        let mut bytes: [u8; 16] = random_id();
-                        bytes[8..].copy_from_slice(&span_id);
-                        if !trace_id_128 {
-                            bytes[..8].fill(0);
-                        }
-                        (
-                            TraceId {
-                                bytes,
-                                narrow: !trace_id_128,
-                            },
-                            None,
-                            span_id,
-                        )
-                    }
-                };
-                upstream.extend(header("x-b3-traceid", trace_id.hex()));
-                upstream.extend(header("x-b3-spanid", hex(&span_id)));
-                if let Some(p) = parent.filter(|_| b3.ids.is_some() || w3c_parent.is_some()) {
-                    upstream.extend(header("x-b3-parentspanid", hex(&p)));
-                }
-                upstream.extend(header(
-                    "x-b3-sampled",
-                    if sampled { "1" } else { "0" }.into(),
-                ));
-                if *w3c {
-                    upstream.extend(header(
-                        "traceparent",
-                        format!(
-                            "00-{}-{}-{}",
-                            hex(&trace_id.bytes),
-                            hex(&span_id),
-                            if sampled { "01" } else { "00" }
-                        ),
-                    ));
-                }
-                (trace_id, parent, sampled, String::new())
-            }
+            } => b3_context(
+                headers,
+                reason,
+                span_id,
+                (*trace_id_128, *w3c),
+                &mut upstream,
+            ),
         };
-        if !sampled {
+        if !ctx.sampled {
             return Started {
                 upstream,
                 span: None,
             };
         }
+        let tags = self.start_tags(headers, &info);
+        Started {
+            upstream,
+            span: Some(Box::new(SpanStart {
+                tracer: self.tracer.clone(),
+                trace_id: ctx.trace_id,
+                span_id,
+                remote_parent: ctx.parent.is_some(),
+                parent: ctx.parent,
+                tracestate: ctx.tracestate,
+                start: SystemTime::now(),
+                name: info.operation,
+                tags,
+                node: self.node.clone(),
+            })),
+        }
+    }
+
+    /// The tags known when the request starts: Istio's, the custom ones, Envoy's request tags.
+    fn start_tags(&self, headers: &HeaderMap, info: &StartInfo<'_>) -> Vec<Tag> {
         let mut tags: Vec<Tag> = Vec::with_capacity(28);
         let node = self.node;
         if self.istio_tags {
@@ -473,21 +537,7 @@ impl Active<'_> {
             tags.extend(text("content-type").map(|v| ("grpc.content_type".into(), v)));
             tags.extend(text("grpc-timeout").map(|v| ("grpc.timeout".into(), v)));
         }
-        Started {
-            upstream,
-            span: Some(Box::new(SpanStart {
-                tracer: self.tracer.clone(),
-                trace_id,
-                span_id,
-                remote_parent: parent.is_some(),
-                parent,
-                tracestate,
-                start: SystemTime::now(),
-                name: info.operation,
-                tags,
-                node: node.clone(),
-            })),
-        }
+        tags
     }
 }
 
