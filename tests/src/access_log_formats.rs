@@ -47,53 +47,26 @@ async fn plain_backend() -> SocketAddr {
 /// Envoy proxying `/ok` to `backend` (anything else: no route), logging `format` to a file.
 fn envoy_config(backend: SocketAddr, log: &std::path::Path, format: &str) -> String {
     let format = serde_json::to_string(format).unwrap();
-    format!(
-        r#"admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-static_resources:
-  listeners:
-  - name: http
-    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: "{log}"
-              log_format:
-                text_format_source: {{inline_string: {format}}}
-          route_config:
-            name: default
-            virtual_hosts:
-            - name: reviews
-              domains: ["*"]
-              routes:
-              - name: default
-                match: {{prefix: /ok}}
-                route: {{cluster: "{CLUSTER}"}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: "{CLUSTER}"
-    alt_stat_name: "{CLUSTER};"
-    type: STATIC
-    connect_timeout: 5s
-    load_assignment:
-      cluster_name: "{CLUSTER}"
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: "{ip}", port_value: {port}}}}}}}
-"#,
-        log = log.display(),
-        ip = backend.ip(),
-        port = backend.port(),
-    )
+    let access_log = format!(
+        "access_log:\n- name: envoy.access_loggers.file\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n    path: \"{}\"\n    log_format:\n      text_format_source: {{inline_string: {format}}}\n",
+        log.display()
+    );
+    // istiod's cluster: `%UPSTREAM_CLUSTER%` prints its `alt_stat_name`.
+    let cluster = format!(
+        "- name: \"{CLUSTER}\"\n  alt_stat_name: \"{CLUSTER};\"\n  type: STATIC\n  connect_timeout: 5s\n  load_assignment:\n    cluster_name: \"{CLUSTER}\"\n    endpoints:\n    - lb_endpoints:\n      - endpoint: {{address: {{socket_address: {{address: \"{}\", port_value: {}}}}}}}\n",
+        backend.ip(),
+        backend.port()
+    );
+    waypoint_tests::envoy::http_bootstrap(&waypoint_tests::envoy::HttpListener {
+        stat_prefix: Some("http"),
+        virtual_host: Some("reviews"),
+        hcm: &access_log,
+        routes: &format!(
+            "- name: default\n  match: {{prefix: /ok}}\n  route: {{cluster: \"{CLUSTER}\"}}\n"
+        ),
+        clusters: &cluster,
+        ..Default::default()
+    })
 }
 
 /// The requests both proxies get: a routed GET with a truncated header fallback, and one
@@ -150,7 +123,7 @@ async fn envoys(backend: SocketAddr, format: &str, n: usize) -> Vec<String> {
     let envoy = Envoy::start(&envoy_config(backend, &log, format))
         .await
         .expect("envoy starts");
-    let addr = envoy.listener("http").await.unwrap();
+    let addr = envoy.listener("plain").await.unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, driver) =
         hyper::client::conn::http1::handshake::<_, Full<Bytes>>(hyper_util::rt::TokioIo::new(tcp))

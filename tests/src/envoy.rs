@@ -352,14 +352,45 @@ static_resources:
 /// the router, `clusters` the cluster list; each a YAML list written from column 0 (indented
 /// here to its place).
 pub fn plain_http_bootstrap(routes: &str, filters: &str, clusters: &str) -> String {
+    http_bootstrap(&HttpListener {
+        routes,
+        filters,
+        clusters,
+        ..HttpListener::default()
+    })
+}
+
+/// What [`http_bootstrap`] varies: the listener skeleton is always the same.
+#[derive(Debug, Default)]
+pub struct HttpListener<'a> {
+    /// The node's `id` and `cluster` (istiod's waypoint node, when a test compares what Envoy
+    /// derives from it).
+    pub node: Option<(&'a str, &'a str)>,
+    /// `stat_prefix` (default `plain`) and the virtual host's name (default `all`).
+    pub stat_prefix: Option<&'a str>,
+    pub virtual_host: Option<&'a str>,
+    /// More HttpConnectionManager fields (`tracing`, `request_id_extension`, ...), YAML from
+    /// column 0.
+    pub hcm: &'a str,
+    pub routes: &'a str,
+    pub filters: &'a str,
+    pub clusters: &'a str,
+}
+
+/// A bootstrap with the admin and one plain HTTP listener named `plain` (see
+/// [`HttpListener`]).
+pub fn http_bootstrap(l: &HttpListener<'_>) -> String {
     let indent = |block: &str, by: usize| {
         block
             .lines()
-            .map(|l| format!("{:by$}{l}\n", ""))
+            .map(|line| format!("{:by$}{line}\n", ""))
             .collect::<String>()
     };
+    let node = l.node.map_or(String::new(), |(id, cluster)| {
+        format!("node:\n  id: \"{id}\"\n  cluster: \"{cluster}\"\n")
+    });
     format!(
-        r#"admin:
+        r#"{node}admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
 static_resources:
   listeners:
@@ -370,10 +401,10 @@ static_resources:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: plain
-          route_config:
+          stat_prefix: "{stat_prefix}"
+{hcm}          route_config:
             virtual_hosts:
-            - name: all
+            - name: "{virtual_host}"
               domains: ["*"]
               routes:
 {routes}          http_filters:
@@ -381,9 +412,12 @@ static_resources:
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
   clusters:
 {clusters}"#,
-        routes = indent(routes, 14),
-        filters = indent(filters, 10),
-        clusters = indent(clusters, 2),
+        stat_prefix = l.stat_prefix.unwrap_or("plain"),
+        virtual_host = l.virtual_host.unwrap_or("all"),
+        hcm = indent(l.hcm, 10),
+        routes = indent(l.routes, 14),
+        filters = indent(l.filters, 10),
+        clusters = indent(l.clusters, 2),
     )
 }
 

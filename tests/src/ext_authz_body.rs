@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use waypoint_tests::envoy::{Envoy, plain_http_bootstrap, static_cluster};
+use waypoint_tests::envoy::{Envoy, HttpListener, http_bootstrap, static_cluster};
 use waypoint_tests::{Backend, Manifests, TestWaypoint};
 
 use crate::ext_authz_grpc::{Seen, authorizer as grpc_authorizer};
@@ -172,20 +172,17 @@ async fn envoy(
         "- name: envoy.filters.http.ext_authz\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz\n{service}    transport_api_version: V3\n    failure_mode_allow: false\n    status_on_error: {{code: Forbidden}}\n{}",
         body.envoy()
     );
-    let config = plain_http_bootstrap(
-        "- match: {prefix: /}\n  route: {cluster: backend}\n",
-        &filter,
-        &(static_cluster("backend", backend) + &cluster),
-    )
-    .replacen(
-        "          stat_prefix: plain\n",
-        &format!(
-            "          stat_prefix: plain\n          access_log:\n          - name: envoy.access_loggers.file\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n              path: {}\n              log_format: {{text_format_source: {{inline_string: \"%RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %RESPONSE_FLAGS%\\n\"}}}}\n",
-            log.display()
-        ),
-        1,
+    let access_log = format!(
+        "access_log:\n- name: envoy.access_loggers.file\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n    path: {}\n    log_format: {{text_format_source: {{inline_string: \"%RESPONSE_CODE% %RESPONSE_CODE_DETAILS% %RESPONSE_FLAGS%\\n\"}}}}\n",
+        log.display()
     );
-    assert!(config.contains("access_log"), "the log was added");
+    let config = http_bootstrap(&HttpListener {
+        hcm: &access_log,
+        routes: "- match: {prefix: /}\n  route: {cluster: backend}\n",
+        filters: &filter,
+        clusters: &(static_cluster("backend", backend) + &cluster),
+        ..HttpListener::default()
+    });
     let envoy = Envoy::start(&config).await.expect("envoy starts");
     let addr = envoy.listener("plain").await.unwrap();
     (envoy, addr)

@@ -95,52 +95,27 @@ async fn envoy(
             "inbound-vip|9080|http|down.default.svc.cluster.local",
             waypoint_tests::closed_port().await,
         );
-    let clusters: String = clusters.lines().map(|l| format!("  {l}\n")).collect();
-    let config = format!(
-        r#"node:
-  id: "waypoint~127.0.0.1~waypoint.default~default.svc.cluster.local"
-  cluster: waypoint.default
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-static_resources:
-  listeners:
-  - name: plain
-    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: inbound_0.0.0.0_9080
-          server_name: istio-envoy
-          request_id_extension:
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig
-              use_request_id_for_trace_sampling: true
-          {tracing}
-          route_config:
-            virtual_hosts:
-            - name: inbound|http|9080
-              domains: ["*"]
-              routes:
-              - name: down
-                match: {{prefix: /down}}
-                decorator: {{operation: "reviews.default.svc.cluster.local:9080/*"}}
-                # Istio's mesh default retry policy, as on every waypoint route.
-                route: {{cluster: "inbound-vip|9080|http|down.default.svc.cluster.local", retry_policy: {{retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes", num_retries: 2}}}}
-              - name: default
-                match: {{prefix: /}}
-                decorator: {{operation: "reviews.default.svc.cluster.local:9080/*"}}
-                route: {{cluster: "inbound-vip|9080|http|reviews.default.svc.cluster.local", retry_policy: {{retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes", num_retries: 2}}}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-{clusters}"#,
-        tracing = envoy_tracing(provider, sampling)
-            .replace('\n', "\n          ")
-            .trim_end(),
+    let retry = "retry_policy: {retry_on: \"connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes\", num_retries: 2}";
+    // Istio's mesh default retry policy, as on every waypoint route.
+    let routes = format!(
+        "- name: down\n  match: {{prefix: /down}}\n  decorator: {{operation: \"reviews.default.svc.cluster.local:9080/*\"}}\n  route: {{cluster: \"inbound-vip|9080|http|down.default.svc.cluster.local\", {retry}}}\n- name: default\n  match: {{prefix: /}}\n  decorator: {{operation: \"reviews.default.svc.cluster.local:9080/*\"}}\n  route: {{cluster: \"inbound-vip|9080|http|reviews.default.svc.cluster.local\", {retry}}}\n"
     );
+    let hcm = format!(
+        "server_name: istio-envoy\nrequest_id_extension:\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig\n    use_request_id_for_trace_sampling: true\n{}",
+        envoy_tracing(provider, sampling)
+    );
+    let config = waypoint_tests::envoy::http_bootstrap(&waypoint_tests::envoy::HttpListener {
+        node: Some((
+            "waypoint~127.0.0.1~waypoint.default~default.svc.cluster.local",
+            "waypoint.default",
+        )),
+        stat_prefix: Some("inbound_0.0.0.0_9080"),
+        virtual_host: Some("inbound|http|9080"),
+        hcm: &hcm,
+        routes: &routes,
+        filters: "",
+        clusters: &clusters,
+    });
     let envoy = Envoy::start(&config).await.expect("envoy starts");
     let addr = envoy.listener("plain").await.unwrap();
     (envoy, addr)

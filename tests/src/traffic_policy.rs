@@ -161,52 +161,25 @@ impl BreakerEnvoy {
     async fn start(g: &Gate, thresholds: &str) -> BreakerEnvoy {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("access.log");
-        let config = format!(
-            r#"admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-static_resources:
-  listeners:
-  - name: http
-    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          access_log:
-          - name: envoy.access_loggers.file
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
-              path: "{log}"
-              log_format: {{text_format_source: {{inline_string: "%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%\n"}}}}
-          route_config:
-            virtual_hosts:
-            - name: reviews
-              domains: ["*"]
-              routes:
-              - match: {{prefix: /}}
-                route: {{cluster: "{CLUSTER}"}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: "{CLUSTER}"
-    type: STATIC
-    connect_timeout: 5s
-    circuit_breakers: {{thresholds: [{thresholds}]}}
-    load_assignment:
-      cluster_name: "{CLUSTER}"
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: "{ip}", port_value: {port}}}}}}}
-"#,
-            log = log.display(),
-            ip = g.addr.ip(),
-            port = g.addr.port(),
+        let access_log = format!(
+            "access_log:\n- name: envoy.access_loggers.file\n  typed_config:\n    \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n    path: \"{}\"\n    log_format: {{text_format_source: {{inline_string: \"%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS%\\n\"}}}}\n",
+            log.display()
         );
+        let cluster = format!(
+            "- name: \"{CLUSTER}\"\n  type: STATIC\n  connect_timeout: 5s\n  circuit_breakers: {{thresholds: [{thresholds}]}}\n  load_assignment:\n    cluster_name: \"{CLUSTER}\"\n    endpoints:\n    - lb_endpoints:\n      - endpoint: {{address: {{socket_address: {{address: \"{}\", port_value: {}}}}}}}\n",
+            g.addr.ip(),
+            g.addr.port()
+        );
+        let config = waypoint_tests::envoy::http_bootstrap(&waypoint_tests::envoy::HttpListener {
+            stat_prefix: Some("http"),
+            virtual_host: Some("reviews"),
+            hcm: &access_log,
+            routes: &format!("- match: {{prefix: /}}\n  route: {{cluster: \"{CLUSTER}\"}}\n"),
+            clusters: &cluster,
+            ..Default::default()
+        });
         let envoy = Envoy::start(&config).await.expect("envoy starts");
-        let addr = envoy.listener("http").await.unwrap();
+        let addr = envoy.listener("plain").await.unwrap();
         BreakerEnvoy {
             envoy,
             addr,
