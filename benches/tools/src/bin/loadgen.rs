@@ -10,7 +10,10 @@
 //! - `--new-tunnel-per-request`: every request opens a new CONNECT stream (a new TCP
 //!   connection in direct mode), counted in its latency;
 //! - `--idle-tunnels N`: open N tunnels, send one request in each, hold them, and report how
-//!   much the proxy's RSS grew per tunnel.
+//!   much the proxy's RSS grew per tunnel. With `--raw-idle` (hbone mode) a tunnel keeps only
+//!   its HBONE stream, its request written and read by hand (no HTTP/1.1 client task per
+//!   tunnel), so that a million tunnels fit the load generator; while they are held, new
+//!   tunnels are opened and held ones probed, with their latencies reported.
 //!
 //! Every response is checked to be the bench backend's whole answer to the whole request
 //! ([`exchange`]); a mismatch counts as an error.
@@ -47,7 +50,7 @@ use waypoint_benches::procstat;
 const MAX_DURATION: Duration = Duration::from_secs(300);
 const MAX_WARMUP: Duration = Duration::from_secs(60);
 const MAX_CONCURRENCY: usize = 10_000;
-const MAX_IDLE_TUNNELS: usize = 100_000;
+const MAX_IDLE_TUNNELS: usize = 1_000_000;
 /// When idle tunnels are first measured after the last one opened (before the waypoint parks
 /// idle tunnels, listener `PARK_AFTER` = 1 s).
 const EARLY_SAMPLE: Duration = Duration::from_millis(500);
@@ -140,6 +143,9 @@ struct Args {
     /// (`rss_settled_kb`: what it gives back once a burst of tunnels is over; capped at 60 s).
     #[arg(long, value_parser = humantime::parse_duration)]
     settle: Option<Duration>,
+    /// Idle-tunnel mode: keep each tunnel as its bare HBONE stream (hbone mode).
+    #[arg(long)]
+    raw_idle: bool,
     /// Tunnels being opened at once in idle-tunnel mode.
     #[arg(long, default_value_t = 64)]
     open_parallelism: usize,
@@ -594,7 +600,8 @@ async fn run_idle(sh: Arc<Shared>, n: usize) -> anyhow::Result<serde_json::Value
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_conns = rss("VmRSS");
     let sem = Arc::new(Semaphore::new(args.open_parallelism.max(1)));
-    let held: Arc<Mutex<Vec<Sender>>> = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let raw = args.raw_idle && args.mode == Mode::Hbone;
+    let held: Arc<Mutex<Vec<Held>>> = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let errors = Arc::new(AtomicU64::new(0));
     let first_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let mut tasks = Vec::with_capacity(n);
@@ -611,15 +618,7 @@ async fn run_idle(sh: Arc<Shared>, n: usize) -> anyhow::Result<serde_json::Value
         );
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
-            let r = tokio::time::timeout(sh.args.timeout, async {
-                let mut s = sh.dialer.open(j).await?;
-                let (status, _) = exchange(&mut s, &sh.template).await?;
-                if !(200..300).contains(&status) {
-                    bail!("status {status}");
-                }
-                Ok::<_, anyhow::Error>(s)
-            })
-            .await;
+            let r = tokio::time::timeout(sh.args.timeout, open_held(&sh, j, raw)).await;
             match r {
                 Ok(Ok(s)) => held.lock().await.push(s),
                 Ok(Err(e)) => {
@@ -646,21 +645,37 @@ async fn run_idle(sh: Arc<Shared>, n: usize) -> anyhow::Result<serde_json::Value
     let rss_early = rss("VmRSS");
     tokio::time::sleep_until(idle_start + args.hold.max(EARLY_SAMPLE)).await;
     let rss_tunnels = rss("VmRSS");
-    // Are the tunnels still usable after the hold? Probe up to 100 of them.
+    // Are the tunnels still usable after the hold? Probe up to 100 of them, and open 100 new
+    // ones beside them (one at a time): their latencies show whether the held tunnels slow
+    // the proxy down.
     let mut senders = std::mem::take(&mut *held.lock().await);
     let open = senders.len();
     let step = (open / 100).max(1);
     let (mut probed, mut alive) = (0u64, 0u64);
+    let mut probe_us = Vec::with_capacity(100);
     for s in senders.iter_mut().step_by(step).take(100) {
         probed += 1;
-        let ok =
-            tokio::time::timeout(args.timeout, async { exchange(s, &sh.template).await }).await;
+        let t = Instant::now();
+        let ok = tokio::time::timeout(args.timeout, s.exchange(&sh.template)).await;
         if matches!(ok, Ok(Ok((200..=299, _)))) {
             alive += 1;
+            probe_us.push(t.elapsed().as_micros() as u64);
+        }
+    }
+    let mut new_us = Vec::with_capacity(100);
+    let mut new_errors = 0u64;
+    for j in 0..100 {
+        let t = Instant::now();
+        match tokio::time::timeout(args.timeout, open_held(&sh, n + j, raw)).await {
+            Ok(Ok(h)) => {
+                new_us.push(t.elapsed().as_micros() as u64);
+                senders.push(h);
+            }
+            _ => new_errors += 1,
         }
     }
     let peak = rss("VmHWM");
-    drop(senders);
+    close_all(senders, args.open_parallelism.max(1)).await;
     // Every tunnel is closed now (the HBONE connections stay): what does the proxy give back?
     let settle = args.settle.map(|d| d.min(MAX_SETTLE));
     let rss_settled = match settle {
@@ -688,6 +703,10 @@ async fn run_idle(sh: Arc<Shared>, n: usize) -> anyhow::Result<serde_json::Value
         "hbone_connections": if args.mode == Mode::Hbone { Some(n.div_ceil(args.streams_per_connection.max(1))) } else { None },
         "probed": probed,
         "probed_alive": alive,
+        "probe_latency_us": latency_summary(&mut probe_us),
+        "new_tunnels_beside": new_us.len(),
+        "new_tunnel_errors": new_errors,
+        "new_tunnel_latency_us": latency_summary(&mut new_us),
         "proxy": args.proxy_pid.map(|pid| json!({
             "pid": pid,
             "rss_start_kb": rss_start,
@@ -703,6 +722,159 @@ async fn run_idle(sh: Arc<Shared>, n: usize) -> anyhow::Result<serde_json::Value
             "settle_seconds": settle.map(|d| d.as_secs_f64()),
         })),
     }))
+}
+
+/// p50 / p99 / max of a few latencies (sorted in place).
+fn latency_summary(v: &mut [u64]) -> serde_json::Value {
+    if v.is_empty() {
+        return serde_json::Value::Null;
+    }
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    json!({"p50": at(0.5), "p99": at(0.99), "max": v[v.len() - 1]})
+}
+
+/// A held tunnel: an HTTP/1.1 client on it, or (`--raw-idle`) the bare HBONE stream.
+enum Held {
+    Client(Sender),
+    Raw(hbone::H2Stream),
+}
+
+impl Held {
+    async fn exchange(&mut self, template: &RequestTemplate) -> anyhow::Result<(u16, u64)> {
+        match self {
+            Held::Client(s) => exchange(s, template).await,
+            Held::Raw(s) => raw_exchange(s, template).await,
+        }
+    }
+}
+
+/// Open tunnel `j` and make its one request.
+async fn open_held(sh: &Shared, j: usize, raw: bool) -> anyhow::Result<Held> {
+    let mut h = if raw {
+        let slot = j / sh.dialer.streams_per_connection;
+        let conn = sh.dialer.hbone_conn(slot).await?;
+        Held::Raw(conn.open(&sh.dialer.authority, HeaderMap::new()).await?)
+    } else {
+        Held::Client(sh.dialer.open(j).await?)
+    };
+    let (status, _) = h.exchange(&sh.template).await?;
+    if !(200..300).contains(&status) {
+        bail!("status {status}");
+    }
+    Ok(h)
+}
+
+/// Close every tunnel as ztunnel does when the app closes (half-close, then read to the
+/// peer's end), `parallel` at a time; HTTP/1.1 clients close theirs when dropped.
+async fn close_all(held: Vec<Held>, parallel: usize) {
+    let sem = Arc::new(Semaphore::new(parallel));
+    let mut tasks = Vec::new();
+    for h in held {
+        let Held::Raw(mut s) = h else {
+            continue;
+        };
+        let Ok(permit) = sem.clone().acquire_owned().await else {
+            break;
+        };
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                s.shutdown().await?;
+                let mut buf = [0u8; 1024];
+                while s.read(&mut buf).await? > 0 {}
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// [`exchange`] written and read by hand on a bare stream: the request head (and body), then
+/// the response head and its `content-length` body, checked the same way.
+async fn raw_exchange(
+    s: &mut hbone::H2Stream,
+    template: &RequestTemplate,
+) -> anyhow::Result<(u16, u64)> {
+    use std::fmt::Write as _;
+    let mut head = format!(
+        "{} {} HTTP/1.1\r\nhost: {}\r\n",
+        template.method,
+        template.path,
+        template.host.to_str()?
+    );
+    for (k, v) in &template.headers {
+        let _ = write!(head, "{k}: {}\r\n", v.to_str()?);
+    }
+    if let Some(n) = template.response_bytes {
+        let _ = write!(head, "x-response-bytes: {n}\r\n");
+    }
+    let _ = write!(head, "content-length: {}\r\n\r\n", template.body.len());
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(&template.body).await?;
+    s.flush().await?;
+    let mut buf: Vec<u8> = Vec::with_capacity(512);
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        if buf.len() > 16 * 1024 {
+            bail!("response head over 16 KiB");
+        }
+        let mut chunk = [0u8; 1024];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("tunnel closed before the response head");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let text = std::str::from_utf8(&buf[..end])?;
+    let mut lines = text.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .context("no status line")?;
+    let (mut length, mut backend, mut received) = (0usize, None, None);
+    for l in lines {
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
+        match k.trim().to_ascii_lowercase().as_str() {
+            "content-length" => length = v.trim().parse()?,
+            "x-backend" => backend = Some(v.trim().to_string()),
+            "x-request-body-bytes" => received = Some(v.trim().to_string()),
+            _ => {}
+        }
+    }
+    let mut body = buf.split_off(end + 4);
+    while body.len() < length {
+        let mut chunk = vec![0u8; (length - body.len()).min(64 * 1024)];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("tunnel closed in the response body");
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    if (200..300).contains(&status) {
+        let Some(backend) = backend else {
+            bail!("a {status} response without x-backend: not bench-backend's");
+        };
+        let unit = format!("{backend}\n");
+        let want = template.response_bytes.unwrap_or(unit.len());
+        let expected: Vec<u8> = unit.bytes().cycle().take(want).collect();
+        if body != expected {
+            bail!("response body ({} bytes) is not {backend:?}'s", body.len());
+        }
+        let sent = template.body.len().to_string();
+        if received.as_deref() != Some(sent.as_str()) {
+            bail!("the backend saw {received:?} request body bytes, {sent} were sent");
+        }
+    }
+    Ok((status, body.len() as u64))
 }
 
 fn parse_headers(raw: &[String]) -> anyhow::Result<Vec<(HeaderName, HeaderValue)>> {
