@@ -321,18 +321,7 @@ async fn grpc_authorizer_decides_as_with_envoy() {
         "the tunnel's peer identity"
     );
     // `waypoint explain` names the provider and what it is sent.
-    let shared = &wp.running().shared;
-    let text = proxy::ops::inspect::explain(
-        &shared.snapshot.load(),
-        &shared.mesh.load(),
-        &proxy::ops::inspect::ExplainRequest {
-            from: Some("spiffe://cluster.local/ns/default/sa/sleep".into()),
-            to: "10.0.0.10:9080".parse().unwrap(),
-            method: http::Method::GET,
-            headers: http::HeaderMap::new(),
-            path: "/".into(),
-        },
-    );
+    let text = wp.explain_get("10.0.0.10:9080", "/");
     assert!(
         text.contains(
             "asked: gRPC Authorization/Check to authz.default.svc.cluster.local:9000 (timeout 2s)"

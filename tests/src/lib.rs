@@ -245,6 +245,23 @@ pub struct TestWaypoint {
 }
 
 impl TestWaypoint {
+    /// `waypoint explain` of a GET of `path` to `to` (a VIP:port) from `default/sleep`,
+    /// answered from the running waypoint's snapshot and mesh config.
+    pub fn explain_get(&self, to: &str, path: &str) -> String {
+        let shared = &self.running().shared;
+        proxy::ops::inspect::explain(
+            &shared.snapshot.load(),
+            &shared.mesh.load(),
+            &proxy::ops::inspect::ExplainRequest {
+                from: Some("spiffe://cluster.local/ns/default/sa/sleep".into()),
+                to: to.parse().expect("a VIP:port"),
+                method: http::Method::GET,
+                headers: http::HeaderMap::new(),
+                path: path.into(),
+            },
+        )
+    }
+
     /// Write `yaml` to a temp dir and start a waypoint from it (the same loading path as
     /// `waypoint run --config DIR`).
     pub async fn start(yaml: &str) -> TestWaypoint {

@@ -211,6 +211,12 @@ async fn metrics_overrides_remove_replace_add_and_drop_tags_per_service() {
             .is_empty(),
         "REQUEST_DURATION is dropped"
     );
+    // `waypoint explain` says what Telemetry does to the metrics.
+    let text = wp.explain_get("10.0.0.10:9080", "/ok");
+    assert!(
+        text.contains("metrics: Telemetry default/shaped: istio_requests_total [request_protocol=request.method, -response_code, -source_principal, user_tier=request.headers['x-tier']]; istio_request_duration_milliseconds off"),
+        "{text}"
+    );
     // CLIENT-mode overrides do not apply to a waypoint; other metrics keep Istio's tags.
     let sizes = series(&wp, "istio_request_bytes_count").await;
     assert_eq!(sizes.len(), 2, "one per source principal: {sizes:?}");

@@ -386,18 +386,7 @@ async fn otlp_spans_and_propagation_match_envoy() {
             .collect::<Vec<_>>()
     );
     // `waypoint explain` names the tracing that applies.
-    let shared = &wp.running().shared;
-    let text = proxy::ops::inspect::explain(
-        &shared.snapshot.load(),
-        &shared.mesh.load(),
-        &proxy::ops::inspect::ExplainRequest {
-            from: Some("spiffe://cluster.local/ns/default/sa/sleep".into()),
-            to: "10.0.0.10:9080".parse().unwrap(),
-            method: http::Method::GET,
-            headers: http::HeaderMap::new(),
-            path: "/".into(),
-        },
-    );
+    let text = wp.explain_get("10.0.0.10:9080", "/");
     assert!(
         text.contains("tracing: Telemetry istio-system/mesh-default: otel (OTLP/gRPC to otel.default.svc.cluster.local:4317), 100% sampled"),
         "{text}"
