@@ -106,6 +106,7 @@ pub const KINDS: &[KindSpec] = &[
     KindSpec { group: "telemetry.istio.io", version: "v1", kind: "Telemetry", plural: "telemetries", need: Need::Optional },
     KindSpec { group: "networking.istio.io", version: "v1", kind: "DestinationRule", plural: "destinationrules", need: Need::Optional },
     KindSpec { group: "networking.istio.io", version: "v1", kind: "ServiceEntry", plural: "serviceentries", need: Need::Optional },
+    KindSpec { group: "networking.istio.io", version: "v1", kind: "WorkloadEntry", plural: "workloadentries", need: Need::Optional },
 ];
 
 /// The mesh config: ConfigMap `istio` (key `mesh`) in the Istio namespace. It names the

@@ -119,6 +119,13 @@ const KINDS: &[(&str, &str, &str, &str, bool)] = &[
         "ServiceEntry",
         true,
     ),
+    (
+        "workloadentries",
+        "networking.istio.io",
+        "v1",
+        "WorkloadEntry",
+        true,
+    ),
 ];
 
 fn kind_info(kind: &str) -> (&'static str, &'static str, &'static str, bool) {

@@ -777,6 +777,14 @@ pub struct ServiceEntryPort {
     pub target_port: Option<i64>,
 }
 
+/// Istio WorkloadEntry (`networking.istio.io/v1`): a workload outside Kubernetes (a VM), an
+/// endpoint of the ServiceEntries whose `workloadSelector` matches its labels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkloadEntry {
+    pub metadata: ObjectMeta,
+    pub spec: WorkloadEntrySpec,
+}
+
 /// A ServiceEntry endpoint (the WorkloadEntry spec): an IP (`STATIC`) or a host name (`DNS`).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
@@ -1112,6 +1120,7 @@ pub enum Resource {
     Telemetry(Telemetry),
     DestinationRule(Box<DestinationRule>),
     ServiceEntry(Box<ServiceEntry>),
+    WorkloadEntry(Box<WorkloadEntry>),
     /// A kind (or apiVersion) the waypoint does not use; skipped with a warning.
     Unknown {
         api_version: String,
@@ -1141,6 +1150,7 @@ impl Resource {
             Resource::Telemetry(_) => "Telemetry",
             Resource::DestinationRule(_) => "DestinationRule",
             Resource::ServiceEntry(_) => "ServiceEntry",
+            Resource::WorkloadEntry(_) => "WorkloadEntry",
             Resource::Unknown { kind, .. } => kind,
         }
     }
@@ -1163,6 +1173,7 @@ impl Resource {
             Resource::Telemetry(r) => Some(&r.metadata),
             Resource::DestinationRule(r) => Some(&r.metadata),
             Resource::ServiceEntry(r) => Some(&r.metadata),
+            Resource::WorkloadEntry(r) => Some(&r.metadata),
             Resource::Unknown { .. } => None,
         }
     }
@@ -1209,7 +1220,7 @@ impl Resource {
                 group == SECURITY_GROUP && matches!(version, "v1" | "v1beta1")
             }
             "Telemetry" => group == TELEMETRY_GROUP && matches!(version, "v1" | "v1alpha1"),
-            "DestinationRule" | "ServiceEntry" => {
+            "DestinationRule" | "ServiceEntry" | "WorkloadEntry" => {
                 group == "networking.istio.io" && matches!(version, "v1" | "v1beta1" | "v1alpha3")
             }
             _ => false,
@@ -1291,6 +1302,10 @@ impl Resource {
                 spec: strict_part(spec, &err, &ignored)?,
             }),
             "DestinationRule" => Resource::DestinationRule(Box::new(DestinationRule {
+                metadata,
+                spec: strict_part(spec, &err, &ignored)?,
+            })),
+            "WorkloadEntry" => Resource::WorkloadEntry(Box::new(WorkloadEntry {
                 metadata,
                 spec: strict_part(spec, &err, &ignored)?,
             })),

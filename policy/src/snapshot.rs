@@ -509,6 +509,9 @@ pub struct Snapshot {
     pub warnings: Vec<String>,
     /// Every resource compiled in: (kind, namespace/name, where it came from), for dumps.
     pub resources: Vec<(String, String, crate::load::ResourceSource)>,
+    /// A ServiceEntry selects Pods (`workloadSelector`): a Pod change needs a compile, not
+    /// only an endpoint refresh.
+    pub(crate) selects_pods: bool,
 }
 
 impl Snapshot {
@@ -697,6 +700,12 @@ impl Snapshot {
     ///
     /// A change that is not only endpoints (a Service's ports or labels, a Pod's workload
     /// binding) needs [`compile`].
+    /// A ServiceEntry's `workloadSelector` picks Pods: Pod changes can change its endpoints,
+    /// which only a compile recomputes.
+    pub fn selects_pods(&self) -> bool {
+        self.selects_pods
+    }
+
     pub fn refresh_endpoints(&self, partial: &LoadedResources, options: &CompileOptions) -> usize {
         crate::compiler::refresh_endpoints(self, partial, options)
     }

@@ -922,4 +922,57 @@ status:
     .await;
     let conn = m.connect().await;
     assert_eq!(get(&conn, "10.0.0.10:9080").await, (200, "v1".into()));
+
+    // workloadSelector: the entry's endpoints are the Pods (and WorkloadEntries) it selects,
+    // so a Pod coming and going changes them (a compile, not only an endpoint refresh).
+    m.api.apply_yaml(&format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: legacy, namespace: default, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec:
+  hosts: [legacy.internal]
+  addresses: [240.240.0.2]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {}}}]
+  resolution: STATIC
+  workloadSelector: {{labels: {{app: legacy}}}}
+",
+        external.port()
+    ));
+    // A CONNECT before the entry is compiled in is refused; once it is, no endpoint: 503.
+    let served = || async {
+        let conn = m.connect().await;
+        conn.open("240.240.0.2:80", http::HeaderMap::new())
+            .await
+            .ok()?;
+        Some(get(&conn, "240.240.0.2:80").await)
+    };
+    within(
+        Duration::from_secs(5),
+        "the selecting entry, no endpoint yet",
+        || async { served().await.filter(|(code, _)| *code == 503) },
+    )
+    .await;
+    m.api.apply_yaml(
+        "apiVersion: v1
+kind: Pod
+metadata: {name: legacy-1, namespace: default, labels: {app: legacy}}
+spec: {serviceAccountName: legacy}
+status: {podIP: 127.0.0.1, podIPs: [{ip: 127.0.0.1}]}
+",
+    );
+    within(
+        Duration::from_secs(5),
+        "the selected Pod serves",
+        || async {
+            served()
+                .await
+                .filter(|r| *r == (200, "external".to_string()))
+        },
+    )
+    .await;
+    m.api.delete("Pod", "default", "legacy-1");
+    within(Duration::from_secs(5), "the Pod gone", || async {
+        served().await.filter(|(code, _)| *code == 503)
+    })
+    .await;
 }

@@ -30,6 +30,12 @@ impl<'a> Compiler<'a> {
         let (vips, ranges) = self.entry_addresses(se, resolution);
         let ports = self.entry_ports(se);
         let endpoints = self.entry_endpoint_specs(se, resolution);
+        let selector = se
+            .spec
+            .workload_selector
+            .as_ref()
+            .filter(|_| se.spec.endpoints.is_empty() && resolution == Resolution::Static)
+            .map(|s| (se.metadata.namespace.clone(), s.labels.clone()));
         if self.errors.len() > errors_before {
             return;
         }
@@ -106,6 +112,7 @@ impl<'a> Compiler<'a> {
                     name: meta.name.clone(),
                     resolution,
                     endpoints: endpoints.clone(),
+                    selector: selector.clone(),
                 }),
             };
             self.services.insert(key, svc);
@@ -343,9 +350,9 @@ impl<'a> Compiler<'a> {
                     "spec.workloadSelector".into(),
                     "only one of workloadSelector or endpoints can be set".into(),
                 );
-            } else {
+            } else if resolution != Resolution::Static {
                 self.warnings.push(format!(
-                    "{KIND} {sid}: spec.workloadSelector: selecting Pods and WorkloadEntries is not applied by this waypoint yet; the entry has no endpoints"
+                    "{KIND} {sid}: spec.workloadSelector: Pods and WorkloadEntries are selected for resolution STATIC only; ignored"
                 ));
             }
         }
@@ -405,15 +412,105 @@ impl<'a> Compiler<'a> {
         endpoints
     }
 
+    /// A WorkloadEntry, validated: an IP address (a host name only serves DNS entries, which
+    /// resolve their own endpoints) and its ports.
+    pub(super) fn workload_entry(&mut self, w: &'a crate::resources::WorkloadEntry) {
+        let meta = &w.metadata;
+        let Ok(ip) = w.spec.address.parse::<IpAddr>() else {
+            self.warnings.push(format!(
+                "WorkloadEntry {}: spec.address {:?} is not an IP address; ServiceEntries select it only by IP",
+                id(meta),
+                w.spec.address
+            ));
+            return;
+        };
+        let mut ports = BTreeMap::new();
+        for (name, p) in &w.spec.ports {
+            match port_number(*p) {
+                Some(p) => {
+                    ports.insert(name.clone(), p);
+                }
+                None => self.errors.push(error(
+                    "WorkloadEntry",
+                    meta,
+                    format!("spec.ports.{name}"),
+                    format!("{p} is not a valid port (1-65535)"),
+                )),
+            }
+        }
+        self.workload_entries.push(WorkloadEntryInfo {
+            meta,
+            labels: &w.spec.labels,
+            ip,
+            ports,
+        });
+    }
+
+    /// The Pods and WorkloadEntries a `workloadSelector` picks, as endpoints of `sp` (istiod
+    /// `serviceentry` controller): same namespace, every selector label present. A Pod's
+    /// port is the targetPort (else the port), reached over HBONE when the Pod is in the
+    /// ambient mesh; a WorkloadEntry's is its port of that name, else the same, plain TCP.
+    fn selected_endpoints(
+        &self,
+        (ns, labels): &(String, BTreeMap<String, String>),
+        sp: &SvcPort,
+        out: &mut Vec<EndpointSpec>,
+    ) {
+        let pod_matches =
+            |p: &PodInfo<'_>| labels.iter().all(|(k, v)| p.meta.labels.get(k) == Some(v));
+        let entry_matches =
+            |w: &WorkloadEntryInfo<'_>| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v));
+        let port = sp.target.unwrap_or(sp.port);
+        let mut pods: Vec<&PodInfo<'_>> = self
+            .pods
+            .values()
+            .filter(|p| p.meta.namespace == *ns && pod_matches(p))
+            .collect();
+        pods.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
+        for pod in pods {
+            let identity = self.pod_identity(pod);
+            let tunnel = self.pod_is_ambient(pod).then(|| identity.clone());
+            let workload = self.endpoint_workload(pod, Some(identity));
+            for ip in &pod.ips {
+                let addr = SocketAddr::new(*ip, port);
+                if !out.iter().any(|e| e.addr == addr) {
+                    out.push(EndpointSpec {
+                        addr,
+                        tunnel: tunnel.clone(),
+                        workload: Some(workload.clone()),
+                    });
+                }
+            }
+        }
+        for w in &self.workload_entries {
+            if w.meta.namespace != *ns || !entry_matches(w) {
+                continue;
+            }
+            let p = w.ports.get(&sp.name).copied().unwrap_or(port);
+            let addr = SocketAddr::new(w.ip, p);
+            if !out.iter().any(|e| e.addr == addr) {
+                out.push(EndpointSpec {
+                    addr,
+                    tunnel: None,
+                    workload: None,
+                });
+            }
+        }
+    }
+
     /// The endpoints compiled in for one port of a ServiceEntry host: the inline IPs of a
     /// `STATIC` entry (port: the endpoint's port of that name, else the targetPort, else the
-    /// port), plain TCP (no HBONE: istiod `supportTunnel` is false for them). DNS and NONE
-    /// entries get theirs at run time.
+    /// port), plain TCP (no HBONE: istiod `supportTunnel` is false for them), or the Pods and
+    /// WorkloadEntries its `workloadSelector` picks. DNS and NONE entries get theirs at run
+    /// time.
     pub(super) fn entry_endpoints(&self, entry: &EntryPlan, sp: &SvcPort) -> Vec<EndpointSpec> {
         if entry.resolution != Resolution::Static {
             return Vec::new();
         }
         let mut out: Vec<EndpointSpec> = Vec::new();
+        if let Some(selector) = &entry.selector {
+            self.selected_endpoints(selector, sp, &mut out);
+        }
         for (address, ports) in &entry.endpoints {
             let Ok(ip) = address.parse::<IpAddr>() else {
                 continue;

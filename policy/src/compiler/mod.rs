@@ -82,6 +82,9 @@ struct EntryPlan {
     /// `spec.endpoints`: (address, port name -> port), validated for the resolution (IPs for
     /// STATIC; IPs or host names for DNS).
     endpoints: Vec<(String, BTreeMap<String, u16>)>,
+    /// `spec.workloadSelector`: the entry's namespace and the labels its Pods and
+    /// WorkloadEntries must carry.
+    selector: Option<(String, BTreeMap<String, String>)>,
 }
 
 struct SvcPort {
@@ -91,6 +94,14 @@ struct SvcPort {
     /// Numeric `targetPort` (defaults to `port`); `None` for a named target port.
     target: Option<u16>,
     protocol: AppProtocol,
+}
+
+/// A validated WorkloadEntry.
+struct WorkloadEntryInfo<'a> {
+    meta: &'a ObjectMeta,
+    labels: &'a BTreeMap<String, String>,
+    ip: IpAddr,
+    ports: BTreeMap<String, u16>,
 }
 
 /// A validated EndpointSlice.
@@ -166,6 +177,8 @@ struct Compiler<'a> {
     entries: HashMap<SvcKey<'a>, Vec<SvcKey<'a>>>,
     /// Every ReferenceGrant (cross-namespace backendRefs).
     grants: Vec<&'a ReferenceGrant>,
+    /// Every valid WorkloadEntry: (namespace, labels, address, port name -> port).
+    workload_entries: Vec<WorkloadEntryInfo<'a>>,
     /// Kind of the route being compiled (`HTTPRoute`, `GRPCRoute`, `TCPRoute`), for errors.
     route_kind: &'static str,
 }
@@ -217,6 +230,7 @@ pub(crate) fn refresh_endpoints(
         endpoint_workloads: RefCell::default(),
         entries: HashMap::new(),
         grants: Vec::new(),
+        workload_entries: Vec::new(),
         route_kind: "HTTPRoute",
     };
     let mut services = Vec::new();
@@ -292,6 +306,7 @@ pub(crate) fn compile(
         endpoint_workloads: RefCell::default(),
         entries: HashMap::new(),
         grants: Vec::new(),
+        workload_entries: Vec::new(),
         route_kind: "HTTPRoute",
     };
 
@@ -338,6 +353,7 @@ pub(crate) fn compile(
             Resource::Telemetry(t) => telemetries.push(t),
             Resource::DestinationRule(d) => destination_rules.push(d),
             Resource::ServiceEntry(e) => service_entries.push(&**e),
+            Resource::WorkloadEntry(w) => c.workload_entry(w),
             Resource::Unknown { .. } => {}
         }
     }
@@ -481,8 +497,13 @@ pub(crate) fn compile(
     if !c.errors.is_empty() {
         return Err(c.errors);
     }
+    let selects_pods = c
+        .services
+        .values()
+        .any(|s| s.entry.as_ref().is_some_and(|e| e.selector.is_some()));
     let clusters = c.clusters.into_values();
     Ok(Snapshot {
+        selects_pods,
         gateway: info,
         trust_domain: options.trust_domain.as_str().into(),
         bound,

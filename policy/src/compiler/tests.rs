@@ -2556,3 +2556,58 @@ fn telemetry_tracing_is_validated_as_istio_webhook() {
         "spec.tracing[1].customTags.a",
     );
 }
+
+#[test]
+fn service_entry_workload_selector_picks_pods_and_workload_entries() {
+    // istiod's serviceentry controller: Pods and WorkloadEntries of the entry's namespace with
+    // every selector label. A Pod in the ambient mesh is reached over HBONE at the targetPort;
+    // a WorkloadEntry at its port of that name, plain TCP.
+    let se = entry(
+        "legacy",
+        "",
+        "{hosts: [legacy.internal], addresses: [240.240.0.9], ports: [{number: 80, name: http, protocol: HTTP, targetPort: 9090}], resolution: STATIC, workloadSelector: {labels: {app: legacy}}}",
+    );
+    let we = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm-1, namespace: default}\nspec: {address: 10.2.0.9, labels: {app: legacy, version: v1}, ports: {http: 8080}, serviceAccount: vm}\n";
+    let other_we = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm-2, namespace: default}\nspec: {address: 10.2.0.10, labels: {app: other}}\n";
+    let snap = ok(&docs(&[
+        &ns("istio.io/use-waypoint: waypoint, istio.io/dataplane-mode: ambient"),
+        &gateway("istio.io/waypoint-for: service", ""),
+        &se,
+        &pod("legacy-1", "10.1.0.5", "app: legacy"),
+        &pod("unrelated", "10.1.0.6", "app: other"),
+        we,
+        other_we,
+    ]));
+    let sp = bound(&snap, "240.240.0.9:80");
+    let eps: Vec<_> = sp
+        .cluster
+        .endpoints()
+        .iter()
+        .map(|e| (e.addr, e.tunnel.as_deref().map(str::to_string)))
+        .collect();
+    assert_eq!(
+        eps,
+        vec![
+            (
+                addr("10.1.0.5:9090"),
+                Some("spiffe://cluster.local/ns/default/sa/sa-legacy-1".to_string())
+            ),
+            (addr("10.2.0.9:8080"), None),
+        ]
+    );
+    assert!(snap.selects_pods());
+    // The selector and inline endpoints exclude each other (Istio's validation).
+    let both = entry(
+        "bad",
+        "",
+        "{hosts: [bad.internal], addresses: [240.240.0.10], ports: [{number: 80, name: http, protocol: HTTP}], resolution: STATIC, workloadSelector: {labels: {app: x}}, endpoints: [{address: 10.0.0.1}]}",
+    );
+    let e = errs(&base(&[&both]));
+    assert_error(
+        &e,
+        "ServiceEntry",
+        "default",
+        "bad",
+        "spec.workloadSelector",
+    );
+}

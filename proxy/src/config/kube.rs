@@ -157,7 +157,11 @@ pub async fn follow(shared: Arc<Shared>, config: Config, source: discovery::Sour
         }
         let delta = source.take_delta();
         let installed = shared.config_installed.load(Ordering::Relaxed);
-        if installed && !delta.full && !(delta.pods_changed && workload_mode(&shared)) {
+        // Pods decide bindings (workload mode) or ServiceEntry endpoints (workloadSelector):
+        // then a Pod change is a compile.
+        let pods_compile =
+            delta.pods_changed && (workload_mode(&shared) || shared.snapshot.load().selects_pods());
+        if installed && !delta.full && !pods_compile {
             // Endpoint churn: the clusters of the Services concerned get their endpoints
             // swapped in place; no compile, nothing else touched.
             if !delta.services.is_empty() {
