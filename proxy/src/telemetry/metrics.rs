@@ -149,18 +149,19 @@ struct DestinationLabels {
 }
 
 impl DestinationLabels {
-    /// No Pod known behind the endpoint: Istio's `unknown`, the workload namespace and
-    /// canonical service taken from the Service (`ns`, `name`), as before a Pod is known.
-    fn unknown(ns: &str, name: &str) -> DestinationLabels {
+    /// No Pod known behind the endpoint: every label `unknown`, as Istio's stats filter
+    /// writes them for a waypoint (`istio_stats.cc` `populatePeerInfo`, reporter
+    /// ServerGateway) when the upstream endpoint carries no workload metadata.
+    fn unknown() -> DestinationLabels {
         let unknown = || "unknown".to_string();
         DestinationLabels {
             workload: unknown(),
-            namespace: ns.to_string(),
+            namespace: unknown(),
             principal: unknown(),
             app: unknown(),
             version: unknown(),
-            canonical_service: name.to_string(),
-            canonical_revision: "latest".into(),
+            canonical_service: unknown(),
+            canonical_revision: unknown(),
             cluster: unknown(),
         }
     }
@@ -791,14 +792,14 @@ impl Metrics {
                 DEST_OVERFLOW => {
                     unknown_dest = DestinationLabels {
                         workload: "overflow".into(),
-                        ..DestinationLabels::unknown(ns, name)
+                        ..DestinationLabels::unknown()
                     };
                     &unknown_dest
                 }
                 id => match destinations.get(id as usize) {
                     Some(w) => w,
                     None => {
-                        unknown_dest = DestinationLabels::unknown(ns, name);
+                        unknown_dest = DestinationLabels::unknown();
                         &unknown_dest
                     }
                 },
