@@ -7,7 +7,7 @@
 # Environment (all optional):
 #   DURATION=10        measured seconds per run (1..60)       WARMUP=2     unmeasured seconds before (0..10)
 #   REPEAT=1           runs per scenario and target (1..5), target order rotated each repeat
-#   SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 trace1 trace100 hbone2 open idle services"
+#   SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 trace1 trace100 hbone2 open idle idle1m services"
 #                      (also c64n8: c=64 over 8 HBONE connections, for benches/scaling.sh;
 #                      tlsorig: c=16 GET with TLS originated to an HTTPS backend, waypoint and Envoy;
 #                      tlsoff: the same Service shape over plaintext, the baseline of tlsorig;
@@ -33,7 +33,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$TARGET_DIR/release"
 # The waypoint as shipped (Cargo profile `dist`: fat LTO, one codegen unit); tools from release.
 WP_BIN="${WP_BIN:-$TARGET_DIR/dist/waypoint}"
-DEFAULT_SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 trace1 trace100 hbone2 open idle services"
+DEFAULT_SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 trace1 trace100 hbone2 open idle idle1m services"
 
 clamp() { local v="$1" lo="$2" hi="$3"; [[ "$v" =~ ^[0-9]+$ ]] || v="$lo"; ((v < lo)) && v=$lo; ((v > hi)) && v=$hi; echo "$v"; }
 DURATION="$(clamp "${DURATION:-10}" 1 60)"

@@ -954,7 +954,10 @@ fn main() -> anyhow::Result<()> {
         response_bytes: args.response_bytes,
     };
     let tunnels = args.idle_tunnels.unwrap_or(args.concurrency);
-    let slots = tunnels.div_ceil(args.streams_per_connection.max(1));
+    // Idle mode: one more connection for the tunnels opened beside the held ones (the held
+    // ones fill theirs to the stream limit).
+    let slots = tunnels.div_ceil(args.streams_per_connection.max(1))
+        + usize::from(args.idle_tunnels.is_some());
     let dialer = Dialer {
         mode: args.mode,
         target: args.target,
