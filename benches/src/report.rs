@@ -33,6 +33,8 @@ pub fn describe(scenario: &str) -> String {
         "tlsoff" => "as tlsorig over plaintext (same Service shape, no route, same backend process): tlsorig's baseline".into(),
         "trace1" => "keep-alive GET, c=16, tracing to an OTLP/gRPC collector at 1% sampling (istiod's default rate; Telemetry randomSamplingPercentage)".into(),
         "trace100" => "keep-alive GET, c=16, tracing at 100% sampling: one span per request exported over OTLP/gRPC".into(),
+        "grpc" => "unary gRPC calls over h2c in the tunnel (64-byte message each way, HTTP/2 to the backend), c=16".into(),
+        "grpcstream" => "gRPC calls of 100 messages of 64 bytes each, echoed back (h2c in the tunnel, HTTP/2 to the backend), c=16; a request = a call".into(),
         "idle" => "idle tunnels held open".into(),
         "idle1m" => "a million idle tunnels held open (waypoint only)".into(),
         "services" => "config with many Services".into(),

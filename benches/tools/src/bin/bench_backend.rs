@@ -5,6 +5,9 @@
 //! `n` bytes instead: `<name>\n` repeated and cut at `n`. Keep-alive, no logging, loopback only
 //! unless --allow-remote. `--tls-listen [NAME=]ADDR` listeners serve the same over TLS
 //! (`--tls-cert`/`--tls-key`), the HTTPS backend of the TLS origination scenario.
+//! `--grpc-listen [NAME=]ADDR` listeners speak gRPC over h2c: every call's request messages are
+//! read to the end and echoed back as its response messages, with `x-backend: <name>` and
+//! the trailer `grpc-status: 0` (unary and streaming calls alike).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,6 +34,9 @@ struct Args {
     /// `ADDR` or `NAME=ADDR`, served over TLS with --tls-cert and --tls-key; repeatable.
     #[arg(long)]
     tls_listen: Vec<String>,
+    /// `ADDR` or `NAME=ADDR`: a gRPC (h2c) echo listener; repeatable.
+    #[arg(long)]
+    grpc_listen: Vec<String>,
     /// PEM certificate chain of the TLS listeners.
     #[arg(long)]
     tls_cert: Option<std::path::PathBuf>,
@@ -105,6 +111,75 @@ async fn handle(
     Ok(resp)
 }
 
+/// A gRPC response body: the echoed messages, then the `grpc-status: 0` trailer.
+struct GrpcEcho {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl hyper::body::Body for GrpcEcho {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        let frame = match (self.data.take(), self.trailers.take()) {
+            (Some(d), t) => {
+                self.trailers = t;
+                Some(hyper::body::Frame::data(d))
+            }
+            (None, Some(t)) => Some(hyper::body::Frame::trailers(t)),
+            (None, None) => None,
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
+}
+
+async fn handle_grpc(
+    b: Arc<Backend>,
+    req: Request<Incoming>,
+) -> Result<Response<GrpcEcho>, Infallible> {
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    let mut resp = Response::new(GrpcEcho {
+        data: (!body.is_empty()).then_some(body),
+        trailers: Some(trailers),
+    });
+    let h = resp.headers_mut();
+    h.insert("content-type", HeaderValue::from_static("application/grpc"));
+    h.insert("x-backend", b.name.clone());
+    Ok(resp)
+}
+
+async fn serve_grpc(listener: TcpListener, backend: Arc<Backend>) {
+    loop {
+        let (tcp, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("bench-backend: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle_grpc(backend.clone(), req));
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
 /// TLS (aws-lc-rs, the project's one provider) from PEM files.
 fn tls_acceptor(
     cert: &std::path::Path,
@@ -170,8 +245,8 @@ async fn serve(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.listen.is_empty() && args.tls_listen.is_empty() {
-        bail!("give at least one --listen or --tls-listen");
+    if args.listen.is_empty() && args.tls_listen.is_empty() && args.grpc_listen.is_empty() {
+        bail!("give at least one --listen, --tls-listen or --grpc-listen");
     }
     let acceptor = if args.tls_listen.is_empty() {
         None
@@ -182,9 +257,16 @@ fn main() -> anyhow::Result<()> {
         Some(tls_acceptor(cert, key)?)
     };
     let mut specs = Vec::new();
-    let plain = args.listen.iter().map(|l| (l, false));
-    let secure = args.tls_listen.iter().map(|l| (l, true));
-    for (l, tls) in plain.chain(secure) {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        Plain,
+        Tls,
+        Grpc,
+    }
+    let plain = args.listen.iter().map(|l| (l, Kind::Plain));
+    let secure = args.tls_listen.iter().map(|l| (l, Kind::Tls));
+    let grpc = args.grpc_listen.iter().map(|l| (l, Kind::Grpc));
+    for (l, kind) in plain.chain(secure).chain(grpc) {
         let (name, addr) = match l.split_once('=') {
             Some((n, a)) => (n.to_string(), a),
             None => (String::new(), l.as_str()),
@@ -198,7 +280,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             name
         };
-        specs.push((name, addr, tls));
+        specs.push((name, addr, kind));
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
@@ -206,7 +288,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let mut tasks = Vec::new();
-        for (name, addr, tls) in specs {
+        for (name, addr, kind) in specs {
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding {addr}"))?;
@@ -216,8 +298,11 @@ fn main() -> anyhow::Result<()> {
                 body: Bytes::from(format!("{name}\n")),
                 large: std::sync::OnceLock::new(),
             });
-            let tls = if tls { acceptor.clone() } else { None };
-            tasks.push(tokio::spawn(serve(listener, backend, tls)));
+            tasks.push(match kind {
+                Kind::Grpc => tokio::spawn(serve_grpc(listener, backend)),
+                Kind::Tls => tokio::spawn(serve(listener, backend, acceptor.clone())),
+                Kind::Plain => tokio::spawn(serve(listener, backend, None)),
+            });
         }
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

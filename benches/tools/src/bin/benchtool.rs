@@ -60,7 +60,7 @@ struct ScalingArgs {
 
 #[derive(Parser, Debug)]
 struct GenArgs {
-    /// base | routes<N> | routes<N>h | authz<N> | services<N> | tlsorig | trace<N>
+    /// base | routes<N> | routes<N>h | authz<N> | services<N> | tlsorig | trace<N> | grpc
     #[arg(long)]
     variant: String,
     #[arg(long)]
@@ -82,6 +82,9 @@ struct GenArgs {
     /// Where Envoy writes its JSON access log.
     #[arg(long)]
     envoy_access_log: PathBuf,
+    /// The gRPC (h2c) backend of Service `grpc` (variant grpc).
+    #[arg(long, default_value = "127.0.0.1:19086")]
+    grpc_backend: SocketAddr,
     /// The HTTPS backend of Service `secure` (variant tlsorig).
     #[arg(long, default_value = "127.0.0.1:29084")]
     tls_backend: SocketAddr,
@@ -222,6 +225,7 @@ fn generate(a: GenArgs) -> anyhow::Result<()> {
             reviews_v2: v2,
             ratings,
             secure: a.tls_backend,
+            grpc: a.grpc_backend,
         },
     );
     if variant.tls_origination {

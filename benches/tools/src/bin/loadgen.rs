@@ -15,6 +15,11 @@
 //!   tunnel), so that a million tunnels fit the load generator; while they are held, new
 //!   tunnels are opened and held ones probed, with their latencies reported.
 //!
+//! - `--grpc-messages N`: gRPC over h2c inside each tunnel (direct: over TCP) instead of
+//!   HTTP/1.1: every call is a POST of N length-prefixed messages of `--body-bytes` each
+//!   (1: unary; more: a client-streaming call whose messages bench-backend's gRPC listener
+//!   echoes back), checked to come back whole with `grpc-status: 0`.
+//!
 //! Every response is checked to be the bench backend's whole answer to the whole request
 //! ([`exchange`]); a mismatch counts as an error.
 //!
@@ -143,6 +148,10 @@ struct Args {
     /// (`rss_settled_kb`: what it gives back once a burst of tunnels is over; capped at 60 s).
     #[arg(long, value_parser = humantime::parse_duration)]
     settle: Option<Duration>,
+    /// gRPC calls of this many messages each (h2c inside the tunnel) instead of HTTP/1.1
+    /// requests; the message size is --body-bytes.
+    #[arg(long)]
+    grpc_messages: Option<usize>,
     /// Idle-tunnel mode: keep each tunnel as its bare HBONE stream (hbone mode).
     #[arg(long)]
     raw_idle: bool,
@@ -165,7 +174,31 @@ struct Args {
     allow_remote: bool,
 }
 
-type Sender = http1::SendRequest<Full<Bytes>>;
+/// The client of one tunnel (or TCP connection): HTTP/1.1, or HTTP/2 prior knowledge (h2c)
+/// for gRPC.
+enum Sender {
+    H1(http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
+
+    async fn send_request(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> hyper::Result<http::Response<hyper::body::Incoming>> {
+        match self {
+            Sender::H1(s) => s.send_request(req).await,
+            Sender::H2(s) => s.send_request(req).await,
+        }
+    }
+}
 
 /// How a worker gets a fresh HTTP/1.1 connection: TCP to the backend, or a CONNECT stream on
 /// one of the pooled HBONE connections.
@@ -176,6 +209,8 @@ struct Dialer {
     tls: Option<Arc<rustls::ClientConfig>>,
     settings: ClientSettings,
     streams_per_connection: usize,
+    /// gRPC mode: HTTP/2 prior knowledge inside the tunnel.
+    h2: bool,
     slots: Vec<Mutex<Option<Connection>>>,
 }
 
@@ -208,7 +243,7 @@ impl Dialer {
                     .await
                     .with_context(|| format!("HBONE connection to {}", self.target))?;
                 let stream = conn.open(&self.authority, HeaderMap::new()).await?;
-                handshake(stream).await
+                handshake(stream, self.h2).await
             }
         }
     }
@@ -219,13 +254,13 @@ impl Dialer {
             Mode::Direct => {
                 let tcp = TcpStream::connect(self.target).await?;
                 let _ = tcp.set_nodelay(true);
-                handshake(tcp).await
+                handshake(tcp, self.h2).await
             }
             Mode::Hbone => {
                 let slot = n / self.streams_per_connection.max(1);
                 let conn = self.hbone_conn(slot).await?;
                 match conn.open(&self.authority, HeaderMap::new()).await {
-                    Ok(stream) => handshake(stream).await,
+                    Ok(stream) => handshake(stream, self.h2).await,
                     Err(e) => {
                         // The connection may be gone (GOAWAY, reset): reconnect next time.
                         if let Some(cell) = self.slots.get(slot) {
@@ -239,10 +274,21 @@ impl Dialer {
     }
 }
 
-async fn handshake<IO>(io: IO) -> anyhow::Result<Sender>
+async fn handshake<IO>(io: IO, h2: bool) -> anyhow::Result<Sender>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    if h2 {
+        // The h2 client ends the stream (END_STREAM, then the peer's) when the last handle
+        // goes away, as ztunnel ends a tunnel.
+        let (sender, driver) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(io),
+        )
+        .await?;
+        tokio::spawn(driver);
+        return Ok(Sender::H2(sender));
+    }
     let (sender, driver) = http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(async move {
         // When the sender is dropped, close the tunnel the way ztunnel does when the app closes
@@ -260,7 +306,7 @@ where
             .await;
         }
     });
-    Ok(sender)
+    Ok(Sender::H1(sender))
 }
 
 /// What every request looks like.
@@ -272,6 +318,8 @@ struct RequestTemplate {
     body: Bytes,
     /// The response body size asked for (`x-response-bytes`), checked on every response.
     response_bytes: Option<usize>,
+    /// A gRPC call: the response must echo `body` and end with `grpc-status: 0`.
+    grpc: bool,
 }
 
 impl RequestTemplate {
@@ -310,13 +358,38 @@ async fn exchange(sender: &mut Sender, template: &RequestTemplate) -> anyhow::Re
     let mut body = resp.into_body();
     let mut got = Vec::new();
     let mut n = 0u64;
+    let mut grpc_status = None;
+    let keep = if template.grpc {
+        template.body.len()
+    } else {
+        256
+    };
     while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            n += data.len() as u64;
-            if got.len() < 256 {
-                got.extend_from_slice(&data[..data.len().min(256 - got.len())]);
+        match frame?.into_data() {
+            Ok(data) => {
+                n += data.len() as u64;
+                if got.len() < keep {
+                    got.extend_from_slice(&data[..data.len().min(keep - got.len())]);
+                }
+            }
+            Err(f) => {
+                if let Some(t) = f.trailers_ref() {
+                    grpc_status = t.get("grpc-status").cloned();
+                }
             }
         }
+    }
+    if template.grpc && status == 200 {
+        if backend.is_none() {
+            bail!("a gRPC response without x-backend: not bench-backend's");
+        }
+        if got != template.body || n != template.body.len() as u64 {
+            bail!("gRPC response ({n} bytes) does not echo the call's messages");
+        }
+        if grpc_status.as_ref().map(|v| v.as_bytes()) != Some(b"0") {
+            bail!("gRPC call ended with grpc-status {grpc_status:?}");
+        }
+        return Ok((status, n));
     }
     if (200..300).contains(&status) {
         let Some(backend) = backend else {
@@ -942,16 +1015,38 @@ fn main() -> anyhow::Result<()> {
     };
     let method = match &args.method {
         Some(m) => Method::from_bytes(m.as_bytes())?,
-        None if args.body_bytes > 0 => Method::POST,
+        None if args.body_bytes > 0 || args.grpc_messages.is_some() => Method::POST,
         None => Method::GET,
+    };
+    let mut headers = parse_headers(&args.header)?;
+    let body = match args.grpc_messages {
+        Some(n) => {
+            if n == 0 || n > 10_000 || args.body_bytes > 1 << 20 {
+                bail!("--grpc-messages must be in 1..=10000, --body-bytes at most 1 MiB");
+            }
+            headers.push((
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            ));
+            headers.push((http::header::TE, HeaderValue::from_static("trailers")));
+            let mut framed = Vec::with_capacity(n * (5 + args.body_bytes));
+            for _ in 0..n {
+                framed.push(0);
+                framed.extend_from_slice(&(args.body_bytes as u32).to_be_bytes());
+                framed.extend(std::iter::repeat_n(b'x', args.body_bytes));
+            }
+            Bytes::from(framed)
+        }
+        None => Bytes::from(vec![b'x'; args.body_bytes]),
     };
     let template = RequestTemplate {
         method,
         path: args.path.clone(),
         host: HeaderValue::from_str(&args.host)?,
-        headers: parse_headers(&args.header)?,
-        body: Bytes::from(vec![b'x'; args.body_bytes]),
+        headers,
+        body,
         response_bytes: args.response_bytes,
+        grpc: args.grpc_messages.is_some(),
     };
     let tunnels = args.idle_tunnels.unwrap_or(args.concurrency);
     // Idle mode: one more connection for the tunnels opened beside the held ones (the held
@@ -965,6 +1060,7 @@ fn main() -> anyhow::Result<()> {
         tls,
         settings: ClientSettings::default(),
         streams_per_connection: args.streams_per_connection.max(1),
+        h2: args.grpc_messages.is_some(),
         slots: (0..slots.max(1)).map(|_| Mutex::new(None)).collect(),
     };
     if let Some(pid) = args.proxy_pid
