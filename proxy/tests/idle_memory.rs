@@ -175,7 +175,11 @@ async fn idle_tunnels_cost_a_few_kib_and_memory_returns_after_a_burst() {
         // from a warm process (round 2). Round 1 also pays for the process growing to its
         // working size (pools, allocator arenas). Without parking an idle tunnel cost over
         // 35 KB here.
-        let per_tunnel_kib: u64 = if round == 1 { 16 } else { 5 };
+        // Round 2's figure moves with how much of round 1's memory had come back before its
+        // baseline was read: 3.2 KB to 5.5 KB over runs of the same code (2026-12-07), so
+        // the bound is 8 KiB, still far below the 35 KB of a tunnel that is not parked. The
+        // release figure is the bench's (`idle`: ~3.2 KB).
+        let per_tunnel_kib: u64 = if round == 1 { 16 } else { 8 };
         // Wait until they have all parked and the waypoint has given the freed memory back.
         metric_until(metrics, "waypoint_tunnels_parked", |n| {
             n >= IDLE_TUNNELS as u64

@@ -40,8 +40,13 @@ struct Inner {
     /// A sampled request's span, finished from the record.
     span: Option<Box<crate::telemetry::trace::SpanStart>>,
     /// A gRPC stream's message counts, and how many were reported already.
-    grpc_messages: Option<(Arc<GrpcMessages>, (u64, u64))>,
+    /// Boxed: the record lives inline in every request's future (and so in every tunnel
+    /// task's size); only gRPC requests pay for this.
+    grpc_messages: Option<Box<GrpcCounted>>,
 }
+
+/// A gRPC stream's message counters and the counts already reported (requests, responses).
+type GrpcCounted = (Arc<GrpcMessages>, (u64, u64));
 
 /// Istio's stats filter reports a gRPC stream's messages this often by default
 /// (`tcp_reporting_duration`, 5 s; Telemetry `reportingInterval` changes it).
@@ -170,7 +175,7 @@ impl PendingLog {
                 _in_flight: None,
                 filter: None,
                 span: None,
-                grpc_messages: grpc.then(|| (Arc::default(), (0, 0))),
+                grpc_messages: grpc.then(|| Box::new((Arc::default(), (0, 0)))),
             }),
         }
     }
@@ -245,7 +250,7 @@ impl PendingLog {
     /// The message counters of a gRPC request (`None` for other requests): the request
     /// and response bodies count into them.
     pub fn grpc_messages(&self) -> Option<Arc<GrpcMessages>> {
-        let (m, _) = self.inner.as_ref()?.grpc_messages.as_ref()?;
+        let (m, _) = &**self.inner.as_ref()?.grpc_messages.as_ref()?;
         Some(m.clone())
     }
 
@@ -359,9 +364,10 @@ impl PendingLog {
 
 /// Count a gRPC stream's messages since its last report.
 fn report_grpc(i: &mut Inner, over: Option<Overrides>) {
-    let Some((messages, reported)) = &mut i.grpc_messages else {
+    let Some(counted) = i.grpc_messages.as_deref_mut() else {
         return;
     };
+    let (messages, reported) = counted;
     let (requests, responses) = messages.counts();
     let delta = (requests - reported.0, responses - reported.1);
     *reported = (requests, responses);
