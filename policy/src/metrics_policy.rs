@@ -355,33 +355,12 @@ pub(crate) fn compile_metrics(
     errors: &mut Vec<ConfigError>,
     warnings: &mut Vec<String>,
 ) -> Option<Arc<[MetricsEntry]>> {
-    let value = t.spec.metrics.as_ref()?;
-    let meta = &t.metadata;
-    let error = |field: String, message: String| ConfigError {
-        kind: "Telemetry".into(),
-        namespace: meta.namespace.clone(),
-        name: meta.name.clone(),
-        field,
-        message,
-    };
-    let list: Vec<Value> = match value {
-        Value::Array(a) => a.clone(),
-        Value::Null => Vec::new(),
-        _ => {
-            errors.push(error("spec.metrics".into(), "must be a list".into()));
-            return None;
-        }
-    };
+    let entries: Vec<(String, RawMetrics)> =
+        crate::telemetry::section_entries(t, "metrics", t.spec.metrics.as_ref(), errors)?;
+    let error =
+        |field: String, message: String| crate::telemetry::telemetry_error(t, field, message);
     let mut out = Vec::new();
-    for (i, v) in list.into_iter().enumerate() {
-        let field = format!("spec.metrics[{i}]");
-        let raw: RawMetrics = match serde_json::from_value(v) {
-            Ok(r) => r,
-            Err(e) => {
-                errors.push(error(field, format!("invalid: {e}")));
-                continue;
-            }
-        };
+    for (field, raw) in entries {
         let mut bad = false;
         for (j, p) in raw.providers.iter().enumerate() {
             if p.name.is_empty() {

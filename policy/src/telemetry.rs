@@ -393,6 +393,47 @@ type Placed = (
     Option<Arc<[crate::metrics_policy::MetricsEntry]>>,
 );
 
+/// A config error of Telemetry `t` at `field`.
+pub(crate) fn telemetry_error(t: &Telemetry, field: String, message: String) -> ConfigError {
+    ConfigError {
+        kind: KIND.into(),
+        namespace: t.metadata.namespace.clone(),
+        name: t.metadata.name.clone(),
+        field,
+        message,
+    }
+}
+
+/// The entries of one Telemetry list section (`spec.tracing`, `spec.metrics`), each read into
+/// `R` with its field path (`spec.metrics[2]`); `None` when the section is absent. A section
+/// that is not a list, or an entry that does not read, is an error naming it (the entry is
+/// skipped, the others are kept).
+pub(crate) fn section_entries<R: serde::de::DeserializeOwned>(
+    t: &Telemetry,
+    section: &str,
+    value: Option<&serde_json::Value>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Vec<(String, R)>> {
+    let list = match value? {
+        serde_json::Value::Array(a) => a.as_slice(),
+        serde_json::Value::Null => &[],
+        _ => {
+            let e = telemetry_error(t, format!("spec.{section}"), "must be a list".into());
+            errors.push(e);
+            return None;
+        }
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let field = format!("spec.{section}[{i}]");
+        match R::deserialize(v) {
+            Ok(r) => out.push((field, r)),
+            Err(e) => errors.push(telemetry_error(t, field, format!("invalid: {e}"))),
+        }
+    }
+    Some(out)
+}
+
 /// Validate every Telemetry and index those that reach this waypoint.
 pub(crate) fn compile_telemetry(
     telemetries: &[&Telemetry],

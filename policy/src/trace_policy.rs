@@ -21,7 +21,6 @@
 use std::sync::Arc;
 
 use serde::Deserialize;
-use serde_json::Value;
 
 use crate::ConfigError;
 use crate::resources::Telemetry;
@@ -154,33 +153,12 @@ pub(crate) fn compile_tracing(
     t: &Telemetry,
     errors: &mut Vec<ConfigError>,
 ) -> Option<Arc<[TracingEntry]>> {
-    let value = t.spec.tracing.as_ref()?;
-    let meta = &t.metadata;
-    let error = |field: String, message: String| ConfigError {
-        kind: "Telemetry".into(),
-        namespace: meta.namespace.clone(),
-        name: meta.name.clone(),
-        field,
-        message,
-    };
-    let list: Vec<Value> = match value {
-        Value::Array(a) => a.clone(),
-        Value::Null => Vec::new(),
-        _ => {
-            errors.push(error("spec.tracing".into(), "must be a list".into()));
-            return None;
-        }
-    };
+    let entries: Vec<(String, RawTracing)> =
+        crate::telemetry::section_entries(t, "tracing", t.spec.tracing.as_ref(), errors)?;
+    let error =
+        |field: String, message: String| crate::telemetry::telemetry_error(t, field, message);
     let mut out = Vec::new();
-    for (i, v) in list.into_iter().enumerate() {
-        let field = format!("spec.tracing[{i}]");
-        let raw: RawTracing = match serde_json::from_value(v) {
-            Ok(r) => r,
-            Err(e) => {
-                errors.push(error(field, format!("invalid: {e}")));
-                continue;
-            }
-        };
+    for (field, raw) in entries {
         let client_only = match raw.matcher.and_then(|m| m.mode).as_deref() {
             None | Some("CLIENT_AND_SERVER") | Some("SERVER") => false,
             Some("CLIENT") => true,
