@@ -159,27 +159,6 @@ async fn handle_grpc(
     Ok(resp)
 }
 
-async fn serve_grpc(listener: TcpListener, backend: Arc<Backend>) {
-    loop {
-        let (tcp, _) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("bench-backend: accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let backend = backend.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| handle_grpc(backend.clone(), req));
-            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
-    }
-}
-
 /// TLS (aws-lc-rs, the project's one provider) from PEM files.
 fn tls_acceptor(
     cert: &std::path::Path,
@@ -201,11 +180,18 @@ fn tls_acceptor(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-async fn serve(
-    listener: TcpListener,
-    backend: Arc<Backend>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) {
+/// What a listener speaks.
+#[derive(Clone)]
+enum Listen {
+    /// HTTP/1.1.
+    Plain,
+    /// HTTP/1.1 over TLS.
+    Tls(tokio_rustls::TlsAcceptor),
+    /// gRPC over h2c (the echo of [`handle_grpc`]).
+    Grpc,
+}
+
+async fn serve(listener: TcpListener, backend: Arc<Backend>, listen: Listen) {
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(x) => x,
@@ -218,18 +204,26 @@ async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let backend = backend.clone();
-        let tls = tls.clone();
+        let listen = listen.clone();
         tokio::spawn(async move {
+            if let Listen::Grpc = listen {
+                let svc = hyper::service::service_fn(move |req| handle_grpc(backend.clone(), req));
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                return;
+            }
             let svc = hyper::service::service_fn(move |req| handle(backend.clone(), req));
             let mut builder = hyper::server::conn::http1::Builder::new();
-            match tls {
-                None => {
+            match listen {
+                Listen::Plain | Listen::Grpc => {
                     let _ = builder
                         .keep_alive(true)
                         .serve_connection(TokioIo::new(tcp), svc)
                         .await;
                 }
-                Some(acceptor) => {
+                Listen::Tls(acceptor) => {
                     let Ok(stream) = acceptor.accept(tcp).await else {
                         return;
                     };
@@ -298,11 +292,12 @@ fn main() -> anyhow::Result<()> {
                 body: Bytes::from(format!("{name}\n")),
                 large: std::sync::OnceLock::new(),
             });
-            tasks.push(match kind {
-                Kind::Grpc => tokio::spawn(serve_grpc(listener, backend)),
-                Kind::Tls => tokio::spawn(serve(listener, backend, acceptor.clone())),
-                Kind::Plain => tokio::spawn(serve(listener, backend, None)),
-            });
+            let listen = match kind {
+                Kind::Grpc => Listen::Grpc,
+                Kind::Tls => Listen::Tls(acceptor.clone().context("--tls-listen needs a TLS acceptor")?),
+                Kind::Plain => Listen::Plain,
+            };
+            tasks.push(tokio::spawn(serve(listener, backend, listen)));
         }
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
