@@ -99,25 +99,11 @@ fn framed(data: &[u8]) -> Bytes {
     b.freeze()
 }
 
-async fn metric(wp: &TestWaypoint, name: &str) -> Vec<(String, u64)> {
-    let text = http_get(wp.running().metrics_addr, "/stats/prometheus")
-        .await
-        .unwrap()
-        .text();
-    text.lines()
-        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
-        .filter_map(|l| {
-            let (labels, v) = l.rsplit_once("} ")?;
-            Some((labels.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
 async fn messages(wp: &TestWaypoint) -> (u64, u64) {
     let sum = |v: Vec<(String, u64)>| v.iter().map(|(_, n)| n).sum::<u64>();
     (
-        sum(metric(wp, "istio_request_messages_total").await),
-        sum(metric(wp, "istio_response_messages_total").await),
+        sum(wp.metric_series("istio_request_messages_total").await),
+        sum(wp.metric_series("istio_response_messages_total").await),
     )
 }
 
@@ -167,7 +153,7 @@ async fn grpc_stream_messages_are_counted_each_way_and_reported_while_open() {
         messages(&wp).await
     );
     assert!(
-        metric(&wp, "istio_requests_total").await.is_empty(),
+        wp.metric_series("istio_requests_total").await.is_empty(),
         "not finished yet"
     );
 
@@ -195,7 +181,7 @@ async fn grpc_stream_messages_are_counted_each_way_and_reported_while_open() {
     })
     .await;
     assert!(done.is_some(), "{:?}", messages(&wp).await);
-    let labels = metric(&wp, "istio_request_messages_total").await;
+    let labels = wp.metric_series("istio_request_messages_total").await;
     assert_eq!(labels.len(), 1, "{labels:?}");
     let l = &labels[0].0;
     assert!(
@@ -207,7 +193,7 @@ async fn grpc_stream_messages_are_counted_each_way_and_reported_while_open() {
         "peer labels only: {l}"
     );
     assert!(l.contains("destination_service_name=\"echo\""), "{l}");
-    let requests = metric(&wp, "istio_requests_total").await;
+    let requests = wp.metric_series("istio_requests_total").await;
     assert!(
         requests.len() == 1
             && requests[0].0.contains("request_protocol=\"grpc\"")

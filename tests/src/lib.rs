@@ -245,6 +245,21 @@ pub struct TestWaypoint {
 }
 
 impl TestWaypoint {
+    /// Every series of metric `name` on `/stats/prometheus`: (labels, value).
+    pub async fn metric_series(&self, name: &str) -> Vec<(String, u64)> {
+        let text = http_get(self.running().metrics_addr, "/stats/prometheus")
+            .await
+            .expect("the metrics listener answers")
+            .text();
+        text.lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+            .filter_map(|l| {
+                let (labels, value) = l.rsplit_once("} ")?;
+                Some((labels.to_string(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
     /// `waypoint explain` of a GET of `path` to `to` (a VIP:port) from `default/sleep`,
     /// answered from the running waypoint's snapshot and mesh config.
     pub fn explain_get(&self, to: &str, path: &str) -> String {

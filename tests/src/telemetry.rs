@@ -32,14 +32,8 @@ fn mesh(backend: std::net::SocketAddr, extra: &[String]) -> String {
 
 /// Sum of `istio_requests_total` over every label set.
 async fn requests_total(wp: &TestWaypoint) -> u64 {
-    let text = http_get(wp.running().metrics_addr, "/stats/prometheus")
-        .await
-        .unwrap()
-        .text();
-    text.lines()
-        .filter(|l| l.starts_with("istio_requests_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    let series = wp.metric_series("istio_requests_total").await;
+    series.iter().map(|(_, v)| v).sum()
 }
 
 async fn get_with(http: &mut TunnelHttp, path: &str, headers: &[(&str, &str)]) -> u16 {
@@ -140,21 +134,6 @@ async fn a_telemetry_added_by_reload_applies_to_tunnels_already_open() {
     assert!(lines.is_empty(), "{lines:?}");
 }
 
-/// The `istio_*` lines of one metric: (labels, value).
-async fn series(wp: &TestWaypoint, metric: &str) -> Vec<(String, u64)> {
-    let text = http_get(wp.running().metrics_addr, "/stats/prometheus")
-        .await
-        .unwrap()
-        .text();
-    text.lines()
-        .filter_map(|l| l.strip_prefix(metric)?.strip_prefix('{'))
-        .filter_map(|l| {
-            let (labels, value) = l.rsplit_once("} ")?;
-            Some((labels.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn metrics_overrides_remove_replace_add_and_drop_tags_per_service() {
     let b = Backend::echo("reviews").await;
@@ -183,7 +162,7 @@ async fn metrics_overrides_remove_replace_add_and_drop_tags_per_service() {
     assert_eq!(wp.next_logs(4).len(), 4, "every request is still logged");
 
     let counted = eventually(Duration::from_secs(5), || async {
-        let s = series(&wp, "istio_requests_total").await;
+        let s = wp.metric_series("istio_requests_total").await;
         (s.iter().map(|(_, v)| v).sum::<u64>() == 3).then_some(s)
     })
     .await
@@ -206,7 +185,7 @@ async fn metrics_overrides_remove_replace_add_and_drop_tags_per_service() {
         assert!(labels.ends_with(expected), "{labels} = {value}");
     }
     assert!(
-        series(&wp, "istio_request_duration_milliseconds_count")
+        wp.metric_series("istio_request_duration_milliseconds_count")
             .await
             .is_empty(),
         "REQUEST_DURATION is dropped"
@@ -218,7 +197,7 @@ async fn metrics_overrides_remove_replace_add_and_drop_tags_per_service() {
         "{text}"
     );
     // CLIENT-mode overrides do not apply to a waypoint; other metrics keep Istio's tags.
-    let sizes = series(&wp, "istio_request_bytes_count").await;
+    let sizes = wp.metric_series("istio_request_bytes_count").await;
     assert_eq!(sizes.len(), 2, "one per source principal: {sizes:?}");
     assert!(
         sizes
