@@ -344,10 +344,13 @@ struct ClusterSeries {
     grpc: HashMap<(SourceId, DestId), GrpcStats>,
     /// The same under Telemetry overrides, by overrides first (so that a lookup borrows the
     /// request's values instead of copying them).
-    http_over: HashMap<OverrideKey, HashMap<HttpSeriesKey, HttpStats>>,
-    tcp_over: HashMap<OverrideKey, HashMap<TcpSeriesKey, TcpStats>>,
-    grpc_over: HashMap<OverrideKey, HashMap<(SourceId, DestId), GrpcStats>>,
+    http_over: OverriddenSeries<HttpSeriesKey, HttpStats>,
+    tcp_over: OverriddenSeries<TcpSeriesKey, TcpStats>,
+    grpc_over: OverriddenSeries<(SourceId, DestId), GrpcStats>,
 }
+
+/// Series counted under Telemetry overrides: by overrides, then by the family's own key.
+type OverriddenSeries<K, S> = HashMap<OverrideKey, HashMap<K, S>>;
 
 /// (source, destination workload, cluster name, overrides) of a merged gRPC message series.
 type MergedGrpcKey = (SourceId, DestId, Option<Arc<str>>, Option<OverrideKey>);
@@ -379,14 +382,18 @@ fn override_key(
     series: &mut Series,
     cluster: Option<&Arc<Cluster>>,
     over: Overrides,
-    exists: impl FnOnce(&ClusterSeries, &OverrideKey) -> bool,
+    exists: impl FnOnce(&mut ClusterSeries, &OverrideKey) -> bool,
     overflowed: &std::sync::atomic::AtomicU64,
 ) -> OverrideKey {
     let id = over.spec.id;
     series.specs.entry(id).or_insert(over.spec);
     let key = (id, over.values);
     let name: &str = cluster.map_or("", |c| &c.name);
-    if series.clusters.get(name).is_some_and(|cs| exists(cs, &key)) {
+    if series
+        .clusters
+        .get_mut(name)
+        .is_some_and(|cs| exists(cs, &key))
+    {
         return key;
     }
     if series.override_series >= MAX_OVERRIDE_SERIES {
@@ -635,23 +642,13 @@ impl Metrics {
             s.request_bytes.observe(r.bytes_received as f64);
             s.response_bytes.observe(r.bytes_sent as f64);
         };
-        let mut series = self.series.local();
-        match over {
-            None => series.with_cluster(cluster, |cs| count(cs.http.entry(key).or_default())),
-            Some(o) if o.spec.disabled => {}
-            Some(o) => {
-                let o = override_key(
-                    &mut series,
-                    cluster,
-                    o,
-                    |cs, o| cs.http_over.get(o).is_some_and(|m| m.contains_key(&key)),
-                    &self.overrides_overflowed,
-                );
-                series.with_cluster(cluster, |cs| {
-                    count(cs.http_over.entry(o).or_default().entry(key).or_default())
-                });
-            }
-        }
+        self.count(
+            cluster,
+            key,
+            over,
+            |cs| (&mut cs.http, &mut cs.http_over),
+            count,
+        );
     }
 
     /// gRPC messages of a stream since its last report (Istio's stats filter reports them
@@ -673,23 +670,13 @@ impl Metrics {
             s.requests += requests;
             s.responses += responses;
         };
-        let mut series = self.series.local();
-        match over {
-            None => series.with_cluster(cluster, |cs| count(cs.grpc.entry(key).or_default())),
-            Some(o) if o.spec.disabled => {}
-            Some(o) => {
-                let o = override_key(
-                    &mut series,
-                    cluster,
-                    o,
-                    |cs, o| cs.grpc_over.get(o).is_some_and(|m| m.contains_key(&key)),
-                    &self.overrides_overflowed,
-                );
-                series.with_cluster(cluster, |cs| {
-                    count(cs.grpc_over.entry(o).or_default().entry(key).or_default())
-                });
-            }
-        }
+        self.count(
+            cluster,
+            key,
+            over,
+            |cs| (&mut cs.grpc, &mut cs.grpc_over),
+            count,
+        );
     }
 
     /// A TCP connection through the waypoint opened.
@@ -731,20 +718,40 @@ impl Metrics {
         count: impl FnOnce(&mut TcpStats),
     ) {
         let key = (source, dest, flags);
+        self.count(
+            cluster,
+            key,
+            over,
+            |cs| (&mut cs.tcp, &mut cs.tcp_over),
+            count,
+        );
+    }
+
+    /// Count into this thread's series `key` of one family (`table` picks its plain and its
+    /// overridden map): the plain series without overrides, none when they turn every metric
+    /// off, else the series of the overrides' values (bounded, see [`override_key`]).
+    fn count<K: std::hash::Hash + Eq, S: Default>(
+        &self,
+        cluster: Option<&Arc<Cluster>>,
+        key: K,
+        over: Option<Overrides>,
+        table: impl Fn(&mut ClusterSeries) -> (&mut HashMap<K, S>, &mut OverriddenSeries<K, S>),
+        count: impl FnOnce(&mut S),
+    ) {
         let mut series = self.series.local();
         match over {
-            None => series.with_cluster(cluster, |cs| count(cs.tcp.entry(key).or_default())),
+            None => series.with_cluster(cluster, |cs| count(table(cs).0.entry(key).or_default())),
             Some(o) if o.spec.disabled => {}
             Some(o) => {
                 let o = override_key(
                     &mut series,
                     cluster,
                     o,
-                    |cs, o| cs.tcp_over.get(o).is_some_and(|m| m.contains_key(&key)),
+                    |cs, o| table(cs).1.get(o).is_some_and(|m| m.contains_key(&key)),
                     &self.overrides_overflowed,
                 );
                 series.with_cluster(cluster, |cs| {
-                    count(cs.tcp_over.entry(o).or_default().entry(key).or_default())
+                    count(table(cs).1.entry(o).or_default().entry(key).or_default())
                 });
             }
         }
