@@ -332,14 +332,10 @@ impl PendingLog {
         if let Some(span) = inner.span.take() {
             span.finish(&inner.record);
         }
-        match inner.filter.as_ref() {
-            // No Telemetry: the mesh-wide log, nothing evaluated.
+        // No Telemetry `accessLogging` (none at all, or only metrics overrides): the mesh-wide
+        // log, nothing evaluated.
+        match inner.filter.as_ref().filter(|f| !f.policy.is_default()) {
             None => {
-                if let Some(logger) = &inner.shared.access_log {
-                    logger.log(inner.record);
-                }
-            }
-            Some(f) if f.policy.is_default() => {
                 if let Some(logger) = &inner.shared.access_log {
                     logger.log(inner.record);
                 }
