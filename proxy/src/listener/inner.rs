@@ -433,16 +433,11 @@ impl AsyncRead for InnerIo {
     }
 }
 
-impl AsyncWrite for InnerIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.counters.touch();
-        // A head is being read that never reached the request phases: the only thing hyper
-        // writes then on its own is its bare reply to a head it refused. Held back; the
-        // tunnel writes Envoy's (serve_http1).
+impl InnerIo {
+    /// A head is being read that never reached the request phases: the only thing hyper
+    /// writes then on its own is its bare reply to a head it refused. Held back; the
+    /// tunnel writes Envoy's (serve_http1).
+    fn holds_back(&mut self, buf: &[u8]) -> bool {
         if let Some((_, at)) = &self.head
             && self
                 .counters
@@ -452,9 +447,43 @@ impl AsyncWrite for InnerIo {
             && crate::request::codec::is_hyper_auto_reply(buf)
         {
             self.refused_head = true;
+            return true;
+        }
+        false
+    }
+}
+
+impl AsyncWrite for InnerIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.counters.touch();
+        if self.holds_back(buf) {
             return Poll::Ready(Ok(buf.len()));
         }
         Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.counters.touch();
+        // hyper's own replies are a head alone: one slice, the rest empty.
+        let mut written = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(only), None) = (written.next(), written.next())
+            && self.holds_back(only)
+        {
+            return Poll::Ready(Ok(only.len()));
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
