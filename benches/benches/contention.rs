@@ -138,6 +138,7 @@ fn pool_checkout(c: &mut Criterion) {
         tunnel: None,
         workload: None,
         health: Default::default(),
+        weight: 1,
     };
     let mut g = c.benchmark_group("contention/pool_checkout");
     for (layout, shards) in [

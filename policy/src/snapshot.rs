@@ -265,6 +265,10 @@ pub struct Endpoint {
     pub workload: Option<Arc<EndpointWorkload>>,
     /// Outlier detection state (kept across endpoint updates, like `load`).
     pub health: Arc<EndpointHealth>,
+    /// Relative share of the requests (Envoy's `load_balancing_weight`, which istiod sets
+    /// from a ServiceEntry endpoint's or WorkloadEntry's `weight`; 1 for every other
+    /// endpoint, and for a weight of 0, as istiod renders it).
+    pub weight: u32,
 }
 
 /// An endpoint's outlier-detection state (DestinationRule `outlierDetection`): consecutive
@@ -317,6 +321,25 @@ pub struct EndpointSpec {
     pub addr: SocketAddr,
     pub tunnel: Option<Arc<str>>,
     pub workload: Option<Arc<EndpointWorkload>>,
+    /// See [`Endpoint::weight`].
+    pub weight: u32,
+}
+
+impl EndpointSpec {
+    /// An endpoint of weight 1 (every endpoint but a weighted ServiceEntry or WorkloadEntry
+    /// one).
+    pub fn new(
+        addr: SocketAddr,
+        tunnel: Option<Arc<str>>,
+        workload: Option<Arc<EndpointWorkload>>,
+    ) -> EndpointSpec {
+        EndpointSpec {
+            addr,
+            tunnel,
+            workload,
+            weight: 1,
+        }
+    }
 }
 
 /// A pod this waypoint serves workload-addressed traffic for (`istio.io/waypoint-for`
@@ -380,6 +403,7 @@ impl Cluster {
                 tunnel: None,
                 workload: None,
                 health: Default::default(),
+                weight: 1,
             }]),
             traffic: self.traffic.clone(),
             dns: None,
@@ -405,7 +429,10 @@ impl Cluster {
             };
         let same = current.len() == new.len()
             && current.iter().zip(&new).all(|(e, n)| {
-                e.addr == n.addr && e.tunnel == n.tunnel && same_workload(&e.workload, &n.workload)
+                e.addr == n.addr
+                    && e.tunnel == n.tunnel
+                    && e.weight == n.weight
+                    && same_workload(&e.workload, &n.workload)
             });
         if same {
             return false;
@@ -419,6 +446,7 @@ impl Cluster {
                     health: old.map(|e| e.health.clone()).unwrap_or_default(),
                     addr: n.addr,
                     tunnel: n.tunnel,
+                    weight: n.weight,
                     workload: match old {
                         Some(e) if same_workload(&e.workload, &n.workload) => e.workload.clone(),
                         _ => n.workload,
@@ -571,6 +599,7 @@ impl Snapshot {
                     tunnel: w.ambient.then(|| w.identity.clone()),
                     workload: Some(w.labels.clone()),
                     health: Default::default(),
+                    weight: 1,
                 }]),
                 traffic: None,
                 dns: None,

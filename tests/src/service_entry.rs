@@ -401,3 +401,99 @@ async fn dns_entries_resolve_refresh_and_fail_as_envoys_strict_dns_clusters_do()
     assert_eq!(envoys(a).await, (503, "no healthy upstream".into()));
     assert_eq!(ours(a).await, (503, "no healthy upstream".into()));
 }
+
+/// Endpoint weights, side by side with Envoy 1.40 given what istiod renders for them
+/// (`load_balancing_weight` on each endpoint): a STATIC entry's inline endpoints with
+/// weights 1 and 3 under a ROUND_ROBIN DestinationRule, and WorkloadEntries of weights 1 and
+/// 3 selected by an entry's `workloadSelector` under the default policy (least request).
+/// Round robin gives each endpoint exactly its share of every cycle; least request shares
+/// an idle cluster (one request at a time) by weight.
+#[tokio::test]
+async fn endpoint_weights_share_requests_as_envoys_load_balancing_weight_does() {
+    const REQUESTS: usize = 400;
+    let light = Backend::echo("light").await;
+    let heavy = Backend::echo("heavy").await;
+    let (lp, hp) = (light.addr.port(), heavy.addr.port());
+    let mut m = Manifests::new();
+    m.push(&entry(
+        "rr",
+        &format!(
+            "{{hosts: [rr.example.test], addresses: [240.240.0.40], ports: [{{number: 80, name: http, protocol: HTTP}}], resolution: STATIC, endpoints: [{{address: 127.0.0.1, ports: {{http: {lp}}}}}, {{address: 127.0.0.1, ports: {{http: {hp}}}, weight: 3}}]}}"
+        ),
+    ))
+    .push(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: rr, namespace: default}\nspec: {host: rr.example.test, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}}\n",
+    )
+    .push(&entry(
+        "lr",
+        "{hosts: [lr.example.test], addresses: [240.240.0.41], ports: [{number: 80, name: http, protocol: HTTP}], resolution: STATIC, workloadSelector: {labels: {app: weighted}}}",
+    ));
+    for (name, port, weight) in [("light", lp, 1), ("heavy", hp, 3)] {
+        m.push(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: default}}\nspec: {{address: 127.0.0.1, ports: {{http: {port}}}, labels: {{app: weighted}}, weight: {weight}}}\n"
+        ));
+    }
+    let wp = TestWaypoint::start(&m.yaml()).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut ours = Vec::new();
+    for (vip, host) in [
+        ("240.240.0.40:80", "rr.example.test"),
+        ("240.240.0.41:80", "lr.example.test"),
+    ] {
+        let mut http = TunnelHttp::open(&conn, vip).await.unwrap();
+        let mut heavy_count = 0;
+        for _ in 0..REQUESTS {
+            let r = http.send(get("/", host)).await.unwrap();
+            assert_eq!(r.status, 200);
+            heavy_count += usize::from(r.text() == "heavy\n");
+        }
+        ours.push(heavy_count);
+    }
+    // `/clusters` shows each endpoint's weight, as Envoy's does.
+    let clusters = waypoint_tests::http_get(wp.running().admin_addr, "/clusters")
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        clusters.contains(&format!(
+            "inbound-vip|80|http|rr.example.test::127.0.0.1:{hp}::weight::3"
+        )),
+        "{clusters}"
+    );
+
+    let lb_endpoints = format!(
+        "[{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {lp}}}}}}}, load_balancing_weight: 1}}, {{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {hp}}}}}}}, load_balancing_weight: 3}}]"
+    );
+    let routes = "- match: {prefix: /rr}\n  route: {cluster: rr}\n- match: {prefix: /lr}\n  route: {cluster: lr}\n";
+    let clusters = format!(
+        "- name: rr\n  type: STATIC\n  lb_policy: ROUND_ROBIN\n  load_assignment: {{cluster_name: rr, endpoints: [{{lb_endpoints: {lb_endpoints}}}]}}\n- name: lr\n  type: STATIC\n  lb_policy: LEAST_REQUEST\n  load_assignment: {{cluster_name: lr, endpoints: [{{lb_endpoints: {lb_endpoints}}}]}}\n"
+    );
+    let envoy = waypoint_tests::envoy::Envoy::start(&waypoint_tests::envoy::plain_http_bootstrap(
+        routes, "", &clusters,
+    ))
+    .await
+    .expect("envoy starts");
+    let envoy_addr = envoy.listener("plain").await.unwrap();
+    let mut envoys = Vec::new();
+    for path in ["/rr", "/lr"] {
+        let mut heavy_count = 0;
+        for _ in 0..REQUESTS {
+            let r = waypoint_tests::http_get(envoy_addr, path).await.unwrap();
+            assert_eq!(r.status, 200);
+            heavy_count += usize::from(r.text() == "heavy\n");
+        }
+        envoys.push(heavy_count);
+    }
+    eprintln!("heavy endpoint's share of {REQUESTS}: ours {ours:?}, Envoy's {envoys:?}");
+    // Round robin: exactly 3 of every 4, both.
+    assert_eq!(ours[0], REQUESTS * 3 / 4);
+    assert!(envoys[0].abs_diff(REQUESTS * 3 / 4) <= 1, "{envoys:?}");
+    // Least request, one request at a time: by weight (ours draws at random: 300 +- 7
+    // standard deviations is 240-360; unweighted it would be 200).
+    for share in [ours[1], envoys[1]] {
+        assert!(
+            share.abs_diff(REQUESTS * 3 / 4) <= 60,
+            "{ours:?} {envoys:?}"
+        );
+    }
+}

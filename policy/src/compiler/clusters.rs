@@ -83,6 +83,7 @@ impl<'a> Compiler<'a> {
                         tunnel: e.tunnel,
                         workload: e.workload,
                         health: Default::default(),
+                        weight: e.weight,
                     })
                     .collect(),
             ),
@@ -129,14 +130,7 @@ impl<'a> Compiler<'a> {
                     .filter(|i| self.pod_is_ambient(i))
                     .map(|i| self.pod_identity(i));
                 let workload = info.map(|i| self.endpoint_workload(i, tunnel.clone()));
-                addrs.insert(
-                    addr,
-                    EndpointSpec {
-                        addr,
-                        tunnel,
-                        workload,
-                    },
-                );
+                addrs.insert(addr, EndpointSpec::new(addr, tunnel, workload));
             }
         }
         Some(addrs.into_values().collect())

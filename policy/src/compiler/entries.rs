@@ -334,7 +334,7 @@ impl<'a> Compiler<'a> {
         &mut self,
         se: &'a ServiceEntry,
         resolution: Resolution,
-    ) -> Vec<(String, BTreeMap<String, u16>)> {
+    ) -> Vec<EntryEndpoint> {
         let meta = &se.metadata;
         let spec = &se.spec;
         let sid = id(meta);
@@ -402,12 +402,28 @@ impl<'a> Compiler<'a> {
                     ),
                 }
             }
-            if e.network.is_some() || e.locality.is_some() || e.weight.is_some() {
+            if e.network.is_some() || e.locality.is_some() {
                 self.warnings.push(format!(
-                    "{KIND} {sid}: {field}: network, locality and weight are not applied by this waypoint yet; ignored"
+                    "{KIND} {sid}: {field}: network and locality are not applied by this waypoint yet; ignored"
                 ));
             }
-            endpoints.push((e.address.clone(), by_name));
+            let weight = match endpoint_weight(e.weight) {
+                Ok(w) => w,
+                Err(msg) => {
+                    err(&mut self.errors, format!("{field}.weight"), msg);
+                    continue;
+                }
+            };
+            if weight != 1 && resolution != Resolution::Static {
+                self.warnings.push(format!(
+                    "{KIND} {sid}: {field}.weight: applied to STATIC endpoints only by this waypoint; ignored"
+                ));
+            }
+            endpoints.push(EntryEndpoint {
+                address: e.address.clone(),
+                ports: by_name,
+                weight,
+            });
         }
         endpoints
     }
@@ -438,11 +454,20 @@ impl<'a> Compiler<'a> {
                 )),
             }
         }
+        let weight = match endpoint_weight(w.spec.weight) {
+            Ok(weight) => weight,
+            Err(msg) => {
+                self.errors
+                    .push(error("WorkloadEntry", meta, "spec.weight".to_string(), msg));
+                return;
+            }
+        };
         self.workload_entries.push(WorkloadEntryInfo {
             meta,
             labels: &w.spec.labels,
             ip,
             ports,
+            weight,
         });
     }
 
@@ -474,11 +499,11 @@ impl<'a> Compiler<'a> {
             for ip in &pod.ips {
                 let addr = SocketAddr::new(*ip, port);
                 if !out.iter().any(|e| e.addr == addr) {
-                    out.push(EndpointSpec {
+                    out.push(EndpointSpec::new(
                         addr,
-                        tunnel: tunnel.clone(),
-                        workload: Some(workload.clone()),
-                    });
+                        tunnel.clone(),
+                        Some(workload.clone()),
+                    ));
                 }
             }
         }
@@ -490,9 +515,8 @@ impl<'a> Compiler<'a> {
             let addr = SocketAddr::new(w.ip, p);
             if !out.iter().any(|e| e.addr == addr) {
                 out.push(EndpointSpec {
-                    addr,
-                    tunnel: None,
-                    workload: None,
+                    weight: w.weight,
+                    ..EndpointSpec::new(addr, None, None)
                 });
             }
         }
@@ -511,21 +535,21 @@ impl<'a> Compiler<'a> {
         if let Some(selector) = &entry.selector {
             self.selected_endpoints(selector, sp, &mut out);
         }
-        for (address, ports) in &entry.endpoints {
-            let Ok(ip) = address.parse::<IpAddr>() else {
+        for e in &entry.endpoints {
+            let Ok(ip) = e.address.parse::<IpAddr>() else {
                 continue;
             };
-            let port = ports
+            let port = e
+                .ports
                 .get(&sp.name)
                 .copied()
                 .or(sp.target)
                 .unwrap_or(sp.port);
             let addr = SocketAddr::new(ip, port);
-            if !out.iter().any(|e| e.addr == addr) {
+            if !out.iter().any(|o| o.addr == addr) {
                 out.push(EndpointSpec {
-                    addr,
-                    tunnel: None,
-                    workload: None,
+                    weight: e.weight,
+                    ..EndpointSpec::new(addr, None, None)
                 });
             }
         }
@@ -549,10 +573,10 @@ impl<'a> Compiler<'a> {
         if entry.endpoints.is_empty() {
             names.push((svc.hostname.as_str().into(), target));
         }
-        for (address, ports) in &entry.endpoints {
-            let p = ports.get(&sp.name).copied().unwrap_or(target);
-            if !names.iter().any(|(n, q)| **n == **address && *q == p) {
-                names.push((address.as_str().into(), p));
+        for e in &entry.endpoints {
+            let p = e.ports.get(&sp.name).copied().unwrap_or(target);
+            if !names.iter().any(|(n, q)| **n == *e.address && *q == p) {
+                names.push((e.address.as_str().into(), p));
             }
         }
         Some(DnsTargets { names, first_only })
@@ -602,4 +626,15 @@ fn valid_host(h: &str) -> bool {
                 && !l.ends_with('-')
                 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
+}
+
+/// A ServiceEntry endpoint's or WorkloadEntry's `weight` (a uint32 in istio/api): unset and
+/// 0 are 1, as istiod renders `load_balancing_weight` (Envoy rejects 0).
+fn endpoint_weight(w: Option<i64>) -> Result<u32, String> {
+    match w {
+        None | Some(0) => Ok(1),
+        Some(w) => {
+            u32::try_from(w).map_err(|_| format!("{w} is not a valid weight (0-4294967295)"))
+        }
+    }
 }

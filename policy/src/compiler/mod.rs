@@ -79,12 +79,22 @@ struct Svc {
 struct EntryPlan {
     name: String,
     resolution: crate::snapshot::Resolution,
-    /// `spec.endpoints`: (address, port name -> port), validated for the resolution (IPs for
-    /// STATIC; IPs or host names for DNS).
-    endpoints: Vec<(String, BTreeMap<String, u16>)>,
+    /// `spec.endpoints`, validated for the resolution (IPs for STATIC; IPs or host names for
+    /// DNS).
+    endpoints: Vec<EntryEndpoint>,
     /// `spec.workloadSelector`: the entry's namespace and the labels its Pods and
     /// WorkloadEntries must carry.
     selector: Option<(String, BTreeMap<String, String>)>,
+}
+
+/// One of a ServiceEntry's `spec.endpoints`.
+#[derive(Clone)]
+struct EntryEndpoint {
+    address: String,
+    /// Port name -> the endpoint's port for it.
+    ports: BTreeMap<String, u16>,
+    /// `weight` (Envoy `load_balancing_weight`; 0 and unset are 1, as istiod renders them).
+    weight: u32,
 }
 
 struct SvcPort {
@@ -102,6 +112,7 @@ struct WorkloadEntryInfo<'a> {
     labels: &'a BTreeMap<String, String>,
     ip: IpAddr,
     ports: BTreeMap<String, u16>,
+    weight: u32,
 }
 
 /// A validated EndpointSlice.

@@ -2262,18 +2262,21 @@ fn service_entry_errors_name_the_field() {
     let bad = entry(
         "bad",
         "",
-        "{hosts: [\"not a host\"], addresses: [nope], ports: [{number: 0, name: http, protocol: HTTP}, {number: 81, name: x, protocol: SMTP}], resolution: STATIC, endpoints: [{address: api.example.com}]}",
+        "{hosts: [\"not a host\"], addresses: [nope], ports: [{number: 0, name: http, protocol: HTTP}, {number: 81, name: x, protocol: SMTP}], resolution: STATIC, endpoints: [{address: api.example.com}, {address: 1.2.3.4, weight: -1}]}",
     );
-    let e = errs(&base(&[&bad]));
+    let bad_we = "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm, namespace: default}\nspec: {address: 10.2.0.9, weight: 4294967296}\n";
+    let e = errs(&base(&[&bad, bad_we]));
     for field in [
         "spec.hosts[0]",
         "spec.addresses[0]",
         "spec.ports[0].number",
         "spec.ports[1].protocol",
         "spec.endpoints[0].address",
+        "spec.endpoints[1].weight",
     ] {
         assert_error(&e, "ServiceEntry", "default", "bad", field);
     }
+    assert_error(&e, "WorkloadEntry", "default", "vm", "spec.weight");
     let none_eps = entry(
         "none",
         "",

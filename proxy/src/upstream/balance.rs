@@ -87,6 +87,20 @@ pub fn choose<'a>(
     {
         return Some(e);
     }
+    if is_weighted(endpoints) {
+        let total = total_weight(endpoints, pool);
+        return match t.lb {
+            // A cycle of the total weight gives each endpoint exactly its share (Envoy's EDF
+            // scheduler interleaves the picks within the cycle; the shares are the same).
+            LbPolicy::RoundRobin => by_weight(
+                endpoints,
+                pool,
+                t.rr.fetch_add(1, Ordering::Relaxed) % total,
+            ),
+            LbPolicy::Random | LbPolicy::ConsistentHash(_) => by_weight(endpoints, pool, r % total),
+            LbPolicy::LeastRequest => weighted_least_request(endpoints, pool, r),
+        };
+    }
     match t.lb {
         LbPolicy::RoundRobin => nth(t.rr.fetch_add(1, Ordering::Relaxed) as usize % count),
         LbPolicy::Random | LbPolicy::ConsistentHash(_) => nth((r % count as u64) as usize),
@@ -107,6 +121,62 @@ pub fn choose<'a>(
             })
         }
     }
+}
+
+/// Whether any endpoint has a weight other than 1 (a ServiceEntry endpoint's or
+/// WorkloadEntry's `weight`, Envoy's `load_balancing_weight`): then choices are in proportion
+/// to the weights.
+pub fn is_weighted(endpoints: &[Endpoint]) -> bool {
+    endpoints.iter().any(|e| e.weight != 1)
+}
+
+fn total_weight(endpoints: &[Endpoint], pool: &dyn Fn(&Endpoint) -> bool) -> u64 {
+    endpoints
+        .iter()
+        .filter(|e| pool(e))
+        .map(|e| u64::from(e.weight))
+        .sum::<u64>()
+        .max(1)
+}
+
+/// The endpoint of the pool at position `k` of its cumulative weights.
+fn by_weight<'a>(
+    endpoints: &'a [Endpoint],
+    pool: &dyn Fn(&Endpoint) -> bool,
+    mut k: u64,
+) -> Option<&'a Endpoint> {
+    for e in endpoints.iter().filter(|e| pool(e)) {
+        if k < u64::from(e.weight) {
+            return Some(e);
+        }
+        k -= u64::from(e.weight);
+    }
+    None
+}
+
+/// Least request over weighted endpoints (Envoy's default policy, which istiod keeps when a
+/// DestinationRule does not name one): two draws in proportion to the weights, and the one
+/// with fewer requests in flight per unit of weight wins. A tie keeps the first draw, so an
+/// idle cluster is shared by weight, as Envoy's weighted least request shares it (its EDF
+/// schedule by `weight / (active + 1)`).
+pub fn weighted_least_request<'a>(
+    endpoints: &'a [Endpoint],
+    pool: &dyn Fn(&Endpoint) -> bool,
+    r: u64,
+) -> Option<&'a Endpoint> {
+    let total = total_weight(endpoints, pool);
+    let a = by_weight(endpoints, pool, r % total)?;
+    let b = by_weight(
+        endpoints,
+        pool,
+        r.wrapping_mul(0x9E37_79B9_7F4A_7C15) % total,
+    )?;
+    let (la, lb) = (a.load.get() as u64, b.load.get() as u64);
+    Some(if lb * u64::from(a.weight) < la * u64::from(b.weight) {
+        b
+    } else {
+        a
+    })
 }
 
 /// DestinationRule warmup (Envoy's slow start): while an endpoint of the pool is younger

@@ -290,11 +290,7 @@ fn apply(cluster: &Cluster, answers: &HashMap<Arc<str>, Answer>) {
         for ip in addrs.into_iter().take(take) {
             let addr = SocketAddr::new(ip, *port);
             if !eps.iter().any(|e| e.addr == addr) {
-                eps.push(EndpointSpec {
-                    addr,
-                    tunnel: None,
-                    workload: None,
-                });
+                eps.push(EndpointSpec::new(addr, None, None));
             }
         }
     }

@@ -1214,6 +1214,15 @@ pub fn pick_endpoint<'a>(
     match endpoints.len() {
         0 => None,
         1 => endpoints.first(),
+        n if balance::is_weighted(endpoints) => {
+            let fresh = |e: &Endpoint| !tried.contains(&e.addr);
+            if endpoints.iter().any(fresh) {
+                balance::weighted_least_request(endpoints, &fresh, r)
+            } else {
+                balance::weighted_least_request(endpoints, &|_| true, r)
+            }
+            .or_else(|| endpoints.get((r % n as u64) as usize))
+        }
         n => {
             let fresh = |e: &&Endpoint| !tried.contains(&e.addr);
             let untried = endpoints.iter().filter(fresh).count();
@@ -1266,6 +1275,7 @@ mod tests {
                 tunnel: None,
                 workload: None,
                 health: Default::default(),
+                weight: 1,
             })
             .collect()
     }
