@@ -1235,30 +1235,34 @@ pub fn pick_endpoint<'a>(
     }
 }
 
+/// Two distinct random picks among the allowed endpoints, the less loaded wins. No
+/// allocation: the allowed ones are counted, then the two are found by scanning (lists are
+/// short next to a request's other work; this runs on every request of a multi-endpoint
+/// Service without a DestinationRule).
 fn pick_two(
     endpoints: &[Endpoint],
     n: usize,
     r: u64,
     allowed: impl Fn(&Endpoint) -> bool,
 ) -> Option<&Endpoint> {
-    let allowed_idx: Vec<usize> = (0..n).filter(|&i| allowed(&endpoints[i])).collect();
-    let m = allowed_idx.len();
-    if m == 0 {
-        return None;
-    }
-    if m == 1 {
-        return endpoints.get(allowed_idx[0]);
-    }
-    let a = (r % m as u64) as usize;
-    let mut b = ((r >> 32) % (m as u64 - 1)) as usize;
-    if b >= a {
-        b += 1;
-    }
-    let (ea, eb) = (&endpoints[allowed_idx[a]], &endpoints[allowed_idx[b]]);
-    if eb.load.get() < ea.load.get() {
-        Some(eb)
-    } else {
-        Some(ea)
+    let m = endpoints[..n].iter().filter(|e| allowed(e)).count();
+    let nth = |k: usize| endpoints[..n].iter().filter(|e| allowed(e)).nth(k);
+    match m {
+        0 => None,
+        1 => nth(0),
+        _ => {
+            let a = (r % m as u64) as usize;
+            let mut b = ((r >> 32) % (m as u64 - 1)) as usize;
+            if b >= a {
+                b += 1;
+            }
+            let (ea, eb) = (nth(a)?, nth(b)?);
+            Some(if eb.load.get() < ea.load.get() {
+                eb
+            } else {
+                ea
+            })
+        }
     }
 }
 
