@@ -418,11 +418,11 @@ fn logging(req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Envoy `/clusters` style: `<cluster>::<endpoint>::rq_active::<n>` and
+/// Envoy `/clusters` style: `<cluster>::<endpoint>::rq_active::<n>`,
 /// `<cluster>::<endpoint>::health_flags::healthy` (or `/failed_outlier_check` while an
-/// outlier ejection lasts, as Envoy prints it), `<cluster>::<endpoint>::weight::<n>`; with a DestinationRule, the cluster's
-/// `<cluster>::circuit_breakers::max_requests::<n>`, `::rq_overflow::<n>` and
-/// `::outlier_ejections::<n>`.
+/// outlier ejection lasts, as Envoy prints it) and `<cluster>::<endpoint>::weight::<n>`; with
+/// a DestinationRule, the cluster's `<cluster>::circuit_breakers::max_requests::<n>`,
+/// `::rq_overflow::<n>` and `::outlier_ejections::<n>`.
 fn clusters(shared: &Shared) -> String {
     let snap = shared.snapshot.load();
     let now = crate::upstream::balance::now_ms();

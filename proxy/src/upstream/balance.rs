@@ -104,23 +104,34 @@ pub fn choose<'a>(
     match t.lb {
         LbPolicy::RoundRobin => nth(t.rr.fetch_add(1, Ordering::Relaxed) as usize % count),
         LbPolicy::Random | LbPolicy::ConsistentHash(_) => nth((r % count as u64) as usize),
-        LbPolicy::LeastRequest => {
-            if count == 1 {
-                return nth(0);
-            }
-            let a = (r % count as u64) as usize;
-            let mut b = ((r >> 32) % (count as u64 - 1)) as usize;
-            if b >= a {
-                b += 1;
-            }
-            let (ea, eb) = (nth(a)?, nth(b)?);
-            Some(if eb.load.get() < ea.load.get() {
-                eb
-            } else {
-                ea
-            })
-        }
+        LbPolicy::LeastRequest => two_choices(endpoints, pool, count, r),
     }
+}
+
+/// Least request over equal weights (Envoy's default `choice_count: 2`): two distinct random
+/// picks among the `count` endpoints of the pool, the less loaded wins. No allocation: the
+/// two are found by scanning (lists are short next to a request's other work).
+pub fn two_choices<'a>(
+    endpoints: &'a [Endpoint],
+    pool: &dyn Fn(&Endpoint) -> bool,
+    count: usize,
+    r: u64,
+) -> Option<&'a Endpoint> {
+    let nth = |k: usize| endpoints.iter().filter(|e| pool(e)).nth(k);
+    if count <= 1 {
+        return nth(0);
+    }
+    let a = (r % count as u64) as usize;
+    let mut b = ((r >> 32) % (count as u64 - 1)) as usize;
+    if b >= a {
+        b += 1;
+    }
+    let (ea, eb) = (nth(a)?, nth(b)?);
+    Some(if eb.load.get() < ea.load.get() {
+        eb
+    } else {
+        ea
+    })
 }
 
 /// Whether any endpoint has a weight other than 1 (a ServiceEntry endpoint's or

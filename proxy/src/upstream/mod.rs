@@ -1211,58 +1211,21 @@ pub fn pick_endpoint<'a>(
     tried: &[SocketAddr],
     r: u64,
 ) -> Option<&'a Endpoint> {
-    match endpoints.len() {
-        0 => None,
-        1 => endpoints.first(),
-        n if balance::is_weighted(endpoints) => {
-            let fresh = |e: &Endpoint| !tried.contains(&e.addr);
-            if endpoints.iter().any(fresh) {
-                balance::weighted_least_request(endpoints, &fresh, r)
-            } else {
-                balance::weighted_least_request(endpoints, &|_| true, r)
-            }
-            .or_else(|| endpoints.get((r % n as u64) as usize))
-        }
-        n => {
-            let fresh = |e: &&Endpoint| !tried.contains(&e.addr);
-            let untried = endpoints.iter().filter(fresh).count();
-            if untried == 0 {
-                // Every host was tried: any host is allowed again.
-                return pick_two(endpoints, n, r, |_| true);
-            }
-            pick_two(endpoints, n, r, |e| !tried.contains(&e.addr))
-        }
+    if endpoints.len() <= 1 {
+        return endpoints.first();
     }
-}
-
-/// Two distinct random picks among the allowed endpoints, the less loaded wins. No
-/// allocation: the allowed ones are counted, then the two are found by scanning (lists are
-/// short next to a request's other work; this runs on every request of a multi-endpoint
-/// Service without a DestinationRule).
-fn pick_two(
-    endpoints: &[Endpoint],
-    n: usize,
-    r: u64,
-    allowed: impl Fn(&Endpoint) -> bool,
-) -> Option<&Endpoint> {
-    let m = endpoints[..n].iter().filter(|e| allowed(e)).count();
-    let nth = |k: usize| endpoints[..n].iter().filter(|e| allowed(e)).nth(k);
-    match m {
-        0 => None,
-        1 => nth(0),
-        _ => {
-            let a = (r % m as u64) as usize;
-            let mut b = ((r >> 32) % (m as u64 - 1)) as usize;
-            if b >= a {
-                b += 1;
-            }
-            let (ea, eb) = (nth(a)?, nth(b)?);
-            Some(if eb.load.get() < ea.load.get() {
-                eb
-            } else {
-                ea
-            })
-        }
+    let fresh = |e: &Endpoint| !tried.contains(&e.addr);
+    let untried = endpoints.iter().filter(|e| fresh(e)).count();
+    // Every host was tried: any host is allowed again.
+    let (pool, count): (&dyn Fn(&Endpoint) -> bool, usize) = if untried == 0 {
+        (&|_| true, endpoints.len())
+    } else {
+        (&fresh, untried)
+    };
+    if balance::is_weighted(endpoints) {
+        balance::weighted_least_request(endpoints, pool, r)
+    } else {
+        balance::two_choices(endpoints, pool, count, r)
     }
 }
 
