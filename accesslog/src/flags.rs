@@ -61,18 +61,20 @@ pub enum ResponseFlag {
     NC,
     /// OverloadManagerTerminated
     OM,
+    /// DnsResolutionFailed (503 `DNS resolution failure`, dynamic forward proxy)
+    DF,
 }
 
-const NAMES: [&str; 26] = [
+const NAMES: [&str; 27] = [
     "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC",
-    "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM",
+    "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF",
 ];
 
-const FLAGS: [ResponseFlag; 26] = {
+const FLAGS: [ResponseFlag; 27] = {
     use ResponseFlag::*;
     [
         LH, UH, UT, LR, UR, UF, UC, UO, NR, DI, FI, RL, UAEX, RLSE, DC, URX, SI, IH, DPE, UMSDR,
-        RFCF, NFCF, DT, UPE, NC, OM,
+        RFCF, NFCF, DT, UPE, NC, OM, DF,
     ]
 };
 

@@ -53,9 +53,9 @@ pub use route::{
 };
 pub use snapshot::{
     AppProtocol, BindingInfo, BindingSource, BindingState, Cluster, CompileOptions, DnsTargets,
-    Endpoint, EndpointHealth, EndpointLoad, EndpointSpec, EndpointWorkload, GatewayInfo,
-    Resolution, ServiceInfo, ServicePort, ServicePortInfo, Snapshot, VipLookup, WaypointFor,
-    Workload, compile,
+    DynamicDns, Endpoint, EndpointHealth, EndpointLoad, EndpointSpec, EndpointWorkload,
+    GatewayInfo, Resolution, ServiceInfo, ServicePort, ServicePortInfo, Snapshot, VipLookup,
+    WaypointFor, Workload, compile,
 };
 pub use telemetry::{AccessLogPolicy, LogAttributes, LogSinks, RequestAttributes};
 pub use trace_policy::{CustomTag, TracingPolicy, TracingSpec};

@@ -209,6 +209,9 @@ pub enum Resolution {
     Dns,
     DnsRoundRobin,
     None,
+    /// Wildcard hosts (`*.example.com`): each request goes to the address its `Host`
+    /// resolves to (Envoy's dynamic forward proxy, [`DynamicDns`]).
+    DynamicDns,
 }
 
 impl Resolution {
@@ -218,6 +221,7 @@ impl Resolution {
             Resolution::Dns => "DNS",
             Resolution::DnsRoundRobin => "DNS_ROUND_ROBIN",
             Resolution::None => "NONE",
+            Resolution::DynamicDns => "DYNAMIC_DNS",
         }
     }
 }
@@ -231,6 +235,42 @@ pub struct DnsTargets {
     pub names: Vec<(Arc<str>, u16)>,
     /// `DNS_ROUND_ROBIN` (Envoy LOGICAL_DNS): only the first address of each answer is used.
     pub first_only: bool,
+}
+
+/// A `DYNAMIC_DNS` cluster (a wildcard ServiceEntry host), as istiod renders it for a
+/// waypoint (`cluster_builder.go` `buildDFPCluster`, `listener_waypoint.go`
+/// `buildRouteVHostDomains`): Envoy's dynamic forward proxy. The virtual host's one domain is
+/// the wildcard host, so only a `Host` under it, without a port, is routed; the request then
+/// goes to the first address that `Host` resolves to, on port 80 (443 when a DestinationRule
+/// originates TLS, with the `Host` as SNI and the name checked), through a cache of resolved
+/// names shared by the entry's ports (the proxy owns it). Compiling does no I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DynamicDns {
+    /// `*.example.com`.
+    pub wildcard: Arc<str>,
+    /// Envoy's DNS cache name, `<host>_dfp_dns_cache` (istiod `BuildDNSCacheName`): the
+    /// clusters of one host share it.
+    pub cache: Arc<str>,
+}
+
+impl DynamicDns {
+    pub fn new(wildcard: &str) -> DynamicDns {
+        DynamicDns {
+            wildcard: wildcard.into(),
+            cache: format!("{wildcard}_dfp_dns_cache").into(),
+        }
+    }
+
+    /// Whether `host` (a request's `Host`) is under the wildcard, as Envoy matches a virtual
+    /// host's suffix domain: case-insensitive, at least one character before the suffix, and
+    /// no port (istiod sets no `ignore_port_in_host_matching` here: `a.example.com:80` has no
+    /// route).
+    pub fn matches(&self, host: &str) -> bool {
+        let suffix = &self.wildcard[1..];
+        host.len() > suffix.len()
+            && host.is_char_boundary(host.len() - suffix.len())
+            && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+    }
 }
 
 /// Outstanding-request counter of one endpoint, for least-request balancing.
@@ -383,12 +423,16 @@ pub struct Cluster {
     /// ServiceEntry `resolution: NONE` (Envoy ORIGINAL_DST): the one endpoint of each
     /// tunnel is the address it was sent to (the CONNECT authority).
     pub passthrough: bool,
+    /// ServiceEntry `resolution: DYNAMIC_DNS`: the endpoint of each request is what its
+    /// `Host` resolves to.
+    pub dynamic_dns: Option<Arc<DynamicDns>>,
 }
 
 impl Cluster {
-    /// For a `passthrough` cluster (ServiceEntry `resolution: NONE`, Envoy ORIGINAL_DST): a
-    /// copy whose one endpoint is `addr`, the address the tunnel was sent to, whichever
-    /// route chose the cluster.
+    /// A copy whose one endpoint is `addr`: for a `passthrough` cluster (ServiceEntry
+    /// `resolution: NONE`, Envoy ORIGINAL_DST) the address the tunnel was sent to, whichever
+    /// route chose the cluster; for a `dynamic_dns` one the address the request's `Host`
+    /// resolved to.
     pub fn original_destination(&self, addr: SocketAddr) -> Cluster {
         Cluster {
             name: self.name.clone(),
@@ -408,6 +452,7 @@ impl Cluster {
             traffic: self.traffic.clone(),
             dns: None,
             passthrough: false,
+            dynamic_dns: None,
         }
     }
 
@@ -604,6 +649,7 @@ impl Snapshot {
                 traffic: None,
                 dns: None,
                 passthrough: false,
+                dynamic_dns: None,
             }),
             routes: None,
             tcp_route: None,

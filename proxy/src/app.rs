@@ -268,6 +268,7 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
     }));
     let (trigger, watcher) = drain::channel();
     let hbone_stats = Arc::new(ServerStats::default());
+    let dns = crate::upstream::dns::DnsEndpoints::new(config.dns.clone());
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         upstreams: {
@@ -319,7 +320,8 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         reclaim: Default::default(),
         mirrors_in_flight: Default::default(),
         mirrors_skipped: AtomicU64::new(0),
-        dns: crate::upstream::dns::DnsEndpoints::new(config.dns.clone()),
+        dynamic_hosts: crate::upstream::dynamic_dns::DynamicHosts::new(dns.clone()),
+        dns,
         tracing: Default::default(),
     });
     crate::state::install_tracing(&shared);
@@ -328,6 +330,7 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
     // Envoy's STRICT_DNS clusters do before its listeners serve; bounded by the lookup
     // timeout, after which an unresolved name answers 503 UH until it resolves.
     shared.dns.sync(&shared.snapshot.load());
+    shared.dynamic_hosts.sync(&shared.snapshot.load());
     let dns_task = tokio::spawn(shared.dns.clone().run());
     shared.dns.warm(config.dns.timeout).await;
 
@@ -474,6 +477,7 @@ pub fn reload_config(shared: &Shared, config: &Config) -> Result<(), Vec<ConfigE
             }
             shared.jwks.sync(s.remote_jwks());
             shared.dns.sync(&s);
+            shared.dynamic_hosts.sync(&s);
             shared.snapshot.store(Arc::new(s));
             shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
             shared.config_version.fetch_add(1, Ordering::Relaxed);
@@ -659,6 +663,8 @@ pub fn sweep_upstreams_now(shared: &Shared) {
     for c in snapshot.clusters() {
         live.extend(c.endpoints().iter().map(|e| e.addr));
     }
+    // ServiceEntry `resolution: DYNAMIC_DNS`: the addresses names resolved to.
+    live.extend(shared.dynamic_hosts.live_addrs());
     // ServiceEntry `resolution: NONE`: the endpoint is the bound address itself.
     for sp in snapshot.bound_services() {
         if sp.cluster.passthrough {

@@ -87,6 +87,8 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// The endpoints of DNS clusters (ServiceEntry `resolution: DNS`), kept fresh.
     pub dns: Arc<crate::upstream::dns::DnsEndpoints>,
+    /// Names resolved for `DYNAMIC_DNS` ServiceEntries (Envoy's dynamic forward proxy).
+    pub dynamic_hosts: Arc<crate::upstream::dynamic_dns::DynamicHosts>,
     pub upstreams: Upstreams,
     pub access_log: Option<AccessLogger>,
     /// MeshConfig `envoyFileAccessLog` providers Telemetry may select, with their loggers.

@@ -41,7 +41,13 @@ fn dnslib() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// One A (or AAAA) record; `ip: "SERVFAIL"` makes every query for the name fail.
+/// Fetch dnslib now (a test that runs the server where there is no network).
+pub fn prepare() -> anyhow::Result<()> {
+    dnslib().map(|_| ())
+}
+
+/// One A (or AAAA) record; `ip: "SERVFAIL"` makes every query for the name fail; a name
+/// `*.<domain>` answers every name under the domain.
 pub struct Record<'a> {
     pub name: &'a str,
     pub ip: &'a str,

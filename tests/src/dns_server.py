@@ -1,5 +1,6 @@
 """A real DNS server for the tests: dnslib's DNSServer (PyPI `dnslib`, nobody here wrote it)
-answering A/AAAA queries (or SERVFAIL, for a record of that type) from a JSON file re-read on every query, so a test changes an
+answering A/AAAA queries (or SERVFAIL, for a record of that type; a `*.<domain>` name
+answers every name under the domain) from a JSON file re-read on every query, so a test changes an
 answer by rewriting the file. Binds 127.0.0.1 port 0 (UDP), prints the port, appends every
 query name to `<records>.queries`, and stops when its stdin closes."""
 import json
@@ -22,7 +23,9 @@ class FileResolver(BaseResolver):
             records = json.load(f)
         known = False
         for r in records:
-            if r["name"].lower() != qname:
+            name = r["name"].lower()
+            # "*.<domain>" answers every name under the domain.
+            if name != qname and not (name.startswith("*.") and qname.endswith(name[1:])):
                 continue
             known = True
             if r["type"] == "SERVFAIL":

@@ -369,6 +369,8 @@ pub struct HttpListener<'a> {
     /// `stat_prefix` (default `plain`) and the virtual host's name (default `all`).
     pub stat_prefix: Option<&'a str>,
     pub virtual_host: Option<&'a str>,
+    /// The virtual host's `domains` (default `"*"`), a YAML flow list's items.
+    pub domains: Option<&'a str>,
     /// More HttpConnectionManager fields (`tracing`, `request_id_extension`, ...), YAML from
     /// column 0.
     pub hcm: &'a str,
@@ -405,7 +407,7 @@ static_resources:
 {hcm}          route_config:
             virtual_hosts:
             - name: "{virtual_host}"
-              domains: ["*"]
+              domains: [{domains}]
               routes:
 {routes}          http_filters:
 {filters}          - name: envoy.filters.http.router
@@ -414,6 +416,7 @@ static_resources:
 {clusters}"#,
         stat_prefix = l.stat_prefix.unwrap_or("plain"),
         virtual_host = l.virtual_host.unwrap_or("all"),
+        domains = l.domains.unwrap_or("\"*\""),
         hcm = indent(l.hcm, 10),
         routes = indent(l.routes, 14),
         filters = indent(l.filters, 10),

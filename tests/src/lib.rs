@@ -8,6 +8,7 @@
 pub mod collector;
 pub mod dns;
 pub mod envoy;
+pub mod netns;
 pub mod rawh2;
 
 use std::collections::HashMap;

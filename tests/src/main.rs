@@ -10,6 +10,7 @@ proxy::install_allocator!();
 mod abuse;
 mod access_log_formats;
 mod authn;
+mod dynamic_dns;
 mod envoy_interop;
 mod ext_authz_body;
 mod ext_authz_grpc;

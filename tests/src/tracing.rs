@@ -115,6 +115,7 @@ async fn envoy(
         routes: &routes,
         filters: "",
         clusters: &clusters,
+        ..Default::default()
     });
     let envoy = Envoy::start(&config).await.expect("envoy starts");
     let addr = envoy.listener("plain").await.unwrap();

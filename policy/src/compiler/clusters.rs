@@ -99,6 +99,11 @@ impl<'a> Compiler<'a> {
                 .entry
                 .as_ref()
                 .is_some_and(|e| e.resolution == crate::snapshot::Resolution::None),
+            dynamic_dns: svc
+                .entry
+                .as_ref()
+                .filter(|e| e.resolution == crate::snapshot::Resolution::DynamicDns)
+                .map(|_| Arc::new(crate::snapshot::DynamicDns::new(&hostname))),
         })
     }
 

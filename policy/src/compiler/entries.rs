@@ -26,9 +26,9 @@ impl<'a> Compiler<'a> {
         let Some(resolution) = self.entry_resolution(se) else {
             return;
         };
-        let hosts = self.entry_hosts(se);
+        let hosts = self.entry_hosts(se, resolution);
         let (vips, ranges) = self.entry_addresses(se, resolution);
-        let ports = self.entry_ports(se);
+        let ports = self.entry_ports(se, resolution);
         let endpoints = self.entry_endpoint_specs(se, resolution);
         let selector = se
             .spec
@@ -125,7 +125,6 @@ impl<'a> Compiler<'a> {
     fn entry_resolution(&mut self, se: &'a ServiceEntry) -> Option<Resolution> {
         let meta = &se.metadata;
         let spec = &se.spec;
-        let sid = id(meta);
         let err = |errors: &mut Vec<ConfigError>, field: String, msg: String| {
             errors.push(error(KIND, meta, field, msg));
         };
@@ -135,12 +134,7 @@ impl<'a> Compiler<'a> {
             Some("STATIC") => Resolution::Static,
             Some("DNS") => Resolution::Dns,
             Some("DNS_ROUND_ROBIN") => Resolution::DnsRoundRobin,
-            Some("DYNAMIC_DNS") => {
-                self.warnings.push(format!(
-                    "{KIND} {sid}: spec.resolution: DYNAMIC_DNS (wildcard egress) is not served by this waypoint yet; the ServiceEntry is ignored"
-                ));
-                return None;
-            }
+            Some("DYNAMIC_DNS") => Resolution::DynamicDns,
             Some(other) => {
                 err(
                     &mut self.errors,
@@ -153,6 +147,13 @@ impl<'a> Compiler<'a> {
             }
         };
         match spec.location.as_deref() {
+            // Istio's `ValidateServiceEntry`: "location MESH_INTERNAL with resolution type
+            // DYNAMIC_DNS is not supported when using waypoints".
+            Some("MESH_INTERNAL") if resolution == Resolution::DynamicDns => err(
+                &mut self.errors,
+                "spec.location".into(),
+                "MESH_INTERNAL with resolution DYNAMIC_DNS is not supported when using waypoints (expected MESH_EXTERNAL)".into(),
+            ),
             None | Some("MESH_EXTERNAL") | Some("MESH_INTERNAL") => {}
             Some(other) => err(
                 &mut self.errors,
@@ -164,8 +165,10 @@ impl<'a> Compiler<'a> {
         Some(resolution)
     }
 
-    /// `spec.hosts`: DNS names (wildcards are warned about and skipped).
-    fn entry_hosts(&mut self, se: &'a ServiceEntry) -> Vec<&'a str> {
+    /// `spec.hosts`: DNS names; wildcards (`*.example.com`) with `DYNAMIC_DNS` only, where
+    /// every host must be one (Istio's `ValidateServiceEntry`); elsewhere they are warned
+    /// about and skipped.
+    fn entry_hosts(&mut self, se: &'a ServiceEntry, resolution: Resolution) -> Vec<&'a str> {
         let meta = &se.metadata;
         let spec = &se.spec;
         let sid = id(meta);
@@ -183,13 +186,34 @@ impl<'a> Compiler<'a> {
         }
         for (i, h) in spec.hosts.iter().enumerate() {
             let field = format!("spec.hosts[{i}]");
-            if h.starts_with('*') {
+            let wildcard = h.starts_with('*');
+            if resolution == Resolution::DynamicDns {
+                if !wildcard {
+                    err(
+                        &mut self.errors,
+                        field,
+                        format!(
+                            "{h:?}: a host must be a wildcard (*.example.com) for resolution DYNAMIC_DNS"
+                        ),
+                    );
+                    continue;
+                }
+                if h.strip_prefix("*.")
+                    .is_none_or(|rest| rest.contains('*') || !valid_host(rest))
+                {
+                    err(
+                        &mut self.errors,
+                        field,
+                        format!("{h:?} is not a valid wildcard host (expected *.<domain>)"),
+                    );
+                    continue;
+                }
+            } else if wildcard {
                 self.warnings.push(format!(
-                    "{KIND} {sid}: {field}: wildcard host {h:?} is not served by this waypoint yet; skipped"
+                    "{KIND} {sid}: {field}: wildcard host {h:?} is served with resolution DYNAMIC_DNS only; skipped"
                 ));
                 continue;
-            }
-            if !valid_host(h) {
+            } else if !valid_host(h) {
                 err(
                     &mut self.errors,
                     field,
@@ -224,6 +248,16 @@ impl<'a> Compiler<'a> {
         // about otherwise (a range has no single endpoint to resolve to).
         let mut vips = Vec::new();
         let mut ranges: Vec<ipnet::IpNet> = Vec::new();
+        if resolution == Resolution::DynamicDns && !spec.addresses.is_empty() {
+            // Istio's `ValidateServiceEntry`; the addresses istiod allocates per host
+            // (`status.addresses`) are how ztunnel reaches the waypoint for these hosts.
+            err(
+                &mut self.errors,
+                "spec.addresses".into(),
+                "addresses cannot be set for resolution DYNAMIC_DNS (istiod allocates one per host into status.addresses)".into(),
+            );
+            return (vips, ranges);
+        }
         for (i, a) in spec.addresses.iter().enumerate() {
             let field = format!("spec.addresses[{i}]");
             match parse_vip(a) {
@@ -251,9 +285,10 @@ impl<'a> Compiler<'a> {
     }
 
     /// `spec.ports`: a number, a name, a protocol (Istio's names, upper case), a targetPort.
-    fn entry_ports(&mut self, se: &'a ServiceEntry) -> Vec<SvcPort> {
+    fn entry_ports(&mut self, se: &'a ServiceEntry, resolution: Resolution) -> Vec<SvcPort> {
         let meta = &se.metadata;
         let spec = &se.spec;
+        let sid = id(meta);
         let err = |errors: &mut Vec<ConfigError>, field: String, msg: String| {
             errors.push(error(KIND, meta, field, msg));
         };
@@ -318,6 +353,33 @@ impl<'a> Compiler<'a> {
                 );
                 continue;
             }
+            if resolution == Resolution::DynamicDns {
+                // Istio's `ValidateServiceEntry`: HTTP, TLS, GRPC and HTTP2 only. istiod
+                // renders TLS ports of a wildcard entry only behind
+                // ENABLE_WILDCARD_HOST_SERVICE_ENTRIES_FOR_TLS (off by default: SNI can be
+                // spoofed), so they are not served here either.
+                let proto = p.protocol.as_deref().unwrap_or("").to_ascii_uppercase();
+                match proto.as_str() {
+                    "HTTP" | "GRPC" | "HTTP2" => {}
+                    "TLS" => {
+                        self.warnings.push(format!(
+                            "{KIND} {sid}: {field}: TLS ports of a DYNAMIC_DNS entry are not served (istiod renders them only with ENABLE_WILDCARD_HOST_SERVICE_ENTRIES_FOR_TLS, off by default); skipped"
+                        ));
+                        continue;
+                    }
+                    _ => {
+                        err(
+                            &mut self.errors,
+                            format!("{field}.protocol"),
+                            format!(
+                                "{:?}: only HTTP, TLS, GRPC and HTTP2 are supported for resolution DYNAMIC_DNS",
+                                p.protocol.as_deref().unwrap_or("")
+                            ),
+                        );
+                        continue;
+                    }
+                }
+            }
             ports.push(SvcPort {
                 name: p.name.clone(),
                 port: number,
@@ -362,6 +424,14 @@ impl<'a> Compiler<'a> {
                 "spec.endpoints".into(),
                 "no endpoints should be provided for resolution type NONE".into(),
             );
+        }
+        if resolution == Resolution::DynamicDns && !spec.endpoints.is_empty() {
+            err(
+                &mut self.errors,
+                "spec.endpoints".into(),
+                "endpoints cannot be set for resolution DYNAMIC_DNS (the request's Host is resolved)".into(),
+            );
+            return endpoints;
         }
         for (i, e) in spec.endpoints.iter().enumerate() {
             let field = format!("spec.endpoints[{i}]");

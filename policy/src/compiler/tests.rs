@@ -2614,3 +2614,128 @@ fn service_entry_workload_selector_picks_pods_and_workload_entries() {
         "spec.workloadSelector",
     );
 }
+
+#[test]
+fn dynamic_dns_wildcard_entries_compile_as_istiod_renders_them_for_a_waypoint() {
+    // istiod allocates one address per wildcard host (status.addresses); HTTP, GRPC and
+    // HTTP2 ports are served by the dynamic forward proxy, TLS ports only behind an istiod
+    // flag that is off by default (warned here, not served).
+    let se = format!(
+        "{}status: {{addresses: [{{value: 240.240.0.9, host: \"*.example.com\"}}, {{value: 240.240.0.10, host: \"*.example.org\"}}]}}\n",
+        entry(
+            "wild",
+            "istio.io/use-waypoint: waypoint",
+            "{hosts: [\"*.example.com\", \"*.example.org\"], ports: [{number: 80, name: http, protocol: HTTP}, {number: 9090, name: grpc, protocol: GRPC}, {number: 443, name: tls, protocol: TLS}], resolution: DYNAMIC_DNS, location: MESH_EXTERNAL}",
+        )
+    );
+    let snap = ok(&docs(&[NS_PLAIN, &gateway("", ""), &se]));
+    let http = bound(&snap, "240.240.0.9:80");
+    assert_eq!(&*http.cluster.name, "inbound-vip|80|http|*.example.com");
+    let d = http
+        .cluster
+        .dynamic_dns
+        .as_ref()
+        .expect("a DYNAMIC_DNS cluster");
+    assert_eq!(&*d.cache, "*.example.com_dfp_dns_cache");
+    assert!(http.cluster.endpoints().is_empty());
+    // Envoy's suffix domain: case-insensitive, something before it, no port.
+    assert!(
+        d.matches("a.example.com") && d.matches("A.Example.COM") && d.matches("x.a.example.com")
+    );
+    for no in [
+        "example.com",
+        ".example.com",
+        "a.example.com:80",
+        "a.example.com.",
+        "a.example.org",
+        "",
+    ] {
+        assert!(!d.matches(no), "{no:?}");
+    }
+    let grpc = bound(&snap, "240.240.0.9:9090");
+    assert_eq!(grpc.cluster.protocol, AppProtocol::Grpc);
+    assert!(grpc.cluster.dynamic_dns.is_some());
+    let other = bound(&snap, "240.240.0.10:80");
+    assert_eq!(
+        &*other.cluster.dynamic_dns.as_ref().unwrap().wildcard,
+        "*.example.org"
+    );
+    assert!(matches!(
+        snap.lookup_vip(addr("240.240.0.9:443")),
+        VipLookup::Unknown
+    ));
+    assert!(
+        snap.warnings.iter().any(|w| w.contains("spec.ports[2]")
+            && w.contains("ENABLE_WILDCARD_HOST_SERVICE_ENTRIES_FOR_TLS")),
+        "{:?}",
+        snap.warnings
+    );
+    let info: Vec<_> = snap
+        .services()
+        .iter()
+        .filter(|s| s.kind == "ServiceEntry")
+        .map(|s| (s.name.to_string(), s.entry.clone().map(|e| e.1)))
+        .collect();
+    assert!(info.contains(&(
+        "*.example.com".to_string(),
+        Some(crate::Resolution::DynamicDns)
+    )));
+
+    // A wildcard with another resolution is skipped with a warning, as before.
+    let static_wild = entry(
+        "sw",
+        "",
+        "{hosts: [\"*.example.net\", api.example.net], addresses: [240.240.0.11], ports: [{number: 80, name: http, protocol: HTTP}], resolution: STATIC, endpoints: [{address: 127.0.0.1}]}",
+    );
+    let snap = ok(&base(&[&static_wild]));
+    assert!(
+        snap.warnings
+            .iter()
+            .any(|w| w.contains("spec.hosts[0]") && w.contains("DYNAMIC_DNS only"))
+    );
+}
+
+#[test]
+fn dynamic_dns_entries_are_validated_as_istio_validates_them() {
+    let cases = [
+        (
+            "fqdn",
+            "{hosts: [api.example.com], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DYNAMIC_DNS}",
+            "spec.hosts[0]",
+        ),
+        (
+            "star",
+            "{hosts: [\"*\"], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DYNAMIC_DNS}",
+            "spec.hosts[0]",
+        ),
+        (
+            "inner",
+            "{hosts: [\"*.a.*.com\"], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DYNAMIC_DNS}",
+            "spec.hosts[0]",
+        ),
+        (
+            "addrs",
+            "{hosts: [\"*.example.com\"], addresses: [240.240.0.12], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DYNAMIC_DNS}",
+            "spec.addresses",
+        ),
+        (
+            "eps",
+            "{hosts: [\"*.example.com\"], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DYNAMIC_DNS, endpoints: [{address: 1.2.3.4}]}",
+            "spec.endpoints",
+        ),
+        (
+            "tcp",
+            "{hosts: [\"*.example.com\"], ports: [{number: 80, name: http, protocol: HTTP}, {number: 81, name: tcp, protocol: TCP}], resolution: DYNAMIC_DNS}",
+            "spec.ports[1].protocol",
+        ),
+        (
+            "internal",
+            "{hosts: [\"*.example.com\"], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DYNAMIC_DNS, location: MESH_INTERNAL}",
+            "spec.location",
+        ),
+    ];
+    for (name, spec, field) in cases {
+        let e = errs(&base(&[&entry(name, "", spec)]));
+        assert_error(&e, "ServiceEntry", "default", name, field);
+    }
+}

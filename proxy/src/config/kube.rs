@@ -124,6 +124,7 @@ fn install(shared: &Arc<Shared>, snapshot: Snapshot, mesh: MeshConfig) {
     }
     shared.jwks.sync(snapshot.remote_jwks());
     shared.dns.sync(&snapshot);
+    shared.dynamic_hosts.sync(&snapshot);
     shared.mesh.store(Arc::new(mesh));
     shared.snapshot.store(Arc::new(snapshot));
     crate::state::install_tracing(shared);

@@ -270,6 +270,28 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
             }
         }
     }
+    // A DYNAMIC_DNS entry's virtual host answers only Hosts under its wildcard.
+    if let Some(d) = &service.cluster.dynamic_dns {
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok());
+        let matched = host.is_some_and(|h| d.matches(h));
+        let _ = writeln!(
+            o,
+            "  virtual host domain {} (DYNAMIC_DNS): Host {:?} {}",
+            d.wildcard,
+            host.unwrap_or(""),
+            if matched {
+                "matches"
+            } else {
+                "does not match (a Host with a port never does): no route"
+            }
+        );
+        if !matched {
+            chosen = None;
+        }
+    }
     if let Some((name, backends)) = &chosen {
         let _ = writeln!(o, "\nbackends of rule {name}:");
         if backends.backends.is_empty() {
@@ -314,6 +336,12 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
                         let _ = writeln!(
                             o,
                             "    resolution NONE: the endpoint is the address the tunnel names"
+                        );
+                    }
+                    if c.dynamic_dns.is_some() {
+                        let _ = writeln!(
+                            o,
+                            "    resolution DYNAMIC_DNS: the endpoint is the first address the request's Host resolves to, port 80 (443 with TLS origination)"
                         );
                     }
                 }
@@ -499,6 +527,10 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
             Backend::Cluster(c) if c.passthrough => {
                 format!("proxied to {} at {} (resolution NONE)", c.name, req.to)
             }
+            Backend::Cluster(c) if c.dynamic_dns.is_some() => format!(
+                "proxied to {} at the address the Host resolves to (resolution DYNAMIC_DNS; else 503 \"DNS resolution failure\" DF)",
+                c.name
+            ),
             Backend::Cluster(c) if c.endpoints().is_empty() && c.dns.is_some() => format!(
                 "proxied to {} once its DNS names resolve (else {})",
                 c.name,

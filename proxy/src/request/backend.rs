@@ -15,6 +15,7 @@ use super::ctx::RequestCtx;
 use super::error::ProxyError;
 use super::headers::{X_FORWARDED_PROTO, header_string};
 use super::route::Selected;
+use crate::upstream::dynamic_dns::DynamicDnsFailure;
 
 /// Where the request goes: the cluster, the filters that apply (backendRef, then rule), and
 /// the matched PathPrefix (URLRewrite `ReplacePrefixMatch` replaces exactly this).
@@ -23,6 +24,13 @@ pub(super) struct Target {
     pub(super) backend_filters: Option<Arc<Filters>>,
     pub(super) rule: Option<Arc<RouteRule>>,
     pub(super) prefix: Option<String>,
+    /// A `DYNAMIC_DNS` cluster's request: the `Host` it was resolved from, which originated
+    /// TLS sends as SNI and checks the certificate against (istiod sets Envoy's `auto_sni`
+    /// and `auto_san_validation` on these clusters, `cluster_tls.go`).
+    pub(super) server_name: Option<Arc<str>>,
+    /// A `DYNAMIC_DNS` cluster's request: the name's other addresses, tried in order when
+    /// the first does not connect.
+    pub(super) more_addrs: Option<Arc<[std::net::IpAddr]>>,
 }
 
 pub(super) fn backend(
@@ -69,7 +77,8 @@ pub(super) fn backend(
     } else {
         cluster
     };
-    if cluster.endpoints().is_empty() {
+    // A `DYNAMIC_DNS` cluster's endpoint is found next ([`resolve_host`]).
+    if cluster.dynamic_dns.is_none() && cluster.endpoints().is_empty() {
         return Err(ProxyError::NoHealthyUpstream);
     }
     Ok(Target {
@@ -77,7 +86,55 @@ pub(super) fn backend(
         backend_filters,
         rule,
         prefix: sel.prefix,
+        server_name: None,
+        more_addrs: None,
     })
+}
+
+/// Phase 5b, for a `DYNAMIC_DNS` cluster only (Envoy's dynamic forward proxy filter, which
+/// runs before the router): the request goes to the first address its `Host` resolves to,
+/// on port 80, or 443 when a DestinationRule originates TLS (the filter's default ports;
+/// the `Host` carries no port, or it had no route). Unresolvable: 503 `DF`; a full cache:
+/// 503 `dns_cache_overflow` ([`crate::upstream::dynamic_dns`]).
+pub(super) async fn resolve_host(
+    ctx: &RequestCtx,
+    mut target: Target,
+    req: &Request<Incoming>,
+) -> Result<Target, ProxyError> {
+    let Some(d) = target.cluster.dynamic_dns.clone() else {
+        return Ok(target);
+    };
+    let host = super::route::request_host(req).unwrap_or_default();
+    let ips = ctx
+        .shared
+        .dynamic_hosts
+        .resolve(&d.cache, host)
+        .await
+        .map_err(|f| match f {
+            DynamicDnsFailure::Overflow => ProxyError::DnsCacheOverflow,
+            DynamicDnsFailure::Resolution(why) => ProxyError::DnsResolutionFailure(why),
+        })?;
+    let Some((&ip, rest)) = ips.split_first() else {
+        return Err(ProxyError::DnsResolutionFailure(
+            "cares_norecords:DNS_server_returned_answer_with_no_data",
+        ));
+    };
+    if !rest.is_empty() {
+        target.more_addrs = Some(rest.into());
+    }
+    let tls = target
+        .cluster
+        .traffic
+        .as_ref()
+        .is_some_and(|t| t.tls.is_some());
+    let port = if tls { 443 } else { 80 };
+    target.cluster = Arc::new(
+        target
+            .cluster
+            .original_destination(std::net::SocketAddr::new(ip, port)),
+    );
+    target.server_name = Some(host.to_ascii_lowercase().into());
+    Ok(target)
 }
 
 /// The `location` of a RequestRedirect, as Istio configures Envoy's route redirect

@@ -74,7 +74,11 @@ pub(super) async fn call(
         Some(t) => Some(t.request_slot().ok_or(ProxyError::Overflow)?),
         None => None,
     };
-    let conn_opts = crate::upstream::ConnOptions::of(cluster);
+    let mut conn_opts = crate::upstream::ConnOptions::of(cluster);
+    if let (Some(name), Some((_, server))) = (&target.server_name, conn_opts.tls.as_mut()) {
+        *server = name.clone();
+    }
+    conn_opts.more_addrs = target.more_addrs.clone();
     // DestinationRule `consistentHash`: the key, and a generated cookie to set.
     let hash = match cluster.traffic.as_ref().map(|t| &t.lb) {
         Some(policy::traffic::LbPolicy::ConsistentHash(h)) => {

@@ -113,6 +113,13 @@ pub enum ProxyError {
         body: String,
         headers: Vec<(HeaderName, HeaderValue)>,
     },
+    /// `DYNAMIC_DNS`: the request's `Host` did not resolve. Envoy's dynamic forward proxy
+    /// answers 503 `DNS resolution failure`, flag `DF`, details
+    /// `dns_resolution_failure{<c-ares reason>}` (docs/envoy-observed.md 20).
+    DnsResolutionFailure(&'static str),
+    /// `DYNAMIC_DNS`: the DNS cache holds its maximum of names in use: 503
+    /// `DNS cache overflow`, no flag, details `dns_cache_overflow`.
+    DnsCacheOverflow,
     /// ext_authz `includeRequestBodyInCheck` without `allowPartialMessage` and a body over
     /// `maxRequestBytes`: the stream's buffer limit overflows and Envoy's connection manager
     /// answers 413 `Payload Too Large`, no flag, details `request_payload_too_large`
@@ -295,6 +302,21 @@ impl ProxyError {
                 transport_failure_reason: None,
                 headers: Vec::new(),
             },
+            ProxyError::DnsResolutionFailure(why) => LocalReply {
+                details: Cow::Owned(format!("dns_resolution_failure{{{why}}}")),
+                ..reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "DNS resolution failure",
+                    ResponseFlag::DF.into(),
+                    "",
+                )
+            },
+            ProxyError::DnsCacheOverflow => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "DNS cache overflow",
+                ResponseFlags::default(),
+                "dns_cache_overflow",
+            ),
             ProxyError::Overloaded => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "envoy overloaded",

@@ -29,7 +29,8 @@
 //!      (`request.auth.*`, `requestPrincipals`); denial: 403 `RBAC: access denied`.
 //! 5. **backend**: a `RequestRedirect` rule answers here (Envoy route redirect); else a
 //!    weighted backendRef is drawn; unresolvable: 500 `NC`; all weights zero: 500; no ready
-//!    endpoint: 503 `UH`.
+//!    endpoint: 503 `UH`. A `DYNAMIC_DNS` cluster's endpoint is what the `Host` resolves to
+//!    (5b, Envoy's dynamic forward proxy; 503 `DF` when it does not resolve).
 //! 6. **upstream**: filters (backendRef then rule header modifiers, `URLRewrite`), mirrors
 //!    (fire and forget), least-request endpoint, pooled connection, request headers rewritten
 //!    as Envoy does; the route's retry policy (Istio's default: 2 retries on connect failure,
@@ -141,6 +142,11 @@ async fn run_phases(
         None
     };
     let target = phase!(backend::backend(&mut ctx, t, &req, &normalized, routed));
+    let target = if target.cluster.dynamic_dns.is_some() {
+        phase!(backend::resolve_host(&ctx, target, &req).await)
+    } else {
+        target
+    };
     let outbound = forward::forward(&ctx, req, held, &target, &normalized, &received);
     let answer = phase!(call::call(&mut ctx, outbound, &target, &received).await);
     Ok(respond::respond(ctx, answer, &target))

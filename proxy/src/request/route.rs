@@ -100,12 +100,32 @@ pub(super) fn check_upgrade(
     }
 }
 
+/// The request's authority as Envoy's HCM sees it: the absolute-form URI's (HTTP/1.1) or
+/// `:authority` (HTTP/2), else `Host`.
+pub(super) fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    match req.uri().authority() {
+        Some(a) => Some(a.as_str()),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok()),
+    }
+}
+
 /// The rule (or the implicit default route) and a drawn backend.
 fn select(
     service: &ServicePort,
     req: &Request<Incoming>,
     normalized_path: &str,
 ) -> Result<Selected, ProxyError> {
+    // A `DYNAMIC_DNS` entry's virtual host has the wildcard host as its one domain (istiod
+    // `buildRouteVHostDomains`, so a client cannot aim the forward proxy at any name it
+    // likes): another `Host`, or one with a port, has no route (docs/envoy-observed.md 20).
+    if let Some(d) = &service.cluster.dynamic_dns
+        && !request_host(req).is_some_and(|h| d.matches(h))
+    {
+        return Err(ProxyError::RouteNotFound);
+    }
     let Some(table) = &service.routes else {
         // No HTTPRoute: istiod's implicit route `default` to the Service's own cluster.
         return Ok(Selected {

@@ -94,6 +94,10 @@ impl DnsEndpoints {
         })
     }
 
+    pub fn settings(&self) -> &DnsSettings {
+        &self.settings
+    }
+
     /// Adopt a snapshot about to be published: fill its DNS clusters from the answers known,
     /// forget names it no longer has, and wake the task for the new ones.
     pub fn sync(&self, snapshot: &Snapshot) {
@@ -161,6 +165,22 @@ impl DnsEndpoints {
         built
     }
 
+    /// One lookup for the dynamic forward proxy ([`super::dynamic_dns`]): the addresses and
+    /// how long they are valid, or the reason as Envoy's c-ares resolver words it in
+    /// `dns_resolution_failure{...}` (docs/envoy-observed.md 20).
+    pub(crate) async fn lookup_with_reason(
+        &self,
+        name: &str,
+    ) -> Result<(Vec<IpAddr>, Duration), &'static str> {
+        let resolver = self
+            .resolver()
+            .map_err(|_| "cares_failure:Could_not_contact_DNS_servers")?;
+        match lookup(&resolver, name, self.settings.timeout).await {
+            Lookup::Addresses(addrs, ttl) => Ok((addrs, ttl)),
+            Lookup::Negative(why) | Lookup::Failed(why) => Err(why.cares()),
+        }
+    }
+
     /// One lookup with the same servers and timeout, outside the DNS clusters (a tracing
     /// collector outside the configuration): the addresses, or why there are none.
     pub async fn resolve_once(&self, name: &str) -> Result<Vec<IpAddr>, String> {
@@ -193,7 +213,7 @@ impl DnsEndpoints {
                     lookups.spawn(async move {
                         let result = match resolver {
                             Ok(r) => lookup(&r, &name, timeout).await,
-                            Err(e) => Lookup::Failed(e),
+                            Err(e) => Lookup::Failed(Reason::Unreachable(e)),
                         };
                         (name, result)
                     });
@@ -318,10 +338,62 @@ fn build_resolver(s: &DnsSettings) -> Result<TokioResolver, String> {
         )
     };
     let opts = builder.options_mut();
-    // Envoy's default `dns_lookup_family` for Istio's clusters prefers IPv4 (V4_PREFERRED).
-    opts.ip_strategy = LookupIpStrategy::Ipv4thenIpv6;
+    // istiod renders `dns_lookup_family: V4_ONLY` for a proxy whose addresses are all IPv4
+    // (and without dual stack), which is the waypoint pod's case (`util.go`
+    // `SelectDNSLookupFamily`): A records only, so a name with only AAAA records does not
+    // resolve (docs/envoy-observed.md 20).
+    opts.ip_strategy = LookupIpStrategy::Ipv4Only;
     opts.timeout = s.timeout;
     builder.build().map_err(|e| format!("DNS resolver: {e}"))
+}
+
+/// Why a lookup gave no address.
+#[derive(Debug)]
+enum Reason {
+    NxDomain,
+    NoAddresses,
+    Timeout,
+    /// Another response code from the server (SERVFAIL, REFUSED, ...).
+    Code(hickory_resolver::proto::op::ResponseCode),
+    /// No server could be asked (unreachable, I/O, no configuration).
+    Unreachable(String),
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::NxDomain => f.write_str("NXDOMAIN"),
+            Reason::NoAddresses => f.write_str("no address records"),
+            Reason::Timeout => f.write_str("no answer in time"),
+            Reason::Code(c) => write!(f, "error response: {c}"),
+            Reason::Unreachable(e) => f.write_str(e),
+        }
+    }
+}
+
+impl Reason {
+    /// How Envoy's c-ares resolver words it in `dns_resolution_failure{...}`
+    /// (`ares_strerror`, spaces as `_`): observed with Envoy 1.40 for NXDOMAIN, an answer
+    /// without addresses, SERVFAIL and an unreachable server (docs/envoy-observed.md 20); the
+    /// other codes and the timeout take c-ares's words for them.
+    fn cares(&self) -> &'static str {
+        use hickory_resolver::proto::op::ResponseCode;
+        match self {
+            Reason::NxDomain => "cares_norecords:Domain_name_not_found",
+            Reason::NoAddresses => "cares_norecords:DNS_server_returned_answer_with_no_data",
+            Reason::Timeout => "cares_failure:Timeout_while_contacting_DNS_servers",
+            Reason::Code(ResponseCode::ServFail) => {
+                "cares_failure:DNS_server_returned_general_failure"
+            }
+            Reason::Code(ResponseCode::Refused) => "cares_failure:DNS_server_refused_query",
+            Reason::Code(ResponseCode::FormErr) => "cares_failure:Misformatted_DNS_query",
+            Reason::Code(ResponseCode::NotImp) => {
+                "cares_failure:DNS_server_does_not_implement_requested_operation"
+            }
+            Reason::Code(_) => "cares_failure:DNS_server_returned_general_failure",
+            Reason::Unreachable(_) => "cares_failure:Could_not_contact_DNS_servers",
+        }
+    }
 }
 
 /// The outcome of one lookup.
@@ -329,30 +401,32 @@ enum Lookup {
     /// The addresses and how long they are valid.
     Addresses(Vec<IpAddr>, Duration),
     /// The server says the name has no addresses (NXDOMAIN, or no A/AAAA records).
-    Negative(String),
+    Negative(Reason),
     /// No answer (timeout, SERVFAIL, refused, no server).
-    Failed(String),
+    Failed(Reason),
 }
 
 async fn lookup(r: &TokioResolver, name: &str, timeout: Duration) -> Lookup {
     use hickory_resolver::net::{DnsError, NetError};
     use hickory_resolver::proto::op::ResponseCode;
     let answer = match tokio::time::timeout(timeout, r.lookup_ip(name)).await {
-        Err(_) => return Lookup::Failed(format!("no answer within {timeout:?}")),
-        Ok(Err(NetError::Dns(DnsError::NoRecordsFound(nr))))
-            if matches!(
-                nr.response_code,
-                ResponseCode::NXDomain | ResponseCode::NoError
-            ) =>
-        {
-            return Lookup::Negative(nr.response_code.to_string());
+        Err(_) | Ok(Err(NetError::Timeout)) => return Lookup::Failed(Reason::Timeout),
+        Ok(Err(NetError::Dns(DnsError::NoRecordsFound(nr)))) => {
+            return match nr.response_code {
+                ResponseCode::NXDomain => Lookup::Negative(Reason::NxDomain),
+                ResponseCode::NoError => Lookup::Negative(Reason::NoAddresses),
+                code => Lookup::Failed(Reason::Code(code)),
+            };
         }
-        Ok(Err(e)) => return Lookup::Failed(e.to_string()),
+        Ok(Err(NetError::Dns(DnsError::ResponseCode(code)))) => {
+            return Lookup::Failed(Reason::Code(code));
+        }
+        Ok(Err(e)) => return Lookup::Failed(Reason::Unreachable(e.to_string())),
         Ok(Ok(answer)) => answer,
     };
     let addrs: Vec<IpAddr> = answer.iter().collect();
     if addrs.is_empty() {
-        return Lookup::Negative("no address records".into());
+        return Lookup::Negative(Reason::NoAddresses);
     }
     let ttl = answer
         .valid_until()

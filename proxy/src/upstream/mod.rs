@@ -10,6 +10,7 @@
 pub mod balance;
 pub mod breaker;
 pub mod dns;
+pub mod dynamic_dns;
 pub mod extauthz;
 pub mod extauthz_grpc;
 pub mod origination;
@@ -570,6 +571,9 @@ pub struct ConnOptions {
     pub tcp_keepalive: Option<policy::traffic::TcpKeepalive>,
     /// `tcp.maxConnectionDuration`: a connection this old takes no new request.
     pub max_connection_duration: Option<Duration>,
+    /// A `DYNAMIC_DNS` name's other addresses (answer order): tried, on the endpoint's port,
+    /// when the endpoint's own address does not connect.
+    pub more_addrs: Option<Arc<[std::net::IpAddr]>>,
 }
 
 impl ConnOptions {
@@ -584,6 +588,7 @@ impl ConnOptions {
                 breaker: breaker::of(t),
                 tcp_keepalive: t.tcp_keepalive,
                 max_connection_duration: t.max_connection_duration,
+                more_addrs: None,
             },
         }
     }
@@ -595,10 +600,17 @@ impl ConnOptions {
             .is_some_and(|d| opened.elapsed() >= d)
     }
 
+    /// Which TLS a pooled connection was opened with: the settings and the server name (a
+    /// `DYNAMIC_DNS` cluster sends each `Host` as SNI, and names sharing an address must not
+    /// share a connection).
     fn tls_id(&self) -> usize {
-        self.tls
-            .as_ref()
-            .map_or(0, |(t, _)| Arc::as_ptr(t) as *const () as usize)
+        self.tls.as_ref().map_or(0, |(t, name)| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (Arc::as_ptr(t) as *const () as usize).hash(&mut h);
+            name.hash(&mut h);
+            h.finish() as usize
+        })
     }
 }
 
@@ -610,11 +622,13 @@ struct EndpointPool {
     h2: Mutex<Option<SharedH2>>,
 }
 
-/// The shared h2c connection to an endpoint: sender, our address, when it was opened.
+/// The shared h2c connection to an endpoint: sender, our address, when it was opened, and
+/// the TLS it was opened with ([`ConnOptions::tls_id`]).
 type SharedH2 = (
     http2::SendRequest<RequestBody>,
     Option<SocketAddr>,
     tokio::time::Instant,
+    usize,
 );
 
 /// All upstream pools. Shared by every request.
@@ -763,7 +777,7 @@ impl Upstreams {
                     });
                 }
                 if let Ok(mut h2) = pool.h2.lock()
-                    && h2.as_ref().is_some_and(|(s, _, _)| s.is_closed())
+                    && h2.as_ref().is_some_and(|(s, _, _, _)| s.is_closed())
                 {
                     *h2 = None;
                 }
@@ -872,10 +886,11 @@ impl Upstreams {
                 let existing = pool.h2.lock().ok().and_then(|g| g.clone());
                 // An expired shared connection takes no new stream: a new one replaces it in
                 // the pool, and it closes when its last stream ends and its senders are gone.
-                if let Some((sender, local_addr, opened)) = existing
+                if let Some((sender, local_addr, opened, tls_id)) = existing
                     && !sender.is_closed()
                     && sender.is_ready()
                     && !opts.expired(opened)
+                    && tls_id == opts.tls_id()
                 {
                     return Ok(Checkout {
                         sender: Sender::H2(sender),
@@ -953,7 +968,7 @@ impl Upstreams {
                 });
                 let opened = tokio::time::Instant::now();
                 if let Ok(mut g) = pool.h2.lock() {
-                    *g = Some((sender.clone(), local_addr, opened));
+                    *g = Some((sender.clone(), local_addr, opened, opts.tls_id()));
                 }
                 Ok(Checkout {
                     sender: Sender::H2(sender),
@@ -995,7 +1010,20 @@ impl Upstreams {
                 .await
                 .map(|s| (s, None));
         }
-        let (tcp, local) = self.connect_tcp(endpoint.addr, timeout).await?;
+        let (tcp, local) = match self.connect_tcp(endpoint.addr, timeout).await {
+            Ok(c) => c,
+            Err(first) => {
+                let mut connected = Err(first);
+                for ip in opts.more_addrs.iter().flat_map(|a| a.iter()) {
+                    let addr = SocketAddr::new(*ip, endpoint.addr.port());
+                    if let Ok(c) = self.connect_tcp(addr, timeout).await {
+                        connected = Ok(c);
+                        break;
+                    }
+                }
+                connected?
+            }
+        };
         if let Some(k) = &opts.tcp_keepalive {
             set_keepalive(&tcp, k);
         }
@@ -1150,7 +1178,7 @@ impl Checkout {
                 Err(mut e) => {
                     let failure = classify(e.error());
                     if let Ok(mut g) = self.pool.h2.lock()
-                        && g.as_ref().is_some_and(|(s, _, _)| s.is_closed())
+                        && g.as_ref().is_some_and(|(s, _, _, _)| s.is_closed())
                     {
                         *g = None;
                     }
