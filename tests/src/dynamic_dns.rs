@@ -294,3 +294,63 @@ async fn dynamic_dns_sends_each_request_where_its_host_resolves_as_envoy_does() 
     assert_eq!(wp.running().shared.dynamic_hosts.len(), 1024);
     drop((a, b, envoy));
 }
+
+/// A DestinationRule originating TLS for the wildcard host (Istio's own wildcard egress test
+/// does this): the request goes to port 443, with the `Host` as SNI and the server's
+/// certificate checked against it (istiod sets Envoy's `auto_sni` and `auto_san_validation`
+/// on a DFP cluster). Two names on one address never share a connection: the name the
+/// certificate does not carry fails every time, before and after the one it carries.
+#[tokio::test]
+async fn dynamic_dns_originates_tls_on_port_443_with_the_host_as_server_name() {
+    const TEST: &str =
+        "dynamic_dns::dynamic_dns_originates_tls_on_port_443_with_the_host_as_server_name";
+    if !netns::inside() {
+        netns::run(TEST, Duration::from_secs(120)).await.unwrap();
+        return;
+    }
+    netns::loopback_up().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = hbone::testing::Pki::new("example.test").unwrap();
+    let (_https, https) =
+        crate::traffic_policy::https_envoy_at(&pki, dir.path(), false, "a.example.com", 443).await;
+    assert_eq!(https.port(), 443);
+    let dns = DnsServer::start(&[
+        Record {
+            name: "a.example.com",
+            ip: "127.0.0.1",
+            ttl: 30,
+        },
+        Record {
+            name: "b.example.com",
+            ip: "127.0.0.1",
+            ttl: 30,
+        },
+    ])
+    .unwrap();
+    let rule = format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: wildcard-tls, namespace: default}}\nspec: {{host: \"*.example.com\", trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: \"{}\"}}}}}}\n",
+        dir.path().join("ca.pem").display()
+    );
+    let mut m = Manifests::new();
+    m.push(&wildcard_entry(&rule));
+    let servers = vec![dns.addr];
+    let wp = TestWaypoint::start_with(&m.yaml(), |c| c.dns.servers = servers).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let mut http = TunnelHttp::open(&conn, VIP).await.unwrap();
+    for round in 0..2 {
+        let wrong = http.get("b.example.com", "/").await.unwrap();
+        assert_eq!(wrong.status, 503, "round {round}: {}", wrong.text());
+        let line = wp.next_logs(1).remove(0);
+        assert_eq!(line["upstream_host"], "127.0.0.1:443");
+        let reason = line["upstream_transport_failure_reason"].to_string();
+        assert!(reason.contains("TLS_error"), "{line}");
+        let right = http.get("a.example.com", "/").await.unwrap();
+        assert_eq!(
+            (right.status.as_u16(), right.text()),
+            (200, "secure".into())
+        );
+        let line = wp.next_logs(1).remove(0);
+        assert_eq!(line["upstream_host"], "127.0.0.1:443");
+        assert_eq!(line["upstream_cluster"], CLUSTER);
+    }
+}

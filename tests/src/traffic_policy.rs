@@ -397,6 +397,17 @@ pub(crate) async fn https_envoy_for(
     mutual: bool,
     host: &str,
 ) -> (Envoy, SocketAddr) {
+    https_envoy_at(pki, dir, mutual, host, 0).await
+}
+
+/// [`https_envoy_for`] listening on 127.0.0.1:`port` (0: any).
+pub(crate) async fn https_envoy_at(
+    pki: &hbone::testing::Pki,
+    dir: &std::path::Path,
+    mutual: bool,
+    host: &str,
+    port: u16,
+) -> (Envoy, SocketAddr) {
     let (cert, key) = pki.issue_server_pem_for_dns(host).unwrap();
     std::fs::write(dir.join("server.pem"), cert).unwrap();
     std::fs::write(dir.join("server-key.pem"), key).unwrap();
@@ -421,7 +432,7 @@ pub(crate) async fn https_envoy_for(
 static_resources:
   listeners:
   - name: https
-    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
     filter_chains:
     - transport_socket:
         name: envoy.transport_sockets.tls
