@@ -11,8 +11,10 @@
 //!   (retries in flight; beyond it no retry), `http.idleTimeout` (idle pooled connections),
 //!   `tcp.connectTimeout`, `tcp.idleTimeout` (TCP proxying).
 //! - `outlierDetection`: `consecutive5xxErrors` (and the deprecated `consecutiveErrors`),
-//!   `consecutiveGatewayErrors`, `baseEjectionTime` (times the host's ejection count, at most
-//!   300 s as Envoy's `max_ejection_time`), `maxEjectionPercent` (Istio's default 10),
+//!   `consecutiveGatewayErrors`, `baseEjectionTime` (times the host's ejection multiplier, at
+//!   most 300 s as Envoy's `max_ejection_time`; the host returns at the first `interval` tick
+//!   after it, and each tick it spends healthy takes one off the multiplier, as Envoy's
+//!   detector does), `maxEjectionPercent` (Istio's default 10),
 //!   `minHealthPercent` (Envoy's panic threshold: below it every host is used again).
 //! - `tls`: SIMPLE and MUTUAL origination to plaintext endpoints ([`TlsOrigination`]);
 //!   `credentialName` is an error (Secrets are not read; files are), DISABLE turns it off.
@@ -92,6 +94,10 @@ pub struct OutlierPolicy {
     pub base_ejection_time: Duration,
     pub max_ejection_percent: u32,
     pub min_health_percent: u32,
+    /// Envoy's detector tick (`interval`, 10 s by default): an ejected host returns at the
+    /// first tick after its ejection time, and each tick a host spends healthy takes one off
+    /// its ejection multiplier.
+    pub interval: Duration,
 }
 
 /// The compiled traffic policy of one cluster, with its run-time counters (one per cluster:
@@ -929,12 +935,11 @@ fn outlier_part(
                 default
             }
         };
-    if o.interval.is_some() {
-        // Ejection is decided when the threshold is reached (Envoy's consecutive
-        // detectors do not wait for the interval); the interval only paces
-        // success-rate detection, which Istio does not configure.
-        duration(format!("{f}.interval"), &o.interval, &mut *fail);
-    }
+    // Ejection is decided when the threshold is reached (Envoy's consecutive detectors do
+    // not wait for the interval); the interval paces the return and the multiplier's decay.
+    let interval = duration(format!("{f}.interval"), &o.interval, &mut *fail)
+        .filter(|d| !d.is_zero())
+        .unwrap_or(Duration::from_secs(10));
     out.outlier = Some(OutlierPolicy {
         // Istio: consecutive5xxErrors defaults to 5 when the block is present; 0 turns
         // the detector off.
@@ -952,6 +957,7 @@ fn outlier_part(
         .unwrap_or(Duration::from_secs(30)),
         max_ejection_percent: percent("maxEjectionPercent", o.max_ejection_percent, 10, &mut *fail),
         min_health_percent: percent("minHealthPercent", o.min_health_percent, 0, &mut *fail),
+        interval,
     });
 }
 

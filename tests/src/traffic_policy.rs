@@ -722,3 +722,208 @@ async fn tcp_keepalive_is_set_on_upstream_sockets() {
         }
     }
 }
+
+/// A backend whose answer is switched by the test (200 or a failure), its address as body.
+struct Switch {
+    addr: SocketAddr,
+    status: Arc<std::sync::atomic::AtomicU16>,
+}
+
+async fn switch_on(at: SocketAddr, status: u16) -> Switch {
+    let listener = tokio::net::TcpListener::bind(at).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let status = Arc::new(std::sync::atomic::AtomicU16::new(status));
+    let s = status.clone();
+    let me = Bytes::from(addr.to_string());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (s, me) = (s.clone(), me.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: http::Request<_>| {
+                    let (s, me) = (s.clone(), me.clone());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .status(s.load(Ordering::Relaxed))
+                                .body(Full::new(me))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Switch { addr, status }
+}
+
+/// One proxy under comparison: send a request, read `/clusters`.
+trait Proxy {
+    async fn send(&mut self) -> (u16, String);
+    async fn clusters(&self) -> String;
+}
+
+struct OursProxy {
+    wp: TestWaypoint,
+    http: TunnelHttp,
+}
+
+impl Proxy for OursProxy {
+    async fn send(&mut self) -> (u16, String) {
+        let r = self.http.send(request("/x")).await.unwrap();
+        self.wp.drain_logs(Duration::ZERO);
+        (r.status.as_u16(), r.text())
+    }
+    async fn clusters(&self) -> String {
+        http_get(self.wp.running().admin_addr, "/clusters")
+            .await
+            .unwrap()
+            .text()
+    }
+}
+
+struct EnvoyProxy {
+    envoy: Envoy,
+    http: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Proxy for EnvoyProxy {
+    async fn send(&mut self) -> (u16, String) {
+        self.http.ready().await.unwrap();
+        let resp = self.http.send_request(request("/x")).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+    async fn clusters(&self) -> String {
+        http_get(self.envoy.admin, "/clusters")
+            .await
+            .unwrap()
+            .text()
+    }
+}
+
+/// Hosts marked `failed_outlier_check` in a `/clusters` text.
+fn ejected(clusters: &str) -> Vec<String> {
+    clusters
+        .lines()
+        .filter(|l| l.contains("::health_flags::") && l.contains("failed_outlier_check"))
+        .filter_map(|l| l.split("::").nth(1).map(str::to_string))
+        .collect()
+}
+
+/// The comparison run against one proxy: failures before the failing host is ejected, the
+/// ejected hosts, seconds until it serves again once healthy, and with every host failing
+/// the hosts ejected (at most `maxEjectionPercent` of them).
+async fn outlier_story(
+    p: &mut impl Proxy,
+    good: &Switch,
+    bad: &Switch,
+) -> (usize, Vec<String>, Vec<String>, Duration) {
+    good.status.store(200, Ordering::Relaxed);
+    bad.status.store(503, Ordering::Relaxed);
+    let mut failures = 0;
+    for _ in 0..12 {
+        let (s, _) = p.send().await;
+        if s != 200 {
+            assert_eq!(s, 503);
+            failures += 1;
+        }
+    }
+    let first = ejected(&p.clusters().await);
+    // Healthy again: back after baseEjectionTime (Envoy: at the next interval tick after it).
+    bad.status.store(200, Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let bad_body = bad.addr.to_string();
+    let mut back = false;
+    while started.elapsed() < Duration::from_secs(10) {
+        if p.send().await.1 == bad_body {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        back,
+        "the ejected host serves again after its ejection time"
+    );
+    let returned = started.elapsed();
+    // Every host failing: one is ejected (50%), the other may not be (max 50%), so it keeps
+    // answering with its failures.
+    good.status.store(503, Ordering::Relaxed);
+    bad.status.store(503, Ordering::Relaxed);
+    for _ in 0..12 {
+        assert_eq!(p.send().await.0, 503);
+    }
+    let both = ejected(&p.clusters().await);
+    (failures, first, both, returned)
+}
+
+/// Side by side with real Envoy 1.40 and the cluster istiod renders for
+/// `outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 2s,
+/// maxEjectionPercent: 50}` (`cluster_traffic_policy.go` `applyOutlierDetection`: enforcing
+/// 100, success rate off) with round robin, behind istiod's default route retry policy
+/// (503 not retried).
+#[tokio::test]
+async fn outlier_detection_ejects_and_returns_hosts_as_envoy_does() {
+    let good = switch_on("127.0.0.1:0".parse().unwrap(), 200).await;
+    let bad = switch_on(
+        SocketAddr::new([127, 0, 0, 2].into(), good.addr.port()),
+        503,
+    )
+    .await;
+    let policy = "{loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 50}}";
+    let wp = waypoint(&[good.addr, bad.addr], policy).await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
+    let mut ours = OursProxy { wp, http };
+    let ours_story = outlier_story(&mut ours, &good, &bad).await;
+
+    let endpoint = |a: SocketAddr| {
+        format!(
+            "      - endpoint: {{address: {{socket_address: {{address: \"{}\", port_value: {}}}}}}}\n",
+            a.ip(),
+            a.port()
+        )
+    };
+    let cluster = format!(
+        "- name: \"{CLUSTER}\"\n  type: STATIC\n  connect_timeout: 5s\n  lb_policy: ROUND_ROBIN\n  outlier_detection: {{consecutive_5xx: 2, enforcing_consecutive_5xx: 100, enforcing_success_rate: 0, interval: 1s, base_ejection_time: 2s, max_ejection_percent: 50}}\n  load_assignment:\n    cluster_name: \"{CLUSTER}\"\n    endpoints:\n    - lb_endpoints:\n{}{}",
+        endpoint(good.addr),
+        endpoint(bad.addr)
+    );
+    let routes = format!(
+        "- name: default\n  match: {{prefix: /}}\n  route:\n    cluster: \"{CLUSTER}\"\n    timeout: 0s\n    retry_policy:\n      retry_on: \"connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes\"\n      num_retries: 2\n      host_selection_retry_max_attempts: 5\n      retry_host_predicate: [{{name: envoy.retry_host_predicates.previous_hosts, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}}}]\n"
+    );
+    let config = waypoint_tests::envoy::http_bootstrap(&waypoint_tests::envoy::HttpListener {
+        routes: &routes,
+        clusters: &cluster,
+        ..Default::default()
+    });
+    let envoy = Envoy::start(&config).await.expect("envoy starts");
+    let addr = envoy.listener("plain").await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (http, driver) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(driver);
+    let mut theirs = EnvoyProxy { envoy, http };
+    let envoy_story = outlier_story(&mut theirs, &good, &bad).await;
+
+    eprintln!("ours:  {ours_story:?}\nenvoy: {envoy_story:?}");
+    assert_eq!(ours_story.0, envoy_story.0, "failures before the ejection");
+    assert_eq!(ours_story.0, 2);
+    assert_eq!(ours_story.1, vec![bad.addr.to_string()]);
+    assert_eq!(ours_story.1, envoy_story.1, "the ejected host");
+    assert_eq!(ours_story.2.len(), 1, "at most 50% of the hosts ejected");
+    assert_eq!(envoy_story.2.len(), 1);
+    // Back at the first 1 s tick after the 2 s ejection (timed from a little after the
+    // ejection, so a little under 2 s at the earliest).
+    for (who, t) in [("ours", ours_story.3), ("Envoy's", envoy_story.3)] {
+        assert!(
+            t >= Duration::from_millis(1500) && t <= Duration::from_millis(3500),
+            "{who} returned after {t:?}"
+        );
+    }
+}

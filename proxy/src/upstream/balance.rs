@@ -379,6 +379,24 @@ pub fn report(cluster: &Cluster, endpoint: &Endpoint, outcome: Outcome) {
     }
 }
 
+/// The multiplier of a new ejection: the last one (`before`), less one per interval tick
+/// spent not ejected since it ended at `last_end` (0: never ejected), plus one.
+fn ejection_multiplier(before: u32, last_end: u64, now: u64, interval_ms: u64) -> u32 {
+    let healthy_ticks = if last_end == 0 {
+        u64::MAX
+    } else {
+        now.saturating_sub(last_end) / interval_ms
+    };
+    u64::from(before).saturating_sub(healthy_ticks) as u32 + 1
+}
+
+/// When an ejection of `for_ms` starting `now` ends: Envoy returns a host on the first
+/// interval tick at or after its time (ticks here: multiples of the interval on the proxy's
+/// clock).
+fn ejection_end(now: u64, for_ms: u64, interval_ms: u64) -> u64 {
+    (now + for_ms).div_ceil(interval_ms) * interval_ms
+}
+
 fn eject(t: &TrafficPolicy, o: &OutlierPolicy, cluster: &Cluster, endpoint: &Endpoint) {
     let now = now_ms();
     if endpoint.health.is_ejected(now) {
@@ -386,17 +404,30 @@ fn eject(t: &TrafficPolicy, o: &OutlierPolicy, cluster: &Cluster, endpoint: &End
     }
     let all = cluster.endpoints();
     let ejected = all.iter().filter(|e| e.health.is_ejected(now)).count();
-    // At most maxEjectionPercent of the hosts, but one may always be ejected.
-    let allowed = (all.len() * o.max_ejection_percent as usize / 100).max(1);
-    if ejected >= allowed {
+    // Envoy 1.40 ejects only while the hosts ejected, this one included, stay within
+    // maxEjectionPercent (`always_eject_one_host`, which istiod never sets, is off): with
+    // Istio's default of 10%, a Service of fewer than 10 endpoints never loses one
+    // (checked against Envoy: 2 hosts at 10% eject none, 4 at 50% eject two).
+    if 100 * (ejected + 1) > o.max_ejection_percent as usize * all.len() {
         return;
     }
     let h = &endpoint.health;
-    let times = h.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+    // Envoy's detector (`detector_impl.cc`) keeps an ejection multiplier: +1 per ejection,
+    // -1 per `interval` tick the host spends not ejected. The ticks since the last ejection
+    // ended are counted here, when they matter, instead of on a timer.
+    let interval_ms = (o.interval.as_millis() as u64).max(1);
+    let times = ejection_multiplier(
+        h.ejections.load(Ordering::Relaxed),
+        h.ejected_until_ms.load(Ordering::Relaxed),
+        now,
+        interval_ms,
+    );
+    h.ejections.store(times, Ordering::Relaxed);
     let for_ms = (o.base_ejection_time.as_millis() as u64)
         .saturating_mul(times as u64)
         .min(MAX_EJECTION_TIME.as_millis() as u64);
-    h.ejected_until_ms.store(now + for_ms, Ordering::Relaxed);
+    h.ejected_until_ms
+        .store(ejection_end(now, for_ms, interval_ms), Ordering::Relaxed);
     h.consecutive_5xx.store(0, Ordering::Relaxed);
     h.consecutive_gateway.store(0, Ordering::Relaxed);
     t.ejections_total.fetch_add(1, Ordering::Relaxed);
@@ -497,6 +528,58 @@ mod tests {
         assert_eq!(seen[..3], seen[3..]);
         let distinct: std::collections::HashSet<_> = seen.iter().collect();
         assert_eq!(distinct.len(), 3);
+    }
+
+    #[test]
+    fn ejection_time_grows_with_ejections_decays_while_healthy_and_ends_on_a_tick() {
+        // Never ejected: 1. Ejected again right after the last one ended: +1.
+        assert_eq!(ejection_multiplier(0, 0, 50_000, 10_000), 1);
+        assert_eq!(ejection_multiplier(1, 50_000, 55_000, 10_000), 2);
+        assert_eq!(ejection_multiplier(3, 50_000, 59_999, 10_000), 4);
+        // Three healthy ticks take three off a multiplier of 4; never below one.
+        assert_eq!(ejection_multiplier(4, 50_000, 80_000, 10_000), 2);
+        assert_eq!(ejection_multiplier(4, 50_000, 10_000_000, 10_000), 1);
+        // Ends on the first tick at or after the time.
+        assert_eq!(ejection_end(12_345, 30_000, 10_000), 50_000);
+        assert_eq!(ejection_end(10_000, 30_000, 10_000), 40_000);
+        // Through `report`: a threshold of one ejects at once, for base x 1, on a tick.
+        let c = cluster(
+            "{outlierDetection: {consecutive5xxErrors: 1, interval: 5s, baseEjectionTime: 30s, maxEjectionPercent: 100}}",
+            2,
+        );
+        let eps = c.endpoints();
+        let now = now_ms();
+        report(&c, &eps[0], Outcome::Status(500));
+        let h = &eps[0].health;
+        let until = h.ejected_until_ms.load(Ordering::Relaxed);
+        assert_eq!(h.ejections.load(Ordering::Relaxed), 1);
+        assert_eq!(until % 5000, 0, "on a 5 s tick");
+        assert!(
+            (30_000..=35_000).contains(&(until - now)),
+            "{}",
+            until - now
+        );
+    }
+
+    #[test]
+    fn ejections_stay_within_the_percentage_as_envoys_do() {
+        // Envoy 1.40, checked by hand (docs/envoy-observed.md 21): (hosts, percent) ->
+        // hosts ejected when every host fails.
+        for (n, pct, want) in [(2, 10, 0), (3, 0, 0), (3, 50, 1), (4, 50, 2), (10, 10, 1)] {
+            let c = cluster(
+                &format!(
+                    "{{outlierDetection: {{consecutive5xxErrors: 1, maxEjectionPercent: {pct}}}}}"
+                ),
+                n,
+            );
+            let eps = c.endpoints();
+            for e in eps.iter() {
+                report(&c, e, Outcome::Status(503));
+            }
+            let now = now_ms();
+            let ejected = eps.iter().filter(|e| e.health.is_ejected(now)).count();
+            assert_eq!(ejected, want, "{n} hosts, {pct}%");
+        }
     }
 
     #[test]
