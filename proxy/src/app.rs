@@ -244,7 +244,13 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
     }
     let snapshot_from_files = inputs.snapshot.is_none() && config.kube.is_none();
     let kube_source = match &config.kube {
-        Some(_) => Some(crate::config::kube::connect(&config).await?),
+        // The watches run on the control thread (crate::control), off the workers.
+        Some(_) => Some({
+            let config = config.clone();
+            crate::control::spawn(async move { crate::config::kube::connect(&config).await })
+                .await
+                .map_err(|e| anyhow::anyhow!("control thread: {e}"))??
+        }),
         None => None,
     };
     let snapshot = match inputs.snapshot {
@@ -390,7 +396,7 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         admin::Role::Admin,
     )));
     if let Some(source) = kube_source {
-        tasks.push(tokio::spawn(crate::config::kube::follow(
+        tasks.push(crate::control::spawn(crate::config::kube::follow(
             shared.clone(),
             config.clone(),
             source,
