@@ -139,6 +139,7 @@ fn pool_checkout(c: &mut Criterion) {
         workload: None,
         health: Default::default(),
         weight: 1,
+        priority: 0,
     };
     let mut g = c.benchmark_group("contention/pool_checkout");
     for (layout, shards) in [

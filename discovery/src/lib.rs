@@ -1185,7 +1185,8 @@ fn decode(spec: &KindSpec, obj: DynamicObject) -> Result<Stored, String> {
 }
 
 /// Pod labels the waypoint reads: `istio.io/*`-family labels (data-plane mode, waypoint
-/// binding, canonical names), the Gateway name, and the workload labels of Istio's metrics.
+/// binding, canonical names), the Gateway name, the workload labels of Istio's metrics, and
+/// the locality labels.
 fn pod_label_kept(key: &str) -> bool {
     key.starts_with("istio.io/")
         || key.starts_with("service.istio.io/")
@@ -1194,6 +1195,8 @@ fn pod_label_kept(key: &str) -> bool {
             key,
             "app"
                 | "version"
+                | "topology.istio.io/locality"
+                | "istio-locality"
                 | "app.kubernetes.io/name"
                 | "app.kubernetes.io/version"
                 | "pod-template-hash"

@@ -54,8 +54,8 @@ pub use route::{
 pub use snapshot::{
     AppProtocol, BindingInfo, BindingSource, BindingState, Cluster, CompileOptions, DnsTargets,
     DynamicDns, Endpoint, EndpointHealth, EndpointLoad, EndpointSpec, EndpointWorkload,
-    GatewayInfo, Resolution, ServiceInfo, ServicePort, ServicePortInfo, Snapshot, VipLookup,
-    WaypointFor, Workload, compile,
+    GatewayInfo, Locality, LocalityLb, LocalitySetting, Resolution, ServiceInfo, ServicePort,
+    ServicePortInfo, Snapshot, VipLookup, WaypointFor, Workload, compile,
 };
 pub use telemetry::{AccessLogPolicy, LogAttributes, LogSinks, RequestAttributes};
 pub use trace_policy::{CustomTag, TracingPolicy, TracingSpec};

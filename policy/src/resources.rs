@@ -303,6 +303,8 @@ pub struct EndpointSpec {
     pub addresses: Vec<String>,
     pub conditions: EndpointConditions,
     pub target_ref: Option<ObjectReference>,
+    /// The zone of the endpoint's node (`topology.kubernetes.io/zone`).
+    pub zone: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]

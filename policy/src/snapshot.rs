@@ -16,6 +16,11 @@ use crate::telemetry::{AccessLogPolicy, TelemetryIndex};
 /// Static inputs to [`compile`] that do not come from the manifests.
 #[derive(Debug, Clone)]
 pub struct CompileOptions {
+    /// The waypoint's own locality (`--locality`): locality failover needs it.
+    pub locality: Option<Locality>,
+    /// MeshConfig `localityLbSetting` (enabled by default), for clusters whose
+    /// DestinationRule has none.
+    pub mesh_locality: LocalitySetting,
     /// Namespace of the Gateway this instance is (`--gateway NS/NAME`).
     pub gateway_namespace: String,
     /// Name of the Gateway this instance is.
@@ -45,6 +50,8 @@ pub struct CompileOptions {
 impl Default for CompileOptions {
     fn default() -> Self {
         CompileOptions {
+            locality: None,
+            mesh_locality: LocalitySetting::default(),
             gateway_namespace: "default".into(),
             gateway_name: "waypoint".into(),
             trust_domain: "cluster.local".into(),
@@ -237,6 +244,134 @@ pub struct DnsTargets {
     pub first_only: bool,
 }
 
+/// Where a workload runs: Istio's locality `region/zone/subzone` (from a ServiceEntry
+/// endpoint's or WorkloadEntry's `locality`, a Pod's `topology.istio.io/locality` label, or
+/// the `zone` of its EndpointSlice endpoint).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Locality {
+    /// `None`: not known (an EndpointSlice gives the zone only); taken to be the proxy's
+    /// region, as a Kubernetes cluster's zones are one region's.
+    pub region: Option<String>,
+    pub zone: String,
+    pub subzone: String,
+}
+
+impl Locality {
+    /// `region/zone/subzone` (missing parts empty), as Istio writes a locality in fields.
+    pub fn parse(s: &str) -> Locality {
+        Self::split(s, '/')
+    }
+
+    /// `region.zone.subzone`, as Istio writes it in a label value (no `/` allowed there).
+    pub fn from_label(s: &str) -> Locality {
+        Self::split(s, '.')
+    }
+
+    fn split(s: &str, sep: char) -> Locality {
+        let mut parts = s.trim().splitn(3, sep);
+        let mut next = || parts.next().unwrap_or("").to_string();
+        Locality {
+            region: Some(next()),
+            zone: next(),
+            subzone: next(),
+        }
+    }
+
+    /// Only the zone is known (an EndpointSlice endpoint's `zone`).
+    pub fn zone_only(zone: &str) -> Locality {
+        Locality {
+            region: None,
+            zone: zone.to_string(),
+            subzone: String::new(),
+        }
+    }
+}
+
+impl std::fmt::Display for Locality {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{}/{}",
+            self.region.as_deref().unwrap_or("?"),
+            self.zone,
+            self.subzone
+        )
+    }
+}
+
+/// A `localityLbSetting` (DestinationRule, else MeshConfig's, which is enabled by default):
+/// whether it is on and its region `failover` pairs (from, to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalitySetting {
+    pub enabled: bool,
+    pub failover: Vec<(String, String)>,
+}
+
+impl Default for LocalitySetting {
+    fn default() -> Self {
+        LocalitySetting {
+            enabled: true,
+            failover: Vec::new(),
+        }
+    }
+}
+
+/// Locality failover on a cluster, as istiod renders it (`loadbalancer.go`
+/// `applyLocalityFailover`, `util.go` `LbPriority`): each endpoint's priority is how far its
+/// locality is from the proxy's (0 same subzone, 1 same zone, 2 same region, 3 elsewhere, 4
+/// a region that `failover` does not name for the proxy's), the priorities present then
+/// numbered 0..N without gaps. Applied only when the cluster has outlier detection (without
+/// it Envoy would never leave priority 0) and the proxy's locality is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalityLb {
+    pub proxy: Locality,
+    pub failover: Vec<(String, String)>,
+}
+
+impl LocalityLb {
+    fn raw_priority(&self, ep: Option<&Locality>) -> u8 {
+        // No locality at all is Istio's empty locality (region ""), not an unknown region.
+        let empty = Locality {
+            region: Some(String::new()),
+            ..Locality::default()
+        };
+        let ep = ep.unwrap_or(&empty);
+        let proxy_region = self.proxy.region.as_deref().unwrap_or("");
+        let region = ep.region.as_deref().unwrap_or(proxy_region);
+        let p = if region == proxy_region {
+            if ep.zone == self.proxy.zone {
+                if ep.subzone == self.proxy.subzone {
+                    0
+                } else {
+                    1
+                }
+            } else {
+                2
+            }
+        } else {
+            3
+        };
+        if p == 3
+            && let Some((_, to)) = self.failover.iter().find(|(from, _)| from == proxy_region)
+            && region != to
+        {
+            return 4;
+        }
+        p
+    }
+
+    /// The priority of each endpoint, numbered without gaps.
+    pub fn priorities(&self, localities: &[Option<&Locality>]) -> Vec<u8> {
+        let raw: Vec<u8> = localities.iter().map(|l| self.raw_priority(*l)).collect();
+        let mut present: Vec<u8> = raw.clone();
+        present.sort_unstable();
+        present.dedup();
+        raw.iter()
+            .map(|p| present.iter().position(|q| q == p).unwrap_or(0) as u8)
+            .collect()
+    }
+}
+
 /// A `DYNAMIC_DNS` cluster (a wildcard ServiceEntry host), as istiod renders it for a
 /// waypoint (`cluster_builder.go` `buildDFPCluster`, `listener_waypoint.go`
 /// `buildRouteVHostDomains`): Envoy's dynamic forward proxy. The virtual host's one domain is
@@ -309,6 +444,9 @@ pub struct Endpoint {
     /// from a ServiceEntry endpoint's or WorkloadEntry's `weight`; 1 for every other
     /// endpoint, and for a weight of 0, as istiod renders it).
     pub weight: u32,
+    /// Envoy's priority level (0 first): how far the endpoint's locality is from the
+    /// waypoint's, when the cluster fails over by locality ([`LocalityLb`]); else 0.
+    pub priority: u8,
 }
 
 /// An endpoint's outlier-detection state (DestinationRule `outlierDetection`): consecutive
@@ -363,6 +501,8 @@ pub struct EndpointSpec {
     pub workload: Option<Arc<EndpointWorkload>>,
     /// See [`Endpoint::weight`].
     pub weight: u32,
+    /// Where the endpoint runs, when known.
+    pub locality: Option<Arc<Locality>>,
 }
 
 impl EndpointSpec {
@@ -378,6 +518,7 @@ impl EndpointSpec {
             tunnel,
             workload,
             weight: 1,
+            locality: None,
         }
     }
 }
@@ -426,6 +567,8 @@ pub struct Cluster {
     /// ServiceEntry `resolution: DYNAMIC_DNS`: the endpoint of each request is what its
     /// `Host` resolves to.
     pub dynamic_dns: Option<Arc<DynamicDns>>,
+    /// Locality failover (endpoints get priorities by locality); `None`: one priority.
+    pub locality_lb: Option<Arc<LocalityLb>>,
 }
 
 impl Cluster {
@@ -448,11 +591,13 @@ impl Cluster {
                 workload: None,
                 health: Default::default(),
                 weight: 1,
+                priority: 0,
             }]),
             traffic: self.traffic.clone(),
             dns: None,
             passthrough: false,
             dynamic_dns: None,
+            locality_lb: None,
         }
     }
 
@@ -466,42 +611,64 @@ impl Cluster {
     /// Returns whether anything changed.
     pub fn set_endpoints(&self, new: Vec<EndpointSpec>) -> bool {
         let current = self.endpoint_list.load();
-        let same_workload =
-            |a: &Option<Arc<EndpointWorkload>>, b: &Option<Arc<EndpointWorkload>>| match (a, b) {
-                (Some(a), Some(b)) => a == b,
-                (None, None) => true,
-                _ => false,
-            };
-        let same = current.len() == new.len()
-            && current.iter().zip(&new).all(|(e, n)| {
+        let list = endpoint_list(new, self.locality_lb.as_deref(), &current);
+        let same = current.len() == list.len()
+            && current.iter().zip(&list).all(|(e, n)| {
                 e.addr == n.addr
                     && e.tunnel == n.tunnel
                     && e.weight == n.weight
+                    && e.priority == n.priority
                     && same_workload(&e.workload, &n.workload)
             });
         if same {
             return false;
         }
-        let list = new
-            .into_iter()
-            .map(|n| {
-                let old = current.iter().find(|e| e.addr == n.addr);
-                Endpoint {
-                    load: old.map(|e| e.load.clone()).unwrap_or_default(),
-                    health: old.map(|e| e.health.clone()).unwrap_or_default(),
-                    addr: n.addr,
-                    tunnel: n.tunnel,
-                    weight: n.weight,
-                    workload: match old {
-                        Some(e) if same_workload(&e.workload, &n.workload) => e.workload.clone(),
-                        _ => n.workload,
-                    },
-                }
-            })
-            .collect();
         self.endpoint_list.store(Arc::new(list));
         true
     }
+}
+
+fn same_workload(a: &Option<Arc<EndpointWorkload>>, b: &Option<Arc<EndpointWorkload>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a == b,
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// Endpoints from their specs: the load counters and health of endpoints already in `old`
+/// carry over (by address), priorities come from the cluster's locality failover.
+pub(crate) fn endpoint_list(
+    new: Vec<EndpointSpec>,
+    locality_lb: Option<&LocalityLb>,
+    old: &[Endpoint],
+) -> Vec<Endpoint> {
+    let priorities = match locality_lb {
+        Some(lb) => {
+            let localities: Vec<Option<&Locality>> =
+                new.iter().map(|n| n.locality.as_deref()).collect();
+            lb.priorities(&localities)
+        }
+        None => Vec::new(),
+    };
+    new.into_iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let prev = old.iter().find(|e| e.addr == n.addr);
+            Endpoint {
+                load: prev.map(|e| e.load.clone()).unwrap_or_default(),
+                health: prev.map(|e| e.health.clone()).unwrap_or_default(),
+                addr: n.addr,
+                tunnel: n.tunnel,
+                weight: n.weight,
+                workload: match prev {
+                    Some(e) if same_workload(&e.workload, &n.workload) => e.workload.clone(),
+                    _ => n.workload,
+                },
+                priority: priorities.get(i).copied().unwrap_or(0),
+            }
+        })
+        .collect()
 }
 
 /// A Service port bound to this waypoint: the unit the CONNECT authority selects.
@@ -645,11 +812,13 @@ impl Snapshot {
                     workload: Some(w.labels.clone()),
                     health: Default::default(),
                     weight: 1,
+                    priority: 0,
                 }]),
                 traffic: None,
                 dns: None,
                 passthrough: false,
                 dynamic_dns: None,
+                locality_lb: None,
             }),
             routes: None,
             tcp_route: None,

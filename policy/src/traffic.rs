@@ -109,6 +109,8 @@ pub struct TrafficPolicy {
     pub lb: LbPolicy,
     /// Slow start for new endpoints (ROUND_ROBIN and LEAST_REQUEST only, as in Istio).
     pub warmup: Option<Warmup>,
+    /// `loadBalancer.localityLbSetting`; `None`: MeshConfig's applies.
+    pub locality: Option<crate::snapshot::LocalitySetting>,
     pub max_requests: Option<u32>,
     pub max_requests_per_connection: Option<u32>,
     pub max_retries: Option<u32>,
@@ -277,6 +279,8 @@ pub(crate) enum HostMatch {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Parts {
     pub lb: Option<LbPolicy>,
+    /// `loadBalancer.localityLbSetting` (goes with `lb`).
+    pub locality: Option<crate::snapshot::LocalitySetting>,
     /// `loadBalancer.warmup` / `warmupDurationSecs` (goes with `lb`).
     pub warmup: Option<Warmup>,
     pub pool: Option<PoolParts>,
@@ -344,6 +348,7 @@ impl CompiledRule {
             source: format!("DestinationRule {}/{}", self.namespace, self.name),
             lb: pick(|p| p.lb.is_some()).lb.clone().unwrap_or_default(),
             warmup: pick(|p| p.lb.is_some()).warmup,
+            locality: pick(|p| p.lb.is_some()).locality.clone(),
             max_requests: pool.max_requests,
             max_requests_per_connection: pool.max_requests_per_connection,
             max_retries: pool.max_retries,
@@ -725,8 +730,8 @@ fn lb_part(
             Err((field, message)) => fail(field, message),
         }
     }
-    if lb.locality_lb_setting.is_some() {
-        warn(&format!("{f}.localityLbSetting"), "locality load balancing");
+    if let Some(v) = &lb.locality_lb_setting {
+        out.locality = locality_setting(v, &format!("{f}.localityLbSetting"), fail, warn);
     }
     out.warmup = warmup(lb, &f, fail);
     if out.warmup.is_some()
@@ -742,6 +747,81 @@ fn lb_part(
         );
         out.warmup = None;
     }
+}
+
+/// MeshConfig's `localityLbSetting`: the setting and the warnings, or the first error
+/// (naming the field).
+pub fn parse_locality_setting(
+    v: &serde_json::Value,
+) -> Result<(crate::snapshot::LocalitySetting, Vec<String>), String> {
+    let mut error = None;
+    let mut warnings = Vec::new();
+    let setting = locality_setting(
+        v,
+        "localityLbSetting",
+        &mut |field, msg| {
+            error.get_or_insert(format!("{field}: {msg}"));
+        },
+        &mut |field, what| {
+            warnings.push(format!(
+                "{field}: {what} is not applied by this waypoint yet"
+            ))
+        },
+    );
+    match (error, setting) {
+        (Some(e), _) => Err(e),
+        (None, Some(s)) => Ok((s, warnings)),
+        (None, None) => Err("localityLbSetting: not understood".into()),
+    }
+}
+
+/// `localityLbSetting: {enabled, failover: [{from, to}]}` (Istio's
+/// `LocalityLoadBalancerSetting`); `distribute` and `failoverPriority` are warned about and
+/// not applied.
+pub(crate) fn locality_setting(
+    v: &serde_json::Value,
+    f: &str,
+    fail: &mut Fail<'_>,
+    warn: &mut Warn<'_>,
+) -> Option<crate::snapshot::LocalitySetting> {
+    let Some(obj) = v.as_object() else {
+        fail(f.to_string(), format!("{v} is not an object"));
+        return None;
+    };
+    let enabled = match obj.get("enabled") {
+        None | Some(serde_json::Value::Null) => true,
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(other) => {
+            fail(format!("{f}.enabled"), format!("{other} is not a boolean"));
+            true
+        }
+    };
+    let mut failover = Vec::new();
+    if let Some(list) = obj.get("failover") {
+        let Some(items) = list.as_array() else {
+            fail(format!("{f}.failover"), format!("{list} is not a list"));
+            return None;
+        };
+        for (i, item) in items.iter().enumerate() {
+            let from = item.get("from").and_then(|x| x.as_str());
+            let to = item.get("to").and_then(|x| x.as_str());
+            match (from, to) {
+                (Some(from), Some(to)) if !from.is_empty() && !to.is_empty() && from != to => {
+                    failover.push((from.to_string(), to.to_string()))
+                }
+                _ => fail(
+                    format!("{f}.failover[{i}]"),
+                    "needs a `from` and a different `to` region".into(),
+                ),
+            }
+        }
+    }
+    for field in ["distribute", "failoverPriority"] {
+        if obj.get(field).is_some_and(|x| !x.is_null()) {
+            warn(&format!("{f}.{field}"), "this locality option");
+        }
+    }
+    Some(crate::snapshot::LocalitySetting { enabled, failover })
 }
 
 /// `warmup: {duration, minimumPercent, aggression}`, else the deprecated

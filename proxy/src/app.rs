@@ -45,6 +45,9 @@ pub struct Config {
     /// proxies (its PodMonitor `envoy-stats`) read that port. `None`: not bound.
     pub envoy_prom_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
+    /// This waypoint's locality, `region/zone/subzone` (`--locality`): DestinationRule
+    /// locality failover orders endpoints by their distance from it.
+    pub locality: Option<String>,
     /// How long requests in flight may take to finish after SIGTERM (Istio's
     /// terminationDrainDuration default: 5 s).
     pub drain_timeout: Duration,
@@ -91,6 +94,7 @@ impl Default for Config {
             metrics_addr: ([0, 0, 0, 0], 15020).into(),
             envoy_prom_addr: None,
             admin_addr: ([127, 0, 0, 1], 15000).into(),
+            locality: None,
             drain_timeout: Duration::from_secs(5),
             server: ServerSettings::default(),
             limits: Limits::default(),
@@ -111,6 +115,8 @@ impl Config {
     pub fn compile_options(&self) -> CompileOptions {
         let defaults = CompileOptions::default();
         CompileOptions {
+            locality: self.locality.as_deref().map(policy::Locality::parse),
+            mesh_locality: self.mesh.locality_lb.0.clone(),
             gateway_namespace: self.gateway_namespace.clone(),
             gateway_name: self.gateway_name.clone(),
             trust_domain: self.trust_domain.clone(),

@@ -183,6 +183,11 @@ struct RunArgs {
     /// dnsRefreshRate, Envoy's dns_refresh_rate); other answers are asked again at their TTL.
     #[arg(long, env = "WAYPOINT_DNS_REFRESH_RATE", default_value = "60s", value_parser = humantime::parse_duration)]
     dns_refresh_rate: Duration,
+    /// This waypoint's locality, REGION/ZONE/SUBZONE (the node's topology labels): with a
+    /// DestinationRule's outlierDetection, endpoints are used nearest first, as istiod's
+    /// locality failover has Envoy do. Unset: no locality failover.
+    #[arg(long, env = "WAYPOINT_LOCALITY")]
+    locality: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -582,6 +587,7 @@ fn run(args: RunArgs) -> ExitCode {
     config.cluster_id = args.cluster_id.clone();
     config.dns.servers = args.dns_servers.clone();
     config.dns.refresh_rate = args.dns_refresh_rate;
+    config.locality = args.locality.clone().filter(|l| !l.is_empty());
     if let Some(addr) = &args.ca_addr {
         let sa = args
             .service_account

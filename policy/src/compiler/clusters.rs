@@ -67,6 +67,29 @@ impl<'a> Compiler<'a> {
         let sp = svc.ports.iter().find(|p| p.port == port)?;
         let hostname = svc.hostname.clone();
         let addrs = self.endpoint_addrs(key, port)?;
+        let traffic = crate::traffic::cluster_policy(
+            &self.traffic_rules,
+            &hostname,
+            key.0,
+            &self.opts.root_namespace,
+            port,
+        );
+        // istiod applies locality failover only with outlier detection (else Envoy would
+        // never leave priority 0) and with a setting that is on: the DestinationRule's, else
+        // MeshConfig's (on by default). It needs the waypoint's own locality.
+        let locality_lb = match (&traffic, &self.opts.locality) {
+            (Some(t), Some(proxy)) if t.outlier.is_some() => {
+                let setting = t.locality.as_ref().unwrap_or(&self.opts.mesh_locality);
+                setting.enabled.then(|| {
+                    Arc::new(crate::snapshot::LocalityLb {
+                        proxy: proxy.clone(),
+                        failover: setting.failover.clone(),
+                    })
+                })
+            }
+            _ => None,
+        };
+        let endpoints = crate::snapshot::endpoint_list(addrs, locality_lb.as_deref(), &[]);
         Some(Cluster {
             name: name.into(),
             hostname: hostname.clone().into(),
@@ -74,26 +97,8 @@ impl<'a> Compiler<'a> {
             service_namespace: key.0.into(),
             port,
             protocol: sp.protocol,
-            endpoint_list: arc_swap::ArcSwap::from_pointee(
-                addrs
-                    .into_iter()
-                    .map(|e| Endpoint {
-                        addr: e.addr,
-                        load: Arc::new(EndpointLoad::default()),
-                        tunnel: e.tunnel,
-                        workload: e.workload,
-                        health: Default::default(),
-                        weight: e.weight,
-                    })
-                    .collect(),
-            ),
-            traffic: crate::traffic::cluster_policy(
-                &self.traffic_rules,
-                &hostname,
-                key.0,
-                &self.opts.root_namespace,
-                port,
-            ),
+            endpoint_list: arc_swap::ArcSwap::from_pointee(endpoints),
+            traffic,
             dns: self.dns_targets(key, port).map(Arc::new),
             passthrough: svc
                 .entry
@@ -104,6 +109,7 @@ impl<'a> Compiler<'a> {
                 .as_ref()
                 .filter(|e| e.resolution == crate::snapshot::Resolution::DynamicDns)
                 .map(|_| Arc::new(crate::snapshot::DynamicDns::new(&hostname))),
+            locality_lb,
         })
     }
 
@@ -125,7 +131,7 @@ impl<'a> Compiler<'a> {
                 .and_then(|(_, p)| *p)
                 .or(sp.target)
                 .unwrap_or(sp.port);
-            for (ip, pod) in &slice.ready {
+            for (i, (ip, pod)) in slice.ready.iter().enumerate() {
                 let addr = SocketAddr::new(*ip, target);
                 if addrs.contains_key(&addr) {
                     continue;
@@ -135,7 +141,18 @@ impl<'a> Compiler<'a> {
                     .filter(|i| self.pod_is_ambient(i))
                     .map(|i| self.pod_identity(i));
                 let workload = info.map(|i| self.endpoint_workload(i, tunnel.clone()));
-                addrs.insert(addr, EndpointSpec::new(addr, tunnel, workload));
+                // The Pod's locality label (as istiod reads it: `topology.istio.io/locality`,
+                // else `istio-locality`), else the zone its slice gives.
+                let locality = info
+                    .and_then(|p| super::entries::pod_locality(p.meta))
+                    .or_else(|| slice.zones.get(i).cloned().flatten());
+                addrs.insert(
+                    addr,
+                    EndpointSpec {
+                        locality,
+                        ..EndpointSpec::new(addr, tunnel, workload)
+                    },
+                );
             }
         }
         Some(addrs.into_values().collect())

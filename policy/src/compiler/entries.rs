@@ -472,9 +472,9 @@ impl<'a> Compiler<'a> {
                     ),
                 }
             }
-            if e.network.is_some() || e.locality.is_some() {
+            if e.network.is_some() {
                 self.warnings.push(format!(
-                    "{KIND} {sid}: {field}: network and locality are not applied by this waypoint yet; ignored"
+                    "{KIND} {sid}: {field}.network: networks are not applied by this waypoint yet; ignored"
                 ));
             }
             let weight = match endpoint_weight(e.weight) {
@@ -491,6 +491,11 @@ impl<'a> Compiler<'a> {
             }
             endpoints.push(EntryEndpoint {
                 address: e.address.clone(),
+                locality: e
+                    .locality
+                    .as_deref()
+                    .filter(|l| !l.is_empty())
+                    .map(|l| Arc::new(crate::snapshot::Locality::parse(l))),
                 ports: by_name,
                 weight,
             });
@@ -538,6 +543,12 @@ impl<'a> Compiler<'a> {
             ip,
             ports,
             weight,
+            locality: w
+                .spec
+                .locality
+                .as_deref()
+                .filter(|l| !l.is_empty())
+                .map(|l| Arc::new(crate::snapshot::Locality::parse(l))),
         });
     }
 
@@ -566,14 +577,14 @@ impl<'a> Compiler<'a> {
             let identity = self.pod_identity(pod);
             let tunnel = self.pod_is_ambient(pod).then(|| identity.clone());
             let workload = self.endpoint_workload(pod, Some(identity));
+            let locality = pod_locality(pod.meta);
             for ip in &pod.ips {
                 let addr = SocketAddr::new(*ip, port);
                 if !out.iter().any(|e| e.addr == addr) {
-                    out.push(EndpointSpec::new(
-                        addr,
-                        tunnel.clone(),
-                        Some(workload.clone()),
-                    ));
+                    out.push(EndpointSpec {
+                        locality: locality.clone(),
+                        ..EndpointSpec::new(addr, tunnel.clone(), Some(workload.clone()))
+                    });
                 }
             }
         }
@@ -586,6 +597,7 @@ impl<'a> Compiler<'a> {
             if !out.iter().any(|e| e.addr == addr) {
                 out.push(EndpointSpec {
                     weight: w.weight,
+                    locality: w.locality.clone(),
                     ..EndpointSpec::new(addr, None, None)
                 });
             }
@@ -619,6 +631,7 @@ impl<'a> Compiler<'a> {
             if !out.iter().any(|o| o.addr == addr) {
                 out.push(EndpointSpec {
                     weight: e.weight,
+                    locality: e.locality.clone(),
                     ..EndpointSpec::new(addr, None, None)
                 });
             }
@@ -670,6 +683,16 @@ impl<'a> Compiler<'a> {
             .copied()
             .min_by_key(|k| (k.0 != route_ns, k.0))
     }
+}
+
+/// A Pod's locality label, as istiod reads it (`topology.istio.io/locality`, else the older
+/// `istio-locality`; `region.zone.subzone`).
+pub(super) fn pod_locality(meta: &ObjectMeta) -> Option<Arc<crate::snapshot::Locality>> {
+    meta.labels
+        .get("topology.istio.io/locality")
+        .or_else(|| meta.labels.get("istio-locality"))
+        .filter(|l| !l.is_empty())
+        .map(|l| Arc::new(crate::snapshot::Locality::from_label(l)))
 }
 
 /// An address of `spec.addresses`: `Some(ip)`; `None` for a range wider than one address.

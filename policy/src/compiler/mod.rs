@@ -31,8 +31,8 @@ use crate::route::{
     RouteTable, TcpRouteRule, TlsRoutes, WeightedBackends,
 };
 use crate::snapshot::{
-    AppProtocol, BindingInfo, BindingSource, BindingState, Cluster, CompileOptions, Endpoint,
-    EndpointLoad, GatewayInfo, ServiceInfo, ServicePort, ServicePortInfo, Snapshot, WaypointFor,
+    AppProtocol, BindingInfo, BindingSource, BindingState, Cluster, CompileOptions, GatewayInfo,
+    ServiceInfo, ServicePort, ServicePortInfo, Snapshot, WaypointFor,
 };
 use crate::snapshot::{EndpointSpec, EndpointWorkload, Workload};
 
@@ -91,6 +91,8 @@ struct EntryPlan {
 #[derive(Clone)]
 struct EntryEndpoint {
     address: String,
+    /// `locality` (`region/zone/subzone`).
+    locality: Option<Arc<crate::snapshot::Locality>>,
     /// Port name -> the endpoint's port for it.
     ports: BTreeMap<String, u16>,
     /// `weight` (Envoy `load_balancing_weight`; 0 and unset are 1, as istiod renders them).
@@ -113,6 +115,7 @@ struct WorkloadEntryInfo<'a> {
     ip: IpAddr,
     ports: BTreeMap<String, u16>,
     weight: u32,
+    locality: Option<Arc<crate::snapshot::Locality>>,
 }
 
 /// A validated EndpointSlice.
@@ -121,6 +124,8 @@ struct Slice {
     ports: Vec<(String, Option<u16>)>,
     /// Addresses of ready endpoints, with the Pod their `targetRef` names.
     ready: Vec<(IpAddr, Option<(String, String)>)>,
+    /// The zone of each ready address (its endpoint's `zone`), by index into `ready`.
+    zones: Vec<Option<Arc<crate::snapshot::Locality>>>,
 }
 
 /// A Pod, as far as the data plane cares.

@@ -2739,3 +2739,131 @@ fn dynamic_dns_entries_are_validated_as_istio_validates_them() {
         assert_error(&e, "ServiceEntry", "default", name, field);
     }
 }
+
+#[test]
+fn locality_priorities_are_istiods_failover_priorities() {
+    use crate::snapshot::{Locality, LocalityLb};
+    let lb = LocalityLb {
+        proxy: Locality::parse("us-east/zone1/sub1"),
+        failover: Vec::new(),
+    };
+    let l = |s: &str| Locality::parse(s);
+    let eps = [
+        Some(l("us-east/zone1/sub1")),
+        Some(l("us-east/zone1/sub2")),
+        Some(l("us-east/zone2/x")),
+        Some(l("us-west/zone1/sub1")),
+        None,
+        // An EndpointSlice's zone only: the proxy's region is assumed.
+        Some(Locality::zone_only("zone1")),
+        Some(Locality::from_label("us-east.zone2.y")),
+    ];
+    let refs: Vec<Option<&Locality>> = eps.iter().map(Option::as_ref).collect();
+    assert_eq!(lb.priorities(&refs), vec![0, 1, 2, 3, 3, 1, 2]);
+    // No endpoint in the proxy's subzone: the nearest ones are priority 0 (no gaps).
+    assert_eq!(lb.priorities(&refs[2..4]), vec![0, 1]);
+    // `failover: us-east -> eu-west`: other regions than eu-west fall behind it.
+    let lb = LocalityLb {
+        failover: vec![("us-east".into(), "eu-west".into())],
+        ..lb
+    };
+    let eps = [
+        Some(l("us-east/zone1/sub1")),
+        Some(l("us-west/zone1")),
+        Some(l("eu-west/zone1")),
+    ];
+    let refs: Vec<Option<&Locality>> = eps.iter().map(Option::as_ref).collect();
+    assert_eq!(lb.priorities(&refs), vec![0, 2, 1]);
+}
+
+#[test]
+fn locality_failover_needs_outlier_detection_and_the_proxys_locality() {
+    let pod = |name: &str, ip: &str, locality: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: reviews{locality}}}}}\nspec: {{serviceAccountName: reviews}}\nstatus: {{podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
+        )
+    };
+    let p1 = pod("r1", "10.1.0.1", "");
+    let p2 = pod(
+        "r2",
+        "10.1.0.2",
+        ", topology.istio.io/locality: us-west.zone9",
+    );
+    let s = slice(
+        "default",
+        "reviews",
+        "reviews-1",
+        "endpoints:\n- {addresses: [10.1.0.1], zone: zone1, targetRef: {kind: Pod, name: r1}}\n- {addresses: [10.1.0.2], zone: zone1, targetRef: {kind: Pod, name: r2}}\n- {addresses: [10.1.0.3], zone: zone2}\nports: [{name: http, port: 9080}]",
+    );
+    let dr = |tp: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\nspec: {{host: reviews, trafficPolicy: {tp}}}\n"
+        )
+    };
+    let compile_with = |yaml: &str, opts: CompileOptions| {
+        let loaded = parse_manifests(yaml, "t").expect("parses");
+        compile(&loaded, &opts).expect("compiles")
+    };
+    let at = |locality: Option<&str>| CompileOptions {
+        locality: locality.map(crate::Locality::parse),
+        ..Default::default()
+    };
+    let priorities = |snap: &Snapshot| -> Vec<(String, u8)> {
+        bound(snap, "10.0.0.10:9080")
+            .cluster
+            .endpoints()
+            .iter()
+            .map(|e| (e.addr.ip().to_string(), e.priority))
+            .collect()
+    };
+    let outlier = dr("{outlierDetection: {consecutive5xxErrors: 3}}");
+    let yaml = base(&[&p1, &p2, &s, &outlier]);
+    // The slice's zone (same region assumed), the Pod's label over its zone.
+    let snap = compile_with(&yaml, at(Some("us-east/zone1")));
+    assert!(bound(&snap, "10.0.0.10:9080").cluster.locality_lb.is_some());
+    assert_eq!(
+        priorities(&snap),
+        vec![
+            ("10.1.0.1".into(), 0),
+            ("10.1.0.2".into(), 2),
+            ("10.1.0.3".into(), 1)
+        ]
+    );
+    // Without the proxy's locality, without outlier detection, or turned off: one priority.
+    let none = |snap: &Snapshot| {
+        let c = &bound(snap, "10.0.0.10:9080").cluster;
+        c.locality_lb.is_none() && c.endpoints().iter().all(|e| e.priority == 0)
+    };
+    assert!(none(&compile_with(&yaml, at(None))));
+    let plain = base(&[&p1, &p2, &s, &dr("{loadBalancer: {simple: ROUND_ROBIN}}")]);
+    assert!(none(&compile_with(&plain, at(Some("us-east/zone1")))));
+    let off = base(&[
+        &p1,
+        &p2,
+        &s,
+        &dr(
+            "{outlierDetection: {consecutive5xxErrors: 3}, loadBalancer: {localityLbSetting: {enabled: false}}}",
+        ),
+    ]);
+    assert!(none(&compile_with(&off, at(Some("us-east/zone1")))));
+    let mesh_off = CompileOptions {
+        mesh_locality: crate::LocalitySetting {
+            enabled: false,
+            failover: Vec::new(),
+        },
+        ..at(Some("us-east/zone1"))
+    };
+    assert!(none(&compile_with(&yaml, mesh_off)));
+    // A bad failover entry names its field; distribute is warned about.
+    let bad = base(&[&dr(
+        "{outlierDetection: {}, loadBalancer: {localityLbSetting: {failover: [{from: us-east}], distribute: [{from: a, to: {b: 100}}]}}}",
+    )]);
+    let e = errs(&bad);
+    assert_error(
+        &e,
+        "DestinationRule",
+        "default",
+        "reviews",
+        "spec.trafficPolicy.loadBalancer.localityLbSetting.failover[0]",
+    );
+}

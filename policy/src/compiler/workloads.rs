@@ -192,6 +192,7 @@ impl<'a> Compiler<'a> {
         let mut slice = Slice {
             ports: Vec::new(),
             ready: Vec::new(),
+            zones: Vec::new(),
         };
         for (i, p) in s.ports.iter().enumerate() {
             let port = match p.port {
@@ -222,9 +223,17 @@ impl<'a> Compiler<'a> {
                     )
                 })
             });
+            let zone = e
+                .zone
+                .as_deref()
+                .filter(|z| !z.is_empty())
+                .map(|z| Arc::new(crate::snapshot::Locality::zone_only(z)));
             for (j, a) in e.addresses.iter().enumerate() {
                 match a.parse::<IpAddr>() {
-                    Ok(ip) if ready => slice.ready.push((ip, pod.clone())),
+                    Ok(ip) if ready => {
+                        slice.ready.push((ip, pod.clone()));
+                        slice.zones.push(zone.clone());
+                    }
                     Ok(_) => {}
                     Err(_) => self.errors.push(err(
                         format!("endpoints[{i}].addresses[{j}]"),

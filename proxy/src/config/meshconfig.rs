@@ -31,6 +31,9 @@ pub struct MeshConfig {
     pub tracing: TracingSettings,
     /// `defaultProviders.metrics`; `None` when absent (Istio's chart then sets `[prometheus]`).
     pub default_metrics_providers: Option<Vec<String>>,
+    /// `localityLbSetting` (enabled by default), for clusters whose DestinationRule has
+    /// none; and what in it is not applied.
+    pub locality_lb: (policy::LocalitySetting, Vec<String>),
 }
 
 /// MeshConfig's tracing fields (istiod `configureTracingFromTelemetry`): which provider
@@ -319,6 +322,7 @@ struct RawMesh {
     default_providers: Option<RawDefaultProviders>,
     enable_tracing: Option<bool>,
     default_config: Option<RawProxyConfig>,
+    locality_lb_setting: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -489,7 +493,14 @@ impl MeshConfig {
             .default_providers
             .as_ref()
             .and_then(|d| d.metrics.clone());
+        let locality_lb = match &raw.locality_lb_setting {
+            None => Default::default(),
+            Some(v) => {
+                policy::traffic::parse_locality_setting(v).map_err(|e| anyhow::anyhow!(e))?
+            }
+        };
         let mut out = MeshConfig {
+            locality_lb,
             default_metrics_providers,
             root_namespace: raw.root_namespace.filter(|s| !s.is_empty()),
             trust_domain_aliases: raw.trust_domain_aliases,

@@ -420,7 +420,8 @@ fn logging(req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Envoy `/clusters` style: `<cluster>::<endpoint>::rq_active::<n>`,
 /// `<cluster>::<endpoint>::health_flags::healthy` (or `/failed_outlier_check` while an
-/// outlier ejection lasts, as Envoy prints it) and `<cluster>::<endpoint>::weight::<n>`; with
+/// outlier ejection lasts, as Envoy prints it), `<cluster>::<endpoint>::weight::<n>` and
+/// `<cluster>::<endpoint>::priority::<n>` (locality failover's level); with
 /// a DestinationRule, the cluster's `<cluster>::circuit_breakers::max_requests::<n>`,
 /// `::rq_overflow::<n>` and `::outlier_ejections::<n>`.
 fn clusters(shared: &Shared) -> String {
@@ -456,9 +457,10 @@ fn clusters(shared: &Shared) -> String {
                 "healthy"
             };
             out.push_str(&format!(
-                "{name}::{addr}::rq_active::{}\n{name}::{addr}::health_flags::{health}\n{name}::{addr}::weight::{}\n",
+                "{name}::{addr}::rq_active::{}\n{name}::{addr}::health_flags::{health}\n{name}::{addr}::weight::{}\n{name}::{addr}::priority::{}\n",
                 e.load.get(),
                 e.weight,
+                e.priority,
                 name = c.name,
                 addr = e.addr,
             ));

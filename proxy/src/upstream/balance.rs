@@ -61,15 +61,26 @@ pub fn choose<'a>(
             .filter_map(|i| endpoints.get(i as usize))
             .find(|e| healthy(e));
     }
+    // Locality failover: one priority level per request, by Envoy's priority load.
+    let level = match &cluster.locality_lb {
+        Some(_) => priority_level(endpoints, &healthy, r >> 40),
+        None => None,
+    };
+    let in_level = |e: &Endpoint| level.is_none_or(|l| e.priority == l);
     // No allocation per request: the candidates are a filter over the list, counted and
     // indexed by scanning (endpoint lists are short next to a request's other work).
-    let healthy_count = endpoints.iter().filter(|e| healthy(e)).count();
-    // Panic mode: fewer than minHealthPercent healthy hosts; use them all.
+    let level_len = endpoints.iter().filter(|e| in_level(e)).count();
+    let healthy_count = endpoints
+        .iter()
+        .filter(|e| in_level(e) && healthy(e))
+        .count();
+    // Panic mode: fewer than minHealthPercent healthy hosts (in the level, as Envoy decides
+    // panic per priority); use them all.
     let panic = t
         .outlier
         .as_ref()
-        .is_some_and(|o| healthy_count * 100 < o.min_health_percent as usize * endpoints.len());
-    let usable = |e: &Endpoint| panic || healthy(e);
+        .is_some_and(|o| healthy_count * 100 < o.min_health_percent as usize * level_len);
+    let usable = |e: &Endpoint| in_level(e) && (panic || healthy(e));
     let fresh = |e: &Endpoint| usable(e) && !tried.contains(&e.addr);
     let fresh_count = endpoints.iter().filter(|e| fresh(e)).count();
     let (count, pool): (usize, &dyn Fn(&Endpoint) -> bool) = if fresh_count > 0 {
@@ -106,6 +117,60 @@ pub fn choose<'a>(
         LbPolicy::Random | LbPolicy::ConsistentHash(_) => nth((r % count as u64) as usize),
         LbPolicy::LeastRequest => two_choices(endpoints, pool, count, r),
     }
+}
+
+/// Envoy's overprovisioning factor (1.4): a priority level takes all the load while 72% of
+/// its hosts are healthy.
+const OVERPROVISIONING: usize = 140;
+
+/// The priority level a request goes to (`load_balancer_impl.cc`
+/// `recalculatePerPriorityState`): each level's health is `min(100, 140 x healthy / hosts)`;
+/// levels take load in order, each as much as its share of the total health, the first
+/// healthy level any rest; `draw` picks by those loads. `None`: no level has a healthy host.
+fn priority_level(
+    endpoints: &[Endpoint],
+    healthy: &dyn Fn(&Endpoint) -> bool,
+    draw: u64,
+) -> Option<u8> {
+    const LEVELS: usize = 5;
+    let mut hosts = [0usize; LEVELS];
+    let mut up = [0usize; LEVELS];
+    for e in endpoints {
+        let p = (e.priority as usize).min(LEVELS - 1);
+        hosts[p] += 1;
+        if healthy(e) {
+            up[p] += 1;
+        }
+    }
+    let health: Vec<usize> = (0..LEVELS)
+        .map(|p| {
+            (OVERPROVISIONING * up[p])
+                .checked_div(hosts[p])
+                .unwrap_or(0)
+                .min(100)
+        })
+        .collect();
+    let total = health.iter().sum::<usize>().min(100);
+    if total == 0 {
+        return None;
+    }
+    let mut remaining = 100usize;
+    let mut load = [0usize; LEVELS];
+    for p in 0..LEVELS {
+        load[p] = remaining.min(health[p] * 100 / total);
+        remaining -= load[p];
+    }
+    if let Some(first) = (0..LEVELS).find(|p| health[*p] > 0) {
+        load[first] += remaining;
+    }
+    let mut x = (draw % 100) as usize;
+    for (p, l) in load.iter().enumerate() {
+        if x < *l {
+            return Some(p as u8);
+        }
+        x -= l;
+    }
+    None
 }
 
 /// Least request over equal weights (Envoy's default `choice_count: 2`): two distinct random

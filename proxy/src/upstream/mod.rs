@@ -1271,6 +1271,7 @@ mod tests {
                 workload: None,
                 health: Default::default(),
                 weight: 1,
+                priority: 0,
             })
             .collect()
     }
