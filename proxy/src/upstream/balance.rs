@@ -9,9 +9,12 @@
 //!   threshold is 0, the request gets 503 `UH` `no healthy upstream`, as Envoy answers.
 //! - An endpoint is ejected when its consecutive 5xx (or gateway errors: 502, 503, 504, and
 //!   connect failures and timeouts, which Envoy counts as such when local-origin errors are
-//!   not split) reach the threshold and fewer than `maxEjectionPercent` of the endpoints are
-//!   ejected (at least one may always be), for `baseEjectionTime` times its ejection count,
-//!   at most Envoy's 300 s. A success resets the counters.
+//!   not split) reach the threshold and the endpoints ejected, it included, stay within
+//!   `maxEjectionPercent`, for `baseEjectionTime` times its ejection multiplier (at most
+//!   Envoy's 300 s), until the detector's next `interval` tick after that. A success resets
+//!   the counters.
+//! - Locality failover ([`policy::LocalityLb`]): the request's priority level is drawn by
+//!   Envoy's priority load (each level's health x 1.4), then the policy picks within it.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
