@@ -16,8 +16,12 @@ use crate::telemetry::{AccessLogPolicy, TelemetryIndex};
 /// Static inputs to [`compile`] that do not come from the manifests.
 #[derive(Debug, Clone)]
 pub struct CompileOptions {
-    /// The waypoint's own locality (`--locality`): locality failover needs it.
+    /// The waypoint's own locality (`--locality`): locality failover needs it. Unset: found
+    /// from `own_pod` (its locality label, else the zone of its EndpointSlice endpoint).
     pub locality: Option<Locality>,
+    /// The waypoint's own Pod, (namespace, name) (`POD_NAMESPACE`, `POD_NAME` in istiod's
+    /// waypoint Deployment).
+    pub own_pod: Option<(String, String)>,
     /// MeshConfig `localityLbSetting` (enabled by default), for clusters whose
     /// DestinationRule has none.
     pub mesh_locality: LocalitySetting,
@@ -51,6 +55,7 @@ impl Default for CompileOptions {
     fn default() -> Self {
         CompileOptions {
             locality: None,
+            own_pod: None,
             mesh_locality: LocalitySetting::default(),
             gateway_namespace: "default".into(),
             gateway_name: "waypoint".into(),

@@ -48,6 +48,9 @@ pub struct Config {
     /// This waypoint's locality, `region/zone/subzone` (`--locality`): DestinationRule
     /// locality failover orders endpoints by their distance from it.
     pub locality: Option<String>,
+    /// This waypoint's Pod (namespace, name), from `POD_NAMESPACE`/`POD_NAME`: without
+    /// `--locality`, its locality label or its EndpointSlice zone is the waypoint's locality.
+    pub own_pod: Option<(String, String)>,
     /// How long requests in flight may take to finish after SIGTERM (Istio's
     /// terminationDrainDuration default: 5 s).
     pub drain_timeout: Duration,
@@ -95,6 +98,7 @@ impl Default for Config {
             envoy_prom_addr: None,
             admin_addr: ([127, 0, 0, 1], 15000).into(),
             locality: None,
+            own_pod: None,
             drain_timeout: Duration::from_secs(5),
             server: ServerSettings::default(),
             limits: Limits::default(),
@@ -116,6 +120,7 @@ impl Config {
         let defaults = CompileOptions::default();
         CompileOptions {
             locality: self.locality.as_deref().map(policy::Locality::parse),
+            own_pod: self.own_pod.clone(),
             mesh_locality: self.mesh.locality_lb.0.clone(),
             gateway_namespace: self.gateway_namespace.clone(),
             gateway_name: self.gateway_name.clone(),

@@ -588,6 +588,13 @@ fn run(args: RunArgs) -> ExitCode {
     config.dns.servers = args.dns_servers.clone();
     config.dns.refresh_rate = args.dns_refresh_rate;
     config.locality = args.locality.clone().filter(|l| !l.is_empty());
+    // istiod's waypoint Deployment sets both (downward API).
+    if let (Ok(ns), Ok(name)) = (std::env::var("POD_NAMESPACE"), std::env::var("POD_NAME"))
+        && !ns.is_empty()
+        && !name.is_empty()
+    {
+        config.own_pod = Some((ns, name));
+    }
     if let Some(addr) = &args.ca_addr {
         let sa = args
             .service_account

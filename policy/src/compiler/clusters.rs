@@ -77,7 +77,7 @@ impl<'a> Compiler<'a> {
         // istiod applies locality failover only with outlier detection (else Envoy would
         // never leave priority 0) and with a setting that is on: the DestinationRule's, else
         // MeshConfig's (on by default). It needs the waypoint's own locality.
-        let locality_lb = match (&traffic, &self.opts.locality) {
+        let locality_lb = match (&traffic, &self.proxy_locality) {
             (Some(t), Some(proxy)) if t.outlier.is_some() => {
                 let setting = t.locality.as_ref().unwrap_or(&self.opts.mesh_locality);
                 setting.enabled.then(|| {
@@ -111,6 +111,25 @@ impl<'a> Compiler<'a> {
                 .map(|_| Arc::new(crate::snapshot::DynamicDns::new(&hostname))),
             locality_lb,
         })
+    }
+
+    /// The waypoint's own locality: `--locality`, else its Pod's locality label, else the zone
+    /// of its Pod's EndpointSlice endpoint (the Gateway's Service lists it).
+    pub(super) fn find_proxy_locality(&self) -> Option<crate::snapshot::Locality> {
+        if let Some(l) = &self.opts.locality {
+            return Some(l.clone());
+        }
+        let (ns, name) = self.opts.own_pod.as_ref()?;
+        if let Some(l) = self
+            .pods
+            .get(&(ns.as_str(), name.as_str()))
+            .and_then(|p| super::entries::pod_locality(p.meta))
+        {
+            return Some((*l).clone());
+        }
+        self.own_zone
+            .as_deref()
+            .map(crate::snapshot::Locality::zone_only)
     }
 
     /// The endpoints of one Service port: for each ready address of the Service's slices, the

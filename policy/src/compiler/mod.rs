@@ -197,6 +197,12 @@ struct Compiler<'a> {
     workload_entries: Vec<WorkloadEntryInfo<'a>>,
     /// Kind of the route being compiled (`HTTPRoute`, `GRPCRoute`, `TCPRoute`), for errors.
     route_kind: &'static str,
+    /// The zone of our own Pod's EndpointSlice endpoint (ready or not: a waypoint is not
+    /// ready before its first compile).
+    own_zone: Option<String>,
+    /// The waypoint's locality for locality failover ([`CompileOptions::locality`], else
+    /// found from its own Pod); set once Pods and slices are indexed.
+    proxy_locality: Option<crate::snapshot::Locality>,
 }
 
 fn error(
@@ -248,6 +254,8 @@ pub(crate) fn refresh_endpoints(
         grants: Vec::new(),
         workload_entries: Vec::new(),
         route_kind: "HTTPRoute",
+        own_zone: None,
+        proxy_locality: None,
     };
     let mut services = Vec::new();
     let mut slices = Vec::new();
@@ -324,6 +332,8 @@ pub(crate) fn compile(
         grants: Vec::new(),
         workload_entries: Vec::new(),
         route_kind: "HTTPRoute",
+        own_zone: None,
+        proxy_locality: None,
     };
 
     // Index, rejecting duplicates (the later definition is the error).
@@ -421,6 +431,7 @@ pub(crate) fn compile(
     for s in slices {
         c.slice(s);
     }
+    c.proxy_locality = c.find_proxy_locality();
     for d in destination_rules {
         if let Some(rule) =
             crate::traffic::compile_rule(d, &options.cluster_domain, &mut c.errors, &mut c.warnings)

@@ -2867,3 +2867,45 @@ fn locality_failover_needs_outlier_detection_and_the_proxys_locality() {
         "spec.trafficPolicy.loadBalancer.localityLbSetting.failover[0]",
     );
 }
+
+#[test]
+fn the_waypoints_locality_is_found_from_its_own_pod() {
+    // istiod's waypoint Deployment gives POD_NAMESPACE/POD_NAME; the Gateway's Service lists
+    // the waypoint Pod (not ready yet at its first compile) with its node's zone.
+    let me = "apiVersion: v1\nkind: Pod\nmetadata: {name: waypoint-abc, namespace: default, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}\nspec: {serviceAccountName: waypoint}\nstatus: {podIP: 10.9.0.1, podIPs: [{ip: 10.9.0.1}]}\n";
+    let own_slice = slice(
+        "default",
+        "waypoint",
+        "waypoint-1",
+        "endpoints:\n- {addresses: [10.9.0.1], zone: zone2, conditions: {ready: false}, targetRef: {kind: Pod, name: waypoint-abc}}\nports: [{name: mesh, port: 15008}]",
+    );
+    let reviews = slice(
+        "default",
+        "reviews",
+        "reviews-1",
+        "endpoints:\n- {addresses: [10.1.0.1], zone: zone1}\n- {addresses: [10.1.0.2], zone: zone2}\nports: [{name: http, port: 9080}]",
+    );
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: default}\nspec: {host: reviews, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 3}}}\n";
+    let yaml = base(&[me, &own_slice, &reviews, dr]);
+    let opts = CompileOptions {
+        own_pod: Some(("default".into(), "waypoint-abc".into())),
+        ..Default::default()
+    };
+    let loaded = parse_manifests(&yaml, "t").expect("parses");
+    let snap = compile(&loaded, &opts).expect("compiles");
+    let eps: Vec<(String, u8)> = bound(&snap, "10.0.0.10:9080")
+        .cluster
+        .endpoints()
+        .iter()
+        .map(|e| (e.addr.ip().to_string(), e.priority))
+        .collect();
+    assert_eq!(eps, vec![("10.1.0.1".into(), 1), ("10.1.0.2".into(), 0)]);
+    // `--locality` wins over what the Pod says.
+    let opts = CompileOptions {
+        locality: Some(crate::Locality::parse("r/zone1")),
+        ..opts
+    };
+    let snap = compile(&loaded, &opts).expect("compiles");
+    let first = bound(&snap, "10.0.0.10:9080").cluster.endpoints()[0].priority;
+    assert_eq!(first, 0);
+}

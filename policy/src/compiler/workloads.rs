@@ -228,6 +228,15 @@ impl<'a> Compiler<'a> {
                 .as_deref()
                 .filter(|z| !z.is_empty())
                 .map(|z| Arc::new(crate::snapshot::Locality::zone_only(z)));
+            if let (Some((ns, name)), Some(z)) = (&pod, &e.zone)
+                && self
+                    .opts
+                    .own_pod
+                    .as_ref()
+                    .is_some_and(|(own_ns, own)| own_ns == ns && own == name)
+            {
+                self.own_zone = Some(z.clone());
+            }
             for (j, a) in e.addresses.iter().enumerate() {
                 match a.parse::<IpAddr>() {
                     Ok(ip) if ready => {
