@@ -2030,11 +2030,11 @@ fn destination_rules_set_the_cluster_traffic_policy() {
     let snap2 = ok(&base(&[&destination_rule(
         "default",
         "web",
-        "{host: web, trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: UPGRADE}}, loadBalancer: {localityLbSetting: {enabled: true}}}}",
+        "{host: web, trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: UPGRADE}}, loadBalancer: {localityLbSetting: {enabled: true, distribute: [{from: a/b/*, to: {a/b/*: 100}}]}}}}",
     )]));
     for needle in [
         "DestinationRule default/web: spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
-        "DestinationRule default/web: spec.trafficPolicy.loadBalancer.localityLbSetting",
+        "DestinationRule default/web: spec.trafficPolicy.loadBalancer.localityLbSetting.distribute",
     ] {
         assert!(
             has_warning(&snap2, needle),
