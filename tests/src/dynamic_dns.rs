@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use waypoint_tests::dns::{DnsServer, Record};
 use waypoint_tests::envoy::{Envoy, HttpListener, http_bootstrap};
@@ -52,10 +51,7 @@ async fn envoy_dfp(dns: SocketAddr, log: &std::path::Path) -> Envoy {
         "- name: \"{CLUSTER}\"\n  lb_policy: CLUSTER_PROVIDED\n  cluster_type:\n    name: envoy.clusters.dynamic_forward_proxy\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig\n{}",
         indent(&cache, 6)
     );
-    // istiod's default route with the mesh's default retry policy (protocol.md 2.5).
-    let routes = format!(
-        "- name: default\n  match: {{prefix: /}}\n  route:\n    cluster: \"{CLUSTER}\"\n    timeout: 0s\n    retry_policy:\n      retry_on: \"connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes\"\n      num_retries: 2\n      host_selection_retry_max_attempts: 5\n      retry_host_predicate: [{{name: envoy.retry_host_predicates.previous_hosts, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}}}]\n"
-    );
+    let routes = waypoint_tests::envoy::istio_default_route(CLUSTER);
     let config = http_bootstrap(&HttpListener {
         stat_prefix: Some("inbound_0.0.0.0_80"),
         virtual_host: Some("inbound|http|80"),
@@ -74,12 +70,7 @@ struct Plain(hyper::client::conn::http1::SendRequest<Full<Bytes>>);
 
 impl Plain {
     async fn open(addr: SocketAddr) -> Plain {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        Plain(sender)
+        Plain(waypoint_tests::envoy::plain_connection(addr).await.unwrap())
     }
 
     async fn get(&mut self, host: &str) -> (u16, String) {

@@ -432,3 +432,27 @@ pub fn static_cluster(name: &str, addr: SocketAddr) -> String {
         addr.port()
     )
 }
+
+/// The retry policy istiod puts on a waypoint's default route (protocol.md 2.5: the mesh's
+/// default: 2 retries on connect failure, refused stream, gRPC unavailable/cancelled and
+/// listed codes, other hosts preferred), as YAML under `route:` (4 spaces in).
+pub const ISTIO_DEFAULT_RETRY: &str = "    retry_policy:\n      retry_on: \"connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes\"\n      num_retries: 2\n      host_selection_retry_max_attempts: 5\n      retry_host_predicate: [{name: envoy.retry_host_predicates.previous_hosts, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}]\n";
+
+/// istiod's default route (`default`, no timeout, [`ISTIO_DEFAULT_RETRY`]) to `cluster`, as a
+/// route list entry for [`HttpListener::routes`].
+pub fn istio_default_route(cluster: &str) -> String {
+    format!(
+        "- name: default\n  match: {{prefix: /}}\n  route:\n    cluster: \"{cluster}\"\n    timeout: 0s\n{ISTIO_DEFAULT_RETRY}"
+    )
+}
+
+/// One keep-alive HTTP/1.1 connection to a plain listener.
+pub async fn plain_connection(
+    addr: SocketAddr,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}

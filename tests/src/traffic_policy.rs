@@ -789,6 +789,16 @@ struct EnvoyProxy {
     http: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
 }
 
+impl EnvoyProxy {
+    /// Envoy with `config`, and a keep-alive connection to its `plain` listener.
+    async fn start(config: &str) -> EnvoyProxy {
+        let envoy = Envoy::start(config).await.expect("envoy starts");
+        let addr = envoy.listener("plain").await.unwrap();
+        let http = waypoint_tests::envoy::plain_connection(addr).await.unwrap();
+        EnvoyProxy { envoy, http }
+    }
+}
+
 impl Proxy for EnvoyProxy {
     async fn send(&mut self) -> (u16, String) {
         self.http.ready().await.unwrap();
@@ -893,22 +903,13 @@ async fn outlier_detection_ejects_and_returns_hosts_as_envoy_does() {
         endpoint(good.addr),
         endpoint(bad.addr)
     );
-    let routes = format!(
-        "- name: default\n  match: {{prefix: /}}\n  route:\n    cluster: \"{CLUSTER}\"\n    timeout: 0s\n    retry_policy:\n      retry_on: \"connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes\"\n      num_retries: 2\n      host_selection_retry_max_attempts: 5\n      retry_host_predicate: [{{name: envoy.retry_host_predicates.previous_hosts, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}}}]\n"
-    );
+    let routes = waypoint_tests::envoy::istio_default_route(CLUSTER);
     let config = waypoint_tests::envoy::http_bootstrap(&waypoint_tests::envoy::HttpListener {
         routes: &routes,
         clusters: &cluster,
         ..Default::default()
     });
-    let envoy = Envoy::start(&config).await.expect("envoy starts");
-    let addr = envoy.listener("plain").await.unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (http, driver) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(driver);
-    let mut theirs = EnvoyProxy { envoy, http };
+    let mut theirs = EnvoyProxy::start(&config).await;
     let envoy_story = outlier_story(&mut theirs, &good, &bad).await;
 
     eprintln!("ours:  {ours_story:?}\nenvoy: {envoy_story:?}");
@@ -990,14 +991,7 @@ async fn locality_failover_spills_over_as_envoys_priority_load_does() {
         ),
         ..Default::default()
     });
-    let envoy = Envoy::start(&config).await.expect("envoy starts");
-    let addr = envoy.listener("plain").await.unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (http, driver) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(driver);
-    let mut theirs = EnvoyProxy { envoy, http };
+    let mut theirs = EnvoyProxy::start(&config).await;
 
     const N: usize = 400;
     let mut results = Vec::new();

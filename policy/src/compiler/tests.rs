@@ -2778,16 +2778,11 @@ fn locality_priorities_are_istiods_failover_priorities() {
 
 #[test]
 fn locality_failover_needs_outlier_detection_and_the_proxys_locality() {
-    let pod = |name: &str, ip: &str, locality: &str| {
-        format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: reviews{locality}}}}}\nspec: {{serviceAccountName: reviews}}\nstatus: {{podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
-        )
-    };
-    let p1 = pod("r1", "10.1.0.1", "");
+    let p1 = pod("r1", "10.1.0.1", "app: reviews");
     let p2 = pod(
         "r2",
         "10.1.0.2",
-        ", topology.istio.io/locality: us-west.zone9",
+        "app: reviews, topology.istio.io/locality: us-west.zone9",
     );
     let s = slice(
         "default",

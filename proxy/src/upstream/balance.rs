@@ -72,7 +72,10 @@ pub fn choose<'a>(
     let in_level = |e: &Endpoint| level.is_none_or(|l| e.priority == l);
     // No allocation per request: the candidates are a filter over the list, counted and
     // indexed by scanning (endpoint lists are short next to a request's other work).
-    let level_len = endpoints.iter().filter(|e| in_level(e)).count();
+    let level_len = match level {
+        None => endpoints.len(),
+        Some(_) => endpoints.iter().filter(|e| in_level(e)).count(),
+    };
     let healthy_count = endpoints
         .iter()
         .filter(|e| in_level(e) && healthy(e))

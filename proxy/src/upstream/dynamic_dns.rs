@@ -131,10 +131,8 @@ impl DynamicHosts {
         let name: Arc<str> = host.to_ascii_lowercase().into();
         let now = self.now_ms();
         let entry = {
-            let mut caches = self
-                .caches
-                .lock()
-                .map_err(|_| DynamicDnsFailure::Overflow)?;
+            // A poisoned lock only means a request panicked mid-update; the map is whole.
+            let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
             let hosts = caches.entry(cache.clone()).or_default();
             match hosts.get(&name) {
                 Some(h) => h.clone(),
@@ -170,7 +168,7 @@ impl DynamicHosts {
         let mut answers = entry.answer.subscribe();
         // The lookup is bounded by the resolver's timeout; the extra second only guards
         // against a lookup task that never reports.
-        let bound = self.dns_timeout() + Duration::from_secs(1);
+        let bound = self.dns.settings().timeout + Duration::from_secs(1);
         let answer = match tokio::time::timeout(bound, answers.wait_for(Option::is_some)).await {
             Ok(Ok(a)) => a.clone(),
             _ => None,
@@ -182,10 +180,6 @@ impl DynamicHosts {
                 "cares_failure:Timeout_while_contacting_DNS_servers",
             )),
         }
-    }
-
-    fn dns_timeout(&self) -> Duration {
-        self.dns.settings().timeout
     }
 
     /// Look `name` up and store the answer (a failure does not replace a good address).
