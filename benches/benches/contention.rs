@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use accesslog::AccessLogger;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use policy::{Endpoint, EndpointLoad};
+use policy::Endpoint;
 use proxy::telemetry::metrics::{Metrics, SourceLabels};
 use proxy::upstream::{UpstreamProtocol, UpstreamSettings, Upstreams};
 use waypoint_benches::model::{Backends, Model, Variant};
@@ -132,15 +132,7 @@ fn pool_checkout(c: &mut Criterion) {
             }
         })
     });
-    let endpoint = Endpoint {
-        addr,
-        load: Arc::new(EndpointLoad::default()),
-        tunnel: None,
-        workload: None,
-        health: Default::default(),
-        weight: 1,
-        priority: 0,
-    };
+    let endpoint = Endpoint::new(addr, None, None);
     let mut g = c.benchmark_group("contention/pool_checkout");
     for (layout, shards) in [
         ("per_worker", proxy::sharded::default_shards()),

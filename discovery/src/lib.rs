@@ -126,6 +126,9 @@ pub struct Settings {
     pub istio_namespace: String,
     /// Name of the mesh ConfigMap (`istio`; `istio-<rev>` for a revision).
     pub mesh_configmap: String,
+    /// Pod labels kept beyond the ones the waypoint always reads (`--pod-label`): custom
+    /// labels a DestinationRule's `failoverPriority` names.
+    pub pod_labels: Vec<String>,
 }
 
 impl Default for Settings {
@@ -133,6 +136,7 @@ impl Default for Settings {
         Settings {
             istio_namespace: "istio-system".into(),
             mesh_configmap: "istio".into(),
+            pod_labels: Vec::new(),
         }
     }
 }
@@ -319,6 +323,8 @@ struct State {
     /// reads the slices of the Services it concerns, never all of them.
     slices_by_service:
         std::collections::HashMap<(String, String), std::collections::BTreeSet<(String, String)>>,
+    /// [`Settings::pod_labels`].
+    pod_labels: Arc<[String]>,
     /// The reverse of `slices_by_service`.
     service_of_slice: std::collections::HashMap<(String, String), (String, String)>,
 }
@@ -335,6 +341,7 @@ impl State {
             pod_shapes: Shapes::default(),
             slices_by_service: Default::default(),
             service_of_slice: Default::default(),
+            pod_labels: Arc::new([]),
         }
     }
 }
@@ -426,8 +433,10 @@ impl Source {
     /// [`Source::readiness`] for when the store is complete.
     pub fn start(client: kube::Client, settings: &Settings) -> Source {
         let (tx, _) = tokio::sync::watch::channel(0);
+        let mut state = State::new();
+        state.pod_labels = settings.pod_labels.clone().into();
         let inner = Arc::new(Inner {
-            state: Mutex::new(State::new()),
+            state: Mutex::new(state),
             changes: tx,
         });
         let mut tasks = Vec::new();
@@ -789,6 +798,7 @@ fn apply_event(
     let mut endpoint_services: Vec<(String, String)> = Vec::new();
     let mut touched_pods: Vec<Arc<Resource>> = Vec::new();
     let mut touched_key: Option<(String, String)> = None;
+    let extra_labels = state.pod_labels.clone();
     let k = kind_state(state, slot);
     k.last_event = Some(Instant::now());
     let change = match event {
@@ -799,7 +809,7 @@ fn apply_event(
         Event::InitApply(obj) => {
             if let Some((objects, invalid)) = &mut k.listing {
                 let key = key_of(&obj);
-                match decode(spec, obj) {
+                match decode(spec, obj, &extra_labels) {
                     Ok(s) => {
                         // A key listed twice: the later wins, the earlier's shape goes back.
                         let replaced = objects.insert(key, s.compact(shapes));
@@ -839,7 +849,7 @@ fn apply_event(
         Event::Apply(obj) => {
             let key = key_of(&obj);
             touched_key = Some(key.clone());
-            match decode(spec, obj) {
+            match decode(spec, obj, &extra_labels) {
                 Ok(s) => {
                     let s = s.compact(shapes);
                     let had_invalid = k.invalid.remove(&key).is_some();
@@ -1129,7 +1139,7 @@ fn key_of(obj: &DynamicObject) -> (String, String) {
 
 /// Decode one object into its compact typed form. List items from the API server carry no
 /// `apiVersion`/`kind` for built-in kinds, so both are set from the watched kind.
-fn decode(spec: &KindSpec, obj: DynamicObject) -> Result<Stored, String> {
+fn decode(spec: &KindSpec, obj: DynamicObject, extra_labels: &[String]) -> Result<Stored, String> {
     let resource_version = obj.metadata.resource_version.clone();
     if spec.kind == "ConfigMap" {
         let text = obj
@@ -1162,7 +1172,9 @@ fn decode(spec: &KindSpec, obj: DynamicObject) -> Result<Stored, String> {
         Ok(Resource::Pod(mut p)) => {
             // A Pod keeps only the labels the waypoint reads (Istio's, and the workload
             // labels of metrics): real Pods carry many more (Helm, operators).
-            p.metadata.labels.retain(|k, _| pod_label_kept(k));
+            p.metadata
+                .labels
+                .retain(|k, _| pod_label_kept(k) || extra_labels.iter().any(|e| e == k));
             Ok(Stored {
                 object: Object::Resource(Arc::new(Resource::Pod(p))),
                 resource_version,
@@ -1186,16 +1198,18 @@ fn decode(spec: &KindSpec, obj: DynamicObject) -> Result<Stored, String> {
 
 /// Pod labels the waypoint reads: `istio.io/*`-family labels (data-plane mode, waypoint
 /// binding, canonical names), the Gateway name, the workload labels of Istio's metrics, and
-/// the locality labels.
+/// the locality and topology labels (`failoverPriority`, `trafficDistribution`).
 fn pod_label_kept(key: &str) -> bool {
     key.starts_with("istio.io/")
         || key.starts_with("service.istio.io/")
         || key.starts_with("gateway.networking.k8s.io/")
+        || key.starts_with("topology.istio.io/")
+        || key.starts_with("topology.kubernetes.io/")
         || matches!(
             key,
             "app"
                 | "version"
-                | "topology.istio.io/locality"
+                | "kubernetes.io/hostname"
                 | "istio-locality"
                 | "app.kubernetes.io/name"
                 | "app.kubernetes.io/version"

@@ -273,6 +273,9 @@ pub struct ServiceSpec {
     pub selector: BTreeMap<String, String>,
     #[serde(rename = "type")]
     pub type_: Option<String>,
+    /// `PreferClose`, `PreferSameZone`, `PreferSameNode` (Kubernetes 1.31+): locality
+    /// failover by readiness, as istiod renders it for the waypoint.
+    pub traffic_distribution: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
@@ -305,6 +308,8 @@ pub struct EndpointSpec {
     pub target_ref: Option<ObjectReference>,
     /// The zone of the endpoint's node (`topology.kubernetes.io/zone`).
     pub zone: Option<String>,
+    /// The node it runs on (istiod's `kubernetes.io/hostname` for `failoverPriority`).
+    pub node_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]

@@ -25,6 +25,16 @@ pub struct CompileOptions {
     /// MeshConfig `localityLbSetting` (enabled by default), for clusters whose
     /// DestinationRule has none.
     pub mesh_locality: LocalitySetting,
+    /// The waypoint's own labels (`/etc/istio/pod/labels`), for `failoverPriority`; empty:
+    /// its Pod's, when the configuration has it.
+    pub proxy_labels: std::collections::BTreeMap<String, String>,
+    /// `ISTIO_META_CLUSTER_ID`: the `topology.istio.io/cluster` of every workload here.
+    pub cluster_id: String,
+    /// `ISTIO_META_NETWORK`: the waypoint's network, and that of workloads whose Pod and
+    /// namespace do not say.
+    pub network: String,
+    /// `ISTIO_META_NODE_NAME`: the waypoint's `kubernetes.io/hostname`.
+    pub node_name: String,
     /// Namespace of the Gateway this instance is (`--gateway NS/NAME`).
     pub gateway_namespace: String,
     /// Name of the Gateway this instance is.
@@ -57,6 +67,10 @@ impl Default for CompileOptions {
             locality: None,
             own_pod: None,
             mesh_locality: LocalitySetting::default(),
+            proxy_labels: Default::default(),
+            cluster_id: "Kubernetes".into(),
+            network: String::new(),
+            node_name: String::new(),
             gateway_namespace: "default".into(),
             gateway_name: "waypoint".into(),
             trust_domain: "cluster.local".into(),
@@ -304,12 +318,22 @@ impl std::fmt::Display for Locality {
     }
 }
 
-/// A `localityLbSetting` (DestinationRule, else MeshConfig's, which is enabled by default):
-/// whether it is on and its region `failover` pairs (from, to).
+/// A `localityLbSetting` (DestinationRule, else the Service's `trafficDistribution`, else
+/// MeshConfig's, which is enabled by default), as Istio's `LocalityLoadBalancerSetting`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalitySetting {
     pub enabled: bool,
+    /// Region `failover` pairs (from, to).
     pub failover: Vec<(String, String)>,
+    /// `failoverPriority`: label names, each optionally `label=value` (the value the proxy's
+    /// is taken to be).
+    pub failover_priority: Vec<String>,
+    /// `distribute`: weights by locality for proxies in each `from`.
+    pub distribute: Vec<LocalityDistribute>,
+    /// Set by a Service's `trafficDistribution` (istiod `LocalityLBSettings.Force`): failover
+    /// applies without outlier detection, and not-ready endpoints are kept as unhealthy hosts
+    /// so levels spill over by readiness.
+    pub force: bool,
 }
 
 impl Default for LocalitySetting {
@@ -317,32 +341,97 @@ impl Default for LocalitySetting {
         LocalitySetting {
             enabled: true,
             failover: Vec::new(),
+            failover_priority: Vec::new(),
+            distribute: Vec::new(),
+            force: false,
         }
     }
 }
 
-/// Locality failover on a cluster, as istiod renders it (`loadbalancer.go`
-/// `applyLocalityFailover`, `util.go` `LbPriority`): each endpoint's priority is how far its
-/// locality is from the proxy's (0 same subzone, 1 same zone, 2 same region, 3 elsewhere, 4
-/// a region that `failover` does not name for the proxy's), the priorities present then
-/// numbered 0..N without gaps. Applied only when the cluster has outlier detection (without
-/// it Envoy would never leave priority 0) and the proxy's locality is known.
+/// One `localityLbSetting.distribute` entry: from proxies in `from` (a locality pattern,
+/// `region/zone/subzone` with a trailing `*`), requests go to the localities of `to` in
+/// proportion to their weights (percent, summing to 100).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalityDistribute {
+    pub from: String,
+    pub to: Vec<(String, u32)>,
+}
+
+/// Whether `locality` matches a locality pattern as istiod's `util.LocalityMatch` does: the
+/// region equal or `*`; the zone and subzone equal, `*` or left out.
+pub fn locality_matches(locality: &Locality, pattern: &str) -> bool {
+    let mut parts = pattern.splitn(3, '/');
+    let (region, zone, subzone) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    let any = |rule: &str, value: &str| rule == "*" || rule.is_empty() || rule == value;
+    (region == "*" || locality.region.as_deref().unwrap_or("") == region)
+        && any(zone, &locality.zone)
+        && any(subzone, &locality.subzone)
+}
+
+/// The Kubernetes label `failoverPriority` may name for the network; istiod skips a mismatch
+/// on it when it is first (`applyFailoverPriorityPerLocality`) and adds a whole set of levels
+/// instead.
+pub const NETWORK_LABEL: &str = "topology.istio.io/network";
+
+/// Locality load balancing on a cluster, as istiod renders it (`loadbalancer.go`):
+/// - `distribute`: endpoints of the localities the proxy's entry names get those weights
+///   (Envoy's locality-weighted load balancing); the others are dropped.
+/// - else failover by priority levels: `failoverPriority` ranks each endpoint by the first of
+///   the labels where it differs from the proxy (`applyFailoverPriorities`); locality ranks
+///   it by how far its locality is from the proxy's (`applyLocalityFailover`, `LbPriority`:
+///   0 same subzone, 1 same zone, 2 same region, 3 elsewhere, 4 a region that `failover` does
+///   not name for the proxy's); with both, labels first. The levels present are then
+///   numbered 0..N without gaps.
+///
+/// Failover applies only when the cluster has outlier detection (without it Envoy would never
+/// leave priority 0) or the Service's `trafficDistribution` asks for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalityLb {
     pub proxy: Locality,
     pub failover: Vec<(String, String)>,
+    /// Whether locality ranks endpoints (false when `failoverPriority` is given without
+    /// `failover`: istiod then ranks by labels only).
+    pub by_locality: bool,
+    /// `failoverPriority` labels with the value the proxy has for each (or the `=value`
+    /// given); empty: no label ranking. Endpoints carry their rank
+    /// ([`EndpointSpec::label_rank`], computed by [`LocalityLb::label_rank`]).
+    pub failover_priority: Vec<(String, String)>,
+    /// The `to` of the first `distribute` entry whose `from` matches the proxy.
+    pub distribute: Option<Vec<(String, u32)>>,
+    /// Service `trafficDistribution`: not-ready endpoints stay in the list as unhealthy hosts
+    /// (istiod `SupportsUnhealthyEndpoints`), so a level's health follows readiness.
+    pub unready_hosts: bool,
 }
 
 impl LocalityLb {
-    fn raw_priority(&self, ep: Option<&Locality>) -> u8 {
+    /// The endpoint's locality with an unknown region taken to be the proxy's.
+    fn resolve(&self, ep: Option<&Locality>) -> Locality {
         // No locality at all is Istio's empty locality (region ""), not an unknown region.
-        let empty = Locality {
-            region: Some(String::new()),
-            ..Locality::default()
-        };
-        let ep = ep.unwrap_or(&empty);
+        match ep {
+            None => Locality {
+                region: Some(String::new()),
+                ..Locality::default()
+            },
+            Some(l) => Locality {
+                region: Some(
+                    l.region
+                        .clone()
+                        .unwrap_or_else(|| self.proxy.region.clone().unwrap_or_default()),
+                ),
+                zone: l.zone.clone(),
+                subzone: l.subzone.clone(),
+            },
+        }
+    }
+
+    fn raw_priority(&self, ep: Option<&Locality>) -> u8 {
+        let ep = self.resolve(ep);
         let proxy_region = self.proxy.region.as_deref().unwrap_or("");
-        let region = ep.region.as_deref().unwrap_or(proxy_region);
+        let region = ep.region.as_deref().unwrap_or("");
         let p = if region == proxy_region {
             if ep.zone == self.proxy.zone {
                 if ep.subzone == self.proxy.subzone {
@@ -365,14 +454,102 @@ impl LocalityLb {
         p
     }
 
-    /// The priority of each endpoint, numbered without gaps.
-    pub fn priorities(&self, localities: &[Option<&Locality>]) -> Vec<u8> {
-        let raw: Vec<u8> = localities.iter().map(|l| self.raw_priority(*l)).collect();
-        let mut present: Vec<u8> = raw.clone();
+    /// An endpoint's `failoverPriority` rank (0 when every label matches the proxy's), as
+    /// istiod's `applyFailoverPriorityPerLocality`: with n labels, a first mismatch at label
+    /// j ranks n - j; a mismatch on the network label, when it is first, adds n instead and
+    /// the other labels still count. `value` gives the endpoint's (augmented) label.
+    pub fn label_rank(&self, value: &dyn Fn(&str) -> Option<String>) -> u8 {
+        let n = self.failover_priority.len();
+        let network_first = self
+            .failover_priority
+            .first()
+            .is_some_and(|(l, _)| l == NETWORK_LABEL);
+        let mut rank = 0;
+        let mut adjust = 0;
+        for (j, (label, proxy_value)) in self.failover_priority.iter().enumerate() {
+            if value(label).as_deref().unwrap_or("") != proxy_value {
+                if j == 0 && network_first {
+                    adjust = n;
+                    continue;
+                }
+                rank = n - j;
+                break;
+            }
+        }
+        (rank + adjust).min(u8::MAX as usize / 8) as u8
+    }
+
+    /// The priority of each endpoint (its locality and its label rank), numbered without
+    /// gaps. All 0 with `distribute`.
+    pub fn priorities(&self, endpoints: &[(Option<&Locality>, u8)]) -> Vec<u8> {
+        if self.distribute.is_some() {
+            return vec![0; endpoints.len()];
+        }
+        let raw: Vec<u16> = endpoints
+            .iter()
+            .map(|(l, rank)| {
+                let by_locality = if self.by_locality {
+                    self.raw_priority(*l)
+                } else {
+                    0
+                };
+                // istiod multiplies the label levels by 5 before adding the locality's.
+                u16::from(*rank) * 5 + u16::from(by_locality)
+            })
+            .collect();
+        let mut present: Vec<u16> = raw.clone();
         present.sort_unstable();
         present.dedup();
         raw.iter()
             .map(|p| present.iter().position(|q| q == p).unwrap_or(0) as u8)
+            .collect()
+    }
+
+    /// With `distribute`: each endpoint's locality weight and locality group (the index of
+    /// its locality among the list's), or `None` for an endpoint whose locality `to` does
+    /// not name (istiod drops those). A pattern matching several localities shares its
+    /// weight among them by their endpoint weights, rounded up (`applyLocalityWeights`).
+    pub fn distribution(&self, endpoints: &[(Option<&Locality>, u32)]) -> Vec<Option<(u32, u16)>> {
+        let Some(to) = &self.distribute else {
+            return vec![None; endpoints.len()];
+        };
+        let resolved: Vec<Locality> = endpoints.iter().map(|(l, _)| self.resolve(*l)).collect();
+        let mut groups: Vec<&Locality> = Vec::new();
+        let group_of: Vec<u16> = resolved
+            .iter()
+            .map(|l| match groups.iter().position(|g| *g == l) {
+                Some(i) => i as u16,
+                None => {
+                    groups.push(l);
+                    (groups.len() - 1) as u16
+                }
+            })
+            .collect();
+        let pattern_of: Vec<Option<usize>> = resolved
+            .iter()
+            .map(|l| to.iter().position(|(p, _)| locality_matches(l, p)))
+            .collect();
+        // Each locality's original weight: the sum of its endpoints' weights.
+        let mut group_weight = vec![0u64; groups.len()];
+        for (i, (_, w)) in endpoints.iter().enumerate() {
+            group_weight[group_of[i] as usize] += u64::from(*w);
+        }
+        (0..endpoints.len())
+            .map(|i| {
+                let p = pattern_of[i]?;
+                let g = group_of[i] as usize;
+                let total: u64 = (0..groups.len())
+                    .filter(|h| {
+                        pattern_of
+                            .iter()
+                            .zip(&group_of)
+                            .any(|(q, gg)| *q == Some(p) && *gg as usize == *h)
+                    })
+                    .map(|h| group_weight[h])
+                    .sum();
+                let w = (group_weight[g] * u64::from(to[p].1)).div_ceil(total.max(1));
+                (w > 0).then_some((w.min(u64::from(u32::MAX)) as u32, g as u16))
+            })
             .collect()
     }
 }
@@ -449,9 +626,39 @@ pub struct Endpoint {
     /// from a ServiceEntry endpoint's or WorkloadEntry's `weight`; 1 for every other
     /// endpoint, and for a weight of 0, as istiod renders it).
     pub weight: u32,
-    /// Envoy's priority level (0 first): how far the endpoint's locality is from the
-    /// waypoint's, when the cluster fails over by locality ([`LocalityLb`]); else 0.
+    /// Envoy's priority level (0 first): how far the endpoint's locality (or labels) is
+    /// from the waypoint's, when the cluster fails over ([`LocalityLb`]); else 0.
     pub priority: u8,
+    /// `false`: a not-ready endpoint kept as an unhealthy host (only with a Service's
+    /// `trafficDistribution`, [`LocalityLb::unready_hosts`]); never chosen outside panic.
+    pub ready: bool,
+    /// With `distribute` ([`LocalityLb::distribution`]): the weight of the endpoint's
+    /// locality (0: no locality weighting) and the locality's index among the list's.
+    pub locality_weight: u32,
+    pub locality_group: u16,
+}
+
+impl Endpoint {
+    /// An endpoint of weight 1, ready, fresh counters, one priority (what a cluster without
+    /// a locality policy holds).
+    pub fn new(
+        addr: SocketAddr,
+        tunnel: Option<Arc<str>>,
+        workload: Option<Arc<EndpointWorkload>>,
+    ) -> Endpoint {
+        Endpoint {
+            addr,
+            load: Arc::new(EndpointLoad::default()),
+            tunnel,
+            workload,
+            health: Default::default(),
+            weight: 1,
+            priority: 0,
+            ready: true,
+            locality_weight: 0,
+            locality_group: 0,
+        }
+    }
 }
 
 /// An endpoint's outlier-detection state (DestinationRule `outlierDetection`): consecutive
@@ -508,6 +715,10 @@ pub struct EndpointSpec {
     pub weight: u32,
     /// Where the endpoint runs, when known.
     pub locality: Option<Arc<Locality>>,
+    /// Its `failoverPriority` rank ([`LocalityLb::label_rank`]); 0 without.
+    pub label_rank: u8,
+    /// See [`Endpoint::ready`].
+    pub ready: bool,
 }
 
 impl EndpointSpec {
@@ -524,6 +735,8 @@ impl EndpointSpec {
             workload,
             weight: 1,
             locality: None,
+            label_rank: 0,
+            ready: true,
         }
     }
 }
@@ -589,15 +802,7 @@ impl Cluster {
             service_namespace: self.service_namespace.clone(),
             port: self.port,
             protocol: self.protocol,
-            endpoint_list: arc_swap::ArcSwap::from_pointee(vec![Endpoint {
-                addr,
-                load: Arc::new(EndpointLoad::default()),
-                tunnel: None,
-                workload: None,
-                health: Default::default(),
-                weight: 1,
-                priority: 0,
-            }]),
+            endpoint_list: arc_swap::ArcSwap::from_pointee(vec![Endpoint::new(addr, None, None)]),
             traffic: self.traffic.clone(),
             dns: None,
             passthrough: false,
@@ -623,6 +828,9 @@ impl Cluster {
                     && e.tunnel == n.tunnel
                     && e.weight == n.weight
                     && e.priority == n.priority
+                    && e.ready == n.ready
+                    && e.locality_weight == n.locality_weight
+                    && e.locality_group == n.locality_group
                     && same_workload(&e.workload, &n.workload)
             });
         if same {
@@ -648,18 +856,29 @@ pub(crate) fn endpoint_list(
     locality_lb: Option<&LocalityLb>,
     old: &[Endpoint],
 ) -> Vec<Endpoint> {
-    let priorities = match locality_lb {
+    let (priorities, distribution) = match locality_lb {
         Some(lb) => {
-            let localities: Vec<Option<&Locality>> =
-                new.iter().map(|n| n.locality.as_deref()).collect();
-            lb.priorities(&localities)
+            let ranked: Vec<(Option<&Locality>, u8)> = new
+                .iter()
+                .map(|n| (n.locality.as_deref(), n.label_rank))
+                .collect();
+            let weighted: Vec<(Option<&Locality>, u32)> = new
+                .iter()
+                .map(|n| (n.locality.as_deref(), n.weight))
+                .collect();
+            (lb.priorities(&ranked), lb.distribution(&weighted))
         }
-        None => Vec::new(),
+        None => (Vec::new(), Vec::new()),
     };
+    let distributing = locality_lb.is_some_and(|lb| lb.distribute.is_some());
     new.into_iter()
         .enumerate()
+        // `distribute` drops the localities its `to` does not name.
+        .filter(|(i, _)| !distributing || distribution.get(*i).is_some_and(Option::is_some))
         .map(|(i, n)| {
             let prev = old.iter().find(|e| e.addr == n.addr);
+            let (locality_weight, locality_group) =
+                distribution.get(i).copied().flatten().unwrap_or((0, 0));
             Endpoint {
                 load: prev.map(|e| e.load.clone()).unwrap_or_default(),
                 health: prev.map(|e| e.health.clone()).unwrap_or_default(),
@@ -671,6 +890,9 @@ pub(crate) fn endpoint_list(
                     _ => n.workload,
                 },
                 priority: priorities.get(i).copied().unwrap_or(0),
+                ready: n.ready,
+                locality_weight,
+                locality_group,
             }
         })
         .collect()
@@ -810,15 +1032,11 @@ impl Snapshot {
                 service_namespace: w.namespace.clone(),
                 port: addr.port(),
                 protocol: AppProtocol::Unknown,
-                endpoint_list: arc_swap::ArcSwap::from_pointee(vec![Endpoint {
+                endpoint_list: arc_swap::ArcSwap::from_pointee(vec![Endpoint::new(
                     addr,
-                    load: Arc::new(EndpointLoad::default()),
-                    tunnel: w.ambient.then(|| w.identity.clone()),
-                    workload: Some(w.labels.clone()),
-                    health: Default::default(),
-                    weight: 1,
-                    priority: 0,
-                }]),
+                    w.ambient.then(|| w.identity.clone()),
+                    Some(w.labels.clone()),
+                )]),
                 traffic: None,
                 dns: None,
                 passthrough: false,

@@ -4,7 +4,9 @@
 //! - `loadBalancer.simple`: `LEAST_REQUEST` (Envoy's default, two random choices, also for
 //!   `UNSPECIFIED`), `ROUND_ROBIN`, `RANDOM`; `loadBalancer.consistentHash` by header,
 //!   cookie (generated with its `ttl` when absent), source IP or query parameter, on a ring
-//!   (`ringHash`, default) or a Maglev table ([`HashRing`]).
+//!   (`ringHash`, default) or a Maglev table ([`HashRing`]); `localityLbSetting` (`enabled`,
+//!   `failover`, `failoverPriority`, `distribute`), applied per cluster as
+//!   [`crate::snapshot::LocalityLb`].
 //! - `connectionPool`: `http.http2MaxRequests` (Envoy `max_requests`: requests in flight to
 //!   the cluster; beyond it 503 `UO`), `tcp.maxConnections` and `http.http1MaxPendingRequests`
 //!   (Envoy `max_connections`, `max_pending_requests`), `http.maxRequestsPerConnection`, `http.maxRetries`
@@ -23,8 +25,9 @@
 //! Which rule applies to a Service: `host` is its FQDN, its short name (in the rule's
 //! namespace) or a `*.` wildcard suffix; an exact host beats a wildcard, a rule in the
 //! Service's namespace beats one in the root namespace, an older rule beats a newer one, as
-//! istiod merges them. Fields a waypoint would apply but this one does not yet
-//! (`subsets`, `localityLbSetting`, `h2UpgradePolicy`, ...) are warnings naming the field, never silently dropped.
+//! istiod merges them. Fields this waypoint does not apply (`subsets`, which no Gateway API
+//! route can name, `h2UpgradePolicy`, ...) are warnings naming the field, never silently
+//! dropped.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -386,6 +389,14 @@ pub(crate) fn compile_rule(
 ) -> Option<CompiledRule> {
     let meta = &dr.metadata;
     let id = format!("DestinationRule {}/{}", meta.namespace, meta.name);
+    if !dr.spec.subsets.is_empty() {
+        // istiod builds a subset's cluster only for a route that names it (a VirtualService
+        // `subset`); Gateway API routes name Services, never subsets, so nothing this
+        // waypoint serves can reach one.
+        warnings.push(format!(
+            "{id}: spec.subsets: no route this waypoint serves names a subset (HTTPRoute, GRPCRoute, TCPRoute and TLSRoute backendRefs name Services); ignored"
+        ));
+    }
     let mut warn = |field: &str, what: &str| {
         warnings.push(format!(
             "{id}: {field}: {what} is not applied by this waypoint yet; ignored"
@@ -417,9 +428,6 @@ pub(crate) fn compile_rule(
             "spec.workloadSelector",
             "a workload selector (it selects sidecars, never a waypoint)",
         );
-    }
-    if !spec.subsets.is_empty() {
-        warn("spec.subsets", "subsets");
     }
     let mut out = CompiledRule {
         namespace: meta.namespace.clone(),
@@ -731,7 +739,7 @@ fn lb_part(
         }
     }
     if let Some(v) = &lb.locality_lb_setting {
-        out.locality = locality_setting(v, &format!("{f}.localityLbSetting"), fail, warn);
+        out.locality = locality_setting(v, &format!("{f}.localityLbSetting"), fail);
     }
     out.warmup = warmup(lb, &f, fail);
     if out.warmup.is_some()
@@ -755,34 +763,22 @@ pub fn parse_locality_setting(
     v: &serde_json::Value,
 ) -> Result<(crate::snapshot::LocalitySetting, Vec<String>), String> {
     let mut error = None;
-    let mut warnings = Vec::new();
-    let setting = locality_setting(
-        v,
-        "localityLbSetting",
-        &mut |field, msg| {
-            error.get_or_insert(format!("{field}: {msg}"));
-        },
-        &mut |field, what| {
-            warnings.push(format!(
-                "{field}: {what} is not applied by this waypoint yet"
-            ))
-        },
-    );
+    let setting = locality_setting(v, "localityLbSetting", &mut |field, msg| {
+        error.get_or_insert(format!("{field}: {msg}"));
+    });
     match (error, setting) {
         (Some(e), _) => Err(e),
-        (None, Some(s)) => Ok((s, warnings)),
+        (None, Some(s)) => Ok((s, Vec::new())),
         (None, None) => Err("localityLbSetting: not understood".into()),
     }
 }
 
-/// `localityLbSetting: {enabled, failover: [{from, to}]}` (Istio's
-/// `LocalityLoadBalancerSetting`); `distribute` and `failoverPriority` are warned about and
-/// not applied.
+/// `localityLbSetting: {enabled, failover: [{from, to}], failoverPriority, distribute}`
+/// (Istio's `LocalityLoadBalancerSetting`), validated as Istio validates it.
 pub(crate) fn locality_setting(
     v: &serde_json::Value,
     f: &str,
     fail: &mut Fail<'_>,
-    warn: &mut Warn<'_>,
 ) -> Option<crate::snapshot::LocalitySetting> {
     let Some(obj) = v.as_object() else {
         fail(f.to_string(), format!("{v} is not an object"));
@@ -816,12 +812,176 @@ pub(crate) fn locality_setting(
             }
         }
     }
-    for field in ["distribute", "failoverPriority"] {
-        if obj.get(field).is_some_and(|x| !x.is_null()) {
-            warn(&format!("{f}.{field}"), "this locality option");
+    let failover_priority = failover_priority(obj.get("failoverPriority"), f, fail);
+    let distribute = distribute(obj.get("distribute"), f, fail);
+    // Istio's ValidateLocalityLbSetting.
+    if !distribute.is_empty() && !failover.is_empty() {
+        fail(
+            format!("{f}.distribute"),
+            "can not simultaneously specify 'distribute' and 'failover'".into(),
+        );
+    }
+    if !failover.is_empty()
+        && let Some(l) = failover_priority.iter().find(|l| {
+            matches!(
+                l.as_str(),
+                "topology.kubernetes.io/region"
+                    | "topology.kubernetes.io/zone"
+                    | "topology.istio.io/subzone"
+            )
+        })
+    {
+        fail(
+            format!("{f}.failoverPriority"),
+            format!(
+                "can not simultaneously set 'failover' and topology label '{l}' in 'failover_priority'"
+            ),
+        );
+    }
+    Some(crate::snapshot::LocalitySetting {
+        enabled,
+        failover,
+        failover_priority,
+        distribute,
+        force: false,
+    })
+}
+
+/// `failoverPriority: [label or label=value]`.
+fn failover_priority(v: Option<&serde_json::Value>, f: &str, fail: &mut Fail<'_>) -> Vec<String> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Vec::new();
+    };
+    let Some(items) = v.as_array() else {
+        fail(
+            format!("{f}.failoverPriority"),
+            format!("{v} is not a list"),
+        );
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match item.as_str() {
+            Some(l) if !l.is_empty() && !l.starts_with('=') => out.push(l.to_string()),
+            _ => fail(
+                format!("{f}.failoverPriority[{i}]"),
+                format!("{item} is not a label name (or label=value)"),
+            ),
         }
     }
-    Some(crate::snapshot::LocalitySetting { enabled, failover })
+    out
+}
+
+/// `distribute: [{from, to: {locality: weight}}]`, validated as Istio's
+/// `ValidateLocalityLbSetting` does: weights 1-100 summing to 100, at most one `*` and only
+/// last, no empty part, no two patterns of one list overlapping.
+fn distribute(
+    v: Option<&serde_json::Value>,
+    f: &str,
+    fail: &mut Fail<'_>,
+) -> Vec<crate::snapshot::LocalityDistribute> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Vec::new();
+    };
+    let Some(items) = v.as_array() else {
+        fail(format!("{f}.distribute"), format!("{v} is not a list"));
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut froms: Vec<&str> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("{f}.distribute[{i}]");
+        let from = item.get("from").and_then(|x| x.as_str()).unwrap_or("");
+        if let Err(e) = locality_pattern(from, &froms) {
+            fail(format!("{at}.from"), e);
+            continue;
+        }
+        froms.push(from);
+        let Some(to) = item.get("to").and_then(|x| x.as_object()) else {
+            fail(
+                format!("{at}.to"),
+                "needs a map of locality to weight".into(),
+            );
+            continue;
+        };
+        let mut weights: Vec<(String, u32)> = Vec::new();
+        let mut ok = true;
+        for (loc, w) in to {
+            match w.as_u64().filter(|w| (1..=100).contains(w)) {
+                Some(w) => weights.push((loc.clone(), w as u32)),
+                None => {
+                    fail(
+                        format!("{at}.to[{loc}]"),
+                        format!("locality weight {w} must be in range [1, 100]"),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        let total: u32 = weights.iter().map(|(_, w)| w).sum();
+        if ok && total != 100 {
+            fail(
+                format!("{at}.to"),
+                format!("total locality weight {total} != 100"),
+            );
+            ok = false;
+        }
+        let mut seen: Vec<&str> = Vec::new();
+        for (loc, _) in &weights {
+            if let Err(e) = locality_pattern(loc, &seen) {
+                fail(format!("{at}.to[{loc}]"), e);
+                ok = false;
+            }
+            seen.push(loc);
+        }
+        if ok {
+            out.push(crate::snapshot::LocalityDistribute {
+                from: from.to_string(),
+                to: weights,
+            });
+        }
+    }
+    out
+}
+
+/// A locality pattern (`region`, `region/zone`, `region/zone/subzone`, a trailing `*`) that
+/// does not overlap any of `earlier` (Istio's `validateLocalities`).
+fn locality_pattern(p: &str, earlier: &[&str]) -> Result<(), String> {
+    let stars = p.matches('*').count();
+    if stars > 1 || (stars == 1 && !p.ends_with('*')) {
+        return Err(format!(
+            "locality {p} wildcard '*' number can not exceed 1 and must be in the end"
+        ));
+    }
+    let parts: Vec<&str> = p.split('/').collect();
+    if p.is_empty() || parts.len() > 3 || parts.iter().any(|x| x.is_empty()) {
+        return Err(format!(
+            "locality {p} must not contain empty region/zone/subzone info"
+        ));
+    }
+    // Two patterns overlap when one covers the other: compare part by part, a `*` (or a
+    // shorter pattern) covering the rest.
+    let covers = |a: &[&str], b: &[&str]| {
+        for (i, x) in a.iter().enumerate() {
+            if *x == "*" {
+                return true;
+            }
+            match b.get(i) {
+                Some(y) if y == x => {}
+                Some(y) if *y == "*" => return true,
+                Some(_) => return false,
+                None => return true,
+            }
+        }
+        true
+    };
+    for q in earlier {
+        let qs: Vec<&str> = q.split('/').collect();
+        if covers(&parts, &qs) || covers(&qs, &parts) {
+            return Err(format!("locality {p} overlap with previous specified ones"));
+        }
+    }
+    Ok(())
 }
 
 /// `warmup: {duration, minimumPercent, aggression}`, else the deprecated

@@ -72,6 +72,11 @@ pub struct Config {
     /// `ISTIO_META_CLUSTER_ID`: the cluster of the workloads this waypoint sees
     /// (`source_cluster` of metrics for clients found in the Kubernetes API).
     pub cluster_id: String,
+    /// `ISTIO_META_NETWORK`, `ISTIO_META_NODE_NAME` and the Pod's labels (downward API):
+    /// what `failoverPriority` compares with the endpoints'.
+    pub network: String,
+    pub node_name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Name servers and refresh timing for ServiceEntry `resolution: DNS`.
     pub dns: crate::upstream::dns::DnsSettings,
 }
@@ -110,6 +115,9 @@ impl Default for Config {
             kube: None,
             ca: None,
             cluster_id: "Kubernetes".into(),
+            network: String::new(),
+            node_name: String::new(),
+            labels: Default::default(),
             dns: Default::default(),
         }
     }
@@ -122,6 +130,10 @@ impl Config {
             locality: self.locality.as_deref().map(policy::Locality::parse),
             own_pod: self.own_pod.clone(),
             mesh_locality: self.mesh.locality_lb.0.clone(),
+            proxy_labels: self.labels.clone(),
+            cluster_id: self.cluster_id.clone(),
+            network: self.network.clone(),
+            node_name: self.node_name.clone(),
             gateway_namespace: self.gateway_namespace.clone(),
             gateway_name: self.gateway_name.clone(),
             trust_domain: self.trust_domain.clone(),

@@ -70,6 +70,15 @@ struct ConfigArgs {
     /// Istio's namespace: the mesh config is its `istio` ConfigMap (--kube).
     #[arg(long, env = "WAYPOINT_ISTIO_NAMESPACE", default_value = "istio-system")]
     istio_namespace: String,
+    /// A Pod label to keep from the API beyond the ones the waypoint always reads (Istio's,
+    /// app/version, topology): a custom label a DestinationRule's `failoverPriority` names
+    /// (--kube; repeatable or comma-separated).
+    #[arg(
+        long = "pod-label",
+        env = "WAYPOINT_POD_LABEL_KEYS",
+        value_delimiter = ','
+    )]
+    pod_label_keys: Vec<String>,
     /// Which Gateway resource this instance is, NAMESPACE/NAME.
     #[arg(long, env = "WAYPOINT_GATEWAY", default_value = "default/waypoint")]
     gateway: String,
@@ -165,6 +174,22 @@ struct RunArgs {
     /// metrics for clients found in the Kubernetes API.
     #[arg(long, env = "ISTIO_META_CLUSTER_ID", default_value = "Kubernetes")]
     cluster_id: String,
+    /// Our network (`topology.istio.io/network`): DestinationRule `failoverPriority` and
+    /// Service `trafficDistribution` compare it with the endpoints'.
+    #[arg(long, env = "ISTIO_META_NETWORK", default_value = "")]
+    network: String,
+    /// The node we run on (the `kubernetes.io/hostname` istiod gives us, for
+    /// `failoverPriority` and `trafficDistribution: PreferSameNode`).
+    #[arg(long, env = "ISTIO_META_NODE_NAME", default_value = "")]
+    node_name: String,
+    /// Our Pod's labels, the downward API file istiod's template mounts (`key="value"`
+    /// lines), read when present: `failoverPriority` compares them with the endpoints'.
+    #[arg(
+        long,
+        env = "WAYPOINT_POD_LABELS",
+        default_value = "/etc/istio/pod/labels"
+    )]
+    pod_labels: PathBuf,
     /// Our service account (the identity asked of the CA); default: the Gateway's name.
     #[arg(long, env = "SERVICE_ACCOUNT")]
     service_account: Option<String>,
@@ -271,6 +296,7 @@ fn base_config(args: &ConfigArgs) -> Result<proxy::Config, String> {
             kubeconfig: args.kubeconfig.clone(),
             discovery: discovery::Settings {
                 istio_namespace: args.istio_namespace.clone(),
+                pod_labels: args.pod_label_keys.clone(),
                 ..Default::default()
             },
         }),
@@ -372,10 +398,20 @@ fn pod(args: PodArgs) -> ExitCode {
 /// A label from a downward-API labels file (`key="value"` per line, value quoted and
 /// escaped as Go's strconv.Quote does).
 fn downward_label(text: &str, key: &str) -> Option<String> {
-    text.lines().find_map(|line| {
-        let (k, v) = line.split_once('=')?;
-        (k.trim() == key).then(|| v.trim().trim_matches('"').replace("\\\"", "\""))
-    })
+    downward_labels(text).remove(key)
+}
+
+/// Every `key="value"` line of a downward API labels file.
+fn downward_labels(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| {
+            let (k, v) = line.split_once('=')?;
+            Some((
+                k.trim().to_string(),
+                v.trim().trim_matches('"').replace("\\\"", "\""),
+            ))
+        })
+        .collect()
 }
 
 /// Load the configuration for an offline command; errors printed, exit code on failure.
@@ -585,6 +621,19 @@ fn run(args: RunArgs) -> ExitCode {
     config.limits.max_memory =
         (args.max_memory_mib > 0).then_some(args.max_memory_mib * 1024 * 1024);
     config.cluster_id = args.cluster_id.clone();
+    config.network = args.network.clone();
+    config.node_name = args.node_name.clone();
+    match std::fs::read_to_string(&args.pod_labels) {
+        Ok(text) => config.labels = downward_labels(&text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            eprintln!(
+                "error: cannot read the pod labels {}: {e}",
+                args.pod_labels.display()
+            );
+            return ExitCode::from(2);
+        }
+    }
     config.dns.servers = args.dns_servers.clone();
     config.dns.refresh_rate = args.dns_refresh_rate;
     config.locality = args.locality.clone().filter(|l| !l.is_empty());

@@ -1016,6 +1016,193 @@ async fn locality_failover_spills_over_as_envoys_priority_load_does() {
     }
 }
 
+/// `localityLbSetting.distribute` as istiod renders it (locality weights 75/25 from the
+/// waypoint's zone, a locality `to` does not name dropped) against Envoy's locality-weighted
+/// load balancing: shares by weight, and a locality's weight scaled by its availability
+/// (1.4 x healthy/hosts) when one of its hosts is ejected.
+#[tokio::test]
+async fn locality_distribute_weighs_localities_as_envoy_does() {
+    let a1 = switch_on("127.0.0.1:0".parse().unwrap(), 200).await;
+    let port = a1.addr.port();
+    let a2 = switch_on(SocketAddr::new([127, 0, 0, 2].into(), port), 200).await;
+    let b = switch_on(SocketAddr::new([127, 0, 0, 3].into(), port), 200).await;
+    let c = switch_on(SocketAddr::new([127, 0, 0, 4].into(), port), 200).await;
+    let entry = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: spread, namespace: default}}\nspec: {{hosts: [spread.example.test], addresses: [240.240.0.41], ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {port}}}], resolution: STATIC, endpoints: [{{address: 127.0.0.1, locality: us-east/zone1/sub1}}, {{address: 127.0.0.2, locality: us-east/zone1/sub1}}, {{address: 127.0.0.3, locality: us-east/zone2}}, {{address: 127.0.0.4, locality: us-west/zone1}}]}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: spread, namespace: default}}\nspec: {{host: spread.example.test, trafficPolicy: {{outlierDetection: {{consecutive5xxErrors: 1, baseEjectionTime: 300s, maxEjectionPercent: 100}}, loadBalancer: {{localityLbSetting: {{distribute: [{{from: 'us-east/zone1/*', to: {{'us-east/zone1/*': 75, 'us-east/zone2/*': 25}}}}]}}}}}}}}\n"
+    );
+    let mut m = Manifests::new();
+    m.push(&entry);
+    let wp = TestWaypoint::start_with(&m.yaml(), |c| {
+        c.locality = Some("us-east/zone1/sub1".into())
+    })
+    .await;
+    let conn = wp.connect_as("default", "sleep").await;
+    let http = TunnelHttp::open(&conn, "240.240.0.41:80").await.unwrap();
+    let mut ours = OursProxy { wp, http };
+
+    // istiod: the localities' `load_balancing_weight`, `locality_weighted_lb_config`, the
+    // locality `to` does not name kept without endpoints.
+    let cluster_name = "cluster";
+    let locality = |weight: u32, addrs: &[SocketAddr], l: &str| {
+        let eps: String = addrs
+            .iter()
+            .map(|a| {
+                format!(
+                    "      - endpoint: {{address: {{socket_address: {{address: \"{}\", port_value: {}}}}}}}\n",
+                    a.ip(),
+                    a.port()
+                )
+            })
+            .collect();
+        let list = if eps.is_empty() {
+            " []\n".to_string()
+        } else {
+            format!("\n{eps}")
+        };
+        format!(
+            "    - locality: {l}\n      load_balancing_weight: {weight}\n      lb_endpoints:{list}"
+        )
+    };
+    let config = waypoint_tests::envoy::http_bootstrap(&waypoint_tests::envoy::HttpListener {
+        routes: &format!("- match: {{prefix: /}}\n  route: {{cluster: {cluster_name}}}\n"),
+        clusters: &format!(
+            "- name: {cluster_name}\n  type: STATIC\n  connect_timeout: 5s\n  lb_policy: LEAST_REQUEST\n  common_lb_config: {{healthy_panic_threshold: {{value: 0}}, locality_weighted_lb_config: {{}}}}\n  outlier_detection: {{consecutive_5xx: 1, enforcing_consecutive_5xx: 100, enforcing_success_rate: 0, base_ejection_time: 300s, max_ejection_percent: 100}}\n  load_assignment:\n    cluster_name: {cluster_name}\n    endpoints:\n{}{}{}",
+            locality(
+                75,
+                &[a1.addr, a2.addr],
+                "{region: us-east, zone: zone1, sub_zone: sub1}"
+            ),
+            locality(25, &[b.addr], "{region: us-east, zone: zone2}"),
+            locality(1, &[], "{region: us-west, zone: zone1}"),
+        ),
+        ..Default::default()
+    });
+    let mut theirs = EnvoyProxy::start(&config).await;
+
+    const N: usize = 800;
+    let story = distribute_story(&mut ours, N, [&a1, &b, &c]).await;
+    eprintln!("ours: (b, c) of {N}: healthy, a1 ejected: {story:?}");
+    let envoy = distribute_story(&mut theirs, N, [&a1, &b, &c]).await;
+    eprintln!("Envoy: {envoy:?}");
+    for (who, (healthy, one_out)) in [("ours", story), ("Envoy", envoy)] {
+        // 25% = 200 expected at b (sd ~12); with a1 out, zone1 weighs 75 x 0.7: 25/77.5 =
+        // 32% = 258 (sd ~13). c is never chosen.
+        assert!(
+            (155..=245).contains(&healthy.0) && healthy.1 == 0,
+            "{who}: {healthy:?}"
+        );
+        assert!(
+            (213..=303).contains(&one_out.0) && one_out.1 == 0,
+            "{who}: {one_out:?}"
+        );
+    }
+}
+
+/// (b, c) shares all healthy, then with a1 ejected.
+async fn distribute_story(
+    p: &mut impl Proxy,
+    n: usize,
+    [a1, b, c]: [&Switch; 3],
+) -> (Shares, Shares) {
+    let healthy = shares(p, n, b, c).await;
+    eject_through(p, a1).await;
+    (healthy, shares(p, n, b, c).await)
+}
+
+/// A Service's `trafficDistribution: PreferClose` without any DestinationRule, as istiod
+/// renders it for a waypoint (failoverPriority network/region/zone, not-ready endpoints sent
+/// as UNHEALTHY, panic threshold 0) against Envoy: the waypoint's zone keeps 1.4 x its ready
+/// share, the next zone takes the rest, and a zone with nothing ready spills entirely.
+#[tokio::test]
+async fn traffic_distribution_prefer_close_spills_by_readiness_as_envoy_does() {
+    let a1 = switch_on("127.0.0.1:0".parse().unwrap(), 200).await;
+    let port = a1.addr.port();
+    let b = switch_on(SocketAddr::new([127, 0, 0, 3].into(), port), 200).await;
+    let c = switch_on(SocketAddr::new([127, 0, 0, 4].into(), port), 200).await;
+    // 127.0.0.2 is not ready (and not terminating): nothing listens there.
+    let slice = |a2_ready: bool| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: near-1, namespace: default, labels: {{kubernetes.io/service-name: near}}}}\naddressType: IPv4\nendpoints:\n- {{addresses: [127.0.0.1], zone: zone1}}\n- {{addresses: [127.0.0.2], zone: zone1, conditions: {{ready: {a2_ready}, terminating: false}}}}\n- {{addresses: [127.0.0.3], zone: zone2}}\n- {{addresses: [127.0.0.5], zone: zone2, conditions: {{ready: false}}}}\nports: [{{name: http, port: {port}}}]\n"
+        )
+    };
+    let service = "apiVersion: v1\nkind: Service\nmetadata: {name: near, namespace: default}\nspec: {clusterIP: 10.0.0.77, trafficDistribution: PreferClose, ports: [{name: http, port: 80}]}\n";
+    let mut m = Manifests::new();
+    m.push(service);
+    m.push(&slice(false));
+    let wp =
+        TestWaypoint::start_with(&m.yaml(), |c| c.locality = Some("us-east/zone1".into())).await;
+    let clusters = http_get(wp.running().admin_addr, "/clusters")
+        .await
+        .unwrap()
+        .text();
+    // The not-ready, not-terminating endpoint is a host; the one that does not say it is
+    // not terminating is not (istiod's endpointHealthStatus).
+    assert!(
+        clusters.contains(&format!("127.0.0.2:{port}::priority::0")),
+        "{clusters}"
+    );
+    assert!(
+        clusters.contains(&format!(
+            "127.0.0.2:{port}::health_flags::/failed_eds_health"
+        )),
+        "{clusters}"
+    );
+    assert!(!clusters.contains("127.0.0.5:"), "{clusters}");
+    let explained = wp.explain_get("10.0.0.77:80", "/");
+    for part in [
+        format!("127.0.0.2:{port} (priority 0, not ready)"),
+        format!("127.0.0.3:{port} (priority 1)"),
+        "not-ready endpoints count as unhealthy".into(),
+    ] {
+        assert!(explained.contains(&part), "{part}:\n{explained}");
+    }
+    let conn = wp.connect_as("default", "sleep").await;
+    let http = TunnelHttp::open(&conn, "10.0.0.77:80").await.unwrap();
+    let mut ours = OursProxy { wp, http };
+
+    let cluster_name = "cluster";
+    let host = |a: &str, health: &str| {
+        format!(
+            "      - endpoint: {{address: {{socket_address: {{address: \"{a}\", port_value: {port}}}}}}}{health}\n"
+        )
+    };
+    let config = waypoint_tests::envoy::http_bootstrap(&waypoint_tests::envoy::HttpListener {
+        routes: &format!("- match: {{prefix: /}}\n  route: {{cluster: {cluster_name}}}\n"),
+        clusters: &format!(
+            "- name: {cluster_name}\n  type: STATIC\n  connect_timeout: 5s\n  lb_policy: LEAST_REQUEST\n  common_lb_config: {{healthy_panic_threshold: {{value: 0}}}}\n  load_assignment:\n    cluster_name: {cluster_name}\n    endpoints:\n    - priority: 0\n      locality: {{region: us-east, zone: zone1}}\n      lb_endpoints:\n{}{}    - priority: 1\n      locality: {{region: us-east, zone: zone2}}\n      lb_endpoints:\n{}",
+            host("127.0.0.1", ""),
+            host("127.0.0.2", "\n        health_status: UNHEALTHY"),
+            host("127.0.0.3", ""),
+        ),
+        ..Default::default()
+    });
+    let mut theirs = EnvoyProxy::start(&config).await;
+
+    const N: usize = 400;
+    // zone1: 1 of 2 ready, health 70%: 30% = 120 to zone2 (sd ~9).
+    let ours_share = shares(&mut ours, N, &b, &c).await;
+    let envoy_share = shares(&mut theirs, N, &b, &c).await;
+    eprintln!("to zone2 of {N}: ours {ours_share:?}, Envoy {envoy_share:?}");
+    for (who, (to_b, to_c)) in [("ours", ours_share), ("Envoy", envoy_share)] {
+        assert!(
+            (80..=160).contains(&to_b) && to_c == 0,
+            "{who}: {to_b} {to_c}"
+        );
+    }
+    // The not-ready endpoint becomes ready (it listens now): zone1 takes everything.
+    let a2 = switch_on(SocketAddr::new([127, 0, 0, 2].into(), port), 200).await;
+    let mut m2 = Manifests::new();
+    m2.push(service);
+    m2.push(&slice(true));
+    std::fs::write(ours.wp.dir.path().join("config.yaml"), m2.yaml()).unwrap();
+    ours.wp.running().reload().expect("reload");
+    assert_eq!(
+        shares(&mut ours, N, &b, &a2).await.0,
+        0,
+        "zone1 is healthy again"
+    );
+}
+
 /// Requests answered by b and c among `n` (the rest by priority 0).
 async fn shares(p: &mut impl Proxy, n: usize, b: &Switch, c: &Switch) -> (usize, usize) {
     let (bb, cb) = (b.addr.to_string(), c.addr.to_string());

@@ -324,6 +324,11 @@ impl<'a> Compiler<'a> {
             info,
             hostname,
             entry: None,
+            traffic_distribution: TrafficDistribution::of(
+                s.spec.traffic_distribution.as_deref(),
+                meta,
+                self.namespaces.get(meta.namespace.as_str()).copied(),
+            ),
         }
     }
 

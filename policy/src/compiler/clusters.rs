@@ -66,7 +66,6 @@ impl<'a> Compiler<'a> {
         let svc = self.services.get(&key)?;
         let sp = svc.ports.iter().find(|p| p.port == port)?;
         let hostname = svc.hostname.clone();
-        let addrs = self.endpoint_addrs(key, port)?;
         let traffic = crate::traffic::cluster_policy(
             &self.traffic_rules,
             &hostname,
@@ -74,21 +73,8 @@ impl<'a> Compiler<'a> {
             &self.opts.root_namespace,
             port,
         );
-        // istiod applies locality failover only with outlier detection (else Envoy would
-        // never leave priority 0) and with a setting that is on: the DestinationRule's, else
-        // MeshConfig's (on by default). It needs the waypoint's own locality.
-        let locality_lb = match (&traffic, &self.proxy_locality) {
-            (Some(t), Some(proxy)) if t.outlier.is_some() => {
-                let setting = t.locality.as_ref().unwrap_or(&self.opts.mesh_locality);
-                setting.enabled.then(|| {
-                    Arc::new(crate::snapshot::LocalityLb {
-                        proxy: proxy.clone(),
-                        failover: setting.failover.clone(),
-                    })
-                })
-            }
-            _ => None,
-        };
+        let locality_lb = self.locality_lb(svc, traffic.as_deref()).map(Arc::new);
+        let addrs = self.endpoint_addrs(key, port, locality_lb.as_deref())?;
         let endpoints = crate::snapshot::endpoint_list(addrs, locality_lb.as_deref(), &[]);
         Some(Cluster {
             name: name.into(),
@@ -113,6 +99,151 @@ impl<'a> Compiler<'a> {
         })
     }
 
+    /// Locality load balancing for a cluster of `svc`, as istiod's `GetEffectiveLbSetting`
+    /// and `ApplyToCluster` decide it: the DestinationRule's `localityLbSetting` (disabled:
+    /// none), else the Service's `trafficDistribution`, else MeshConfig's (disabled: none).
+    /// `distribute` applies when an entry's `from` matches the waypoint; failover only with
+    /// outlier detection or a `trafficDistribution` (else Envoy would never leave priority
+    /// 0), and locality failover only when the waypoint's locality is known.
+    fn locality_lb(
+        &self,
+        svc: &Svc,
+        traffic: Option<&crate::traffic::TrafficPolicy>,
+    ) -> Option<crate::snapshot::LocalityLb> {
+        let from_service = svc.traffic_distribution.setting();
+        let setting = traffic
+            .and_then(|t| t.locality.as_ref())
+            .or(from_service.as_ref())
+            .unwrap_or(&self.opts.mesh_locality);
+        if !setting.enabled {
+            return None;
+        }
+        let known = self.proxy_locality.clone();
+        let proxy = known.clone().unwrap_or(crate::snapshot::Locality {
+            region: Some(String::new()),
+            ..Default::default()
+        });
+        let distribute = setting
+            .distribute
+            .iter()
+            .find(|d| crate::snapshot::locality_matches(&proxy, &d.from))
+            .map(|d| d.to.clone());
+        let failover = setting.force || traffic.is_some_and(|t| t.outlier.is_some());
+        let by_labels = !setting.failover_priority.is_empty();
+        let by_locality = !by_labels || !setting.failover.is_empty();
+        if distribute.is_none() && (!failover || (by_locality && !by_labels && known.is_none())) {
+            return None;
+        }
+        let failover_priority = if distribute.is_some() {
+            Vec::new()
+        } else {
+            self.proxy_priority_values(&setting.failover_priority, &proxy)
+        };
+        Some(crate::snapshot::LocalityLb {
+            proxy,
+            failover: setting.failover.clone(),
+            by_locality,
+            failover_priority,
+            distribute,
+            unready_hosts: svc.traffic_distribution != TrafficDistribution::Any,
+        })
+    }
+
+    /// The waypoint's value of each `failoverPriority` label (or the `=value` given): its own
+    /// labels (`CompileOptions::proxy_labels`, else its Pod's) with what istiod's
+    /// `AugmentLabels` adds (locality, cluster, node, network). istiod ranks nothing when the
+    /// proxy has no labels at all.
+    fn proxy_priority_values(
+        &self,
+        labels: &[String],
+        proxy: &crate::snapshot::Locality,
+    ) -> Vec<(String, String)> {
+        let own_pod = self.opts.own_pod.as_ref().and_then(|(ns, name)| {
+            self.pods
+                .get(&(ns.as_str(), name.as_str()))
+                .map(|p| LabelsRef::Meta(&p.meta.labels))
+        });
+        let own = if self.opts.proxy_labels.is_empty() {
+            own_pod
+        } else {
+            Some(LabelsRef::Map(&self.opts.proxy_labels))
+        };
+        let network = (!self.opts.network.is_empty()).then_some(self.opts.network.as_str());
+        let topology = Topology {
+            labels: own,
+            locality: Some(proxy),
+            node: (!self.opts.node_name.is_empty()).then_some(self.opts.node_name.as_str()),
+            network,
+        };
+        labels
+            .iter()
+            .map(|l| match l.split_once('=') {
+                Some((label, value)) => (label.to_string(), value.to_string()),
+                None => (
+                    l.clone(),
+                    self.topology_label(&topology, l, proxy).unwrap_or_default(),
+                ),
+            })
+            .collect()
+    }
+
+    /// A workload's label as `failoverPriority` sees it (istiod `AugmentLabels`): the
+    /// locality's region, zone and subzone, the cluster and the node override its own labels
+    /// when known; its network label wins over the network it is found in.
+    pub(super) fn topology_label(
+        &self,
+        t: &Topology<'_>,
+        key: &str,
+        proxy: &crate::snapshot::Locality,
+    ) -> Option<String> {
+        let own = || t.labels.as_ref().and_then(|l| l.get(key)).cloned();
+        let known = |v: Option<&str>| v.filter(|v| !v.is_empty()).map(str::to_string);
+        match key {
+            "topology.kubernetes.io/region" => known(
+                t.locality
+                    .and_then(|l| l.region.as_deref().or(proxy.region.as_deref())),
+            )
+            .or_else(own),
+            "topology.kubernetes.io/zone" => {
+                known(t.locality.map(|l| l.zone.as_str())).or_else(own)
+            }
+            "topology.istio.io/subzone" => {
+                known(t.locality.map(|l| l.subzone.as_str())).or_else(own)
+            }
+            "topology.istio.io/cluster" => known(Some(&self.opts.cluster_id)).or_else(own),
+            "kubernetes.io/hostname" => known(t.node).or_else(own),
+            crate::snapshot::NETWORK_LABEL => known(own().as_deref()).or_else(|| known(t.network)),
+            _ => own(),
+        }
+    }
+
+    /// An endpoint's `failoverPriority` rank under `lb` (0 without one).
+    pub(super) fn label_rank(
+        &self,
+        lb: Option<&crate::snapshot::LocalityLb>,
+        t: &Topology<'_>,
+    ) -> u8 {
+        match lb {
+            Some(lb) if !lb.failover_priority.is_empty() => {
+                lb.label_rank(&|key| self.topology_label(t, key, &lb.proxy))
+            }
+            _ => 0,
+        }
+    }
+
+    /// The network of a Pod (its label, else its namespace's), else the waypoint's own
+    /// (`ISTIO_META_NETWORK`): istiod's `Network()` order, without meshNetworks.
+    pub(super) fn pod_network(&self, meta: &'a ObjectMeta) -> Option<&'a str> {
+        meta.labels
+            .get(crate::snapshot::NETWORK_LABEL)
+            .or_else(|| {
+                self.namespaces
+                    .get(meta.namespace.as_str())
+                    .and_then(|n| n.labels.get(crate::snapshot::NETWORK_LABEL))
+            })
+            .map(String::as_str)
+    }
+
     /// The waypoint's own locality: `--locality`, else its Pod's locality label, else the zone
     /// of its Pod's EndpointSlice endpoint (the Gateway's Service lists it).
     pub(super) fn find_proxy_locality(&self) -> Option<crate::snapshot::Locality> {
@@ -134,13 +265,20 @@ impl<'a> Compiler<'a> {
 
     /// The endpoints of one Service port: for each ready address of the Service's slices, the
     /// slice port with the Service port's name, else the numeric targetPort, else the Service
-    /// port itself; a tunnel identity when the Pod is ambient; the Pod's workload names.
-    pub(super) fn endpoint_addrs(&self, key: SvcKey<'a>, port: u16) -> Option<Vec<EndpointSpec>> {
+    /// port itself; a tunnel identity when the Pod is ambient; the Pod's workload names; with
+    /// `lb`, the not-ready addresses it keeps and each endpoint's `failoverPriority` rank.
+    pub(super) fn endpoint_addrs(
+        &self,
+        key: SvcKey<'a>,
+        port: u16,
+        lb: Option<&crate::snapshot::LocalityLb>,
+    ) -> Option<Vec<EndpointSpec>> {
         let svc = self.services.get(&key)?;
         let sp = svc.ports.iter().find(|p| p.port == port)?;
         if let Some(entry) = &svc.entry {
-            return Some(self.entry_endpoints(entry, sp));
+            return Some(self.entry_endpoints(entry, sp, lb));
         }
+        let unready = lb.is_some_and(|l| l.unready_hosts);
         let mut addrs = BTreeMap::new();
         for slice in self.slices.get(&key).map(Vec::as_slice).unwrap_or_default() {
             let target = slice
@@ -150,12 +288,12 @@ impl<'a> Compiler<'a> {
                 .and_then(|(_, p)| *p)
                 .or(sp.target)
                 .unwrap_or(sp.port);
-            for (i, (ip, pod)) in slice.ready.iter().enumerate() {
-                let addr = SocketAddr::new(*ip, target);
+            for e in slice.endpoints.iter().filter(|e| e.ready || unready) {
+                let addr = SocketAddr::new(e.ip, target);
                 if addrs.contains_key(&addr) {
                     continue;
                 }
-                let info = self.endpoint_pod(*ip, pod.as_ref());
+                let info = self.endpoint_pod(e.ip, e.pod.as_ref());
                 let tunnel = info
                     .filter(|i| self.pod_is_ambient(i))
                     .map(|i| self.pod_identity(i));
@@ -164,16 +302,53 @@ impl<'a> Compiler<'a> {
                 // else `istio-locality`), else the zone its slice gives.
                 let locality = info
                     .and_then(|p| super::entries::pod_locality(p.meta))
-                    .or_else(|| slice.zones.get(i).cloned().flatten());
+                    .or_else(|| e.zone.clone());
+                let label_rank = self.label_rank(
+                    lb,
+                    &Topology {
+                        labels: info.map(|p| LabelsRef::Meta(&p.meta.labels)),
+                        locality: locality.as_deref(),
+                        node: e.node.as_deref(),
+                        network: info
+                            .and_then(|p| self.pod_network(p.meta))
+                            .or(Some(self.opts.network.as_str())),
+                    },
+                );
                 addrs.insert(
                     addr,
                     EndpointSpec {
                         locality,
+                        label_rank,
+                        ready: e.ready,
                         ..EndpointSpec::new(addr, tunnel, workload)
                     },
                 );
             }
         }
         Some(addrs.into_values().collect())
+    }
+}
+
+/// A workload's labels and what istiod's `AugmentLabels` adds to them, for
+/// `failoverPriority`.
+pub(super) struct Topology<'t> {
+    pub labels: Option<LabelsRef<'t>>,
+    pub locality: Option<&'t crate::snapshot::Locality>,
+    pub node: Option<&'t str>,
+    pub network: Option<&'t str>,
+}
+
+/// A workload's labels: a Kubernetes object's or a WorkloadEntry's.
+pub(super) enum LabelsRef<'t> {
+    Map(&'t BTreeMap<String, String>),
+    Meta(&'t crate::resources::Labels),
+}
+
+impl LabelsRef<'_> {
+    fn get(&self, key: &str) -> Option<&String> {
+        match self {
+            LabelsRef::Map(m) => m.get(key),
+            LabelsRef::Meta(l) => l.get(key),
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! `STATIC` inline IPs, `DNS`/`DNS_ROUND_ROBIN` names the proxy resolves
 //! ([`crate::DnsTargets`]), `NONE` the address each tunnel was sent to.
 
+use super::clusters::{LabelsRef, Topology};
 use super::*;
 use crate::resources::ServiceEntry;
 use crate::snapshot::{DnsTargets, Resolution};
@@ -114,6 +115,12 @@ impl<'a> Compiler<'a> {
                     endpoints: endpoints.clone(),
                     selector: selector.clone(),
                 }),
+                // A ServiceEntry has no field for it: the annotations only.
+                traffic_distribution: TrafficDistribution::of(
+                    None,
+                    meta,
+                    self.namespaces.get(ns).copied(),
+                ),
             };
             self.services.insert(key, svc);
             keys.push(key);
@@ -474,7 +481,7 @@ impl<'a> Compiler<'a> {
             }
             if e.network.is_some() {
                 self.warnings.push(format!(
-                    "{KIND} {sid}: {field}.network: networks are not applied by this waypoint yet; ignored"
+                    "{KIND} {sid}: {field}.network: used for failoverPriority only; this waypoint reaches endpoints of other networks directly, not through their network's gateway"
                 ));
             }
             let weight = match endpoint_weight(e.weight) {
@@ -498,6 +505,8 @@ impl<'a> Compiler<'a> {
                     .map(|l| Arc::new(crate::snapshot::Locality::parse(l))),
                 ports: by_name,
                 weight,
+                labels: e.labels.clone(),
+                network: e.network.clone().filter(|n| !n.is_empty()),
             });
         }
         endpoints
@@ -543,6 +552,7 @@ impl<'a> Compiler<'a> {
             ip,
             ports,
             weight,
+            network: w.spec.network.as_deref().filter(|n| !n.is_empty()),
             locality: w
                 .spec
                 .locality
@@ -560,6 +570,7 @@ impl<'a> Compiler<'a> {
         &self,
         (ns, labels): &(String, BTreeMap<String, String>),
         sp: &SvcPort,
+        lb: Option<&crate::snapshot::LocalityLb>,
         out: &mut Vec<EndpointSpec>,
     ) {
         let pod_matches =
@@ -578,11 +589,23 @@ impl<'a> Compiler<'a> {
             let tunnel = self.pod_is_ambient(pod).then(|| identity.clone());
             let workload = self.endpoint_workload(pod, Some(identity));
             let locality = pod_locality(pod.meta);
+            let label_rank = self.label_rank(
+                lb,
+                &Topology {
+                    labels: Some(LabelsRef::Meta(&pod.meta.labels)),
+                    locality: locality.as_deref(),
+                    node: None,
+                    network: self
+                        .pod_network(pod.meta)
+                        .or(Some(self.opts.network.as_str())),
+                },
+            );
             for ip in &pod.ips {
                 let addr = SocketAddr::new(*ip, port);
                 if !out.iter().any(|e| e.addr == addr) {
                     out.push(EndpointSpec {
                         locality: locality.clone(),
+                        label_rank,
                         ..EndpointSpec::new(addr, tunnel.clone(), Some(workload.clone()))
                     });
                 }
@@ -595,9 +618,19 @@ impl<'a> Compiler<'a> {
             let p = w.ports.get(&sp.name).copied().unwrap_or(port);
             let addr = SocketAddr::new(w.ip, p);
             if !out.iter().any(|e| e.addr == addr) {
+                let label_rank = self.label_rank(
+                    lb,
+                    &Topology {
+                        labels: Some(LabelsRef::Map(w.labels)),
+                        locality: w.locality.as_deref(),
+                        node: None,
+                        network: w.network.or(Some(self.opts.network.as_str())),
+                    },
+                );
                 out.push(EndpointSpec {
                     weight: w.weight,
                     locality: w.locality.clone(),
+                    label_rank,
                     ..EndpointSpec::new(addr, None, None)
                 });
             }
@@ -609,13 +642,18 @@ impl<'a> Compiler<'a> {
     /// port), plain TCP (no HBONE: istiod `supportTunnel` is false for them), or the Pods and
     /// WorkloadEntries its `workloadSelector` picks. DNS and NONE entries get theirs at run
     /// time.
-    pub(super) fn entry_endpoints(&self, entry: &EntryPlan, sp: &SvcPort) -> Vec<EndpointSpec> {
+    pub(super) fn entry_endpoints(
+        &self,
+        entry: &EntryPlan,
+        sp: &SvcPort,
+        lb: Option<&crate::snapshot::LocalityLb>,
+    ) -> Vec<EndpointSpec> {
         if entry.resolution != Resolution::Static {
             return Vec::new();
         }
         let mut out: Vec<EndpointSpec> = Vec::new();
         if let Some(selector) = &entry.selector {
-            self.selected_endpoints(selector, sp, &mut out);
+            self.selected_endpoints(selector, sp, lb, &mut out);
         }
         for e in &entry.endpoints {
             let Ok(ip) = e.address.parse::<IpAddr>() else {
@@ -629,9 +667,19 @@ impl<'a> Compiler<'a> {
                 .unwrap_or(sp.port);
             let addr = SocketAddr::new(ip, port);
             if !out.iter().any(|o| o.addr == addr) {
+                let label_rank = self.label_rank(
+                    lb,
+                    &Topology {
+                        labels: Some(LabelsRef::Map(&e.labels)),
+                        locality: e.locality.as_deref(),
+                        node: None,
+                        network: e.network.as_deref().or(Some(self.opts.network.as_str())),
+                    },
+                );
                 out.push(EndpointSpec {
                     weight: e.weight,
                     locality: e.locality.clone(),
+                    label_rank,
                     ..EndpointSpec::new(addr, None, None)
                 });
             }

@@ -73,6 +73,74 @@ struct Svc {
     hostname: String,
     /// A ServiceEntry host: where its endpoints come from.
     entry: Option<EntryPlan>,
+    /// `spec.trafficDistribution` (else the `networking.istio.io/traffic-distribution`
+    /// annotation on it or its namespace).
+    traffic_distribution: TrafficDistribution,
+}
+
+/// A Service's traffic distribution, as istiod reads it (`model.GetTrafficDistribution`):
+/// `PreferClose`/`PreferSameZone` fail over by network, region, zone; `PreferSameNode` also
+/// by subzone and node; both without outlier detection, by endpoint readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TrafficDistribution {
+    Any,
+    PreferSameZone,
+    PreferSameNode,
+}
+
+/// The annotation istiod accepts where the `trafficDistribution` field is not available
+/// (ServiceEntries, namespaces, older clusters).
+const TRAFFIC_DISTRIBUTION_ANNOTATION: &str = "networking.istio.io/traffic-distribution";
+
+impl TrafficDistribution {
+    /// From the Service's field, else its annotation, else its namespace's annotation.
+    /// An unknown annotation value is `Any` (istiod logs and ignores it).
+    fn of(spec: Option<&str>, svc: &ObjectMeta, ns: Option<&ObjectMeta>) -> TrafficDistribution {
+        match spec {
+            Some("PreferClose") | Some("PreferSameZone") => {
+                return TrafficDistribution::PreferSameZone;
+            }
+            Some("PreferSameNode") => return TrafficDistribution::PreferSameNode,
+            _ => {}
+        }
+        let annotation = |m: &ObjectMeta| {
+            m.annotations
+                .get(TRAFFIC_DISTRIBUTION_ANNOTATION)
+                .filter(|v| !v.is_empty())
+                .map(|v| match v.to_ascii_lowercase().as_str() {
+                    "preferclose" | "prefersamezone" => TrafficDistribution::PreferSameZone,
+                    "prefersamenode" => TrafficDistribution::PreferSameNode,
+                    _ => TrafficDistribution::Any,
+                })
+        };
+        annotation(svc)
+            .or_else(|| ns.and_then(annotation))
+            .unwrap_or(TrafficDistribution::Any)
+    }
+
+    /// The locality setting it stands for (istiod `GetEffectiveLbSetting`), if any.
+    fn setting(self) -> Option<crate::snapshot::LocalitySetting> {
+        let labels: &[&str] = match self {
+            TrafficDistribution::Any => return None,
+            TrafficDistribution::PreferSameZone => &[
+                crate::snapshot::NETWORK_LABEL,
+                "topology.kubernetes.io/region",
+                "topology.kubernetes.io/zone",
+            ],
+            TrafficDistribution::PreferSameNode => &[
+                crate::snapshot::NETWORK_LABEL,
+                "topology.kubernetes.io/region",
+                "topology.kubernetes.io/zone",
+                "topology.istio.io/subzone",
+                "kubernetes.io/hostname",
+            ],
+        };
+        Some(crate::snapshot::LocalitySetting {
+            failover_priority: labels.iter().map(|l| l.to_string()).collect(),
+            force: true,
+            ..Default::default()
+        })
+    }
 }
 
 /// The endpoints of one ServiceEntry host.
@@ -97,6 +165,9 @@ struct EntryEndpoint {
     ports: BTreeMap<String, u16>,
     /// `weight` (Envoy `load_balancing_weight`; 0 and unset are 1, as istiod renders them).
     weight: u32,
+    /// `labels` and `network` (for `failoverPriority`).
+    labels: BTreeMap<String, String>,
+    network: Option<String>,
 }
 
 struct SvcPort {
@@ -116,16 +187,28 @@ struct WorkloadEntryInfo<'a> {
     ports: BTreeMap<String, u16>,
     weight: u32,
     locality: Option<Arc<crate::snapshot::Locality>>,
+    network: Option<&'a str>,
 }
 
 /// A validated EndpointSlice.
 struct Slice {
     /// (port name, empty when unnamed; port number).
     ports: Vec<(String, Option<u16>)>,
-    /// Addresses of ready endpoints, with the Pod their `targetRef` names.
-    ready: Vec<(IpAddr, Option<(String, String)>)>,
-    /// The zone of each ready address (its endpoint's `zone`), by index into `ready`.
-    zones: Vec<Option<Arc<crate::snapshot::Locality>>>,
+    /// Its ready addresses, and the not-ready ones that are not terminating (istiod's
+    /// `UnHealthy`, kept for Services with a `trafficDistribution`).
+    endpoints: Vec<SliceEndpoint>,
+}
+
+/// One address of an EndpointSlice.
+struct SliceEndpoint {
+    ip: IpAddr,
+    /// The Pod its `targetRef` names.
+    pod: Option<(String, String)>,
+    /// Its endpoint's `zone`.
+    zone: Option<Arc<crate::snapshot::Locality>>,
+    /// Its endpoint's `nodeName` (the `kubernetes.io/hostname` istiod gives the endpoint).
+    node: Option<Arc<str>>,
+    ready: bool,
 }
 
 /// A Pod, as far as the data plane cares.
@@ -286,7 +369,7 @@ pub(crate) fn refresh_endpoints(
     let mut changed = 0;
     let mut refresh = |cluster: &Arc<Cluster>| {
         let key = (&*cluster.service_namespace, &*cluster.service_name);
-        if let Some(addrs) = c.endpoint_addrs(key, cluster.port)
+        if let Some(addrs) = c.endpoint_addrs(key, cluster.port, cluster.locality_lb.as_deref())
             && cluster.set_endpoints(addrs)
         {
             changed += 1;

@@ -2030,11 +2030,11 @@ fn destination_rules_set_the_cluster_traffic_policy() {
     let snap2 = ok(&base(&[&destination_rule(
         "default",
         "web",
-        "{host: web, trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: UPGRADE}}, loadBalancer: {localityLbSetting: {enabled: true, distribute: [{from: a/b/*, to: {a/b/*: 100}}]}}}}",
+        "{host: web, trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}, subsets: [{name: v1, labels: {version: v1}}]}",
     )]));
     for needle in [
         "DestinationRule default/web: spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
-        "DestinationRule default/web: spec.trafficPolicy.loadBalancer.localityLbSetting.distribute",
+        "DestinationRule default/web: spec.subsets",
     ] {
         assert!(
             has_warning(&snap2, needle),
@@ -2746,6 +2746,10 @@ fn locality_priorities_are_istiods_failover_priorities() {
     let lb = LocalityLb {
         proxy: Locality::parse("us-east/zone1/sub1"),
         failover: Vec::new(),
+        by_locality: true,
+        failover_priority: Vec::new(),
+        distribute: None,
+        unready_hosts: false,
     };
     let l = |s: &str| Locality::parse(s);
     let eps = [
@@ -2758,7 +2762,7 @@ fn locality_priorities_are_istiods_failover_priorities() {
         Some(Locality::zone_only("zone1")),
         Some(Locality::from_label("us-east.zone2.y")),
     ];
-    let refs: Vec<Option<&Locality>> = eps.iter().map(Option::as_ref).collect();
+    let refs: Vec<(Option<&Locality>, u8)> = eps.iter().map(|l| (l.as_ref(), 0)).collect();
     assert_eq!(lb.priorities(&refs), vec![0, 1, 2, 3, 3, 1, 2]);
     // No endpoint in the proxy's subzone: the nearest ones are priority 0 (no gaps).
     assert_eq!(lb.priorities(&refs[2..4]), vec![0, 1]);
@@ -2772,8 +2776,105 @@ fn locality_priorities_are_istiods_failover_priorities() {
         Some(l("us-west/zone1")),
         Some(l("eu-west/zone1")),
     ];
-    let refs: Vec<Option<&Locality>> = eps.iter().map(Option::as_ref).collect();
+    let refs: Vec<(Option<&Locality>, u8)> = eps.iter().map(|l| (l.as_ref(), 0)).collect();
     assert_eq!(lb.priorities(&refs), vec![0, 2, 1]);
+    // failoverPriority ranks first, locality second (istiod multiplies by 5 and compacts).
+    let ranked = [
+        (refs[0].0, 1),
+        (refs[1].0, 0),
+        (refs[2].0, 0),
+        (refs[0].0, 0),
+    ];
+    assert_eq!(lb.priorities(&ranked), vec![3, 2, 1, 0]);
+    let labels_only = LocalityLb {
+        by_locality: false,
+        ..lb.clone()
+    };
+    assert_eq!(labels_only.priorities(&ranked), vec![1, 0, 0, 0]);
+}
+
+#[test]
+fn failover_priority_ranks_as_istiod_does() {
+    use crate::snapshot::{Locality, LocalityLb};
+    let lb = |labels: &[(&str, &str)]| LocalityLb {
+        proxy: Locality::parse("r/z/s"),
+        failover: Vec::new(),
+        by_locality: false,
+        failover_priority: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        distribute: None,
+        unready_hosts: false,
+    };
+    let of = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(kk, _)| *kk == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    let two = lb(&[("a", "1"), ("b", "2")]);
+    assert_eq!(two.label_rank(&of(&[("a", "1"), ("b", "2")])), 0);
+    assert_eq!(two.label_rank(&of(&[("a", "1"), ("b", "x")])), 1);
+    assert_eq!(two.label_rank(&of(&[("a", "x"), ("b", "2")])), 2);
+    assert_eq!(two.label_rank(&of(&[])), 2);
+    // The network first: a mismatch adds n and the other labels still rank.
+    let net = lb(&[("topology.istio.io/network", "n1"), ("b", "2")]);
+    assert_eq!(
+        net.label_rank(&of(&[("topology.istio.io/network", "n1"), ("b", "2")])),
+        0
+    );
+    assert_eq!(
+        net.label_rank(&of(&[("topology.istio.io/network", "n2"), ("b", "2")])),
+        2
+    );
+    assert_eq!(
+        net.label_rank(&of(&[("topology.istio.io/network", "n2"), ("b", "x")])),
+        3
+    );
+    assert_eq!(
+        net.label_rank(&of(&[("topology.istio.io/network", "n1"), ("b", "x")])),
+        1
+    );
+}
+
+#[test]
+fn distribute_weights_localities_as_istiod_does() {
+    use crate::snapshot::{Locality, LocalityLb};
+    let l = |s: &str| Locality::parse(s);
+    let lb = LocalityLb {
+        proxy: l("us-east/zone1/sub1"),
+        failover: Vec::new(),
+        by_locality: true,
+        failover_priority: Vec::new(),
+        distribute: Some(vec![("us-east/zone1/*".into(), 70), ("eu/*".into(), 30)]),
+        unready_hosts: false,
+    };
+    let locs = [
+        l("us-east/zone1/sub1"),
+        l("us-east/zone1/sub1"),
+        l("eu/zone2/a"),
+        l("eu/zone3/b"),
+        l("eu/zone3/b"),
+        l("us-west/zone1/sub1"),
+    ];
+    let eps: Vec<(Option<&Locality>, u32)> = locs.iter().map(|x| (Some(x), 1)).collect();
+    // zone1 gets 70; `eu/*` matches two localities, whose endpoint weights 1 and 2 share its
+    // 30: ceil(30/3) = 10 and ceil(60/3) = 20. us-west is named by no pattern: dropped.
+    assert_eq!(
+        lb.distribution(&eps),
+        vec![
+            Some((70, 0)),
+            Some((70, 0)),
+            Some((10, 1)),
+            Some((20, 2)),
+            Some((20, 2)),
+            None
+        ]
+    );
+    assert_eq!(lb.priorities(&[(Some(&locs[5]), 0)]), vec![0]);
 }
 
 #[test]
@@ -2844,22 +2945,150 @@ fn locality_failover_needs_outlier_detection_and_the_proxys_locality() {
     let mesh_off = CompileOptions {
         mesh_locality: crate::LocalitySetting {
             enabled: false,
-            failover: Vec::new(),
+            ..Default::default()
         },
         ..at(Some("us-east/zone1"))
     };
     assert!(none(&compile_with(&yaml, mesh_off)));
-    // A bad failover entry names its field; distribute is warned about.
-    let bad = base(&[&dr(
-        "{outlierDetection: {}, loadBalancer: {localityLbSetting: {failover: [{from: us-east}], distribute: [{from: a, to: {b: 100}}]}}}",
-    )]);
-    let e = errs(&bad);
-    assert_error(
-        &e,
-        "DestinationRule",
+    // Bad settings name their field, as Istio's validation words them.
+    let f = "spec.trafficPolicy.loadBalancer.localityLbSetting";
+    for (setting, field, says) in [
+        (
+            "{failover: [{from: us-east}]}",
+            format!("{f}.failover[0]"),
+            "different",
+        ),
+        (
+            "{failover: [{from: a, to: b}], distribute: [{from: a, to: {b: 100}}]}",
+            format!("{f}.distribute"),
+            "simultaneously",
+        ),
+        (
+            "{distribute: [{from: a, to: {b: 60, c: 30}}]}",
+            format!("{f}.distribute[0].to"),
+            "total locality weight 90 != 100",
+        ),
+        (
+            "{distribute: [{from: a, to: {b: 0, c: 100}}]}",
+            format!("{f}.distribute[0].to[b]"),
+            "[1, 100]",
+        ),
+        (
+            "{distribute: [{from: 'a/*/c', to: {b: 100}}]}",
+            format!("{f}.distribute[0].from"),
+            "wildcard",
+        ),
+        (
+            "{distribute: [{from: a, to: {'b/*': 50, 'b/z': 50}}]}",
+            format!("{f}.distribute[0].to[b/z]"),
+            "overlap",
+        ),
+        (
+            "{failover: [{from: a, to: b}], failoverPriority: [topology.kubernetes.io/zone]}",
+            format!("{f}.failoverPriority"),
+            "topology label",
+        ),
+    ] {
+        let bad = base(&[&dr(&format!(
+            "{{outlierDetection: {{}}, loadBalancer: {{localityLbSetting: {setting}}}}}"
+        ))]);
+        let e = errs(&bad);
+        assert_error(&e, "DestinationRule", "default", "reviews", &field);
+        assert!(
+            e.iter()
+                .any(|e| e.field == field && e.message.contains(says)),
+            "{setting}: {e:?}"
+        );
+    }
+}
+
+#[test]
+fn failover_priority_and_traffic_distribution_rank_endpoints_by_their_labels() {
+    // Pods in two zones and on two nodes; the waypoint in zone1 on node-a.
+    let p = |name: &str, ip: &str, labels: &str| pod(name, ip, labels);
+    let pods = [
+        p("r1", "10.1.0.1", "app: reviews, tier: gold"),
+        p("r2", "10.1.0.2", "app: reviews, tier: silver"),
+        p("r3", "10.1.0.3", "app: reviews, tier: gold"),
+    ];
+    let s = slice(
         "default",
         "reviews",
-        "spec.trafficPolicy.loadBalancer.localityLbSetting.failover[0]",
+        "reviews-1",
+        "endpoints:\n- {addresses: [10.1.0.1], zone: zone1, nodeName: node-a, targetRef: {kind: Pod, name: r1}}\n- {addresses: [10.1.0.2], zone: zone1, nodeName: node-b, targetRef: {kind: Pod, name: r2}}\n- {addresses: [10.1.0.3], zone: zone2, nodeName: node-c, targetRef: {kind: Pod, name: r3}}\n- {addresses: [10.1.0.4], zone: zone1, nodeName: node-a, conditions: {ready: false, terminating: false}}\n- {addresses: [10.1.0.5], zone: zone1, conditions: {ready: false}}\nports: [{name: http, port: 9080}]",
+    );
+    let opts = CompileOptions {
+        locality: Some(crate::Locality::parse("us-east/zone1")),
+        proxy_labels: [("tier".to_string(), "gold".to_string())].into(),
+        node_name: "node-a".into(),
+        ..Default::default()
+    };
+    let endpoints = |yaml: &str| -> Vec<(String, u8, bool)> {
+        let loaded = parse_manifests(yaml, "t").expect("parses");
+        let snap = compile(&loaded, &opts).expect("compiles");
+        bound(&snap, "10.0.0.10:9080")
+            .cluster
+            .endpoints()
+            .iter()
+            .map(|e| (e.addr.ip().to_string(), e.priority, e.ready))
+            .collect()
+    };
+    let mut all: Vec<&str> = pods.iter().map(String::as_str).collect();
+    all.push(&s);
+    // failoverPriority [tier]: gold first (the proxy's own label), zones not considered.
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: default}\nspec: {host: reviews, trafficPolicy: {outlierDetection: {consecutive5xxErrors: 3}, loadBalancer: {localityLbSetting: {failoverPriority: [tier]}}}}\n";
+    let mut with_dr = all.clone();
+    with_dr.push(dr);
+    assert_eq!(
+        endpoints(&base(&with_dr)),
+        vec![
+            ("10.1.0.1".into(), 0, true),
+            ("10.1.0.2".into(), 1, true),
+            ("10.1.0.3".into(), 0, true)
+        ]
+    );
+    // A `=value` override: silver first.
+    let silver = dr.replace("[tier]", "['tier=silver']");
+    let mut with_silver = all.clone();
+    with_silver.push(&silver);
+    assert_eq!(
+        endpoints(&base(&with_silver))[1],
+        ("10.1.0.2".into(), 0, true)
+    );
+    // PreferSameNode on the Service (no DestinationRule, no outlier detection): the node,
+    // then the zone; the not-ready, not-terminating endpoint is kept as unhealthy, the
+    // one that does not say it is not terminating is not (istiod's endpointHealthStatus).
+    let yaml = base(&all).replace(
+        "clusterIP: 10.0.0.10",
+        "clusterIP: 10.0.0.10, trafficDistribution: PreferSameNode",
+    );
+    assert!(
+        yaml.contains("PreferSameNode"),
+        "the fixture has the Service"
+    );
+    assert_eq!(
+        endpoints(&yaml),
+        vec![
+            ("10.1.0.1".into(), 0, true),
+            ("10.1.0.2".into(), 1, true),
+            ("10.1.0.3".into(), 2, true),
+            ("10.1.0.4".into(), 0, false)
+        ]
+    );
+    // PreferClose by the namespace annotation: the zone only.
+    let yaml = base(&all).replace(
+        "metadata: {name: default, labels",
+        "metadata: {name: default, annotations: {networking.istio.io/traffic-distribution: PreferClose}, labels",
+    );
+    assert!(
+        yaml.contains("PreferClose"),
+        "the fixture has the Namespace"
+    );
+    let eps = endpoints(&yaml);
+    assert_eq!(
+        eps.iter().map(|e| e.1).collect::<Vec<_>>(),
+        vec![0, 0, 1, 0],
+        "{eps:?}"
     );
 }
 

@@ -191,8 +191,7 @@ impl<'a> Compiler<'a> {
         }
         let mut slice = Slice {
             ports: Vec::new(),
-            ready: Vec::new(),
-            zones: Vec::new(),
+            endpoints: Vec::new(),
         };
         for (i, p) in s.ports.iter().enumerate() {
             let port = match p.port {
@@ -237,12 +236,19 @@ impl<'a> Compiler<'a> {
             {
                 self.own_zone = Some(z.clone());
             }
+            // istiod `endpointHealthStatus`: not ready and terminating (or not saying) is
+            // Terminating, never sent; not ready and not terminating is UnHealthy.
+            let unhealthy = !ready && e.conditions.terminating == Some(false);
+            let node: Option<Arc<str>> = e.node_name.as_deref().map(Into::into);
             for (j, a) in e.addresses.iter().enumerate() {
                 match a.parse::<IpAddr>() {
-                    Ok(ip) if ready => {
-                        slice.ready.push((ip, pod.clone()));
-                        slice.zones.push(zone.clone());
-                    }
+                    Ok(ip) if ready || unhealthy => slice.endpoints.push(SliceEndpoint {
+                        ip,
+                        pod: pod.clone(),
+                        zone: zone.clone(),
+                        node: node.clone(),
+                        ready,
+                    }),
                     Ok(_) => {}
                     Err(_) => self.errors.push(err(
                         format!("endpoints[{i}].addresses[{j}]"),

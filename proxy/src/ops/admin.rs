@@ -420,7 +420,8 @@ fn logging(req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Envoy `/clusters` style: `<cluster>::<endpoint>::rq_active::<n>`,
 /// `<cluster>::<endpoint>::health_flags::healthy` (or `/failed_outlier_check` while an
-/// outlier ejection lasts, as Envoy prints it), `<cluster>::<endpoint>::weight::<n>` and
+/// outlier ejection lasts, `/failed_eds_health` for a not-ready endpoint a Service's
+/// `trafficDistribution` keeps, as Envoy prints them), `<cluster>::<endpoint>::weight::<n>` and
 /// `<cluster>::<endpoint>::priority::<n>` (locality failover's level); with
 /// a DestinationRule, the cluster's `<cluster>::circuit_breakers::max_requests::<n>`,
 /// `::rq_overflow::<n>` and `::outlier_ejections::<n>`.
@@ -451,10 +452,12 @@ fn clusters(shared: &Shared) -> String {
             }
         }
         for e in c.endpoints().iter() {
-            let health = if e.health.is_ejected(now) {
-                "/failed_outlier_check"
-            } else {
-                "healthy"
+            // Envoy's flag order (`HostUtility::healthFlagsToString`).
+            let health = match (e.health.is_ejected(now), e.ready) {
+                (false, true) => "healthy",
+                (true, true) => "/failed_outlier_check",
+                (false, false) => "/failed_eds_health",
+                (true, false) => "/failed_outlier_check/failed_eds_health",
             };
             out.push_str(&format!(
                 "{name}::{addr}::rq_active::{}\n{name}::{addr}::health_flags::{health}\n{name}::{addr}::weight::{}\n{name}::{addr}::priority::{}\n",

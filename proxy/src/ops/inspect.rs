@@ -540,14 +540,81 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
                 reply_line(&ProxyError::NoHealthyUpstream)
             }
             Backend::Cluster(c) => {
-                let eps: Vec<String> = c.endpoints().iter().map(|e| e.addr.to_string()).collect();
-                format!("proxied to {} endpoints [{}]", c.name, eps.join(", "))
+                let eps: Vec<String> = c
+                    .endpoints()
+                    .iter()
+                    .map(|e| endpoint_note(c.locality_lb.as_deref(), e))
+                    .collect();
+                format!(
+                    "proxied to {} endpoints [{}]{}",
+                    c.name,
+                    eps.join(", "),
+                    c.locality_lb
+                        .as_deref()
+                        .map(locality_note)
+                        .unwrap_or_default()
+                )
             }
         };
         let _ = write!(o, "{line}");
     }
     o.push('\n');
     out
+}
+
+/// An endpoint as `explain` lists it: its address, with its level or locality weight and
+/// readiness when the cluster balances by locality.
+fn endpoint_note(lb: Option<&policy::LocalityLb>, e: &policy::Endpoint) -> String {
+    let mut notes = Vec::new();
+    match lb {
+        Some(lb) if lb.distribute.is_some() => {
+            notes.push(format!("locality weight {}", e.locality_weight))
+        }
+        Some(_) => notes.push(format!("priority {}", e.priority)),
+        None => {}
+    }
+    if !e.ready {
+        notes.push("not ready".into());
+    }
+    if notes.is_empty() {
+        e.addr.to_string()
+    } else {
+        format!("{} ({})", e.addr, notes.join(", "))
+    }
+}
+
+/// How the cluster balances by locality (istiod's `localityLbSetting` or the Service's
+/// `trafficDistribution`), for `explain`.
+fn locality_note(lb: &policy::LocalityLb) -> String {
+    if let Some(to) = &lb.distribute {
+        let weights: Vec<String> = to.iter().map(|(l, w)| format!("{l} {w}%")).collect();
+        return format!(
+            "; locality weights from {}: {} (Envoy's locality-weighted balancing)",
+            lb.proxy,
+            weights.join(", ")
+        );
+    }
+    let mut by = Vec::new();
+    if !lb.failover_priority.is_empty() {
+        let labels: Vec<String> = lb
+            .failover_priority
+            .iter()
+            .map(|(l, v)| format!("{l}={v}"))
+            .collect();
+        by.push(format!("labels [{}]", labels.join(", ")));
+    }
+    if lb.by_locality {
+        by.push(format!("locality (the waypoint's {})", lb.proxy));
+    }
+    format!(
+        "; priority levels by {}, each taking 1.4 x its healthy share before the next{}",
+        by.join(" then "),
+        if lb.unready_hosts {
+            " (trafficDistribution: not-ready endpoints count as unhealthy)"
+        } else {
+            ""
+        }
+    )
 }
 
 /// One line on a cluster's DestinationRule policy, for `explain`.

@@ -14,7 +14,9 @@
 //!   Envoy's 300 s), until the detector's next `interval` tick after that. A success resets
 //!   the counters.
 //! - Locality failover ([`policy::LocalityLb`]): the request's priority level is drawn by
-//!   Envoy's priority load (each level's health x 1.4), then the policy picks within it.
+//!   Envoy's priority load (each level's health x 1.4), then the policy picks within it;
+//!   with `distribute`, a locality of the level by weight x availability first. Not-ready
+//!   endpoints (kept for a Service's `trafficDistribution`) count as unhealthy hosts.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -47,11 +49,16 @@ pub fn choose<'a>(
     r: u64,
     key: Option<u64>,
 ) -> Option<&'a Endpoint> {
-    let Some(t) = &cluster.traffic else {
-        return pick_endpoint(endpoints, tried, r);
+    let t = match (&cluster.traffic, &cluster.locality_lb) {
+        (Some(t), _) => t.as_ref(),
+        // A Service's trafficDistribution without a DestinationRule: Envoy's defaults over
+        // the levels and localities.
+        (None, Some(_)) => default_policy(),
+        (None, None) => return pick_endpoint(endpoints, tried, r),
     };
     let now = t.outlier.as_ref().map(|_| now_ms());
-    let healthy = |e: &Endpoint| now.is_none_or(|now| !e.health.is_ejected(now));
+    // Not ready (kept only for a trafficDistribution) is unhealthy, as ejected is.
+    let healthy = |e: &Endpoint| e.ready && now.is_none_or(|now| !e.health.is_ejected(now));
     if let (LbPolicy::ConsistentHash(h), Some(key)) = (&t.lb, key)
         && !endpoints.is_empty()
     {
@@ -69,7 +76,16 @@ pub fn choose<'a>(
         Some(_) => priority_level(endpoints, &healthy, r >> 40),
         None => None,
     };
-    let in_level = |e: &Endpoint| level.is_none_or(|l| e.priority == l);
+    // `distribute`: a locality of the level by its weight times its availability.
+    let group = match &cluster.locality_lb {
+        Some(lb) if lb.distribute.is_some() => {
+            locality_group(endpoints, level, &healthy, (r >> 20) & 0xff_ffff)
+        }
+        _ => None,
+    };
+    let in_level = |e: &Endpoint| {
+        level.is_none_or(|l| e.priority == l) && group.is_none_or(|g| e.locality_group == g)
+    };
     // No allocation per request: the candidates are a filter over the list, counted and
     // indexed by scanning (endpoint lists are short next to a request's other work).
     let level_len = match level {
@@ -123,6 +139,59 @@ pub fn choose<'a>(
         LbPolicy::Random | LbPolicy::ConsistentHash(_) => nth((r % count as u64) as usize),
         LbPolicy::LeastRequest => two_choices(endpoints, pool, count, r),
     }
+}
+
+/// Envoy's defaults, for a cluster with locality load balancing but no DestinationRule.
+fn default_policy() -> &'static TrafficPolicy {
+    static DEFAULT: OnceLock<TrafficPolicy> = OnceLock::new();
+    DEFAULT.get_or_init(TrafficPolicy::default)
+}
+
+/// The locality a request goes to under `distribute` (Envoy's locality-weighted load
+/// balancing, `HostSetImpl::chooseHealthyLocality`): among the localities of `level`, in
+/// proportion to each one's weight times its availability, `min(1, 1.4 x healthy / hosts)`.
+/// `None` when no locality has a healthy host (Envoy then uses the level's hosts).
+fn locality_group(
+    endpoints: &[Endpoint],
+    level: Option<u8>,
+    healthy: &dyn Fn(&Endpoint) -> bool,
+    draw: u64,
+) -> Option<u16> {
+    // (group, weight, healthy, hosts); localities are few, found by scanning.
+    let mut groups: Vec<(u16, u64, u64, u64)> = Vec::new();
+    for e in endpoints
+        .iter()
+        .filter(|e| level.is_none_or(|l| e.priority == l))
+    {
+        let i = match groups.iter().position(|g| g.0 == e.locality_group) {
+            Some(i) => i,
+            None => {
+                groups.push((e.locality_group, u64::from(e.locality_weight), 0, 0));
+                groups.len() - 1
+            }
+        };
+        groups[i].3 += 1;
+        if healthy(e) {
+            groups[i].2 += 1;
+        }
+    }
+    // Effective weights in thousandths, as Envoy computes them in floating point.
+    let effective = |(_, w, up, hosts): &(u16, u64, u64, u64)| {
+        w * ((OVERPROVISIONING as u64 * 10 * up) / hosts.max(&1)).min(1000)
+    };
+    let total: u64 = groups.iter().map(effective).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut x = draw % total;
+    for g in &groups {
+        let w = effective(g);
+        if x < w {
+            return Some(g.0);
+        }
+        x -= w;
+    }
+    None
 }
 
 /// Envoy's overprovisioning factor (1.4): a priority level takes all the load while 72% of

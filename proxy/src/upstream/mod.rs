@@ -1260,19 +1260,10 @@ pub fn pick_endpoint<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use policy::EndpointLoad;
 
     fn eps(n: usize) -> Vec<Endpoint> {
         (0..n)
-            .map(|i| Endpoint {
-                addr: format!("127.0.0.{}:80", i + 1).parse().unwrap(),
-                load: Arc::new(EndpointLoad::default()),
-                tunnel: None,
-                workload: None,
-                health: Default::default(),
-                weight: 1,
-                priority: 0,
-            })
+            .map(|i| Endpoint::new(format!("127.0.0.{}:80", i + 1).parse().unwrap(), None, None))
             .collect()
     }
 
