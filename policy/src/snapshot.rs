@@ -257,10 +257,35 @@ impl Resolution {
 /// answers with [`Cluster::set_endpoints`]. Compiling does no I/O.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsTargets {
-    /// (host name, port) of each endpoint: the ServiceEntry's endpoints, else its host.
-    pub names: Vec<(Arc<str>, u16)>,
+    /// Each endpoint to resolve: the ServiceEntry's endpoints, else its host.
+    pub names: Vec<DnsTarget>,
     /// `DNS_ROUND_ROBIN` (Envoy LOGICAL_DNS): only the first address of each answer is used.
     pub first_only: bool,
+}
+
+/// One name of a DNS cluster, with what its addresses inherit (Envoy's STRICT_DNS hosts take
+/// their `LbEndpoint`'s weight and locality).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsTarget {
+    pub name: Arc<str>,
+    pub port: u16,
+    /// See [`Endpoint::weight`].
+    pub weight: u32,
+    pub locality: Option<Arc<Locality>>,
+    /// See [`EndpointSpec::label_rank`].
+    pub label_rank: u8,
+}
+
+impl DnsTarget {
+    /// An endpoint at `addr`, one of this name's addresses.
+    pub fn endpoint(&self, addr: SocketAddr) -> EndpointSpec {
+        EndpointSpec {
+            weight: self.weight,
+            locality: self.locality.clone(),
+            label_rank: self.label_rank,
+            ..EndpointSpec::new(addr, None, None)
+        }
+    }
 }
 
 /// Where a workload runs: Istio's locality `region/zone/subzone` (from a ServiceEntry

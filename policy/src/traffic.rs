@@ -1388,22 +1388,26 @@ pub fn stable_hash(data: &[u8]) -> u64 {
 }
 
 impl HashRing {
-    /// Build the table for endpoints named by `addrs` (their order is the index).
-    pub fn build(table: HashTable, addrs: &[String]) -> HashRing {
-        let n = addrs.len() as u64;
+    /// Build the table for endpoints named by `hosts` (address, weight; their order is the
+    /// index). Each host's share of the table follows its weight (Envoy's `load_balancing_weight`,
+    /// which its ring hash and Maglev tables honour).
+    pub fn build(table: HashTable, hosts: &[(String, u32)]) -> HashRing {
+        let weights = scaled_weights(hosts);
         match table {
             HashTable::Ring { min_size } => {
-                // Envoy gives each host ceil(min_size / hosts) points; rounded up to a power
-                // of two here, so a host coming or going changes the other hosts' points
-                // only when the count crosses a power of two (fewer keys move).
-                let per_host = if n == 0 {
+                // Envoy gives each host a share of at least `min_size` points by weight;
+                // points per unit of weight are rounded up to a power of two here, so a host
+                // coming or going changes the other hosts' points only when the count crosses
+                // a power of two (fewer keys move).
+                let total: u64 = weights.iter().sum();
+                let per_unit = if total == 0 {
                     0
                 } else {
-                    min_size.div_ceil(n).next_power_of_two()
+                    min_size.div_ceil(total).next_power_of_two()
                 };
-                let mut ring = Vec::with_capacity((per_host * n) as usize);
-                for (i, a) in addrs.iter().enumerate() {
-                    for j in 0..per_host {
+                let mut ring = Vec::with_capacity((per_unit * total) as usize);
+                for (i, (a, _)) in hosts.iter().enumerate() {
+                    for j in 0..per_unit * weights[i] {
                         ring.push((stable_hash(format!("{a}_{j}").as_bytes()), i as u32));
                     }
                 }
@@ -1412,15 +1416,18 @@ impl HashRing {
             }
             HashTable::Maglev { table_size } => {
                 let m = table_size as usize;
+                let n = hosts.len() as u64;
                 let mut table = vec![u32::MAX; m];
                 if n == 0 {
                     return HashRing::Maglev(Vec::new());
                 }
                 // Maglev (Eisenbud et al., 2016): each host walks its own permutation
-                // (offset, skip) and takes the next free slot, in turns, until full.
-                let perms: Vec<(usize, usize)> = addrs
+                // (offset, skip) and takes the next free slot, in turns, until full. Weighted
+                // as Envoy's `MaglevTable`: a host takes a turn each time its accumulated
+                // weight reaches the largest weight, so its slots follow its weight.
+                let perms: Vec<(usize, usize)> = hosts
                     .iter()
-                    .map(|a| {
+                    .map(|(a, _)| {
                         let offset = stable_hash(format!("{a}#o").as_bytes()) as usize % m;
                         let skip = if m > 1 {
                             stable_hash(format!("{a}#s").as_bytes()) as usize % (m - 1) + 1
@@ -1430,10 +1437,17 @@ impl HashRing {
                         (offset, skip)
                     })
                     .collect();
+                let max_weight = weights.iter().copied().max().unwrap_or(1).max(1);
+                let mut credit = vec![0u64; perms.len()];
                 let mut next = vec![0usize; perms.len()];
                 let mut filled = 0;
                 'fill: loop {
                     for (i, &(offset, skip)) in perms.iter().enumerate() {
+                        credit[i] += weights[i];
+                        if credit[i] < max_weight {
+                            continue;
+                        }
+                        credit[i] -= max_weight;
                         // Bounded: a permutation visits every slot within m steps when skip
                         // and m are coprime (m prime); otherwise give up on this host.
                         let mut tries = 0;
@@ -1454,7 +1468,11 @@ impl HashRing {
                             break 'fill;
                         }
                     }
-                    if next.iter().all(|t| *t > 2 * m) {
+                    // Bounded: the heaviest host takes a turn every round, and every host
+                    // has walked its permutation twice over by then.
+                    if next.iter().all(|t| *t > 2 * m)
+                        || next[weights.iter().position(|w| *w == max_weight).unwrap_or(0)] > 2 * m
+                    {
                         break;
                     }
                 }
@@ -1491,6 +1509,24 @@ impl HashRing {
             }
         })
     }
+}
+
+/// Hash-table weights: each host's weight (at least 1), scaled down in proportion when they
+/// sum past 65,536 so a table stays bounded whatever weights a ServiceEntry gives.
+fn scaled_weights(hosts: &[(String, u32)]) -> Vec<u64> {
+    const MAX_TOTAL: u64 = 1 << 16;
+    let total: u64 = hosts.iter().map(|(_, w)| u64::from((*w).max(1))).sum();
+    hosts
+        .iter()
+        .map(|(_, w)| {
+            let w = u64::from((*w).max(1));
+            if total > MAX_TOTAL {
+                (w * MAX_TOTAL / total).max(1)
+            } else {
+                w
+            }
+        })
+        .collect()
 }
 
 /// The table built for one endpoint list (kept while the list is current).

@@ -85,7 +85,9 @@ impl<'a> Compiler<'a> {
             protocol: sp.protocol,
             endpoint_list: arc_swap::ArcSwap::from_pointee(endpoints),
             traffic,
-            dns: self.dns_targets(key, port).map(Arc::new),
+            dns: self
+                .dns_targets(key, port, locality_lb.as_deref())
+                .map(Arc::new),
             passthrough: svc
                 .entry
                 .as_ref()

@@ -9,7 +9,7 @@
 use super::clusters::{LabelsRef, Topology};
 use super::*;
 use crate::resources::ServiceEntry;
-use crate::snapshot::{DnsTargets, Resolution};
+use crate::snapshot::{DnsTarget, DnsTargets, Resolution};
 
 const KIND: &str = "ServiceEntry";
 
@@ -491,11 +491,6 @@ impl<'a> Compiler<'a> {
                     continue;
                 }
             };
-            if weight != 1 && resolution != Resolution::Static {
-                self.warnings.push(format!(
-                    "{KIND} {sid}: {field}.weight: applied to STATIC endpoints only by this waypoint; ignored"
-                ));
-            }
             endpoints.push(EntryEndpoint {
                 address: e.address.clone(),
                 locality: e
@@ -689,8 +684,13 @@ impl<'a> Compiler<'a> {
 
     /// The names a `DNS`/`DNS_ROUND_ROBIN` host's endpoints are resolved from: its endpoints'
     /// addresses, else the host itself (istiod: "the hosts are resolved when no endpoints are
-    /// given"), each with its port.
-    pub(super) fn dns_targets(&self, key: SvcKey<'a>, port: u16) -> Option<DnsTargets> {
+    /// given"), each with its port, weight, locality and (under `lb`) label rank.
+    pub(super) fn dns_targets(
+        &self,
+        key: SvcKey<'a>,
+        port: u16,
+        lb: Option<&crate::snapshot::LocalityLb>,
+    ) -> Option<DnsTargets> {
         let svc = self.services.get(&key)?;
         let entry = svc.entry.as_ref()?;
         let first_only = match entry.resolution {
@@ -700,14 +700,34 @@ impl<'a> Compiler<'a> {
         };
         let sp = svc.ports.iter().find(|p| p.port == port)?;
         let target = sp.target.unwrap_or(sp.port);
-        let mut names: Vec<(Arc<str>, u16)> = Vec::new();
+        let mut names: Vec<DnsTarget> = Vec::new();
         if entry.endpoints.is_empty() {
-            names.push((svc.hostname.as_str().into(), target));
+            names.push(DnsTarget {
+                name: svc.hostname.as_str().into(),
+                port: target,
+                weight: 1,
+                locality: None,
+                label_rank: 0,
+            });
         }
         for e in &entry.endpoints {
             let p = e.ports.get(&sp.name).copied().unwrap_or(target);
-            if !names.iter().any(|(n, q)| **n == *e.address && *q == p) {
-                names.push((e.address.as_str().into(), p));
+            if !names.iter().any(|t| *t.name == *e.address && t.port == p) {
+                names.push(DnsTarget {
+                    name: e.address.as_str().into(),
+                    port: p,
+                    weight: e.weight,
+                    locality: e.locality.clone(),
+                    label_rank: self.label_rank(
+                        lb,
+                        &Topology {
+                            labels: Some(LabelsRef::Map(&e.labels)),
+                            locality: e.locality.as_deref(),
+                            node: None,
+                            network: e.network.as_deref().or(Some(self.opts.network.as_str())),
+                        },
+                    ),
+                });
             }
         }
         Some(DnsTargets { names, first_only })

@@ -2230,7 +2230,12 @@ fn service_entry_allocated_addresses_are_per_host_and_dns_names_are_planned() {
     assert_eq!(&*a.cluster.hostname, "api.example.com");
     assert_eq!(&*a.cluster.service_name, "api.example.com");
     let dns = a.cluster.dns.as_ref().expect("a DNS cluster");
-    assert_eq!(dns.names, vec![("api.example.com".into(), 443)]);
+    let plan: Vec<(&str, u16, u32)> = dns
+        .names
+        .iter()
+        .map(|t| (&*t.name, t.port, t.weight))
+        .collect();
+    assert_eq!(plan, vec![("api.example.com", 443, 1)]);
     assert!(!dns.first_only);
     assert!(a.cluster.endpoints().is_empty(), "resolved at run time");
     let b = bound(&snap, "240.240.0.3:80");
@@ -2239,6 +2244,24 @@ fn service_entry_allocated_addresses_are_per_host_and_dns_names_are_planned() {
         snap.lookup_vip(addr("240.240.0.3:81")),
         VipLookup::Unknown
     ));
+    // Endpoints keep their weight and locality for the addresses they resolve to.
+    let weighted = entry(
+        "weighted",
+        "istio.io/use-waypoint: waypoint",
+        "{hosts: [w.example.com], addresses: [240.240.0.9], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DNS, endpoints: [{address: a.example.com, weight: 3, locality: r1/z1}, {address: b.example.com}]}",
+    );
+    let snap = ok(&docs(&[NS_PLAIN, &gateway("", ""), &weighted]));
+    let dns = bound(&snap, "240.240.0.9:80")
+        .cluster
+        .dns
+        .clone()
+        .expect("DNS");
+    let ep = dns.names[0].endpoint(addr("10.9.0.1:80"));
+    assert_eq!(
+        (ep.weight, ep.locality.as_deref()),
+        (3, Some(&crate::Locality::parse("r1/z1")))
+    );
+    assert_eq!(dns.names[1].endpoint(addr("10.9.0.2:80")).weight, 1);
 }
 
 #[test]

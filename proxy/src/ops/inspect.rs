@@ -314,8 +314,11 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
                         let _ = writeln!(o, "    traffic policy: {}", traffic_summary(t));
                     }
                     if let Some(d) = &c.dns {
-                        let names: Vec<String> =
-                            d.names.iter().map(|(n, p)| format!("{n}:{p}")).collect();
+                        let names: Vec<String> = d
+                            .names
+                            .iter()
+                            .map(|t| format!("{}:{}", t.name, t.port))
+                            .collect();
                         let _ = writeln!(
                             o,
                             "    endpoints from DNS ({}): {}{}",

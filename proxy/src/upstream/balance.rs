@@ -331,8 +331,8 @@ pub fn weighted_least_request<'a>(
 }
 
 /// DestinationRule warmup (Envoy's slow start): while an endpoint of the pool is younger
-/// than the window, ROUND_ROBIN draws endpoints in proportion to their slow-start factor and
-/// LEAST_REQUEST compares two such draws by load over factor. `None` when every endpoint is
+/// than the window, ROUND_ROBIN draws endpoints in proportion to their weight times their
+/// slow-start factor and LEAST_REQUEST compares two such draws by load over that. `None` when every endpoint is
 /// past its window (the ordinary choice applies).
 fn warming_choice<'a>(
     w: &policy::traffic::Warmup,
@@ -342,7 +342,7 @@ fn warming_choice<'a>(
     r: u64,
     now: u64,
 ) -> Option<&'a Endpoint> {
-    let factor = |e: &Endpoint| {
+    let time_factor = |e: &Endpoint| {
         let added = match e.health.added_ms.load(Ordering::Relaxed) {
             0 => {
                 // First seen now: its window starts (a racing request may stamp it too).
@@ -358,12 +358,13 @@ fn warming_choice<'a>(
         };
         w.factor(std::time::Duration::from_millis(now.saturating_sub(added)))
     };
+    // Envoy scales the host's weight by its slow-start factor.
+    let factor = |e: &Endpoint| time_factor(e) * f64::from(e.weight);
     let mut total = 0.0;
     let mut warming = false;
     for e in endpoints.iter().filter(|e| pool(e)) {
-        let f = factor(e);
-        warming |= f < 1.0;
-        total += f;
+        warming |= time_factor(e) < 1.0;
+        total += factor(e);
     }
     if !warming || total <= 0.0 {
         return None;
@@ -400,10 +401,13 @@ fn ring_for(t: &TrafficPolicy, h: &HashPolicy, endpoints: &Arc<Vec<Endpoint>>) -
     {
         return c;
     }
-    let addrs: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
+    let hosts: Vec<(String, u32)> = endpoints
+        .iter()
+        .map(|e| (e.addr.to_string(), e.weight))
+        .collect();
     let cache = Arc::new(RingCache {
         endpoints: endpoints.clone(),
-        ring: HashRing::build(h.table, &addrs),
+        ring: HashRing::build(h.table, &hosts),
     });
     t.ring.store(Some(cache.clone()));
     cache
@@ -809,6 +813,34 @@ mod tests {
                 .count();
             assert!(moved < 2000 / 20, "{table}: {moved} keys moved");
         }
+    }
+
+    #[test]
+    fn hash_tables_share_keys_by_endpoint_weight() {
+        use policy::traffic::HashTable;
+        let hosts = vec![
+            ("10.1.0.1:80".to_string(), 1),
+            ("10.1.0.2:80".to_string(), 3),
+        ];
+        for table in [
+            HashTable::Ring { min_size: 1024 },
+            HashTable::Maglev { table_size: 65537 },
+        ] {
+            let ring = HashRing::build(table, &hosts);
+            let n = 20_000u64;
+            let heavy = (0..n)
+                .filter(|i| ring.walk(stable_hash(&i.to_le_bytes())).next() == Some(1))
+                .count();
+            let share = heavy as f64 / n as f64;
+            // Weights 1 and 3: 75% of the keys to the second host.
+            assert!((0.70..=0.80).contains(&share), "{table:?}: {share}");
+        }
+        // Huge weights stay a bounded table.
+        let huge = vec![("a".to_string(), u32::MAX), ("b".to_string(), u32::MAX)];
+        let HashRing::Ring(r) = HashRing::build(HashTable::Ring { min_size: 1024 }, &huge) else {
+            panic!("a ring")
+        };
+        assert!(r.len() <= 1 << 17, "{}", r.len());
     }
 
     #[test]

@@ -112,7 +112,7 @@ impl DnsEndpoints {
         let wanted: std::collections::HashSet<Arc<str>> = clusters
             .iter()
             .filter_map(|c| c.dns.as_ref())
-            .flat_map(|d| d.names.iter().map(|(n, _)| n.clone()))
+            .flat_map(|d| d.names.iter().map(|t| t.name.clone()))
             .collect();
         st.answers.retain(|name, _| wanted.contains(name));
         for name in wanted {
@@ -285,7 +285,7 @@ impl DnsEndpoints {
         for c in &st.clusters {
             if c.dns
                 .as_ref()
-                .is_some_and(|d| d.names.iter().any(|(n, _)| n == name))
+                .is_some_and(|d| d.names.iter().any(|t| t.name == *name))
             {
                 apply(c, answers);
             }
@@ -298,19 +298,20 @@ impl DnsEndpoints {
 fn apply(cluster: &Cluster, answers: &HashMap<Arc<str>, Answer>) {
     let Some(dns) = &cluster.dns else { return };
     let mut eps: Vec<EndpointSpec> = Vec::new();
-    for (name, port) in &dns.names {
-        let addrs = match name.parse::<IpAddr>() {
+    for t in &dns.names {
+        let addrs = match t.name.parse::<IpAddr>() {
             Ok(ip) => vec![ip],
             Err(_) => answers
-                .get(name)
+                .get(&t.name)
                 .map(|a| a.addrs.clone())
                 .unwrap_or_default(),
         };
         let take = if dns.first_only { 1 } else { addrs.len() };
         for ip in addrs.into_iter().take(take) {
-            let addr = SocketAddr::new(ip, *port);
+            let addr = SocketAddr::new(ip, t.port);
             if !eps.iter().any(|e| e.addr == addr) {
-                eps.push(EndpointSpec::new(addr, None, None));
+                // Each address inherits its name's weight, locality and rank.
+                eps.push(t.endpoint(addr));
             }
         }
     }
