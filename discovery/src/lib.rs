@@ -107,7 +107,14 @@ pub const KINDS: &[KindSpec] = &[
     KindSpec { group: "networking.istio.io", version: "v1", kind: "DestinationRule", plural: "destinationrules", need: Need::Optional },
     KindSpec { group: "networking.istio.io", version: "v1", kind: "ServiceEntry", plural: "serviceentries", need: Need::Optional },
     KindSpec { group: "networking.istio.io", version: "v1", kind: "WorkloadEntry", plural: "workloadentries", need: Need::Optional },
+    // DestinationRule `credentialName`: watched in the waypoint's namespace only
+    // (`Settings::secret_namespace`), by a Role; without access, none is found.
+    KindSpec { group: "", version: "v1", kind: "Secret", plural: "secrets", need: Need::Optional },
 ];
+
+/// Secrets are listed without the types that never hold a TLS credential (Helm releases,
+/// service-account tokens, image pull secrets): they can be large and many.
+const SECRET_FIELD_SELECTOR: &str = "type!=helm.sh/release.v1,type!=kubernetes.io/service-account-token,type!=kubernetes.io/dockerconfigjson,type!=kubernetes.io/dockercfg";
 
 /// The mesh config: ConfigMap `istio` (key `mesh`) in the Istio namespace. It names the
 /// CUSTOM authorization providers, so it is policy.
@@ -129,6 +136,9 @@ pub struct Settings {
     /// Pod labels kept beyond the ones the waypoint always reads (`--pod-label`): custom
     /// labels a DestinationRule's `failoverPriority` names.
     pub pod_labels: Vec<String>,
+    /// The namespace whose Secrets are watched (the waypoint's: DestinationRule
+    /// `credentialName` names a Secret there).
+    pub secret_namespace: String,
 }
 
 impl Default for Settings {
@@ -137,6 +147,7 @@ impl Default for Settings {
             istio_namespace: "istio-system".into(),
             mesh_configmap: "istio".into(),
             pod_labels: Vec::new(),
+            secret_namespace: "default".into(),
         }
     }
 }
@@ -442,19 +453,20 @@ impl Source {
         let mut tasks = Vec::new();
         for (i, spec) in KINDS.iter().enumerate() {
             let ar = api_resource(spec);
-            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+            let (api, cfg) = if spec.kind == "Secret" {
+                (
+                    Api::namespaced_with(client.clone(), &settings.secret_namespace, &ar),
+                    watcher::Config::default().fields(SECRET_FIELD_SELECTOR),
+                )
+            } else {
+                (
+                    Api::all_with(client.clone(), &ar),
+                    watcher::Config::default(),
+                )
+            };
             let inner = inner.clone();
             let spec = *spec;
-            tasks.push(
-                tokio::spawn(watch(
-                    api,
-                    watcher::Config::default(),
-                    spec,
-                    Slot::Kind(i),
-                    inner,
-                ))
-                .abort_handle(),
-            );
+            tasks.push(tokio::spawn(watch(api, cfg, spec, Slot::Kind(i), inner)).abort_handle());
         }
         let ar = api_resource(&MESH_CONFIGMAP);
         let api: Api<DynamicObject> = Api::namespaced_with(client, &settings.istio_namespace, &ar);
@@ -1234,6 +1246,11 @@ fn failed(state: &mut State, spec: &KindSpec, slot: Slot, e: &watcher::Error) ->
     let listed = matches!(k.status, Some(KindStatus::Synced));
     let code = api_status.as_ref().map(|s| s.code).unwrap_or(0);
     let status = match code {
+        // Reading Secrets is the one grant a cluster may withhold on purpose: without it no
+        // `credentialName` is found (those connections fail closed), the rest serves.
+        403 if spec.kind == "Secret" => KindStatus::Absent(
+            "forbidden: no DestinationRule credentialName can be read without list and watch on secrets in the waypoint's namespace (Role in deploy/)".into(),
+        ),
         403 => KindStatus::Failing(format!(
             "forbidden: the waypoint's service account needs list and watch on {} (ClusterRole in deploy/)",
             spec.resource_name()
@@ -1532,14 +1549,23 @@ mod tests {
                 .collect()
         };
         let cluster = granted("ClusterRole");
-        for spec in KINDS {
+        let namespaced = granted("Role");
+        for spec in KINDS.iter().filter(|k| k.kind == "Secret") {
+            // Secrets: the waypoint's namespace only, by a Role.
+            let rule = namespaced
+                .iter()
+                .find(|(g, r, _)| g == spec.group && r == spec.plural)
+                .unwrap_or_else(|| panic!("no Role rule for {}", spec.resource_name()));
+            assert_eq!(rule.2, ["list", "watch"], "{}", spec.resource_name());
+        }
+        for spec in KINDS.iter().filter(|k| k.kind != "Secret") {
             let rule = cluster
                 .iter()
                 .find(|(g, r, _)| g == spec.group && r == spec.plural)
                 .unwrap_or_else(|| panic!("no ClusterRole rule for {}", spec.resource_name()));
             assert_eq!(rule.2, ["list", "watch"], "{}", spec.resource_name());
         }
-        assert_eq!(cluster.len(), KINDS.len(), "only the watched kinds");
+        assert_eq!(cluster.len(), KINDS.len() - 1, "only the watched kinds");
         let ns = granted("Role");
         assert!(
             ns.iter()

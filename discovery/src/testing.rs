@@ -3,7 +3,8 @@
 //! included:
 //! - HTTPS; every request needs `Authorization: Bearer <token>` (401 Status otherwise).
 //! - List: `GET /api/v1/<plural>`, `/apis/<group>/<version>/<plural>`, and the namespaced
-//!   forms, with `limit`/`continue` pagination (one consistent resourceVersion for all pages), `fieldSelector=metadata.name=<n>`, and the
+//!   forms, with `limit`/`continue` pagination (one consistent resourceVersion for all pages), `fieldSelector` (`=`, `!=` on
+//!   `metadata.name`, `metadata.namespace`, and a Secret's `type`), and the
 //!   collection's `metadata.resourceVersion`. Items of built-in kinds carry no
 //!   `apiVersion`/`kind` (as the real server's typed lists); custom resources do.
 //! - Watch: `?watch=true&resourceVersion=N`: every change after N (ADDED, MODIFIED, DELETED),
@@ -126,6 +127,7 @@ const KINDS: &[(&str, &str, &str, &str, bool)] = &[
         "WorkloadEntry",
         true,
     ),
+    ("secrets", "", "v1", "Secret", true),
 ];
 
 fn kind_info(kind: &str) -> (&'static str, &'static str, &'static str, bool) {
@@ -143,7 +145,7 @@ struct Collection {
 struct Watcher {
     plural: &'static str,
     namespace: Option<String>,
-    name: Option<String>,
+    name: FieldSelector,
     tx: mpsc::UnboundedSender<Bytes>,
 }
 
@@ -399,13 +401,53 @@ fn line(v: &Value) -> Bytes {
     Bytes::from(s)
 }
 
-fn matches(obj: &Value, namespace: &Option<String>, name: &Option<String>) -> bool {
+/// A `fieldSelector`: requirements `field=value`, `field==value` or `field!=value`, all of
+/// which must hold (k8s.io/apimachinery `fields.ParseSelector`).
+type FieldSelector = Vec<(String, bool, String)>;
+
+/// Parse a `fieldSelector` for `plural`: `metadata.name` and `metadata.namespace` on every
+/// kind, `type` on secrets (the fields the real server indexes for them); others are refused
+/// as the real server refuses them (400 `field label not supported`).
+fn field_selector(text: Option<&String>, plural: &str) -> Result<FieldSelector, String> {
+    let mut out = Vec::new();
+    for req in text
+        .map(String::as_str)
+        .unwrap_or("")
+        .split(',')
+        .filter(|r| !r.is_empty())
+    {
+        let (field, equal, value) = if let Some((f, v)) = req.split_once("!=") {
+            (f, false, v)
+        } else if let Some((f, v)) = req.split_once("==").or_else(|| req.split_once('=')) {
+            (f, true, v)
+        } else {
+            return Err(format!(
+                "invalid selector: '{req}'; can't understand '{req}'"
+            ));
+        };
+        let known = matches!(field, "metadata.name" | "metadata.namespace")
+            || (plural == "secrets" && field == "type");
+        if !known {
+            return Err(format!("field label not supported: {field}"));
+        }
+        out.push((field.to_string(), equal, value.to_string()));
+    }
+    Ok(out)
+}
+
+fn matches(obj: &Value, namespace: &Option<String>, selector: &FieldSelector) -> bool {
     namespace
         .as_ref()
         .is_none_or(|ns| obj["metadata"]["namespace"].as_str() == Some(ns))
-        && name
-            .as_ref()
-            .is_none_or(|n| obj["metadata"]["name"].as_str() == Some(n))
+        && selector.iter().all(|(field, equal, value)| {
+            let actual = match field.as_str() {
+                "metadata.name" => obj["metadata"]["name"].as_str().unwrap_or(""),
+                "metadata.namespace" => obj["metadata"]["namespace"].as_str().unwrap_or(""),
+                // A Secret without `type` is Opaque (the API server defaults it).
+                _ => obj["type"].as_str().unwrap_or("Opaque"),
+            };
+            (actual == value) == *equal
+        })
 }
 
 fn notify(s: &mut State, plural: &str, ty: &str, obj: &Value) {
@@ -473,10 +515,10 @@ fn handle(state: &Mutex<State>, token: &str, req: Request<Incoming>) -> Response
             "the server could not find the requested resource".into(),
         );
     };
-    let name = query
-        .get("fieldSelector")
-        .and_then(|f| f.strip_prefix("metadata.name="))
-        .map(str::to_string);
+    let name = match field_selector(query.get("fieldSelector"), plural) {
+        Ok(s) => s,
+        Err(message) => return status(StatusCode::BAD_REQUEST, "BadRequest", message),
+    };
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let mut s = state.lock().unwrap();
     s.requests

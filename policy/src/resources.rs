@@ -792,6 +792,56 @@ pub struct WorkloadEntry {
     pub spec: WorkloadEntrySpec,
 }
 
+/// A v1 Secret, reduced to the TLS credential keys Istio reads for a DestinationRule's
+/// `credentialName` (`pilot/pkg/credentials/kube/secrets.go`): `cert`, `key`, `cacert` (an
+/// Opaque secret) or `tls.crt`, `tls.key`, `ca.crt` (`kubernetes.io/tls`). Every other key is
+/// dropped on reading: a Secret's other data is none of the waypoint's business.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Secret {
+    pub metadata: ObjectMeta,
+    /// The credential keys found, decoded (`data` is base64; `stringData` as written, which
+    /// the API server merges into `data`).
+    pub data: BTreeMap<String, Vec<u8>>,
+}
+
+/// The keys [`Secret`] keeps.
+pub const CREDENTIAL_KEYS: [&str; 6] = ["cert", "key", "cacert", "tls.crt", "tls.key", "ca.crt"];
+
+impl Secret {
+    fn read(
+        metadata: ObjectMeta,
+        object: &serde_json::Map<String, Value>,
+        err: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<Secret, ConfigError> {
+        use base64::Engine;
+        let mut data = BTreeMap::new();
+        if let Some(map) = object.get("data").and_then(Value::as_object) {
+            for (k, v) in map
+                .iter()
+                .filter(|(k, _)| CREDENTIAL_KEYS.contains(&k.as_str()))
+            {
+                let text = v.as_str().unwrap_or_default();
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(text.trim())
+                    .map_err(|e| err(&format!("data.{k}"), format!("not base64: {e}")))?;
+                data.insert(k.clone(), bytes);
+            }
+        }
+        if let Some(map) = object.get("stringData").and_then(Value::as_object) {
+            for (k, v) in map
+                .iter()
+                .filter(|(k, _)| CREDENTIAL_KEYS.contains(&k.as_str()))
+            {
+                data.insert(
+                    k.clone(),
+                    v.as_str().unwrap_or_default().as_bytes().to_vec(),
+                );
+            }
+        }
+        Ok(Secret { metadata, data })
+    }
+}
+
 /// A ServiceEntry endpoint (the WorkloadEntry spec): an IP (`STATIC`) or a host name (`DNS`).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
@@ -1128,6 +1178,8 @@ pub enum Resource {
     DestinationRule(Box<DestinationRule>),
     ServiceEntry(Box<ServiceEntry>),
     WorkloadEntry(Box<WorkloadEntry>),
+    /// A Secret's TLS credential (DestinationRule `tls.credentialName`).
+    Secret(Secret),
     /// A kind (or apiVersion) the waypoint does not use; skipped with a warning.
     Unknown {
         api_version: String,
@@ -1158,6 +1210,7 @@ impl Resource {
             Resource::DestinationRule(_) => "DestinationRule",
             Resource::ServiceEntry(_) => "ServiceEntry",
             Resource::WorkloadEntry(_) => "WorkloadEntry",
+            Resource::Secret(_) => "Secret",
             Resource::Unknown { kind, .. } => kind,
         }
     }
@@ -1181,6 +1234,7 @@ impl Resource {
             Resource::DestinationRule(r) => Some(&r.metadata),
             Resource::ServiceEntry(r) => Some(&r.metadata),
             Resource::WorkloadEntry(r) => Some(&r.metadata),
+            Resource::Secret(r) => Some(&r.metadata),
             Resource::Unknown { .. } => None,
         }
     }
@@ -1214,7 +1268,7 @@ impl Resource {
         };
         let gateway_version = group == GATEWAY_GROUP && matches!(version, "v1" | "v1beta1");
         let known = match kind.as_str() {
-            "Namespace" | "Service" | "Pod" => group.is_empty() && version == "v1",
+            "Namespace" | "Service" | "Pod" | "Secret" => group.is_empty() && version == "v1",
             "EndpointSlice" => group == "discovery.k8s.io" && version == "v1",
             "Gateway" | "GatewayClass" | "HTTPRoute" => gateway_version,
             "GRPCRoute" => group == GATEWAY_GROUP && matches!(version, "v1" | "v1alpha2"),
@@ -1270,6 +1324,7 @@ impl Resource {
         let ignored = std::cell::RefCell::new(Vec::new());
         let result = Ok(match kind.as_str() {
             "Namespace" => Resource::Namespace(Namespace { metadata }),
+            "Secret" => Resource::Secret(Secret::read(metadata, &object, &err)?),
             "Service" => Resource::Service(Service {
                 metadata,
                 spec: part(spec, "spec", &err)?,

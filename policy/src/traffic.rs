@@ -18,8 +18,9 @@
 //!   after it, and each tick it spends healthy takes one off the multiplier, as Envoy's
 //!   detector does), `maxEjectionPercent` (Istio's default 10),
 //!   `minHealthPercent` (Envoy's panic threshold: below it every host is used again).
-//! - `tls`: SIMPLE and MUTUAL origination to plaintext endpoints ([`TlsOrigination`]);
-//!   `credentialName` is an error (Secrets are not read; files are), DISABLE turns it off.
+//! - `tls`: SIMPLE and MUTUAL origination to plaintext endpoints ([`TlsOrigination`]), the
+//!   certificates from files or from a `credentialName` Secret in the waypoint's namespace
+//!   ([`TlsCredential`]); DISABLE turns it off.
 //! - `portLevelSettings`: per Service port, each part replaces the top-level one.
 //!
 //! Which rule applies to a Service: `host` is its FQDN, its short name (in the rule's
@@ -302,6 +303,12 @@ pub struct TlsOrigination {
     pub ca_certificates: Option<String>,
     pub client_certificate: Option<String>,
     pub private_key: Option<String>,
+    /// `credentialName`: a Secret in the waypoint's namespace holds the certificates instead
+    /// of the files (Istio applies it at gateways, which a waypoint is).
+    pub credential_name: Option<String>,
+    /// The Secret's credential as found when compiling, or why not (connections then fail
+    /// with that reason, never in plaintext).
+    pub credential: Option<Result<Arc<TlsCredential>, String>>,
     /// The SNI sent and the name verified (when `subject_alt_names` is empty); `None`: the
     /// Service's hostname.
     pub sni: Option<String>,
@@ -311,6 +318,57 @@ pub struct TlsOrigination {
     /// The TLS client configuration the proxy builds on first use (files read then), kept
     /// here so it is built once per compiled rule.
     pub client_config: std::sync::OnceLock<Result<Arc<dyn std::any::Any + Send + Sync>, String>>,
+}
+
+/// Finds a `credentialName` credential: (Secret name, MUTUAL) -> the credential or why not.
+pub(crate) type CredentialLookup<'a> =
+    dyn Fn(&str, bool) -> Result<Arc<TlsCredential>, String> + 'a;
+
+/// The PEM blocks a `credentialName` Secret gives (Istio `secrets.go`: `tls.crt`/`cert`,
+/// `tls.key`/`key`, `ca.crt`/`cacert`, the CA possibly in a `<name>-cacert` Secret).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsCredential {
+    pub cert_chain: Option<Vec<u8>>,
+    pub private_key: Option<Vec<u8>>,
+    pub ca: Option<Vec<u8>>,
+}
+
+impl TlsCredential {
+    /// The credential named `name` among `secrets` (those of the waypoint's namespace):
+    /// `name`'s certificate and key, and its CA, else `<name>-cacert`'s, as istiod's
+    /// secret controller reads them. What the mode needs must be there: a client
+    /// certificate and key for MUTUAL, a CA for both (the server is always verified).
+    pub fn find<'s>(
+        secrets: &dyn Fn(&str) -> Option<&'s crate::resources::Secret>,
+        ns: &str,
+        name: &str,
+        mutual: bool,
+    ) -> Result<TlsCredential, String> {
+        let main = secrets(name);
+        let ca_secret = secrets(&format!("{name}-cacert"));
+        if main.is_none() && ca_secret.is_none() {
+            return Err(format!("Secret {ns}/{name} not found"));
+        }
+        let get = |s: Option<&crate::resources::Secret>, keys: [&str; 2]| {
+            s.and_then(|s| keys.iter().find_map(|k| s.data.get(*k)).cloned())
+        };
+        let c = TlsCredential {
+            cert_chain: get(main, ["tls.crt", "cert"]),
+            private_key: get(main, ["tls.key", "key"]),
+            ca: get(main, ["ca.crt", "cacert"]).or_else(|| get(ca_secret, ["ca.crt", "cacert"])),
+        };
+        if mutual && (c.cert_chain.is_none() || c.private_key.is_none()) {
+            return Err(format!(
+                "Secret {ns}/{name} has no client certificate and key (tls.crt and tls.key, or cert and key)"
+            ));
+        }
+        if c.ca.is_none() {
+            return Err(format!(
+                "no CA certificate in Secret {ns}/{name} (ca.crt or cacert) nor in {ns}/{name}-cacert"
+            ));
+        }
+        Ok(c)
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -384,6 +442,7 @@ fn err(meta: &ObjectMeta, field: &str, message: String) -> ConfigError {
 pub(crate) fn compile_rule(
     dr: &DestinationRule,
     cluster_domain: &str,
+    credentials: &CredentialLookup<'_>,
     errors: &mut Vec<ConfigError>,
     warnings: &mut Vec<String>,
 ) -> Option<CompiledRule> {
@@ -498,8 +557,30 @@ pub(crate) fn compile_rule(
         &mut warn,
         &mut ok,
     );
+    let mut missing = Vec::new();
+    let mut tls = |at: &str,
+                   v: Option<&serde_json::Value>,
+                   errors: &mut Vec<ConfigError>,
+                   warn: &mut dyn FnMut(&str, &str),
+                   ok: &mut bool| {
+        tls(meta, at, v, errors, warn, ok).map(|t| {
+            t.map(|mut t| {
+                if let Some(name) = &t.credential_name {
+                    let found = credentials(name, t.mutual);
+                    // A Secret not there (yet): the rule stands, its connections fail
+                    // closed until the Secret appears, as Envoy waits for an SDS secret.
+                    if let Err(e) = &found {
+                        missing.push(format!(
+                            "{id}: {at}.credentialName {name:?}: {e}; its connections fail until it is there"
+                        ));
+                    }
+                    t.credential = Some(found);
+                }
+                Arc::new(t)
+            })
+        })
+    };
     out.top.tls = tls(
-        meta,
         &format!("{at}.tls"),
         tp.tls.as_ref(),
         errors,
@@ -523,7 +604,6 @@ pub(crate) fn compile_rule(
             continue;
         };
         let tls = tls(
-            meta,
             &format!("{at}.tls"),
             p.tls.as_ref(),
             errors,
@@ -543,6 +623,7 @@ pub(crate) fn compile_rule(
         parts.tls = tls;
         out.ports.push((port, parts));
     }
+    warnings.extend(missing);
     ok.then_some(out)
 }
 
@@ -553,9 +634,9 @@ fn tls(
     at: &str,
     v: Option<&serde_json::Value>,
     errors: &mut Vec<ConfigError>,
-    warn: &mut impl FnMut(&str, &str),
+    warn: &mut dyn FnMut(&str, &str),
     ok: &mut bool,
-) -> Option<Option<Arc<TlsOrigination>>> {
+) -> Option<Option<TlsOrigination>> {
     let v = v?;
     let mut fail = |field: &str, message: String| {
         errors.push(err(meta, &format!("{at}.{field}"), message));
@@ -590,11 +671,17 @@ fn tls(
             return None;
         }
     };
-    if s("credentialName").is_some() {
-        // Sending plaintext where TLS was asked for is never an option: refuse.
+    let credential_name = s("credentialName");
+    if credential_name.is_some()
+        && let Some(field) = ["clientCertificate", "privateKey", "caCertificates"]
+            .into_iter()
+            .find(|f| s(f).is_some())
+    {
+        // Istio's validation: "Only one of client certificates and CA certificate or
+        // credentialName can be specified."
         fail(
-            "credentialName",
-            "a Kubernetes Secret is not read by this waypoint; give caCertificates (and clientCertificate, privateKey for MUTUAL) as files".into(),
+            field,
+            "cannot be given with credentialName (the Secret holds the certificates)".into(),
         );
         return None;
     }
@@ -603,7 +690,10 @@ fn tls(
     }
     let client_certificate = s("clientCertificate");
     let private_key = s("privateKey");
-    if mutual && (client_certificate.is_none() || private_key.is_none()) {
+    if mutual
+        && credential_name.is_none()
+        && (client_certificate.is_none() || private_key.is_none())
+    {
         fail(
             if client_certificate.is_none() {
                 "clientCertificate"
@@ -630,16 +720,18 @@ fn tls(
         }
         _ => false,
     };
-    Some(Some(Arc::new(TlsOrigination {
+    Some(Some(TlsOrigination {
         mutual,
         ca_certificates: s("caCertificates"),
         client_certificate,
         private_key,
+        credential_name,
+        credential: None,
         sni: s("sni"),
         subject_alt_names,
         insecure_skip_verify,
         client_config: Default::default(),
-    })))
+    }))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -288,7 +288,7 @@ fn base_config(args: &ConfigArgs) -> Result<proxy::Config, String> {
     let (ns, name) = split_gateway(&args.gateway)?;
     let mut config = proxy::Config {
         config_paths: args.config.clone(),
-        gateway_namespace: ns,
+        gateway_namespace: ns.clone(),
         gateway_name: name,
         trust_domain: args.trust_domain.clone(),
         mesh_config: args.mesh_config.clone(),
@@ -297,6 +297,7 @@ fn base_config(args: &ConfigArgs) -> Result<proxy::Config, String> {
             discovery: discovery::Settings {
                 istio_namespace: args.istio_namespace.clone(),
                 pod_labels: args.pod_label_keys.clone(),
+                secret_namespace: ns,
                 ..Default::default()
             },
         }),

@@ -976,3 +976,118 @@ status: {podIP: 127.0.0.1, podIPs: [{ip: 127.0.0.1}]}
     })
     .await;
 }
+
+/// DestinationRule `tls.credentialName` in `--kube`: Secrets are watched in the waypoint's
+/// namespace only, without the types that never hold a credential (field selector on
+/// `type`); a Secret appearing there resolves the credential. Forbidden Secrets keep the
+/// waypoint ready (the rest serves; such connections fail closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_name_secrets_come_from_the_waypoints_namespace() {
+    let v1 = backend("v1").await;
+    let objects = format!(
+        "{BASE}---\n{}{}---\napiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: default}}
+spec: {{host: reviews, trafficPolicy: {{tls: {{mode: SIMPLE, credentialName: egress-ca}}}}}}
+",
+        service("reviews", "10.0.0.10"),
+        slice("reviews", &[v1.port()])
+    );
+    let m = start_mesh(&objects, |_| {}, Duration::from_secs(24 * 3600)).await;
+    ready(&m).await;
+    let warnings = || async {
+        let (_, dump) = http_get(m.wp.admin, "/config_dump").await;
+        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap_or_default();
+        dump["warnings"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|w| w.as_str().map(str::to_string))
+            .filter(|w| w.contains("credentialName"))
+            .collect::<Vec<_>>()
+    };
+    let not_found = "Secret default/egress-ca not found";
+    assert!(
+        warnings().await.iter().any(|w| w.contains(not_found)),
+        "{:?}",
+        warnings().await
+    );
+    // In another namespace, or of a type never listed: still not found.
+    m.api.apply_yaml(
+        "apiVersion: v1
+kind: Secret
+metadata: {name: egress-ca, namespace: other}
+stringData: {cacert: x}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: egress-ca, namespace: default}
+type: helm.sh/release.v1
+stringData: {cacert: x}
+",
+    );
+    // The Pod list and watch carry on meanwhile; a change that is seen proves the Secret
+    // watch had its chance (events are delivered in order per watch, so wait on a marker in
+    // the same namespace and kind).
+    m.api.apply_yaml(
+        "apiVersion: v1
+kind: Secret
+metadata: {name: marker, namespace: default}
+type: kubernetes.io/tls
+stringData: {tls.crt: x, tls.key: y}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: marker, namespace: default}
+spec: {host: marker-host, trafficPolicy: {tls: {mode: SIMPLE, credentialName: marker}}}
+",
+    );
+    within(Duration::from_secs(5), "the marker Secret seen", || async {
+        let w = warnings().await;
+        // The marker has no CA: found, but not usable.
+        w.iter()
+            .any(|w| w.contains("no CA certificate in Secret default/marker"))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        warnings().await.iter().any(|w| w.contains(not_found)),
+        "other namespaces and helm releases are not read"
+    );
+    // The Secret in the waypoint's namespace: the credential resolves.
+    m.api.apply_yaml(
+        "apiVersion: v1
+kind: Secret
+metadata: {name: egress-ca-cacert, namespace: default}
+stringData: {cacert: x}
+",
+    );
+    within(Duration::from_secs(5), "the credential found", || async {
+        (!warnings().await.iter().any(|w| w.contains("egress-ca"))).then_some(())
+    })
+    .await;
+    let requests = m.api.requests();
+    assert!(requests.iter().any(|r| r == "list secrets"), "{requests:?}");
+}
+
+/// Without access to Secrets the waypoint is still ready: reading credentials is the one
+/// grant a cluster may withhold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_secrets_keep_the_waypoint_ready() {
+    let v1 = backend("v1").await;
+    let objects = format!(
+        "{BASE}---\n{}{}",
+        service("reviews", "10.0.0.10"),
+        slice("reviews", &[v1.port()])
+    );
+    let m = start_mesh(
+        &objects,
+        |api| api.forbid("secrets", true),
+        Duration::from_secs(24 * 3600),
+    )
+    .await;
+    ready(&m).await;
+    let conn = m.connect().await;
+    assert_eq!(get(&conn, "10.0.0.10:9080").await, (200, "v1".into()));
+}

@@ -544,6 +544,96 @@ async fn tls_origination_simple_and_mutual_to_a_real_https_backend() {
     assert_ne!(send_one(&no_cert).await.0, 200);
 }
 
+/// DestinationRule `tls.credentialName`: the certificates from a Secret in the waypoint's
+/// namespace (Istio applies `credentialName` at gateways; a waypoint is one), as istiod's
+/// secret controller reads them: `kubernetes.io/tls` keys with `ca.crt`, or an Opaque
+/// Secret's `cert`/`key` with the CA in `<name>-cacert`. A Secret that is not there fails
+/// the connections closed (logged with the reason), and appears on the next reload.
+#[tokio::test]
+async fn tls_origination_with_a_credential_name_secret() {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let backend_pki = hbone::testing::Pki::new("example.test").unwrap();
+    let mdir = tempfile::tempdir().unwrap();
+    let (_mutual, maddr) = https_envoy(&backend_pki, mdir.path(), true).await;
+    let (cert, key) = backend_pki
+        .issue_pem("spiffe://example.test/ns/default/sa/waypoint")
+        .unwrap();
+    let ca = backend_pki.root_pem();
+    let tls_secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: backend-client, namespace: default}}\ntype: kubernetes.io/tls\ndata: {{tls.crt: {}, tls.key: {}, ca.crt: {}, unrelated: {}}}\n",
+        b64(cert.as_bytes()),
+        b64(key.as_bytes()),
+        b64(ca.as_bytes()),
+        b64(b"not kept")
+    );
+    let with = |policy: &str, extra: &[&str]| {
+        let mut m = Manifests::new();
+        m.service("reviews", "10.0.0.10", 9080, "http", &[maddr])
+            .push(&destination_rule(policy));
+        for e in extra {
+            m.push(e);
+        }
+        m.yaml()
+    };
+    let mutual = "{tls: {mode: MUTUAL, credentialName: backend-client}}";
+    let wp = TestWaypoint::start(&with(mutual, &[&tls_secret])).await;
+    assert_eq!(send_one(&wp).await, (200, "secure".to_string()));
+
+    // Opaque keys, the CA in `<name>-cacert`.
+    let opaque = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: backend-client, namespace: default}}\nstringData: {{cert: {cert:?}, key: {key:?}}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: backend-client-cacert, namespace: default}}\ndata: {{cacert: {}}}\n",
+        b64(ca.as_bytes())
+    );
+    let wp = TestWaypoint::start(&with(mutual, &[&opaque])).await;
+    assert_eq!(send_one(&wp).await, (200, "secure".to_string()));
+
+    // The Secret in another namespace than the waypoint's is not found: the rule stands,
+    // connections fail closed with the reason; once it is there, a reload applies it.
+    let elsewhere = tls_secret.replace("namespace: default", "namespace: other");
+    let wp = TestWaypoint::start(&with(mutual, &[&elsewhere])).await;
+    let warned = wp.running().shared.snapshot.load().warnings.clone();
+    assert!(
+        warned
+            .iter()
+            .any(|w| w.contains("credentialName \"backend-client\"")
+                && w.contains("Secret default/backend-client not found")),
+        "{warned:?}"
+    );
+    assert_eq!(send_one(&wp).await.0, 503);
+    let line = wp.next_logs(1).remove(0);
+    let reason = line["upstream_transport_failure_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.starts_with("TLS_error:") && reason.contains("not_found"),
+        "{line}"
+    );
+    std::fs::write(
+        wp.dir.path().join("config.yaml"),
+        with(mutual, &[&tls_secret]),
+    )
+    .unwrap();
+    wp.running().reload().expect("reload");
+    assert_eq!(send_one(&wp).await, (200, "secure".to_string()));
+
+    // Files and credentialName together: Istio's validation refuses the rule.
+    let both = format!(
+        "{{tls: {{mode: MUTUAL, credentialName: backend-client, caCertificates: \"{}\"}}}}",
+        mdir.path().join("ca.pem").display()
+    );
+    let loaded = policy::parse_manifests(&with(&both, &[&tls_secret]), "t").unwrap();
+    let Err(errors) = policy::compile(&loaded, &Default::default()) else {
+        panic!("files and credentialName together are refused")
+    };
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.field == "spec.trafficPolicy.tls.caCertificates"),
+        "{errors:?}"
+    );
+}
+
 async fn send_one(wp: &TestWaypoint) -> (u16, String) {
     let conn = wp.connect_as("default", "sleep").await;
     let mut http = TunnelHttp::open(&conn, "10.0.0.10:9080").await.unwrap();
@@ -722,7 +812,9 @@ async fn tcp_keepalive_is_set_on_upstream_sockets() {
         .expect("our upstream socket in /proc/net/tcp, no retransmission pending");
         if keepalive {
             assert_eq!(kind, 2, "{policy}: keepalive timer");
-            assert!((400..=800).contains(&when), "{policy}: due in {when} ticks");
+            // At most the 7 s asked (700 ticks, and some slack), far from the kernel's
+            // 7,200 s default; how much of it already ran depends on the machine's load.
+            assert!((1..=800).contains(&when), "{policy}: due in {when} ticks");
         } else {
             assert_eq!(kind, 0, "{policy}: no timer on an idle socket");
         }

@@ -435,6 +435,7 @@ pub(crate) fn compile(
     let mut telemetries = Vec::new();
     let mut destination_rules = Vec::new();
     let mut service_entries = Vec::new();
+    let mut secrets: HashMap<SvcKey<'_>, &crate::resources::Secret> = HashMap::new();
     for r in &resources.resources {
         let Some(meta) = r.metadata() else { continue };
         if !seen.insert((r.kind(), meta.namespace.as_str(), meta.name.as_str())) {
@@ -463,6 +464,9 @@ pub(crate) fn compile(
             Resource::DestinationRule(d) => destination_rules.push(d),
             Resource::ServiceEntry(e) => service_entries.push(&**e),
             Resource::WorkloadEntry(w) => c.workload_entry(w),
+            Resource::Secret(s) => {
+                secrets.insert((s.metadata.namespace.as_str(), s.metadata.name.as_str()), s);
+            }
             Resource::Unknown { .. } => {}
         }
     }
@@ -515,10 +519,26 @@ pub(crate) fn compile(
         c.slice(s);
     }
     c.proxy_locality = c.find_proxy_locality();
+    // `credentialName` Secrets are the waypoint's namespace's (Istio reads a gateway's
+    // credentials in its own namespace).
+    let ns = options.gateway_namespace.as_str();
+    let credentials = |name: &str, mutual: bool| {
+        crate::traffic::TlsCredential::find(
+            &|n: &str| secrets.get(&(ns, n)).copied(),
+            ns,
+            name,
+            mutual,
+        )
+        .map(Arc::new)
+    };
     for d in destination_rules {
-        if let Some(rule) =
-            crate::traffic::compile_rule(d, &options.cluster_domain, &mut c.errors, &mut c.warnings)
-        {
+        if let Some(rule) = crate::traffic::compile_rule(
+            d,
+            &options.cluster_domain,
+            &credentials,
+            &mut c.errors,
+            &mut c.warnings,
+        ) {
             c.traffic_rules.push(rule);
         }
     }

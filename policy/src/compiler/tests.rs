@@ -2082,7 +2082,7 @@ fn destination_rules_set_the_cluster_traffic_policy() {
     let e = errs(&base(&[&destination_rule(
         "default",
         "tls",
-        "{host: web, trafficPolicy: {tls: {mode: MUTUAL, caCertificates: /ca.pem}, portLevelSettings: [{port: {number: 9090}, tls: {mode: SIMPLE, credentialName: web-tls}}]}}",
+        "{host: web, trafficPolicy: {tls: {mode: MUTUAL, caCertificates: /ca.pem}, portLevelSettings: [{port: {number: 9090}, tls: {mode: SIMPLE, credentialName: web-tls, caCertificates: /ca.pem}}]}}",
     )]));
     assert_error(
         &e,
@@ -2096,7 +2096,7 @@ fn destination_rules_set_the_cluster_traffic_policy() {
         "DestinationRule",
         "default",
         "tls",
-        "spec.trafficPolicy.portLevelSettings[0].tls.credentialName",
+        "spec.trafficPolicy.portLevelSettings[0].tls.caCertificates",
     );
     let snap = ok(&base(&[&destination_rule(
         "default",

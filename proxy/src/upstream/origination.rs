@@ -5,9 +5,11 @@
 //! `subjectAltNames` is set, required to carry one of them (else the SNI); a client
 //! certificate for MUTUAL; `insecureSkipVerify` skips verification.
 //!
-//! The rustls configuration is built once per compiled rule (files read then); a file that
-//! cannot be read makes every connection fail with the reason in
-//! `%UPSTREAM_TRANSPORT_FAILURE_REASON%` (`TLS_error:...`), never a plaintext connection.
+//! The certificates come from the files, or from a `credentialName` Secret in the waypoint's
+//! namespace (found when compiling). The rustls configuration is built once per compiled
+//! rule (files read then); a file that cannot be read or a Secret that is missing makes every
+//! connection fail with the reason in `%UPSTREAM_TRANSPORT_FAILURE_REASON%`
+//! (`TLS_error:...`), never a plaintext connection.
 
 use std::sync::Arc;
 
@@ -39,28 +41,76 @@ pub fn client_config(t: &TlsOrigination) -> Result<Arc<rustls::ClientConfig>, Up
     }
 }
 
-fn read_pem_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+fn pem_certs(pem: &[u8], from: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     use rustls_pki_types::pem::PemObject;
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .filter_map(Result::ok)
         .collect();
     if certs.is_empty() {
-        return Err(format!("no PEM certificate in {path}"));
+        return Err(format!("no PEM certificate in {from}"));
     }
     Ok(certs)
+}
+
+fn pem_key(pem: &[u8], from: &str) -> Result<rustls_pki_types::PrivateKeyDer<'static>, String> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|e| format!("no private key in {from}: {e}"))
+}
+
+/// Where the certificates come from: the files, or the `credentialName` Secret.
+struct Material {
+    /// PEM roots and where they came from; `None`: the system's roots.
+    roots: Option<(Vec<u8>, String)>,
+    /// Client certificate chain and key (PEM), with where they came from.
+    client: Option<(Vec<u8>, Vec<u8>, String)>,
+}
+
+fn material(t: &TlsOrigination) -> Result<Material, String> {
+    if let Some(name) = &t.credential_name {
+        let c = match &t.credential {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return Err(e.clone()),
+            None => return Err(format!("credentialName {name}: not resolved")),
+        };
+        let from = format!("Secret {name}");
+        return Ok(Material {
+            roots: c.ca.clone().map(|ca| (ca, from.clone())),
+            client: match (&c.cert_chain, &c.private_key) {
+                (Some(cert), Some(key)) if t.mutual => Some((cert.clone(), key.clone(), from)),
+                _ => None,
+            },
+        });
+    }
+    let roots = match &t.ca_certificates {
+        Some(path) => Some((
+            std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?,
+            path.clone(),
+        )),
+        None => None,
+    };
+    let client = match (&t.client_certificate, &t.private_key) {
+        (Some(cert), Some(key)) if t.mutual => Some((
+            std::fs::read(cert).map_err(|e| format!("cannot read {cert}: {e}"))?,
+            std::fs::read(key).map_err(|e| format!("cannot read {key}: {e}"))?,
+            format!("{cert} and {key}"),
+        )),
+        _ => None,
+    };
+    Ok(Material { roots, client })
 }
 
 fn build(t: &TlsOrigination) -> Result<rustls::ClientConfig, String> {
     // The process's one crypto provider (aws-lc-rs), as for HBONE.
     let provider = hbone::tls::provider();
+    let m = material(t)?;
     let mut roots = rustls::RootCertStore::empty();
-    match &t.ca_certificates {
-        Some(path) => {
-            for c in read_pem_certs(path)? {
+    match &m.roots {
+        Some((pem, from)) => {
+            for c in pem_certs(pem, from)? {
                 roots
                     .add(c)
-                    .map_err(|e| format!("bad CA certificate in {path}: {e}"))?;
+                    .map_err(|e| format!("bad CA certificate in {from}: {e}"))?;
             }
         }
         None => {
@@ -85,18 +135,11 @@ fn build(t: &TlsOrigination) -> Result<rustls::ClientConfig, String> {
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     if t.mutual {
-        let (Some(cert), Some(key)) = (&t.client_certificate, &t.private_key) else {
-            return Err("MUTUAL without clientCertificate and privateKey".into());
-        };
-        let chain = read_pem_certs(cert)?;
-        let key_pem = std::fs::read(key).map_err(|e| format!("cannot read {key}: {e}"))?;
-        let key = {
-            use rustls_pki_types::pem::PemObject;
-            rustls_pki_types::PrivateKeyDer::from_pem_slice(&key_pem)
-                .map_err(|e| format!("no private key in {key}: {e}"))?
+        let Some((cert, key, from)) = &m.client else {
+            return Err("MUTUAL without a client certificate and key".into());
         };
         builder
-            .with_client_auth_cert(chain, key)
+            .with_client_auth_cert(pem_certs(cert, from)?, pem_key(key, from)?)
             .map_err(|e| format!("client certificate: {e}"))
     } else {
         Ok(builder.with_no_client_auth())
