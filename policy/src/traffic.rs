@@ -24,9 +24,10 @@
 //! - `portLevelSettings`: per Service port, each part replaces the top-level one.
 //!
 //! Which rule applies to a Service: `host` is its FQDN, its short name (in the rule's
-//! namespace) or a `*.` wildcard suffix; an exact host beats a wildcard, a rule in the
-//! Service's namespace beats one in the root namespace, an older rule beats a newer one, as
-//! istiod merges them. Fields this waypoint does not apply (`subsets`, which no Gateway API
+//! namespace) or a `*.` wildcard suffix. As istiod picks one for a proxy ([`rule_for`]): a
+//! rule in the waypoint's namespace first, then one the Service's namespace exports to the
+//! waypoint's (`exportTo`), then one the root namespace exports to it; within a namespace an
+//! exact host beats a wildcard and an older rule a newer one. Fields this waypoint does not apply (`subsets`, which no Gateway API
 //! route can name, `h2UpgradePolicy`, ...) are warnings naming the field, never silently
 //! dropped.
 
@@ -268,6 +269,8 @@ pub(crate) struct CompiledRule {
     pub ports: Vec<(u16, Parts)>,
     /// `trafficPolicy.retryBudget` (top level only, as in Istio's API).
     pub retry_budget: Option<(f64, u32)>,
+    /// `exportTo`: `*` (or empty) everyone, `.` its own namespace, else namespace names.
+    pub export_to: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -499,6 +502,7 @@ pub(crate) fn compile_rule(
         top: Parts::default(),
         ports: Vec::new(),
         retry_budget: None,
+        export_to: spec.export_to.clone(),
     };
     let Some(tp) = &spec.traffic_policy else {
         return Some(out);
@@ -1411,40 +1415,58 @@ fn consistent_hash(
 /// The largest ring or Maglev table accepted (a table is built per cluster: at most 16 MiB).
 pub const MAX_HASH_TABLE: u64 = 1_048_576;
 
-/// The rule that applies to the Service `ns/name` (FQDN `fqdn`), if any, by Istio's
-/// precedence (see the module doc).
+impl CompiledRule {
+    /// Whether a proxy in `client_namespace` sees this rule (`exportTo`, as istiod's
+    /// `getExportedDestinationRuleFromNamespace` checks it).
+    fn exported_to(&self, client_namespace: &str) -> bool {
+        self.export_to.is_empty()
+            || self.export_to.iter().any(|e| {
+                e == "*"
+                    || e == client_namespace
+                    || (e == "." && self.namespace == client_namespace)
+            })
+    }
+}
+
+/// The rule that applies to the Service `fqdn` in `service_namespace` for this waypoint (in
+/// `proxy_namespace`), as istiod's `PushContext.destinationRule` picks it: a rule in the
+/// waypoint's own namespace first (any, exported or not), then one the Service's namespace
+/// exports to the waypoint's, then one the root namespace exports to it. Within a namespace
+/// the most specific host wins (exact over wildcard, the longer wildcard first), then the
+/// older rule.
 pub(crate) fn rule_for<'r>(
     rules: &'r [CompiledRule],
     fqdn: &str,
     service_namespace: &str,
     root_namespace: &str,
+    proxy_namespace: &str,
 ) -> Option<&'r CompiledRule> {
-    rules
-        .iter()
-        .filter_map(|r| {
-            let exact = r.matches(fqdn)?;
-            let ns_rank = if r.namespace == service_namespace {
-                0
-            } else if r.namespace == root_namespace {
-                1
-            } else {
-                // Istio applies a rule from another namespace only with exportTo; we take
-                // the Service's and the root namespace's.
-                return None;
-            };
-            Some((
-                (
-                    !exact,
-                    ns_rank,
-                    r.age.clone(),
-                    r.namespace.clone(),
-                    r.name.clone(),
-                ),
-                r,
-            ))
-        })
-        .min_by(|a, b| a.0.cmp(&b.0))
-        .map(|(_, r)| r)
+    let best_in = |ns: &str, exported: bool| {
+        rules
+            .iter()
+            .filter(|r| r.namespace == ns && (!exported || r.exported_to(proxy_namespace)))
+            .filter_map(|r| {
+                let exact = r.matches(fqdn)?;
+                let specificity = match &r.host {
+                    HostMatch::Suffix(s) => s.len(),
+                    _ => usize::MAX,
+                };
+                Some((
+                    (
+                        !exact,
+                        std::cmp::Reverse(specificity),
+                        r.age.clone(),
+                        r.name.clone(),
+                    ),
+                    r,
+                ))
+            })
+            .min_by(|a, b| a.0.cmp(&b.0))
+            .map(|(_, r)| r)
+    };
+    best_in(proxy_namespace, false)
+        .or_else(|| best_in(service_namespace, true))
+        .or_else(|| best_in(root_namespace, true))
 }
 
 /// The policy of one cluster (`None`: no rule, Envoy's defaults).
@@ -1453,9 +1475,17 @@ pub(crate) fn cluster_policy(
     fqdn: &str,
     service_namespace: &str,
     root_namespace: &str,
+    proxy_namespace: &str,
     port: u16,
 ) -> Option<Arc<TrafficPolicy>> {
-    rule_for(rules, fqdn, service_namespace, root_namespace).map(|r| Arc::new(r.policy(port)))
+    rule_for(
+        rules,
+        fqdn,
+        service_namespace,
+        root_namespace,
+        proxy_namespace,
+    )
+    .map(|r| Arc::new(r.policy(port)))
 }
 
 /// A consistent-hash table over a cluster's endpoints (by index into the endpoint list it

@@ -71,6 +71,7 @@ impl<'a> Compiler<'a> {
             &hostname,
             key.0,
             &self.opts.root_namespace,
+            &self.opts.gateway_namespace,
             port,
         );
         let locality_lb = self.locality_lb(svc, traffic.as_deref()).map(Arc::new);

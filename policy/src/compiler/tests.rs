@@ -1956,6 +1956,75 @@ fn destination_rule(ns: &str, name: &str, spec: &str) -> String {
     )
 }
 
+/// Which DestinationRule a waypoint applies to a Service of another namespace, as istiod's
+/// `PushContext.destinationRule`: the waypoint's namespace first, then what the Service's
+/// namespace exports to the waypoint's, then what the root namespace exports to it.
+#[test]
+fn destination_rule_lookup_follows_istiods_namespaces_and_export_to() {
+    use crate::traffic::LbPolicy;
+    let apps = "apiVersion: v1\nkind: Namespace\nmetadata: {name: apps, labels: {istio.io/use-waypoint: waypoint, istio.io/use-waypoint-namespace: default}}\n";
+    let web = service("apps", "web", "10.0.1.1", "", HTTP_PORT);
+    let gw = gateway("", ", allowedRoutes: {namespaces: {from: All}}");
+    let dr = |ns: &str, name: &str, host: &str, export: &str, lb: &str| {
+        destination_rule(
+            ns,
+            name,
+            &format!(
+                "{{host: {host}, exportTo: {export}, trafficPolicy: {{loadBalancer: {{simple: {lb}}}}}}}"
+            ),
+        )
+    };
+    let private = dr("apps", "web-private", "web", "['.']", "RANDOM");
+    let root = dr(
+        "istio-system",
+        "mesh",
+        "'*.apps.svc.cluster.local'",
+        "['*']",
+        "ROUND_ROBIN",
+    );
+    let public = dr("apps", "web-public", "web", "[default]", "LEAST_REQUEST");
+    let local = dr(
+        "default",
+        "from-waypoint",
+        "web.apps.svc.cluster.local",
+        "['.']",
+        "RANDOM",
+    );
+    let lb_of = |extra: &[&str]| {
+        let mut parts = vec![NS_PLAIN, apps, gw.as_str(), web.as_str()];
+        parts.extend_from_slice(extra);
+        let snap = ok(&docs(&parts));
+        let c = &bound(&snap, "10.0.1.1:9080").cluster;
+        c.traffic.as_ref().map(|t| (t.source.clone(), t.lb.clone()))
+    };
+    // The Service's own rule exported only to its namespace is not the waypoint's: the
+    // root namespace's applies.
+    assert_eq!(
+        lb_of(&[&private, &root]),
+        Some((
+            "DestinationRule istio-system/mesh".into(),
+            LbPolicy::RoundRobin
+        ))
+    );
+    // Exported to the waypoint's namespace: it wins over the root namespace's.
+    assert_eq!(
+        lb_of(&[&private, &root, &public]),
+        Some((
+            "DestinationRule apps/web-public".into(),
+            LbPolicy::LeastRequest
+        ))
+    );
+    // A rule in the waypoint's own namespace wins over both, exported or not.
+    assert_eq!(
+        lb_of(&[&private, &root, &public, &local]),
+        Some((
+            "DestinationRule default/from-waypoint".into(),
+            LbPolicy::Random
+        ))
+    );
+    assert_eq!(lb_of(&[&private]), None, "nothing visible");
+}
+
 /// DestinationRule traffic policy reaches the Service's clusters: host by short name, FQDN
 /// or wildcard (exact wins, the Service's namespace before the root namespace), port-level
 /// settings replacing the top-level part, unsupported fields warned about by path, bad
