@@ -134,7 +134,40 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
         snapshot.gateway.name
     );
 
-    // 1. Binding.
+    let Some(service) = explain_binding(o, snapshot, req) else {
+        return out;
+    };
+    let normalized = match policy::normalize_path(path) {
+        Ok(p) => p.into_owned(),
+        Err(()) => {
+            let _ = writeln!(
+                o,
+                "\nresult: {} (path cannot be normalized)",
+                reply_line(&ProxyError::BadPath)
+            );
+            return out;
+        }
+    };
+    if normalized != path {
+        let _ = writeln!(o, "  path normalized to {normalized}");
+    }
+    let chosen = explain_route(o, &service, req, &normalized, query);
+    if let Some((name, backends)) = &chosen {
+        explain_backends(o, name, backends);
+    }
+    let decision = explain_authz(o, &service, mesh, req, &normalized);
+    explain_telemetry(o, &service, mesh);
+    explain_result(o, req, &decision, chosen);
+    out
+}
+
+/// `explain` 1: the Service at the address, how it is bound, and whether this waypoint
+/// serves it (`None`: the CONNECT is refused, the result written).
+fn explain_binding(
+    o: &mut String,
+    snapshot: &Snapshot,
+    req: &ExplainRequest,
+) -> Option<std::sync::Arc<policy::ServicePort>> {
     let info = snapshot.service_at(req.to);
     let _ = writeln!(o, "\nservice:");
     match &info {
@@ -183,7 +216,7 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
                 "\nresult: 503 {UNKNOWN_AUTHORITY_BODY:?} (CONNECT refused: no filter chain for {}, logged NR filter_chain_not_found)",
                 req.to
             );
-            return out;
+            return None;
         }
     };
     if info.is_none() {
@@ -200,23 +233,21 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
             service.cluster.name
         );
     }
+    Some(service)
+}
 
-    let normalized = match policy::normalize_path(path) {
-        Ok(p) => p.into_owned(),
-        Err(()) => {
-            let _ = writeln!(
-                o,
-                "\nresult: {} (path cannot be normalized)",
-                reply_line(&ProxyError::BadPath)
-            );
-            return out;
-        }
-    };
-    if normalized != path {
-        let _ = writeln!(o, "  path normalized to {normalized}");
-    }
+/// A route rule's name and backends.
+type Chosen = (String, policy::WeightedBackends);
 
-    // 2. Route.
+/// `explain` 2: every route entry in precedence order, which one matched and why the others
+/// did not (the implicit `default` route without an HTTPRoute; a DYNAMIC_DNS entry's domain).
+fn explain_route(
+    o: &mut String,
+    service: &policy::ServicePort,
+    req: &ExplainRequest,
+    normalized: &str,
+    query: Option<&str>,
+) -> Option<Chosen> {
     let _ = writeln!(o, "\nroute:");
     let mut chosen: Option<(String, policy::WeightedBackends)> = None;
     match &service.routes {
@@ -239,7 +270,7 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
             ));
         }
         Some(table) => {
-            let traces = table.explain(&req.method, &normalized, query, &req.headers);
+            let traces = table.explain(&req.method, normalized, query, &req.headers);
             let _ = writeln!(
                 o,
                 "  {} match entr{} in Gateway API precedence order:",
@@ -292,70 +323,81 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
             chosen = None;
         }
     }
-    if let Some((name, backends)) = &chosen {
-        let _ = writeln!(o, "\nbackends of rule {name}:");
-        if backends.backends.is_empty() {
-            let _ = writeln!(o, "  none with a non-zero weight");
-        }
-        for b in &backends.backends {
-            let share = 100.0 * f64::from(b.weight) / backends.total_weight.max(1) as f64;
-            match &b.backend {
-                Backend::Cluster(c) => {
-                    let eps: Vec<String> =
-                        c.endpoints().iter().map(|e| e.addr.to_string()).collect();
+    chosen
+}
+
+/// `explain`: the chosen rule's backends, their endpoints and traffic policy.
+fn explain_backends(o: &mut String, name: &str, backends: &policy::WeightedBackends) {
+    let _ = writeln!(o, "\nbackends of rule {name}:");
+    if backends.backends.is_empty() {
+        let _ = writeln!(o, "  none with a non-zero weight");
+    }
+    for b in &backends.backends {
+        let share = 100.0 * f64::from(b.weight) / backends.total_weight.max(1) as f64;
+        match &b.backend {
+            Backend::Cluster(c) => {
+                let eps: Vec<String> = c.endpoints().iter().map(|e| e.addr.to_string()).collect();
+                let _ = writeln!(
+                    o,
+                    "  weight {} ({share:.1}%): {} endpoints [{}]",
+                    b.weight,
+                    c.name,
+                    eps.join(", ")
+                );
+                if let Some(t) = &c.traffic {
+                    let _ = writeln!(o, "    traffic policy: {}", traffic_summary(t));
+                }
+                if let Some(d) = &c.dns {
+                    let names: Vec<String> = d
+                        .names
+                        .iter()
+                        .map(|t| format!("{}:{}", t.name, t.port))
+                        .collect();
                     let _ = writeln!(
                         o,
-                        "  weight {} ({share:.1}%): {} endpoints [{}]",
-                        b.weight,
-                        c.name,
-                        eps.join(", ")
+                        "    endpoints from DNS ({}): {}{}",
+                        if d.first_only {
+                            "DNS_ROUND_ROBIN"
+                        } else {
+                            "DNS"
+                        },
+                        names.join(", "),
+                        if c.endpoints().is_empty() {
+                            " (not resolved here; the running waypoint resolves them)"
+                        } else {
+                            ""
+                        }
                     );
-                    if let Some(t) = &c.traffic {
-                        let _ = writeln!(o, "    traffic policy: {}", traffic_summary(t));
-                    }
-                    if let Some(d) = &c.dns {
-                        let names: Vec<String> = d
-                            .names
-                            .iter()
-                            .map(|t| format!("{}:{}", t.name, t.port))
-                            .collect();
-                        let _ = writeln!(
-                            o,
-                            "    endpoints from DNS ({}): {}{}",
-                            if d.first_only {
-                                "DNS_ROUND_ROBIN"
-                            } else {
-                                "DNS"
-                            },
-                            names.join(", "),
-                            if c.endpoints().is_empty() {
-                                " (not resolved here; the running waypoint resolves them)"
-                            } else {
-                                ""
-                            }
-                        );
-                    }
-                    if c.passthrough {
-                        let _ = writeln!(
-                            o,
-                            "    resolution NONE: the endpoint is the address the tunnel names"
-                        );
-                    }
-                    if c.dynamic_dns.is_some() {
-                        let _ = writeln!(
-                            o,
-                            "    resolution DYNAMIC_DNS: the endpoint is the first address the request's Host resolves to, port 80 (443 with TLS origination)"
-                        );
-                    }
                 }
-                Backend::Invalid { reason } => {
-                    let _ = writeln!(o, "  weight {} ({share:.1}%): invalid: {reason}", b.weight);
+                if c.passthrough {
+                    let _ = writeln!(
+                        o,
+                        "    resolution NONE: the endpoint is the address the tunnel names"
+                    );
                 }
+                if c.dynamic_dns.is_some() {
+                    let _ = writeln!(
+                        o,
+                        "    resolution DYNAMIC_DNS: the endpoint is the first address the request's Host resolves to, port 80 (443 with TLS origination)"
+                    );
+                }
+            }
+            Backend::Invalid { reason } => {
+                let _ = writeln!(o, "  weight {} ({share:.1}%): invalid: {reason}", b.weight);
             }
         }
     }
+}
 
-    // 3. Authorization.
+/// `explain` 3: RequestAuthentication, every AuthorizationPolicy with each rule's result, a
+/// CUSTOM provider's check, and the decision.
+fn explain_authz(
+    o: &mut String,
+    service: &policy::ServicePort,
+    mesh: &MeshConfig,
+    req: &ExplainRequest,
+    normalized: &str,
+) -> policy::Decision {
     let host = req
         .headers
         .get(http::header::HOST)
@@ -369,7 +411,7 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
         dest_port: req.to.port(),
         http: (service.protocol != policy::AppProtocol::Tcp).then_some(policy::HttpAttrs {
             method: req.method.as_str(),
-            path: &normalized,
+            path: normalized,
             host: &host,
             headers: &req.headers,
             request_principal: None,
@@ -481,8 +523,11 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
                 })
         );
     }
+    decision
+}
 
-    // 4. Telemetry.
+/// `explain` 4: access logging, tracing and metrics for the Service.
+fn explain_telemetry(o: &mut String, service: &policy::ServicePort, mesh: &MeshConfig) {
     let log = &service.access_log;
     if let Some(source) = log.source() {
         let exprs = log.expressions();
@@ -501,23 +546,30 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
     if let Some(m) = crate::telemetry::metrics::describe(&service.metrics) {
         let _ = writeln!(o, "metrics: {m}");
     }
+}
 
-    // 5. The reply.
+/// `explain` 5: the reply a real request would get.
+fn explain_result(
+    o: &mut String,
+    req: &ExplainRequest,
+    decision: &policy::Decision,
+    chosen: Option<Chosen>,
+) {
     let _ = write!(o, "\nresult: ");
     if !decision.allowed {
         let e = ProxyError::RbacDenied {
             details: decision.details.clone(),
         };
         let _ = writeln!(o, "{}", reply_line(&e));
-        return out;
+        return;
     }
     let Some((_, backends)) = chosen else {
         let _ = writeln!(o, "{}", reply_line(&ProxyError::RouteNotFound));
-        return out;
+        return;
     };
     if backends.total_weight == 0 {
         let _ = writeln!(o, "{}", reply_line(&ProxyError::NoBackendWeight));
-        return out;
+        return;
     }
     let several = backends.backends.len() > 1;
     for b in &backends.backends {
@@ -562,7 +614,6 @@ pub fn explain(snapshot: &Snapshot, mesh: &MeshConfig, req: &ExplainRequest) -> 
         let _ = write!(o, "{line}");
     }
     o.push('\n');
-    out
 }
 
 /// An endpoint as `explain` lists it: its address, with its level or locality weight and
