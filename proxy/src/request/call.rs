@@ -74,34 +74,8 @@ pub(super) async fn call(
         Some(t) => Some(t.request_slot().ok_or(ProxyError::Overflow)?),
         None => None,
     };
-    let mut conn_opts = crate::upstream::ConnOptions::of(cluster);
-    if let (Some(name), Some((_, server))) = (&target.server_name, conn_opts.tls.as_mut()) {
-        *server = name.clone();
-    }
-    conn_opts.more_addrs = target.more_addrs.clone();
-    // DestinationRule `consistentHash`: the key, and a generated cookie to set.
-    let hash = match cluster.traffic.as_ref().map(|t| &t.lb) {
-        Some(policy::traffic::LbPolicy::ConsistentHash(h)) => {
-            let source = ctx
-                .record()
-                .downstream_remote_address
-                .as_deref()
-                .and_then(|a| a.parse::<SocketAddr>().ok())
-                .map(|a| a.ip());
-            let path = upstream_req
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string();
-            let (key, set_cookie) =
-                crate::upstream::balance::hash_key(h, upstream_req.headers(), &path, source);
-            if let Some(v) = set_cookie.and_then(|c| http::HeaderValue::from_str(&c).ok()) {
-                ctx.response_headers.push((http::header::SET_COOKIE, v));
-            }
-            key
-        }
-        _ => None,
-    };
+    let conn_opts = conn_options(target);
+    let hash = hash_key(ctx, cluster, &upstream_req);
     let retry_backoff = policy.as_ref().map(|p| p.backoff);
     loop {
         let endpoints = cluster.endpoints();
@@ -111,13 +85,7 @@ pub(super) async fn call(
         };
         let addr = endpoint.addr;
         attempts.start();
-        ctx.log.set_endpoint(endpoint);
-        // Istio renders HBONE endpoints as `envoy://connect_originate/<ip>:<port>`.
-        ctx.record().upstream_host = Some(if endpoint.tunnel.is_some() {
-            format!("envoy://connect_originate/{addr}")
-        } else {
-            addr.to_string()
-        });
+        log_endpoint(ctx, endpoint);
         let checkout = match timers
             .run(
                 ctx.shared
@@ -139,13 +107,7 @@ pub(super) async fn call(
                     }
                     continue;
                 }
-                let retry_limit = failure.retriable() && policy.is_some();
-                let retried = attempts.count > 1;
-                return Err(ProxyError::Upstream {
-                    failure,
-                    retried,
-                    retry_limit,
-                });
+                return Err(upstream_error(failure, policy.is_some(), &attempts));
             }
         };
         ctx.record().upstream_local_address = Some(match checkout.local_addr {
@@ -209,46 +171,13 @@ pub(super) async fn call(
                 if e.request.is_none() || !e.reused {
                     report(cluster, endpoint, Outcome::LocalFailure);
                 }
-                let can_retry = e.failure.retriable() && policy.is_some() && attempts.may_retry();
-                match e.request {
-                    // Not sent on a *reused* connection the upstream had just closed: try
-                    // again on a fresh connection, without spending a retry. (A fresh
-                    // connection that fails is a real failure: Envoy does not retry it.)
-                    Some(r) if e.reused && attempts.resend_unsent() => {
+                let retrying = policy.is_some();
+                match after_send_failure(e, retrying, &mut attempts, &head, &retry_buf, received)? {
+                    Again::Resend(r) => {
                         upstream_req = r;
                         continue;
                     }
-                    Some(r) if can_retry => {
-                        upstream_req = r;
-                    }
-                    // The request went out: only a body we still hold whole can go again.
-                    None if can_retry
-                        && let (Some(head), Some(body)) =
-                            (&head, retry_buf.as_ref().and_then(RetryBuffer::replay)) =>
-                    {
-                        upstream_req = rebuild(head, body);
-                    }
-                    _ if received.idle_timed_out() => {
-                        return Err(ProxyError::StreamIdleTimeout);
-                    }
-                    _ if received.failed() => {
-                        // The client's body broke its framing mid-request: Envoy's codec
-                        // answers that (400 `http1.codec_error`), not the upstream reset it
-                        // caused.
-                        return Err(ProxyError::Codec {
-                            status: http::StatusCode::BAD_REQUEST,
-                            details: "http1.codec_error",
-                        });
-                    }
-                    _ => {
-                        let retry_limit = e.failure.retriable() && policy.is_some();
-                        let retried = attempts.count > 1;
-                        return Err(ProxyError::Upstream {
-                            failure: e.failure,
-                            retried,
-                            retry_limit,
-                        });
-                    }
+                    Again::Retry(r) => upstream_req = r,
                 }
                 tried.push(addr);
                 if !back_off(&timers, retry_backoff, attempts.count).await {
@@ -256,6 +185,115 @@ pub(super) async fn call(
                 }
             }
         }
+    }
+}
+
+/// The connection options of the target's cluster, with the server name a DYNAMIC_DNS
+/// request resolved (its SNI) and the further addresses its name resolved to.
+fn conn_options(target: &Target) -> crate::upstream::ConnOptions {
+    let mut conn_opts = crate::upstream::ConnOptions::of(&target.cluster);
+    if let (Some(name), Some((_, server))) = (&target.server_name, conn_opts.tls.as_mut()) {
+        *server = name.clone();
+    }
+    conn_opts.more_addrs = target.more_addrs.clone();
+    conn_opts
+}
+
+/// DestinationRule `consistentHash`: the request's key (a generated cookie is queued on the
+/// response), or `None`.
+fn hash_key<B>(
+    ctx: &mut RequestCtx,
+    cluster: &policy::Cluster,
+    req: &http::Request<B>,
+) -> Option<u64> {
+    let Some(policy::traffic::LbPolicy::ConsistentHash(h)) =
+        cluster.traffic.as_ref().map(|t| &t.lb)
+    else {
+        return None;
+    };
+    let source = ctx
+        .record()
+        .downstream_remote_address
+        .as_deref()
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .map(|a| a.ip());
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let (key, set_cookie) = crate::upstream::balance::hash_key(h, req.headers(), &path, source);
+    if let Some(v) = set_cookie.and_then(|c| http::HeaderValue::from_str(&c).ok()) {
+        ctx.response_headers.push((http::header::SET_COOKIE, v));
+    }
+    key
+}
+
+/// The attempt's endpoint in the log (Istio renders HBONE endpoints as
+/// `envoy://connect_originate/<ip>:<port>`).
+fn log_endpoint(ctx: &mut RequestCtx, endpoint: &policy::Endpoint) {
+    ctx.log.set_endpoint(endpoint);
+    let addr = endpoint.addr;
+    ctx.record().upstream_host = Some(if endpoint.tunnel.is_some() {
+        format!("envoy://connect_originate/{addr}")
+    } else {
+        addr.to_string()
+    });
+}
+
+/// What to send next after a failed send.
+enum Again {
+    /// Not sent on a reused connection: again, without spending a retry.
+    Resend(http::Request<crate::upstream::RequestBody>),
+    /// A retry (after the back-off).
+    Retry(http::Request<crate::upstream::RequestBody>),
+}
+
+/// After a send failed: send again (a resend or a retry), or the error the request ends with.
+fn after_send_failure(
+    e: crate::upstream::SendError,
+    retrying: bool,
+    attempts: &mut Attempts,
+    head: &Option<http::Request<()>>,
+    retry_buf: &Option<RetryBuffer>,
+    received: &BodyProgress,
+) -> Result<Again, ProxyError> {
+    let can_retry = e.failure.retriable() && retrying && attempts.may_retry();
+    match e.request {
+        // Not sent on a *reused* connection the upstream had just closed: try again on a
+        // fresh connection, without spending a retry. (A fresh connection that fails is a
+        // real failure: Envoy does not retry it.)
+        Some(r) if e.reused && attempts.resend_unsent() => Ok(Again::Resend(r)),
+        Some(r) if can_retry => Ok(Again::Retry(r)),
+        // The request went out: only a body we still hold whole can go again.
+        None if can_retry
+            && let (Some(head), Some(body)) =
+                (head, retry_buf.as_ref().and_then(RetryBuffer::replay)) =>
+        {
+            Ok(Again::Retry(rebuild(head, body)))
+        }
+        _ if received.idle_timed_out() => Err(ProxyError::StreamIdleTimeout),
+        // The client's body broke its framing mid-request: Envoy's codec answers that (400
+        // `http1.codec_error`), not the upstream reset it caused.
+        _ if received.failed() => Err(ProxyError::Codec {
+            status: http::StatusCode::BAD_REQUEST,
+            details: "http1.codec_error",
+        }),
+        _ => Err(upstream_error(e.failure, retrying, attempts)),
+    }
+}
+
+/// The error a request ends with when its last attempt failed upstream: `URX` when the route
+/// retries and the failure was retriable (its retries ran out), retried or not.
+fn upstream_error(
+    failure: crate::upstream::UpstreamFailure,
+    retrying: bool,
+    attempts: &Attempts,
+) -> ProxyError {
+    ProxyError::Upstream {
+        retry_limit: failure.retriable() && retrying,
+        retried: attempts.count > 1,
+        failure,
     }
 }
 
