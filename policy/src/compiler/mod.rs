@@ -420,90 +420,26 @@ pub(crate) fn compile(
     };
 
     // Index, rejecting duplicates (the later definition is the error).
-    let mut seen = HashSet::new();
-    let (mut gateways, mut classes, mut services, mut slices, mut routes, mut policies) = (
-        Vec::new(),
-        HashMap::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
-    let mut request_authns = Vec::new();
-    let mut tcp_routes = Vec::new();
-    let mut tls_routes = Vec::new();
-    let mut telemetries = Vec::new();
-    let mut destination_rules = Vec::new();
-    let mut service_entries = Vec::new();
-    let mut secrets: HashMap<SvcKey<'_>, &crate::resources::Secret> = HashMap::new();
-    for r in &resources.resources {
-        let Some(meta) = r.metadata() else { continue };
-        if !seen.insert((r.kind(), meta.namespace.as_str(), meta.name.as_str())) {
-            let e = error(r.kind(), meta, "metadata.name", "defined more than once");
-            c.errors.push(e);
-            continue;
-        }
-        match r {
-            Resource::Namespace(n) => {
-                c.namespaces.insert(n.metadata.name.as_str(), &n.metadata);
-            }
-            Resource::Service(s) => services.push(s),
-            Resource::Pod(p) => c.pod(p),
-            Resource::EndpointSlice(s) => slices.push(s),
-            Resource::Gateway(g) => gateways.push(g),
-            Resource::GatewayClass(g) => {
-                classes.insert(g.metadata.name.as_str(), g);
-            }
-            Resource::HttpRoute(h) | Resource::GrpcRoute(h) => routes.push(h),
-            Resource::TcpRoute(t) => tcp_routes.push(t),
-            Resource::TlsRoute(t) => tls_routes.push(t),
-            Resource::ReferenceGrant(g) => c.grants.push(g),
-            Resource::AuthorizationPolicy(p) => policies.push(p),
-            Resource::RequestAuthentication(p) => request_authns.push(p),
-            Resource::Telemetry(t) => telemetries.push(t),
-            Resource::DestinationRule(d) => destination_rules.push(d),
-            Resource::ServiceEntry(e) => service_entries.push(&**e),
-            Resource::WorkloadEntry(w) => c.workload_entry(w),
-            Resource::Secret(s) => {
-                secrets.insert((s.metadata.namespace.as_str(), s.metadata.name.as_str()), s);
-            }
-            Resource::Unknown { .. } => {}
-        }
-    }
+    let Indexed {
+        gateways,
+        classes,
+        services,
+        slices,
+        routes,
+        policies,
+        request_authns,
+        tcp_routes,
+        tls_routes,
+        telemetries,
+        destination_rules,
+        service_entries,
+        secrets,
+    } = c.index(resources);
 
     let ours = gateways.iter().find(|g| {
         g.metadata.namespace == options.gateway_namespace && g.metadata.name == options.gateway_name
     });
-    let mut info = GatewayInfo {
-        namespace: options.gateway_namespace.as_str().into(),
-        name: options.gateway_name.as_str().into(),
-        waypoint_for: WaypointFor::None,
-    };
-    let mut allowed = Allowed::Same;
-    match ours {
-        Some(g) => {
-            info.waypoint_for = c.gateway(g, &classes);
-            allowed = c.allowed_routes(g);
-        }
-        None => {
-            let mut known: Vec<_> = gateways.iter().map(|g| id(&g.metadata)).collect();
-            known.sort();
-            let known = if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            };
-            c.errors.push(ConfigError {
-                kind: "Gateway".into(),
-                namespace: options.gateway_namespace.clone(),
-                name: options.gateway_name.clone(),
-                field: String::new(),
-                message: format!(
-                    "the Gateway named by --gateway is not in the config (Gateways found: {known})"
-                ),
-            });
-        }
-    }
+    let (info, allowed) = c.our_gateway(ours.copied(), &gateways, &classes);
 
     // Services, in load order so a duplicate VIP:port is reported on the later Service.
     let mut vip_owner = HashMap::new();
@@ -519,29 +455,7 @@ pub(crate) fn compile(
         c.slice(s);
     }
     c.proxy_locality = c.find_proxy_locality();
-    // `credentialName` Secrets are the waypoint's namespace's (Istio reads a gateway's
-    // credentials in its own namespace).
-    let ns = options.gateway_namespace.as_str();
-    let credentials = |name: &str, mutual: bool| {
-        crate::traffic::TlsCredential::find(
-            &|n: &str| secrets.get(&(ns, n)).copied(),
-            ns,
-            name,
-            mutual,
-        )
-        .map(Arc::new)
-    };
-    for d in destination_rules {
-        if let Some(rule) = crate::traffic::compile_rule(
-            d,
-            &options.cluster_domain,
-            &credentials,
-            &mut c.errors,
-            &mut c.warnings,
-        ) {
-            c.traffic_rules.push(rule);
-        }
-    }
+    c.destination_rules(&destination_rules, &secrets);
     let mut tables = HashMap::new();
     for r in routes {
         c.route(r, &mut tables);
@@ -590,37 +504,7 @@ pub(crate) fn compile(
     c.warnings.append(&mut warnings);
     let (bound, not_bound, bound_ranges) =
         c.vip_index(tables, tcp_tables, tls_tables, &authz, &authn, &telemetry);
-    let services = c
-        .services
-        .iter()
-        .map(|((ns, name), svc)| {
-            Arc::new(ServiceInfo {
-                kind: if svc.entry.is_some() {
-                    "ServiceEntry"
-                } else {
-                    "Service"
-                },
-                namespace: (*ns).into(),
-                name: (*name).into(),
-                hostname: svc.hostname.as_str().into(),
-                entry: svc
-                    .entry
-                    .as_ref()
-                    .map(|e| (e.name.as_str().into(), e.resolution)),
-                vips: svc.vips.clone(),
-                ports: svc
-                    .ports
-                    .iter()
-                    .map(|p| ServicePortInfo {
-                        port: p.port,
-                        name: p.name.clone(),
-                        protocol: p.protocol,
-                    })
-                    .collect(),
-                binding: svc.info.clone(),
-            })
-        })
-        .collect();
+    let services = c.service_infos();
     let workloads = c.workloads(&info, &allowed);
     let extension_clusters = c.extension_clusters();
 
@@ -645,27 +529,206 @@ pub(crate) fn compile(
         telemetry,
         services,
         workloads,
-        resources: resources
-            .resources
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| {
-                let meta = r.metadata()?;
-                let id = if meta.namespace.is_empty() {
-                    meta.name.clone()
-                } else {
-                    format!("{}/{}", meta.namespace, meta.name)
-                };
-                Some((
-                    r.kind().to_string(),
-                    id,
-                    resources.sources.get(i).cloned().unwrap_or_default(),
-                ))
-            })
-            .collect(),
+        resources: resource_list(resources),
         extension_clusters,
         warnings: c.warnings,
     })
+}
+
+/// The resources of one compile, by kind, borrowed from the input.
+#[derive(Default)]
+struct Indexed<'a> {
+    gateways: Vec<&'a Gateway>,
+    classes: HashMap<&'a str, &'a GatewayClass>,
+    services: Vec<&'a Service>,
+    slices: Vec<&'a crate::resources::EndpointSlice>,
+    routes: Vec<&'a HttpRoute>,
+    policies: Vec<&'a crate::resources::AuthorizationPolicy>,
+    request_authns: Vec<&'a crate::resources::RequestAuthentication>,
+    tcp_routes: Vec<&'a TcpRoute>,
+    tls_routes: Vec<&'a TlsRoute>,
+    telemetries: Vec<&'a crate::resources::Telemetry>,
+    destination_rules: Vec<&'a crate::resources::DestinationRule>,
+    service_entries: Vec<&'a crate::resources::ServiceEntry>,
+    secrets: HashMap<SvcKey<'a>, &'a crate::resources::Secret>,
+}
+
+impl<'a> Compiler<'a> {
+    /// Sort the resources by kind (Namespaces, Pods, grants and WorkloadEntries straight into
+    /// the compiler's indexes), rejecting a kind/namespace/name defined twice (the later one
+    /// is the error).
+    fn index(&mut self, resources: &'a LoadedResources) -> Indexed<'a> {
+        let mut seen = HashSet::new();
+        let mut ix = Indexed::default();
+        for r in &resources.resources {
+            let Some(meta) = r.metadata() else { continue };
+            if !seen.insert((r.kind(), meta.namespace.as_str(), meta.name.as_str())) {
+                let e = error(r.kind(), meta, "metadata.name", "defined more than once");
+                self.errors.push(e);
+                continue;
+            }
+            match r {
+                Resource::Namespace(n) => {
+                    self.namespaces
+                        .insert(n.metadata.name.as_str(), &n.metadata);
+                }
+                Resource::Service(s) => ix.services.push(s),
+                Resource::Pod(p) => self.pod(p),
+                Resource::EndpointSlice(s) => ix.slices.push(s),
+                Resource::Gateway(g) => ix.gateways.push(g),
+                Resource::GatewayClass(g) => {
+                    ix.classes.insert(g.metadata.name.as_str(), g);
+                }
+                Resource::HttpRoute(h) | Resource::GrpcRoute(h) => ix.routes.push(h),
+                Resource::TcpRoute(t) => ix.tcp_routes.push(t),
+                Resource::TlsRoute(t) => ix.tls_routes.push(t),
+                Resource::ReferenceGrant(g) => self.grants.push(g),
+                Resource::AuthorizationPolicy(p) => ix.policies.push(p),
+                Resource::RequestAuthentication(p) => ix.request_authns.push(p),
+                Resource::Telemetry(t) => ix.telemetries.push(t),
+                Resource::DestinationRule(d) => ix.destination_rules.push(d),
+                Resource::ServiceEntry(e) => ix.service_entries.push(&**e),
+                Resource::WorkloadEntry(w) => self.workload_entry(w),
+                Resource::Secret(s) => {
+                    ix.secrets
+                        .insert((s.metadata.namespace.as_str(), s.metadata.name.as_str()), s);
+                }
+                Resource::Unknown { .. } => {}
+            }
+        }
+        ix
+    }
+
+    /// This waypoint's Gateway (`--gateway`): what it serves and which namespaces it admits;
+    /// an error naming the Gateways found when it is not there.
+    fn our_gateway(
+        &mut self,
+        ours: Option<&'a Gateway>,
+        gateways: &[&'a Gateway],
+        classes: &HashMap<&'a str, &'a GatewayClass>,
+    ) -> (GatewayInfo, Allowed) {
+        let options = self.opts;
+        let mut info = GatewayInfo {
+            namespace: options.gateway_namespace.as_str().into(),
+            name: options.gateway_name.as_str().into(),
+            waypoint_for: WaypointFor::None,
+        };
+        let mut allowed = Allowed::Same;
+        match ours {
+            Some(g) => {
+                info.waypoint_for = self.gateway(g, classes);
+                allowed = self.allowed_routes(g);
+            }
+            None => {
+                let mut known: Vec<_> = gateways.iter().map(|g| id(&g.metadata)).collect();
+                known.sort();
+                let known = if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                };
+                self.errors.push(ConfigError {
+                    kind: "Gateway".into(),
+                    namespace: options.gateway_namespace.clone(),
+                    name: options.gateway_name.clone(),
+                    field: String::new(),
+                    message: format!(
+                        "the Gateway named by --gateway is not in the config (Gateways found: {known})"
+                    ),
+                });
+            }
+        }
+        (info, allowed)
+    }
+
+    /// Compile the DestinationRules (applied as clusters are built).
+    fn destination_rules(
+        &mut self,
+        rules: &[&'a crate::resources::DestinationRule],
+        secrets: &HashMap<SvcKey<'a>, &'a crate::resources::Secret>,
+    ) {
+        // `credentialName` Secrets are the waypoint's namespace's (Istio reads a gateway's
+        // credentials in its own namespace).
+        let ns = self.opts.gateway_namespace.as_str();
+        let credentials = |name: &str, mutual: bool| {
+            crate::traffic::TlsCredential::find(
+                &|n: &str| secrets.get(&(ns, n)).copied(),
+                ns,
+                name,
+                mutual,
+            )
+            .map(Arc::new)
+        };
+        for d in rules {
+            if let Some(rule) = crate::traffic::compile_rule(
+                d,
+                &self.opts.cluster_domain,
+                &credentials,
+                &mut self.errors,
+                &mut self.warnings,
+            ) {
+                self.traffic_rules.push(rule);
+            }
+        }
+    }
+
+    /// Every Service and ServiceEntry host as `waypoint services` lists it.
+    fn service_infos(&self) -> Vec<Arc<ServiceInfo>> {
+        self.services
+            .iter()
+            .map(|((ns, name), svc)| {
+                Arc::new(ServiceInfo {
+                    kind: if svc.entry.is_some() {
+                        "ServiceEntry"
+                    } else {
+                        "Service"
+                    },
+                    namespace: (*ns).into(),
+                    name: (*name).into(),
+                    hostname: svc.hostname.as_str().into(),
+                    entry: svc
+                        .entry
+                        .as_ref()
+                        .map(|e| (e.name.as_str().into(), e.resolution)),
+                    vips: svc.vips.clone(),
+                    ports: svc
+                        .ports
+                        .iter()
+                        .map(|p| ServicePortInfo {
+                            port: p.port,
+                            name: p.name.clone(),
+                            protocol: p.protocol,
+                        })
+                        .collect(),
+                    binding: svc.info.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Every resource loaded, as (kind, `namespace/name`, source) for `/config_dump`.
+fn resource_list(
+    resources: &LoadedResources,
+) -> Vec<(String, String, crate::load::ResourceSource)> {
+    resources
+        .resources
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let meta = r.metadata()?;
+            let id = if meta.namespace.is_empty() {
+                meta.name.clone()
+            } else {
+                format!("{}/{}", meta.namespace, meta.name)
+            };
+            Some((
+                r.kind().to_string(),
+                id,
+                resources.sources.get(i).cloned().unwrap_or_default(),
+            ))
+        })
+        .collect()
 }
 
 /// Istio protocol selection (`kube.ConvertProtocol`): a recognised `appProtocol` wins, else the
