@@ -470,21 +470,7 @@ pub(crate) fn compile_rule(
         errors.push(err(meta, "spec.host", "is required".into()));
         return None;
     }
-    let host = if let Some(suffix) = host.strip_prefix('*') {
-        HostMatch::Suffix(suffix.to_string())
-    } else if host.contains('.') {
-        // `name.namespace` and `name.namespace.svc` are completed as istiod completes them.
-        let parts: Vec<&str> = host.split('.').collect();
-        match parts.len() {
-            2 => HostMatch::ExactOr(format!("{host}.svc.{cluster_domain}"), host.to_string()),
-            3 if parts[2] == "svc" => {
-                HostMatch::ExactOr(format!("{host}.{cluster_domain}"), host.to_string())
-            }
-            _ => HostMatch::Exact(host.to_string()),
-        }
-    } else {
-        HostMatch::Exact(format!("{host}.{}.svc.{cluster_domain}", meta.namespace))
-    };
+    let host = HostMatch::of(host, &meta.namespace, cluster_domain);
     if spec.workload_selector.is_some() {
         warn(
             "spec.workloadSelector",
@@ -522,34 +508,7 @@ pub(crate) fn compile_rule(
     }
     let mut ok = true;
     if let Some(rb) = &tp.retry_budget {
-        // istiod's `applyRetryBudget`: the percent passed as Envoy's Percent (0-100), default
-        // 0.2 (istiod writes `Percent{Value: 0.2}` meaning 20%, which Envoy reads as 0.2%);
-        // minRetryConcurrency 0 or unset -> 3.
-        let percent = rb.percent.unwrap_or(0.2);
-        if !(0.0..=100.0).contains(&percent) || percent.is_nan() {
-            errors.push(err(
-                meta,
-                &format!("{at}.retryBudget.percent"),
-                format!("{percent} is out of range (0-100)"),
-            ));
-            ok = false;
-        }
-        let min = match rb.min_retry_concurrency {
-            None | Some(0) => 3,
-            Some(n) => match u32::try_from(n) {
-                Ok(n) => n,
-                Err(_) => {
-                    errors.push(err(
-                        meta,
-                        &format!("{at}.retryBudget.minRetryConcurrency"),
-                        format!("{n} is out of range (0-4294967295)"),
-                    ));
-                    ok = false;
-                    3
-                }
-            },
-        };
-        out.retry_budget = Some((percent, min));
+        out.retry_budget = retry_budget(meta, at, rb, errors, &mut ok);
     }
     out.top = parts(
         meta,
@@ -629,6 +588,63 @@ pub(crate) fn compile_rule(
     }
     warnings.extend(missing);
     ok.then_some(out)
+}
+
+impl HostMatch {
+    /// A rule's `host` in namespace `ns`: a `*` wildcard suffix; `name.namespace` and
+    /// `name.namespace.svc` completed as istiod completes them (or taken as written, a
+    /// ServiceEntry host); a short name completed in the rule's namespace.
+    fn of(host: &str, ns: &str, cluster_domain: &str) -> HostMatch {
+        if let Some(suffix) = host.strip_prefix('*') {
+            return HostMatch::Suffix(suffix.to_string());
+        }
+        if !host.contains('.') {
+            return HostMatch::Exact(format!("{host}.{ns}.svc.{cluster_domain}"));
+        }
+        let parts: Vec<&str> = host.split('.').collect();
+        match parts.len() {
+            2 => HostMatch::ExactOr(format!("{host}.svc.{cluster_domain}"), host.to_string()),
+            3 if parts[2] == "svc" => {
+                HostMatch::ExactOr(format!("{host}.{cluster_domain}"), host.to_string())
+            }
+            _ => HostMatch::Exact(host.to_string()),
+        }
+    }
+}
+
+/// `trafficPolicy.retryBudget` as istiod's `applyRetryBudget` renders it: the percent passed
+/// as Envoy's Percent (0-100), default 0.2 (istiod writes `Percent{Value: 0.2}` meaning 20%,
+/// which Envoy reads as 0.2%); `minRetryConcurrency` 0 or unset -> 3. Bad values are errors
+/// naming the field (and clear `ok`).
+fn retry_budget(
+    meta: &ObjectMeta,
+    at: &str,
+    rb: &crate::resources::RetryBudgetSpec,
+    errors: &mut Vec<ConfigError>,
+    ok: &mut bool,
+) -> Option<(f64, u32)> {
+    let percent = rb.percent.unwrap_or(0.2);
+    if !(0.0..=100.0).contains(&percent) || percent.is_nan() {
+        errors.push(err(
+            meta,
+            &format!("{at}.retryBudget.percent"),
+            format!("{percent} is out of range (0-100)"),
+        ));
+        *ok = false;
+    }
+    let min = match rb.min_retry_concurrency {
+        None | Some(0) => 3,
+        Some(n) => u32::try_from(n).unwrap_or_else(|_| {
+            errors.push(err(
+                meta,
+                &format!("{at}.retryBudget.minRetryConcurrency"),
+                format!("{n} is out of range (0-4294967295)"),
+            ));
+            *ok = false;
+            3
+        }),
+    };
+    Some((percent, min))
 }
 
 /// `tls` (istio `ClientTLSSettings`): `None` when absent, `Some(None)` for DISABLE (and for
