@@ -251,20 +251,7 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
     let cert_fp =
         crate::config::watch::fingerprint(&crate::config::watch::cert_files(&config.certs_dir));
     let certs_from_dir = inputs.certs.is_none() && config.ca.is_none();
-    let certs = match (inputs.certs, &config.ca) {
-        (Some(c), _) => c,
-        (None, Some(ca)) => first_certificate(ca).await,
-        (None, None) => {
-            CertBundle::load_dir(&config.certs_dir).context("loading the workload certificate")?
-        }
-    };
-    if *certs.identity.trust_domain != *config.trust_domain {
-        warn!(
-            identity = %certs.identity,
-            trust_domain = %config.trust_domain,
-            "our certificate's trust domain differs from --trust-domain; clients will be checked against --trust-domain"
-        );
-    }
+    let certs = initial_certs(&config, inputs.certs).await?;
     let snapshot_from_files = inputs.snapshot.is_none() && config.kube.is_none();
     let kube_source = match &config.kube {
         // The watches run on the control thread (crate::control), off the workers.
@@ -297,62 +284,14 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
     }));
     let (trigger, watcher) = drain::channel();
     let hbone_stats = Arc::new(ServerStats::default());
-    let dns = crate::upstream::dns::DnsEndpoints::new(config.dns.clone());
-    let shared = Arc::new(Shared {
-        snapshot: ArcSwap::from_pointee(snapshot),
-        upstreams: {
-            let mut u = Upstreams::new(config.upstream.clone());
-            u.hbone = Some(crate::upstream::HboneUpstream {
-                pool: hbone::pool::Pool::new(hbone::pool::PoolSettings::default()),
-                tls: ArcSwap::new(upstream_tls(&certs, &config)?),
-            });
-            u
-        },
-        // The mesh config's accessLogFile / accessLogEncoding / accessLogFormat; an injected
-        // logger (tests, the demo) keeps its sink and takes the format.
-        access_log: Some(match inputs.access_log {
-            Some(l) => {
-                l.set_format(config.mesh.access_log.format.clone());
-                l
-            }
-            None => AccessLogger::spawn_with(accesslog::Output::new(
-                config.mesh.access_log.format.clone(),
-                config.mesh.access_log.output()?,
-            )),
-        }),
-        log_providers: arc_swap::ArcSwap::from_pointee(crate::state::log_providers(
-            &config.mesh,
-            &[],
-        )),
-        metrics: Metrics::default(),
-        limits: config.limits.clone(),
-        draining: AtomicBool::new(false),
-        hbone_stats: hbone_stats.clone(),
-        reloads_ok: AtomicU64::new(0),
-        reloads_failed: AtomicU64::new(0),
-        last_reload_error: Mutex::new(None),
-        cert_not_after: AtomicI64::new(certs.leaf_not_after().unwrap_or(i64::MAX)),
-        cert_reloads: AtomicU64::new(0),
-        jwks: JwksCache::new(config.jwks.clone(), &certs.roots),
-        mesh: ArcSwap::from_pointee(config.mesh.clone()),
-        discovery: kube_source.clone(),
-        config_installed: AtomicBool::new(kube_source.is_none()),
-        endpoint_refreshes: AtomicU64::new(0),
-        cluster_id: config.cluster_id.as_str().into(),
-        ext_authz: Default::default(),
-        ext_authz_grpc: Default::default(),
-        ext_authz_stats: Default::default(),
-        config_version: AtomicU64::new(1),
-        in_flight: std::sync::atomic::AtomicUsize::new(0),
-        memory_pressure: AtomicBool::new(false),
-        shed: AtomicU64::new(0),
-        reclaim: Default::default(),
-        mirrors_in_flight: Default::default(),
-        mirrors_skipped: AtomicU64::new(0),
-        dynamic_hosts: crate::upstream::dynamic_dns::DynamicHosts::new(dns.clone()),
-        dns,
-        tracing: Default::default(),
-    });
+    let shared = new_shared(
+        &config,
+        snapshot,
+        &certs,
+        inputs.access_log,
+        hbone_stats.clone(),
+        kube_source.clone(),
+    )?;
     crate::state::install_tracing(&shared);
     shared.jwks.sync(shared.snapshot.load().remote_jwks());
     // DNS clusters (ServiceEntry `resolution: DNS`) warm before the listeners open, as
@@ -363,14 +302,13 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
     let dns_task = tokio::spawn(shared.dns.clone().run());
     shared.dns.warm(config.dns.timeout).await;
 
-    let hbone_listener = bind(config.hbone_addr, "HBONE").await?;
-    let ready_listener = bind(config.ready_addr, "readiness").await?;
-    let metrics_listener = bind(config.metrics_addr, "metrics").await?;
-    let envoy_prom_listener = match config.envoy_prom_addr {
-        Some(addr) => Some(bind(addr, "Envoy-compatible metrics (15090)").await?),
-        None => None,
-    };
-    let admin_listener = bind(config.admin_addr, "admin").await?;
+    let Listeners {
+        hbone: hbone_listener,
+        ready: ready_listener,
+        metrics: metrics_listener,
+        envoy_prom: envoy_prom_listener,
+        admin: admin_listener,
+    } = Listeners::bind(&config).await?;
     let hbone_addr = hbone_listener.local_addr()?;
     let ready_addr = ready_listener.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
@@ -396,28 +334,16 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
     tasks.push(dns_task);
     tasks.push(tokio::spawn(crate::memory::run(shared.reclaim.clone())));
     tasks.push(tokio::spawn(sweep_upstreams(shared.clone())));
-    tasks.push(tokio::spawn(admin::serve(
-        ready_listener,
-        shared.clone(),
-        admin::Role::Ready,
-    )));
-    tasks.push(tokio::spawn(admin::serve(
-        metrics_listener,
-        shared.clone(),
-        admin::Role::Metrics,
-    )));
-    if let Some(listener) = envoy_prom_listener {
-        tasks.push(tokio::spawn(admin::serve(
-            listener,
-            shared.clone(),
-            admin::Role::Metrics,
-        )));
+    // Readiness, metrics (and Envoy's metrics port), admin.
+    let http_listeners = [
+        Some((ready_listener, admin::Role::Ready)),
+        Some((metrics_listener, admin::Role::Metrics)),
+        envoy_prom_listener.map(|l| (l, admin::Role::Metrics)),
+        Some((admin_listener, admin::Role::Admin)),
+    ];
+    for (listener, role) in http_listeners.into_iter().flatten() {
+        tasks.push(tokio::spawn(admin::serve(listener, shared.clone(), role)));
     }
-    tasks.push(tokio::spawn(admin::serve(
-        admin_listener,
-        shared.clone(),
-        admin::Role::Admin,
-    )));
     if let Some(source) = kube_source {
         tasks.push(crate::control::spawn(crate::config::kube::follow(
             shared.clone(),
@@ -459,6 +385,118 @@ pub async fn start(mut config: Config, inputs: Inputs) -> anyhow::Result<Running
         drain: trigger,
         tasks,
     })
+}
+
+/// The first certificate: given (tests, the demo), from istiod's CA (`--ca-addr`), else from
+/// the certificate directory. A trust domain other than `--trust-domain` is warned about.
+async fn initial_certs(config: &Config, given: Option<CertBundle>) -> anyhow::Result<CertBundle> {
+    let certs = match (given, &config.ca) {
+        (Some(c), _) => c,
+        (None, Some(ca)) => first_certificate(ca).await,
+        (None, None) => {
+            CertBundle::load_dir(&config.certs_dir).context("loading the workload certificate")?
+        }
+    };
+    if *certs.identity.trust_domain != *config.trust_domain {
+        warn!(
+            identity = %certs.identity,
+            trust_domain = %config.trust_domain,
+            "our certificate's trust domain differs from --trust-domain; clients will be checked against --trust-domain"
+        );
+    }
+    Ok(certs)
+}
+
+/// The sockets of the template's ports, bound before anything is served.
+struct Listeners {
+    hbone: TcpListener,
+    ready: TcpListener,
+    metrics: TcpListener,
+    envoy_prom: Option<TcpListener>,
+    admin: TcpListener,
+}
+
+impl Listeners {
+    async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        Ok(Listeners {
+            hbone: bind(config.hbone_addr, "HBONE").await?,
+            ready: bind(config.ready_addr, "readiness").await?,
+            metrics: bind(config.metrics_addr, "metrics").await?,
+            envoy_prom: match config.envoy_prom_addr {
+                Some(addr) => Some(bind(addr, "Envoy-compatible metrics (15090)").await?),
+                None => None,
+            },
+            admin: bind(config.admin_addr, "admin").await?,
+        })
+    }
+}
+
+/// The state every task shares, at start: the first snapshot, the upstream pools (HBONE with
+/// our certificate), the access logger, counters, caches.
+fn new_shared(
+    config: &Config,
+    snapshot: Snapshot,
+    certs: &CertBundle,
+    access_log: Option<AccessLogger>,
+    hbone_stats: Arc<ServerStats>,
+    kube_source: Option<discovery::Source>,
+) -> anyhow::Result<Arc<Shared>> {
+    let dns = crate::upstream::dns::DnsEndpoints::new(config.dns.clone());
+    Ok(Arc::new(Shared {
+        snapshot: ArcSwap::from_pointee(snapshot),
+        upstreams: {
+            let mut u = Upstreams::new(config.upstream.clone());
+            u.hbone = Some(crate::upstream::HboneUpstream {
+                pool: hbone::pool::Pool::new(hbone::pool::PoolSettings::default()),
+                tls: ArcSwap::new(upstream_tls(certs, config)?),
+            });
+            u
+        },
+        // The mesh config's accessLogFile / accessLogEncoding / accessLogFormat; an injected
+        // logger (tests, the demo) keeps its sink and takes the format.
+        access_log: Some(match access_log {
+            Some(l) => {
+                l.set_format(config.mesh.access_log.format.clone());
+                l
+            }
+            None => AccessLogger::spawn_with(accesslog::Output::new(
+                config.mesh.access_log.format.clone(),
+                config.mesh.access_log.output()?,
+            )),
+        }),
+        log_providers: arc_swap::ArcSwap::from_pointee(crate::state::log_providers(
+            &config.mesh,
+            &[],
+        )),
+        metrics: Metrics::default(),
+        limits: config.limits.clone(),
+        draining: AtomicBool::new(false),
+        hbone_stats,
+        reloads_ok: AtomicU64::new(0),
+        reloads_failed: AtomicU64::new(0),
+        last_reload_error: Mutex::new(None),
+        cert_not_after: AtomicI64::new(certs.leaf_not_after().unwrap_or(i64::MAX)),
+        cert_reloads: AtomicU64::new(0),
+        jwks: JwksCache::new(config.jwks.clone(), &certs.roots),
+        mesh: ArcSwap::from_pointee(config.mesh.clone()),
+        config_installed: AtomicBool::new(kube_source.is_none()),
+        discovery: kube_source,
+        endpoint_refreshes: AtomicU64::new(0),
+        cluster_id: config.cluster_id.as_str().into(),
+        ext_authz: Default::default(),
+        ext_authz_grpc: Default::default(),
+        ext_authz_stats: Default::default(),
+        config_version: AtomicU64::new(1),
+        in_flight: std::sync::atomic::AtomicUsize::new(0),
+        memory_pressure: AtomicBool::new(false),
+        shed: AtomicU64::new(0),
+        reclaim: Default::default(),
+        mirrors_in_flight: Default::default(),
+        mirrors_skipped: AtomicU64::new(0),
+        dynamic_hosts: crate::upstream::dynamic_dns::DynamicHosts::new(dns.clone()),
+        dns,
+        tracing: Default::default(),
+    }))
 }
 
 impl Running {
