@@ -811,29 +811,7 @@ impl Metrics {
                     }
                 },
             };
-            let l = |n: &'static str, v: &str| (Cow::Borrowed(n), v.to_string());
-            vec![
-                l("reporter", "waypoint"),
-                l("source_workload", &s.workload),
-                l("source_canonical_service", &s.canonical_service),
-                l("source_canonical_revision", &s.canonical_revision),
-                l("source_workload_namespace", &s.namespace),
-                l("source_principal", &s.principal),
-                l("source_app", &s.app),
-                l("source_version", &s.version),
-                l("source_cluster", &s.cluster),
-                l("destination_workload", &w.workload),
-                l("destination_workload_namespace", &w.namespace),
-                l("destination_principal", &w.principal),
-                l("destination_app", &w.app),
-                l("destination_version", &w.version),
-                l("destination_service", svc),
-                l("destination_canonical_service", &w.canonical_service),
-                l("destination_canonical_revision", &w.canonical_revision),
-                l("destination_service_name", name),
-                l("destination_service_namespace", ns),
-                l("destination_cluster", &w.cluster),
-            ]
+            peer_labels(s, w, (svc, name, ns))
         };
         let specs = &inner.specs;
         // The labels of `metric` for a series counted under `over`; `None`: not reported.
@@ -889,16 +867,7 @@ impl Metrics {
         .into_iter()
         .zip(&histograms)
         {
-            let name = metric.prometheus_name();
-            let _ = writeln!(out, "# TYPE {name} histogram");
-            for (l, h) in series {
-                for (b, n) in BUCKETS.iter().zip(h.cumulative()) {
-                    let _ = writeln!(out, "{name}_bucket{{{l},le=\"{b}\"}} {n}");
-                }
-                let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {}", h.count);
-                let _ = writeln!(out, "{name}_sum{{{l}}} {}", h.sum);
-                let _ = writeln!(out, "{name}_count{{{l}}} {}", h.count);
-            }
+            write_histogram(&mut out, metric, series);
         }
 
         // gRPC messages: the peer labels only (the stats filter reports them before it adds
@@ -960,18 +929,69 @@ impl Metrics {
         {
             write_counter(&mut out, metric, series);
         }
-        for (name, help, value) in extra {
-            let kind = if name.ends_with("_total") {
-                "counter"
-            } else {
-                "gauge"
-            };
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-            );
-        }
+        write_extra(&mut out, extra);
         out
+    }
+}
+
+/// Istio's peer labels of a series, in the stats filter's order: the source's, then the
+/// destination workload's and Service's (`service`: host, name, namespace).
+fn peer_labels(
+    s: &SourceLabels,
+    w: &DestinationLabels,
+    (svc, name, ns): (&str, &str, &str),
+) -> Labels {
+    let l = |n: &'static str, v: &str| (Cow::Borrowed(n), v.to_string());
+    vec![
+        l("reporter", "waypoint"),
+        l("source_workload", &s.workload),
+        l("source_canonical_service", &s.canonical_service),
+        l("source_canonical_revision", &s.canonical_revision),
+        l("source_workload_namespace", &s.namespace),
+        l("source_principal", &s.principal),
+        l("source_app", &s.app),
+        l("source_version", &s.version),
+        l("source_cluster", &s.cluster),
+        l("destination_workload", &w.workload),
+        l("destination_workload_namespace", &w.namespace),
+        l("destination_principal", &w.principal),
+        l("destination_app", &w.app),
+        l("destination_version", &w.version),
+        l("destination_service", svc),
+        l("destination_canonical_service", &w.canonical_service),
+        l("destination_canonical_revision", &w.canonical_revision),
+        l("destination_service_name", name),
+        l("destination_service_namespace", ns),
+        l("destination_cluster", &w.cluster),
+    ]
+}
+
+/// One Prometheus histogram: its buckets, sum and count per label set.
+fn write_histogram(out: &mut String, metric: IstioMetric, series: &BTreeMap<String, Histogram>) {
+    let name = metric.prometheus_name();
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (l, h) in series {
+        for (b, n) in BUCKETS.iter().zip(h.cumulative()) {
+            let _ = writeln!(out, "{name}_bucket{{{l},le=\"{b}\"}} {n}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(out, "{name}_sum{{{l}}} {}", h.sum);
+        let _ = writeln!(out, "{name}_count{{{l}}} {}", h.count);
+    }
+}
+
+/// The waypoint's own series (`_total` ones are counters, the rest gauges).
+fn write_extra(out: &mut String, extra: &[(&str, &str, u64)]) {
+    for (name, help, value) in extra {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
     }
 }
 
