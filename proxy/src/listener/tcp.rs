@@ -11,7 +11,6 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::request::conn::TunnelCtx;
-use crate::state::Shared;
 use crate::upstream::balance::{Outcome, report};
 
 use super::tls_hello::read_sni;
@@ -24,62 +23,11 @@ pub(super) async fn proxy_tcp(
     started: Instant,
 ) {
     let shared = &t.shared;
-    // Telemetry `accessLogging` applies to TCP connections too (no `request.*` attributes).
-    let emit = |shared: &Shared, r: AccessLogRecord| {
-        let snapshot = shared.snapshot.load();
-        let policy = match snapshot.lookup_vip(t.vip) {
-            VipLookup::Bound(sp) => sp.access_log.clone(),
-            _ => t.service.access_log.clone(),
-        };
-        let sinks = crate::request::log::log_sinks(&policy, &r, None, t.principal());
-        crate::state::write_log(shared, &sinks, r);
-    };
     let mut r = AccessLogRecord::new(start);
-    // TCPRoute: a weighted draw among its backends (Istio `convertTCPRoute`). An invalid
-    // backend, or all weights zero (Istio's dummy `internal.cluster.local` destination),
-    // rejects the connection in proportion, as Envoy's tcp_proxy does for a cluster it does
-    // not have (`NC`).
-    // TLSRoute: Envoy's tls_inspector reads the ClientHello SNI and the filter chain whose
-    // `server_names` match is used; none matches -> no filter chain (`NR`), connection closed.
-    let mut l4_route = t.service.tcp_route.clone();
-    if let Some(tls) = &t.service.tls_routes {
-        // A client that closes or stays quiet is matched without SNI, as Istio's listener
-        // filters continue on timeout (`continue_on_listener_filters_timeout`).
-        let sni: Option<String> = read_sni(&mut stream, shared.limits.sniff_timeout)
-            .await
-            .unwrap_or_default();
-        r.requested_server_name = sni.clone();
-        match tls.select(sni.as_deref()) {
-            Some(rule) => l4_route = Some(rule.clone()),
-            None => {
-                r.response_flags.set(ResponseFlag::NR);
-                r.response_code_details = Some("filter_chain_not_found".into());
-                r.downstream_local_address = Some(t.service.vip_text.clone());
-                r.downstream_remote_address = Some(t.remote_str().to_string());
-                r.duration = started.elapsed().as_millis() as u64;
-                emit(shared, r);
-                stream.inner.reset(h2::Reason::CONNECT_ERROR);
-                return;
-            }
-        }
-    }
-    let cluster = match &l4_route {
-        None => t.service.cluster.clone(),
-        Some(route) => match route.backends.pick(rand::random::<u64>()) {
-            Some(policy::BackendRef {
-                backend: policy::Backend::Cluster(c),
-                ..
-            }) => c.clone(),
-            _ => {
-                r.response_flags.set(ResponseFlag::NC);
-                r.downstream_local_address = Some(t.service.vip_text.clone());
-                r.downstream_remote_address = Some(t.remote_str().to_string());
-                r.duration = started.elapsed().as_millis() as u64;
-                emit(shared, r);
-                stream.inner.reset(h2::Reason::CONNECT_ERROR);
-                return;
-            }
-        },
+    r.downstream_local_address = Some(t.service.vip_text.clone());
+    r.downstream_remote_address = Some(t.remote_str().to_string());
+    let Some(cluster) = l4_cluster(&t, &mut stream, &mut r).await else {
+        return refuse(&t, &mut stream, r, started);
     };
     // ServiceEntry `resolution: NONE`: the endpoint is the tunnel's own address.
     let cluster = if cluster.passthrough {
@@ -93,8 +41,6 @@ pub(super) async fn proxy_tcp(
     } else {
         cluster.name.clone()
     });
-    r.downstream_local_address = Some(t.service.vip_text.clone());
-    r.downstream_remote_address = Some(t.remote_str().to_string());
     // Network RBAC (policy.md 1.7): HTTP-only fields never match ALLOW rules and are ignored
     // by DENY rules on TCP. A denial closes the connection and is logged.
     let snapshot = shared.snapshot.load_full();
@@ -114,10 +60,7 @@ pub(super) async fn proxy_tcp(
         let decision = policy::evaluate(&service.authz, &req);
         if !decision.allowed {
             r.connection_termination_details = Some(decision.details.into());
-            r.duration = started.elapsed().as_millis() as u64;
-            emit(shared, r);
-            stream.inner.reset(h2::Reason::CONNECT_ERROR);
-            return;
+            return refuse(&t, &mut stream, r, started);
         }
     }
     let endpoints = cluster.endpoints();
@@ -129,10 +72,7 @@ pub(super) async fn proxy_tcp(
         tcp_hash_key(&cluster, t.peer.remote.ip()),
     ) else {
         r.response_flags.set(ResponseFlag::UH);
-        r.duration = started.elapsed().as_millis() as u64;
-        emit(shared, r);
-        stream.inner.reset(h2::Reason::CONNECT_ERROR);
-        return;
+        return refuse(&t, &mut stream, r, started);
     };
     r.upstream_host = Some(if endpoint.tunnel.is_some() {
         format!("envoy://connect_originate/{}", endpoint.addr)
@@ -148,10 +88,7 @@ pub(super) async fn proxy_tcp(
             Some(slot) => Some(slot),
             None => {
                 r.response_flags.set(ResponseFlag::UO);
-                r.duration = started.elapsed().as_millis() as u64;
-                emit(shared, r);
-                stream.inner.reset(h2::Reason::CONNECT_ERROR);
-                return;
+                return refuse(&t, &mut stream, r, started);
             }
         },
     };
@@ -168,10 +105,7 @@ pub(super) async fn proxy_tcp(
             {
                 r.upstream_transport_failure_reason = Some(detail.replace(' ', "_"));
             }
-            r.duration = started.elapsed().as_millis() as u64;
-            emit(shared, r);
-            stream.inner.reset(h2::Reason::CONNECT_ERROR);
-            return;
+            return refuse(&t, &mut stream, r, started);
         }
     };
     r.upstream_local_address = Some(match local {
@@ -216,7 +150,72 @@ pub(super) async fn proxy_tcp(
     shared
         .metrics
         .tcp_closed(t.source, dest, Some(&cluster), &r, over);
-    emit(shared, r);
+    emit(&t, r);
+}
+
+/// The cluster of an L4 tunnel: a TLSRoute chosen by the ClientHello's SNI, else the
+/// TCPRoute, else the Service's own cluster. `None`: refused (`NR` no TLSRoute matches, `NC`
+/// an invalid backend drawn), the flag set on `r`.
+async fn l4_cluster(
+    t: &TunnelCtx,
+    stream: &mut Rewind,
+    r: &mut AccessLogRecord,
+) -> Option<Arc<policy::Cluster>> {
+    // TCPRoute: a weighted draw among its backends (Istio `convertTCPRoute`). An invalid
+    // backend, or all weights zero (Istio's dummy `internal.cluster.local` destination),
+    // rejects the connection in proportion, as Envoy's tcp_proxy does for a cluster it does
+    // not have (`NC`).
+    // TLSRoute: Envoy's tls_inspector reads the ClientHello SNI and the filter chain whose
+    // `server_names` match is used; none matches -> no filter chain (`NR`), connection closed.
+    let mut l4_route = t.service.tcp_route.clone();
+    if let Some(tls) = &t.service.tls_routes {
+        // A client that closes or stays quiet is matched without SNI, as Istio's listener
+        // filters continue on timeout (`continue_on_listener_filters_timeout`).
+        let sni: Option<String> = read_sni(stream, t.shared.limits.sniff_timeout)
+            .await
+            .unwrap_or_default();
+        r.requested_server_name = sni.clone();
+        match tls.select(sni.as_deref()) {
+            Some(rule) => l4_route = Some(rule.clone()),
+            None => {
+                r.response_flags.set(ResponseFlag::NR);
+                r.response_code_details = Some("filter_chain_not_found".into());
+                return None;
+            }
+        }
+    }
+    Some(match &l4_route {
+        None => t.service.cluster.clone(),
+        Some(route) => match route.backends.pick(rand::random::<u64>()) {
+            Some(policy::BackendRef {
+                backend: policy::Backend::Cluster(c),
+                ..
+            }) => c.clone(),
+            _ => {
+                r.response_flags.set(ResponseFlag::NC);
+                return None;
+            }
+        },
+    })
+}
+
+/// Log a TCP connection (Telemetry `accessLogging` applies to TCP connections too, without
+/// `request.*` attributes), under the policy of the Service as the snapshot has it now.
+fn emit(t: &TunnelCtx, r: AccessLogRecord) {
+    let snapshot = t.shared.snapshot.load();
+    let policy = match snapshot.lookup_vip(t.vip) {
+        VipLookup::Bound(sp) => sp.access_log.clone(),
+        _ => t.service.access_log.clone(),
+    };
+    let sinks = crate::request::log::log_sinks(&policy, &r, None, t.principal());
+    crate::state::write_log(&t.shared, &sinks, r);
+}
+
+/// Refuse the tunnel (RST_STREAM CONNECT_ERROR, as Envoy's tcp_proxy resets it), logged.
+fn refuse(t: &TunnelCtx, stream: &mut Rewind, mut r: AccessLogRecord, started: Instant) {
+    r.duration = started.elapsed().as_millis() as u64;
+    emit(t, r);
+    stream.inner.reset(h2::Reason::CONNECT_ERROR);
 }
 
 /// The consistent-hash key of a TCP connection: only `useSourceIp` applies (no headers).
