@@ -554,25 +554,26 @@ impl LocalityLb {
             .iter()
             .map(|l| to.iter().position(|(p, _)| locality_matches(l, p)))
             .collect();
-        // Each locality's original weight: the sum of its endpoints' weights.
+        // Each locality's original weight: the sum of its endpoints' weights; a pattern's
+        // total: the weights of the localities it matched (a locality matches one pattern,
+        // its endpoints sharing the locality).
         let mut group_weight = vec![0u64; groups.len()];
+        let mut group_pattern = vec![None; groups.len()];
         for (i, (_, w)) in endpoints.iter().enumerate() {
             group_weight[group_of[i] as usize] += u64::from(*w);
+            group_pattern[group_of[i] as usize] = pattern_of[i];
+        }
+        let mut pattern_total = vec![0u64; to.len()];
+        for (g, p) in group_pattern.iter().enumerate() {
+            if let Some(p) = p {
+                pattern_total[*p] += group_weight[g];
+            }
         }
         (0..endpoints.len())
             .map(|i| {
                 let p = pattern_of[i]?;
                 let g = group_of[i] as usize;
-                let total: u64 = (0..groups.len())
-                    .filter(|h| {
-                        pattern_of
-                            .iter()
-                            .zip(&group_of)
-                            .any(|(q, gg)| *q == Some(p) && *gg as usize == *h)
-                    })
-                    .map(|h| group_weight[h])
-                    .sum();
-                let w = (group_weight[g] * u64::from(to[p].1)).div_ceil(total.max(1));
+                let w = (group_weight[g] * u64::from(to[p].1)).div_ceil(pattern_total[p].max(1));
                 (w > 0).then_some((w.min(u64::from(u32::MAX)) as u32, g as u16))
             })
             .collect()

@@ -157,34 +157,44 @@ fn locality_group(
     healthy: &dyn Fn(&Endpoint) -> bool,
     draw: u64,
 ) -> Option<u16> {
-    // (group, weight, healthy, hosts); localities are few, found by scanning.
-    let mut groups: Vec<(u16, u64, u64, u64)> = Vec::new();
+    // (group, weight, healthy, hosts); localities are few, found by scanning, on the stack
+    // up to 16 of them (no allocation per request).
+    let mut stack = [(0u16, 0u64, 0u64, 0u64); 16];
+    let mut len = 0;
+    let mut spill: Vec<(u16, u64, u64, u64)> = Vec::new();
     for e in endpoints
         .iter()
         .filter(|e| level.is_none_or(|l| e.priority == l))
     {
-        let i = match groups.iter().position(|g| g.0 == e.locality_group) {
-            Some(i) => i,
-            None => {
-                groups.push((e.locality_group, u64::from(e.locality_weight), 0, 0));
-                groups.len() - 1
-            }
-        };
-        groups[i].3 += 1;
-        if healthy(e) {
-            groups[i].2 += 1;
+        let up = u64::from(healthy(e));
+        if let Some(g) = stack[..len]
+            .iter_mut()
+            .chain(spill.iter_mut())
+            .find(|g| g.0 == e.locality_group)
+        {
+            g.2 += up;
+            g.3 += 1;
+            continue;
+        }
+        let g = (e.locality_group, u64::from(e.locality_weight), up, 1);
+        if len < stack.len() {
+            stack[len] = g;
+            len += 1;
+        } else {
+            spill.push(g);
         }
     }
+    let groups = stack[..len].iter().chain(spill.iter());
     // Effective weights in thousandths, as Envoy computes them in floating point.
     let effective = |(_, w, up, hosts): &(u16, u64, u64, u64)| {
         w * ((OVERPROVISIONING as u64 * 10 * up) / hosts.max(&1)).min(1000)
     };
-    let total: u64 = groups.iter().map(effective).sum();
+    let total: u64 = groups.clone().map(effective).sum();
     if total == 0 {
         return None;
     }
     let mut x = draw % total;
-    for g in &groups {
+    for g in groups {
         let w = effective(g);
         if x < w {
             return Some(g.0);
