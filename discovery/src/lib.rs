@@ -74,6 +74,13 @@ impl KindSpec {
         }
     }
 
+    /// Watched in the waypoint's namespace only, by a Role a cluster may withhold: Secrets
+    /// (DestinationRule `credentialName`). Forbidden is then a warning, never unreadiness:
+    /// without it no credential is found and those connections fail closed.
+    pub fn waypoint_namespace_only(&self) -> bool {
+        self.group.is_empty() && self.kind == "Secret"
+    }
+
     /// `authorizationpolicies.security.istio.io`, as RBAC rules and CRDs name it.
     pub fn resource_name(&self) -> String {
         if self.group.is_empty() {
@@ -453,7 +460,7 @@ impl Source {
         let mut tasks = Vec::new();
         for (i, spec) in KINDS.iter().enumerate() {
             let ar = api_resource(spec);
-            let (api, cfg) = if spec.kind == "Secret" {
+            let (api, cfg) = if spec.waypoint_namespace_only() {
                 (
                     Api::namespaced_with(client.clone(), &settings.secret_namespace, &ar),
                     watcher::Config::default().fields(SECRET_FIELD_SELECTOR),
@@ -1248,7 +1255,7 @@ fn failed(state: &mut State, spec: &KindSpec, slot: Slot, e: &watcher::Error) ->
     let status = match code {
         // Reading Secrets is the one grant a cluster may withhold on purpose: without it no
         // `credentialName` is found (those connections fail closed), the rest serves.
-        403 if spec.kind == "Secret" => KindStatus::Absent(
+        403 if spec.waypoint_namespace_only() => KindStatus::Absent(
             "forbidden: no DestinationRule credentialName can be read without list and watch on secrets in the waypoint's namespace (Role in deploy/)".into(),
         ),
         403 => KindStatus::Failing(format!(
@@ -1550,7 +1557,7 @@ mod tests {
         };
         let cluster = granted("ClusterRole");
         let namespaced = granted("Role");
-        for spec in KINDS.iter().filter(|k| k.kind == "Secret") {
+        for spec in KINDS.iter().filter(|k| k.waypoint_namespace_only()) {
             // Secrets: the waypoint's namespace only, by a Role.
             let rule = namespaced
                 .iter()
@@ -1558,7 +1565,7 @@ mod tests {
                 .unwrap_or_else(|| panic!("no Role rule for {}", spec.resource_name()));
             assert_eq!(rule.2, ["list", "watch"], "{}", spec.resource_name());
         }
-        for spec in KINDS.iter().filter(|k| k.kind != "Secret") {
+        for spec in KINDS.iter().filter(|k| !k.waypoint_namespace_only()) {
             let rule = cluster
                 .iter()
                 .find(|(g, r, _)| g == spec.group && r == spec.plural)

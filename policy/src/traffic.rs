@@ -869,18 +869,17 @@ fn lb_part(
     }
 }
 
-/// MeshConfig's `localityLbSetting`: the setting and the warnings, or the first error
-/// (naming the field).
+/// MeshConfig's `localityLbSetting`, or the first error (naming the field).
 pub fn parse_locality_setting(
     v: &serde_json::Value,
-) -> Result<(crate::snapshot::LocalitySetting, Vec<String>), String> {
+) -> Result<crate::snapshot::LocalitySetting, String> {
     let mut error = None;
     let setting = locality_setting(v, "localityLbSetting", &mut |field, msg| {
         error.get_or_insert(format!("{field}: {msg}"));
     });
     match (error, setting) {
         (Some(e), _) => Err(e),
-        (None, Some(s)) => Ok((s, Vec::new())),
+        (None, Some(s)) => Ok(s),
         (None, None) => Err("localityLbSetting: not understood".into()),
     }
 }

@@ -129,7 +129,7 @@ impl Config {
         CompileOptions {
             locality: self.locality.as_deref().map(policy::Locality::parse),
             own_pod: self.own_pod.clone(),
-            mesh_locality: self.mesh.locality_lb.0.clone(),
+            mesh_locality: self.mesh.locality_lb.clone(),
             proxy_labels: self.labels.clone(),
             cluster_id: self.cluster_id.clone(),
             network: self.network.clone(),

@@ -541,6 +541,9 @@ async fn a_forbidden_policy_kind_keeps_the_waypoint_not_ready() {
             api.forbid("authorizationpolicies", true);
             // An optional kind without its CRD is only a warning.
             api.remove_crd("tlsroutes");
+            // Reading Secrets (credentialName) is the one grant a cluster may withhold: it
+            // never holds readiness back.
+            api.forbid("secrets", true);
         },
         Duration::from_secs(3600),
     )
@@ -553,6 +556,7 @@ async fn a_forbidden_policy_kind_keeps_the_waypoint_not_ready() {
     .await;
     assert!(body.contains("forbidden"), "{body}");
     assert!(!body.contains("TLSRoute"), "{body}");
+    assert!(!body.contains("Secret"), "{body}");
     // Granted: ready.
     m.api.forbid("authorizationpolicies", false);
     ready(&m).await;
@@ -1069,25 +1073,4 @@ stringData: {cacert: x}
     .await;
     let requests = m.api.requests();
     assert!(requests.iter().any(|r| r == "list secrets"), "{requests:?}");
-}
-
-/// Without access to Secrets the waypoint is still ready: reading credentials is the one
-/// grant a cluster may withhold.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forbidden_secrets_keep_the_waypoint_ready() {
-    let v1 = backend("v1").await;
-    let objects = format!(
-        "{BASE}---\n{}{}",
-        service("reviews", "10.0.0.10"),
-        slice("reviews", &[v1.port()])
-    );
-    let m = start_mesh(
-        &objects,
-        |api| api.forbid("secrets", true),
-        Duration::from_secs(24 * 3600),
-    )
-    .await;
-    ready(&m).await;
-    let conn = m.connect().await;
-    assert_eq!(get(&conn, "10.0.0.10:9080").await, (200, "v1".into()));
 }

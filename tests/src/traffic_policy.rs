@@ -1035,20 +1035,7 @@ async fn outlier_detection_ejects_and_returns_hosts_as_envoy_does() {
 /// (overprovisioning 1.4), so 30% spills to priority 1; with both ejected, all of it.
 #[tokio::test]
 async fn locality_failover_spills_over_as_envoys_priority_load_does() {
-    let a1 = switch_on("127.0.0.1:0".parse().unwrap(), 200).await;
-    let port = a1.addr.port();
-    let a2 = switch_on(SocketAddr::new([127, 0, 0, 2].into(), port), 200).await;
-    let b = switch_on(SocketAddr::new([127, 0, 0, 3].into(), port), 200).await;
-    let c = switch_on(SocketAddr::new([127, 0, 0, 4].into(), port), 200).await;
-    let entry = format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: nearby, namespace: default}}\nspec: {{hosts: [nearby.example.test], addresses: [240.240.0.40], ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {port}}}], resolution: STATIC, endpoints: [{{address: 127.0.0.1, locality: us-east/zone1/sub1}}, {{address: 127.0.0.2, locality: us-east/zone1/sub1}}, {{address: 127.0.0.3, locality: us-east/zone2}}, {{address: 127.0.0.4, locality: us-west/zone1}}]}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: nearby, namespace: default}}\nspec: {{host: nearby.example.test, trafficPolicy: {{outlierDetection: {{consecutive5xxErrors: 1, baseEjectionTime: 300s, maxEjectionPercent: 100}}}}}}\n"
-    );
-    let mut m = Manifests::new();
-    m.push(&entry);
-    let wp = TestWaypoint::start_with(&m.yaml(), |c| {
-        c.locality = Some("us-east/zone1/sub1".into())
-    })
-    .await;
+    let ([a1, a2, b, c], wp) = four_localities("nearby", "240.240.0.40", "").await;
     let clusters = http_get(wp.running().admin_addr, "/clusters")
         .await
         .unwrap()
@@ -1065,16 +1052,7 @@ async fn locality_failover_spills_over_as_envoys_priority_load_does() {
 
     let cluster_name = "cluster";
     let lb_endpoints = |p: u32, addrs: &[SocketAddr], region: &str, zone: &str| {
-        let eps: String = addrs
-            .iter()
-            .map(|a| {
-                format!(
-                    "      - endpoint: {{address: {{socket_address: {{address: \"{}\", port_value: {}}}}}}}\n",
-                    a.ip(),
-                    a.port()
-                )
-            })
-            .collect();
+        let eps = envoy_lb_endpoints(addrs);
         format!(
             "    - priority: {p}\n      locality: {{region: {region}, zone: {zone}}}\n      lb_endpoints:\n{eps}"
         )
@@ -1120,19 +1098,11 @@ async fn locality_failover_spills_over_as_envoys_priority_load_does() {
 /// (1.4 x healthy/hosts) when one of its hosts is ejected.
 #[tokio::test]
 async fn locality_distribute_weighs_localities_as_envoy_does() {
-    let a1 = switch_on("127.0.0.1:0".parse().unwrap(), 200).await;
-    let port = a1.addr.port();
-    let a2 = switch_on(SocketAddr::new([127, 0, 0, 2].into(), port), 200).await;
-    let b = switch_on(SocketAddr::new([127, 0, 0, 3].into(), port), 200).await;
-    let c = switch_on(SocketAddr::new([127, 0, 0, 4].into(), port), 200).await;
-    let entry = format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: spread, namespace: default}}\nspec: {{hosts: [spread.example.test], addresses: [240.240.0.41], ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {port}}}], resolution: STATIC, endpoints: [{{address: 127.0.0.1, locality: us-east/zone1/sub1}}, {{address: 127.0.0.2, locality: us-east/zone1/sub1}}, {{address: 127.0.0.3, locality: us-east/zone2}}, {{address: 127.0.0.4, locality: us-west/zone1}}]}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: spread, namespace: default}}\nspec: {{host: spread.example.test, trafficPolicy: {{outlierDetection: {{consecutive5xxErrors: 1, baseEjectionTime: 300s, maxEjectionPercent: 100}}, loadBalancer: {{localityLbSetting: {{distribute: [{{from: 'us-east/zone1/*', to: {{'us-east/zone1/*': 75, 'us-east/zone2/*': 25}}}}]}}}}}}}}\n"
-    );
-    let mut m = Manifests::new();
-    m.push(&entry);
-    let wp = TestWaypoint::start_with(&m.yaml(), |c| {
-        c.locality = Some("us-east/zone1/sub1".into())
-    })
+    let ([a1, a2, b, c], wp) = four_localities(
+        "spread",
+        "240.240.0.41",
+        ", loadBalancer: {localityLbSetting: {distribute: [{from: 'us-east/zone1/*', to: {'us-east/zone1/*': 75, 'us-east/zone2/*': 25}}]}}",
+    )
     .await;
     let conn = wp.connect_as("default", "sleep").await;
     let http = TunnelHttp::open(&conn, "240.240.0.41:80").await.unwrap();
@@ -1142,16 +1112,7 @@ async fn locality_distribute_weighs_localities_as_envoy_does() {
     // locality `to` does not name kept without endpoints.
     let cluster_name = "cluster";
     let locality = |weight: u32, addrs: &[SocketAddr], l: &str| {
-        let eps: String = addrs
-            .iter()
-            .map(|a| {
-                format!(
-                    "      - endpoint: {{address: {{socket_address: {{address: \"{}\", port_value: {}}}}}}}\n",
-                    a.ip(),
-                    a.port()
-                )
-            })
-            .collect();
+        let eps = envoy_lb_endpoints(addrs);
         let list = if eps.is_empty() {
             " []\n".to_string()
         } else {
@@ -1299,6 +1260,42 @@ async fn traffic_distribution_prefer_close_spills_by_readiness_as_envoy_does() {
         0,
         "zone1 is healthy again"
     );
+}
+
+/// Envoy `lb_endpoints` entries (YAML list items at a locality's indent) for `addrs`.
+fn envoy_lb_endpoints(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(|a| {
+            format!(
+                "      - endpoint: {{address: {{socket_address: {{address: \"{}\", port_value: {}}}}}}}\n",
+                a.ip(),
+                a.port()
+            )
+        })
+        .collect()
+}
+
+/// Four backends on one port (a1, a2 in us-east/zone1/sub1, b in us-east/zone2, c in
+/// us-west/zone1) as the endpoints of ServiceEntry `name` at `vip`, with outlier detection
+/// ejecting at the first 5xx (plus `extra` in the trafficPolicy), served by a waypoint in
+/// us-east/zone1/sub1.
+async fn four_localities(name: &str, vip: &str, extra: &str) -> ([Switch; 4], TestWaypoint) {
+    let a1 = switch_on("127.0.0.1:0".parse().unwrap(), 200).await;
+    let port = a1.addr.port();
+    let a2 = switch_on(SocketAddr::new([127, 0, 0, 2].into(), port), 200).await;
+    let b = switch_on(SocketAddr::new([127, 0, 0, 3].into(), port), 200).await;
+    let c = switch_on(SocketAddr::new([127, 0, 0, 4].into(), port), 200).await;
+    let entry = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: default}}\nspec: {{hosts: [{name}.example.test], addresses: [{vip}], ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {port}}}], resolution: STATIC, endpoints: [{{address: 127.0.0.1, locality: us-east/zone1/sub1}}, {{address: 127.0.0.2, locality: us-east/zone1/sub1}}, {{address: 127.0.0.3, locality: us-east/zone2}}, {{address: 127.0.0.4, locality: us-west/zone1}}]}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: default}}\nspec: {{host: {name}.example.test, trafficPolicy: {{outlierDetection: {{consecutive5xxErrors: 1, baseEjectionTime: 300s, maxEjectionPercent: 100}}{extra}}}}}\n"
+    );
+    let mut m = Manifests::new();
+    m.push(&entry);
+    let wp = TestWaypoint::start_with(&m.yaml(), |c| {
+        c.locality = Some("us-east/zone1/sub1".into())
+    })
+    .await;
+    ([a1, a2, b, c], wp)
 }
 
 /// Requests answered by b and c among `n` (the rest by priority 0).

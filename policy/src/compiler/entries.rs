@@ -662,15 +662,7 @@ impl<'a> Compiler<'a> {
                 .unwrap_or(sp.port);
             let addr = SocketAddr::new(ip, port);
             if !out.iter().any(|o| o.addr == addr) {
-                let label_rank = self.label_rank(
-                    lb,
-                    &Topology {
-                        labels: Some(LabelsRef::Map(&e.labels)),
-                        locality: e.locality.as_deref(),
-                        node: None,
-                        network: e.network.as_deref().or(Some(self.opts.network.as_str())),
-                    },
-                );
+                let label_rank = self.entry_label_rank(lb, e);
                 out.push(EndpointSpec {
                     weight: e.weight,
                     locality: e.locality.clone(),
@@ -718,19 +710,25 @@ impl<'a> Compiler<'a> {
                     port: p,
                     weight: e.weight,
                     locality: e.locality.clone(),
-                    label_rank: self.label_rank(
-                        lb,
-                        &Topology {
-                            labels: Some(LabelsRef::Map(&e.labels)),
-                            locality: e.locality.as_deref(),
-                            node: None,
-                            network: e.network.as_deref().or(Some(self.opts.network.as_str())),
-                        },
-                    ),
+                    label_rank: self.entry_label_rank(lb, e),
                 });
             }
         }
         Some(DnsTargets { names, first_only })
+    }
+
+    /// A ServiceEntry endpoint's `failoverPriority` rank under `lb` (its labels, locality and
+    /// network; the waypoint's network when it names none).
+    fn entry_label_rank(&self, lb: Option<&crate::snapshot::LocalityLb>, e: &EntryEndpoint) -> u8 {
+        self.label_rank(
+            lb,
+            &Topology {
+                labels: Some(LabelsRef::Map(&e.labels)),
+                locality: e.locality.as_deref(),
+                node: None,
+                network: e.network.as_deref().or(Some(self.opts.network.as_str())),
+            },
+        )
     }
 
     /// The Service or ServiceEntry host keys a `ServiceEntry` reference names.

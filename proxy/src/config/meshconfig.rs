@@ -32,8 +32,8 @@ pub struct MeshConfig {
     /// `defaultProviders.metrics`; `None` when absent (Istio's chart then sets `[prometheus]`).
     pub default_metrics_providers: Option<Vec<String>>,
     /// `localityLbSetting` (enabled by default), for clusters whose DestinationRule has
-    /// none; and what in it is not applied.
-    pub locality_lb: (policy::LocalitySetting, Vec<String>),
+    /// none.
+    pub locality_lb: policy::LocalitySetting,
 }
 
 /// MeshConfig's tracing fields (istiod `configureTracingFromTelemetry`): which provider
